@@ -1,0 +1,5 @@
+"""ckpt: the supervisor and the command line."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

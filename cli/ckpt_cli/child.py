@@ -1,0 +1,117 @@
+"""The child process: its own session and process group, signals to the whole
+group, and a guardian that kills the group if the supervisor dies (even by
+SIGKILL, when no handler of ours can run).
+
+The guardian is a tiny /bin/sh process in its own session reading a pipe from
+the supervisor: a line "PGID" names the group to protect, "0" clears it. When
+the pipe reaches end of file (the supervisor is gone, however it died), the
+guardian sends SIGKILL to the group it holds. PR_SET_PDEATHSIG would only
+cover the direct child, not what it spawned. Imports: standard library.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+
+from ckpt_cli.errors import ConfigError
+from ckpt_cli.policy import ChildExit
+
+_GUARDIAN = (
+    "trap '' INT HUP TERM QUIT TSTP; pg=0; "
+    "while IFS= read -r line; do pg=$line; done; "
+    'if [ "$pg" != 0 ]; then kill -s KILL -- "-$pg" 2>/dev/null; fi'
+)
+
+
+class Guardian:
+    def __init__(self) -> None:
+        self._proc = subprocess.Popen(
+            ["/bin/sh", "-c", _GUARDIAN],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            close_fds=True,
+        )
+
+    def protect(self, pgid: int) -> None:
+        stdin = self._proc.stdin
+        if stdin is not None:
+            with contextlib.suppress(OSError):
+                stdin.write(f"{pgid}\n".encode())
+                stdin.flush()
+
+    def close(self) -> None:
+        """Normal shutdown: the group is already gone; stop the guardian."""
+        self.protect(0)
+        if self._proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self._proc.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(timeout=5)
+
+
+def signal_group(pgid: int, sig: int) -> None:
+    """Send sig to every process of the group; a gone group is not an error."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Child:
+    """One launch of the user's command."""
+
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str]) -> None:
+        try:
+            self._proc = subprocess.Popen(
+                list(argv), env=dict(env), start_new_session=True, close_fds=True
+            )
+        except FileNotFoundError:
+            raise ConfigError(f"command not found: {argv[0]!r} (the command after --)") from None
+        except PermissionError:
+            raise ConfigError(f"command is not executable: {argv[0]!r}") from None
+        self.pid = self._proc.pid
+        self.pgid = self.pid  # setsid: the child leads its own session and group
+        self.started = time.monotonic()
+        self.exit: ChildExit | None = None
+
+    def poll(self) -> ChildExit | None:
+        """Reap the child if it has exited (non-blocking)."""
+        if self.exit is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                return self.exit
+            if pid == self.pid:
+                self.exit = ChildExit.from_wait_status(status)
+                self._proc.returncode = self.exit.status  # keep Popen from waiting again
+        return self.exit
+
+    def signal(self, sig: int) -> None:
+        signal_group(self.pgid, sig)
+
+    def wait_group_gone(self, grace: float) -> bool:
+        """After the child exited: ask what is left of its group to stop, then
+        kill it after `grace`. True if stragglers had to be signalled."""
+        if not group_alive(self.pgid):
+            return False
+        signal_group(self.pgid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while group_alive(self.pgid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        signal_group(self.pgid, signal.SIGKILL)
+        return True

@@ -1,0 +1,167 @@
+"""The one-shot commands: restore, push, ls, commit. Each returns an exit status.
+
+Imports: the storage modules, `console`; rich tables lazily.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket as socketlib
+import time
+from pathlib import Path
+from typing import Any
+
+from ckpt._contract import ExitCode
+from ckpt_cli import config, console
+from ckpt_cli.errors import CkptError, ConfigError, RemoteError
+from ckpt_cli.remote import open_backend, parse_storage_options
+from ckpt_cli.repository import Manifest, Repository, iter_manifests
+
+
+def _open(remote: str, options: list[str], *, create: bool) -> Repository | None:
+    backend = open_backend(remote, parse_storage_options(options))
+    return Repository.open(backend, create=create)
+
+
+def restore(remote: str, dir: Path, snapshot: str | None, options: list[str]) -> int:
+    from ckpt_cli.restore import restore as do_restore
+    from ckpt_cli.supervisor import fmt_bytes
+
+    target = config.resolve_dir(dir)
+    config.check_remote_outside(target, remote)
+    repo = _open(remote, options, create=False)
+    if repo is None:
+        raise RemoteError(f"no ckpt repository at {remote} (check --remote / the URL)")
+    done = do_restore(repo, target, snapshot=snapshot, warn=console.warn)
+    if done is None:
+        console.info(f"{remote} has no snapshot: nothing restored")
+        return ExitCode.OK
+    m = done.manifest
+    console.info(f"restored snapshot {m.id} (generation {m.generation}, {len(m.files)} files, "
+                 f"{fmt_bytes(m.total_size)}) into {target} in {done.seconds:.1f}s")
+    return ExitCode.OK
+
+
+def push(dir: Path, remote: str, keep: int, options: list[str]) -> int:
+    from ckpt_cli.snapshotter import Snapshotter
+    from ckpt_cli.supervisor import _newest_valid, fmt_bytes
+
+    source = config.resolve_dir(dir)
+    if not source.is_dir():
+        raise ConfigError(f"{source} is not a directory (ckpt push DIR REMOTE)")
+    config.check_remote_outside(source, remote)
+    repo = _open(remote, options, create=True)
+    assert repo is not None
+    lease = repo.lease(f"push-{secrets.token_hex(4)}", ttl=60.0)
+    lease.acquire()
+    snapshotter = Snapshotter(repo, source, run="push")
+    try:
+        snapshotter.adopt(_newest_valid(repo), trust_local=False)
+        result = snapshotter.snapshot(reason="push", keep=keep)
+    finally:
+        snapshotter.close()
+        lease.release()
+    if result.unstable:
+        console.warn("changed while being read, kept at their previous version: "
+                     + ", ".join(result.unstable[:5]))
+    m = result.manifest
+    if m is None:
+        newest = result.parent.id if result.parent else "none"
+        console.info(f"nothing changed since snapshot {newest}")
+        return ExitCode.OK
+    console.info(f"pushed snapshot {m.id} (generation {m.generation}): {len(m.files)} files, "
+                 f"{fmt_bytes(m.total_size)}, {fmt_bytes(result.new_bytes)} new, "
+                 f"{result.seconds:.1f}s")
+    return ExitCode.OK
+
+
+def ls(remote: str, as_json: bool, options: list[str]) -> int:
+    repo = _open(remote, options, create=False)
+    if repo is None:
+        raise RemoteError(f"no ckpt repository at {remote} (check the URL)")
+    rows: list[dict[str, Any]] = []
+    for ref, m in iter_manifests(repo):
+        if isinstance(m, Manifest):
+            rows.append({
+                "id": m.id, "generation": m.generation, "created": m.created,
+                "files": len(m.files), "size": m.total_size, "new_bytes": m.new_bytes,
+                "attempt": m.attempt, "host": m.host, "reason": m.reason, "ok": True,
+            })
+        else:
+            rows.append({"id": ref.id, "generation": ref.generation, "ok": False,
+                         "error": f"manifest {m}"})
+    if as_json:
+        print(json.dumps({"remote": remote, "snapshots": rows}, indent=1))
+        return ExitCode.OK
+    if not rows:
+        console.info(f"{remote} has no snapshots yet")
+        return ExitCode.OK
+    from rich.table import Table
+
+    from ckpt_cli.supervisor import fmt_bytes
+
+    table = Table(box=None, pad_edge=False)
+    for col in ("id", "gen", "time", "age", "files", "size", "new", "attempt", "host"):
+        table.add_column(col, justify="right" if col in ("gen", "files", "size", "new",
+                                                         "attempt") else "left")
+    now = time.time()
+    for r in rows:
+        if not r["ok"]:
+            table.add_row(r["id"], str(r["generation"]), "damaged:", r["error"], "", "", "", "",
+                          "")
+            continue
+        table.add_row(
+            r["id"], str(r["generation"]),
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created"])),
+            _age(now - r["created"]), str(r["files"]), fmt_bytes(r["size"]),
+            fmt_bytes(r["new_bytes"]), str(r["attempt"] or "-"), r["host"],
+        )
+    console.table(table)
+    return ExitCode.OK
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
+def commit(socket_path: str | None, wait: bool, timeout: float | None) -> int:
+    if not socket_path:
+        raise ConfigError("no supervisor to commit to: CKPT_SOCKET is not set "
+                          "(run under `ckpt run`, or pass --socket)")
+    reply = request(socket_path, {"op": "commit", "wait": wait, "timeout": timeout})
+    if not reply.get("ok"):
+        raise CkptError(f"commit failed: {reply.get('error')}", exit_code=ExitCode.UNAVAILABLE)
+    if reply.get("snapshot"):
+        console.info(f"committed: snapshot {reply['snapshot']} is durable")
+    return ExitCode.OK
+
+
+def request(socket_path: str, message: dict[str, Any]) -> dict[str, Any]:
+    """One request/reply on the control socket."""
+    if not os.path.exists(socket_path):
+        raise ConfigError(f"control socket {socket_path} does not exist (is ckpt run alive?)")
+    with socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM) as s:
+        try:
+            s.connect(socket_path)
+            s.sendall(json.dumps(message).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                more = s.recv(65536)
+                if not more:
+                    break
+                data += more
+        except OSError as exc:
+            raise CkptError(f"control socket {socket_path}: {exc}",
+                            exit_code=ExitCode.UNAVAILABLE) from None
+    try:
+        reply: dict[str, Any] = json.loads(data)
+    except ValueError:
+        raise CkptError(f"control socket {socket_path} sent no reply",
+                        exit_code=ExitCode.UNAVAILABLE) from None
+    return reply

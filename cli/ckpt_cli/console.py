@@ -1,0 +1,70 @@
+"""The only module that prints: ckpt's own lines go to stderr, prefixed `ckpt:`.
+
+The child's stdout and stderr are inherited file descriptors and never pass
+through here. Off a terminal the output is plain text with no control
+characters; `--quiet` leaves warnings and errors only.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from typing import Any
+
+from rich.console import Console
+from rich.text import Text
+
+_lock = threading.Lock()
+_quiet = False
+_console: Console | None = None
+
+
+def _get() -> Console:
+    global _console
+    if _console is None:
+        _console = Console(
+            file=sys.stderr,
+            soft_wrap=True,
+            highlight=False,
+            no_color="NO_COLOR" in os.environ,
+        )
+    return _console
+
+
+def configure(*, quiet: bool = False) -> None:
+    """Set verbosity for the rest of the process."""
+    global _quiet, _console
+    _quiet = quiet
+    _console = None  # re-detect the terminal (tests swap sys.stderr)
+
+
+def _emit(message: str, style: str | None) -> None:
+    line = Text("ckpt: ", style="bold" if style else None)
+    line.append(message, style=style)
+    with _lock:
+        _get().print(line)
+
+
+def info(message: str) -> None:
+    """A normal progress line; hidden by --quiet."""
+    if not _quiet:
+        _emit(message, None)
+
+
+def warn(message: str) -> None:
+    """Something went wrong but ckpt carries on."""
+    _emit(f"warning: {message}", "yellow")
+
+
+def error(message: str) -> None:
+    """ckpt cannot do what was asked."""
+    _emit(f"error: {message}", "bold red")
+
+
+def table(renderable: Any) -> None:
+    """Print a rich renderable (tables of `ckpt ls`) to stdout: it is the command's output."""
+    with _lock:
+        Console(soft_wrap=True, highlight=False, no_color="NO_COLOR" in os.environ).print(
+            renderable
+        )

@@ -1,0 +1,89 @@
+"""The control socket: newline-delimited JSON requests from the child or a shell.
+
+    {"op": "status"}                         -> {"ok": true, ...live state...}
+    {"op": "commit", "wait": true, "timeout": 60}
+                                             -> {"ok": true, "snapshot": ID} once durable
+                                             -> {"ok": false, "error": "..."}
+
+One thread accepts; each connection is served on its own short-lived thread.
+Imports: standard library, `uploader`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ckpt_cli.uploader import SnapshotWorker
+
+MAX_LINE = 64 * 1024
+
+
+class ControlServer:
+    def __init__(self, path: Path, worker: SnapshotWorker,
+                 status: Callable[[], dict[str, Any]]) -> None:
+        self.path = path
+        self.worker = worker
+        self.status = status
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.bind(str(path))
+        os.chmod(path, 0o600)
+        self._sock.listen(16)
+        self._thread = threading.Thread(target=self._accept, name="ckpt-control", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rwb") as stream:
+            for raw in stream:
+                if len(raw) > MAX_LINE:
+                    reply: dict[str, Any] = {"ok": False, "error": "request too long"}
+                else:
+                    reply = self.handle(raw)
+                try:
+                    stream.write(json.dumps(reply).encode() + b"\n")
+                    stream.flush()
+                except OSError:
+                    return
+
+    def handle(self, raw: bytes) -> dict[str, Any]:
+        try:
+            msg = json.loads(raw)
+            op = msg["op"]
+        except (ValueError, KeyError, TypeError):
+            return {"ok": False, "error": "expected a JSON object with an 'op'"}
+        if op == "status":
+            return {"ok": True, **self.status()}
+        if op == "commit":
+            req = self.worker.request("commit")
+            if not msg.get("wait", True):
+                return {"ok": True, "queued": True}
+            timeout = msg.get("timeout")
+            if not req.wait(float(timeout) if timeout is not None else None):
+                return {"ok": False, "error": f"commit not durable within {timeout}s"}
+            if req.error:
+                return {"ok": False, "error": req.error}
+            return {"ok": True, "snapshot": req.manifest.id if req.manifest else None}
+        return {"ok": False, "error": f"unknown op {op!r}"}

@@ -1,0 +1,122 @@
+"""Expected errors and the one funnel that turns any exception into what the user sees.
+
+Imports: standard library, the shim's contract, and `console` for printing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import platform
+import sys
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+
+from ckpt._contract import ExitCode
+from ckpt_cli import __version__, console
+
+
+class CkptError(Exception):
+    """An expected failure: one line for the user, and the exit status to use."""
+
+    exit_code: int = ExitCode.CONFIG
+
+    def __init__(self, message: str, *, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class ConfigError(CkptError):
+    """A flag, path or repository ckpt will not use as given."""
+
+    exit_code = ExitCode.CONFIG
+
+
+class RemoteError(CkptError):
+    """The remote could not be read or written (after retries)."""
+
+    exit_code = ExitCode.UNAVAILABLE
+
+
+class LeaseHeldError(CkptError):
+    """Another live writer holds the repository's lease."""
+
+    exit_code = ExitCode.UNAVAILABLE
+
+
+class RestoreError(CkptError):
+    """No usable snapshot could be materialised; the local directory is untouched."""
+
+    exit_code = ExitCode.UNAVAILABLE
+
+
+def state_dir() -> Path:
+    """Where ckpt keeps crash logs: $XDG_STATE_HOME/ckpt (default ~/.local/state/ckpt)."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(Path.home(), ".local", "state")
+    return Path(base) / "ckpt"
+
+
+def write_crash_log(exc: BaseException) -> Path | None:
+    """Write versions, platform and traceback to a fresh file; return its path."""
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    try:
+        directory = state_dir()
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"crash-{stamp}-{os.getpid()}.log"
+        lines = [
+            f"ckpt {__version__}",
+            f"python {sys.version.split()[0]} on {platform.platform()}",
+            f"argv: {_redacted_argv()}",
+            "",
+            "".join(traceback.format_exception(exc)),
+        ]
+        path.write_text("\n".join(lines), encoding="utf-8")
+        return path
+    except OSError:
+        return None
+
+
+def _redacted_argv() -> str:
+    """argv with --storage-option values hidden: they often carry secrets."""
+    out: list[str] = []
+    hide_next = False
+    for arg in sys.argv:
+        if hide_next:
+            key = arg.split("=", 1)[0]
+            out.append(f"{key}=***")
+            hide_next = False
+        elif arg == "--storage-option":
+            out.append(arg)
+            hide_next = True
+        elif arg.startswith("--storage-option="):
+            key = arg.split("=", 2)[1] if arg.count("=") >= 1 else ""
+            out.append(f"--storage-option={key}=***")
+        else:
+            out.append(arg)
+    return " ".join(out)
+
+
+@contextlib.contextmanager
+def error_funnel() -> Iterator[list[int]]:
+    """Run a command body; set the exit status in the yielded one-item list.
+
+    CkptError -> its one line and exit code; Ctrl-C -> "Interrupted", 130;
+    anything else -> "unexpected error", a crash log, exit 70.
+    """
+    status = [0]
+    try:
+        yield status
+    except CkptError as exc:
+        console.error(str(exc))
+        status[0] = exc.exit_code
+    except KeyboardInterrupt:
+        console.error("Interrupted")
+        status[0] = ExitCode.SIGINT
+    except Exception as exc:
+        log = write_crash_log(exc)
+        where = f"; details in {log}" if log else ""
+        console.error(f"unexpected error: {type(exc).__name__}: {exc}{where}")
+        status[0] = ExitCode.SOFTWARE

@@ -1,0 +1,231 @@
+"""Materialise a snapshot into a temp dir beside the target, verify every chunk,
+then swap it in atomically. The existing directory is never touched unless the
+whole snapshot is in place.
+
+Candidates are tried newest first: a damaged one (bad manifest, missing or
+corrupt chunk, unsafe path) is skipped with a warning naming it, and the
+previous one is used. A local failure (disk full, permissions) stops the
+restore with the target untouched. Imports: standard library, `repository`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import ctypes
+import ctypes.util
+import dataclasses
+import os
+import posixpath
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ckpt_cli.errors import ConfigError, RestoreError
+from ckpt_cli.repository import (
+    ChunkError,
+    Manifest,
+    ManifestError,
+    Repository,
+    SnapshotRef,
+)
+
+RESTORE_PREFIX = ".ckpt-restore-"
+OLD_PREFIX = ".ckpt-old-"
+
+
+@dataclasses.dataclass
+class Restored:
+    manifest: Manifest
+    seconds: float
+    skipped: list[str]  # snapshots tried before it, with the reason
+
+
+def _temp_name(target: Path, prefix: str) -> Path:
+    return target.parent / f".{target.name}{prefix}{secrets.token_hex(4)}"
+
+
+def recover_interrupted(target: Path) -> None:
+    """Clean up after a restore that was killed: put a moved-aside directory
+    back if the target is missing, and delete half-materialised temp dirs."""
+    parent = target.parent
+    if not parent.is_dir():
+        return
+    for p in parent.iterdir():
+        if p.name.startswith(f".{target.name}{OLD_PREFIX}"):
+            if not target.exists():
+                os.rename(p, target)
+            else:
+                shutil.rmtree(p, ignore_errors=True)
+        elif p.name.startswith(f".{target.name}{RESTORE_PREFIX}"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def restore(
+    repo: Repository,
+    target: Path,
+    *,
+    snapshot: str | None = None,
+    warn: Callable[[str], None],
+    concurrency: int = 4,
+) -> Restored | None:
+    """Restore the newest usable snapshot (or exactly `snapshot`) into target.
+
+    None when the remote has no snapshot. RestoreError when snapshots exist but
+    none can be restored, or the local disk fails; target is untouched then.
+    """
+    t0 = time.monotonic()
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"{target} is not a directory (--dir)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    recover_interrupted(target)
+    if snapshot is not None:
+        ref = repo.find(snapshot)
+        if ref is None:
+            raise RestoreError(
+                f"no snapshot {snapshot!r} in {repo.display} (see `ckpt ls {repo.display}`)"
+            )
+        candidates = [ref]
+    else:
+        candidates = repo.snapshots()
+    if not candidates:
+        return None
+    skipped: list[str] = []
+    for ref in candidates:
+        try:
+            manifest = repo.load(ref)
+            _check_symlinks(manifest)
+            tmp = _temp_name(target, RESTORE_PREFIX)
+            try:
+                materialise(repo, manifest, tmp, concurrency=concurrency)
+                swap_in(tmp, target)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except (ManifestError, ChunkError) as exc:
+            if isinstance(exc, ChunkError):
+                repo.forget_chunk(exc.digest)
+            reason = f"snapshot {_name(ref)} {exc}"
+            skipped.append(reason)
+            if snapshot is not None:
+                raise RestoreError(f"{reason}; {target} is untouched") from None
+            warn(f"{reason}; trying the previous one")
+            continue
+        except OSError as exc:
+            raise RestoreError(
+                f"restoring snapshot {_name(ref)} into {target} failed: {exc.strerror or exc} "
+                f"({exc.filename or target}); {target} is untouched"
+            ) from None
+        return Restored(manifest, time.monotonic() - t0, skipped)
+    raise RestoreError(
+        f"none of the {len(candidates)} snapshots in {repo.display} could be restored "
+        f"(newest problem: {skipped[0]}); {target} is untouched"
+    )
+
+
+def _name(ref: SnapshotRef) -> str:
+    return f"{ref.id} (generation {ref.generation})"
+
+
+def _check_symlinks(manifest: Manifest) -> None:
+    for e in manifest.entries:
+        if e.type != "symlink":
+            continue
+        if e.target.startswith("/"):
+            raise ManifestError(f"has a symlink {e.path!r} to an absolute path")
+        joined = posixpath.normpath(posixpath.join(posixpath.dirname(e.path), e.target))
+        if joined == ".." or joined.startswith("../"):
+            raise ManifestError(f"has a symlink {e.path!r} that escapes the directory")
+
+
+def materialise(repo: Repository, manifest: Manifest, dest: Path, *, concurrency: int = 4
+                ) -> None:
+    """Write every entry of manifest under dest (a fresh directory), verifying
+    each chunk's hash. Files are created exclusively and never through links."""
+    dest.mkdir(mode=0o700)
+    dirs = [e for e in manifest.entries if e.type == "dir"]
+    for e in dirs:
+        (dest / e.path).mkdir(parents=True, exist_ok=True)
+    slots = threading.BoundedSemaphore(max(1, concurrency) + 2)
+    chunk = manifest.chunk_size
+
+    def fetch(fd: int, digest: str, offset: int, length: int) -> None:
+        try:
+            data = repo.get_chunk(digest, length)
+            os.pwrite(fd, data, offset)
+        finally:
+            slots.release()
+
+    with cf.ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="ckpt-restore") as pool:
+        for e in manifest.files:
+            path = dest / e.path
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
+            futures = []
+            try:
+                for i, digest in enumerate(e.chunks):
+                    offset = i * chunk
+                    slots.acquire()
+                    futures.append(pool.submit(fetch, fd, digest, offset,
+                                               min(chunk, e.size - offset)))
+                for f in futures:
+                    f.result()
+                os.fchmod(fd, e.mode)
+            finally:
+                cf.wait(futures)
+                os.close(fd)
+            os.utime(path, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
+    for e in manifest.entries:
+        if e.type == "symlink":
+            (dest / e.path).parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(e.target, dest / e.path)
+    for e in sorted(dirs, key=lambda d: d.path.count("/"), reverse=True):
+        os.chmod(dest / e.path, e.mode | 0o700)
+        os.utime(dest / e.path, ns=(e.mtime_ns, e.mtime_ns))
+    os.chmod(dest, 0o755)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _renameat2() -> Callable[[bytes, bytes], int] | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        libc = ctypes.CDLL(name, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+
+    def exchange(a: bytes, b: bytes) -> int:
+        rc: int = fn(_AT_FDCWD, a, _AT_FDCWD, b, _RENAME_EXCHANGE)
+        return 0 if rc == 0 else ctypes.get_errno()
+
+    return exchange
+
+
+def swap_in(new: Path, target: Path) -> None:
+    """Make `new` the target directory in one step; the old content ends in `new`
+    (and is deleted by the caller). Uses renameat2(RENAME_EXCHANGE) where the
+    kernel has it, else two renames that recover_interrupted() can undo."""
+    if not target.exists():
+        os.rename(new, target)
+        return
+    exchange = _renameat2()
+    if exchange is not None and exchange(os.fsencode(new), os.fsencode(target)) == 0:
+        return
+    old = _temp_name(target, OLD_PREFIX)
+    os.rename(target, old)
+    try:
+        os.rename(new, target)
+    except OSError:
+        os.rename(old, target)
+        raise
+    with contextlib.suppress(OSError):
+        os.rename(old, new)
+    shutil.rmtree(old, ignore_errors=True)

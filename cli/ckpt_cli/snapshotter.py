@@ -1,0 +1,327 @@
+"""Scan the checkpoint directory, hash what changed, upload new chunks, write the manifest.
+
+One snapshot = scan (stat only) -> read changed files in fixed-size chunks on a
+small thread pool (hashlib releases the GIL, so hashing uses every core) ->
+put chunks the repository does not have -> write the manifest last -> prune.
+Memory is bounded by the number of chunks in flight, whatever the file sizes.
+A file that changes while it is read keeps its previous version (or is left
+out if it has none) and the caller is told to snapshot again.
+Imports: standard library, `repository`.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import dataclasses
+import fnmatch
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from ckpt_cli.repository import Entry, Manifest, Repository, hash_bytes, host_name
+
+#: Names that are never snapshotted: writers' temp files and directories.
+TEMP_PATTERNS: tuple[str, ...] = (
+    "*.tmp", "*.tmp.*", "*.temp", "*.partial", "*.part", "*.swp", "*~", ".#*",
+    "*.orbax-checkpoint-tmp-*", "tmp-checkpoint-*", ".ckpt-*", ".*.ckpt-restore-*",
+)
+#: A file modified this close to the scan may change again within the same
+#: mtime tick: it is not trusted from the stat cache next time (racy-git rule).
+RACY_NS = 1_000_000_000
+#: Files being read at once (open descriptors) at the most.
+MAX_OPEN_FILES = 64
+
+
+def is_ignored(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalEntry:
+    path: str
+    type: str
+    mode: int
+    size: int
+    mtime_ns: int
+    ino: int
+    target: str = ""
+
+
+def scan(root: Path, patterns: Iterable[str] = TEMP_PATTERNS) -> list[LocalEntry]:
+    """Every file, directory and symlink below root (not following links), sorted."""
+    pats = tuple(patterns)
+    out: list[LocalEntry] = []
+
+    def walk(directory: str, rel: str) -> None:
+        try:
+            it = os.scandir(directory)
+        except FileNotFoundError:
+            return
+        with it:
+            for d in it:
+                if is_ignored(d.name, pats):
+                    continue
+                path = f"{rel}{d.name}"
+                try:
+                    st = d.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                mode = stat.S_IMODE(st.st_mode)
+                if stat.S_ISDIR(st.st_mode):
+                    out.append(LocalEntry(path, "dir", mode, 0, st.st_mtime_ns, st.st_ino))
+                    walk(d.path, path + "/")
+                elif stat.S_ISREG(st.st_mode):
+                    out.append(LocalEntry(path, "file", mode, st.st_size, st.st_mtime_ns,
+                                          st.st_ino))
+                elif stat.S_ISLNK(st.st_mode):
+                    try:
+                        target = os.readlink(d.path)
+                    except OSError:
+                        continue
+                    out.append(LocalEntry(path, "symlink", mode, 0, 0, st.st_ino, target))
+                # sockets, fifos and devices are not checkpoint data
+
+    walk(str(root), "")
+    out.sort(key=lambda e: e.path)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Cached:
+    size: int
+    mtime_ns: int
+    ino: int
+    chunks: tuple[str, ...]
+
+
+@dataclasses.dataclass
+class SnapshotResult:
+    manifest: Manifest | None  # None: nothing changed since `parent`
+    parent: Manifest | None
+    files_read: int = 0
+    bytes_read: int = 0
+    new_bytes: int = 0
+    new_chunks: int = 0
+    unstable: list[str] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def newest(self) -> Manifest | None:
+        """The snapshot that now holds the directory's committed state."""
+        return self.manifest or self.parent
+
+
+class _Changed(Exception):
+    """The file changed while it was being read."""
+
+
+class Snapshotter:
+    """Turns the directory into manifests. One snapshot at a time (not re-entrant)."""
+
+    def __init__(
+        self,
+        repo: Repository,
+        root: Path,
+        *,
+        run: str = "",
+        patterns: Iterable[str] = TEMP_PATTERNS,
+        concurrency: int = 4,
+        may_write: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.repo = repo
+        self.root = root
+        self.run = run
+        self.patterns = tuple(patterns)
+        self.concurrency = max(1, concurrency)
+        self.may_write = may_write  # raises if this writer lost its lease
+        self.parent: Manifest | None = None
+        self.cache: dict[str, Cached] = {}
+        self._pool = cf.ThreadPoolExecutor(self.concurrency, thread_name_prefix="ckpt-chunk")
+        self._slots = threading.BoundedSemaphore(self.concurrency + 2)
+        self._stats_lock = threading.Lock()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def adopt(self, manifest: Manifest | None, *, trust_local: bool) -> None:
+        """Make `manifest` the parent. With trust_local (the directory was just
+        restored from it, or holds it), seed the stat cache from the files on
+        disk so unchanged files are not read again."""
+        self.parent = manifest
+        self.cache.clear()
+        if manifest is None:
+            return
+        by_path = {e.path: e for e in manifest.files}
+        same_place = manifest.host == host_name() and manifest.source == str(self.root)
+        now = time.time_ns()
+        for local in scan(self.root, self.patterns):
+            e = by_path.get(local.path)
+            if e is None or local.type != "file" or local.size != e.size:
+                continue
+            if local.mtime_ns != e.mtime_ns or now - local.mtime_ns < RACY_NS:
+                continue
+            if trust_local or (same_place and local.ino == e.ino):
+                self.cache[local.path] = Cached(local.size, local.mtime_ns, local.ino, e.chunks)
+
+    def snapshot(self, *, reason: str, attempt: int = 0, keep: int | None = None
+                 ) -> SnapshotResult:
+        t0 = time.monotonic()
+        scan_ns = time.time_ns()
+        parent = self.parent
+        result = SnapshotResult(None, parent)
+        if not self.root.is_dir():
+            return result  # a missing directory is not an empty state: nothing to record
+        local = scan(self.root, self.patterns)
+        parent_entries = {e.path: e for e in parent.entries} if parent else {}
+        entries: dict[str, Entry] = {}
+        to_read: list[LocalEntry] = []
+        for le in local:
+            if le.type == "file":
+                c = self.cache.get(le.path)
+                if c and (c.size, c.mtime_ns, c.ino) == (le.size, le.mtime_ns, le.ino):
+                    entries[le.path] = Entry(le.path, "file", le.mode, le.size, le.mtime_ns,
+                                             c.chunks, ino=le.ino)
+                else:
+                    to_read.append(le)
+            elif le.type == "dir":
+                entries[le.path] = Entry(le.path, "dir", le.mode, mtime_ns=le.mtime_ns)
+            else:
+                entries[le.path] = Entry(le.path, "symlink", le.mode, target=le.target)
+
+        new_cache: dict[str, Cached] = {}
+        for le, outcome in self._read_files(to_read, result):
+            if isinstance(outcome, tuple):
+                entries[le.path] = Entry(le.path, "file", le.mode, le.size, le.mtime_ns,
+                                         outcome, ino=le.ino)
+                if scan_ns - le.mtime_ns >= RACY_NS:
+                    new_cache[le.path] = Cached(le.size, le.mtime_ns, le.ino, outcome)
+            else:
+                result.unstable.append(le.path)
+                old = parent_entries.get(le.path)
+                if old is not None and old.type == "file":
+                    entries[le.path] = old
+        _drop_orphans(entries)
+
+        ordered = tuple(entries[p] for p in sorted(entries))
+        unchanged = (
+            parent is not None
+            and len(ordered) == len(parent.entries)
+            and all(a.same_content(b) for a, b in zip(ordered, parent.entries, strict=True))
+        )
+        for path, le_cached in new_cache.items():
+            self.cache[path] = le_cached
+        for path in list(self.cache):
+            if path not in entries:
+                del self.cache[path]
+        if unchanged or (parent is None and not ordered):
+            result.seconds = time.monotonic() - t0
+            return result
+
+        self.may_write()
+        manifest = Manifest(
+            id=self.repo.new_id(),
+            generation=self.repo.next_generation(),
+            entries=ordered,
+            chunk_size=self.repo.chunk_size,
+            created=time.time(),
+            parent=parent.id if parent else None,
+            host=host_name(),
+            source=str(self.root),
+            run=self.run,
+            attempt=attempt,
+            reason=reason,
+            new_bytes=result.new_bytes,
+            new_chunks=result.new_chunks,
+        )
+        self.repo.write_manifest(manifest)
+        self.parent = manifest
+        result.manifest = manifest
+        if keep is not None:
+            self.repo.gc(keep)
+        result.seconds = time.monotonic() - t0
+        return result
+
+    # -- reading
+
+    def _read_files(
+        self, files: list[LocalEntry], result: SnapshotResult
+    ) -> Iterable[tuple[LocalEntry, tuple[str, ...] | None]]:
+        """Yield (file, chunk digests) or (file, None) if it changed while read.
+        Chunks of many files are in flight at once; descriptors stay bounded."""
+        pending: collections.deque[tuple[LocalEntry, int, os.stat_result,
+                                         list[cf.Future[str]]]] = collections.deque()
+        chunk = self.repo.chunk_size
+        try:
+            for le in files:
+                try:
+                    fd = os.open(self.root / le.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                except OSError:
+                    yield le, None  # vanished or replaced by a link since the scan
+                    continue
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    os.close(fd)
+                    yield le, None
+                    continue
+                size = st.st_size
+                le = dataclasses.replace(le, size=size, mtime_ns=st.st_mtime_ns,
+                                         ino=st.st_ino)
+                futures = []
+                for offset in range(0, size, chunk):
+                    self._slots.acquire()
+                    futures.append(self._pool.submit(
+                        self._chunk_task, fd, offset, min(chunk, size - offset), result))
+                pending.append((le, fd, st, futures))
+                while pending and (len(pending) > MAX_OPEN_FILES
+                                   or all(f.done() for f in pending[0][3])):
+                    yield self._finish(*pending.popleft(), result)
+            while pending:
+                yield self._finish(*pending.popleft(), result)
+        finally:
+            for _le, fd, _st, futures in pending:
+                cf.wait(futures)
+                os.close(fd)
+
+    def _chunk_task(self, fd: int, offset: int, length: int, result: SnapshotResult) -> str:
+        try:
+            data = os.pread(fd, length, offset)
+            if len(data) != length:
+                raise _Changed
+            digest = hash_bytes(data)
+            sent = self.repo.put_chunk(digest, data)
+            with self._stats_lock:
+                result.bytes_read += length
+                if sent:
+                    result.new_bytes += length
+                    result.new_chunks += 1
+            return digest
+        finally:
+            self._slots.release()
+
+    def _finish(self, le: LocalEntry, fd: int, before: os.stat_result,
+                futures: list[cf.Future[str]], result: SnapshotResult
+                ) -> tuple[LocalEntry, tuple[str, ...] | None]:
+        try:
+            digests = tuple(f.result() for f in futures)
+            after = os.fstat(fd)
+            grew = os.pread(fd, 1, before.st_size) != b""
+        except _Changed:
+            return le, None
+        finally:
+            os.close(fd)
+        result.files_read += 1
+        if grew or (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+            return le, None
+        return le, digests
+
+
+def _drop_orphans(entries: dict[str, Entry]) -> None:
+    """Remove entries whose parent directory is no longer in the snapshot."""
+    for path in sorted(entries, key=lambda p: p.count("/")):
+        parent = path.rsplit("/", 1)[0] if "/" in path else ""
+        if parent and (parent not in entries or entries[parent].type != "dir"):
+            del entries[path]

@@ -1,0 +1,463 @@
+"""The run loop: restore, launch, watch + snapshot in the background, restart on
+recoverable exits, forward signals, flush at the end.
+
+Signal handlers only record: every handled signal is written to a self-pipe by
+`signal.set_wakeup_fd`, and the loop reads it. Imports: every other ckpt_cli
+module but `main`; fsspec and watchdog only through `remote` and `watcher`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import random
+import secrets
+import select
+import shlex
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ckpt import _contract as contract
+from ckpt_cli import console
+from ckpt_cli.child import Child, Guardian
+from ckpt_cli.config import RunConfig
+from ckpt_cli.control import ControlServer
+from ckpt_cli.errors import RemoteError
+from ckpt_cli.policy import ChildExit, Decision, decide, signal_name
+from ckpt_cli.remote import open_backend
+from ckpt_cli.repository import (
+    Lease,
+    LeaseLostError,
+    Manifest,
+    Repository,
+    iter_manifests,
+)
+from ckpt_cli.restore import recover_interrupted, restore
+from ckpt_cli.snapshotter import TEMP_PATTERNS, Snapshotter, SnapshotResult, scan
+from ckpt_cli.uploader import SnapshotWorker
+from ckpt_cli.watcher import Watcher
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+FORWARD_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+@dataclasses.dataclass
+class Attempt:
+    number: int
+    exit: ChildExit
+    seconds: float
+
+
+class Supervisor:
+    def __init__(self, cfg: RunConfig, *, rng: random.Random | None = None) -> None:
+        self.cfg = cfg
+        self.rng = rng or random.Random()
+        self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
+        self.patterns = TEMP_PATTERNS + cfg.excludes
+        self.attempt = 0
+        self.attempts: list[Attempt] = []
+        self.child: Child | None = None
+        self.restored_id = ""
+        self.stop_signal: int | None = None
+        self._lease_error: LeaseLostError | None = None
+        self._wake_r = self._wake_w = -1
+
+    # ------------------------------------------------------------ entry point
+
+    def run(self) -> int:
+        cfg = self.cfg
+        if cfg.remote_is_default:
+            console.info(
+                f"remote: {cfg.remote} (embedded local store; protect against losing this "
+                "machine with --remote s3://bucket/prefix or CKPT_REMOTE)"
+            )
+        else:
+            console.info(f"remote: {cfg.remote}")
+        backend = open_backend(cfg.remote, cfg.storage_options)
+        repo = Repository.open(backend, create=True)
+        assert repo is not None
+        lease = repo.lease(self.run_id, cfg.lease_timeout)
+        took_over = lease.acquire()
+        if took_over:
+            console.warn(f"took over the lease on {repo.display}: {took_over}")
+        try:
+            return self._run_holding(repo, lease)
+        finally:
+            lease.release()
+
+    def _run_holding(self, repo: Repository, lease: Lease) -> int:
+        cfg = self.cfg
+        snapshotter = Snapshotter(repo, cfg.dir, run=self.run_id, patterns=self.patterns,
+                                  concurrency=cfg.concurrency, may_write=self._check_lease)
+        self.restored_id = self._prepare_dir(repo, snapshotter)
+        cfg.dir.mkdir(parents=True, exist_ok=True)
+
+        stop_heartbeat = threading.Event()
+        heartbeat = threading.Thread(target=self._heartbeat, args=(lease, stop_heartbeat),
+                                     name="ckpt-lease", daemon=True)
+        worker = SnapshotWorker(
+            snapshotter, debounce=cfg.debounce, rescan=cfg.rescan, keep=cfg.keep,
+            attempt=lambda: self.attempt, on_snapshot=self._report_snapshot,
+            on_error=self._report_error,
+        )
+        runtime = Path(tempfile.mkdtemp(prefix="ckpt-"))
+        control = ControlServer(runtime / "control.sock", worker, lambda: self._status(worker))
+        watcher = Watcher(cfg.dir, worker.changed, self.patterns)
+        guardian = Guardian()
+        old_handlers = self._install_signals()
+        status = 0
+        flushed = False
+        try:
+            heartbeat.start()
+            worker.start()
+            watcher.start()
+            control.start()
+            status = self._loop(repo, snapshotter, worker, watcher, guardian, control.path)
+        finally:
+            watcher.stop()
+            if self.child is not None and self.child.poll() is None:
+                self.child.signal(signal.SIGKILL)  # only on an unexpected error in the loop
+            flushed = self._final_flush(worker)
+            worker.stop()
+            control.close()
+            guardian.close()
+            self._restore_signals(old_handlers)
+            stop_heartbeat.set()
+            snapshotter.close()
+            shutil.rmtree(runtime, ignore_errors=True)
+        self._summary(worker)
+        if self.stop_signal is not None:
+            return 128 + self.stop_signal
+        if status == 0 and not flushed:
+            console.error("the child succeeded but its final state is not durable in "
+                          f"{repo.display}; the local directory {cfg.dir} still has it")
+            return contract.ExitCode.UNAVAILABLE
+        return status
+
+    # ------------------------------------------------------------ restore phase
+
+    def _prepare_dir(self, repo: Repository, snapshotter: Snapshotter) -> str:
+        """Decide what the child starts from; return the id it holds ('' if none).
+
+        The rule: an explicit --snapshot is always restored. An empty or missing
+        --dir gets the newest usable snapshot. A non-empty --dir that holds the
+        newest snapshot already is used as it is. A non-empty --dir with a file
+        modified after the newest snapshot was taken is kept (it is newer: a
+        previous run on this machine got further than its last upload) and
+        uploaded as the next snapshot. Otherwise --dir is older and is replaced.
+        """
+        cfg = self.cfg
+        recover_interrupted(cfg.dir)
+        newest = _newest_valid(repo)
+        if not cfg.restore:
+            console.info(f"--no-restore: starting from {cfg.dir} as it is")
+            snapshotter.adopt(newest, trust_local=False)
+            return ""
+        if cfg.snapshot is not None:
+            return self._restore(repo, snapshotter, cfg.snapshot)
+        local = scan(cfg.dir, self.patterns) if cfg.dir.exists() else []
+        if not local:
+            if not repo.snapshots():
+                console.info(f"remote has no snapshot yet: starting fresh in {cfg.dir}")
+                return ""
+            return self._restore(repo, snapshotter, None)
+        if newest is None:
+            if repo.snapshots():
+                console.warn(f"no snapshot in {repo.display} is readable; keeping {cfg.dir} "
+                             "as it is")
+            else:
+                console.info(f"remote has no snapshot yet: {cfg.dir} is uploaded as the first")
+            return ""
+        local_files = {e.path: e for e in local if e.type == "file"}
+        snap_files = {e.path: e for e in newest.files}
+        if local_files.keys() == snap_files.keys() and all(
+            (le.size, le.mtime_ns) == (snap_files[p].size, snap_files[p].mtime_ns)
+            for p, le in local_files.items()
+        ):
+            console.info(f"{cfg.dir} already holds snapshot {newest.id}: nothing to restore")
+            snapshotter.adopt(newest, trust_local=True)
+            return newest.id
+        newest_local = max(e.mtime_ns for e in local) / 1e9
+        if newest_local > newest.created:
+            console.warn(
+                f"{cfg.dir} was modified at {_clock(newest_local)}, after the newest snapshot "
+                f"{newest.id} ({_clock(newest.created)}): keeping the local state, which "
+                "becomes the next snapshot (restore the remote one with --snapshot ID)"
+            )
+            snapshotter.adopt(newest, trust_local=False)
+            return ""
+        console.info(f"{cfg.dir} is older than snapshot {newest.id}: replacing it")
+        return self._restore(repo, snapshotter, None)
+
+    def _restore(self, repo: Repository, snapshotter: Snapshotter, wanted: str | None) -> str:
+        done = restore(repo, self.cfg.dir, snapshot=wanted, warn=console.warn,
+                       concurrency=self.cfg.concurrency)
+        if done is None:
+            console.info(f"remote has no snapshot yet: starting fresh in {self.cfg.dir}")
+            return ""
+        m = done.manifest
+        console.info(
+            f"restored snapshot {m.id} (generation {m.generation}, {len(m.files)} files, "
+            f"{fmt_bytes(m.total_size)}) into {self.cfg.dir} in {done.seconds:.1f}s"
+        )
+        snapshotter.adopt(m, trust_local=True)
+        return m.id
+
+    # ------------------------------------------------------------ the loop
+
+    def _loop(self, repo: Repository, snapshotter: Snapshotter, worker: SnapshotWorker,
+              watcher: Watcher, guardian: Guardian, socket_path: Path) -> int:
+        cfg = self.cfg
+        retries_used = 0
+        while True:
+            self.attempt += 1
+            durable = worker.stats.last_durable
+            restored = durable.id if (durable and self.attempt > 1) else self.restored_id
+            env = dict(os.environ)
+            env.update({
+                contract.ENV_DIR: str(cfg.dir),
+                contract.ENV_ATTEMPT: str(self.attempt),
+                contract.ENV_RESTORED: restored,
+                contract.ENV_SOCKET: str(socket_path),
+                contract.ENV_RUN: self.run_id,
+            })
+            child = Child(cfg.command, env)
+            self.child = child
+            guardian.protect(child.pgid)
+            console.info(f"attempt {self.attempt}: started {shlex.join(cfg.command)} "
+                         f"(pid {child.pid})")
+            ex = self._wait(child)
+            if child.wait_group_gone(min(cfg.grace, 10.0)):
+                console.info("stopped processes the child left behind in its group")
+            guardian.protect(0)
+            elapsed = time.monotonic() - child.started
+            self.attempts.append(Attempt(self.attempt, ex, elapsed))
+            console.info(f"attempt {self.attempt}: {ex.describe()} after {elapsed:.1f}s")
+            if self.stop_signal is not None:
+                return 128 + self.stop_signal
+            decision = decide(ex, retries_used, cfg.retries, cfg.retry_on)
+            if decision is Decision.SUCCESS:
+                return 0
+            if decision is Decision.FATAL:
+                console.error(f"child failed with {ex.describe()}, which is not retried "
+                              "(--retry-on); passing it on")
+                return ex.status
+            if decision is Decision.EXHAUSTED:
+                console.error(f"giving up: {ex.describe()} and all {cfg.retries} retries "
+                              "spent (--retries)")
+                return ex.status
+            retries_used += 1
+            worker.request("exit")  # protect what the attempt left while we back off
+            delay = cfg.backoff.delay(retries_used, self.rng)
+            console.info(f"recoverable ({ex.describe()}): retry {retries_used}/{cfg.retries} "
+                         f"in {delay:.1f}s")
+            if self._sleep(delay):
+                return 128 + (self.stop_signal or signal.SIGTERM)
+            if not cfg.dir.is_dir():
+                console.warn(f"{cfg.dir} disappeared: restoring it before the retry")
+                watcher.stop()
+                self.restored_id = self._restore(repo, snapshotter, None)
+                cfg.dir.mkdir(parents=True, exist_ok=True)
+                watcher.start()
+
+    def _wait(self, child: Child) -> ChildExit:
+        cfg = self.cfg
+        kill_at: float | None = None
+        while True:
+            ex = child.poll()
+            if ex is not None:
+                return ex
+            now = time.monotonic()
+            timeout = 1.0 if kill_at is None else max(0.0, min(1.0, kill_at - now))
+            for sig in self._signals(timeout):
+                if sig in STOP_SIGNALS:
+                    if self.stop_signal is None:
+                        self.stop_signal = sig
+                        child.signal(sig)
+                        kill_at = time.monotonic() + cfg.grace
+                        console.info(f"received {signal_name(sig)}: forwarded to the child; "
+                                     f"SIGKILL in {cfg.grace:g}s unless it exits (--grace)")
+                    else:
+                        console.warn(f"received {signal_name(sig)} again: killing the child now")
+                        child.signal(signal.SIGKILL)
+                        kill_at = None
+                elif sig in FORWARD_SIGNALS:
+                    child.signal(sig)
+            if kill_at is not None and time.monotonic() >= kill_at and child.poll() is None:
+                console.warn(f"child still running {cfg.grace:g}s after "
+                             f"{signal_name(self.stop_signal or 0)} (--grace): SIGKILL")
+                child.signal(signal.SIGKILL)
+                kill_at = None
+
+    def _sleep(self, seconds: float) -> bool:
+        """Back off; True if a stop signal arrived meanwhile."""
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            for sig in self._signals(min(left, 1.0)):
+                if sig in STOP_SIGNALS:
+                    self.stop_signal = sig
+                    console.info(f"received {signal_name(sig)} while backing off: stopping")
+                    return True
+        return False
+
+    def _final_flush(self, worker: SnapshotWorker) -> bool:
+        """Snapshot the final state and wait until it is durable, retrying until
+        --flush-timeout. A second stop signal abandons the wait."""
+        deadline = time.monotonic() + self.cfg.flush_timeout
+        pause = 0.5
+        while True:
+            req = worker.request("final")
+            while not req.done:
+                if time.monotonic() >= deadline:
+                    self._not_durable(worker, f"not durable after {self.cfg.flush_timeout:g}s "
+                                              "(--flush-timeout)")
+                    return False
+                for sig in self._signals(0.2):
+                    if sig in STOP_SIGNALS:
+                        self.stop_signal = self.stop_signal or sig
+                        self._not_durable(worker, f"abandoned on {signal_name(sig)}")
+                        return False
+            if req.error is None:
+                m = req.manifest
+                if m is not None:
+                    console.info(f"final state is durable as snapshot {m.id}")
+                return True
+            if self._lease_error is not None or time.monotonic() + pause >= deadline:
+                self._not_durable(worker, f"failed: {req.error}")
+                return False
+            time.sleep(pause)
+            pause = min(pause * 2, 5.0)
+
+    def _not_durable(self, worker: SnapshotWorker, why: str) -> None:
+        last = worker.stats.last_durable
+        newest = f"newest durable snapshot is {last.id}" if last else "nothing is durable yet"
+        console.error(f"final snapshot {why}; {newest}")
+
+    # ------------------------------------------------------------ signals
+
+    def _install_signals(self) -> dict[int, Any]:
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        os.set_blocking(w, False)
+        self._wake_r, self._wake_w = r, w
+        old: dict[int, Any] = {}
+        for sig in (*STOP_SIGNALS, *FORWARD_SIGNALS, signal.SIGCHLD):
+            old[sig] = signal.signal(sig, _record)
+        old[-1] = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        return old
+
+    def _restore_signals(self, old: dict[int, Any]) -> None:
+        signal.set_wakeup_fd(old.pop(-1))
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _signals(self, timeout: float) -> list[int]:
+        """Wait up to timeout for signals; return those received (not SIGCHLD)."""
+        ready, _, _ = select.select([self._wake_r], [], [], timeout)
+        if not ready:
+            return []
+        try:
+            data = os.read(self._wake_r, 512)
+        except BlockingIOError:
+            return []
+        return [s for s in data if s != signal.SIGCHLD]
+
+    # ------------------------------------------------------------ background
+
+    def _heartbeat(self, lease: Lease, stop: threading.Event) -> None:
+        interval = max(1.0, lease.ttl / 4)
+        warned = False
+        while not stop.wait(interval):
+            try:
+                lease.heartbeat()
+                warned = False
+            except LeaseLostError as exc:
+                self._lease_error = exc
+                console.error(str(exc))
+                return
+            except RemoteError as exc:
+                if not warned:
+                    console.warn(f"lease heartbeat failed: {exc}")
+                    warned = True
+
+    def _check_lease(self) -> None:
+        if self._lease_error is not None:
+            raise self._lease_error
+
+    def _report_snapshot(self, result: SnapshotResult) -> None:
+        if result.unstable:
+            shown = ", ".join(result.unstable[:3]) + (" ..." if len(result.unstable) > 3 else "")
+            console.warn(f"changed while being read, kept at their previous version: {shown}")
+        m = result.manifest
+        if m is None:
+            return
+        console.info(
+            f"snapshot {m.id} (generation {m.generation}): {len(m.files)} files, "
+            f"{fmt_bytes(m.total_size)}, {fmt_bytes(result.new_bytes)} new, "
+            f"{result.seconds:.1f}s"
+        )
+
+    def _report_error(self, message: str, retry_in: float) -> None:
+        if retry_in > 0:
+            console.warn(f"snapshot failed: {message}; retrying in {retry_in:.0f}s")
+        else:
+            console.error(f"snapshot failed: {message}")
+
+    def _status(self, worker: SnapshotWorker) -> dict[str, Any]:
+        stats = worker.stats
+        last = stats.last_durable
+        return {
+            "run": self.run_id,
+            "attempt": self.attempt,
+            "child_pid": self.child.pid if self.child and self.child.exit is None else None,
+            "dir": str(self.cfg.dir),
+            "remote": self.cfg.remote,
+            "last_snapshot": last.id if last else None,
+            "last_snapshot_age": (time.time() - last.created) if last else None,
+            "snapshots": stats.snapshots,
+            "bytes_uploaded": stats.bytes_uploaded,
+            "pending": worker.busy,
+            "last_error": stats.last_error,
+        }
+
+    def _summary(self, worker: SnapshotWorker) -> None:
+        stats = worker.stats
+        last = stats.last_durable
+        codes = ", ".join(a.exit.describe() for a in self.attempts) or "none"
+        console.info(
+            f"done: {len(self.attempts)} attempt(s) ({codes}); {stats.snapshots} snapshot(s), "
+            f"{fmt_bytes(stats.bytes_uploaded)} uploaded; newest durable snapshot: "
+            f"{last.id if last else 'none'}"
+        )
+
+
+def _record(signum: int, frame: object) -> None:
+    """Signal handler: nothing to do; set_wakeup_fd already recorded signum."""
+
+
+def _clock(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _newest_valid(repo: Repository) -> Manifest | None:
+    for _ref, m in iter_manifests(repo):
+        if isinstance(m, Manifest):
+            return m
+    return None

@@ -1,0 +1,64 @@
+"""watchdog events on the checkpoint directory -> "something changed" callbacks.
+
+Only events that can change what a snapshot contains count: created, modified,
+deleted, moved, closed-after-write. Opened and closed-without-write events (our
+own reads!) are ignored, and so are paths whose every component-to-be is a
+temp name. Imports: standard library, watchdog (lazily, at start()).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from ckpt_cli.snapshotter import is_ignored
+
+_RELEVANT = frozenset({"created", "modified", "deleted", "moved", "closed"})
+
+
+class Watcher:
+    def __init__(self, root: Path, on_change: Callable[[], None], patterns: Iterable[str]
+                 ) -> None:
+        self.root = root
+        self.on_change = on_change
+        self.patterns = tuple(patterns)
+        self._observer: Any = None
+
+    def relevant(self, event_type: str, paths: Iterable[str]) -> bool:
+        if event_type not in _RELEVANT:
+            return False
+        for p in paths:
+            if not p:
+                continue
+            rel = os.path.relpath(p, self.root)
+            if rel == ".":
+                continue
+            if not any(is_ignored(part, self.patterns) for part in rel.split(os.sep)):
+                return True
+        return False
+
+    def start(self) -> None:
+        from watchdog.events import FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        watcher = self
+
+        class Handler(FileSystemEventHandler):  # type: ignore[misc]
+            def on_any_event(self, event: Any) -> None:
+                paths = (os.fsdecode(event.src_path), os.fsdecode(getattr(event, "dest_path", "")))
+                if watcher.relevant(event.event_type, paths):
+                    watcher.on_change()
+
+        observer = Observer()
+        observer.daemon = True
+        observer.schedule(Handler(), str(self.root), recursive=True)
+        observer.start()
+        self._observer = observer
+
+    def stop(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=5)
+            self._observer = None

@@ -1,0 +1,43 @@
+"""The contract between the supervisor and the child: env names and exit codes.
+
+Standard library only. The supervisor (`ckpt_cli`) imports this module so that
+both sides share one definition; this module never imports `ckpt_cli`.
+"""
+
+from __future__ import annotations
+
+import enum
+
+#: Absolute path of the checkpoint directory the child should write to.
+ENV_DIR = "CKPT_DIR"
+#: 1 on the first launch, incremented on every relaunch by the same supervisor.
+ENV_ATTEMPT = "CKPT_ATTEMPT"
+#: Id of the snapshot restored into ENV_DIR before launch; empty if none.
+ENV_RESTORED = "CKPT_RESTORED"
+#: Path of the supervisor's control socket (newline-delimited JSON).
+ENV_SOCKET = "CKPT_SOCKET"
+#: Identity of this `ckpt run` invocation, the same for every attempt.
+ENV_RUN = "CKPT_RUN"
+
+#: Every variable the supervisor sets in the child's environment.
+CHILD_ENV = (ENV_DIR, ENV_ATTEMPT, ENV_RESTORED, ENV_SOCKET, ENV_RUN)
+
+
+class ExitCode(enum.IntEnum):
+    """Exit statuses with a fixed meaning. A child killed by signal N is 128+N."""
+
+    OK = 0
+    #: A command line ckpt cannot parse (click's own convention).
+    USAGE = 2
+    #: The remote cannot be reached or is held by another writer: try again later.
+    UNAVAILABLE = 69
+    #: A bug in ckpt: a crash log was written.
+    SOFTWARE = 70
+    #: EX_TEMPFAIL. A child exiting with it asks to be retried.
+    RECOVERABLE = 75
+    #: Bad input: a flag, a path, a remote or a repository ckpt will not use.
+    CONFIG = 78
+    #: The supervisor was stopped by SIGHUP / SIGINT / SIGTERM (128 + signal).
+    SIGHUP = 129
+    SIGINT = 130
+    SIGTERM = 143
