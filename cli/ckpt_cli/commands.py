@@ -39,8 +39,10 @@ def restore(remote: str, dir: Path, snapshot: str | None, options: list[str]) ->
         console.info(f"{remote} has no snapshot: nothing restored")
         return ExitCode.OK
     m = done.manifest
-    console.info(f"restored snapshot {m.id} (generation {m.generation}, {len(m.files)} files, "
-                 f"{fmt_bytes(m.total_size)}) into {target} in {done.seconds:.1f}s")
+    console.info(
+        f"restored snapshot {m.id} (generation {m.generation}, {len(m.files)} files, "
+        f"{fmt_bytes(m.total_size)}) into {target} in {done.seconds:.1f}s"
+    )
     return ExitCode.OK
 
 
@@ -64,16 +66,20 @@ def push(dir: Path, remote: str, keep: int, options: list[str]) -> int:
         snapshotter.close()
         lease.release()
     if result.unstable:
-        console.warn("changed while being read, kept at their previous version: "
-                     + ", ".join(result.unstable[:5]))
+        console.warn(
+            "changed while being read, kept at their previous version: "
+            + ", ".join(result.unstable[:5])
+        )
     m = result.manifest
     if m is None:
         newest = result.parent.id if result.parent else "none"
         console.info(f"nothing changed since snapshot {newest}")
         return ExitCode.OK
-    console.info(f"pushed snapshot {m.id} (generation {m.generation}): {len(m.files)} files, "
-                 f"{fmt_bytes(m.total_size)}, {fmt_bytes(result.new_bytes)} new, "
-                 f"{result.seconds:.1f}s")
+    console.info(
+        f"pushed snapshot {m.id} (generation {m.generation}): {len(m.files)} files, "
+        f"{fmt_bytes(m.total_size)}, {fmt_bytes(result.new_bytes)} new, "
+        f"{result.seconds:.1f}s"
+    )
     return ExitCode.OK
 
 
@@ -84,14 +90,24 @@ def ls(remote: str, as_json: bool, options: list[str]) -> int:
     rows: list[dict[str, Any]] = []
     for ref, m in iter_manifests(repo):
         if isinstance(m, Manifest):
-            rows.append({
-                "id": m.id, "generation": m.generation, "created": m.created,
-                "files": len(m.files), "size": m.total_size, "new_bytes": m.new_bytes,
-                "attempt": m.attempt, "host": m.host, "reason": m.reason, "ok": True,
-            })
+            rows.append(
+                {
+                    "id": m.id,
+                    "generation": m.generation,
+                    "created": m.created,
+                    "files": len(m.files),
+                    "size": m.total_size,
+                    "new_bytes": m.new_bytes,
+                    "attempt": m.attempt,
+                    "host": m.host,
+                    "reason": m.reason,
+                    "ok": True,
+                }
+            )
         else:
-            rows.append({"id": ref.id, "generation": ref.generation, "ok": False,
-                         "error": f"manifest {m}"})
+            rows.append(
+                {"id": ref.id, "generation": ref.generation, "ok": False, "error": f"manifest {m}"}
+            )
     if as_json:
         print(json.dumps({"remote": remote, "snapshots": rows}, indent=1))
         return ExitCode.OK
@@ -104,19 +120,24 @@ def ls(remote: str, as_json: bool, options: list[str]) -> int:
 
     table = Table(box=None, pad_edge=False)
     for col in ("id", "gen", "time", "age", "files", "size", "new", "attempt", "host"):
-        table.add_column(col, justify="right" if col in ("gen", "files", "size", "new",
-                                                         "attempt") else "left")
+        table.add_column(
+            col, justify="right" if col in ("gen", "files", "size", "new", "attempt") else "left"
+        )
     now = time.time()
     for r in rows:
         if not r["ok"]:
-            table.add_row(r["id"], str(r["generation"]), "damaged:", r["error"], "", "", "", "",
-                          "")
+            table.add_row(r["id"], str(r["generation"]), "damaged:", r["error"], "", "", "", "", "")
             continue
         table.add_row(
-            r["id"], str(r["generation"]),
+            r["id"],
+            str(r["generation"]),
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created"])),
-            _age(now - r["created"]), str(r["files"]), fmt_bytes(r["size"]),
-            fmt_bytes(r["new_bytes"]), str(r["attempt"] or "-"), r["host"],
+            _age(now - r["created"]),
+            str(r["files"]),
+            fmt_bytes(r["size"]),
+            fmt_bytes(r["new_bytes"]),
+            str(r["attempt"] or "-"),
+            r["host"],
         )
     console.table(table)
     return ExitCode.OK
@@ -132,8 +153,10 @@ def _age(seconds: float) -> str:
 
 def commit(socket_path: str | None, wait: bool, timeout: float | None) -> int:
     if not socket_path:
-        raise ConfigError("no supervisor to commit to: CKPT_SOCKET is not set "
-                          "(run under `ckpt run`, or pass --socket)")
+        raise ConfigError(
+            "no supervisor to commit to: CKPT_SOCKET is not set "
+            "(run under `ckpt run`, or pass --socket)"
+        )
     reply = request(socket_path, {"op": "commit", "wait": wait, "timeout": timeout})
     if not reply.get("ok"):
         raise CkptError(f"commit failed: {reply.get('error')}", exit_code=ExitCode.UNAVAILABLE)
@@ -157,11 +180,13 @@ def request(socket_path: str, message: dict[str, Any]) -> dict[str, Any]:
                     break
                 data += more
         except OSError as exc:
-            raise CkptError(f"control socket {socket_path}: {exc}",
-                            exit_code=ExitCode.UNAVAILABLE) from None
+            raise CkptError(
+                f"control socket {socket_path}: {exc}", exit_code=ExitCode.UNAVAILABLE
+            ) from None
     try:
         reply: dict[str, Any] = json.loads(data)
     except ValueError:
-        raise CkptError(f"control socket {socket_path} sent no reply",
-                        exit_code=ExitCode.UNAVAILABLE) from None
+        raise CkptError(
+            f"control socket {socket_path} sent no reply", exit_code=ExitCode.UNAVAILABLE
+        ) from None
     return reply

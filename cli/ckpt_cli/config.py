@@ -69,7 +69,9 @@ def check_remote_outside(directory: Path, remote: str) -> None:
         return
     store = Path(os.path.realpath(local_path(remote)))
     if store == directory or directory in store.parents:
-        raise ConfigError(f"remote {store} is inside --dir {directory}; put it elsewhere (--remote)")
+        raise ConfigError(
+            f"remote {store} is inside --dir {directory}; put it elsewhere (--remote)"
+        )
     if store in directory.parents:
         raise ConfigError(
             f"--dir {directory} is inside the remote {store}; put it elsewhere (--remote)"

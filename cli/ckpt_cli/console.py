@@ -40,8 +40,8 @@ def configure(*, quiet: bool = False) -> None:
 
 
 def _emit(message: str, style: str | None) -> None:
-    line = Text("ckpt: ", style="bold" if style else None)
-    line.append(message, style=style)
+    line = Text("ckpt: ", style="bold" if style else "")
+    line.append(message, style=style or "")
     with _lock:
         _get().print(line)
 

@@ -26,8 +26,9 @@ MAX_LINE = 64 * 1024
 
 
 class ControlServer:
-    def __init__(self, path: Path, worker: SnapshotWorker,
-                 status: Callable[[], dict[str, Any]]) -> None:
+    def __init__(
+        self, path: Path, worker: SnapshotWorker, status: Callable[[], dict[str, Any]]
+    ) -> None:
         self.path = path
         self.worker = worker
         self.status = status

@@ -23,12 +23,20 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-RemoteArg = Annotated[str, typer.Argument(help="Repository URL: a path, file://, s3://, "
-                                          "gs://, az://, sftp://, memory://.")]
+RemoteArg = Annotated[
+    str,
+    typer.Argument(
+        help="Repository URL: a path, file://, s3://, gs://, az://, sftp://, memory://."
+    ),
+]
 StorageOpt = Annotated[
     list[str] | None,
-    typer.Option("--storage-option", "-o", metavar="KEY=VALUE",
-                 help="fsspec option for the remote (repeatable; VALUE may be JSON)."),
+    typer.Option(
+        "--storage-option",
+        "-o",
+        metavar="KEY=VALUE",
+        help="fsspec option for the remote (repeatable; VALUE may be JSON).",
+    ),
 ]
 
 
@@ -40,54 +48,88 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                          help="Show the version and exit.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Show the version and exit."
+        ),
+    ] = False,
 ) -> None:
     """ckpt: checkpoints that survive crashes, restarts and preemptions."""
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
 def run(
-    command: Annotated[list[str], typer.Argument(help="The command to supervise, after --.",
-                                                 show_default=False)],
-    dir: Annotated[Path, typer.Option("--dir", "-d",
-                                      help="Checkpoint directory to protect.")] = Path(
-        "checkpoints"),
-    remote: Annotated[str | None, typer.Option(
-        envvar="CKPT_REMOTE", show_default=False,
-        help="Repository URL (s3://bucket/prefix, gs://, az://, sftp://, a path). "
-             "Default: an embedded local store under ~/.local/share/ckpt.")] = None,
+    command: Annotated[
+        list[str], typer.Argument(help="The command to supervise, after --.", show_default=False)
+    ],
+    dir: Annotated[
+        Path, typer.Option("--dir", "-d", help="Checkpoint directory to protect.")
+    ] = Path("checkpoints"),
+    remote: Annotated[
+        str | None,
+        typer.Option(
+            envvar="CKPT_REMOTE",
+            show_default=False,
+            help="Repository URL (s3://bucket/prefix, gs://, az://, sftp://, a path). "
+            "Default: an embedded local store under ~/.local/share/ckpt.",
+        ),
+    ] = None,
     storage_option: StorageOpt = None,
     retries: Annotated[int, typer.Option(min=0, help="Relaunches after recoverable exits.")] = 3,
-    retry_on: Annotated[str, typer.Option(
-        help="Exit codes and signal names that are recoverable; 'signals' = death by any "
-             "signal but SIGINT; 'any'; 'none'.")] = "75,signals",
-    backoff: Annotated[str, typer.Option(
-        metavar="INITIAL[:MAX]",
-        help="Seconds before a relaunch: doubles each retry, with jitter, capped.")] = "1:60",
-    grace: Annotated[float, typer.Option(
-        min=0, help="Seconds between forwarding SIGTERM/SIGINT/SIGHUP and SIGKILL.")] = 30.0,
-    debounce: Annotated[float, typer.Option(
-        min=0, help="Quiet seconds after the last change before a snapshot.")] = 2.0,
-    rescan: Annotated[float, typer.Option(
-        min=1, help="Seconds between safety-net rescans when no event arrives.")] = 30.0,
+    retry_on: Annotated[
+        str,
+        typer.Option(
+            help="Exit codes and signal names that are recoverable; 'signals' = death by any "
+            "signal but SIGINT; 'any'; 'none'."
+        ),
+    ] = "75,signals",
+    backoff: Annotated[
+        str,
+        typer.Option(
+            metavar="INITIAL[:MAX]",
+            help="Seconds before a relaunch: doubles each retry, with jitter, capped.",
+        ),
+    ] = "1:60",
+    grace: Annotated[
+        float,
+        typer.Option(min=0, help="Seconds between forwarding SIGTERM/SIGINT/SIGHUP and SIGKILL."),
+    ] = 30.0,
+    debounce: Annotated[
+        float, typer.Option(min=0, help="Quiet seconds after the last change before a snapshot.")
+    ] = 2.0,
+    rescan: Annotated[
+        float, typer.Option(min=1, help="Seconds between safety-net rescans when no event arrives.")
+    ] = 30.0,
     keep: Annotated[int, typer.Option(min=1, help="Snapshots kept in the remote.")] = 3,
-    no_restore: Annotated[bool, typer.Option(
-        "--no-restore", help="Start from --dir as it is.")] = False,
-    snapshot: Annotated[str | None, typer.Option(
-        help="Restore this snapshot (id or generation) instead of the newest.")] = None,
-    flush_timeout: Annotated[float, typer.Option(
-        min=0, help="Seconds to wait for the final snapshot to be durable.")] = 120.0,
-    lease_timeout: Annotated[float, typer.Option(
-        min=5, help="Seconds without heartbeat after which another writer's lease is "
-                    "taken over.")] = 60.0,
-    exclude: Annotated[list[str] | None, typer.Option(
-        metavar="GLOB", help="File or directory names never snapshotted (repeatable), "
-                             "on top of temp names.")] = None,
-    concurrency: Annotated[int, typer.Option(
-        min=1, max=64, help="Chunks read, hashed and uploaded at once.")] = 4,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q",
-                                        help="Only warnings and errors.")] = False,
+    no_restore: Annotated[
+        bool, typer.Option("--no-restore", help="Start from --dir as it is.")
+    ] = False,
+    snapshot: Annotated[
+        str | None,
+        typer.Option(help="Restore this snapshot (id or generation) instead of the newest."),
+    ] = None,
+    flush_timeout: Annotated[
+        float, typer.Option(min=0, help="Seconds to wait for the final snapshot to be durable.")
+    ] = 120.0,
+    lease_timeout: Annotated[
+        float,
+        typer.Option(
+            min=5,
+            help="Seconds without heartbeat after which another writer's lease is taken over.",
+        ),
+    ] = 60.0,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="GLOB",
+            help="File or directory names never snapshotted (repeatable), on top of temp names.",
+        ),
+    ] = None,
+    concurrency: Annotated[
+        int, typer.Option(min=1, max=64, help="Chunks read, hashed and uploaded at once.")
+    ] = 4,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
 ) -> None:
     """Run COMMAND under supervision: restore --dir, snapshot it as it changes,
     restart COMMAND on recoverable exits.
@@ -132,8 +174,9 @@ def run(
 def restore_cmd(
     remote: RemoteArg,
     dir: Annotated[Path, typer.Argument(help="Directory to restore into.")],
-    snapshot: Annotated[str | None, typer.Option(
-        help="Snapshot id or generation (default: the newest usable one).")] = None,
+    snapshot: Annotated[
+        str | None, typer.Option(help="Snapshot id or generation (default: the newest usable one).")
+    ] = None,
     storage_option: StorageOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
@@ -188,11 +231,12 @@ def ls_cmd(
 
 @app.command()
 def commit(
-    socket: Annotated[str | None, typer.Option(
-        envvar="CKPT_SOCKET", help="Control socket of the running supervisor.")] = None,
+    socket: Annotated[
+        str | None,
+        typer.Option(envvar="CKPT_SOCKET", help="Control socket of the running supervisor."),
+    ] = None,
     no_wait: Annotated[bool, typer.Option("--no-wait", help="Return once queued.")] = False,
-    timeout: Annotated[float | None, typer.Option(help="Seconds to wait for durability.")
-                       ] = None,
+    timeout: Annotated[float | None, typer.Option(help="Seconds to wait for durability.")] = None,
 ) -> None:
     """Ask the running supervisor for a snapshot now; wait until it is durable.
 

@@ -73,9 +73,7 @@ class RetryOn:
 
     def matches(self, ex: ChildExit) -> bool:
         if ex.signal is not None:
-            return ex.signal in self.signals or (
-                self.any_signal and ex.signal != signal.SIGINT
-            )
+            return ex.signal in self.signals or (self.any_signal and ex.signal != signal.SIGINT)
         return ex.code in self.codes or (self.any_code and ex.code not in (0, None))
 
 
@@ -132,8 +130,8 @@ class Backoff:
     def delay(self, retry: int, rng: random.Random | None = None) -> float:
         if self.initial <= 0:
             return 0.0
-        base = min(self.cap, self.initial * 2 ** max(0, retry - 1))
-        r = (rng or random).random()
+        base = min(self.cap, self.initial * 2.0 ** max(0, retry - 1))
+        r: float = (rng or random).random()
         return base / 2 + r * base / 2
 
 

@@ -127,8 +127,7 @@ def _retrying(what: str, display: str, fn: Callable[[], T]) -> T:
         except Exception as exc:
             if attempt == _RETRY_ATTEMPTS:
                 raise RemoteError(
-                    f"{what} on {display} failed after {attempt} tries: "
-                    f"{type(exc).__name__}: {exc}"
+                    f"{what} on {display} failed after {attempt} tries: {type(exc).__name__}: {exc}"
                 ) from None
             time.sleep(delay * (0.5 + random.random() / 2))
             delay = min(delay * 2, _RETRY_CAP)
@@ -214,8 +213,15 @@ class FsspecBackend:
             fs, root = fsspec.core.url_to_fs(url, **storage_options)
         except ImportError as exc:
             scheme = urlsplit(url).scheme
-            extra = {"s3": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure",
-                     "sftp": "ssh", "ssh": "ssh"}.get(scheme, "")
+            extra = {
+                "s3": "s3",
+                "gs": "gcs",
+                "gcs": "gcs",
+                "az": "azure",
+                "abfs": "azure",
+                "sftp": "ssh",
+                "ssh": "ssh",
+            }.get(scheme, "")
             hint = f": pip install 'ckpt-run[{extra}]'" if extra else ""
             raise ConfigError(
                 f"remote {self.display} needs a storage package that is not installed{hint} ({exc})"
@@ -267,10 +273,8 @@ class FsspecBackend:
 
     def delete(self, key: str) -> None:
         def go() -> None:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 self.fs.rm_file(self._path(key))
-            except FileNotFoundError:
-                pass
 
         _retrying(f"deleting {key}", self.display, go)
 

@@ -100,8 +100,9 @@ class Entry:
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"path": self.path, "type": self.type, "mode": self.mode}
         if self.type == "file":
-            out.update(size=self.size, mtime_ns=self.mtime_ns, ino=self.ino,
-                       chunks=list(self.chunks))
+            out.update(
+                size=self.size, mtime_ns=self.mtime_ns, ino=self.ino, chunks=list(self.chunks)
+            )
         elif self.type == "symlink":
             out["target"] = self.target
         else:
@@ -248,8 +249,15 @@ def _parse_entry(raw: Any, chunk_size: int) -> Entry:
             raise ManifestError(f"has bad chunk names for {path!r}")
         if len(chunks) != -(-size // chunk_size):
             raise ManifestError(f"lists {len(chunks)} chunks for {path!r} of {size} bytes")
-        return Entry(path, "file", mode, size, int(raw.get("mtime_ns", 0)), tuple(chunks),
-                     ino=int(raw.get("ino", 0)))
+        return Entry(
+            path,
+            "file",
+            mode,
+            size,
+            int(raw.get("mtime_ns", 0)),
+            tuple(chunks),
+            ino=int(raw.get("ino", 0)),
+        )
     if kind == "dir":
         return Entry(path, "dir", mode, mtime_ns=int(raw.get("mtime_ns", 0)))
     if kind == "symlink":
@@ -315,8 +323,12 @@ class Repository:
         except NotFound:
             if not create:
                 return None
-            config = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
-                      "chunk_size": DEFAULT_CHUNK_SIZE, "hash": HASH_NAME}
+            config = {
+                "format": FORMAT_NAME,
+                "version": FORMAT_VERSION,
+                "chunk_size": DEFAULT_CHUNK_SIZE,
+                "hash": HASH_NAME,
+            }
             backend.create_exclusive(CONFIG_KEY, json.dumps(config, indent=1).encode())
             raw = backend.read(CONFIG_KEY)
         try:
@@ -470,10 +482,16 @@ class Lease:
 
     def _doc(self) -> bytes:
         now = time.time()
-        return json.dumps({
-            "owner": self.owner, "host": host_name(), "pid": os.getpid(),
-            "boot": boot_id(), "heartbeat": now, "ttl": self.ttl,
-        }).encode()
+        return json.dumps(
+            {
+                "owner": self.owner,
+                "host": host_name(),
+                "pid": os.getpid(),
+                "boot": boot_id(),
+                "heartbeat": now,
+                "ttl": self.ttl,
+            }
+        ).encode()
 
     def _read(self) -> dict[str, Any] | None:
         try:

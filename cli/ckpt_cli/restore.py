@@ -140,8 +140,7 @@ def _check_symlinks(manifest: Manifest) -> None:
             raise ManifestError(f"has a symlink {e.path!r} that escapes the directory")
 
 
-def materialise(repo: Repository, manifest: Manifest, dest: Path, *, concurrency: int = 4
-                ) -> None:
+def materialise(repo: Repository, manifest: Manifest, dest: Path, *, concurrency: int = 4) -> None:
     """Write every entry of manifest under dest (a fresh directory), verifying
     each chunk's hash. Files are created exclusively and never through links."""
     dest.mkdir(mode=0o700)
@@ -162,15 +161,17 @@ def materialise(repo: Repository, manifest: Manifest, dest: Path, *, concurrency
         for e in manifest.files:
             path = dest / e.path
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, 0o600)
+            fd = os.open(
+                path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+            )
             futures = []
             try:
                 for i, digest in enumerate(e.chunks):
                     offset = i * chunk
                     slots.acquire()
-                    futures.append(pool.submit(fetch, fd, digest, offset,
-                                               min(chunk, e.size - offset)))
+                    futures.append(
+                        pool.submit(fetch, fd, digest, offset, min(chunk, e.size - offset))
+                    )
                 for f in futures:
                     f.result()
                 os.fchmod(fd, e.mode)

@@ -26,8 +26,18 @@ from ckpt_cli.repository import Entry, Manifest, Repository, hash_bytes, host_na
 
 #: Names that are never snapshotted: writers' temp files and directories.
 TEMP_PATTERNS: tuple[str, ...] = (
-    "*.tmp", "*.tmp.*", "*.temp", "*.partial", "*.part", "*.swp", "*~", ".#*",
-    "*.orbax-checkpoint-tmp-*", "tmp-checkpoint-*", ".ckpt-*", ".*.ckpt-restore-*",
+    "*.tmp",
+    "*.tmp.*",
+    "*.temp",
+    "*.partial",
+    "*.part",
+    "*.swp",
+    "*~",
+    ".#*",
+    "*.orbax-checkpoint-tmp-*",
+    "tmp-checkpoint-*",
+    ".ckpt-*",
+    ".*.ckpt-restore-*",
 )
 #: A file modified this close to the scan may change again within the same
 #: mtime tick: it is not trusted from the stat cache next time (racy-git rule).
@@ -75,8 +85,9 @@ def scan(root: Path, patterns: Iterable[str] = TEMP_PATTERNS) -> list[LocalEntry
                     out.append(LocalEntry(path, "dir", mode, 0, st.st_mtime_ns, st.st_ino))
                     walk(d.path, path + "/")
                 elif stat.S_ISREG(st.st_mode):
-                    out.append(LocalEntry(path, "file", mode, st.st_size, st.st_mtime_ns,
-                                          st.st_ino))
+                    out.append(
+                        LocalEntry(path, "file", mode, st.st_size, st.st_mtime_ns, st.st_ino)
+                    )
                 elif stat.S_ISLNK(st.st_mode):
                     try:
                         target = os.readlink(d.path)
@@ -167,8 +178,7 @@ class Snapshotter:
             if trust_local or (same_place and local.ino == e.ino):
                 self.cache[local.path] = Cached(local.size, local.mtime_ns, local.ino, e.chunks)
 
-    def snapshot(self, *, reason: str, attempt: int = 0, keep: int | None = None
-                 ) -> SnapshotResult:
+    def snapshot(self, *, reason: str, attempt: int = 0, keep: int | None = None) -> SnapshotResult:
         t0 = time.monotonic()
         scan_ns = time.time_ns()
         parent = self.parent
@@ -183,8 +193,9 @@ class Snapshotter:
             if le.type == "file":
                 c = self.cache.get(le.path)
                 if c and (c.size, c.mtime_ns, c.ino) == (le.size, le.mtime_ns, le.ino):
-                    entries[le.path] = Entry(le.path, "file", le.mode, le.size, le.mtime_ns,
-                                             c.chunks, ino=le.ino)
+                    entries[le.path] = Entry(
+                        le.path, "file", le.mode, le.size, le.mtime_ns, c.chunks, ino=le.ino
+                    )
                 else:
                     to_read.append(le)
             elif le.type == "dir":
@@ -195,8 +206,9 @@ class Snapshotter:
         new_cache: dict[str, Cached] = {}
         for le, outcome in self._read_files(to_read, result):
             if isinstance(outcome, tuple):
-                entries[le.path] = Entry(le.path, "file", le.mode, le.size, le.mtime_ns,
-                                         outcome, ino=le.ino)
+                entries[le.path] = Entry(
+                    le.path, "file", le.mode, le.size, le.mtime_ns, outcome, ino=le.ino
+                )
                 if scan_ns - le.mtime_ns >= RACY_NS:
                     new_cache[le.path] = Cached(le.size, le.mtime_ns, le.ino, outcome)
             else:
@@ -252,8 +264,9 @@ class Snapshotter:
     ) -> Iterable[tuple[LocalEntry, tuple[str, ...] | None]]:
         """Yield (file, chunk digests) or (file, None) if it changed while read.
         Chunks of many files are in flight at once; descriptors stay bounded."""
-        pending: collections.deque[tuple[LocalEntry, int, os.stat_result,
-                                         list[cf.Future[str]]]] = collections.deque()
+        pending: collections.deque[tuple[LocalEntry, int, os.stat_result, list[cf.Future[str]]]] = (
+            collections.deque()
+        )
         chunk = self.repo.chunk_size
         try:
             for le in files:
@@ -268,16 +281,19 @@ class Snapshotter:
                     yield le, None
                     continue
                 size = st.st_size
-                le = dataclasses.replace(le, size=size, mtime_ns=st.st_mtime_ns,
-                                         ino=st.st_ino)
+                opened = dataclasses.replace(le, size=size, mtime_ns=st.st_mtime_ns, ino=st.st_ino)
                 futures = []
                 for offset in range(0, size, chunk):
                     self._slots.acquire()
-                    futures.append(self._pool.submit(
-                        self._chunk_task, fd, offset, min(chunk, size - offset), result))
-                pending.append((le, fd, st, futures))
-                while pending and (len(pending) > MAX_OPEN_FILES
-                                   or all(f.done() for f in pending[0][3])):
+                    futures.append(
+                        self._pool.submit(
+                            self._chunk_task, fd, offset, min(chunk, size - offset), result
+                        )
+                    )
+                pending.append((opened, fd, st, futures))
+                while pending and (
+                    len(pending) > MAX_OPEN_FILES or all(f.done() for f in pending[0][3])
+                ):
                     yield self._finish(*pending.popleft(), result)
             while pending:
                 yield self._finish(*pending.popleft(), result)
@@ -302,9 +318,14 @@ class Snapshotter:
         finally:
             self._slots.release()
 
-    def _finish(self, le: LocalEntry, fd: int, before: os.stat_result,
-                futures: list[cf.Future[str]], result: SnapshotResult
-                ) -> tuple[LocalEntry, tuple[str, ...] | None]:
+    def _finish(
+        self,
+        le: LocalEntry,
+        fd: int,
+        before: os.stat_result,
+        futures: list[cf.Future[str]],
+        result: SnapshotResult,
+    ) -> tuple[LocalEntry, tuple[str, ...] | None]:
         try:
             digests = tuple(f.result() for f in futures)
             after = os.fstat(fd)

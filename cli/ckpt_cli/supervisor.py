@@ -39,7 +39,7 @@ from ckpt_cli.repository import (
     iter_manifests,
 )
 from ckpt_cli.restore import recover_interrupted, restore
-from ckpt_cli.snapshotter import TEMP_PATTERNS, Snapshotter, SnapshotResult, scan
+from ckpt_cli.snapshotter import TEMP_PATTERNS, SnapshotResult, Snapshotter, scan
 from ckpt_cli.uploader import SnapshotWorker
 from ckpt_cli.watcher import Watcher
 
@@ -101,17 +101,28 @@ class Supervisor:
 
     def _run_holding(self, repo: Repository, lease: Lease) -> int:
         cfg = self.cfg
-        snapshotter = Snapshotter(repo, cfg.dir, run=self.run_id, patterns=self.patterns,
-                                  concurrency=cfg.concurrency, may_write=self._check_lease)
+        snapshotter = Snapshotter(
+            repo,
+            cfg.dir,
+            run=self.run_id,
+            patterns=self.patterns,
+            concurrency=cfg.concurrency,
+            may_write=self._check_lease,
+        )
         self.restored_id = self._prepare_dir(repo, snapshotter)
         cfg.dir.mkdir(parents=True, exist_ok=True)
 
         stop_heartbeat = threading.Event()
-        heartbeat = threading.Thread(target=self._heartbeat, args=(lease, stop_heartbeat),
-                                     name="ckpt-lease", daemon=True)
+        heartbeat = threading.Thread(
+            target=self._heartbeat, args=(lease, stop_heartbeat), name="ckpt-lease", daemon=True
+        )
         worker = SnapshotWorker(
-            snapshotter, debounce=cfg.debounce, rescan=cfg.rescan, keep=cfg.keep,
-            attempt=lambda: self.attempt, on_snapshot=self._report_snapshot,
+            snapshotter,
+            debounce=cfg.debounce,
+            rescan=cfg.rescan,
+            keep=cfg.keep,
+            attempt=lambda: self.attempt,
+            on_snapshot=self._report_snapshot,
             on_error=self._report_error,
         )
         runtime = Path(tempfile.mkdtemp(prefix="ckpt-"))
@@ -143,8 +154,10 @@ class Supervisor:
         if self.stop_signal is not None:
             return 128 + self.stop_signal
         if status == 0 and not flushed:
-            console.error("the child succeeded but its final state is not durable in "
-                          f"{repo.display}; the local directory {cfg.dir} still has it")
+            console.error(
+                "the child succeeded but its final state is not durable in "
+                f"{repo.display}; the local directory {cfg.dir} still has it"
+            )
             return contract.ExitCode.UNAVAILABLE
         return status
 
@@ -177,8 +190,9 @@ class Supervisor:
             return self._restore(repo, snapshotter, None)
         if newest is None:
             if repo.snapshots():
-                console.warn(f"no snapshot in {repo.display} is readable; keeping {cfg.dir} "
-                             "as it is")
+                console.warn(
+                    f"no snapshot in {repo.display} is readable; keeping {cfg.dir} as it is"
+                )
             else:
                 console.info(f"remote has no snapshot yet: {cfg.dir} is uploaded as the first")
             return ""
@@ -204,8 +218,9 @@ class Supervisor:
         return self._restore(repo, snapshotter, None)
 
     def _restore(self, repo: Repository, snapshotter: Snapshotter, wanted: str | None) -> str:
-        done = restore(repo, self.cfg.dir, snapshot=wanted, warn=console.warn,
-                       concurrency=self.cfg.concurrency)
+        done = restore(
+            repo, self.cfg.dir, snapshot=wanted, warn=console.warn, concurrency=self.cfg.concurrency
+        )
         if done is None:
             console.info(f"remote has no snapshot yet: starting fresh in {self.cfg.dir}")
             return ""
@@ -219,8 +234,15 @@ class Supervisor:
 
     # ------------------------------------------------------------ the loop
 
-    def _loop(self, repo: Repository, snapshotter: Snapshotter, worker: SnapshotWorker,
-              watcher: Watcher, guardian: Guardian, socket_path: Path) -> int:
+    def _loop(
+        self,
+        repo: Repository,
+        snapshotter: Snapshotter,
+        worker: SnapshotWorker,
+        watcher: Watcher,
+        guardian: Guardian,
+        socket_path: Path,
+    ) -> int:
         cfg = self.cfg
         retries_used = 0
         while True:
@@ -228,18 +250,21 @@ class Supervisor:
             durable = worker.stats.last_durable
             restored = durable.id if (durable and self.attempt > 1) else self.restored_id
             env = dict(os.environ)
-            env.update({
-                contract.ENV_DIR: str(cfg.dir),
-                contract.ENV_ATTEMPT: str(self.attempt),
-                contract.ENV_RESTORED: restored,
-                contract.ENV_SOCKET: str(socket_path),
-                contract.ENV_RUN: self.run_id,
-            })
+            env.update(
+                {
+                    contract.ENV_DIR: str(cfg.dir),
+                    contract.ENV_ATTEMPT: str(self.attempt),
+                    contract.ENV_RESTORED: restored,
+                    contract.ENV_SOCKET: str(socket_path),
+                    contract.ENV_RUN: self.run_id,
+                }
+            )
             child = Child(cfg.command, env)
             self.child = child
             guardian.protect(child.pgid)
-            console.info(f"attempt {self.attempt}: started {shlex.join(cfg.command)} "
-                         f"(pid {child.pid})")
+            console.info(
+                f"attempt {self.attempt}: started {shlex.join(cfg.command)} (pid {child.pid})"
+            )
             ex = self._wait(child)
             if child.wait_group_gone(min(cfg.grace, 10.0)):
                 console.info("stopped processes the child left behind in its group")
@@ -253,18 +278,22 @@ class Supervisor:
             if decision is Decision.SUCCESS:
                 return 0
             if decision is Decision.FATAL:
-                console.error(f"child failed with {ex.describe()}, which is not retried "
-                              "(--retry-on); passing it on")
+                console.error(
+                    f"child failed with {ex.describe()}, which is not retried "
+                    "(--retry-on); passing it on"
+                )
                 return ex.status
             if decision is Decision.EXHAUSTED:
-                console.error(f"giving up: {ex.describe()} and all {cfg.retries} retries "
-                              "spent (--retries)")
+                console.error(
+                    f"giving up: {ex.describe()} and all {cfg.retries} retries spent (--retries)"
+                )
                 return ex.status
             retries_used += 1
             worker.request("exit")  # protect what the attempt left while we back off
             delay = cfg.backoff.delay(retries_used, self.rng)
-            console.info(f"recoverable ({ex.describe()}): retry {retries_used}/{cfg.retries} "
-                         f"in {delay:.1f}s")
+            console.info(
+                f"recoverable ({ex.describe()}): retry {retries_used}/{cfg.retries} in {delay:.1f}s"
+            )
             if self._sleep(delay):
                 return 128 + (self.stop_signal or signal.SIGTERM)
             if not cfg.dir.is_dir():
@@ -289,8 +318,10 @@ class Supervisor:
                         self.stop_signal = sig
                         child.signal(sig)
                         kill_at = time.monotonic() + cfg.grace
-                        console.info(f"received {signal_name(sig)}: forwarded to the child; "
-                                     f"SIGKILL in {cfg.grace:g}s unless it exits (--grace)")
+                        console.info(
+                            f"received {signal_name(sig)}: forwarded to the child; "
+                            f"SIGKILL in {cfg.grace:g}s unless it exits (--grace)"
+                        )
                     else:
                         console.warn(f"received {signal_name(sig)} again: killing the child now")
                         child.signal(signal.SIGKILL)
@@ -298,8 +329,10 @@ class Supervisor:
                 elif sig in FORWARD_SIGNALS:
                     child.signal(sig)
             if kill_at is not None and time.monotonic() >= kill_at and child.poll() is None:
-                console.warn(f"child still running {cfg.grace:g}s after "
-                             f"{signal_name(self.stop_signal or 0)} (--grace): SIGKILL")
+                console.warn(
+                    f"child still running {cfg.grace:g}s after "
+                    f"{signal_name(self.stop_signal or 0)} (--grace): SIGKILL"
+                )
                 child.signal(signal.SIGKILL)
                 kill_at = None
 
@@ -323,8 +356,9 @@ class Supervisor:
             req = worker.request("final")
             while not req.done:
                 if time.monotonic() >= deadline:
-                    self._not_durable(worker, f"not durable after {self.cfg.flush_timeout:g}s "
-                                              "(--flush-timeout)")
+                    self._not_durable(
+                        worker, f"not durable after {self.cfg.flush_timeout:g}s (--flush-timeout)"
+                    )
                     return False
                 for sig in self._signals(0.2):
                     if sig in STOP_SIGNALS:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 from ckpt_cli.repository import LeaseLostError, Manifest
-from ckpt_cli.snapshotter import Snapshotter, SnapshotResult
+from ckpt_cli.snapshotter import SnapshotResult, Snapshotter
 
 #: A directory that never goes quiet is still snapshotted this often (seconds).
 MAX_DELAY = 60.0
@@ -137,8 +137,9 @@ class SnapshotWorker:
                 waits = [self._next_rescan - now]
                 if now >= self._retry_at:
                     if self._dirty:
-                        quiet_at = min(self._last_change + self.debounce,
-                                       self._dirty_since + MAX_DELAY)
+                        quiet_at = min(
+                            self._last_change + self.debounce, self._dirty_since + MAX_DELAY
+                        )
                         if now >= quiet_at:
                             self._dirty = False
                             return "change", []
@@ -158,8 +159,9 @@ class SnapshotWorker:
             with self._cond:
                 self._next_rescan = self.clock() + self.rescan
             try:
-                result = self.snapshotter.snapshot(reason=reason, attempt=self.attempt(),
-                                                   keep=self.keep)
+                result = self.snapshotter.snapshot(
+                    reason=reason, attempt=self.attempt(), keep=self.keep
+                )
             except LeaseLostError as exc:
                 with self._cond:
                     self._lease_lost = str(exc)

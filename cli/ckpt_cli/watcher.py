@@ -19,8 +19,7 @@ _RELEVANT = frozenset({"created", "modified", "deleted", "moved", "closed"})
 
 
 class Watcher:
-    def __init__(self, root: Path, on_change: Callable[[], None], patterns: Iterable[str]
-                 ) -> None:
+    def __init__(self, root: Path, on_change: Callable[[], None], patterns: Iterable[str]) -> None:
         self.root = root
         self.on_change = on_change
         self.patterns = tuple(patterns)
@@ -45,7 +44,7 @@ class Watcher:
 
         watcher = self
 
-        class Handler(FileSystemEventHandler):  # type: ignore[misc]
+        class Handler(FileSystemEventHandler):
             def on_any_event(self, event: Any) -> None:
                 paths = (os.fsdecode(event.src_path), os.fsdecode(getattr(event, "dest_path", "")))
                 if watcher.relevant(event.event_type, paths):

@@ -20,8 +20,11 @@ state_file = ckpt_dir / "state.json"
 attempt = int(os.environ.get("CKPT_ATTEMPT", "1"))
 
 state = json.loads(state_file.read_text()) if state_file.exists() else {"step": 0, "total": 0}
-print(f"attempt {attempt}: starting at step {state['step'] + 1} "
-      f"(restored snapshot: {os.environ.get('CKPT_RESTORED') or 'none'})", flush=True)
+print(
+    f"attempt {attempt}: starting at step {state['step'] + 1} "
+    f"(restored snapshot: {os.environ.get('CKPT_RESTORED') or 'none'})",
+    flush=True,
+)
 
 for step in range(state["step"] + 1, STEPS + 1):
     if attempt == 1 and step == FAIL_AT:
