@@ -1,0 +1,45 @@
+"""Small helpers shared by the unit tests (not fixtures)."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+#: A small chunk size so multi-chunk files stay tiny.
+CHUNK = 4096
+#: Far enough in the past that the racy-timestamp rule never applies.
+OLD_NS = 1_600_000_000 * 10**9
+
+
+def data(seed: int, size: int) -> bytes:
+    """Deterministic pseudo-random bytes: distinct seeds give distinct chunks."""
+    return random.Random(seed).randbytes(size)
+
+
+def write(path: Path, content: bytes, *, mtime_ns: int = OLD_NS, mode: int | None = None
+          ) -> Path:
+    """Write a file and date it into the past (older than the racy window)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    if mode is not None:
+        os.chmod(path, mode)
+    os.utime(path, ns=(mtime_ns, mtime_ns))
+    return path
+
+
+def tree(root: Path) -> dict[str, tuple[object, ...]]:
+    """Everything below root (not following links): type, mode, mtime and content."""
+    out: dict[str, tuple[object, ...]] = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in [*dirs, *files]:
+            p = Path(dirpath) / name
+            rel = p.relative_to(root).as_posix()
+            st = p.lstat()
+            if p.is_symlink():
+                out[rel] = ("symlink", os.readlink(p))
+            elif p.is_dir():
+                out[rel] = ("dir", st.st_mode & 0o7777, st.st_mtime_ns)
+            else:
+                out[rel] = ("file", st.st_mode & 0o7777, st.st_mtime_ns, p.read_bytes())
+    return out
