@@ -354,13 +354,13 @@ class Supervisor:
         pause = 0.5
         while True:
             req = worker.request("final")
-            while not req.done:
+            while not req.wait(0.05):
                 if time.monotonic() >= deadline:
                     self._not_durable(
                         worker, f"not durable after {self.cfg.flush_timeout:g}s (--flush-timeout)"
                     )
                     return False
-                for sig in self._signals(0.2):
+                for sig in self._signals(0):
                     if sig in STOP_SIGNALS:
                         self.stop_signal = self.stop_signal or sig
                         self._not_durable(worker, f"abandoned on {signal_name(sig)}")
