@@ -58,7 +58,7 @@ def resolve_dir(raw: str | Path) -> Path:
         raise ConfigError(f"refusing to use the filesystem root {path} as --dir")
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{path} exists and is not a directory (--dir)")
-    if path == Path.home():
+    if path == Path(os.path.realpath(Path.home())):
         raise ConfigError(f"refusing to use your home directory {path} as --dir")
     return path
 

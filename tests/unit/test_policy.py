@@ -210,6 +210,15 @@ def test_backoff_capped() -> None:
     assert b.delay(3, _FixedRandom(0.0)) == pytest.approx(3.5)
 
 
+@pytest.mark.parametrize("retry", [1024, 1025, 5000, 10**6])
+def test_backoff_many_retries_stays_capped(retry: int) -> None:
+    """--retries has no upper bound: the thousandth retry waits the cap, it does
+    not overflow computing initial * 2**(n-1)."""
+    b = Backoff(1.0, 60.0)
+    assert b.delay(retry, _FixedRandom(0.0)) == pytest.approx(30.0)
+    assert 30.0 <= b.delay(retry, random.Random(retry)) <= 60.0
+
+
 def test_backoff_deterministic_with_seeded_rng() -> None:
     b = Backoff(1.0, 60.0)
     first = [b.delay(n, random.Random(1234)) for n in range(1, 10)]

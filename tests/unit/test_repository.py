@@ -1,0 +1,527 @@
+"""The repository format on both backends: config, chunks, manifests, GC, lease."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import threading
+import time
+
+import pytest
+
+from ckpt_cli.errors import ConfigError, LeaseHeldError
+from ckpt_cli.remote import Backend, NotFound
+from ckpt_cli.repository import (
+    CONFIG_KEY,
+    DEFAULT_CHUNK_SIZE,
+    FORMAT_VERSION,
+    LEASE_KEY,
+    ChunkError,
+    Entry,
+    LeaseLostError,
+    Manifest,
+    Repository,
+    boot_id,
+    chunk_key,
+    hash_bytes,
+    iter_manifests,
+)
+
+from .helpers import CHUNK
+
+
+class CountingBackend:
+    """Wraps a backend and records every key written."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.display = inner.display
+        self.writes: list[str] = []
+        self._lock = threading.Lock()
+
+    def read(self, key: str) -> bytes:
+        return self.inner.read(key)
+
+    def write(self, key: str, data: bytes) -> None:
+        with self._lock:
+            self.writes.append(key)
+        self.inner.write(key, data)
+
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        return self.inner.create_exclusive(key, data)
+
+    def delete(self, key: str) -> None:
+        self.inner.delete(key)
+
+    def list(self, prefix: str) -> list[str]:
+        return self.inner.list(prefix)
+
+
+def _file_entry(path: str, content: bytes, chunk_size: int = CHUNK) -> Entry:
+    chunks = tuple(hash_bytes(content[i:i + chunk_size])
+                   for i in range(0, len(content), chunk_size))
+    return Entry(path, "file", 0o644, len(content), 1, chunks)
+
+
+def _manifest(generation: int, snap_id: str, entries: tuple[Entry, ...] = (),
+              created: float = 1000.0) -> Manifest:
+    return Manifest(id=snap_id, generation=generation, entries=entries, chunk_size=CHUNK,
+                    created=created, host="h", source="/src")
+
+
+def _commit(repo: Repository, generation: int, snap_id: str, files: dict[str, bytes],
+            created: float = 1000.0) -> Manifest:
+    """Upload the chunks of files and write a manifest naming them."""
+    entries = []
+    for path, content in sorted(files.items()):
+        for i in range(0, len(content), CHUNK):
+            piece = content[i:i + CHUNK]
+            repo.put_chunk(hash_bytes(piece), piece)
+        entries.append(_file_entry(path, content))
+    m = _manifest(generation, snap_id, tuple(entries), created)
+    repo.write_manifest(m)
+    return m
+
+
+# ---------------------------------------------------------------- open
+
+
+def test_open_without_create_on_empty_is_none(backend: Backend) -> None:
+    assert Repository.open(backend, create=False) is None
+    with pytest.raises(NotFound):
+        backend.read(CONFIG_KEY)
+
+
+def test_open_create_writes_config(backend: Backend) -> None:
+    repo = Repository.open(backend, create=True)
+    assert repo is not None
+    assert repo.chunk_size == DEFAULT_CHUNK_SIZE
+    config = json.loads(backend.read(CONFIG_KEY))
+    assert config["format"] == "ckpt"
+    assert config["version"] == FORMAT_VERSION
+    assert config["hash"] == "sha256"
+    again = Repository.open(backend, create=False)
+    assert again is not None
+    assert again.chunk_size == DEFAULT_CHUNK_SIZE
+
+
+def test_open_keeps_existing_chunk_size(backend: Backend) -> None:
+    backend.write(CONFIG_KEY, json.dumps({"format": "ckpt", "version": 1,
+                                          "chunk_size": 12345, "hash": "sha256"}).encode())
+    repo = Repository.open(backend, create=True)
+    assert repo is not None
+    assert repo.chunk_size == 12345
+
+
+@pytest.mark.parametrize("raw", [
+    b"this is not json",
+    b"[1, 2, 3]",
+    b'"ckpt"',
+    b"",
+])
+def test_open_garbage_config(backend: Backend, raw: bytes) -> None:
+    backend.write(CONFIG_KEY, raw)
+    for create in (False, True):
+        with pytest.raises(ConfigError):
+            Repository.open(backend, create=create)
+    assert backend.read(CONFIG_KEY) == raw  # never overwritten
+
+
+@pytest.mark.parametrize("config", [
+    {"format": "ckpt", "version": 2, "chunk_size": 4096, "hash": "sha256"},
+    {"format": "ckpt", "version": 0, "chunk_size": 4096, "hash": "sha256"},
+    {"format": "other", "version": 1, "chunk_size": 4096, "hash": "sha256"},
+    {"format": "ckpt", "version": 1, "chunk_size": 4096, "hash": "md5"},
+    {"format": "ckpt", "version": 1, "chunk_size": 0, "hash": "sha256"},
+    {"format": "ckpt", "version": 1, "chunk_size": "big", "hash": "sha256"},
+    {"format": "ckpt", "version": 1, "hash": "sha256"},
+])
+def test_open_unusable_config(backend: Backend, config: dict[str, object]) -> None:
+    backend.write(CONFIG_KEY, json.dumps(config).encode())
+    with pytest.raises(ConfigError):
+        Repository.open(backend, create=False)
+
+
+# ---------------------------------------------------------------- chunks
+
+
+def test_put_chunk_dedup(backend: Backend) -> None:
+    counting = CountingBackend(backend)
+    repo = Repository(counting, CHUNK)
+    payload = b"hello chunk"
+    digest = hash_bytes(payload)
+    assert repo.put_chunk(digest, payload) is True
+    assert repo.has_chunk(digest)
+    assert repo.put_chunk(digest, payload) is False
+    assert counting.writes == [chunk_key(digest)]
+    # a fresh Repository learns the chunk from listing and does not rewrite it either
+    fresh = Repository(counting, CHUNK)
+    assert fresh.has_chunk(digest)
+    assert fresh.put_chunk(digest, payload) is False
+    assert counting.writes == [chunk_key(digest)]
+    assert backend.read(chunk_key(digest)) == payload
+
+
+def test_chunk_key_layout() -> None:
+    digest = hash_bytes(b"x")
+    assert chunk_key(digest) == f"chunks/{digest[:2]}/{digest}"
+
+
+def test_get_chunk_round_trip(repo: Repository) -> None:
+    payload = os.urandom(100)
+    digest = hash_bytes(payload)
+    repo.put_chunk(digest, memoryview(payload))
+    assert repo.get_chunk(digest) == payload
+    assert repo.get_chunk(digest, 100) == payload
+
+
+def test_get_chunk_corrupt(repo: Repository) -> None:
+    payload = b"a" * 64
+    digest = hash_bytes(payload)
+    repo.put_chunk(digest, payload)
+    repo.backend.write(chunk_key(digest), b"b" * 64)  # same size, different bytes
+    with pytest.raises(ChunkError) as info:
+        repo.get_chunk(digest, 64)
+    assert info.value.digest == digest
+
+
+def test_get_chunk_missing(repo: Repository) -> None:
+    digest = hash_bytes(b"never stored")
+    with pytest.raises(ChunkError) as info:
+        repo.get_chunk(digest)
+    assert info.value.digest == digest
+    assert "missing" in str(info.value)
+
+
+def test_get_chunk_wrong_size(repo: Repository) -> None:
+    payload = b"c" * 64
+    digest = hash_bytes(payload)
+    repo.put_chunk(digest, payload)
+    with pytest.raises(ChunkError):
+        repo.get_chunk(digest, 65)
+    with pytest.raises(ChunkError):
+        repo.get_chunk(digest, 63)
+
+
+def test_forget_chunk_makes_it_uploadable_again(repo: Repository) -> None:
+    payload = b"d" * 10
+    digest = hash_bytes(payload)
+    repo.put_chunk(digest, payload)
+    repo.backend.write(chunk_key(digest), b"garbage")
+    repo.forget_chunk(digest)
+    assert repo.put_chunk(digest, payload) is True
+    assert repo.get_chunk(digest, 10) == payload
+
+
+# ---------------------------------------------------------------- manifests
+
+
+def test_manifest_round_trip(repo: Repository) -> None:
+    entries = (
+        Entry("d", "dir", 0o750, mtime_ns=5),
+        _file_entry("d/f", b"x" * (CHUNK + 1)),
+        Entry("link", "symlink", 0o777, target="d/f"),
+        _file_entry("empty", b""),
+    )
+    m = Manifest(id="0123abcd", generation=7, entries=entries, chunk_size=CHUNK,
+                 created=123.5, parent="deadbeef", host="host1", source="/data",
+                 run="run-1", attempt=2, reason="commit", new_bytes=10, new_chunks=1)
+    assert Manifest.from_bytes(m.to_bytes(), m.key) == m
+    assert m.key == "snapshots/0000000007-0123abcd.json"
+    repo.write_manifest(m)
+    [ref] = repo.snapshots()
+    assert (ref.generation, ref.id, ref.key) == (7, "0123abcd", m.key)
+    assert repo.load(ref) == m
+    assert m.total_size == CHUNK + 1
+    assert [e.path for e in m.files] == ["d/f", "empty"]
+
+
+def test_snapshots_ordered_by_generation_not_time_or_id(repo: Repository) -> None:
+    # ids and creation times run against the generation order
+    repo.write_manifest(_manifest(1, "ffffffff", created=3000.0))
+    repo.write_manifest(_manifest(10, "00000000", created=1000.0))
+    repo.write_manifest(_manifest(2, "88888888", created=2000.0))
+    refs = repo.snapshots()
+    assert [r.generation for r in refs] == [10, 2, 1]
+    assert [r.id for r in refs] == ["00000000", "88888888", "ffffffff"]
+
+
+def test_snapshots_ignores_foreign_keys(repo: Repository) -> None:
+    repo.write_manifest(_manifest(1, "aaaaaaaa"))
+    repo.backend.write("snapshots/README", b"hi")
+    repo.backend.write("snapshots/0000000009-XYZ.json", b"{}")
+    repo.backend.write("snapshots/9-abcdefab.json", b"{}")
+    assert [r.id for r in repo.snapshots()] == ["aaaaaaaa"]
+
+
+def test_find(repo: Repository) -> None:
+    repo.write_manifest(_manifest(1, "abcd1111"))
+    repo.write_manifest(_manifest(2, "abcd2222"))
+    repo.write_manifest(_manifest(3, "12345678"))
+    repo.write_manifest(_manifest(4, "fedcba98"))
+    by_id = repo.find("abcd2222")
+    assert by_id is not None
+    assert by_id.generation == 2
+    by_gen = repo.find("4")
+    assert by_gen is not None
+    assert by_gen.id == "fedcba98"
+    prefix = repo.find("fedc")
+    assert prefix is not None
+    assert prefix.generation == 4
+    unique = repo.find("abcd1")
+    assert unique is not None
+    assert unique.id == "abcd1111"
+    assert repo.find("abcd") is None  # ambiguous prefix
+    assert repo.find("fed") is None  # too short to be a prefix
+    digits = repo.find("12345678")  # an id made of digits is found as an id
+    assert digits is not None
+    assert digits.generation == 3
+    assert repo.find("99") is None
+    assert repo.find("00000000") is None
+
+
+def test_next_generation(repo: Repository) -> None:
+    assert repo.next_generation() == 1
+    repo.write_manifest(_manifest(5, "aaaaaaaa"))
+    assert repo.next_generation() == 6
+    repo.write_manifest(_manifest(2, "bbbbbbbb"))
+    assert repo.next_generation() == 6
+
+
+def test_load_vanished(repo: Repository) -> None:
+    m = _manifest(1, "aaaaaaaa")
+    repo.write_manifest(m)
+    [ref] = repo.snapshots()
+    repo.backend.delete(m.key)
+    from ckpt_cli.repository import ManifestError
+
+    with pytest.raises(ManifestError):
+        repo.load(ref)
+
+
+def test_iter_manifests_reports_damage(repo: Repository) -> None:
+    good = _manifest(1, "aaaaaaaa")
+    repo.write_manifest(good)
+    repo.backend.write("snapshots/0000000002-bbbbbbbb.json", b"{broken")
+    from ckpt_cli.repository import ManifestError
+
+    out = list(iter_manifests(repo))
+    assert [r.generation for r, _ in out] == [2, 1]
+    assert isinstance(out[0][1], ManifestError)
+    assert out[1][1] == good
+
+
+# ---------------------------------------------------------------- gc
+
+
+def _chunk_names(repo: Repository) -> set[str]:
+    return {k.rsplit("/", 1)[-1] for k in repo.backend.list("chunks/")}
+
+
+def test_gc_keeps_newest_and_referenced_chunks(repo: Repository) -> None:
+    shared = b"S" * CHUNK
+    only1 = b"1" * CHUNK
+    only2 = b"2" * CHUNK
+    only3 = b"3" * CHUNK
+    m1 = _commit(repo, 1, "aaaaaaa1", {"s": shared, "f": only1})
+    m2 = _commit(repo, 2, "aaaaaaa2", {"s": shared, "f": only2})
+    m3 = _commit(repo, 3, "aaaaaaa3", {"s": shared, "f": only3, "g": only1})
+    orphan = b"orphan"
+    repo.put_chunk(hash_bytes(orphan), orphan)
+
+    report = repo.gc(2)
+
+    assert sorted(report.deleted_snapshots) == [m1.key]
+    assert report.kept == [m3.key, m2.key]
+    assert [r.key for r in repo.snapshots()] == [m3.key, m2.key]
+    remaining = _chunk_names(repo)
+    # only1 is named by the kept m3 even though the dropped m1 named it first
+    assert remaining == {hash_bytes(shared), hash_bytes(only1), hash_bytes(only2),
+                         hash_bytes(only3)}
+    assert report.deleted_chunks == 1  # the orphan
+    for m in (m2, m3):
+        for e in m.files:
+            for d in e.chunks:
+                repo.get_chunk(d)  # every kept manifest is still restorable
+
+
+def test_gc_deletes_unreferenced_chunks_of_dropped(repo: Repository) -> None:
+    _commit(repo, 1, "aaaaaaa1", {"f": b"old" * 100})
+    m2 = _commit(repo, 2, "aaaaaaa2", {"f": b"new" * 100})
+    report = repo.gc(1)
+    assert report.deleted_chunks == 1
+    assert _chunk_names(repo) == m2.chunk_digests()
+    # the cache forgot the deleted chunk: putting it again uploads it
+    old = b"old" * 100
+    assert repo.put_chunk(hash_bytes(old), old) is True
+
+
+def test_gc_nothing_to_drop_deletes_nothing(repo: Repository) -> None:
+    _commit(repo, 1, "aaaaaaa1", {"f": b"x"})
+    orphan = b"orphan"
+    repo.put_chunk(hash_bytes(orphan), orphan)
+    report = repo.gc(3)
+    assert report.deleted_snapshots == []
+    assert report.deleted_chunks == 0
+    assert hash_bytes(orphan) in _chunk_names(repo)
+
+
+def test_gc_damaged_kept_manifest_is_kept(repo: Repository) -> None:
+    m1 = _commit(repo, 1, "aaaaaaa1", {"f": b"one"})
+    m2 = _commit(repo, 2, "aaaaaaa2", {"f": b"two"})
+    repo.backend.write("snapshots/0000000003-aaaaaaa3.json", b"garbage")
+    report = repo.gc(2)
+    assert report.deleted_snapshots == [m1.key]
+    keys = [r.key for r in repo.snapshots()]
+    assert keys == ["snapshots/0000000003-aaaaaaa3.json", m2.key]
+    assert _chunk_names(repo) == m2.chunk_digests()
+
+
+# ---------------------------------------------------------------- lease
+
+
+def _lease_doc(**overrides: object) -> bytes:
+    doc: dict[str, object] = {"owner": "someone-else", "host": "another-host", "pid": 1,
+                              "boot": "", "heartbeat": time.time(), "ttl": 60.0}
+    doc.update(overrides)
+    return json.dumps(doc).encode()
+
+
+def _lease_owner(repo: Repository) -> str:
+    return str(json.loads(repo.backend.read(LEASE_KEY))["owner"])
+
+
+def test_lease_acquire_on_empty(repo: Repository) -> None:
+    lease = repo.lease("me", 60.0)
+    assert lease.acquire() is None
+    assert lease.held
+    doc = json.loads(repo.backend.read(LEASE_KEY))
+    assert doc["owner"] == "me"
+    assert doc["pid"] == os.getpid()
+    assert doc["host"] == socket.gethostname()
+    # re-acquiring our own lease is fine
+    assert repo.lease("me", 60.0).acquire() is None
+
+
+def test_lease_second_owner_is_refused(repo: Repository) -> None:
+    first = repo.lease("owner-a", 60.0)
+    first.acquire()
+    second = repo.lease("owner-b", 60.0)
+    with pytest.raises(LeaseHeldError):
+        second.acquire()
+    assert not second.held
+    assert _lease_owner(repo) == "owner-a"
+
+
+def test_lease_live_foreign_is_refused(repo: Repository) -> None:
+    repo.backend.write(LEASE_KEY, _lease_doc())
+    with pytest.raises(LeaseHeldError):
+        repo.lease("me", 60.0).acquire()
+    assert _lease_owner(repo) == "someone-else"
+
+
+def test_lease_stale_by_heartbeat_age(repo: Repository) -> None:
+    repo.backend.write(LEASE_KEY, _lease_doc(heartbeat=time.time() - 3600, ttl=60.0))
+    lease = repo.lease("me", 60.0)
+    why = lease.acquire()
+    assert why is not None
+    assert "heartbeat" in why
+    assert lease.held
+    assert _lease_owner(repo) == "me"
+
+
+def test_lease_ttl_comes_from_the_lease(repo: Repository) -> None:
+    # 100 s old, but the holder promised heartbeats within 1000 s: still live
+    repo.backend.write(LEASE_KEY, _lease_doc(heartbeat=time.time() - 100, ttl=1000.0))
+    with pytest.raises(LeaseHeldError):
+        repo.lease("me", 10.0).acquire()
+
+
+def _dead_pid() -> int:
+    pid = os.posix_spawn(sys.executable, [sys.executable, "-S", "-c", "pass"],
+                         dict(os.environ))
+    os.waitpid(pid, 0)
+    return pid
+
+
+def test_lease_stale_at_once_for_dead_pid_on_this_host(repo: Repository) -> None:
+    pid = _dead_pid()
+    repo.backend.write(LEASE_KEY, _lease_doc(host=socket.gethostname(), boot=boot_id(),
+                                             pid=pid, heartbeat=time.time()))
+    lease = repo.lease("me", 60.0)
+    why = lease.acquire()
+    assert why is not None
+    assert str(pid) in why
+    assert _lease_owner(repo) == "me"
+
+
+def test_lease_live_pid_on_this_host_is_held(repo: Repository) -> None:
+    repo.backend.write(LEASE_KEY, _lease_doc(host=socket.gethostname(), boot=boot_id(),
+                                             pid=os.getpid(), heartbeat=time.time()))
+    with pytest.raises(LeaseHeldError):
+        repo.lease("me", 60.0).acquire()
+
+
+def test_lease_dead_pid_on_other_host_is_held(repo: Repository) -> None:
+    pid = _dead_pid()
+    repo.backend.write(LEASE_KEY, _lease_doc(host="another-host", boot=boot_id(), pid=pid))
+    with pytest.raises(LeaseHeldError):
+        repo.lease("me", 60.0).acquire()
+
+
+def test_lease_garbage_is_stale(repo: Repository) -> None:
+    repo.backend.write(LEASE_KEY, b"not json at all")
+    lease = repo.lease("me", 60.0)
+    assert lease.acquire() is not None
+    assert _lease_owner(repo) == "me"
+
+
+def test_heartbeat_refreshes(repo: Repository) -> None:
+    lease = repo.lease("me", 60.0)
+    lease.acquire()
+    before = json.loads(repo.backend.read(LEASE_KEY))["heartbeat"]
+    # backdate the heartbeat, then refresh it
+    doc = json.loads(repo.backend.read(LEASE_KEY))
+    doc["heartbeat"] = before - 500
+    repo.backend.write(LEASE_KEY, json.dumps(doc).encode())
+    lease.heartbeat()
+    after = json.loads(repo.backend.read(LEASE_KEY))
+    assert after["owner"] == "me"
+    assert after["heartbeat"] >= before
+
+
+def test_heartbeat_raises_when_taken_over(repo: Repository) -> None:
+    lease = repo.lease("me", 60.0)
+    lease.acquire()
+    repo.backend.write(LEASE_KEY, _lease_doc(owner="usurper"))
+    with pytest.raises(LeaseLostError):
+        lease.heartbeat()
+    assert not lease.held
+    assert _lease_owner(repo) == "usurper"  # not overwritten
+
+
+def test_release_deletes_own_lease(repo: Repository) -> None:
+    lease = repo.lease("me", 60.0)
+    lease.acquire()
+    lease.release()
+    assert not lease.held
+    with pytest.raises(NotFound):
+        repo.backend.read(LEASE_KEY)
+    # now another owner gets it at once
+    assert repo.lease("other", 60.0).acquire() is None
+
+
+def test_release_keeps_foreign_lease(repo: Repository) -> None:
+    lease = repo.lease("me", 60.0)
+    lease.acquire()
+    repo.backend.write(LEASE_KEY, _lease_doc(owner="usurper"))
+    lease.release()
+    assert _lease_owner(repo) == "usurper"
+
+
+def test_release_without_acquire_touches_nothing(repo: Repository) -> None:
+    repo.backend.write(LEASE_KEY, _lease_doc(owner="me"))
+    repo.lease("me", 60.0).release()
+    assert _lease_owner(repo) == "me"

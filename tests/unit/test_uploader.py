@@ -1,0 +1,280 @@
+"""SnapshotWorker with a real Snapshotter on a local file backend."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from ckpt_cli.errors import RemoteError
+from ckpt_cli.remote import LocalBackend, open_backend
+from ckpt_cli.repository import LeaseLostError, Repository
+from ckpt_cli.snapshotter import SnapshotResult, Snapshotter
+from ckpt_cli.uploader import SnapshotWorker
+
+from .helpers import CHUNK, OLD_NS, data, write
+
+#: Generous deadline for a background snapshot of a few KiB (never a timing assert).
+DEADLINE = 30.0
+
+
+class FlakyBackend:
+    """A LocalBackend whose first `failures` writes raise RemoteError."""
+
+    def __init__(self, inner: LocalBackend, failures: int) -> None:
+        self.inner = inner
+        self.display = inner.display
+        self.failures = failures
+        self.failed = 0
+        self._lock = threading.Lock()
+
+    def read(self, key: str) -> bytes:
+        return self.inner.read(key)
+
+    def write(self, key: str, data: bytes) -> None:
+        with self._lock:
+            if self.failed < self.failures:
+                self.failed += 1
+                raise RemoteError(f"injected failure #{self.failed} writing {key}")
+        self.inner.write(key, data)
+
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        return self.inner.create_exclusive(key, data)
+
+    def delete(self, key: str) -> None:
+        self.inner.delete(key)
+
+    def list(self, prefix: str) -> list[str]:
+        return self.inner.list(prefix)
+
+
+class Harness:
+    def __init__(self, repo: Repository, root: Path, **snap_kwargs: object) -> None:
+        self.repo = repo
+        self.root = root
+        self.snapshotter = Snapshotter(repo, root, **snap_kwargs)  # type: ignore[arg-type]
+        self.results: list[SnapshotResult] = []
+        self.errors: list[tuple[str, float]] = []
+        self._lock = threading.Lock()
+        self.worker = SnapshotWorker(
+            self.snapshotter, debounce=0.05, rescan=3600.0, keep=3, attempt=lambda: 1,
+            on_snapshot=self._on_snapshot, on_error=self._on_error)
+
+    def _on_snapshot(self, result: SnapshotResult) -> None:
+        with self._lock:
+            self.results.append(result)
+
+    def _on_error(self, message: str, delay: float) -> None:
+        with self._lock:
+            self.errors.append((message, delay))
+
+    def wait_for(self, condition: Callable[[], bool]) -> bool:
+        deadline = time.monotonic() + DEADLINE
+        while time.monotonic() < deadline:
+            with self._lock:
+                if condition():
+                    return True
+            time.sleep(0.01)
+        return False
+
+    def close(self) -> None:
+        self.worker.stop()
+        self.worker.join(DEADLINE)
+        self.snapshotter.close()
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    d = tmp_path / "data"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def harness_factory() -> Iterator[Callable[..., Harness]]:
+    made: list[Harness] = []
+
+    def make(repo: Repository, root: Path, **kw: object) -> Harness:
+        h = Harness(repo, root, **kw)
+        made.append(h)
+        h.worker.start()
+        return h
+
+    yield make
+    for h in made:
+        h.close()
+
+
+def test_commit_request_returns_durable_manifest(
+        local_repo: Repository, root: Path, harness_factory: Callable[..., Harness]) -> None:
+    write(root / "model.pt", data(1, 2 * CHUNK + 5))
+    h = harness_factory(local_repo, root)
+
+    req = h.worker.request("commit")
+    assert req.wait(DEADLINE)
+
+    assert req.error is None
+    m = req.manifest
+    assert m is not None
+    assert m.reason == "commit"
+    assert m.attempt == 1
+    # durable: listed in the repository, loads back, and every chunk verifies
+    [ref] = local_repo.snapshots()
+    assert ref.id == m.id
+    loaded = local_repo.load(ref)
+    assert loaded == m
+    e = loaded.entries[0]
+    got = b"".join(local_repo.get_chunk(d) for d in e.chunks)
+    assert got == data(1, 2 * CHUNK + 5)
+    assert h.worker.stats.last_durable == m
+    assert h.worker.stats.snapshots == 1
+
+
+def test_commit_with_nothing_new_returns_current(
+        local_repo: Repository, root: Path, harness_factory: Callable[..., Harness]) -> None:
+    write(root / "f", b"x")
+    h = harness_factory(local_repo, root)
+    first = h.worker.request("commit")
+    assert first.wait(DEADLINE)
+    assert first.manifest is not None
+    second = h.worker.request("commit")
+    assert second.wait(DEADLINE)
+    assert second.error is None
+    assert second.manifest == first.manifest  # nothing changed: the same durable snapshot
+    assert len(local_repo.snapshots()) == 1
+
+
+def test_changed_then_quiet_triggers_snapshot(
+        local_repo: Repository, root: Path, harness_factory: Callable[..., Harness]) -> None:
+    h = harness_factory(local_repo, root)
+    write(root / "step-1.pt", data(7, CHUNK))
+    h.worker.changed()
+
+    assert h.wait_for(lambda: any(r.manifest is not None for r in h.results))
+
+    [ref] = local_repo.snapshots()
+    m = local_repo.load(ref)
+    assert m.reason == "change"
+    assert [e.path for e in m.entries] == ["step-1.pt"]
+    assert h.errors == []
+
+
+def test_repeated_changes_are_debounced_into_later_snapshots(
+        local_repo: Repository, root: Path, harness_factory: Callable[..., Harness]) -> None:
+    h = harness_factory(local_repo, root)
+    write(root / "a", b"a")
+    h.worker.changed()
+    assert h.wait_for(lambda: len(h.results) >= 1)
+    write(root / "b", b"b")
+    h.worker.changed()
+    assert h.wait_for(lambda: any(
+        r.manifest is not None and {e.path for e in r.manifest.entries} == {"a", "b"}
+        for r in h.results))
+    assert h.wait_for(lambda: not h.worker.busy)
+
+
+def test_failing_remote_fails_request_then_recovers(
+        tmp_path: Path, root: Path, harness_factory: Callable[..., Harness]) -> None:
+    inner = open_backend(str(tmp_path / "remote"))
+    assert isinstance(inner, LocalBackend)
+    flaky = FlakyBackend(inner, failures=1)
+    repo = Repository(flaky, CHUNK)
+    write(root / "model.pt", data(3, CHUNK))
+    h = harness_factory(repo, root, concurrency=1)
+
+    first = h.worker.request("commit")
+    assert first.wait(DEADLINE)
+    assert first.manifest is None
+    assert first.error is not None
+    assert "injected failure" in first.error
+    assert repo.snapshots() == []
+    assert h.wait_for(lambda: len(h.errors) == 1)
+    message, delay = h.errors[0]
+    assert "injected failure" in message
+    assert delay > 0
+    assert h.worker.stats.last_error is not None
+
+    second = h.worker.request("commit")  # does not wait out the backoff
+    assert second.wait(DEADLINE)
+    assert second.error is None
+    assert second.manifest is not None
+    assert [r.id for r in repo.snapshots()] == [second.manifest.id]
+    assert repo.get_chunk(second.manifest.entries[0].chunks[0]) == data(3, CHUNK)
+    error_now: str | None = h.worker.stats.last_error
+    assert error_now is None
+    assert flaky.failed == 1
+
+
+def test_failing_manifest_write_then_recovers(
+        tmp_path: Path, root: Path, harness_factory: Callable[..., Harness]) -> None:
+    """Chunks already uploaded, manifest write failed: nothing is committed; the
+    next request commits without uploading the chunks again."""
+    inner = open_backend(str(tmp_path / "remote"))
+    assert isinstance(inner, LocalBackend)
+
+    class ManifestFails(FlakyBackend):
+        def write(self, key: str, data: bytes) -> None:
+            if key.startswith("snapshots/"):
+                with self._lock:
+                    if self.failed < self.failures:
+                        self.failed += 1
+                        raise RemoteError("injected manifest failure")
+            self.inner.write(key, data)
+
+    repo = Repository(ManifestFails(inner, failures=1), CHUNK)
+    write(root / "f", data(4, 2 * CHUNK))
+    h = harness_factory(repo, root)
+    first = h.worker.request("commit")
+    assert first.wait(DEADLINE)
+    assert first.error is not None
+    assert repo.snapshots() == []
+    second = h.worker.request("commit")
+    assert second.wait(DEADLINE)
+    assert second.error is None
+    assert second.manifest is not None
+    assert second.manifest.new_chunks == 0
+    assert len(repo.snapshots()) == 1
+
+
+def test_lease_lost_fails_all_later_requests(
+        local_repo: Repository, root: Path, harness_factory: Callable[..., Harness]) -> None:
+    def lost() -> None:
+        raise LeaseLostError("taken over by host x")
+
+    write(root / "f", b"x")
+    h = harness_factory(local_repo, root, may_write=lost)
+    first = h.worker.request("commit")
+    assert first.wait(DEADLINE)
+    assert first.error is not None
+    assert "taken over" in first.error
+    later = h.worker.request("final")
+    assert later.wait(DEADLINE)
+    assert later.error is not None
+    assert "taken over" in later.error
+    assert local_repo.snapshots() == []
+
+
+def test_stop_ends_the_thread(local_repo: Repository, root: Path) -> None:
+    h = Harness(local_repo, root)
+    h.worker.start()
+    try:
+        h.worker.stop()
+        h.worker.join(DEADLINE)
+        assert not h.worker._thread.is_alive()
+    finally:
+        h.close()
+
+
+def test_snapshots_use_old_mtime_files(local_repo: Repository, root: Path,
+                                       harness_factory: Callable[..., Harness]) -> None:
+    """A commit after an unchanged commit reads nothing (stat cache carried over)."""
+    write(root / "f", data(5, CHUNK), mtime_ns=OLD_NS)
+    h = harness_factory(local_repo, root)
+    assert h.worker.request("commit").wait(DEADLINE)
+    req = h.worker.request("commit")
+    assert req.wait(DEADLINE)
+    assert h.wait_for(lambda: len(h.results) == 2)
+    assert h.results[1].bytes_read == 0
