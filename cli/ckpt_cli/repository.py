@@ -452,28 +452,39 @@ class Repository:
 
     # -- retention
 
-    def gc(self, keep: int) -> GcReport:
-        """Keep the newest `keep` snapshots; delete older manifests, then every
-        chunk no kept manifest names. Only the lease holder may call this; it
-        runs between snapshots, so no upload of this writer is in flight."""
+    def gc(self, keep: int, *, sweep: bool = True) -> GcReport:
+        """Keep the newest `keep` snapshots; delete older manifests, then chunks
+        no kept manifest names. Only the lease holder may call this; it runs
+        between snapshots, so no upload of this writer is in flight.
+
+        sweep=True lists every chunk and deletes all unreferenced ones (also
+        orphans of uploads that crashed before their manifest); sweep=False
+        only considers the chunks the dropped manifests named (no listing)."""
         refs = self.snapshots()
         kept, dropped = refs[:keep], refs[keep:]
+        if not dropped:
+            return GcReport([], 0, [r.key for r in kept])
         referenced: set[str] = set()
         for ref in kept:
             try:
                 referenced |= self.load(ref).chunk_digests()
             except ManifestError:
                 continue  # a damaged manifest needs nothing; it is kept for inspection
+        candidates: set[str] = set()
         for ref in dropped:
+            if not sweep:
+                # A damaged dropped manifest's chunks wait for the next sweep.
+                with contextlib.suppress(ManifestError):
+                    candidates |= self.load(ref).chunk_digests()
             self.backend.delete(ref.key)
+        if sweep:
+            names = (n.rsplit("/", 1)[-1] for n in self.backend.list(CHUNKS))
+            candidates = {d for d in names if _HASH_RE.match(d)}
         deleted = 0
-        if dropped:
-            for name in self.backend.list(CHUNKS):
-                digest = name.rsplit("/", 1)[-1]
-                if _HASH_RE.match(digest) and digest not in referenced:
-                    self.backend.delete(chunk_key(digest))
-                    self.forget_chunk(digest)
-                    deleted += 1
+        for digest in sorted(candidates - referenced):
+            self.backend.delete(chunk_key(digest))
+            self.forget_chunk(digest)
+            deleted += 1
         return GcReport([r.key for r in dropped], deleted, [r.key for r in kept])
 
     # -- lease

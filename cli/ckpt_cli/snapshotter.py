@@ -166,6 +166,7 @@ class Snapshotter:
         self._pool = cf.ThreadPoolExecutor(self.concurrency, thread_name_prefix="ckpt-chunk")
         self._slots = threading.BoundedSemaphore(self.concurrency + 2)
         self._stats_lock = threading.Lock()
+        self._swept = False
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -265,7 +266,10 @@ class Snapshotter:
         self.parent = manifest
         result.manifest = manifest
         if keep is not None:
-            self.repo.gc(keep)
+            # The first prune of a process sweeps the whole chunk store (orphans of
+            # a crashed upload); later ones only look at what they drop.
+            self.repo.gc(keep, sweep=not self._swept)
+            self._swept = True
         result.seconds = time.monotonic() - t0
         return result
 

@@ -265,7 +265,7 @@ class Supervisor:
             console.info(
                 f"attempt {self.attempt}: started {shlex.join(cfg.command)} (pid {child.pid})"
             )
-            ex = self._wait(child)
+            ex = self._wait(child, watcher)
             if child.wait_group_gone(min(cfg.grace, 10.0)):
                 console.info("stopped processes the child left behind in its group")
             guardian.protect(0)
@@ -303,13 +303,14 @@ class Supervisor:
                 cfg.dir.mkdir(parents=True, exist_ok=True)
                 watcher.start()
 
-    def _wait(self, child: Child) -> ChildExit:
+    def _wait(self, child: Child, watcher: Watcher) -> ChildExit:
         cfg = self.cfg
         kill_at: float | None = None
         while True:
             ex = child.poll()
             if ex is not None:
                 return ex
+            watcher.ensure()
             now = time.monotonic()
             timeout = 1.0 if kill_at is None else max(0.0, min(1.0, kill_at - now))
             for sig in self._signals(timeout):

@@ -3,7 +3,8 @@
 Only events that can change what a snapshot contains count: created, modified,
 deleted, moved, closed-after-write. Opened and closed-without-write events (our
 own reads!) are ignored, and so are paths whose every component-to-be is a
-temp name. Imports: standard library, watchdog (lazily, at start()).
+temp name. If the directory itself is replaced, ensure() re-arms the watch.
+Imports: standard library, watchdog (lazily, at start()).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class Watcher:
         self.on_change = on_change
         self.patterns = tuple(patterns)
         self._observer: Any = None
+        self._ino = 0
 
     def relevant(self, event_type: str, paths: Iterable[str]) -> bool:
         if event_type not in _RELEVANT:
@@ -50,11 +52,24 @@ class Watcher:
                 if watcher.relevant(event.event_type, paths):
                     watcher.on_change()
 
+        self._ino = os.stat(self.root).st_ino
         observer = Observer()
         observer.daemon = True
         observer.schedule(Handler(), str(self.root), recursive=True)
         observer.start()
         self._observer = observer
+
+    def ensure(self) -> None:
+        """Re-arm if the directory itself was replaced (inotify watches follow the
+        old inode): a child that does rmtree + mkdir keeps being watched."""
+        try:
+            ino = os.stat(self.root).st_ino
+        except OSError:
+            return
+        if self._observer is not None and ino != self._ino:
+            self.stop()
+            self.start()
+            self.on_change()
 
     def stop(self) -> None:
         if self._observer is not None:

@@ -525,3 +525,18 @@ def test_release_without_acquire_touches_nothing(repo: Repository) -> None:
     repo.backend.write(LEASE_KEY, _lease_doc(owner="me"))
     repo.lease("me", 60.0).release()
     assert _lease_owner(repo) == "me"
+
+
+def test_gc_without_sweep_deletes_only_what_dropped_manifests_named(repo: Repository) -> None:
+    _commit(repo, 1, "aaaaaaa1", {"f": b"old" * 100, "s": b"shared"})
+    m2 = _commit(repo, 2, "aaaaaaa2", {"f": b"new" * 100, "s": b"shared"})
+    orphan = b"orphan of a crashed upload"
+    repo.put_chunk(hash_bytes(orphan), orphan)
+    report = repo.gc(1, sweep=False)
+    assert report.deleted_chunks == 1  # b"old" * 100 only
+    assert _chunk_names(repo) == m2.chunk_digests() | {hash_bytes(orphan)}
+    report = repo.gc(1, sweep=True)
+    assert report.deleted_chunks == 0  # nothing dropped: no sweep either
+    _commit(repo, 3, "aaaaaaa3", {"f": b"newer" * 100})
+    repo.gc(1, sweep=True)
+    assert hash_bytes(orphan) not in _chunk_names(repo)
