@@ -310,6 +310,7 @@ class Repository:
         self.chunk_size = chunk_size
         self._known: set[str] | None = None
         self._inflight: dict[str, threading.Event] = {}
+        self._distrusted: set[str] = set()
         self._lock = threading.Lock()
 
     @property
@@ -404,7 +405,7 @@ class Repository:
         with self._lock:
             if self._known is None:
                 names = self.backend.list(CHUNKS)
-                self._known = {n.rsplit("/", 1)[-1] for n in names}
+                self._known = {n.rsplit("/", 1)[-1] for n in names} - self._distrusted
             return self._known
 
     def has_chunk(self, digest: str) -> bool:
@@ -445,10 +446,19 @@ class Repository:
         return data
 
     def forget_chunk(self, digest: str) -> None:
-        """A chunk found damaged: upload it again next time it is seen."""
+        """A chunk found damaged (or deleted): upload it again next time it is
+        seen, even if a later listing still shows the damaged object."""
         with self._lock:
+            self._distrusted.add(digest)
             if self._known is not None:
                 self._known.discard(digest)
+
+    def trust_chunk(self, digest: str) -> None:
+        """A chunk just read back and verified: it exists and is whole."""
+        with self._lock:
+            self._distrusted.discard(digest)
+            if self._known is not None:
+                self._known.add(digest)
 
     # -- retention
 

@@ -106,7 +106,10 @@ def restore(
                 shutil.rmtree(tmp, ignore_errors=True)
         except (ManifestError, ChunkError) as exc:
             if isinstance(exc, ChunkError):
-                repo.forget_chunk(exc.digest)
+                # Only the first bad chunk is known: distrust every chunk of this
+                # snapshot so the next upload of that content replaces them.
+                for digest in manifest.chunk_digests():
+                    repo.forget_chunk(digest)
             reason = f"snapshot {_name(ref)} {exc}"
             skipped.append(reason)
             if snapshot is not None:
@@ -118,6 +121,8 @@ def restore(
                 f"restoring snapshot {_name(ref)} into {target} failed: {exc.strerror or exc} "
                 f"({exc.filename or target}); {target} is untouched"
             ) from None
+        for digest in manifest.chunk_digests():
+            repo.trust_chunk(digest)  # just verified byte for byte
         return Restored(manifest, time.monotonic() - t0, skipped)
     raise RestoreError(
         f"none of the {len(candidates)} snapshots in {repo.display} could be restored "
@@ -130,8 +135,9 @@ def _name(ref: SnapshotRef) -> str:
 
 
 def _check_symlinks(manifest: Manifest) -> None:
+    links = {e.path: e.target for e in manifest.entries if e.type == "symlink"}
     for e in manifest.entries:
-        if e.type == "symlink" and link_escapes(e.path, e.target):
+        if e.type == "symlink" and link_escapes(e.path, e.target, links):
             raise ManifestError(f"has a symlink {e.path!r} that leads out of the directory")
 
 

@@ -20,7 +20,7 @@ import posixpath
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from ckpt_cli.repository import Entry, Manifest, Repository, hash_bytes, host_name
@@ -51,13 +51,38 @@ def is_ignored(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def link_escapes(path: str, target: str) -> bool:
+def link_escapes(path: str, target: str, links: Mapping[str, str] | None = None) -> bool:
     """True for a symlink at `path` (relative to the root) whose target is
-    absolute or leads out of the root: not checkpoint data, never restored."""
-    if not target or target.startswith("/"):
-        return True
-    joined = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
-    return joined == ".." or joined.startswith("../")
+    absolute or leads out of the root, also through other links of the tree
+    (`links`: path -> target), e.g. "here" -> "." and "up" -> "here/..".
+    Such links are not checkpoint data: never recorded, never restored."""
+    return _resolve(path, target, links or {}, 0) is None
+
+
+def _resolve(path: str, target: str, links: Mapping[str, str], depth: int) -> str | None:
+    """Where the link at path points, relative to the root; None if outside."""
+    if not target or target.startswith("/") or depth > 40:
+        return None
+    parent = posixpath.dirname(path)
+    stack = parent.split("/") if parent else []
+    for part in target.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not stack:
+                return None
+            stack.pop()
+            continue
+        stack.append(part)
+        here = "/".join(stack)
+        if here in links and here != path:
+            inner = _resolve(here, links[here], links, depth + 1)
+            if inner is None:
+                return None
+            stack = inner.split("/") if inner else []
+        elif here == path:
+            return None  # a link through itself: a loop
+    return "/".join(stack)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,12 +128,13 @@ def scan(root: Path, patterns: Iterable[str] = TEMP_PATTERNS) -> list[LocalEntry
                         target = os.readlink(d.path)
                     except OSError:
                         continue
-                    if link_escapes(path, target):
-                        continue  # restore refuses such links: never record one
                     out.append(LocalEntry(path, "symlink", mode, 0, 0, st.st_ino, target))
                 # sockets, fifos and devices are not checkpoint data
 
     walk(str(root), "")
+    links = {e.path: e.target for e in out if e.type == "symlink"}
+    if links:  # restore refuses links that lead outside: never record one
+        out = [e for e in out if e.type != "symlink" or not link_escapes(e.path, e.target, links)]
     out.sort(key=lambda e: e.path)
     return out
 
