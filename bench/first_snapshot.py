@@ -56,23 +56,30 @@ def main():
 
     rows = {"cp -r": [], "ckpt push": []}
     for _ in range(args.runs):
-        for name in rows:
+        for name, samples in rows.items():
             dst = work / "dst"
             shutil.rmtree(dst, ignore_errors=True)
-            argv = ["cp", "-r", str(src), str(dst)] if name == "cp -r" else [
-                CKPT, "push", "--quiet", str(src), str(dst)]
-            rows[name].append(timed(argv, env))
+            argv = (
+                ["cp", "-r", str(src), str(dst)]
+                if name == "cp -r"
+                else [CKPT, "push", "--quiet", str(src), str(dst)]
+            )
+            samples.append(timed(argv, env))
             shutil.rmtree(dst, ignore_errors=True)
 
-    print(f"first snapshot of {args.size_mib} MiB in {args.files} files, "
-          f"{args.runs} runs, {os.cpu_count()} cores, page cache warm, no fsync")
+    print(
+        f"first snapshot of {args.size_mib} MiB in {args.files} files, "
+        f"{args.runs} runs, {os.cpu_count()} cores, page cache warm, no fsync"
+    )
     med = {}
     for name, samples in rows.items():
         secs = statistics.median(s for s, _ in samples)
         rss = max(r for _, r in samples)
         med[name] = secs
-        print(f"  {name:10s} median {secs:6.2f} s  ({args.size_mib / secs:7.0f} MiB/s)"
-              f"  peak RSS {rss:6.0f} MiB")
+        print(
+            f"  {name:10s} median {secs:6.2f} s  ({args.size_mib / secs:7.0f} MiB/s)"
+            f"  peak RSS {rss:6.0f} MiB"
+        )
     print(f"  ratio ckpt push / cp -r: {med['ckpt push'] / med['cp -r']:.2f}x")
     shutil.rmtree(work, ignore_errors=True)
 

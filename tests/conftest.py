@@ -17,8 +17,9 @@ CKPT = BIN_DIR / "ckpt"
 
 
 @pytest.fixture(autouse=True)
-def _isolated_home(tmp_path_factory: pytest.TempPathFactory,
-                   monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def _isolated_home(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
     """No test may touch the real home: HOME and the XDG dirs point into a
     per-test temp dir, for this process and every child it starts."""
     home = tmp_path_factory.mktemp("home")
@@ -45,11 +46,20 @@ def write_script(path: Path, body: str) -> Path:
     return path
 
 
-def run_ckpt(args: list[str], *, cwd: Path, timeout: float = 120,
-             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_ckpt(
+    args: list[str], *, cwd: Path, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run the real binary to completion; stdout and stderr captured as text."""
     full_env = dict(os.environ)
     if env:
         full_env.update(env)
-    return subprocess.run([str(CKPT), *args], cwd=cwd, env=full_env, text=True,
-                          capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [str(CKPT), *args],
+        check=False,
+        cwd=cwd,
+        env=full_env,
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )

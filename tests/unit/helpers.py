@@ -17,8 +17,7 @@ def data(seed: int, size: int) -> bytes:
     return random.Random(seed).randbytes(size)
 
 
-def write(path: Path, content: bytes, *, mtime_ns: int = OLD_NS, mode: int | None = None
-          ) -> Path:
+def write(path: Path, content: bytes, *, mtime_ns: int = OLD_NS, mode: int | None = None) -> Path:
     """Write a file and date it into the past (older than the racy window)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(content)

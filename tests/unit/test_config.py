@@ -50,7 +50,8 @@ def test_resolve_dir_refuses_home_via_symlink(tmp_path: Path) -> None:
 
 
 def test_resolve_dir_refuses_home_when_home_is_a_symlink(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """HOME itself may be a symlink (e.g. /home -> /data/home on clusters): the
     resolved --dir is compared with the resolved home, not the raw $HOME."""
     real_home = tmp_path / "real-home"
@@ -78,8 +79,9 @@ def test_resolve_dir_accepts_existing_and_missing(tmp_path: Path) -> None:
     assert not missing.exists()  # resolving never creates
 
 
-def test_resolve_dir_relative_and_symlinked(tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resolve_dir_relative_and_symlinked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     real = tmp_path / "real"
     real.mkdir()
     (tmp_path / "link").symlink_to(real)
@@ -130,8 +132,7 @@ def test_sibling_remote_allowed(ckdir: Path, sibling: str) -> None:
     check_remote_outside(ckdir, str(ckdir.parent / sibling))
 
 
-@pytest.mark.parametrize("url", ["s3://bucket/ckpt", "gs://b/x", "memory://t",
-                                 "sftp://host/{dir}"])
+@pytest.mark.parametrize("url", ["s3://bucket/ckpt", "gs://b/x", "memory://t", "sftp://host/{dir}"])
 def test_non_local_remote_allowed(ckdir: Path, url: str) -> None:
     # even when the URL's path happens to spell the local dir
     check_remote_outside(ckdir, url.format(dir=ckdir))
@@ -165,13 +166,28 @@ def test_default_remote_is_outside_dir(tmp_path: Path) -> None:
 
 
 def test_storage_options_json_values() -> None:
-    opts = parse_storage_options([
-        "anon=true", "retries=3", "ratio=0.5", "nothing=null", "region=us-east-1",
-        'headers={"a": 1}', 'list=[1, "x"]', 'quoted="123"',
-    ])
-    assert opts == {"anon": True, "retries": 3, "ratio": 0.5, "nothing": None,
-                    "region": "us-east-1", "headers": {"a": 1}, "list": [1, "x"],
-                    "quoted": "123"}
+    opts = parse_storage_options(
+        [
+            "anon=true",
+            "retries=3",
+            "ratio=0.5",
+            "nothing=null",
+            "region=us-east-1",
+            'headers={"a": 1}',
+            'list=[1, "x"]',
+            'quoted="123"',
+        ]
+    )
+    assert opts == {
+        "anon": True,
+        "retries": 3,
+        "ratio": 0.5,
+        "nothing": None,
+        "region": "us-east-1",
+        "headers": {"a": 1},
+        "list": [1, "x"],
+        "quoted": "123",
+    }
 
 
 def test_storage_options_value_may_contain_equals_and_be_empty() -> None:
@@ -179,12 +195,14 @@ def test_storage_options_value_may_contain_equals_and_be_empty() -> None:
 
 
 def test_storage_options_dotted_keys_nest() -> None:
-    opts = parse_storage_options([
-        "client_kwargs.endpoint_url=http://localhost:9000",
-        "client_kwargs.region_name=eu",
-        "a.b.c=1",
-        "key=k",
-    ])
+    opts = parse_storage_options(
+        [
+            "client_kwargs.endpoint_url=http://localhost:9000",
+            "client_kwargs.region_name=eu",
+            "a.b.c=1",
+            "key=k",
+        ]
+    )
     assert opts == {
         "client_kwargs": {"endpoint_url": "http://localhost:9000", "region_name": "eu"},
         "a": {"b": {"c": 1}},

@@ -42,10 +42,23 @@ def valid_doc() -> dict[str, Any]:
         "size": 13,
         "entries": [
             {"path": "d", "type": "dir", "mode": 0o755, "mtime_ns": 5},
-            {"path": "d/a.bin", "type": "file", "mode": 0o644, "size": 13, "mtime_ns": 7,
-             "ino": 99, "chunks": [H1, H2]},
-            {"path": "d/empty", "type": "file", "mode": 0o600, "size": 0, "mtime_ns": 1,
-             "chunks": []},
+            {
+                "path": "d/a.bin",
+                "type": "file",
+                "mode": 0o644,
+                "size": 13,
+                "mtime_ns": 7,
+                "ino": 99,
+                "chunks": [H1, H2],
+            },
+            {
+                "path": "d/empty",
+                "type": "file",
+                "mode": 0o600,
+                "size": 0,
+                "mtime_ns": 1,
+                "chunks": [],
+            },
             {"path": "latest", "type": "symlink", "mode": 0o777, "target": "d/a.bin"},
         ],
     }
@@ -62,8 +75,14 @@ def with_entries(*entries: dict[str, Any]) -> bytes:
 
 
 def file_entry(path: str, **over: Any) -> dict[str, Any]:
-    e: dict[str, Any] = {"path": path, "type": "file", "mode": 0o644, "size": 3,
-                         "mtime_ns": 1, "chunks": [H1]}
+    e: dict[str, Any] = {
+        "path": path,
+        "type": "file",
+        "mode": 0o644,
+        "size": 3,
+        "mtime_ns": 1,
+        "chunks": [H1],
+    }
     e.update(over)
     return e
 
@@ -89,8 +108,7 @@ def test_accepts_any_key_that_is_not_a_snapshot_name() -> None:
     assert Manifest.from_bytes(encode(valid_doc()), "somewhere/else.json").id == "0123abcd"
 
 
-BAD_PATHS = ["../x", "/abs", "a/../b", "a//b", "./a", "", "a\0b", "a/", ".", "..",
-             "a/.", "a/.."]
+BAD_PATHS = ["../x", "/abs", "a/../b", "a//b", "./a", "", "a\0b", "a/", ".", "..", "a/.", "a/.."]
 
 
 @pytest.mark.parametrize("path", BAD_PATHS)
@@ -105,7 +123,8 @@ def test_rejects_unsafe_dir_and_symlink_paths(path: str) -> None:
         Manifest.from_bytes(with_entries({"path": path, "type": "dir", "mode": 0o755}), KEY)
     with pytest.raises(ManifestError):
         Manifest.from_bytes(
-            with_entries({"path": path, "type": "symlink", "mode": 0o777, "target": "x"}), KEY)
+            with_entries({"path": path, "type": "symlink", "mode": 0o777, "target": "x"}), KEY
+        )
 
 
 @pytest.mark.parametrize("path", [None, 3, ["a"], {"a": 1}])
@@ -126,8 +145,9 @@ def test_safe_relpath_rejects_non_str(path: object) -> None:
         safe_relpath(path)
 
 
-@pytest.mark.parametrize("path", ["a", "a/b", "a/b/c.pt", "...", "..a", "a..", ".hidden",
-                                  "a b/ü.bin", "weird\\name.pt"])
+@pytest.mark.parametrize(
+    "path", ["a", "a/b", "a/b/c.pt", "...", "..a", "a..", ".hidden", "a b/ü.bin", "weird\\name.pt"]
+)
 def test_safe_relpath_accepts(path: str) -> None:
     assert safe_relpath(path) == path
 
@@ -137,7 +157,8 @@ def test_rejects_duplicate_paths() -> None:
         Manifest.from_bytes(with_entries(file_entry("a"), file_entry("a")), KEY)
     with pytest.raises(ManifestError):
         Manifest.from_bytes(
-            with_entries({"path": "a", "type": "dir", "mode": 0o755}, file_entry("a")), KEY)
+            with_entries({"path": "a", "type": "dir", "mode": 0o755}, file_entry("a")), KEY
+        )
 
 
 def test_rejects_file_below_file() -> None:
@@ -156,7 +177,8 @@ def test_rejects_file_below_symlink() -> None:
         Manifest.from_bytes(with_entries(link, file_entry("a/passwd")), KEY)
     with pytest.raises(ManifestError):
         Manifest.from_bytes(
-            with_entries(link, {"path": "a/sub", "type": "dir", "mode": 0o755}), KEY)
+            with_entries(link, {"path": "a/sub", "type": "dir", "mode": 0o755}), KEY
+        )
 
 
 def test_accepts_file_below_implicit_dir() -> None:
@@ -170,14 +192,17 @@ def test_rejects_bad_sizes(size: object) -> None:
         Manifest.from_bytes(with_entries(file_entry("a", size=size)), KEY)
 
 
-@pytest.mark.parametrize(("size", "chunks"), [
-    (3, []),
-    (3, [H1, H2]),
-    (0, [H1]),
-    (10, [H1, H2]),  # chunk_size 10: exactly one chunk
-    (11, [H1]),
-    (21, [H1, H2]),
-])
+@pytest.mark.parametrize(
+    ("size", "chunks"),
+    [
+        (3, []),
+        (3, [H1, H2]),
+        (0, [H1]),
+        (10, [H1, H2]),  # chunk_size 10: exactly one chunk
+        (11, [H1]),
+        (21, [H1, H2]),
+    ],
+)
 def test_rejects_chunk_count_not_matching_size(size: int, chunks: list[str]) -> None:
     with pytest.raises(ManifestError):
         Manifest.from_bytes(with_entries(file_entry("a", size=size, chunks=chunks)), KEY)
@@ -190,17 +215,20 @@ def test_accepts_matching_chunk_count(size: int, n: int) -> None:
     assert len(m.entries[0].chunks) == n
 
 
-@pytest.mark.parametrize("chunk", [
-    "abc",
-    H1.upper(),
-    H1[:-1],
-    H1 + "0",
-    "../" + H1[3:],
-    "g" * 64,
-    H1[:63] + "\n",
-    7,
-    None,
-])
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        "abc",
+        H1.upper(),
+        H1[:-1],
+        H1 + "0",
+        "../" + H1[3:],
+        "g" * 64,
+        H1[:63] + "\n",
+        7,
+        None,
+    ],
+)
 def test_rejects_bad_chunk_names(chunk: object) -> None:
     with pytest.raises(ManifestError):
         Manifest.from_bytes(with_entries(file_entry("a", chunks=[chunk])), KEY)
@@ -210,13 +238,22 @@ def test_rejects_chunks_not_a_list() -> None:
     with pytest.raises(ManifestError):
         Manifest.from_bytes(with_entries(file_entry("a", chunks=H1)), KEY)
     with pytest.raises(ManifestError):
-        Manifest.from_bytes(with_entries({k: v for k, v in file_entry("a").items()
-                                          if k != "chunks"}), KEY)
+        Manifest.from_bytes(
+            with_entries({k: v for k, v in file_entry("a").items() if k != "chunks"}), KEY
+        )
 
 
-@pytest.mark.parametrize(("fmt", "version"), [
-    ("ckpt", 2), ("ckpt", 0), ("ckpt", "1"), ("other", 1), (None, 1), ("ckpt", None),
-])
+@pytest.mark.parametrize(
+    ("fmt", "version"),
+    [
+        ("ckpt", 2),
+        ("ckpt", 0),
+        ("ckpt", "1"),
+        ("other", 1),
+        (None, 1),
+        ("ckpt", None),
+    ],
+)
 def test_rejects_unknown_format_or_version(fmt: object, version: object) -> None:
     doc = valid_doc()
     doc["format"] = fmt
@@ -252,10 +289,13 @@ def test_rejects_non_object_json(doc: object) -> None:
         Manifest.from_bytes(encode(doc), KEY)
 
 
-@pytest.mark.parametrize("key", [
-    "snapshots/0000000004-0123abcd.json",  # generation differs
-    "snapshots/0000000003-0123abce.json",  # id differs
-])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "snapshots/0000000004-0123abcd.json",  # generation differs
+        "snapshots/0000000003-0123abce.json",  # id differs
+    ],
+)
 def test_rejects_name_mismatch(key: str) -> None:
     with pytest.raises(ManifestError, match="name"):
         Manifest.from_bytes(encode(valid_doc()), key)
@@ -269,11 +309,22 @@ def test_rejects_missing_required_field(field: str) -> None:
         Manifest.from_bytes(encode(doc), "x.json")
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    ("generation", -1), ("generation", 10**10), ("generation", "3"), ("generation", True),
-    ("chunk_size", 0), ("chunk_size", -10), ("chunk_size", (1 << 34) + 1), ("chunk_size", 1.5),
-    ("entries", {"a": 1}), ("entries", "a"), ("created", "yesterday"),
-])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("generation", -1),
+        ("generation", 10**10),
+        ("generation", "3"),
+        ("generation", True),
+        ("chunk_size", 0),
+        ("chunk_size", -10),
+        ("chunk_size", (1 << 34) + 1),
+        ("chunk_size", 1.5),
+        ("entries", {"a": 1}),
+        ("entries", "a"),
+        ("created", "yesterday"),
+    ],
+)
 def test_rejects_bad_field_values(field: str, value: object) -> None:
     doc = valid_doc()
     doc[field] = value
@@ -281,19 +332,22 @@ def test_rejects_bad_field_values(field: str, value: object) -> None:
         Manifest.from_bytes(encode(doc), "x.json")
 
 
-@pytest.mark.parametrize("entry", [
-    "a",
-    ["a", "file"],
-    {"path": "a", "type": "fifo", "mode": 0o644},
-    {"path": "a", "type": "file", "mode": 0o644, "size": 0},  # no chunks
-    {"path": "a", "type": "file", "mode": 0o10000, "size": 0, "chunks": []},
-    {"path": "a", "type": "file", "mode": -1, "size": 0, "chunks": []},
-    {"path": "a", "type": "file", "size": 0, "chunks": []},  # no mode
-    {"path": "a", "type": "symlink", "mode": 0o777, "target": ""},
-    {"path": "a", "type": "symlink", "mode": 0o777},
-    {"path": "a", "type": "symlink", "mode": 0o777, "target": "x\0y"},
-    {"path": "a", "type": "symlink", "mode": 0o777, "target": 5},
-])
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "a",
+        ["a", "file"],
+        {"path": "a", "type": "fifo", "mode": 0o644},
+        {"path": "a", "type": "file", "mode": 0o644, "size": 0},  # no chunks
+        {"path": "a", "type": "file", "mode": 0o10000, "size": 0, "chunks": []},
+        {"path": "a", "type": "file", "mode": -1, "size": 0, "chunks": []},
+        {"path": "a", "type": "file", "size": 0, "chunks": []},  # no mode
+        {"path": "a", "type": "symlink", "mode": 0o777, "target": ""},
+        {"path": "a", "type": "symlink", "mode": 0o777},
+        {"path": "a", "type": "symlink", "mode": 0o777, "target": "x\0y"},
+        {"path": "a", "type": "symlink", "mode": 0o777, "target": 5},
+    ],
+)
 def test_rejects_bad_entries(entry: object) -> None:
     doc = valid_doc()
     doc["entries"] = [entry]

@@ -93,8 +93,7 @@ def test_parse_default_combines_with_more() -> None:
     assert r.any_signal
 
 
-@pytest.mark.parametrize("spec", ["0", "256", "1000", "bogus", "SIGBOGUS", "1,bogus", "-1",
-                                  "1.5"])
+@pytest.mark.parametrize("spec", ["0", "256", "1000", "bogus", "SIGBOGUS", "1,bogus", "-1", "1.5"])
 def test_parse_errors(spec: str) -> None:
     with pytest.raises(ConfigError):
         parse_retry_on(spec)
@@ -188,8 +187,9 @@ class _FixedRandom(random.Random):
         return self.value
 
 
-@pytest.mark.parametrize(("retry", "base"), [(0, 1.0), (1, 1.0), (2, 2.0), (3, 4.0),
-                                             (6, 32.0), (7, 60.0), (50, 60.0)])
+@pytest.mark.parametrize(
+    ("retry", "base"), [(0, 1.0), (1, 1.0), (2, 2.0), (3, 4.0), (6, 32.0), (7, 60.0), (50, 60.0)]
+)
 def test_backoff_delay_bounds(retry: int, base: float) -> None:
     b = Backoff(1.0, 60.0)
     assert b.delay(retry, _FixedRandom(0.0)) == pytest.approx(base / 2)
@@ -236,14 +236,17 @@ def test_backoff_zero_is_no_wait() -> None:
 # ---------------------------------------------------------------- parse_backoff
 
 
-@pytest.mark.parametrize(("spec", "initial", "cap"), [
-    ("1:60", 1.0, 60.0),
-    ("0", 0.0, 60.0),
-    ("2", 2.0, 60.0),
-    ("0.5:10", 0.5, 10.0),
-    ("120", 120.0, 120.0),  # the cap is never below the initial delay
-    ("3:3", 3.0, 3.0),
-])
+@pytest.mark.parametrize(
+    ("spec", "initial", "cap"),
+    [
+        ("1:60", 1.0, 60.0),
+        ("0", 0.0, 60.0),
+        ("2", 2.0, 60.0),
+        ("0.5:10", 0.5, 10.0),
+        ("120", 120.0, 120.0),  # the cap is never below the initial delay
+        ("3:3", 3.0, 3.0),
+    ],
+)
 def test_parse_backoff(spec: str, initial: float, cap: float) -> None:
     assert parse_backoff(spec) == Backoff(initial, cap)
 
@@ -287,7 +290,8 @@ def test_from_wait_status_exit_zero() -> None:
 
 def test_from_wait_status_killed_by_sigkill() -> None:
     ex = ChildExit.from_wait_status(
-        _wait_status("import os, signal; os.kill(os.getpid(), signal.SIGKILL)"))
+        _wait_status("import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+    )
     assert ex == ChildExit(signal=SIGKILL)
     assert ex.code is None
     assert ex.status == 128 + SIGKILL == 137

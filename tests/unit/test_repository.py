@@ -60,24 +60,38 @@ class CountingBackend:
 
 
 def _file_entry(path: str, content: bytes, chunk_size: int = CHUNK) -> Entry:
-    chunks = tuple(hash_bytes(content[i:i + chunk_size])
-                   for i in range(0, len(content), chunk_size))
+    chunks = tuple(
+        hash_bytes(content[i : i + chunk_size]) for i in range(0, len(content), chunk_size)
+    )
     return Entry(path, "file", 0o644, len(content), 1, chunks)
 
 
-def _manifest(generation: int, snap_id: str, entries: tuple[Entry, ...] = (),
-              created: float = 1000.0) -> Manifest:
-    return Manifest(id=snap_id, generation=generation, entries=entries, chunk_size=CHUNK,
-                    created=created, host="h", source="/src")
+def _manifest(
+    generation: int, snap_id: str, entries: tuple[Entry, ...] = (), created: float = 1000.0
+) -> Manifest:
+    return Manifest(
+        id=snap_id,
+        generation=generation,
+        entries=entries,
+        chunk_size=CHUNK,
+        created=created,
+        host="h",
+        source="/src",
+    )
 
 
-def _commit(repo: Repository, generation: int, snap_id: str, files: dict[str, bytes],
-            created: float = 1000.0) -> Manifest:
+def _commit(
+    repo: Repository,
+    generation: int,
+    snap_id: str,
+    files: dict[str, bytes],
+    created: float = 1000.0,
+) -> Manifest:
     """Upload the chunks of files and write a manifest naming them."""
     entries = []
     for path, content in sorted(files.items()):
         for i in range(0, len(content), CHUNK):
-            piece = content[i:i + CHUNK]
+            piece = content[i : i + CHUNK]
             repo.put_chunk(hash_bytes(piece), piece)
         entries.append(_file_entry(path, content))
     m = _manifest(generation, snap_id, tuple(entries), created)
@@ -108,19 +122,26 @@ def test_open_create_writes_config(backend: Backend) -> None:
 
 
 def test_open_keeps_existing_chunk_size(backend: Backend) -> None:
-    backend.write(CONFIG_KEY, json.dumps({"format": "ckpt", "version": 1,
-                                          "chunk_size": 12345, "hash": "sha256"}).encode())
+    backend.write(
+        CONFIG_KEY,
+        json.dumps(
+            {"format": "ckpt", "version": 1, "chunk_size": 12345, "hash": "sha256"}
+        ).encode(),
+    )
     repo = Repository.open(backend, create=True)
     assert repo is not None
     assert repo.chunk_size == 12345
 
 
-@pytest.mark.parametrize("raw", [
-    b"this is not json",
-    b"[1, 2, 3]",
-    b'"ckpt"',
-    b"",
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"this is not json",
+        b"[1, 2, 3]",
+        b'"ckpt"',
+        b"",
+    ],
+)
 def test_open_garbage_config(backend: Backend, raw: bytes) -> None:
     backend.write(CONFIG_KEY, raw)
     for create in (False, True):
@@ -129,15 +150,18 @@ def test_open_garbage_config(backend: Backend, raw: bytes) -> None:
     assert backend.read(CONFIG_KEY) == raw  # never overwritten
 
 
-@pytest.mark.parametrize("config", [
-    {"format": "ckpt", "version": 2, "chunk_size": 4096, "hash": "sha256"},
-    {"format": "ckpt", "version": 0, "chunk_size": 4096, "hash": "sha256"},
-    {"format": "other", "version": 1, "chunk_size": 4096, "hash": "sha256"},
-    {"format": "ckpt", "version": 1, "chunk_size": 4096, "hash": "md5"},
-    {"format": "ckpt", "version": 1, "chunk_size": 0, "hash": "sha256"},
-    {"format": "ckpt", "version": 1, "chunk_size": "big", "hash": "sha256"},
-    {"format": "ckpt", "version": 1, "hash": "sha256"},
-])
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"format": "ckpt", "version": 2, "chunk_size": 4096, "hash": "sha256"},
+        {"format": "ckpt", "version": 0, "chunk_size": 4096, "hash": "sha256"},
+        {"format": "other", "version": 1, "chunk_size": 4096, "hash": "sha256"},
+        {"format": "ckpt", "version": 1, "chunk_size": 4096, "hash": "md5"},
+        {"format": "ckpt", "version": 1, "chunk_size": 0, "hash": "sha256"},
+        {"format": "ckpt", "version": 1, "chunk_size": "big", "hash": "sha256"},
+        {"format": "ckpt", "version": 1, "hash": "sha256"},
+    ],
+)
 def test_open_unusable_config(backend: Backend, config: dict[str, object]) -> None:
     backend.write(CONFIG_KEY, json.dumps(config).encode())
     with pytest.raises(ConfigError):
@@ -225,9 +249,21 @@ def test_manifest_round_trip(repo: Repository) -> None:
         Entry("link", "symlink", 0o777, target="d/f"),
         _file_entry("empty", b""),
     )
-    m = Manifest(id="0123abcd", generation=7, entries=entries, chunk_size=CHUNK,
-                 created=123.5, parent="deadbeef", host="host1", source="/data",
-                 run="run-1", attempt=2, reason="commit", new_bytes=10, new_chunks=1)
+    m = Manifest(
+        id="0123abcd",
+        generation=7,
+        entries=entries,
+        chunk_size=CHUNK,
+        created=123.5,
+        parent="deadbeef",
+        host="host1",
+        source="/data",
+        run="run-1",
+        attempt=2,
+        reason="commit",
+        new_bytes=10,
+        new_chunks=1,
+    )
     assert Manifest.from_bytes(m.to_bytes(), m.key) == m
     assert m.key == "snapshots/0000000007-0123abcd.json"
     repo.write_manifest(m)
@@ -338,8 +374,12 @@ def test_gc_keeps_newest_and_referenced_chunks(repo: Repository) -> None:
     assert [r.key for r in repo.snapshots()] == [m3.key, m2.key]
     remaining = _chunk_names(repo)
     # only1 is named by the kept m3 even though the dropped m1 named it first
-    assert remaining == {hash_bytes(shared), hash_bytes(only1), hash_bytes(only2),
-                         hash_bytes(only3)}
+    assert remaining == {
+        hash_bytes(shared),
+        hash_bytes(only1),
+        hash_bytes(only2),
+        hash_bytes(only3),
+    }
     assert report.deleted_chunks == 1  # the orphan
     for m in (m2, m3):
         for e in m.files:
@@ -383,8 +423,14 @@ def test_gc_damaged_kept_manifest_is_kept(repo: Repository) -> None:
 
 
 def _lease_doc(**overrides: object) -> bytes:
-    doc: dict[str, object] = {"owner": "someone-else", "host": "another-host", "pid": 1,
-                              "boot": "", "heartbeat": time.time(), "ttl": 60.0}
+    doc: dict[str, object] = {
+        "owner": "someone-else",
+        "host": "another-host",
+        "pid": 1,
+        "boot": "",
+        "heartbeat": time.time(),
+        "ttl": 60.0,
+    }
     doc.update(overrides)
     return json.dumps(doc).encode()
 
@@ -440,16 +486,17 @@ def test_lease_ttl_comes_from_the_lease(repo: Repository) -> None:
 
 
 def _dead_pid() -> int:
-    pid = os.posix_spawn(sys.executable, [sys.executable, "-S", "-c", "pass"],
-                         dict(os.environ))
+    pid = os.posix_spawn(sys.executable, [sys.executable, "-S", "-c", "pass"], dict(os.environ))
     os.waitpid(pid, 0)
     return pid
 
 
 def test_lease_stale_at_once_for_dead_pid_on_this_host(repo: Repository) -> None:
     pid = _dead_pid()
-    repo.backend.write(LEASE_KEY, _lease_doc(host=socket.gethostname(), boot=boot_id(),
-                                             pid=pid, heartbeat=time.time()))
+    repo.backend.write(
+        LEASE_KEY,
+        _lease_doc(host=socket.gethostname(), boot=boot_id(), pid=pid, heartbeat=time.time()),
+    )
     lease = repo.lease("me", 60.0)
     why = lease.acquire()
     assert why is not None
@@ -458,8 +505,12 @@ def test_lease_stale_at_once_for_dead_pid_on_this_host(repo: Repository) -> None
 
 
 def test_lease_live_pid_on_this_host_is_held(repo: Repository) -> None:
-    repo.backend.write(LEASE_KEY, _lease_doc(host=socket.gethostname(), boot=boot_id(),
-                                             pid=os.getpid(), heartbeat=time.time()))
+    repo.backend.write(
+        LEASE_KEY,
+        _lease_doc(
+            host=socket.gethostname(), boot=boot_id(), pid=os.getpid(), heartbeat=time.time()
+        ),
+    )
     with pytest.raises(LeaseHeldError):
         repo.lease("me", 60.0).acquire()
 

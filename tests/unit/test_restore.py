@@ -44,8 +44,11 @@ def _populate(src: Path) -> None:
     (src / "sub" / "up").symlink_to("../model.pt")
     (src / "dangling").symlink_to("missing-file")
     os.chmod(src / "sub", 0o750)
-    for d, ns in ((src / "sub" / "deep", OLD_NS + 11), (src / "sub", OLD_NS + 22),
-                  (src / "emptydir", OLD_NS + 33)):
+    for d, ns in (
+        (src / "sub" / "deep", OLD_NS + 11),
+        (src / "sub", OLD_NS + 22),
+        (src / "emptydir", OLD_NS + 33),
+    ):
         os.utime(d, ns=(ns, ns))
 
 
@@ -64,8 +67,9 @@ def _never(msg: str) -> None:
     pytest.fail(f"unexpected warning: {msg}")
 
 
-def test_restore_into_missing_dir(local_repo: Repository, src: Path, target: Path,
-                                  make_snapshotter: MakeSnap) -> None:
+def test_restore_into_missing_dir(
+    local_repo: Repository, src: Path, target: Path, make_snapshotter: MakeSnap
+) -> None:
     _populate(src)
     m = _snap(local_repo, src, make_snapshotter)
     restored = restore(local_repo, target, warn=_never)
@@ -82,8 +86,9 @@ def test_restore_into_missing_dir(local_repo: Repository, src: Path, target: Pat
     assert _leftovers(target) == []
 
 
-def test_restore_replaces_existing_content(local_repo: Repository, src: Path, target: Path,
-                                           make_snapshotter: MakeSnap) -> None:
+def test_restore_replaces_existing_content(
+    local_repo: Repository, src: Path, target: Path, make_snapshotter: MakeSnap
+) -> None:
     _populate(src)
     _snap(local_repo, src, make_snapshotter)
     write(target / "stale.pt", b"old junk")
@@ -101,8 +106,12 @@ def test_restore_replaces_existing_content(local_repo: Repository, src: Path, ta
 
 
 def test_restore_replaces_without_rename_exchange(
-        local_repo: Repository, src: Path, target: Path, make_snapshotter: MakeSnap,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    local_repo: Repository,
+    src: Path,
+    target: Path,
+    make_snapshotter: MakeSnap,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Where renameat2(RENAME_EXCHANGE) is missing, the two-rename fallback is used."""
     _populate(src)
     _snap(local_repo, src, make_snapshotter)
@@ -113,8 +122,9 @@ def test_restore_replaces_without_rename_exchange(
     assert _leftovers(target) == []
 
 
-def test_restore_picks_newest(local_repo: Repository, src: Path, target: Path,
-                              make_snapshotter: MakeSnap) -> None:
+def test_restore_picks_newest(
+    local_repo: Repository, src: Path, target: Path, make_snapshotter: MakeSnap
+) -> None:
     s = make_snapshotter(local_repo, src)
     write(src / "f", b"one")
     s.snapshot(reason="t")
@@ -146,8 +156,8 @@ def _only_in(newer: Manifest, older: Manifest) -> str:
 
 @pytest.mark.parametrize("damage", ["corrupt", "missing", "truncated"])
 def test_damaged_chunk_of_newest_falls_back(
-        local_repo: Repository, src: Path, target: Path, make_snapshotter: MakeSnap,
-        damage: str) -> None:
+    local_repo: Repository, src: Path, target: Path, make_snapshotter: MakeSnap, damage: str
+) -> None:
     m1, m2 = _two_snapshots(local_repo, src, make_snapshotter)
     digest = _only_in(m2, m1)
     if damage == "corrupt":
@@ -172,7 +182,8 @@ def test_damaged_chunk_of_newest_falls_back(
 
 
 def test_damaged_manifest_of_newest_falls_back(
-        local_repo: Repository, src: Path, target: Path, make_snapshotter: MakeSnap) -> None:
+    local_repo: Repository, src: Path, target: Path, make_snapshotter: MakeSnap
+) -> None:
     m1, m2 = _two_snapshots(local_repo, src, make_snapshotter)
     local_repo.backend.write(m2.key, m2.to_bytes()[:40])
     warnings: list[str] = []
@@ -183,8 +194,9 @@ def test_damaged_manifest_of_newest_falls_back(
     assert m2.id in warnings[0]
 
 
-def test_explicit_snapshot(local_repo: Repository, src: Path, target: Path,
-                           make_snapshotter: MakeSnap) -> None:
+def test_explicit_snapshot(
+    local_repo: Repository, src: Path, target: Path, make_snapshotter: MakeSnap
+) -> None:
     m1, _m2 = _two_snapshots(local_repo, src, make_snapshotter)
     restored = restore(local_repo, target, snapshot=m1.id, warn=_never)
     assert restored is not None
@@ -203,7 +215,8 @@ def _existing_target(target: Path) -> dict[str, tuple[object, ...]]:
 
 
 def test_explicit_corrupt_snapshot_is_an_error(
-        local_repo: Repository, src: Path, target: Path, make_snapshotter: MakeSnap) -> None:
+    local_repo: Repository, src: Path, target: Path, make_snapshotter: MakeSnap
+) -> None:
     m1, m2 = _two_snapshots(local_repo, src, make_snapshotter)
     local_repo.backend.write(chunk_key(_only_in(m2, m1)), b"garbage")
     before = _existing_target(target)
@@ -215,7 +228,8 @@ def test_explicit_corrupt_snapshot_is_an_error(
 
 
 def test_explicit_unknown_snapshot_is_an_error(
-        local_repo: Repository, src: Path, target: Path, make_snapshotter: MakeSnap) -> None:
+    local_repo: Repository, src: Path, target: Path, make_snapshotter: MakeSnap
+) -> None:
     _two_snapshots(local_repo, src, make_snapshotter)
     before = _existing_target(target)
     with pytest.raises(RestoreError):
@@ -223,12 +237,14 @@ def test_explicit_unknown_snapshot_is_an_error(
     assert tree(target) == before
 
 
-def test_all_snapshots_bad(local_repo: Repository, src: Path, target: Path,
-                           make_snapshotter: MakeSnap) -> None:
+def test_all_snapshots_bad(
+    local_repo: Repository, src: Path, target: Path, make_snapshotter: MakeSnap
+) -> None:
     m1, m2 = _two_snapshots(local_repo, src, make_snapshotter)
     # the chunk both share is gone: neither snapshot can be restored
-    [shared] = [d for d in m1.chunk_digests() & m2.chunk_digests()
-                if d == hash_bytes(data(1, CHUNK))]
+    [shared] = [
+        d for d in m1.chunk_digests() & m2.chunk_digests() if d == hash_bytes(data(1, CHUNK))
+    ]
     local_repo.backend.write(chunk_key(shared), b"rotten")
     before = _existing_target(target)
     warnings: list[str] = []
@@ -240,7 +256,8 @@ def test_all_snapshots_bad(local_repo: Repository, src: Path, target: Path,
 
 
 def test_all_snapshots_bad_missing_target_stays_missing(
-        local_repo: Repository, src: Path, target: Path, make_snapshotter: MakeSnap) -> None:
+    local_repo: Repository, src: Path, target: Path, make_snapshotter: MakeSnap
+) -> None:
     write(src / "f", b"content")
     m = _snap(local_repo, src, make_snapshotter)
     local_repo.backend.delete(chunk_key(m.entries[0].chunks[0]))
@@ -250,23 +267,36 @@ def test_all_snapshots_bad_missing_target_stays_missing(
     assert _leftovers(target) == []
 
 
-@pytest.mark.parametrize(("link", "dest"), [
-    ("evil", "../../etc"),
-    ("evil", ".."),
-    ("evil", "/etc/passwd"),
-    ("a/evil", "../../outside"),
-])
-def test_symlink_escaping_is_skipped(local_repo: Repository, src: Path, target: Path,
-                                     make_snapshotter: MakeSnap, link: str, dest: str) -> None:
+@pytest.mark.parametrize(
+    ("link", "dest"),
+    [
+        ("evil", "../../etc"),
+        ("evil", ".."),
+        ("evil", "/etc/passwd"),
+        ("a/evil", "../../outside"),
+    ],
+)
+def test_symlink_escaping_is_skipped(
+    local_repo: Repository,
+    src: Path,
+    target: Path,
+    make_snapshotter: MakeSnap,
+    link: str,
+    dest: str,
+) -> None:
     write(src / "f", b"good")
     good = _snap(local_repo, src, make_snapshotter)
     f = good.entries[0]
     entries = [f, Entry(link, "symlink", 0o777, target=dest)]
     if "/" in link:
         entries.insert(0, Entry("a", "dir", 0o755))
-    bad = Manifest(id="badbadba", generation=good.generation + 1,
-                   entries=tuple(sorted(entries, key=lambda e: e.path)),
-                   chunk_size=local_repo.chunk_size, created=0.0)
+    bad = Manifest(
+        id="badbadba",
+        generation=good.generation + 1,
+        entries=tuple(sorted(entries, key=lambda e: e.path)),
+        chunk_size=local_repo.chunk_size,
+        created=0.0,
+    )
     local_repo.write_manifest(bad)
     warnings: list[str] = []
 
@@ -281,10 +311,14 @@ def test_symlink_escaping_is_skipped(local_repo: Repository, src: Path, target: 
 
 
 def test_symlink_up_but_inside_is_restored(local_repo: Repository, target: Path) -> None:
-    entries = (Entry("a", "dir", 0o755), Entry("a/b", "dir", 0o755),
-               Entry("a/b/up", "symlink", 0o777, target="../../top"))
-    m = Manifest(id="0000aaaa", generation=1, entries=entries,
-                 chunk_size=local_repo.chunk_size, created=0.0)
+    entries = (
+        Entry("a", "dir", 0o755),
+        Entry("a/b", "dir", 0o755),
+        Entry("a/b/up", "symlink", 0o777, target="../../top"),
+    )
+    m = Manifest(
+        id="0000aaaa", generation=1, entries=entries, chunk_size=local_repo.chunk_size, created=0.0
+    )
     local_repo.write_manifest(m)
     restored = restore(local_repo, target, warn=_never)
     assert restored is not None
@@ -356,8 +390,12 @@ def test_restore_recovers_interrupted_first(local_repo: Repository, target: Path
 
 
 def test_local_failure_is_restore_error_and_target_untouched(
-        local_repo: Repository, src: Path, target: Path, make_snapshotter: MakeSnap,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    local_repo: Repository,
+    src: Path,
+    target: Path,
+    make_snapshotter: MakeSnap,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     _two_snapshots(local_repo, src, make_snapshotter)
     before = _existing_target(target)
     calls: list[Path] = []
@@ -375,8 +413,12 @@ def test_local_failure_is_restore_error_and_target_untouched(
 
 
 def test_local_failure_after_writing_cleans_temp(
-        local_repo: Repository, src: Path, target: Path, make_snapshotter: MakeSnap,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    local_repo: Repository,
+    src: Path,
+    target: Path,
+    make_snapshotter: MakeSnap,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     _two_snapshots(local_repo, src, make_snapshotter)
     before = _existing_target(target)
     real = restore_mod.materialise
@@ -396,15 +438,18 @@ def test_local_failure_after_writing_cleans_temp(
 # ---------------------------------------------------------------- snapshot -> restore round trip
 
 
-@pytest.mark.parametrize("odd", [
-    "backslash-name",
-    "absolute-symlink",
-    "escaping-symlink",
-    "non-utf8-name",
-])
+@pytest.mark.parametrize(
+    "odd",
+    [
+        "backslash-name",
+        "absolute-symlink",
+        "escaping-symlink",
+        "non-utf8-name",
+    ],
+)
 def test_every_snapshot_written_is_restorable(
-        local_repo: Repository, src: Path, target: Path, make_snapshotter: MakeSnap,
-        odd: str) -> None:
+    local_repo: Repository, src: Path, target: Path, make_snapshotter: MakeSnap, odd: str
+) -> None:
     """Whatever legal local directory the snapshotter records, restore() must be able
     to use that snapshot: at least the ordinary files come back and no snapshot is
     skipped as damaged."""

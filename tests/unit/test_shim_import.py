@@ -27,8 +27,15 @@ print(json.dumps({{
 
 
 def _probe(tmp_path: Path, env: dict[str, str]) -> dict[str, object]:
-    out = subprocess.run([sys.executable, "-c", PROBE], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=60, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
     result: dict[str, object] = json.loads(out.stdout)
     return result
@@ -46,8 +53,15 @@ def test_shim_alone_on_pythonpath_is_importable(tmp_path: Path) -> None:
     shims = Path(ckpt.__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env["PYTHONPATH"] = str(shims)
-    out = subprocess.run([sys.executable, "-S", "-c", PROBE], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=60, check=False)
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", PROBE],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["heavy"] == []
@@ -71,8 +85,13 @@ def test_env_names() -> None:
     assert ckpt.ENV_RESTORED == "CKPT_RESTORED"
     assert ckpt.ENV_SOCKET == "CKPT_SOCKET"
     assert ckpt.ENV_RUN == "CKPT_RUN"
-    assert ckpt.CHILD_ENV == ("CKPT_DIR", "CKPT_ATTEMPT", "CKPT_RESTORED", "CKPT_SOCKET",
-                              "CKPT_RUN")
+    assert ckpt.CHILD_ENV == (
+        "CKPT_DIR",
+        "CKPT_ATTEMPT",
+        "CKPT_RESTORED",
+        "CKPT_SOCKET",
+        "CKPT_RUN",
+    )
     assert set(ckpt.__all__) >= {"ExitCode", "ENV_DIR", "CHILD_ENV"}
 
 

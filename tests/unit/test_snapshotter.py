@@ -19,7 +19,7 @@ MakeSnap = Callable[..., Snapshotter]
 
 
 def _chunks_of(content: bytes) -> list[str]:
-    return [hash_bytes(content[i:i + CHUNK]) for i in range(0, len(content), CHUNK)]
+    return [hash_bytes(content[i : i + CHUNK]) for i in range(0, len(content), CHUNK)]
 
 
 def _stored_chunks(repo: Repository) -> set[str]:
@@ -38,7 +38,8 @@ def root(tmp_path: Path) -> Path:
 
 
 def test_first_snapshot_reads_and_uploads_everything(
-        local_repo: Repository, root: Path, make_snapshotter: MakeSnap) -> None:
+    local_repo: Repository, root: Path, make_snapshotter: MakeSnap
+) -> None:
     a = data(1, 3 * CHUNK + 100)
     b = data(2, CHUNK)
     write(root / "a.bin", a)
@@ -72,7 +73,8 @@ def test_first_snapshot_reads_and_uploads_everything(
 
 
 def test_duplicate_content_uploaded_once(
-        local_repo: Repository, root: Path, make_snapshotter: MakeSnap) -> None:
+    local_repo: Repository, root: Path, make_snapshotter: MakeSnap
+) -> None:
     same = data(3, 2 * CHUNK)
     write(root / "x", same)
     write(root / "y", same)
@@ -85,7 +87,8 @@ def test_duplicate_content_uploaded_once(
 
 
 def test_unchanged_second_snapshot_reads_nothing(
-        local_repo: Repository, root: Path, make_snapshotter: MakeSnap) -> None:
+    local_repo: Repository, root: Path, make_snapshotter: MakeSnap
+) -> None:
     write(root / "a.bin", data(1, 2 * CHUNK))
     write(root / "b.bin", data(2, CHUNK + 1))
     snap = make_snapshotter(local_repo, root)
@@ -104,7 +107,8 @@ def test_unchanged_second_snapshot_reads_nothing(
 
 
 def test_racy_recent_files_are_read_again(
-        local_repo: Repository, root: Path, make_snapshotter: MakeSnap) -> None:
+    local_repo: Repository, root: Path, make_snapshotter: MakeSnap
+) -> None:
     """A file modified within the last second is not trusted from the stat cache."""
     content = data(1, CHUNK)
     (root / "fresh.bin").write_bytes(content)  # mtime: now
@@ -116,7 +120,8 @@ def test_racy_recent_files_are_read_again(
 
 
 def test_changing_one_file_rereads_only_it(
-        local_repo: Repository, root: Path, make_snapshotter: MakeSnap) -> None:
+    local_repo: Repository, root: Path, make_snapshotter: MakeSnap
+) -> None:
     a = data(1, 3 * CHUNK)
     b = data(2, 3 * CHUNK)
     write(root / "a.bin", a)
@@ -127,7 +132,7 @@ def test_changing_one_file_rereads_only_it(
     before = _stored_chunks(local_repo)
 
     # rewrite b with only its middle chunk different
-    b2 = b[:CHUNK] + data(9, CHUNK) + b[2 * CHUNK:]
+    b2 = b[:CHUNK] + data(9, CHUNK) + b[2 * CHUNK :]
     write(root / "b.bin", b2, mtime_ns=OLD_NS + 10**9)
     result = snap.snapshot(reason="t")
 
@@ -139,7 +144,7 @@ def test_changing_one_file_rereads_only_it(
     assert result.bytes_read == len(b2)
     assert result.new_chunks == 1
     assert result.new_bytes == CHUNK
-    assert _stored_chunks(local_repo) - before == {hash_bytes(b2[CHUNK:2 * CHUNK])}
+    assert _stored_chunks(local_repo) - before == {hash_bytes(b2[CHUNK : 2 * CHUNK])}
     entries = _by_path(m)
     assert list(entries["b.bin"].chunks) == _chunks_of(b2)  # type: ignore[attr-defined]
     assert entries["a.bin"].same_content(_by_path(first)["a.bin"])  # type: ignore[attr-defined]
@@ -147,7 +152,8 @@ def test_changing_one_file_rereads_only_it(
 
 
 def test_deleted_file_makes_new_snapshot_without_it(
-        local_repo: Repository, root: Path, make_snapshotter: MakeSnap) -> None:
+    local_repo: Repository, root: Path, make_snapshotter: MakeSnap
+) -> None:
     write(root / "a", b"a")
     write(root / "b", b"b")
     snap = make_snapshotter(local_repo, root)
@@ -159,10 +165,20 @@ def test_deleted_file_makes_new_snapshot_without_it(
 
 
 def test_temp_names_never_in_manifest(
-        local_repo: Repository, root: Path, make_snapshotter: MakeSnap) -> None:
+    local_repo: Repository, root: Path, make_snapshotter: MakeSnap
+) -> None:
     write(root / "keep.bin", b"keep")
-    for name in ("a.tmp", "b.partial", "c.part", "d.tmp.123", "e.swp", "f~", ".#g",
-                 "tmp-checkpoint-5", ".ckpt-x"):
+    for name in (
+        "a.tmp",
+        "b.partial",
+        "c.part",
+        "d.tmp.123",
+        "e.swp",
+        "f~",
+        ".#g",
+        "tmp-checkpoint-5",
+        ".ckpt-x",
+    ):
         write(root / name, b"temp " + name.encode())
     write(root / "x.orbax-checkpoint-tmp-1" / "inner.bin", b"inner")
     write(root / "nested" / "deep.tmp", b"deep")
@@ -174,8 +190,7 @@ def test_temp_names_never_in_manifest(
     assert result.bytes_read == len(b"keep") + len(b"ok")
 
 
-def test_custom_patterns(local_repo: Repository, root: Path,
-                         make_snapshotter: MakeSnap) -> None:
+def test_custom_patterns(local_repo: Repository, root: Path, make_snapshotter: MakeSnap) -> None:
     write(root / "a.log", b"log")
     write(root / "b.bin", b"bin")
     m = make_snapshotter(local_repo, root, patterns=("*.log",)).snapshot(reason="t").manifest
@@ -184,7 +199,8 @@ def test_custom_patterns(local_repo: Repository, root: Path,
 
 
 def test_symlinks_recorded_as_symlinks(
-        local_repo: Repository, root: Path, make_snapshotter: MakeSnap) -> None:
+    local_repo: Repository, root: Path, make_snapshotter: MakeSnap
+) -> None:
     target = write(root / "ckpt-1" / "model.pt", data(5, 100))
     (root / "latest").symlink_to("ckpt-1")
     (root / "model").symlink_to("ckpt-1/model.pt")
@@ -193,8 +209,7 @@ def test_symlinks_recorded_as_symlinks(
     m = result.manifest
     assert m is not None
     entries = _by_path(m)
-    for name, tgt in (("latest", "ckpt-1"), ("model", "ckpt-1/model.pt"),
-                      ("dangling", "nowhere")):
+    for name, tgt in (("latest", "ckpt-1"), ("model", "ckpt-1/model.pt"), ("dangling", "nowhere")):
         e = entries[name]
         assert e.type == "symlink"  # type: ignore[attr-defined]
         assert e.target == tgt  # type: ignore[attr-defined]
@@ -203,8 +218,9 @@ def test_symlinks_recorded_as_symlinks(
     assert result.bytes_read == target.stat().st_size  # the file is read once
 
 
-def test_empty_dirs_recorded(local_repo: Repository, root: Path,
-                             make_snapshotter: MakeSnap) -> None:
+def test_empty_dirs_recorded(
+    local_repo: Repository, root: Path, make_snapshotter: MakeSnap
+) -> None:
     (root / "empty").mkdir()
     (root / "outer" / "inner").mkdir(parents=True)
     os.chmod(root / "empty", 0o710)
@@ -217,8 +233,8 @@ def test_empty_dirs_recorded(local_repo: Repository, root: Path,
 
 
 def test_fifos_and_sockets_are_not_data(
-        local_repo: Repository, root: Path, make_snapshotter: MakeSnap,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    local_repo: Repository, root: Path, make_snapshotter: MakeSnap, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import socket
 
     os.mkfifo(root / "pipe")  # reading it would block forever
@@ -235,21 +251,24 @@ def test_fifos_and_sockets_are_not_data(
 
 
 def test_empty_root_first_time_writes_nothing(
-        local_repo: Repository, root: Path, make_snapshotter: MakeSnap) -> None:
+    local_repo: Repository, root: Path, make_snapshotter: MakeSnap
+) -> None:
     result = make_snapshotter(local_repo, root).snapshot(reason="t")
     assert result.manifest is None
     assert local_repo.snapshots() == []
 
 
-def test_missing_root_writes_nothing(local_repo: Repository, tmp_path: Path,
-                                     make_snapshotter: MakeSnap) -> None:
+def test_missing_root_writes_nothing(
+    local_repo: Repository, tmp_path: Path, make_snapshotter: MakeSnap
+) -> None:
     result = make_snapshotter(local_repo, tmp_path / "missing").snapshot(reason="t")
     assert result.manifest is None
     assert local_repo.snapshots() == []
 
 
-def test_snapshot_keep_prunes(local_repo: Repository, root: Path,
-                              make_snapshotter: MakeSnap) -> None:
+def test_snapshot_keep_prunes(
+    local_repo: Repository, root: Path, make_snapshotter: MakeSnap
+) -> None:
     snap = make_snapshotter(local_repo, root)
     for i in range(4):
         write(root / "f", data(i, CHUNK), mtime_ns=OLD_NS + i * 10**9)
@@ -260,7 +279,8 @@ def test_snapshot_keep_prunes(local_repo: Repository, root: Path,
 
 
 def test_may_write_is_asked_before_the_manifest(
-        local_repo: Repository, root: Path, make_snapshotter: MakeSnap) -> None:
+    local_repo: Repository, root: Path, make_snapshotter: MakeSnap
+) -> None:
     class Lost(Exception):
         pass
 
@@ -277,8 +297,9 @@ def test_may_write_is_asked_before_the_manifest(
 # ---------------------------------------------------------------- files changing while read
 
 
-def _rewrite_during_read(monkeypatch: pytest.MonkeyPatch, path: Path,
-                         new_content: bytes, new_mtime_ns: int) -> list[int]:
+def _rewrite_during_read(
+    monkeypatch: pytest.MonkeyPatch, path: Path, new_content: bytes, new_mtime_ns: int
+) -> list[int]:
     """Patch os.pread as seen by the snapshotter: the first read of `path`
     returns the bytes on disk, then rewrites the file (same size, new mtime)."""
     real = os.pread
@@ -299,8 +320,8 @@ def _rewrite_during_read(monkeypatch: pytest.MonkeyPatch, path: Path,
 
 
 def test_file_changing_while_read_keeps_previous_version(
-        local_repo: Repository, root: Path, make_snapshotter: MakeSnap,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    local_repo: Repository, root: Path, make_snapshotter: MakeSnap, monkeypatch: pytest.MonkeyPatch
+) -> None:
     v1 = data(1, 2 * CHUNK)
     f = write(root / "model.pt", v1)
     write(root / "other", b"other v1")
@@ -330,12 +351,13 @@ def test_file_changing_while_read_keeps_previous_version(
     assert again.unstable == []
     assert again.manifest is not None
     assert list(_by_path(again.manifest)["model.pt"].chunks) == _chunks_of(  # type: ignore[attr-defined]
-        data(3, 2 * CHUNK))
+        data(3, 2 * CHUNK)
+    )
 
 
 def test_file_changing_while_read_without_previous_version_is_left_out(
-        local_repo: Repository, root: Path, make_snapshotter: MakeSnap,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    local_repo: Repository, root: Path, make_snapshotter: MakeSnap, monkeypatch: pytest.MonkeyPatch
+) -> None:
     f = write(root / "model.pt", data(1, CHUNK))
     write(root / "stable", b"stable")
     fired = _rewrite_during_read(monkeypatch, f, data(2, CHUNK), OLD_NS + 10**9)
@@ -347,8 +369,8 @@ def test_file_changing_while_read_without_previous_version_is_left_out(
 
 
 def test_file_growing_while_read_is_unstable(
-        local_repo: Repository, root: Path, make_snapshotter: MakeSnap,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    local_repo: Repository, root: Path, make_snapshotter: MakeSnap, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Appending keeps the bytes already read valid, but the file is not complete."""
     f = write(root / "log.bin", data(1, CHUNK))
     write(root / "stable", b"stable")
@@ -378,7 +400,8 @@ def test_file_growing_while_read_is_unstable(
 
 
 def test_adopt_trust_local_seeds_cache(
-        local_repo: Repository, root: Path, make_snapshotter: MakeSnap) -> None:
+    local_repo: Repository, root: Path, make_snapshotter: MakeSnap
+) -> None:
     write(root / "a", data(1, 2 * CHUNK))
     write(root / "d" / "b", data(2, 100))
     m = make_snapshotter(local_repo, root).snapshot(reason="t").manifest
@@ -393,7 +416,8 @@ def test_adopt_trust_local_seeds_cache(
 
 
 def test_without_adopt_everything_is_read(
-        local_repo: Repository, root: Path, make_snapshotter: MakeSnap) -> None:
+    local_repo: Repository, root: Path, make_snapshotter: MakeSnap
+) -> None:
     a = data(1, 2 * CHUNK)
     write(root / "a", a)
     m = make_snapshotter(local_repo, root).snapshot(reason="t").manifest
@@ -404,8 +428,9 @@ def test_without_adopt_everything_is_read(
     assert result.new_chunks == 0  # already in the repository
 
 
-def test_adopt_restored_dir(local_repo: Repository, root: Path, tmp_path: Path,
-                            make_snapshotter: MakeSnap) -> None:
+def test_adopt_restored_dir(
+    local_repo: Repository, root: Path, tmp_path: Path, make_snapshotter: MakeSnap
+) -> None:
     """After a restore elsewhere, trust_local=True trusts the restored files;
     trust_local=False does not (other inodes, other source)."""
     a = data(1, 2 * CHUNK)
@@ -430,7 +455,8 @@ def test_adopt_restored_dir(local_repo: Repository, root: Path, tmp_path: Path,
 
 
 def test_adopt_skips_files_that_differ(
-        local_repo: Repository, root: Path, make_snapshotter: MakeSnap) -> None:
+    local_repo: Repository, root: Path, make_snapshotter: MakeSnap
+) -> None:
     write(root / "a", data(1, CHUNK))
     write(root / "b", data(2, CHUNK))
     m = make_snapshotter(local_repo, root).snapshot(reason="t").manifest
@@ -444,8 +470,7 @@ def test_adopt_skips_files_that_differ(
     assert result.manifest is not None
 
 
-def test_adopt_none_clears(local_repo: Repository, root: Path,
-                           make_snapshotter: MakeSnap) -> None:
+def test_adopt_none_clears(local_repo: Repository, root: Path, make_snapshotter: MakeSnap) -> None:
     write(root / "a", data(1, CHUNK))
     snap = make_snapshotter(local_repo, root)
     snap.snapshot(reason="t")
@@ -466,8 +491,9 @@ def test_scan_sorted_and_typed(root: Path) -> None:
     assert entries[3].target == "b"
 
 
-def test_open_backend_repository_for_snapshots(tmp_path: Path, root: Path,
-                                               make_snapshotter: MakeSnap) -> None:
+def test_open_backend_repository_for_snapshots(
+    tmp_path: Path, root: Path, make_snapshotter: MakeSnap
+) -> None:
     """Repository.open with the default chunk size works end to end."""
     repo = Repository.open(open_backend(str(tmp_path / "store")), create=True)
     assert repo is not None

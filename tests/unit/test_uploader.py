@@ -60,8 +60,14 @@ class Harness:
         self.errors: list[tuple[str, float]] = []
         self._lock = threading.Lock()
         self.worker = SnapshotWorker(
-            self.snapshotter, debounce=0.05, rescan=3600.0, keep=3, attempt=lambda: 1,
-            on_snapshot=self._on_snapshot, on_error=self._on_error)
+            self.snapshotter,
+            debounce=0.05,
+            rescan=3600.0,
+            keep=3,
+            attempt=lambda: 1,
+            on_snapshot=self._on_snapshot,
+            on_error=self._on_error,
+        )
 
     def _on_snapshot(self, result: SnapshotResult) -> None:
         with self._lock:
@@ -109,7 +115,8 @@ def harness_factory() -> Iterator[Callable[..., Harness]]:
 
 
 def test_commit_request_returns_durable_manifest(
-        local_repo: Repository, root: Path, harness_factory: Callable[..., Harness]) -> None:
+    local_repo: Repository, root: Path, harness_factory: Callable[..., Harness]
+) -> None:
     write(root / "model.pt", data(1, 2 * CHUNK + 5))
     h = harness_factory(local_repo, root)
 
@@ -134,7 +141,8 @@ def test_commit_request_returns_durable_manifest(
 
 
 def test_commit_with_nothing_new_returns_current(
-        local_repo: Repository, root: Path, harness_factory: Callable[..., Harness]) -> None:
+    local_repo: Repository, root: Path, harness_factory: Callable[..., Harness]
+) -> None:
     write(root / "f", b"x")
     h = harness_factory(local_repo, root)
     first = h.worker.request("commit")
@@ -148,7 +156,8 @@ def test_commit_with_nothing_new_returns_current(
 
 
 def test_changed_then_quiet_triggers_snapshot(
-        local_repo: Repository, root: Path, harness_factory: Callable[..., Harness]) -> None:
+    local_repo: Repository, root: Path, harness_factory: Callable[..., Harness]
+) -> None:
     h = harness_factory(local_repo, root)
     write(root / "step-1.pt", data(7, CHUNK))
     h.worker.changed()
@@ -163,21 +172,26 @@ def test_changed_then_quiet_triggers_snapshot(
 
 
 def test_repeated_changes_are_debounced_into_later_snapshots(
-        local_repo: Repository, root: Path, harness_factory: Callable[..., Harness]) -> None:
+    local_repo: Repository, root: Path, harness_factory: Callable[..., Harness]
+) -> None:
     h = harness_factory(local_repo, root)
     write(root / "a", b"a")
     h.worker.changed()
     assert h.wait_for(lambda: len(h.results) >= 1)
     write(root / "b", b"b")
     h.worker.changed()
-    assert h.wait_for(lambda: any(
-        r.manifest is not None and {e.path for e in r.manifest.entries} == {"a", "b"}
-        for r in h.results))
+    assert h.wait_for(
+        lambda: any(
+            r.manifest is not None and {e.path for e in r.manifest.entries} == {"a", "b"}
+            for r in h.results
+        )
+    )
     assert h.wait_for(lambda: not h.worker.busy)
 
 
 def test_failing_remote_fails_request_then_recovers(
-        tmp_path: Path, root: Path, harness_factory: Callable[..., Harness]) -> None:
+    tmp_path: Path, root: Path, harness_factory: Callable[..., Harness]
+) -> None:
     inner = open_backend(str(tmp_path / "remote"))
     assert isinstance(inner, LocalBackend)
     flaky = FlakyBackend(inner, failures=1)
@@ -209,7 +223,8 @@ def test_failing_remote_fails_request_then_recovers(
 
 
 def test_failing_manifest_write_then_recovers(
-        tmp_path: Path, root: Path, harness_factory: Callable[..., Harness]) -> None:
+    tmp_path: Path, root: Path, harness_factory: Callable[..., Harness]
+) -> None:
     """Chunks already uploaded, manifest write failed: nothing is committed; the
     next request commits without uploading the chunks again."""
     inner = open_backend(str(tmp_path / "remote"))
@@ -240,7 +255,8 @@ def test_failing_manifest_write_then_recovers(
 
 
 def test_lease_lost_fails_all_later_requests(
-        local_repo: Repository, root: Path, harness_factory: Callable[..., Harness]) -> None:
+    local_repo: Repository, root: Path, harness_factory: Callable[..., Harness]
+) -> None:
     def lost() -> None:
         raise LeaseLostError("taken over by host x")
 
@@ -268,8 +284,9 @@ def test_stop_ends_the_thread(local_repo: Repository, root: Path) -> None:
         h.close()
 
 
-def test_snapshots_use_old_mtime_files(local_repo: Repository, root: Path,
-                                       harness_factory: Callable[..., Harness]) -> None:
+def test_snapshots_use_old_mtime_files(
+    local_repo: Repository, root: Path, harness_factory: Callable[..., Harness]
+) -> None:
     """A commit after an unchanged commit reads nothing (stat cache carried over)."""
     write(root / "f", data(5, CHUNK), mtime_ns=OLD_NS)
     h = harness_factory(local_repo, root)
