@@ -65,6 +65,11 @@ def push(dir: Path, remote: str, keep: int, options: list[str]) -> int:
     finally:
         snapshotter.close()
         lease.release()
+    if result.skipped_links:
+        console.warn(
+            "symlinks that lead out of the directory are not snapshotted: "
+            + ", ".join(result.skipped_links[:5])
+        )
     if result.unstable:
         console.warn(
             "changed while being read, kept at their previous version: "

@@ -96,9 +96,16 @@ class LocalEntry:
     target: str = ""
 
 
-def scan(root: Path, patterns: Iterable[str] = TEMP_PATTERNS) -> list[LocalEntry]:
-    """Every file, directory and symlink below root (not following links), sorted."""
+def scan(
+    root: Path, patterns: Iterable[str] = TEMP_PATTERNS, skipped: list[str] | None = None
+) -> list[LocalEntry]:
+    """Every file, directory and symlink below root (not following links), sorted.
+
+    An absolute symlink into root is recorded as the equivalent relative one;
+    links that lead outside root are left out (and their paths appended to
+    `skipped`): restore would refuse them."""
     pats = tuple(patterns)
+    root_str = str(root)
     out: list[LocalEntry] = []
 
     def walk(directory: str, rel: str) -> None:
@@ -128,13 +135,19 @@ def scan(root: Path, patterns: Iterable[str] = TEMP_PATTERNS) -> list[LocalEntry
                         target = os.readlink(d.path)
                     except OSError:
                         continue
+                    norm = os.path.normpath(target)
+                    if norm == root_str or norm.startswith(root_str + "/"):
+                        target = os.path.relpath(norm, os.path.dirname(d.path))
                     out.append(LocalEntry(path, "symlink", mode, 0, 0, st.st_ino, target))
                 # sockets, fifos and devices are not checkpoint data
 
     walk(str(root), "")
     links = {e.path: e.target for e in out if e.type == "symlink"}
-    if links:  # restore refuses links that lead outside: never record one
-        out = [e for e in out if e.type != "symlink" or not link_escapes(e.path, e.target, links)]
+    escaping = {p for p, t in links.items() if link_escapes(p, t, links)}
+    if escaping:  # restore refuses links that lead outside: never record one
+        out = [e for e in out if e.path not in escaping]
+        if skipped is not None:
+            skipped.extend(sorted(escaping))
     out.sort(key=lambda e: e.path)
     return out
 
@@ -156,6 +169,7 @@ class SnapshotResult:
     new_bytes: int = 0
     new_chunks: int = 0
     unstable: list[str] = dataclasses.field(default_factory=list)
+    skipped_links: list[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -224,7 +238,7 @@ class Snapshotter:
         result = SnapshotResult(None, parent)
         if not self.root.is_dir():
             return result  # a missing directory is not an empty state: nothing to record
-        local = scan(self.root, self.patterns)
+        local = scan(self.root, self.patterns, result.skipped_links)
         parent_entries = {e.path: e for e in parent.entries} if parent else {}
         entries: dict[str, Entry] = {}
         to_read: list[LocalEntry] = []

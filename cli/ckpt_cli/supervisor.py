@@ -75,6 +75,7 @@ class Supervisor:
         self.stop_signal: int | None = None
         self._lease_error: LeaseLostError | None = None
         self._wake_r = self._wake_w = -1
+        self._warned_links: set[str] = set()
 
     # ------------------------------------------------------------ entry point
 
@@ -437,6 +438,14 @@ class Supervisor:
             raise self._lease_error
 
     def _report_snapshot(self, result: SnapshotResult) -> None:
+        new_links = [p for p in result.skipped_links if p not in self._warned_links]
+        if new_links:
+            self._warned_links.update(new_links)
+            console.warn(
+                "symlinks that lead out of --dir are not snapshotted: "
+                + ", ".join(new_links[:5])
+                + (" ..." if len(new_links) > 5 else "")
+            )
         if result.unstable:
             shown = ", ".join(result.unstable[:3]) + (" ..." if len(result.unstable) > 3 else "")
             console.warn(f"changed while being read, kept at their previous version: {shown}")

@@ -501,3 +501,34 @@ def test_open_backend_repository_for_snapshots(
     m = make_snapshotter(repo, root).snapshot(reason="t").manifest
     assert m is not None
     assert repo.get_chunk(m.entries[0].chunks[0], 5) == b"hello"
+
+
+def test_absolute_link_into_the_dir_is_recorded_relative_and_restores(
+    local_repo: Repository, root: Path, tmp_path: Path, make_snapshotter: MakeSnap
+) -> None:
+    write(root / "step-2" / "model.pt", data(7, 50))
+    (root / "latest").symlink_to(root / "step-2")  # absolute, but inside --dir
+    (root / "step-2" / "self").symlink_to(root / "step-2" / "model.pt")
+    result = make_snapshotter(local_repo, root).snapshot(reason="t")
+    assert result.skipped_links == []
+    entries = _by_path(result.manifest)  # type: ignore[arg-type]
+    assert entries["latest"].target == "step-2"  # type: ignore[attr-defined]
+    assert entries["step-2/self"].target == "model.pt"  # type: ignore[attr-defined]
+    out = tmp_path / "elsewhere" / "restored"
+    restore(local_repo, out, warn=pytest.fail)
+    assert (out / "latest" / "model.pt").read_bytes() == data(7, 50)
+    assert os.readlink(out / "latest") == "step-2"
+
+
+def test_links_leading_outside_are_left_out_and_reported(
+    local_repo: Repository, root: Path, make_snapshotter: MakeSnap
+) -> None:
+    write(root / "a.bin", b"a")
+    (root / "dataset").symlink_to("/usr/share")
+    (root / "up").symlink_to("../elsewhere")
+    (root / "here").symlink_to(".")
+    (root / "sneaky").symlink_to("here/..")  # escapes only through the other link
+    result = make_snapshotter(local_repo, root).snapshot(reason="t")
+    assert result.skipped_links == ["dataset", "sneaky", "up"]
+    assert result.manifest is not None
+    assert sorted(e.path for e in result.manifest.entries) == ["a.bin", "here"]
