@@ -30,7 +30,7 @@ from ckpt_cli.config import RunConfig
 from ckpt_cli.control import ControlServer
 from ckpt_cli.errors import RemoteError
 from ckpt_cli.policy import ChildExit, Decision, decide, signal_name
-from ckpt_cli.remote import open_backend
+from ckpt_cli.remote import open_backend, redact_url
 from ckpt_cli.repository import (
     Lease,
     LeaseLostError,
@@ -81,13 +81,14 @@ class Supervisor:
 
     def run(self) -> int:
         cfg = self.cfg
+        shown = redact_url(cfg.remote)
         if cfg.remote_is_default:
             console.info(
-                f"remote: {cfg.remote} (embedded local store; protect against losing this "
+                f"remote: {shown} (embedded local store; protect against losing this "
                 "machine with --remote s3://bucket/prefix or CKPT_REMOTE)"
             )
         else:
-            console.info(f"remote: {cfg.remote}")
+            console.info(f"remote: {shown}")
         backend = open_backend(cfg.remote, cfg.storage_options)
         repo = Repository.open(backend, create=True)
         assert repo is not None
@@ -127,6 +128,9 @@ class Supervisor:
             on_error=self._report_error,
         )
         runtime = Path(tempfile.mkdtemp(prefix="ckpt-"))
+        if len(str(runtime)) > 90:  # AF_UNIX paths are limited to 107 bytes
+            shutil.rmtree(runtime)
+            runtime = Path(tempfile.mkdtemp(prefix="ckpt-", dir="/tmp"))
         control = ControlServer(runtime / "control.sock", worker, lambda: self._status(worker))
         watcher = Watcher(cfg.dir, worker.changed, self.patterns)
         guardian = Guardian()
@@ -472,7 +476,7 @@ class Supervisor:
             "attempt": self.attempt,
             "child_pid": self.child.pid if self.child and self.child.exit is None else None,
             "dir": str(self.cfg.dir),
-            "remote": self.cfg.remote,
+            "remote": redact_url(self.cfg.remote),
             "last_snapshot": last.id if last else None,
             "last_snapshot_age": (time.time() - last.created) if last else None,
             "snapshots": stats.snapshots,

@@ -223,3 +223,19 @@ def test_storage_options_not_key_value(item: str) -> None:
 def test_storage_options_conflict() -> None:
     with pytest.raises(ConfigError):
         parse_storage_options(["a=1", "a.b=2"])
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("sftp://alice:hunter2@host:2222/runs/a", "sftp://host:2222/runs/a"),
+        ("sftp://alice@host/runs/a", "sftp://alice@host/runs/a"),
+        ("s3://bucket/prefix", "s3://bucket/prefix"),
+        ("/plain/path", "/plain/path"),
+    ],
+)
+def test_redact_url_hides_passwords(url: str, shown: str) -> None:
+    from ckpt_cli.remote import redact_url
+
+    assert redact_url(url) == shown
+    assert "hunter2" not in redact_url(url)
