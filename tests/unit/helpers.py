@@ -6,6 +6,8 @@ import os
 import random
 from pathlib import Path
 
+from ckpt_cli.remote import Backend
+
 #: A small chunk size so multi-chunk files stay tiny.
 CHUNK = 4096
 #: Far enough in the past that the racy-timestamp rule never applies.
@@ -42,3 +44,26 @@ def tree(root: Path) -> dict[str, tuple[object, ...]]:
             else:
                 out[rel] = ("file", st.st_mode & 0o7777, st.st_mtime_ns, p.read_bytes())
     return out
+
+
+class DelegatingBackend:
+    """A backend that passes every call to `inner`; tests override what they observe."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.display = inner.display
+
+    def read(self, key: str) -> bytes:
+        return self.inner.read(key)
+
+    def write(self, key: str, data: bytes) -> None:
+        self.inner.write(key, data)
+
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        return self.inner.create_exclusive(key, data)
+
+    def delete(self, key: str) -> None:
+        self.inner.delete(key)
+
+    def list(self, prefix: str) -> list[str]:
+        return self.inner.list(prefix)

@@ -29,34 +29,21 @@ from ckpt_cli.repository import (
     iter_manifests,
 )
 
-from .helpers import CHUNK
+from .helpers import CHUNK, DelegatingBackend
 
 
-class CountingBackend:
+class CountingBackend(DelegatingBackend):
     """Wraps a backend and records every key written."""
 
     def __init__(self, inner: Backend) -> None:
-        self.inner = inner
-        self.display = inner.display
+        super().__init__(inner)
         self.writes: list[str] = []
         self._lock = threading.Lock()
-
-    def read(self, key: str) -> bytes:
-        return self.inner.read(key)
 
     def write(self, key: str, data: bytes) -> None:
         with self._lock:
             self.writes.append(key)
         self.inner.write(key, data)
-
-    def create_exclusive(self, key: str, data: bytes) -> bool:
-        return self.inner.create_exclusive(key, data)
-
-    def delete(self, key: str) -> None:
-        self.inner.delete(key)
-
-    def list(self, prefix: str) -> list[str]:
-        return self.inner.list(prefix)
 
 
 def _file_entry(path: str, content: bytes, chunk_size: int = CHUNK) -> Entry:

@@ -15,24 +15,20 @@ from ckpt_cli.repository import LeaseLostError, Repository
 from ckpt_cli.snapshotter import SnapshotResult, Snapshotter
 from ckpt_cli.uploader import SnapshotWorker
 
-from .helpers import CHUNK, OLD_NS, data, write
+from .helpers import CHUNK, OLD_NS, DelegatingBackend, data, write
 
 #: Generous deadline for a background snapshot of a few KiB (never a timing assert).
 DEADLINE = 30.0
 
 
-class FlakyBackend:
+class FlakyBackend(DelegatingBackend):
     """A LocalBackend whose first `failures` writes raise RemoteError."""
 
     def __init__(self, inner: LocalBackend, failures: int) -> None:
-        self.inner = inner
-        self.display = inner.display
+        super().__init__(inner)
         self.failures = failures
         self.failed = 0
         self._lock = threading.Lock()
-
-    def read(self, key: str) -> bytes:
-        return self.inner.read(key)
 
     def write(self, key: str, data: bytes) -> None:
         with self._lock:
@@ -40,15 +36,6 @@ class FlakyBackend:
                 self.failed += 1
                 raise RemoteError(f"injected failure #{self.failed} writing {key}")
         self.inner.write(key, data)
-
-    def create_exclusive(self, key: str, data: bytes) -> bool:
-        return self.inner.create_exclusive(key, data)
-
-    def delete(self, key: str) -> None:
-        self.inner.delete(key)
-
-    def list(self, prefix: str) -> list[str]:
-        return self.inner.list(prefix)
 
 
 class Harness:
