@@ -23,23 +23,11 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
+from ckpt import _contract as contract
 from ckpt_cli.repository import Entry, Manifest, Repository, hash_bytes, host_name
 
-#: Names that are never snapshotted: writers' temp files and directories.
-TEMP_PATTERNS: tuple[str, ...] = (
-    "*.tmp",
-    "*.tmp.*",
-    "*.temp",
-    "*.partial",
-    "*.part",
-    "*.swp",
-    "*~",
-    ".#*",
-    "*.orbax-checkpoint-tmp-*",
-    "tmp-checkpoint-*",
-    ".ckpt-*",
-    ".*.ckpt-restore-*",
-)
+#: Names that are never snapshotted: one definition, shared with the shim.
+TEMP_PATTERNS = contract.TEMP_PATTERNS
 #: A file modified this close to the scan may change again within the same
 #: mtime tick: it is not trusted from the stat cache next time (racy-git rule).
 RACY_NS = 1_000_000_000

@@ -1,27 +1,81 @@
 """`import ckpt`: what runs inside the child. Standard library only at import time.
 
-This release carries the supervisor contract (env names, exit codes); the
-cooperation API (commit, restore info, preemption callbacks) builds on it.
+    import ckpt
+    cp = ckpt.checkpoint()          # the directory `ckpt run` protects ($CKPT_DIR)
+    if cp.prev_exists(): state = cp.read()
+    cp.write(new_state)             # atomic, then committed: durable when it returns
+    if ckpt.preemption_requested(): save_now()
+    raise ckpt.RecoverableError("flaky data node")   # uncaught: exit 75, retried
+
+Framework adapters live in submodules that import their framework lazily:
+ckpt.torch, ckpt.lightning, ckpt.hf, ckpt.keras.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import os
+import sys
+from types import TracebackType
+
+from ckpt._checkpoint import PAYLOAD, Checkpoint, checkpoint, commit, latest_checkpoint
 from ckpt._contract import (
     CHILD_ENV,
     ENV_ATTEMPT,
+    ENV_BIN,
+    ENV_CHECKPOINT_SIGNAL,
     ENV_DIR,
     ENV_RESTORED,
     ENV_RUN,
     ENV_SOCKET,
+    TEMP_PATTERNS,
     ExitCode,
 )
+from ckpt._control import CommitError
+from ckpt._preempt import on_preemption, preemption_requested
 
 __all__ = [
     "CHILD_ENV",
     "ENV_ATTEMPT",
+    "ENV_BIN",
+    "ENV_CHECKPOINT_SIGNAL",
     "ENV_DIR",
     "ENV_RESTORED",
     "ENV_RUN",
     "ENV_SOCKET",
+    "PAYLOAD",
+    "TEMP_PATTERNS",
+    "Checkpoint",
+    "CommitError",
     "ExitCode",
+    "RecoverableError",
+    "checkpoint",
+    "commit",
+    "latest_checkpoint",
+    "on_preemption",
+    "preemption_requested",
 ]
+
+
+class RecoverableError(Exception):
+    """Raise it (uncaught) to end the process with exit code 75: `ckpt run`
+    relaunches the script, which resumes from its checkpoint."""
+
+
+_previous_hook = sys.excepthook
+
+
+def _excepthook(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+    _previous_hook(kind, value, tb)
+    if issubclass(kind, RecoverableError):
+        # The interpreter would exit 1 after an uncaught exception: finish the
+        # normal shutdown work ourselves, then exit with the retry code.
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                stream.flush()
+        atexit._run_exitfuncs()
+        os._exit(ExitCode.RECOVERABLE)
+
+
+sys.excepthook = _excepthook

@@ -19,8 +19,39 @@ ENV_SOCKET = "CKPT_SOCKET"
 #: Identity of this `ckpt run` invocation, the same for every attempt.
 ENV_RUN = "CKPT_RUN"
 
+#: Name of the signal that means "checkpoint soon" (--checkpoint-signal), e.g. SIGUSR1.
+ENV_CHECKPOINT_SIGNAL = "CKPT_CHECKPOINT_SIGNAL"
+#: Path of the `ckpt` executable supervising the child (for shell scripts).
+ENV_BIN = "CKPT_BIN"
+
 #: Every variable the supervisor sets in the child's environment.
-CHILD_ENV = (ENV_DIR, ENV_ATTEMPT, ENV_RESTORED, ENV_SOCKET, ENV_RUN)
+CHILD_ENV = (
+    ENV_DIR,
+    ENV_ATTEMPT,
+    ENV_RESTORED,
+    ENV_SOCKET,
+    ENV_RUN,
+    ENV_CHECKPOINT_SIGNAL,
+    ENV_BIN,
+)
+
+#: Names that are never part of a checkpoint: writers' temp files and
+#: directories. The supervisor never snapshots them and latest_checkpoint()
+#: never returns them (fnmatch patterns, matched against one path component).
+TEMP_PATTERNS: tuple[str, ...] = (
+    "*.tmp",
+    "*.tmp.*",
+    "*.temp",
+    "*.partial",
+    "*.part",
+    "*.swp",
+    "*~",
+    ".#*",
+    "*.orbax-checkpoint-tmp-*",
+    "tmp-checkpoint-*",
+    ".ckpt-*",
+    ".*.ckpt-restore-*",
+)
 
 
 class ExitCode(enum.IntEnum):

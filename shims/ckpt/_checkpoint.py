@@ -1,0 +1,259 @@
+"""The Checkpoint object: read and write the checkpoint directory, commit it.
+
+Covers Flyte's two intratask checkpoint APIs (flytekit: read/write bytes,
+prev_exists; flyte 2.x: load/save of bytes, a file or a directory, sync and
+async) on top of the directory the supervisor protects. Every save goes
+through a temp name and a rename, then commits. Standard library only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import fnmatch
+import os
+import re
+import secrets
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+from ckpt import _control, _preempt
+from ckpt._contract import ENV_ATTEMPT, ENV_DIR, ENV_RESTORED, TEMP_PATTERNS
+
+#: The file that holds a bytes payload saved with write()/save(bytes).
+PAYLOAD = "payload"
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _is_temp(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in TEMP_PATTERNS)
+
+
+class Checkpoint:
+    """The checkpoint directory of this run (see `ckpt.checkpoint()`)."""
+
+    def __init__(self, path: Path, attempt: int = 1, restored: str | None = None) -> None:
+        self.path = path
+        self.attempt = attempt
+        self.restored = restored
+
+    def __repr__(self) -> str:
+        return (
+            f"Checkpoint(path={str(self.path)!r}, attempt={self.attempt}, "
+            f"restored={self.restored!r})"
+        )
+
+    # -- state
+
+    def prev_exists(self) -> bool:
+        """True if the directory holds anything from an earlier attempt or run."""
+        try:
+            return any(not _is_temp(p.name) for p in self.path.iterdir())
+        except FileNotFoundError:
+            return False
+
+    # -- flytekit style
+
+    def read(self) -> bytes | None:
+        """The bytes last saved with write()/save(bytes), or None."""
+        try:
+            return (self.path / PAYLOAD).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def write(self, data: bytes) -> None:
+        """Save bytes atomically and commit them (same as save_sync(bytes))."""
+        self.save_sync(data)
+
+    # -- flyte 2.x style
+
+    def load_sync(self) -> Path | None:
+        """The payload file if bytes were saved, else the directory if it holds
+        anything, else None."""
+        payload = self.path / PAYLOAD
+        if payload.is_file():
+            return payload
+        return self.path if self.prev_exists() else None
+
+    def save_sync(self, data: bytes | bytearray | memoryview | str | os.PathLike[str]) -> None:
+        """Save and commit. bytes -> the payload file; a file path -> copied in
+        under its name; a directory -> replaces the whole checkpoint contents."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        if isinstance(data, bytes | bytearray | memoryview):
+            _atomic_write(self.path / PAYLOAD, bytes(data))
+        else:
+            source = Path(data)
+            if source.is_dir():
+                _replace_tree(source, self.path)
+            elif source.is_file():
+                _atomic_copy(source, self.path / source.name)
+            else:
+                raise FileNotFoundError(f"nothing to save at {source}")
+        self.commit()
+
+    async def load(self) -> Path | None:
+        return await asyncio.to_thread(self.load_sync)
+
+    async def save(self, data: bytes | bytearray | memoryview | str | os.PathLike[str]) -> None:
+        await asyncio.to_thread(self.save_sync, data)
+
+    # -- commit
+
+    def commit(self, wait: bool = True, timeout: float | None = None) -> str | None:
+        """Ask the supervisor for a snapshot of the directory as it is now.
+
+        wait=True returns the snapshot id once it is durable in the remote;
+        wait=False returns once the content is pinned (later writes through
+        temp + rename do not change it). Raises CommitError with the reason.
+        Outside `ckpt run` it is a no-op returning None (one warning)."""
+        if _control.socket_path() is None:
+            _warn_once("commit", "ckpt: not running under `ckpt run`: commit() only saves locally")
+            return None
+        limit = None if timeout is None else timeout + 10.0
+        reply = _control.request({"op": "commit", "wait": wait, "timeout": timeout}, limit)
+        if not reply.get("ok"):
+            raise _control.CommitError(str(reply.get("error", "unknown error")))
+        snapshot = reply.get("snapshot")
+        return str(snapshot) if snapshot else None
+
+
+_default: Checkpoint | None = None
+
+
+def checkpoint() -> Checkpoint:
+    """The checkpoint of this process: $CKPT_DIR under `ckpt run`; outside it,
+    $CKPT_DIR if set, else ./checkpoints (with one warning)."""
+    global _default
+    if _default is None:
+        raw = os.environ.get(ENV_DIR)
+        if not raw:
+            _warn_once(
+                "dir",
+                "ckpt: not running under `ckpt run`: using ./checkpoints, "
+                "no remote copy and no retries",
+            )
+            raw = "checkpoints"
+        try:
+            attempt = int(os.environ.get(ENV_ATTEMPT) or 1)
+        except ValueError:
+            attempt = 1
+        _default = Checkpoint(Path(raw).absolute(), attempt, os.environ.get(ENV_RESTORED) or None)
+        _preempt.install()
+    return _default
+
+
+def commit(wait: bool = True, timeout: float | None = None) -> str | None:
+    """checkpoint().commit(...)"""
+    return checkpoint().commit(wait=wait, timeout=timeout)
+
+
+# ---------------------------------------------------------------- latest
+
+
+_NUMBER = re.compile(r"(\d+)")
+#: Directories a framework writes whose completion is marked by a file inside.
+_MARKERS = ((re.compile(r"^checkpoint-\d+$"), "trainer_state.json"),)  # HF Trainer
+
+
+def _complete(p: Path) -> bool:
+    if _is_temp(p.name):
+        return False
+    try:
+        if p.is_symlink() and not p.exists():
+            return False
+        if p.is_file():
+            return p.stat().st_size > 0
+        if p.is_dir():
+            for pattern, marker in _MARKERS:
+                if pattern.match(p.name):
+                    return (p / marker).is_file()
+            return any(True for _ in p.iterdir())
+    except OSError:
+        return False
+    return False
+
+
+def latest_checkpoint(
+    root: str | os.PathLike[str] | None = None, pattern: str = "*"
+) -> Path | None:
+    """The newest complete entry of `root` (default: the checkpoint dir) matching
+    `pattern`. Newest = highest number in the name when every candidate has
+    one (epoch-12 > epoch-9), else the latest mtime. Temp names, empty files
+    and framework dirs without their completion marker are never returned."""
+    base = Path(root) if root is not None else checkpoint().path
+    candidates = [p for p in base.glob(pattern) if _complete(p)]
+    if not candidates:
+        return None
+    numbers = {p: [int(n) for n in _NUMBER.findall(p.name)] for p in candidates}
+    if all(numbers.values()):
+        return max(candidates, key=lambda p: (numbers[p][::-1], p.name))
+    return max(candidates, key=lambda p: (p.stat().st_mtime_ns, p.name))
+
+
+# ---------------------------------------------------------------- atomic writes
+
+
+def _temp_beside(target: Path) -> Path:
+    return target.with_name(f".{target.name}.tmp-{secrets.token_hex(4)}.tmp")
+
+
+def _atomic_write(target: Path, data: bytes) -> None:
+    tmp = _temp_beside(target)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _atomic_copy(source: Path, target: Path) -> None:
+    tmp = _temp_beside(target)
+    try:
+        shutil.copy2(source, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _replace_tree(source: Path, target: Path) -> None:
+    """Make target's contents a copy of source in one rename (RENAME_EXCHANGE)."""
+    tmp = target.with_name(f".{target.name}.ckpt-save-{secrets.token_hex(4)}")
+    shutil.copytree(source, tmp, symlinks=True)
+    try:
+        if not _exchange(tmp, target):
+            old = target.with_name(f".{target.name}.ckpt-old-{secrets.token_hex(4)}")
+            os.rename(target, old)
+            os.rename(tmp, target)
+            os.rename(old, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    if sys.platform != "linux":
+        return False
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        fn = ctypes.CDLL(name, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return int(fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)) == 0
