@@ -167,6 +167,18 @@ def commit(socket_path: str | None, wait: bool, timeout: float | None) -> int:
         raise CkptError(f"commit failed: {reply.get('error')}", exit_code=ExitCode.UNAVAILABLE)
     if reply.get("snapshot"):
         console.info(f"committed: snapshot {reply['snapshot']} is durable")
+    elif reply.get("pinned"):
+        console.info("pinned: the snapshot is being uploaded")
+    return ExitCode.OK
+
+
+def send_signal(socket_path: str | None) -> int:
+    if not socket_path:
+        raise ConfigError("no supervisor to signal: CKPT_SOCKET is not set (pass --socket)")
+    reply = request(socket_path, {"op": "signal"})
+    if not reply.get("ok"):
+        raise CkptError(f"signal not sent: {reply.get('error')}", exit_code=ExitCode.UNAVAILABLE)
+    console.info(f"checkpoint signal sent to pid {reply.get('pid')}")
     return ExitCode.OK
 
 

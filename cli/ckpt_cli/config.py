@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,8 @@ class RunConfig:
     lease_timeout: float = 60.0
     excludes: tuple[str, ...] = ()
     concurrency: int = 4
+    snapshots: str = "auto"  # "auto": on quiet periods until the first commit; "commit"
+    checkpoint_signal: int = int(signal.SIGUSR1)
     quiet: bool = False
 
 
@@ -76,3 +79,9 @@ def check_remote_outside(directory: Path, remote: str) -> None:
         raise ConfigError(
             f"--dir {directory} is inside the remote {store}; put it elsewhere (--remote)"
         )
+
+
+def parse_snapshots(value: str) -> str:
+    if value not in ("auto", "commit"):
+        raise ConfigError(f"--snapshots {value!r}: choose auto or commit")
+    return value

@@ -4,6 +4,13 @@
     {"op": "commit", "wait": true, "timeout": 60}
                                              -> {"ok": true, "snapshot": ID} once durable
                                              -> {"ok": false, "error": "..."}
+    {"op": "commit", "wait": false}          -> {"ok": true, "pinned": true} once the
+                                                directory's content is pinned
+    {"op": "hello", "pid": P, "signal": "SIGUSR1"}
+                                             -> {"ok": true}: pid P handles the
+                                                checkpoint signal
+    {"op": "signal"}                         -> {"ok": true, "pid": P}: the checkpoint
+                                                signal was sent to the registered pid
 
 One thread accepts; each connection is served on its own short-lived thread.
 Imports: standard library, `uploader`.
@@ -20,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ckpt_cli.errors import CkptError
 from ckpt_cli.uploader import SnapshotWorker
 
 MAX_LINE = 64 * 1024
@@ -27,11 +35,18 @@ MAX_LINE = 64 * 1024
 
 class ControlServer:
     def __init__(
-        self, path: Path, worker: SnapshotWorker, status: Callable[[], dict[str, Any]]
+        self,
+        path: Path,
+        worker: SnapshotWorker,
+        status: Callable[[], dict[str, Any]],
+        hello: Callable[[int, str], None],
+        send_signal: Callable[[], int],
     ) -> None:
         self.path = path
         self.worker = worker
         self.status = status
+        self.hello = hello
+        self.send_signal = send_signal  # returns the pid signalled; raises CkptError
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.bind(str(path))
         os.chmod(path, 0o600)
@@ -78,13 +93,27 @@ class ControlServer:
         if op == "status":
             return {"ok": True, **self.status()}
         if op == "commit":
-            req = self.worker.request("commit")
+            try:
+                req = self.worker.commit()
+            except OSError as exc:
+                return {"ok": False, "error": f"pinning the directory failed: {exc}"}
             if not msg.get("wait", True):
-                return {"ok": True, "queued": True}
+                return {"ok": True, "pinned": True}
             timeout = msg.get("timeout")
             if not req.wait(float(timeout) if timeout is not None else None):
                 return {"ok": False, "error": f"commit not durable within {timeout}s"}
             if req.error:
                 return {"ok": False, "error": req.error}
             return {"ok": True, "snapshot": req.manifest.id if req.manifest else None}
+        if op == "hello":
+            try:
+                self.hello(int(msg["pid"]), str(msg.get("signal", "")))
+            except (KeyError, TypeError, ValueError):
+                return {"ok": False, "error": "hello needs an integer 'pid'"}
+            return {"ok": True}
+        if op == "signal":
+            try:
+                return {"ok": True, "pid": self.send_signal()}
+            except CkptError as exc:
+                return {"ok": False, "error": str(exc)}
         return {"ok": False, "error": f"unknown op {op!r}"}

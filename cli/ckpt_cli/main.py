@@ -126,6 +126,20 @@ def run(
             help="File or directory names never snapshotted (repeatable), on top of temp names.",
         ),
     ] = None,
+    snapshots: Annotated[
+        str,
+        typer.Option(
+            help="auto: snapshot on quiet periods until the child's first commit, then "
+            "only on commits; commit: only on commits (ckpt commit, ckpt.commit()).",
+        ),
+    ] = "auto",
+    checkpoint_signal: Annotated[
+        str,
+        typer.Option(
+            help="Signal that tells the child to checkpoint soon (`ckpt signal`, "
+            "preemption notices); sent only to a child that installed a handler.",
+        ),
+    ] = "SIGUSR1",
     concurrency: Annotated[
         int, typer.Option(min=1, max=64, help="Chunks read, hashed and uploaded at once.")
     ] = 4,
@@ -164,6 +178,8 @@ def run(
             lease_timeout=lease_timeout,
             excludes=tuple(exclude or ()),
             concurrency=concurrency,
+            snapshots=config.parse_snapshots(snapshots),
+            checkpoint_signal=policy.parse_signal(checkpoint_signal),
             quiet=quiet,
         )
         status[0] = Supervisor(cfg).run()
@@ -246,6 +262,24 @@ def commit(
         from ckpt_cli import commands
 
         status[0] = commands.commit(socket, not no_wait, timeout)
+    raise typer.Exit(status[0])
+
+
+@app.command("signal")
+def signal_cmd(
+    socket: Annotated[
+        str | None,
+        typer.Option(envvar="CKPT_SOCKET", help="Control socket of the running supervisor."),
+    ] = None,
+) -> None:
+    """Tell the supervised script to checkpoint soon (sends --checkpoint-signal).
+
+    Example: ckpt signal --socket /tmp/ckpt-abc123/control.sock
+    """
+    with error_funnel() as status:
+        from ckpt_cli import commands
+
+        status[0] = commands.send_signal(socket)
     raise typer.Exit(status[0])
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import contextlib
 import dataclasses
 import fnmatch
 import os
@@ -170,6 +171,27 @@ class _Changed(Exception):
     """The file changed while it was being read."""
 
 
+class TornCommitError(RuntimeError):
+    """A pinned file was changed in place before it could be read."""
+
+
+@dataclasses.dataclass
+class Pinned:
+    """The directory at one moment: its entries, and an open descriptor on every
+    regular file. A descriptor keeps a renamed-over file's old content alive,
+    so the snapshot taken from it is the state at pin time."""
+
+    entries: list[LocalEntry]
+    fds: dict[str, tuple[int, os.stat_result]]
+    skipped_links: list[str]
+
+    def close(self) -> None:
+        for fd, _st in self.fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds.clear()
+
+
 class Snapshotter:
     """Turns the directory into manifests. One snapshot at a time (not re-entrant)."""
 
@@ -219,14 +241,64 @@ class Snapshotter:
             if trust_local or (same_place and local.ino == e.ino):
                 self.cache[local.path] = Cached(local.size, local.mtime_ns, local.ino, e.chunks)
 
-    def snapshot(self, *, reason: str, attempt: int = 0, keep: int | None = None) -> SnapshotResult:
+    def pin(self) -> Pinned:
+        """Scan now and hold every regular file open (see Pinned). Safe to call
+        from another thread while a snapshot runs: it only reads."""
+        skipped: list[str] = []
+        entries = scan(self.root, self.patterns, skipped) if self.root.is_dir() else []
+        fds: dict[str, tuple[int, os.stat_result]] = {}
+        kept: list[LocalEntry] = []
+        try:
+            for le in entries:
+                if le.type == "file":
+                    try:
+                        fd = os.open(
+                            self.root / le.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+                        )
+                    except OSError:
+                        continue  # deleted since the scan: not part of this moment
+                    st = os.fstat(fd)
+                    fds[le.path] = (fd, st)
+                    le = dataclasses.replace(  # noqa: PLW2901 - the pinned inode's own stat
+                        le, size=st.st_size, mtime_ns=st.st_mtime_ns, ino=st.st_ino
+                    )
+                kept.append(le)
+        except BaseException:
+            Pinned(kept, fds, skipped).close()
+            raise
+        return Pinned(kept, fds, skipped)
+
+    def snapshot(
+        self,
+        *,
+        reason: str,
+        attempt: int = 0,
+        keep: int | None = None,
+        pinned: Pinned | None = None,
+    ) -> SnapshotResult:
+        """Snapshot the directory as it is now, or as it was when `pinned` was
+        taken: then a file changed in place since raises TornCommitError
+        (nothing is written) instead of keeping its previous version."""
+        try:
+            return self._snapshot(reason, attempt, keep, pinned)
+        finally:
+            if pinned is not None:
+                pinned.close()
+
+    def _snapshot(
+        self, reason: str, attempt: int, keep: int | None, pinned: Pinned | None
+    ) -> SnapshotResult:
         t0 = time.monotonic()
         scan_ns = time.time_ns()
         parent = self.parent
         result = SnapshotResult(None, parent)
-        if not self.root.is_dir():
+        if pinned is not None:
+            local = pinned.entries
+            result.skipped_links.extend(pinned.skipped_links)
+        elif not self.root.is_dir():
             return result  # a missing directory is not an empty state: nothing to record
-        local = scan(self.root, self.patterns, result.skipped_links)
+        else:
+            local = scan(self.root, self.patterns, result.skipped_links)
         parent_entries = {e.path: e for e in parent.entries} if parent else {}
         entries: dict[str, Entry] = {}
         to_read: list[LocalEntry] = []
@@ -245,7 +317,8 @@ class Snapshotter:
                 entries[le.path] = Entry(le.path, "symlink", le.mode, target=le.target)
 
         new_cache: dict[str, Cached] = {}
-        for le, outcome in self._read_files(to_read, result):
+        fds = pinned.fds if pinned is not None else None
+        for le, outcome in self._read_files(to_read, result, fds):
             if isinstance(outcome, tuple):
                 entries[le.path] = Entry(
                     le.path, "file", le.mode, le.size, le.mtime_ns, outcome, ino=le.ino
@@ -253,6 +326,12 @@ class Snapshotter:
                 if scan_ns - le.mtime_ns >= RACY_NS:
                     new_cache[le.path] = Cached(le.size, le.mtime_ns, le.ino, outcome)
             else:
+                if pinned is not None:
+                    raise TornCommitError(
+                        f"{le.path} was changed in place after the commit and before it "
+                        "was read: this commit is not taken (write it to a temp name and "
+                        "rename it, or commit once the write is finished)"
+                    )
                 result.unstable.append(le.path)
                 old = parent_entries.get(le.path)
                 if old is not None and old.type == "file":
@@ -304,7 +383,10 @@ class Snapshotter:
     # -- reading
 
     def _read_files(
-        self, files: list[LocalEntry], result: SnapshotResult
+        self,
+        files: list[LocalEntry],
+        result: SnapshotResult,
+        pinned: dict[str, tuple[int, os.stat_result]] | None = None,
     ) -> Iterable[tuple[LocalEntry, tuple[str, ...] | None]]:
         """Yield (file, chunk digests) or (file, None) if it changed while read.
         Chunks of many files are in flight at once; descriptors stay bounded."""
@@ -314,12 +396,19 @@ class Snapshotter:
         chunk = self.repo.chunk_size
         try:
             for le in files:
-                try:
-                    fd = os.open(self.root / le.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-                except OSError:
-                    yield le, None  # vanished or replaced by a link since the scan
-                    continue
-                st = os.fstat(fd)
+                if pinned is not None and le.path in pinned:
+                    # Compared with the stat taken at pin time: a change in place
+                    # since then shows up in _finish.
+                    fd, st = pinned.pop(le.path)
+                else:
+                    try:
+                        fd = os.open(
+                            self.root / le.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+                        )
+                    except OSError:
+                        yield le, None  # vanished or replaced by a link since the scan
+                        continue
+                    st = os.fstat(fd)
                 if not stat.S_ISREG(st.st_mode):
                     os.close(fd)
                     yield le, None

@@ -17,6 +17,7 @@ import select
 import shlex
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -28,7 +29,7 @@ from ckpt_cli import console
 from ckpt_cli.child import Child, Guardian
 from ckpt_cli.config import RunConfig
 from ckpt_cli.control import ControlServer
-from ckpt_cli.errors import RemoteError
+from ckpt_cli.errors import CkptError, RemoteError
 from ckpt_cli.policy import ChildExit, Decision, decide, signal_name
 from ckpt_cli.remote import open_backend, redact_url
 from ckpt_cli.repository import (
@@ -76,6 +77,7 @@ class Supervisor:
         self._lease_error: LeaseLostError | None = None
         self._wake_r = self._wake_w = -1
         self._warned_links: set[str] = set()
+        self._signal_pid: int | None = None  # the child's process that handles the signal
 
     # ------------------------------------------------------------ entry point
 
@@ -126,12 +128,19 @@ class Supervisor:
             attempt=lambda: self.attempt,
             on_snapshot=self._report_snapshot,
             on_error=self._report_error,
+            commit_only=cfg.snapshots == "commit",
         )
         runtime = Path(tempfile.mkdtemp(prefix="ckpt-"))
         if len(str(runtime)) > 90:  # AF_UNIX paths are limited to 107 bytes
             shutil.rmtree(runtime)
             runtime = Path(tempfile.mkdtemp(prefix="ckpt-", dir="/tmp"))
-        control = ControlServer(runtime / "control.sock", worker, lambda: self._status(worker))
+        control = ControlServer(
+            runtime / "control.sock",
+            worker,
+            lambda: self._status(worker),
+            hello=self._hello,
+            send_signal=self._send_checkpoint_signal,
+        )
         watcher = Watcher(cfg.dir, worker.changed, self.patterns)
         guardian = Guardian()
         old_handlers = self._install_signals()
@@ -262,8 +271,11 @@ class Supervisor:
                     contract.ENV_RESTORED: restored,
                     contract.ENV_SOCKET: str(socket_path),
                     contract.ENV_RUN: self.run_id,
+                    contract.ENV_CHECKPOINT_SIGNAL: signal_name(cfg.checkpoint_signal),
+                    contract.ENV_BIN: ckpt_executable(),
                 }
             )
+            self._signal_pid = None
             child = Child(cfg.command, env)
             self.child = child
             guardian.protect(child.pgid)
@@ -437,6 +449,32 @@ class Supervisor:
                     console.warn(f"lease heartbeat failed: {exc}")
                     warned = True
 
+    def _hello(self, pid: int, signame: str) -> None:
+        """A process of the child installed a handler for the checkpoint signal."""
+        self._signal_pid = pid
+
+    def _send_checkpoint_signal(self) -> int:
+        """Send --checkpoint-signal to the process that asked for it; CkptError if
+        none did (the default action of SIGUSR1 would kill an unprepared child)."""
+        child = self.child
+        name = signal_name(self.cfg.checkpoint_signal)
+        if child is None or child.poll() is not None:
+            raise CkptError("no child is running")
+        pid = self._signal_pid
+        if pid is None:
+            raise CkptError(
+                f"the child has not installed a {name} handler (call ckpt.checkpoint() or "
+                f"ckpt.on_preemption() in the script); not sent, it would kill the child"
+            )
+        try:
+            if os.getpgid(pid) != child.pgid:
+                raise CkptError(f"process {pid} is not part of the child's process group")
+            os.kill(pid, self.cfg.checkpoint_signal)
+        except ProcessLookupError:
+            raise CkptError(f"process {pid} that asked for {name} is gone") from None
+        console.info(f"sent {name} to the child (pid {pid}): checkpoint soon")
+        return pid
+
     def _check_lease(self) -> None:
         if self._lease_error is not None:
             raise self._lease_error
@@ -494,6 +532,17 @@ class Supervisor:
             f"{fmt_bytes(stats.bytes_uploaded)} uploaded; newest durable snapshot: "
             f"{last.id if last else 'none'}"
         )
+
+
+def ckpt_executable() -> str:
+    """The `ckpt` command that runs this supervisor, for shell scripts ($CKPT_BIN)."""
+    beside = Path(sys.executable).parent / "ckpt"
+    argv0 = Path(sys.argv[0])
+    if argv0.name == "ckpt" and os.access(argv0, os.X_OK):
+        return str(argv0.absolute())
+    if beside.exists():
+        return str(beside)
+    return shutil.which("ckpt") or "ckpt"
 
 
 def _record(signum: int, frame: object) -> None:

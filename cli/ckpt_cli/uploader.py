@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 from ckpt_cli.repository import LeaseLostError, Manifest
-from ckpt_cli.snapshotter import SnapshotResult, Snapshotter
+from ckpt_cli.snapshotter import Pinned, SnapshotResult, Snapshotter, TornCommitError
 
 #: A directory that never goes quiet is still snapshotted this often (seconds).
 MAX_DELAY = 60.0
@@ -24,10 +24,12 @@ RETRY_CAP = 30.0
 
 
 class Request:
-    """An explicit snapshot request; wait() returns once it is durable or failed."""
+    """An explicit snapshot request; wait() returns once it is durable or failed.
+    A commit carries the directory pinned at the moment it was asked for."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, pinned: Pinned | None = None) -> None:
         self.reason = reason
+        self.pinned = pinned
         self._done = threading.Event()
         self.manifest: Manifest | None = None
         self.error: str | None = None
@@ -64,6 +66,7 @@ class SnapshotWorker:
         attempt: Callable[[], int],
         on_snapshot: Callable[[SnapshotResult], None],
         on_error: Callable[[str, float], None],
+        commit_only: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.snapshotter = snapshotter
@@ -85,6 +88,9 @@ class SnapshotWorker:
         self._retry_at = 0.0
         self._lease_lost: str | None = None
         self._next_rescan = clock() + rescan
+        #: --snapshots commit, or auto after the child's first commit: file
+        #: events no longer make snapshots, so a restore never mixes two commits.
+        self.commit_only = commit_only
         self._thread = threading.Thread(target=self._run, name="ckpt-snapshot", daemon=True)
 
     # -- called from other threads
@@ -102,9 +108,25 @@ class SnapshotWorker:
             self._cond.notify()
 
     def request(self, reason: str) -> Request:
-        req = Request(reason)
+        """Snapshot soon (coalesced with other plain requests); in commit-only
+        mode, only wait for the pending commits to be durable."""
+        return self._enqueue(Request(reason))
+
+    def commit(self) -> Request:
+        """Pin the directory now (in the caller's thread) and queue its snapshot.
+        The first commit switches the worker to commit-only mode."""
+        pinned = self.snapshotter.pin()
+        with self._cond:
+            if not self.commit_only:
+                self.commit_only = True
+                self._dirty = False
+        return self._enqueue(Request("commit", pinned))
+
+    def _enqueue(self, req: Request) -> Request:
         with self._cond:
             if self._lease_lost:
+                if req.pinned is not None:
+                    req.pinned.close()
                 req.finish(None, self._lease_lost)
                 return req
             self._requests.append(req)
@@ -135,6 +157,10 @@ class SnapshotWorker:
                 if self._stopping:
                     return None
                 waits = [self._next_rescan - now]
+                if self.commit_only:
+                    self._dirty = False
+                    self._cond.wait()
+                    continue
                 if now >= self._retry_at:
                     if self._dirty:
                         quiet_at = min(
@@ -158,45 +184,79 @@ class SnapshotWorker:
             reason, batch = job
             with self._cond:
                 self._next_rescan = self.clock() + self.rescan
-            try:
-                result = self.snapshotter.snapshot(
-                    reason=reason, attempt=self.attempt(), keep=self.keep
-                )
-            except LeaseLostError as exc:
-                with self._cond:
-                    self._lease_lost = str(exc)
-                    pending, self._requests = self._requests, []
-                self.on_error(str(exc), 0.0)
-                for r in [*batch, *pending]:
-                    r.finish(None, str(exc))
-                self.stats.last_error = str(exc)
+            if not batch:
+                self._take(reason, None)
+                continue
+            # Commits are taken one by one, each from its own pinned moment;
+            # plain requests share one snapshot (none in commit-only mode).
+            plain = [r for r in batch if r.pinned is None]
+            for r in batch:
+                if r.pinned is not None:
+                    result, error = self._take("commit", r.pinned)
+                    r.finish(result.newest if result else None, error)
+            if plain:
+                if self.commit_only:
+                    for r in plain:
+                        r.finish(self.stats.last_durable, self._lease_lost)
+                    continue
+                result, error = self._take(plain[-1].reason, None)
+                for r in plain:
+                    r.finish(result.newest if result else None, error)
+            if self._lease_lost:
+                self._fail_pending(self._lease_lost)
                 self._wait_for_stop()
                 return
-            except Exception as exc:
-                message = str(exc) or type(exc).__name__
-                self._failures += 1
-                delay = min(RETRY_CAP, RETRY_FIRST * 2 ** (self._failures - 1))
-                with self._cond:
-                    self._retry_at = self.clock() + delay
+
+    def _take(self, reason: str, pinned: Pinned | None) -> tuple[SnapshotResult | None, str | None]:
+        """One snapshot; failures are reported, backed off and returned."""
+        if self._lease_lost:
+            if pinned is not None:
+                pinned.close()
+            return None, self._lease_lost
+        try:
+            result = self.snapshotter.snapshot(
+                reason=reason, attempt=self.attempt(), keep=self.keep, pinned=pinned
+            )
+        except LeaseLostError as exc:
+            self._lease_lost = str(exc)
+            self.stats.last_error = str(exc)
+            self.on_error(str(exc), 0.0)
+            return None, str(exc)
+        except TornCommitError as exc:
+            self.stats.last_error = str(exc)
+            self.on_error(str(exc), 0.0)
+            return None, str(exc)
+        except Exception as exc:
+            message = str(exc) or type(exc).__name__
+            self._failures += 1
+            delay = min(RETRY_CAP, RETRY_FIRST * 2 ** (self._failures - 1))
+            with self._cond:
+                self._retry_at = self.clock() + delay
+                if not self.commit_only:
                     self._dirty = True
                     self._dirty_since = self._last_change = self.clock()
-                self.stats.last_error = message
-                self.on_error(message, delay)
-                for r in batch:
-                    r.finish(None, message)
-                continue
-            self._failures = 0
-            self.stats.last_error = None
-            if result.manifest is not None:
-                self.stats.snapshots += 1
-                self.stats.bytes_uploaded += result.new_bytes
-                self.stats.last_durable = result.manifest
-                self.stats.last_durable_at = time.time()
-            if result.unstable:
-                self.changed()  # something was mid-write: look again once it is quiet
-            self.on_snapshot(result)
-            for r in batch:
-                r.finish(result.newest, None)
+            self.stats.last_error = message
+            self.on_error(message, delay)
+            return None, message
+        self._failures = 0
+        self.stats.last_error = None
+        if result.manifest is not None:
+            self.stats.snapshots += 1
+            self.stats.bytes_uploaded += result.new_bytes
+            self.stats.last_durable = result.manifest
+            self.stats.last_durable_at = time.time()
+        if result.unstable:
+            self.changed()  # something was mid-write: look again once it is quiet
+        self.on_snapshot(result)
+        return result, None
+
+    def _fail_pending(self, error: str) -> None:
+        with self._cond:
+            pending, self._requests = self._requests, []
+        for r in pending:
+            if r.pinned is not None:
+                r.pinned.close()
+            r.finish(None, error)
 
     def _wait_for_stop(self) -> None:
         with self._cond:

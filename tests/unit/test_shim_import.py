@@ -91,6 +91,8 @@ def test_env_names() -> None:
         "CKPT_RESTORED",
         "CKPT_SOCKET",
         "CKPT_RUN",
+        "CKPT_CHECKPOINT_SIGNAL",
+        "CKPT_BIN",
     )
     assert set(ckpt.__all__) >= {"ExitCode", "ENV_DIR", "CHILD_ENV"}
 
