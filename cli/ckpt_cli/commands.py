@@ -178,7 +178,8 @@ def send_signal(socket_path: str | None) -> int:
     reply = request(socket_path, {"op": "signal"})
     if not reply.get("ok"):
         raise CkptError(f"signal not sent: {reply.get('error')}", exit_code=ExitCode.UNAVAILABLE)
-    console.info(f"checkpoint signal sent to pid {reply.get('pid')}")
+    pids = ", ".join(str(p) for p in reply.get("pids", []))
+    console.info(f"checkpoint signal sent to pid {pids}")
     return ExitCode.OK
 
 

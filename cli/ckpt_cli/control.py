@@ -9,8 +9,8 @@
     {"op": "hello", "pid": P, "signal": "SIGUSR1"}
                                              -> {"ok": true}: pid P handles the
                                                 checkpoint signal
-    {"op": "signal"}                         -> {"ok": true, "pid": P}: the checkpoint
-                                                signal was sent to the registered pid
+    {"op": "signal"}                         -> {"ok": true, "pids": [P]}: the checkpoint
+                                                signal was sent to the registered pids
 
 One thread accepts; each connection is served on its own short-lived thread.
 Imports: standard library, `uploader`.
@@ -40,13 +40,13 @@ class ControlServer:
         worker: SnapshotWorker,
         status: Callable[[], dict[str, Any]],
         hello: Callable[[int, str], None],
-        send_signal: Callable[[], int],
+        send_signal: Callable[[], list[int]],
     ) -> None:
         self.path = path
         self.worker = worker
         self.status = status
         self.hello = hello
-        self.send_signal = send_signal  # returns the pid signalled; raises CkptError
+        self.send_signal = send_signal  # returns the pids signalled; raises CkptError
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.bind(str(path))
         os.chmod(path, 0o600)
@@ -113,7 +113,7 @@ class ControlServer:
             return {"ok": True}
         if op == "signal":
             try:
-                return {"ok": True, "pid": self.send_signal()}
+                return {"ok": True, "pids": self.send_signal()}
             except CkptError as exc:
                 return {"ok": False, "error": str(exc)}
         return {"ok": False, "error": f"unknown op {op!r}"}

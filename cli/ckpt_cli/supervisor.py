@@ -77,7 +77,7 @@ class Supervisor:
         self._lease_error: LeaseLostError | None = None
         self._wake_r = self._wake_w = -1
         self._warned_links: set[str] = set()
-        self._signal_pid: int | None = None  # the child's process that handles the signal
+        self._signal_pids: set[int] = set()  # the child's processes that handle the signal
 
     # ------------------------------------------------------------ entry point
 
@@ -275,7 +275,7 @@ class Supervisor:
                     contract.ENV_BIN: ckpt_executable(),
                 }
             )
-            self._signal_pid = None
+            self._signal_pids.clear()
             child = Child(cfg.command, env)
             self.child = child
             guardian.protect(child.pgid)
@@ -450,30 +450,33 @@ class Supervisor:
                     warned = True
 
     def _hello(self, pid: int, signame: str) -> None:
-        """A process of the child installed a handler for the checkpoint signal."""
-        self._signal_pid = pid
+        """A process of the child installed a handler for the checkpoint signal
+        (several may: one per rank of a multi-process job)."""
+        self._signal_pids.add(pid)
 
-    def _send_checkpoint_signal(self) -> int:
-        """Send --checkpoint-signal to the process that asked for it; CkptError if
-        none did (the default action of SIGUSR1 would kill an unprepared child)."""
+    def _send_checkpoint_signal(self) -> list[int]:
+        """Send --checkpoint-signal to every live process of the child's group that
+        asked for it; CkptError if none did (the default action of SIGUSR1 would
+        kill an unprepared child)."""
         child = self.child
         name = signal_name(self.cfg.checkpoint_signal)
         if child is None or child.poll() is not None:
             raise CkptError("no child is running")
-        pid = self._signal_pid
-        if pid is None:
+        sent = []
+        for pid in sorted(self._signal_pids):
+            try:
+                if os.getpgid(pid) == child.pgid:
+                    os.kill(pid, self.cfg.checkpoint_signal)
+                    sent.append(pid)
+            except ProcessLookupError:
+                continue
+        if not sent:
             raise CkptError(
                 f"the child has not installed a {name} handler (call ckpt.checkpoint() or "
                 f"ckpt.on_preemption() in the script); not sent, it would kill the child"
             )
-        try:
-            if os.getpgid(pid) != child.pgid:
-                raise CkptError(f"process {pid} is not part of the child's process group")
-            os.kill(pid, self.cfg.checkpoint_signal)
-        except ProcessLookupError:
-            raise CkptError(f"process {pid} that asked for {name} is gone") from None
-        console.info(f"sent {name} to the child (pid {pid}): checkpoint soon")
-        return pid
+        console.info(f"sent {name} to the child (pid {', '.join(map(str, sent))}): checkpoint soon")
+        return sent
 
     def _check_lease(self) -> None:
         if self._lease_error is not None:
