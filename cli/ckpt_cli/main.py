@@ -283,6 +283,24 @@ def signal_cmd(
     raise typer.Exit(status[0])
 
 
+@app.command("shell-shim")
+def shell_shim(
+    path: Annotated[bool, typer.Option("--path", help="Print the file's path instead.")] = False,
+) -> None:
+    """Print the bash shim (ckpt_commit, ckpt_write, ckpt_preemption_requested, ...).
+
+    Example (in a bash training script): source "$(ckpt shell-shim --path)"
+    """
+    with error_funnel() as status:
+        from ckpt import SHELL_SHIM
+
+        if path:
+            typer.echo(str(SHELL_SHIM))
+        else:
+            typer.echo(SHELL_SHIM.read_text(), nl=False)
+    raise typer.Exit(status[0])
+
+
 def main() -> int:
     app()
     return 0

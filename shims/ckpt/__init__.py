@@ -17,6 +17,7 @@ import atexit
 import contextlib
 import os
 import sys
+from pathlib import Path
 from types import TracebackType
 
 from ckpt._checkpoint import PAYLOAD, Checkpoint, checkpoint, commit, latest_checkpoint
@@ -45,6 +46,7 @@ __all__ = [
     "ENV_RUN",
     "ENV_SOCKET",
     "PAYLOAD",
+    "SHELL_SHIM",
     "TEMP_PATTERNS",
     "Checkpoint",
     "CommitError",
@@ -56,6 +58,10 @@ __all__ = [
     "on_preemption",
     "preemption_requested",
 ]
+
+
+#: The bash shim: `source "$(ckpt shell-shim --path)"` in a shell training script.
+SHELL_SHIM = Path(__file__).with_name("ckpt.sh")
 
 
 class RecoverableError(Exception):
