@@ -344,8 +344,15 @@ class Supervisor:
                         console.warn(f"received {signal_name(sig)} again: killing the child now")
                         child.signal(signal.SIGKILL)
                         kill_at = None
+                elif sig == cfg.checkpoint_signal:
+                    # Only to the processes that handle it: its default action kills.
+                    try:
+                        self._send_checkpoint_signal()
+                    except CkptError as exc:
+                        console.warn(f"received {signal_name(sig)}, not passed on: {exc}")
                 elif sig in FORWARD_SIGNALS:
-                    child.signal(sig)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(child.pid, sig)  # the direct child, like tini without -g
             if kill_at is not None and time.monotonic() >= kill_at and child.poll() is None:
                 console.warn(
                     f"child still running {cfg.grace:g}s after "
@@ -388,7 +395,11 @@ class Supervisor:
                 if m is not None:
                     console.info(f"final state is durable as snapshot {m.id}")
                 return True
-            if self._lease_error is not None or time.monotonic() + pause >= deadline:
+            if (
+                not req.retryable
+                or self._lease_error is not None
+                or time.monotonic() + pause >= deadline
+            ):
                 self._not_durable(worker, f"failed: {req.error}")
                 return False
             time.sleep(pause)
@@ -407,7 +418,7 @@ class Supervisor:
         os.set_blocking(w, False)
         self._wake_r, self._wake_w = r, w
         old: dict[int, Any] = {}
-        for sig in (*STOP_SIGNALS, *FORWARD_SIGNALS, signal.SIGCHLD):
+        for sig in {*STOP_SIGNALS, *FORWARD_SIGNALS, self.cfg.checkpoint_signal, signal.SIGCHLD}:
             old[sig] = signal.signal(sig, _record)
         old[-1] = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
         return old
@@ -456,14 +467,19 @@ class Supervisor:
 
     def _send_checkpoint_signal(self) -> list[int]:
         """Send --checkpoint-signal to every live process of the child's group that
-        asked for it; CkptError if none did (the default action of SIGUSR1 would
-        kill an unprepared child)."""
+        registered through the shim, and to the direct child if it catches the
+        signal itself (its own handler, a bash trap); CkptError if none does:
+        the default action of SIGUSR1 would kill an unprepared child."""
         child = self.child
-        name = signal_name(self.cfg.checkpoint_signal)
+        sig = self.cfg.checkpoint_signal
+        name = signal_name(sig)
         if child is None or child.poll() is not None:
             raise CkptError("no child is running")
+        targets = set(self._signal_pids)
+        if catches_signal(child.pid, sig):
+            targets.add(child.pid)
         sent = []
-        for pid in sorted(self._signal_pids):
+        for pid in sorted(targets):
             try:
                 if os.getpgid(pid) == child.pgid:
                     os.kill(pid, self.cfg.checkpoint_signal)
@@ -535,6 +551,18 @@ class Supervisor:
             f"{fmt_bytes(stats.bytes_uploaded)} uploaded; newest durable snapshot: "
             f"{last.id if last else 'none'}"
         )
+
+
+def catches_signal(pid: int, sig: int) -> bool:
+    """True if the process has a handler for sig (Linux: SigCgt in /proc/PID/status)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
 
 
 def ckpt_executable() -> str:

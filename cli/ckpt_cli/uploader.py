@@ -33,9 +33,14 @@ class Request:
         self._done = threading.Event()
         self.manifest: Manifest | None = None
         self.error: str | None = None
+        self.retryable = True
 
-    def finish(self, manifest: Manifest | None, error: str | None) -> None:
-        self.manifest, self.error = manifest, error
+    def finish(
+        self, manifest: Manifest | None, error: str | None, *, retryable: bool = True
+    ) -> None:
+        """retryable=False: asking again cannot help (a torn or failed commit whose
+        pinned content is gone, a lost lease)."""
+        self.manifest, self.error, self.retryable = manifest, error, retryable
         self._done.set()
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -91,6 +96,7 @@ class SnapshotWorker:
         #: --snapshots commit, or auto after the child's first commit: file
         #: events no longer make snapshots, so a restore never mixes two commits.
         self.commit_only = commit_only
+        self._commit_error: str | None = None
         self._thread = threading.Thread(target=self._run, name="ckpt-snapshot", daemon=True)
 
     # -- called from other threads
@@ -193,11 +199,19 @@ class SnapshotWorker:
             for r in batch:
                 if r.pinned is not None:
                     result, error = self._take("commit", r.pinned)
+                    self._commit_error = error
                     r.finish(result.newest if result else None, error)
             if plain:
                 if self.commit_only:
+                    # Only commits make snapshots now: what is durable is the last
+                    # commit, unless it failed (its pinned content is gone).
+                    error = self._lease_lost or (
+                        f"the last commit failed: {self._commit_error}"
+                        if self._commit_error
+                        else None
+                    )
                     for r in plain:
-                        r.finish(self.stats.last_durable, self._lease_lost)
+                        r.finish(self.stats.last_durable, error, retryable=False)
                     continue
                 result, error = self._take(plain[-1].reason, None)
                 for r in plain:
@@ -256,7 +270,7 @@ class SnapshotWorker:
         for r in pending:
             if r.pinned is not None:
                 r.pinned.close()
-            r.finish(None, error)
+            r.finish(None, error, retryable=False)
 
     def _wait_for_stop(self) -> None:
         with self._cond:
