@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import fnmatch
+import json
 import os
 import re
 import secrets
@@ -72,9 +73,10 @@ class Checkpoint:
         except FileNotFoundError:
             return None
 
-    def write(self, data: bytes) -> None:
-        """Save bytes atomically and commit them (same as save_sync(bytes))."""
-        self.save_sync(data)
+    def write(self, data: bytes) -> str | None:
+        """Save bytes atomically and commit them (same as save_sync(bytes));
+        returns the snapshot id (None outside `ckpt run`)."""
+        return self.save_sync(data)
 
     # -- flyte 2.x style
 
@@ -86,9 +88,12 @@ class Checkpoint:
             return payload
         return self.path if self.prev_exists() else None
 
-    def save_sync(self, data: bytes | bytearray | memoryview | str | os.PathLike[str]) -> None:
+    def save_sync(
+        self, data: bytes | bytearray | memoryview | str | os.PathLike[str]
+    ) -> str | None:
         """Save and commit. bytes -> the payload file; a file path -> copied in
-        under its name; a directory -> replaces the whole checkpoint contents."""
+        under its name; a directory -> replaces the whole checkpoint contents.
+        Returns the id of the durable snapshot (None outside `ckpt run`)."""
         self.path.mkdir(parents=True, exist_ok=True)
         if isinstance(data, bytes | bytearray | memoryview):
             _atomic_write(self.path / PAYLOAD, bytes(data))
@@ -100,13 +105,15 @@ class Checkpoint:
                 _atomic_copy(source, self.path / source.name)
             else:
                 raise FileNotFoundError(f"nothing to save at {source}")
-        self.commit()
+        return self.commit()
 
     async def load(self) -> Path | None:
         return await asyncio.to_thread(self.load_sync)
 
-    async def save(self, data: bytes | bytearray | memoryview | str | os.PathLike[str]) -> None:
-        await asyncio.to_thread(self.save_sync, data)
+    async def save(
+        self, data: bytes | bytearray | memoryview | str | os.PathLike[str]
+    ) -> str | None:
+        return await asyncio.to_thread(self.save_sync, data)
 
     # -- commit
 
@@ -177,11 +184,20 @@ def _complete(p: Path) -> bool:
         if p.is_dir():
             for pattern, marker in _MARKERS:
                 if pattern.match(p.name):
-                    return (p / marker).is_file()
+                    return _parses(p / marker)
             return any(True for _ in p.iterdir())
     except OSError:
         return False
     return False
+
+
+def _parses(marker: Path) -> bool:
+    """The completion marker exists and is whole JSON (HF writes it in place)."""
+    try:
+        json.loads(marker.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def latest_checkpoint(

@@ -14,6 +14,7 @@ import contextlib
 import os
 import signal
 import threading
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -50,6 +51,12 @@ def install() -> bool:
         if _installed:
             return True
         if threading.current_thread() is not threading.main_thread():
+            warnings.warn(
+                "ckpt: the checkpoint-signal handler can only be installed from the main "
+                "thread: call ckpt.checkpoint() there first",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             return False
         sig = checkpoint_signal()
         _previous = signal.signal(sig, _handler)
