@@ -37,7 +37,8 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def _is_temp(name: str) -> bool:
+def is_temp(name: str) -> bool:
+    """A writer's temp name (one path component): never part of a checkpoint."""
     return any(fnmatch.fnmatchcase(name, p) for p in TEMP_PATTERNS)
 
 
@@ -60,7 +61,7 @@ class Checkpoint:
     def prev_exists(self) -> bool:
         """True if the directory holds anything from an earlier attempt or run."""
         try:
-            return any(not _is_temp(p.name) for p in self.path.iterdir())
+            return any(not is_temp(p.name) for p in self.path.iterdir())
         except FileNotFoundError:
             return False
 
@@ -174,7 +175,7 @@ _MARKERS = ((re.compile(r"^checkpoint-\d+$"), "trainer_state.json"),)  # HF Trai
 
 
 def _complete(p: Path) -> bool:
-    if _is_temp(p.name):
+    if is_temp(p.name):
         return False
     try:
         if p.is_symlink() and not p.exists():

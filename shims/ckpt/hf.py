@@ -22,13 +22,13 @@ import os
 import re
 import sys
 import warnings
-import weakref
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 import ckpt
+from ckpt._adapter import CommittingCallback
 
 __all__ = ["CkptCallback", "resume_from_checkpoint"]
 
@@ -81,7 +81,7 @@ def _any_rank(flag: bool, args: TrainingArguments) -> bool:
 
 
 # (The base class is Any to mypy where transformers is not installed.)
-class CkptCallback(TrainerCallback):  # type: ignore[misc,unused-ignore]
+class CkptCallback(CommittingCallback, TrainerCallback):  # type: ignore[misc,unused-ignore]
     """Commit after each save (on_save); on the checkpoint signal (a
     preemption warning from `ckpt run`) set control.should_save at the next
     step end, so that step is saved and then committed.
@@ -92,30 +92,7 @@ class CkptCallback(TrainerCallback):  # type: ignore[misc,unused-ignore]
     """
 
     def __init__(self, *, wait: bool = True, timeout: float | None = None) -> None:
-        self.wait = wait
-        self.timeout = timeout
-        #: Id of the last snapshot this callback committed (None before any).
-        self.last_snapshot: str | None = None
-        self._cp = ckpt.checkpoint()
-        self._preempted = False
-        self._listen()
-
-    def _listen(self) -> None:
-        """Have the checkpoint signal set self._preempted. The shim keeps its
-        callbacks for the life of the process: it holds this object weakly."""
-        ref = weakref.ref(self)
-
-        def _on_signal() -> None:  # runs in the signal handler: only set a flag
-            cb = ref()
-            if cb is not None:
-                cb._preempted = True
-
-        ckpt.on_preemption(_on_signal)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """Unpickled (e.g. in a process started by a spawn launcher): listen there too."""
-        self.__dict__.update(state)
-        self._listen()
+        self._init_committing(wait, timeout)
 
     def on_train_begin(
         self,
@@ -166,15 +143,5 @@ class CkptCallback(TrainerCallback):  # type: ignore[misc,unused-ignore]
         **kwargs: Any,
     ) -> TrainerControl:
         if state.is_local_process_zero:  # one commit per node: to its supervisor
-            try:
-                snapshot = self._cp.commit(wait=self.wait, timeout=self.timeout)
-            except ckpt.CommitError as exc:
-                warnings.warn(
-                    f"ckpt: commit of checkpoint-{state.global_step} failed: {exc}",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-            else:
-                if snapshot is not None:
-                    self.last_snapshot = snapshot
+            self._commit(f"checkpoint-{state.global_step}")
         return control

@@ -20,11 +20,8 @@ Imports keras when this module is imported; `import ckpt` never does.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import os
 import sys
-import warnings
-import weakref
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -32,36 +29,16 @@ from typing import Any
 import keras
 
 import ckpt
+from ckpt._adapter import CommittingCallback, Stamp, fingerprint
+from ckpt._checkpoint import is_temp
 
 __all__ = ["CkptCallback", "resume_path"]
-
-#: One file's identity for change detection: path, size, mtime, inode.
-_Stamp = tuple[str, int, int, int]
-
-
-def _is_temp(name: str) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in ckpt.TEMP_PATTERNS)
-
-
-def _fingerprint(directory: Path) -> frozenset[_Stamp]:
-    """Every non-temp file below directory, as (path, size, mtime_ns, inode)."""
-    out: set[_Stamp] = set()
-    for root, dirnames, filenames in os.walk(directory):
-        dirnames[:] = [n for n in dirnames if not _is_temp(n)]
-        for name in filenames:
-            if _is_temp(name):
-                continue
-            p = os.path.join(root, name)
-            with contextlib.suppress(OSError):
-                st = os.lstat(p)
-                out.add((p, st.st_size, st.st_mtime_ns, st.st_ino))
-    return frozenset(out)
 
 
 def _whole(p: Path) -> bool:
     """Not a temp name, and a zip with its end record (`.keras` files are zips;
     one cut short by a crash has none)."""
-    if _is_temp(p.name):
+    if is_temp(p.name):
         return False
     try:
         return p.is_file() and p.stat().st_size > 0 and zipfile.is_zipfile(p)
@@ -89,7 +66,7 @@ def resume_path(
 
 
 # (keras ships no type information: its base class is Any to mypy.)
-class CkptCallback(keras.callbacks.Callback):  # type: ignore[misc]
+class CkptCallback(CommittingCallback, keras.callbacks.Callback):  # type: ignore[misc]
     """Commit after ModelCheckpoint saved into `directory`; on the checkpoint
     signal (a preemption warning from `ckpt run`), save the model to
     `directory/filename` at the next batch end (temp name + rename) and commit.
@@ -112,38 +89,15 @@ class CkptCallback(keras.callbacks.Callback):  # type: ignore[misc]
         super().__init__()
         if not filename.endswith((".keras", ".weights.h5")):
             raise ValueError(f"filename {filename!r}: use a .keras or .weights.h5 name")
-        self._cp = ckpt.checkpoint()
-        self.directory = Path(directory) if directory is not None else self._cp.path
+        self.directory = Path(directory) if directory is not None else ckpt.checkpoint().path
         self.filename = filename
-        self.wait = wait
-        self.timeout = timeout
-        #: Id of the last snapshot this callback committed (None before any).
-        self.last_snapshot: str | None = None
-        self._seen: frozenset[_Stamp] = frozenset()
-        self._preempted = False
-        self._listen()
-
-    def _listen(self) -> None:
-        """Have the checkpoint signal set self._preempted. The shim keeps its
-        callbacks for the life of the process: it holds this object weakly."""
-        ref = weakref.ref(self)
-
-        def _on_signal() -> None:  # runs in the signal handler: only set a flag
-            cb = ref()
-            if cb is not None:
-                cb._preempted = True
-
-        ckpt.on_preemption(_on_signal)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """Unpickled (e.g. in a process started by a spawn launcher): listen there too."""
-        self.__dict__.update(state)
-        self._listen()
+        self._seen: frozenset[Stamp] = frozenset()
+        self._init_committing(wait, timeout)
 
     # -- hooks
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
-        self._seen = _fingerprint(self.directory)
+        self._seen = fingerprint([self.directory])
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         self._commit_if_saved()
@@ -160,20 +114,10 @@ class CkptCallback(keras.callbacks.Callback):  # type: ignore[misc]
     # -- work
 
     def _commit_if_saved(self) -> None:
-        now = _fingerprint(self.directory)
+        now = fingerprint([self.directory])
         if now != self._seen:
             self._seen = now
             self._commit("the checkpoint ModelCheckpoint saved")
-
-    def _commit(self, what: str) -> str | None:
-        try:
-            snapshot = self._cp.commit(wait=self.wait, timeout=self.timeout)
-        except ckpt.CommitError as exc:
-            warnings.warn(f"ckpt: commit of {what} failed: {exc}", RuntimeWarning, stacklevel=2)
-            return None
-        if snapshot is not None:
-            self.last_snapshot = snapshot
-        return snapshot
 
     def _save_preempted(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -191,7 +135,7 @@ class CkptCallback(keras.callbacks.Callback):  # type: ignore[misc]
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise
-        self._seen = _fingerprint(self.directory)  # our own save: committed just below
+        self._seen = fingerprint([self.directory])  # our own save: committed just below
         snapshot = self._commit(f"the preemption checkpoint {final}")
         print(
             f"ckpt: preemption warning: saved {final}"

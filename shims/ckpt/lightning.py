@@ -19,18 +19,17 @@ installed) when this module is imported; `import ckpt` never imports it.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import os
 import shutil
 import sys
 import warnings
-import weakref
 import zipfile
-from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ckpt
+from ckpt._adapter import CommittingCallback, Stamp, fingerprint
+from ckpt._checkpoint import is_temp
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -42,29 +41,6 @@ else:
 
 __all__ = ["CkptCallback", "resume_path"]
 
-#: One file's identity for change detection: path, size, mtime, inode.
-_Stamp = tuple[str, int, int, int]
-
-
-def _is_temp(name: str) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in ckpt.TEMP_PATTERNS)
-
-
-def _fingerprint(dirs: Iterable[Path]) -> frozenset[_Stamp]:
-    """Every non-temp file below dirs, as (path, size, mtime_ns, inode)."""
-    out: set[_Stamp] = set()
-    for d in dirs:
-        for root, dirnames, filenames in os.walk(d):
-            dirnames[:] = [n for n in dirnames if not _is_temp(n)]
-            for name in filenames:
-                if _is_temp(name):
-                    continue
-                p = os.path.join(root, name)
-                with contextlib.suppress(OSError):
-                    st = os.lstat(p)
-                    out.add((p, st.st_size, st.st_mtime_ns, st.st_ino))
-    return frozenset(out)
-
 
 def _inside(path: Path, root: Path) -> bool:
     return path.resolve() == root.resolve() or root.resolve() in path.resolve().parents
@@ -74,7 +50,7 @@ def _whole(p: Path) -> bool:
     """A .ckpt that a reader can use: not a temp name, and either a torch.save
     zip with its end record (a truncated file has none) or a non-empty
     directory (sharded strategies write one)."""
-    if _is_temp(p.name):
+    if is_temp(p.name):
         return False
     try:
         if p.is_dir():
@@ -94,7 +70,7 @@ def resume_path(dirpath: str | os.PathLike[str] | None = None) -> str | None:
         return None
     found: list[tuple[int, str, Path]] = []
     for p in root.rglob("*.ckpt"):
-        if any(_is_temp(part) for part in p.relative_to(root).parts):
+        if any(is_temp(part) for part in p.relative_to(root).parts):
             continue
         with contextlib.suppress(OSError):
             found.append((p.stat().st_mtime_ns, p.name, p))
@@ -117,7 +93,7 @@ def _replace(tmp: Path, final: Path) -> None:
 
 
 # (The base class is Any to mypy where lightning is not installed.)
-class CkptCallback(pl.Callback):  # type: ignore[misc,unused-ignore]
+class CkptCallback(CommittingCallback, pl.Callback):  # type: ignore[misc,unused-ignore]
     """Commit after each ModelCheckpoint save; on the checkpoint signal (a
     preemption warning from `ckpt run`), save `filename` at the next batch
     end and commit it.
@@ -140,32 +116,9 @@ class CkptCallback(pl.Callback):  # type: ignore[misc,unused-ignore]
         super().__init__()
         self.dirpath = Path(dirpath) if dirpath is not None else None
         self.filename = filename
-        self.wait = wait
-        self.timeout = timeout
-        #: Id of the last snapshot this callback committed (None before any).
-        self.last_snapshot: str | None = None
-        self._cp = ckpt.checkpoint()
         self._watched: list[Path] = []
-        self._seen: frozenset[_Stamp] = frozenset()
-        self._preempted = False
-        self._listen()
-
-    def _listen(self) -> None:
-        """Have the checkpoint signal set self._preempted. The shim keeps its
-        callbacks for the life of the process: it holds this object weakly."""
-        ref = weakref.ref(self)
-
-        def _on_signal() -> None:  # runs in the signal handler: only set a flag
-            cb = ref()
-            if cb is not None:
-                cb._preempted = True
-
-        ckpt.on_preemption(_on_signal)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """Unpickled (e.g. in a process started by a spawn launcher): listen there too."""
-        self.__dict__.update(state)
-        self._listen()
+        self._seen: frozenset[Stamp] = frozenset()
+        self._init_committing(wait, timeout)
 
     # -- hooks
 
@@ -187,7 +140,7 @@ class CkptCallback(pl.Callback):  # type: ignore[misc,unused-ignore]
                         RuntimeWarning,
                         stacklevel=2,
                     )
-        self._seen = _fingerprint(self._watched)
+        self._seen = fingerprint(self._watched)
 
     def on_train_batch_end(
         self,
@@ -221,23 +174,14 @@ class CkptCallback(pl.Callback):  # type: ignore[misc,unused-ignore]
     # -- work
 
     def _commit_if_saved(self, trainer: pl.Trainer) -> None:
-        now = _fingerprint(self._watched)
+        now = fingerprint(self._watched)
         if now != self._seen:
             self._seen = now
-            self._commit(trainer, "the checkpoint ModelCheckpoint saved")
+            self._commit_rank0(trainer, "the checkpoint ModelCheckpoint saved")
 
-    def _commit(self, trainer: pl.Trainer, what: str) -> str | None:
+    def _commit_rank0(self, trainer: pl.Trainer, what: str) -> str | None:
         """Commit (local rank 0 only: one request per node, to its supervisor)."""
-        if trainer.local_rank != 0:
-            return None
-        try:
-            snapshot = self._cp.commit(wait=self.wait, timeout=self.timeout)
-        except ckpt.CommitError as exc:
-            warnings.warn(f"ckpt: commit of {what} failed: {exc}", RuntimeWarning, stacklevel=2)
-            return None
-        if snapshot is not None:
-            self.last_snapshot = snapshot
-        return snapshot
+        return self._commit(what) if trainer.local_rank == 0 else None
 
     def _save_preempted(self, trainer: pl.Trainer) -> None:
         if self.dirpath is not None:
@@ -257,8 +201,8 @@ class CkptCallback(pl.Callback):  # type: ignore[misc,unused-ignore]
         if trainer.is_global_zero:
             _replace(tmp, final)
         trainer.strategy.barrier("ckpt.preempted.rename")
-        self._seen = _fingerprint(self._watched)  # our own save: committed just below
-        snapshot = self._commit(trainer, f"the preemption checkpoint {final}")
+        self._seen = fingerprint(self._watched)  # our own save: committed just below
+        snapshot = self._commit_rank0(trainer, f"the preemption checkpoint {final}")
         if trainer.is_global_zero:
             print(
                 f"ckpt: preemption warning: saved {final} at step {trainer.global_step}"
