@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import socket as socketlib
 import time
 from pathlib import Path
 from typing import Any
@@ -184,27 +183,13 @@ def send_signal(socket_path: str | None) -> int:
 
 
 def request(socket_path: str, message: dict[str, Any]) -> dict[str, Any]:
-    """One request/reply on the control socket."""
+    """One request/reply on the control socket (the shim's client, ckpt errors)."""
+    from ckpt._control import CommitError
+    from ckpt._control import request as send
+
     if not os.path.exists(socket_path):
         raise ConfigError(f"control socket {socket_path} does not exist (is ckpt run alive?)")
-    with socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM) as s:
-        try:
-            s.connect(socket_path)
-            s.sendall(json.dumps(message).encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                more = s.recv(65536)
-                if not more:
-                    break
-                data += more
-        except OSError as exc:
-            raise CkptError(
-                f"control socket {socket_path}: {exc}", exit_code=ExitCode.UNAVAILABLE
-            ) from None
     try:
-        reply: dict[str, Any] = json.loads(data)
-    except ValueError:
-        raise CkptError(
-            f"control socket {socket_path} sent no reply", exit_code=ExitCode.UNAVAILABLE
-        ) from None
-    return reply
+        return send(message, path=socket_path)
+    except CommitError as exc:
+        raise CkptError(str(exc), exit_code=ExitCode.UNAVAILABLE) from None

@@ -22,9 +22,12 @@ def socket_path() -> str | None:
     return os.environ.get(ENV_SOCKET) or None
 
 
-def request(message: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
-    """Send one request; CommitError if there is no supervisor or it does not answer."""
-    path = socket_path()
+def request(
+    message: dict[str, Any], timeout: float | None = None, path: str | None = None
+) -> dict[str, Any]:
+    """Send one request to `path` (default: $CKPT_SOCKET); CommitError if there
+    is no supervisor or it does not answer."""
+    path = path or socket_path()
     if path is None:
         raise CommitError(f"not running under `ckpt run` ({ENV_SOCKET} is not set)")
     try:
