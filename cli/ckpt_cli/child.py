@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from ckpt_cli.errors import ConfigError
 from ckpt_cli.policy import ChildExit
@@ -115,3 +118,26 @@ class Child:
             time.sleep(0.05)
         signal_group(self.pgid, signal.SIGKILL)
         return True
+
+
+def catches_signal(pid: int, sig: int) -> bool:
+    """True if the process has a handler for sig (Linux: SigCgt in /proc/PID/status)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
+def ckpt_executable() -> str:
+    """The `ckpt` command that runs this supervisor, for shell scripts ($CKPT_BIN)."""
+    beside = Path(sys.executable).parent / "ckpt"
+    argv0 = Path(sys.argv[0])
+    if argv0.name == "ckpt" and os.access(argv0, os.X_OK):
+        return str(argv0.absolute())
+    if beside.exists():
+        return str(beside)
+    return shutil.which("ckpt") or "ckpt"

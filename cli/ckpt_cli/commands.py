@@ -15,8 +15,9 @@ from typing import Any
 from ckpt._contract import ExitCode
 from ckpt_cli import config, console
 from ckpt_cli.errors import CkptError, ConfigError, RemoteError
+from ckpt_cli.manifest import Manifest
 from ckpt_cli.remote import open_backend, parse_storage_options
-from ckpt_cli.repository import Manifest, Repository, iter_manifests
+from ckpt_cli.repository import Repository, iter_manifests, newest_manifest
 
 
 def _open(remote: str, options: list[str], *, create: bool) -> Repository | None:
@@ -26,7 +27,6 @@ def _open(remote: str, options: list[str], *, create: bool) -> Repository | None
 
 def restore(remote: str, dir: Path, snapshot: str | None, options: list[str]) -> int:
     from ckpt_cli.restore import restore as do_restore
-    from ckpt_cli.supervisor import fmt_bytes
 
     target = config.resolve_dir(dir)
     config.check_remote_outside(target, remote)
@@ -40,14 +40,13 @@ def restore(remote: str, dir: Path, snapshot: str | None, options: list[str]) ->
     m = done.manifest
     console.info(
         f"restored snapshot {m.id} (generation {m.generation}, {len(m.files)} files, "
-        f"{fmt_bytes(m.total_size)}) into {target} in {done.seconds:.1f}s"
+        f"{console.fmt_bytes(m.total_size)}) into {target} in {done.seconds:.1f}s"
     )
     return ExitCode.OK
 
 
 def push(dir: Path, remote: str, keep: int, options: list[str]) -> int:
     from ckpt_cli.snapshotter import Snapshotter
-    from ckpt_cli.supervisor import _newest_valid, fmt_bytes
 
     source = config.resolve_dir(dir)
     if not source.is_dir():
@@ -59,7 +58,7 @@ def push(dir: Path, remote: str, keep: int, options: list[str]) -> int:
     lease.acquire()
     snapshotter = Snapshotter(repo, source, run="push")
     try:
-        snapshotter.adopt(_newest_valid(repo), trust_local=False)
+        snapshotter.adopt(newest_manifest(repo), trust_local=False)
         result = snapshotter.snapshot(reason="push", keep=keep)
     finally:
         snapshotter.close()
@@ -81,7 +80,7 @@ def push(dir: Path, remote: str, keep: int, options: list[str]) -> int:
         return ExitCode.OK
     console.info(
         f"pushed snapshot {m.id} (generation {m.generation}): {len(m.files)} files, "
-        f"{fmt_bytes(m.total_size)}, {fmt_bytes(result.new_bytes)} new, "
+        f"{console.fmt_bytes(m.total_size)}, {console.fmt_bytes(result.new_bytes)} new, "
         f"{result.seconds:.1f}s"
     )
     return ExitCode.OK
@@ -120,8 +119,6 @@ def ls(remote: str, as_json: bool, options: list[str]) -> int:
         return ExitCode.OK
     from rich.table import Table
 
-    from ckpt_cli.supervisor import fmt_bytes
-
     table = Table(box=None, pad_edge=False)
     for col in ("id", "gen", "time", "age", "files", "size", "new", "attempt", "host"):
         table.add_column(
@@ -138,8 +135,8 @@ def ls(remote: str, as_json: bool, options: list[str]) -> int:
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created"])),
             _age(now - r["created"]),
             str(r["files"]),
-            fmt_bytes(r["size"]),
-            fmt_bytes(r["new_bytes"]),
+            console.fmt_bytes(r["size"]),
+            console.fmt_bytes(r["new_bytes"]),
             str(r["attempt"] or "-"),
             r["host"],
         )

@@ -68,3 +68,11 @@ def table(renderable: Any) -> None:
         Console(soft_wrap=True, highlight=False, no_color="NO_COLOR" in os.environ).print(
             renderable
         )
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

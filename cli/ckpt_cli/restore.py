@@ -23,15 +23,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ckpt_cli import console
 from ckpt_cli.errors import ConfigError, RestoreError
-from ckpt_cli.repository import (
-    ChunkError,
-    Manifest,
-    ManifestError,
-    Repository,
-    SnapshotRef,
-)
-from ckpt_cli.snapshotter import link_escapes
+from ckpt_cli.manifest import Manifest, ManifestError
+from ckpt_cli.repository import ChunkError, Repository, SnapshotRef, newest_manifest
+from ckpt_cli.snapshotter import Snapshotter, link_escapes, scan
 
 RESTORE_PREFIX = ".ckpt-restore-"
 OLD_PREFIX = ".ckpt-old-"
@@ -231,3 +227,86 @@ def swap_in(new: Path, target: Path) -> None:
     with contextlib.suppress(OSError):
         os.rename(old, new)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def prepare_dir(
+    repo: Repository,
+    snapshotter: Snapshotter,
+    *,
+    restore_enabled: bool = True,
+    snapshot: str | None = None,
+    concurrency: int = 4,
+) -> str:
+    """Decide what the child starts from; return the id it holds ('' if none).
+
+    The rule: an explicit --snapshot is always restored. An empty or missing
+    --dir gets the newest usable snapshot. A non-empty --dir that holds the
+    newest snapshot already is used as it is. A non-empty --dir with a file
+    modified after the newest snapshot was taken is kept (it is newer: a
+    previous run on this machine got further than its last upload) and
+    uploaded as the next snapshot. Otherwise --dir is older and is replaced.
+    """
+    directory = snapshotter.root
+    recover_interrupted(directory)
+    newest = newest_manifest(repo)
+    if not restore_enabled:
+        console.info(f"--no-restore: starting from {directory} as it is")
+        snapshotter.adopt(newest, trust_local=False)
+        return ""
+    if snapshot is not None:
+        return restore_into(repo, snapshotter, snapshot, concurrency)
+    local = scan(directory, snapshotter.patterns) if directory.exists() else []
+    if not local:
+        if not repo.snapshots():
+            console.info(f"remote has no snapshot yet: starting fresh in {directory}")
+            return ""
+        return restore_into(repo, snapshotter, None, concurrency)
+    if newest is None:
+        if repo.snapshots():
+            console.warn(f"no snapshot in {repo.display} is readable; keeping {directory} as it is")
+        else:
+            console.info(f"remote has no snapshot yet: {directory} is uploaded as the first")
+        return ""
+    local_files = {e.path: e for e in local if e.type == "file"}
+    snap_files = {e.path: e for e in newest.files}
+    if local_files.keys() == snap_files.keys() and all(
+        (le.size, le.mtime_ns) == (snap_files[p].size, snap_files[p].mtime_ns)
+        for p, le in local_files.items()
+    ):
+        console.info(f"{directory} already holds snapshot {newest.id}: nothing to restore")
+        snapshotter.adopt(newest, trust_local=True)
+        return newest.id
+    newest_local = max(e.mtime_ns for e in local) / 1e9
+    if newest_local > newest.created:
+        console.warn(
+            f"{directory} was modified at {_clock(newest_local)}, after the newest snapshot "
+            f"{newest.id} ({_clock(newest.created)}): keeping the local state, which "
+            "becomes the next snapshot (restore the remote one with --snapshot ID)"
+        )
+        snapshotter.adopt(newest, trust_local=False)
+        return ""
+    console.info(f"{directory} is older than snapshot {newest.id}: replacing it")
+    return restore_into(repo, snapshotter, None, concurrency)
+
+
+def restore_into(
+    repo: Repository, snapshotter: Snapshotter, wanted: str | None, concurrency: int
+) -> str:
+    """Restore (the newest usable, or `wanted`) into the snapshotter's directory,
+    say so, and make it the snapshotter's parent; the id restored, '' if none."""
+    directory = snapshotter.root
+    done = restore(repo, directory, snapshot=wanted, warn=console.warn, concurrency=concurrency)
+    if done is None:
+        console.info(f"remote has no snapshot yet: starting fresh in {directory}")
+        return ""
+    m = done.manifest
+    console.info(
+        f"restored snapshot {m.id} (generation {m.generation}, {len(m.files)} files, "
+        f"{console.fmt_bytes(m.total_size)}) into {directory} in {done.seconds:.1f}s"
+    )
+    snapshotter.adopt(m, trust_local=True)
+    return m.id
+
+
+def _clock(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))

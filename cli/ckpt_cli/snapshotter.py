@@ -25,7 +25,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from ckpt import _contract as contract
-from ckpt_cli.repository import Entry, Manifest, Repository, hash_bytes, host_name
+from ckpt_cli.manifest import Entry, Manifest, hash_bytes, host_name
+from ckpt_cli.repository import Repository
 
 #: Names that are never snapshotted: one definition, shared with the shim.
 TEMP_PATTERNS = contract.TEMP_PATTERNS

@@ -17,7 +17,6 @@ import select
 import shlex
 import shutil
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -26,34 +25,21 @@ from typing import Any
 
 from ckpt import _contract as contract
 from ckpt_cli import console
-from ckpt_cli.child import Child, Guardian
+from ckpt_cli.child import Child, Guardian, catches_signal, ckpt_executable
 from ckpt_cli.config import RunConfig
 from ckpt_cli.control import ControlServer
 from ckpt_cli.errors import CkptError, RemoteError
+from ckpt_cli.lease import Lease, LeaseLostError
 from ckpt_cli.policy import ChildExit, Decision, decide, signal_name
 from ckpt_cli.remote import open_backend, redact_url
-from ckpt_cli.repository import (
-    Lease,
-    LeaseLostError,
-    Manifest,
-    Repository,
-    iter_manifests,
-)
-from ckpt_cli.restore import recover_interrupted, restore
-from ckpt_cli.snapshotter import TEMP_PATTERNS, SnapshotResult, Snapshotter, scan
+from ckpt_cli.repository import Repository
+from ckpt_cli.restore import prepare_dir, restore_into
+from ckpt_cli.snapshotter import TEMP_PATTERNS, SnapshotResult, Snapshotter
 from ckpt_cli.uploader import SnapshotWorker
 from ckpt_cli.watcher import Watcher
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 FORWARD_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
-
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 @dataclasses.dataclass
@@ -113,7 +99,13 @@ class Supervisor:
             concurrency=cfg.concurrency,
             may_write=self._check_lease,
         )
-        self.restored_id = self._prepare_dir(repo, snapshotter)
+        self.restored_id = prepare_dir(
+            repo,
+            snapshotter,
+            restore_enabled=cfg.restore,
+            snapshot=cfg.snapshot,
+            concurrency=cfg.concurrency,
+        )
         cfg.dir.mkdir(parents=True, exist_ok=True)
 
         stop_heartbeat = threading.Event()
@@ -176,75 +168,6 @@ class Supervisor:
         return status
 
     # ------------------------------------------------------------ restore phase
-
-    def _prepare_dir(self, repo: Repository, snapshotter: Snapshotter) -> str:
-        """Decide what the child starts from; return the id it holds ('' if none).
-
-        The rule: an explicit --snapshot is always restored. An empty or missing
-        --dir gets the newest usable snapshot. A non-empty --dir that holds the
-        newest snapshot already is used as it is. A non-empty --dir with a file
-        modified after the newest snapshot was taken is kept (it is newer: a
-        previous run on this machine got further than its last upload) and
-        uploaded as the next snapshot. Otherwise --dir is older and is replaced.
-        """
-        cfg = self.cfg
-        recover_interrupted(cfg.dir)
-        newest = _newest_valid(repo)
-        if not cfg.restore:
-            console.info(f"--no-restore: starting from {cfg.dir} as it is")
-            snapshotter.adopt(newest, trust_local=False)
-            return ""
-        if cfg.snapshot is not None:
-            return self._restore(repo, snapshotter, cfg.snapshot)
-        local = scan(cfg.dir, self.patterns) if cfg.dir.exists() else []
-        if not local:
-            if not repo.snapshots():
-                console.info(f"remote has no snapshot yet: starting fresh in {cfg.dir}")
-                return ""
-            return self._restore(repo, snapshotter, None)
-        if newest is None:
-            if repo.snapshots():
-                console.warn(
-                    f"no snapshot in {repo.display} is readable; keeping {cfg.dir} as it is"
-                )
-            else:
-                console.info(f"remote has no snapshot yet: {cfg.dir} is uploaded as the first")
-            return ""
-        local_files = {e.path: e for e in local if e.type == "file"}
-        snap_files = {e.path: e for e in newest.files}
-        if local_files.keys() == snap_files.keys() and all(
-            (le.size, le.mtime_ns) == (snap_files[p].size, snap_files[p].mtime_ns)
-            for p, le in local_files.items()
-        ):
-            console.info(f"{cfg.dir} already holds snapshot {newest.id}: nothing to restore")
-            snapshotter.adopt(newest, trust_local=True)
-            return newest.id
-        newest_local = max(e.mtime_ns for e in local) / 1e9
-        if newest_local > newest.created:
-            console.warn(
-                f"{cfg.dir} was modified at {_clock(newest_local)}, after the newest snapshot "
-                f"{newest.id} ({_clock(newest.created)}): keeping the local state, which "
-                "becomes the next snapshot (restore the remote one with --snapshot ID)"
-            )
-            snapshotter.adopt(newest, trust_local=False)
-            return ""
-        console.info(f"{cfg.dir} is older than snapshot {newest.id}: replacing it")
-        return self._restore(repo, snapshotter, None)
-
-    def _restore(self, repo: Repository, snapshotter: Snapshotter, wanted: str | None) -> str:
-        done = restore(
-            repo, self.cfg.dir, snapshot=wanted, warn=console.warn, concurrency=self.cfg.concurrency
-        )
-        if done is None:
-            console.info(f"remote has no snapshot yet: starting fresh in {self.cfg.dir}")
-            return ""
-        m = done.manifest
-        console.info(
-            f"restored snapshot {m.id} (generation {m.generation}, {len(m.files)} files, "
-            f"{fmt_bytes(m.total_size)}) into {self.cfg.dir} in {done.seconds:.1f}s"
-        )
-        snapshotter.adopt(m, trust_local=True)
-        return m.id
 
     # ------------------------------------------------------------ the loop
 
@@ -316,7 +239,7 @@ class Supervisor:
             if not cfg.dir.is_dir():
                 console.warn(f"{cfg.dir} disappeared: restoring it before the retry")
                 watcher.stop()
-                self.restored_id = self._restore(repo, snapshotter, None)
+                self.restored_id = restore_into(repo, snapshotter, None, cfg.concurrency)
                 cfg.dir.mkdir(parents=True, exist_ok=True)
                 watcher.start()
 
@@ -515,7 +438,7 @@ class Supervisor:
             return
         console.info(
             f"snapshot {m.id} (generation {m.generation}): {len(m.files)} files, "
-            f"{fmt_bytes(m.total_size)}, {fmt_bytes(result.new_bytes)} new, "
+            f"{console.fmt_bytes(m.total_size)}, {console.fmt_bytes(result.new_bytes)} new, "
             f"{result.seconds:.1f}s"
         )
 
@@ -548,44 +471,10 @@ class Supervisor:
         codes = ", ".join(a.exit.describe() for a in self.attempts) or "none"
         console.info(
             f"done: {len(self.attempts)} attempt(s) ({codes}); {stats.snapshots} snapshot(s), "
-            f"{fmt_bytes(stats.bytes_uploaded)} uploaded; newest durable snapshot: "
+            f"{console.fmt_bytes(stats.bytes_uploaded)} uploaded; newest durable snapshot: "
             f"{last.id if last else 'none'}"
         )
 
 
-def catches_signal(pid: int, sig: int) -> bool:
-    """True if the process has a handler for sig (Linux: SigCgt in /proc/PID/status)."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("SigCgt:"):
-                    return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    return False
-
-
-def ckpt_executable() -> str:
-    """The `ckpt` command that runs this supervisor, for shell scripts ($CKPT_BIN)."""
-    beside = Path(sys.executable).parent / "ckpt"
-    argv0 = Path(sys.argv[0])
-    if argv0.name == "ckpt" and os.access(argv0, os.X_OK):
-        return str(argv0.absolute())
-    if beside.exists():
-        return str(beside)
-    return shutil.which("ckpt") or "ckpt"
-
-
 def _record(signum: int, frame: object) -> None:
     """Signal handler: nothing to do; set_wakeup_fd already recorded signum."""
-
-
-def _clock(ts: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
-
-
-def _newest_valid(repo: Repository) -> Manifest | None:
-    for _ref, m in iter_manifests(repo):
-        if isinstance(m, Manifest):
-            return m
-    return None

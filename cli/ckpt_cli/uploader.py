@@ -13,7 +13,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from ckpt_cli.repository import LeaseLostError, Manifest
+from ckpt_cli.lease import LeaseLostError
+from ckpt_cli.manifest import Manifest
 from ckpt_cli.snapshotter import Pinned, SnapshotResult, Snapshotter, TornCommitError
 
 #: A directory that never goes quiet is still snapshotted this often (seconds).

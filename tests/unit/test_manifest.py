@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from ckpt_cli.repository import (
+from ckpt_cli.manifest import (
     MAX_FILE_SIZE,
     Entry,
     Manifest,

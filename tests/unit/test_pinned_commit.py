@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_cli.repository import Manifest, Repository
+from ckpt_cli.manifest import Manifest
+from ckpt_cli.repository import Repository
 from ckpt_cli.restore import restore
 from ckpt_cli.snapshotter import Pinned, Snapshotter, TornCommitError
 

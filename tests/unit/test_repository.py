@@ -12,20 +12,15 @@ import time
 import pytest
 
 from ckpt_cli.errors import ConfigError, LeaseHeldError
+from ckpt_cli.lease import LEASE_KEY, LeaseLostError, boot_id
+from ckpt_cli.manifest import FORMAT_VERSION, Entry, Manifest, hash_bytes
 from ckpt_cli.remote import Backend, NotFound
 from ckpt_cli.repository import (
     CONFIG_KEY,
     DEFAULT_CHUNK_SIZE,
-    FORMAT_VERSION,
-    LEASE_KEY,
     ChunkError,
-    Entry,
-    LeaseLostError,
-    Manifest,
     Repository,
-    boot_id,
     chunk_key,
-    hash_bytes,
     iter_manifests,
 )
 
@@ -318,7 +313,7 @@ def test_load_vanished(repo: Repository) -> None:
     repo.write_manifest(m)
     [ref] = repo.snapshots()
     repo.backend.delete(m.key)
-    from ckpt_cli.repository import ManifestError
+    from ckpt_cli.manifest import ManifestError
 
     with pytest.raises(ManifestError):
         repo.load(ref)
@@ -328,7 +323,7 @@ def test_iter_manifests_reports_damage(repo: Repository) -> None:
     good = _manifest(1, "aaaaaaaa")
     repo.write_manifest(good)
     repo.backend.write("snapshots/0000000002-bbbbbbbb.json", b"{broken")
-    from ckpt_cli.repository import ManifestError
+    from ckpt_cli.manifest import ManifestError
 
     out = list(iter_manifests(repo))
     assert [r.generation for r, _ in out] == [2, 1]

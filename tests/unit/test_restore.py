@@ -11,7 +11,8 @@ import pytest
 
 from ckpt_cli import restore as restore_mod
 from ckpt_cli.errors import ConfigError, RestoreError
-from ckpt_cli.repository import Entry, Manifest, Repository, chunk_key, hash_bytes
+from ckpt_cli.manifest import Entry, Manifest, hash_bytes
+from ckpt_cli.repository import Repository, chunk_key
 from ckpt_cli.restore import recover_interrupted, restore
 from ckpt_cli.snapshotter import Snapshotter
 

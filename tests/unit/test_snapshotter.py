@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from ckpt_cli.manifest import Manifest, hash_bytes
 from ckpt_cli.remote import open_backend
-from ckpt_cli.repository import Manifest, Repository, hash_bytes
+from ckpt_cli.repository import Repository
 from ckpt_cli.restore import restore
 from ckpt_cli.snapshotter import Snapshotter, scan
 

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from ckpt_cli.errors import RemoteError
+from ckpt_cli.lease import LeaseLostError
 from ckpt_cli.remote import LocalBackend, open_backend
-from ckpt_cli.repository import LeaseLostError, Repository
+from ckpt_cli.repository import Repository
 from ckpt_cli.snapshotter import SnapshotResult, Snapshotter
 from ckpt_cli.uploader import SnapshotWorker
 

@@ -1,0 +1,146 @@
+"""The single-writer lease: lease.json with owner, host, pid, boot id and a
+heartbeat. One `ckpt run` or `ckpt push` writes to a remote at a time; readers
+need no lease. Imports: standard library, `remote`, `errors`, `manifest`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from typing import Any
+
+from ckpt_cli.errors import LeaseHeldError, RemoteError
+from ckpt_cli.manifest import host_name
+from ckpt_cli.remote import Backend, NotFound
+
+LEASE_KEY = "lease.json"
+
+
+class LeaseLostError(RemoteError):
+    """Another writer took the lease over: this one must stop writing."""
+
+
+def boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+class Lease:
+    """The single-writer lease: lease.json with owner, host, pid, boot id and a
+    heartbeat. Stale when the heartbeat is older than its ttl, or at once when
+    it names a dead pid on this same host and boot."""
+
+    def __init__(self, backend: Backend, owner: str, ttl: float) -> None:
+        self.backend = backend
+        self.owner = owner
+        self.ttl = ttl
+        self.held = False
+
+    def _doc(self) -> bytes:
+        now = time.time()
+        return json.dumps(
+            {
+                "owner": self.owner,
+                "host": host_name(),
+                "pid": os.getpid(),
+                "boot": boot_id(),
+                "heartbeat": now,
+                "ttl": self.ttl,
+            }
+        ).encode()
+
+    def _read(self) -> dict[str, Any] | None:
+        try:
+            doc = json.loads(self.backend.read(LEASE_KEY))
+        except NotFound:
+            return None
+        except ValueError:
+            return {}  # garbage: treated as stale
+        return doc if isinstance(doc, dict) else {}
+
+    def describe_stale(self, doc: dict[str, Any]) -> str | None:
+        """Why the lease in doc may be taken over, or None if it is live."""
+        if not doc or "owner" not in doc:
+            return "it is unreadable"
+        try:
+            age = time.time() - float(doc.get("heartbeat", 0))
+            ttl = float(doc.get("ttl", self.ttl))
+        except (TypeError, ValueError):
+            return "it is unreadable"
+        if age > ttl:
+            return f"its last heartbeat is {age:.0f}s old (timeout {ttl:.0f}s)"
+        if doc.get("host") == host_name() and doc.get("boot", "") == boot_id():
+            pid = doc.get("pid")
+            if isinstance(pid, int) and not _pid_alive(pid):
+                return f"its process {pid} on this host is gone"
+        if doc.get("host") == host_name() and doc.get("boot") and doc.get("boot") != boot_id():
+            return "this host rebooted since"
+        return None
+
+    def acquire(self) -> str | None:
+        """Take the lease or raise LeaseHeldError; returns why an old one was taken over."""
+        backend = self.backend
+        if backend.create_exclusive(LEASE_KEY, self._doc()):
+            took_over = None
+        else:
+            doc = self._read()
+            if doc is not None and doc.get("owner") == self.owner:
+                took_over = None
+            else:
+                why = self.describe_stale(doc or {}) if doc is not None else "it was released"
+                if why is None:
+                    assert doc is not None
+                    age = time.time() - float(doc.get("heartbeat", 0))
+                    raise LeaseHeldError(
+                        f"remote {backend.display} is in use by ckpt on host "
+                        f"{doc.get('host')} (pid {doc.get('pid')}, heartbeat {age:.0f}s ago); "
+                        f"stop that run, or wait: a lease without heartbeat for "
+                        f"{float(doc.get('ttl', self.ttl)):.0f}s is taken over (--lease-timeout)"
+                    )
+                backend.write(LEASE_KEY, self._doc())
+                took_over = why
+        # A store without conditional writes: confirm nobody raced us.
+        time.sleep(0.05)
+        doc = self._read()
+        if not doc or doc.get("owner") != self.owner:
+            raise LeaseHeldError(
+                f"remote {backend.display} was claimed by another ckpt at the same moment; "
+                "only one writer may use a remote"
+            )
+        self.held = True
+        return took_over
+
+    def heartbeat(self) -> None:
+        """Refresh; LeaseLostError if another writer owns the lease now."""
+        doc = self._read()
+        if doc is not None and doc.get("owner") not in (None, self.owner):
+            self.held = False
+            raise LeaseLostError(
+                f"lease on {self.backend.display} was taken over by host {doc.get('host')} "
+                f"pid {doc.get('pid')}; this run stops writing snapshots"
+            )
+        self.backend.write(LEASE_KEY, self._doc())
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        with contextlib.suppress(RemoteError):
+            doc = self._read()
+            if doc is not None and doc.get("owner") == self.owner:
+                self.backend.delete(LEASE_KEY)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

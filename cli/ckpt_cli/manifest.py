@@ -1,0 +1,236 @@
+"""The snapshot manifest: what one snapshot holds, its JSON form, and the checks
+that make an untrusted manifest safe to restore (relative, normalised paths that
+stay inside the target; no duplicates; nothing below a file or link; sizes that
+match their chunk lists). Imports: standard library only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import posixpath
+import re
+import socket
+from typing import Any
+
+FORMAT_NAME = "ckpt"
+FORMAT_VERSION = 1
+HASH_NAME = "sha256"
+SNAPSHOTS = "snapshots/"
+#: The largest file a manifest may describe (1 PiB): anything larger is corrupt.
+MAX_FILE_SIZE = 1 << 50
+
+SNAPSHOT_RE = re.compile(r"^snapshots/(\d{10})-([0-9a-f]{8})\.json$")
+HASH_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ManifestError(Exception):
+    """A manifest that cannot be trusted: unreadable, malformed or unsafe."""
+
+
+def hash_bytes(data: bytes | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def host_name() -> str:
+    return socket.gethostname()
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One path in a snapshot: a regular file, a directory or a symlink."""
+
+    path: str
+    type: str  # "file" | "dir" | "symlink"
+    mode: int = 0o644
+    size: int = 0
+    mtime_ns: int = 0
+    chunks: tuple[str, ...] = ()
+    target: str = ""
+    ino: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"path": self.path, "type": self.type, "mode": self.mode}
+        if self.type == "file":
+            out.update(
+                size=self.size, mtime_ns=self.mtime_ns, ino=self.ino, chunks=list(self.chunks)
+            )
+        elif self.type == "symlink":
+            out["target"] = self.target
+        else:
+            out["mtime_ns"] = self.mtime_ns
+        return out
+
+    def same_content(self, other: Entry) -> bool:
+        """Equal as far as a restore is concerned (ignores the local inode)."""
+        return dataclasses.replace(self, ino=0) == dataclasses.replace(other, ino=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    id: str
+    generation: int
+    entries: tuple[Entry, ...]
+    chunk_size: int
+    created: float
+    parent: str | None = None
+    host: str = ""
+    source: str = ""  # absolute local dir the snapshot was taken from
+    run: str = ""
+    attempt: int = 0
+    reason: str = ""
+    new_bytes: int = 0
+    new_chunks: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"{SNAPSHOTS}{self.generation:010d}-{self.id}.json"
+
+    @property
+    def files(self) -> list[Entry]:
+        return [e for e in self.entries if e.type == "file"]
+
+    @property
+    def total_size(self) -> int:
+        return sum(e.size for e in self.entries if e.type == "file")
+
+    def chunk_digests(self) -> set[str]:
+        return {c for e in self.entries for c in e.chunks}
+
+    def to_bytes(self) -> bytes:
+        doc = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "id": self.id,
+            "generation": self.generation,
+            "parent": self.parent,
+            "created": self.created,
+            "host": self.host,
+            "source": self.source,
+            "run": self.run,
+            "attempt": self.attempt,
+            "reason": self.reason,
+            "chunk_size": self.chunk_size,
+            "hash": HASH_NAME,
+            "new_bytes": self.new_bytes,
+            "new_chunks": self.new_chunks,
+            "files": len(self.files),
+            "size": self.total_size,
+            "entries": [e.to_json() for e in self.entries],
+        }
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, key: str) -> Manifest:
+        """Parse and validate; ManifestError names what is wrong."""
+        try:
+            doc = json.loads(data)
+        except ValueError as exc:
+            raise ManifestError(f"is not valid JSON ({exc})") from None
+        if not isinstance(doc, dict):
+            raise ManifestError("is not a JSON object")
+        if doc.get("format") != FORMAT_NAME or doc.get("version") != FORMAT_VERSION:
+            raise ManifestError(
+                f"has format {doc.get('format')!r} version {doc.get('version')!r}; "
+                f"this ckpt reads {FORMAT_NAME!r} version {FORMAT_VERSION}"
+            )
+        match = SNAPSHOT_RE.match(key)
+        try:
+            generation = _int(doc, "generation", 0, 10**10 - 1)
+            snap_id = doc["id"]
+            if match and (int(match.group(1)) != generation or match.group(2) != snap_id):
+                raise ManifestError("does not match its own name")
+            chunk_size = _int(doc, "chunk_size", 1, 1 << 34)
+            if doc.get("hash", HASH_NAME) != HASH_NAME:
+                raise ManifestError(f"uses hash {doc.get('hash')!r}; this ckpt knows {HASH_NAME}")
+            raw_entries = doc["entries"]
+            if not isinstance(raw_entries, list):
+                raise ManifestError("entries is not a list")
+            entries = tuple(_parse_entry(e, chunk_size) for e in raw_entries)
+            _check_tree(entries)
+            return cls(
+                id=str(snap_id),
+                generation=generation,
+                entries=entries,
+                chunk_size=chunk_size,
+                created=float(doc["created"]),
+                parent=doc.get("parent"),
+                host=str(doc.get("host", "")),
+                source=str(doc.get("source", "")),
+                run=str(doc.get("run", "")),
+                attempt=int(doc.get("attempt", 0)),
+                reason=str(doc.get("reason", "")),
+                new_bytes=int(doc.get("new_bytes", 0)),
+                new_chunks=int(doc.get("new_chunks", 0)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ManifestError(f"is malformed ({type(exc).__name__}: {exc})") from None
+
+
+def _int(doc: dict[str, Any], name: str, low: int, high: int) -> int:
+    value = doc[name]
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ManifestError(f"has an impossible {name}: {value!r}")
+    return value
+
+
+def safe_relpath(path: object) -> str:
+    """A normalised relative path that stays inside its root, or ManifestError."""
+    if not isinstance(path, str) or not path:
+        raise ManifestError(f"has an empty or non-text path {path!r}")
+    if "\0" in path or path.startswith("/"):
+        raise ManifestError(f"has an unsafe path {path!r}")
+    parts = path.split("/")
+    if any(p in ("", ".", "..") for p in parts) or posixpath.normpath(path) != path:
+        raise ManifestError(f"has a path that escapes or is not normalised: {path!r}")
+    return path
+
+
+def _parse_entry(raw: Any, chunk_size: int) -> Entry:
+    if not isinstance(raw, dict):
+        raise ManifestError("has an entry that is not an object")
+    path = safe_relpath(raw.get("path"))
+    kind = raw.get("type")
+    mode = _int(raw, "mode", 0, 0o7777)
+    if kind == "file":
+        size = _int(raw, "size", 0, MAX_FILE_SIZE)
+        chunks = raw["chunks"]
+        if not isinstance(chunks, list) or not all(
+            isinstance(c, str) and HASH_RE.match(c) for c in chunks
+        ):
+            raise ManifestError(f"has bad chunk names for {path!r}")
+        if len(chunks) != -(-size // chunk_size):
+            raise ManifestError(f"lists {len(chunks)} chunks for {path!r} of {size} bytes")
+        return Entry(
+            path,
+            "file",
+            mode,
+            size,
+            int(raw.get("mtime_ns", 0)),
+            tuple(chunks),
+            ino=int(raw.get("ino", 0)),
+        )
+    if kind == "dir":
+        return Entry(path, "dir", mode, mtime_ns=int(raw.get("mtime_ns", 0)))
+    if kind == "symlink":
+        target = raw.get("target")
+        if not isinstance(target, str) or not target or "\0" in target:
+            raise ManifestError(f"has a bad symlink target for {path!r}")
+        return Entry(path, "symlink", mode, target=target)
+    raise ManifestError(f"has an entry of unknown type {kind!r} at {path!r}")
+
+
+def _check_tree(entries: tuple[Entry, ...]) -> None:
+    """No duplicates, and nothing below a path that is not a directory."""
+    kinds: dict[str, str] = {}
+    for e in entries:
+        if e.path in kinds:
+            raise ManifestError(f"lists {e.path!r} twice")
+        kinds[e.path] = e.type
+    for e in entries:
+        parent = posixpath.dirname(e.path)
+        while parent:
+            if kinds.get(parent, "dir") != "dir":
+                raise ManifestError(f"puts {e.path!r} below a {kinds[parent]} {parent!r}")
+            parent = posixpath.dirname(parent)
