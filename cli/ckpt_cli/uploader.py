@@ -163,11 +163,11 @@ class SnapshotWorker:
                     return batch[-1].reason, batch
                 if self._stopping:
                     return None
-                waits = [self._next_rescan - now]
-                if self.commit_only:
+                if self.commit_only:  # file events and rescans make no snapshot now
                     self._dirty = False
                     self._cond.wait()
                     continue
+                waits = [self._next_rescan - now]
                 if now >= self._retry_at:
                     if self._dirty:
                         quiet_at = min(
