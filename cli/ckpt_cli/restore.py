@@ -11,9 +11,6 @@ restore with the target untouched. Imports: standard library, `repository`.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import contextlib
-import ctypes
-import ctypes.util
 import dataclasses
 import os
 import secrets
@@ -23,6 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ckpt._fs import OLD_PREFIX, swap_in
 from ckpt_cli import console
 from ckpt_cli.errors import ConfigError, RestoreError
 from ckpt_cli.manifest import Manifest, ManifestError
@@ -30,7 +28,6 @@ from ckpt_cli.repository import ChunkError, Repository, SnapshotRef, newest_mani
 from ckpt_cli.snapshotter import Snapshotter, link_escapes, scan
 
 RESTORE_PREFIX = ".ckpt-restore-"
-OLD_PREFIX = ".ckpt-old-"
 
 
 @dataclasses.dataclass
@@ -184,49 +181,6 @@ def materialise(repo: Repository, manifest: Manifest, dest: Path, *, concurrency
         os.chmod(dest / e.path, e.mode | 0o700)
         os.utime(dest / e.path, ns=(e.mtime_ns, e.mtime_ns))
     os.chmod(dest, 0o755)
-
-
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-
-
-def _renameat2() -> Callable[[bytes, bytes], int] | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        libc = ctypes.CDLL(name, use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return None
-
-    def exchange(a: bytes, b: bytes) -> int:
-        rc: int = fn(_AT_FDCWD, a, _AT_FDCWD, b, _RENAME_EXCHANGE)
-        return 0 if rc == 0 else ctypes.get_errno()
-
-    return exchange
-
-
-def swap_in(new: Path, target: Path) -> None:
-    """Make `new` the target directory in one step; the old content ends in `new`
-    (and is deleted by the caller). Uses renameat2(RENAME_EXCHANGE) where the
-    kernel has it, else two renames that recover_interrupted() can undo."""
-    if not target.exists():
-        os.rename(new, target)
-        return
-    exchange = _renameat2()
-    if exchange is not None and exchange(os.fsencode(new), os.fsencode(target)) == 0:
-        return
-    old = _temp_name(target, OLD_PREFIX)
-    os.rename(target, old)
-    try:
-        os.rename(new, target)
-    except OSError:
-        os.rename(old, target)
-        raise
-    with contextlib.suppress(OSError):
-        os.rename(old, new)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def prepare_dir(

@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import fnmatch
 import json
 import os
 import re
 import secrets
 import shutil
-import sys
 import warnings
 from pathlib import Path
 
 from ckpt import _control, _preempt
 from ckpt._contract import ENV_ATTEMPT, ENV_DIR, ENV_RESTORED, TEMP_PATTERNS
+from ckpt._fs import swap_in
 
 #: The file that holds a bytes payload saved with write()/save(bytes).
 PAYLOAD = "payload"
@@ -249,28 +247,10 @@ def _atomic_copy(source: Path, target: Path) -> None:
 
 
 def _replace_tree(source: Path, target: Path) -> None:
-    """Make target's contents a copy of source in one rename (RENAME_EXCHANGE)."""
+    """Make target's contents a copy of source in one rename."""
     tmp = target.with_name(f".{target.name}.ckpt-save-{secrets.token_hex(4)}")
     shutil.copytree(source, tmp, symlinks=True)
     try:
-        if not _exchange(tmp, target):
-            old = target.with_name(f".{target.name}.ckpt-old-{secrets.token_hex(4)}")
-            os.rename(target, old)
-            os.rename(tmp, target)
-            os.rename(old, tmp)
+        swap_in(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    if sys.platform != "linux":
-        return False
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        fn = ctypes.CDLL(name, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return int(fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)) == 0

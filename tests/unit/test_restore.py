@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import ckpt._fs as ckpt_fs
 from ckpt_cli import restore as restore_mod
 from ckpt_cli.errors import ConfigError, RestoreError
 from ckpt_cli.manifest import Entry, Manifest, hash_bytes
@@ -117,7 +118,7 @@ def test_restore_replaces_without_rename_exchange(
     _populate(src)
     _snap(local_repo, src, make_snapshotter)
     write(target / "stale.pt", b"old junk")
-    monkeypatch.setattr(restore_mod, "_renameat2", lambda: None)
+    monkeypatch.setattr(ckpt_fs, "_renameat2", lambda: None)
     assert restore(local_repo, target, warn=_never) is not None
     assert tree(target) == tree(src)
     assert _leftovers(target) == []
