@@ -15,6 +15,8 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
+from ckpt_cli.redact import scrub
+
 _lock = threading.Lock()
 _quiet = False
 _console: Console | None = None
@@ -41,7 +43,7 @@ def configure(*, quiet: bool = False) -> None:
 
 def _emit(message: str, style: str | None) -> None:
     line = Text("ckpt: ", style="bold" if style else "")
-    line.append(message, style=style or "")
+    line.append(scrub(message), style=style or "")
     with _lock:
         _get().print(line)
 

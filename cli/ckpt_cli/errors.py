@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ckpt._contract import ExitCode
 from ckpt_cli import __version__, console
+from ckpt_cli.redact import scrub
 
 
 class CkptError(Exception):
@@ -73,30 +74,33 @@ def write_crash_log(exc: BaseException) -> Path | None:
             "",
             "".join(traceback.format_exception(exc)),
         ]
-        path.write_text("\n".join(lines), encoding="utf-8")
+        path.write_text(scrub("\n".join(lines)), encoding="utf-8")
         return path
     except OSError:
         return None
 
 
 def _redacted_argv() -> str:
-    """argv with --storage-option values hidden: they often carry secrets."""
+    """argv with --storage-option/-o values hidden (they often carry secrets);
+    the child's own arguments after `--` are left as they are."""
     out: list[str] = []
     hide_next = False
-    for arg in sys.argv:
+    for i, arg in enumerate(sys.argv):
+        if arg == "--":
+            out.extend(sys.argv[i:])
+            break
         if hide_next:
-            key = arg.split("=", 1)[0]
-            out.append(f"{key}=***")
+            out.append(f"{arg.split('=', 1)[0]}=***")
             hide_next = False
-        elif arg == "--storage-option":
+        elif arg in ("--storage-option", "-o"):
             out.append(arg)
             hide_next = True
         elif arg.startswith("--storage-option="):
-            key = arg.split("=", 2)[1] if arg.count("=") >= 1 else ""
+            key = arg.split("=", 2)[1]
             out.append(f"--storage-option={key}=***")
         else:
             out.append(arg)
-    return " ".join(out)
+    return scrub(" ".join(out))
 
 
 @contextlib.contextmanager

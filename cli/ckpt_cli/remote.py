@@ -13,23 +13,27 @@ remote's root. Contract of every method:
 
 Local paths and file:// URLs use the operating system directly (atomic rename,
 O_EXCL); everything else goes through fsspec (s3, gs, az, sftp, memory, ...).
-Transient failures are retried a few times with backoff before RemoteError.
+Network calls are bounded by a timeout and retried a few times with jittered
+backoff before RemoteError; messages never carry credentials (`redact`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import random
 import re
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
+from ckpt_cli import redact
 from ckpt_cli.errors import ConfigError, RemoteError
 
 T = TypeVar("T")
@@ -42,6 +46,34 @@ _OBJECT_STORES = frozenset(
 _RETRY_ATTEMPTS = 4
 _RETRY_FIRST = 0.2
 _RETRY_CAP = 3.0
+#: Every network call gives up after this long (seconds; CKPT_IO_TIMEOUT).
+DEFAULT_IO_TIMEOUT = 120.0
+#: Words in an exception that mean the credentials were rejected or expired.
+_AUTH_MARKERS = (
+    "ExpiredToken",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "InvalidToken",
+    "RequestExpired",
+    "AuthenticationFailed",
+    "AuthorizationFailure",
+    "InvalidAuthenticationInfo",
+    "ClientAuthenticationError",
+    "Unauthorized",
+    "Forbidden",
+)
+#: The pip extra that brings each scheme's fsspec implementation.
+_EXTRAS = {
+    "s3": "s3",
+    "s3a": "s3",
+    "gs": "gcs",
+    "gcs": "gcs",
+    "az": "azure",
+    "abfs": "azure",
+    "abfss": "azure",
+    "sftp": "ssh",
+    "ssh": "ssh",
+}
 #: Names of half-written local objects; never listed as keys.
 _TEMP_RE = re.compile(r"^\.[^/]*\.tmp-[0-9a-f]+$")
 
@@ -108,30 +140,51 @@ def local_path(url: str) -> Path:
     return Path(url).expanduser().absolute()
 
 
-def open_backend(url: str, storage_options: dict[str, Any] | None = None) -> Backend:
-    """Open the store at url; ConfigError for a malformed URL or a missing extra."""
+def open_backend(
+    url: str, storage_options: dict[str, Any] | None = None, *, io_timeout: float | None = None
+) -> Backend:
+    """Open the store at url; ConfigError for a malformed URL or a missing extra.
+    io_timeout bounds every network call (default: $CKPT_IO_TIMEOUT or 120 s)."""
     if not url.strip():
         raise ConfigError("empty remote URL (--remote / CKPT_REMOTE)")
+    redact.register_env()
+    redact.register_options(storage_options or {})
+    parts = urlsplit(url)
+    if parts.password:
+        redact.register(parts.password)
     if is_local(url):
         return LocalBackend(local_path(url))
-    return FsspecBackend(url, storage_options or {})
+    timeout = io_timeout if io_timeout is not None else io_timeout_from_env()
+    return FsspecBackend(url, storage_options or {}, io_timeout=timeout)
 
 
-def _retrying(what: str, display: str, fn: Callable[[], T]) -> T:
-    delay = _RETRY_FIRST
-    for attempt in range(1, _RETRY_ATTEMPTS + 1):
-        try:
-            return fn()
-        except (NotFound, FileNotFoundError):
-            raise
-        except Exception as exc:
-            if attempt == _RETRY_ATTEMPTS:
-                raise RemoteError(
-                    f"{what} on {display} failed after {attempt} tries: {type(exc).__name__}: {exc}"
-                ) from None
-            time.sleep(delay * (0.5 + random.random() / 2))
-            delay = min(delay * 2, _RETRY_CAP)
-    raise AssertionError("unreachable")
+def io_timeout_from_env() -> float:
+    raw = os.environ.get("CKPT_IO_TIMEOUT", "").strip()
+    if not raw:
+        return DEFAULT_IO_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ConfigError(f"CKPT_IO_TIMEOUT={raw!r} is not a positive number of seconds")
+    return value
+
+
+def _describe(exc: BaseException, io_timeout: float) -> str:
+    if isinstance(exc, TimeoutError) or type(exc).__name__ in ("FSTimeoutError", "TimeoutError"):
+        return f"no answer within {io_timeout:g}s (CKPT_IO_TIMEOUT)"
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _is_auth_error(exc: BaseException) -> bool:
+    """Credentials rejected or expired: worth one retry with credentials read again."""
+    if isinstance(exc, PermissionError):
+        return True
+    text = f"{type(exc).__name__} {exc}"
+    return any(marker in text for marker in _AUTH_MARKERS)
 
 
 class LocalBackend:
@@ -203,87 +256,181 @@ class LocalBackend:
 
 class FsspecBackend:
     """Any fsspec filesystem: object stores put atomically; others write a temp
-    object and rename it."""
+    object and rename it.
 
-    def __init__(self, url: str, storage_options: dict[str, Any]) -> None:
+    Every call is bounded by io_timeout (async implementations: s3fs, gcsfs,
+    adlfs, sshfs) and retried with jittered exponential backoff. The
+    filesystem is built afresh, bypassing fsspec's instance cache, after an
+    authentication failure and before the last try of any failing call, so
+    rotated or refreshed credentials (env vars, credential files, tokens) are
+    read again instead of failing for good, and broken connection pools are
+    dropped.
+    """
+
+    def __init__(self, url: str, storage_options: dict[str, Any], *, io_timeout: float) -> None:
+        self.url = url
+        self.options = dict(storage_options)
+        self.display = redact_url(url)
+        self.io_timeout = io_timeout
+        self._lock = threading.Lock()
+        self.reconnects = 0
+        self.fs, self.root = self._connect()
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        self.atomic_put = protocol in _OBJECT_STORES
+        self._create_mode = "mode" in _parameters(getattr(self.fs, "_pipe_file", None))
+
+    def _connect(self) -> tuple[Any, str]:
         import fsspec  # the one import of fsspec in ckpt
 
-        self.display = redact_url(url)
         try:
-            fs, root = fsspec.core.url_to_fs(url, **storage_options)
+            fs, root = fsspec.core.url_to_fs(self.url, skip_instance_cache=True, **self.options)
         except ImportError as exc:
-            scheme = urlsplit(url).scheme
-            extra = {
-                "s3": "s3",
-                "gs": "gcs",
-                "gcs": "gcs",
-                "az": "azure",
-                "abfs": "azure",
-                "sftp": "ssh",
-                "ssh": "ssh",
-            }.get(scheme, "")
+            scheme = urlsplit(self.url).scheme
+            extra = _EXTRAS.get(scheme, "")
             hint = f": pip install 'ckpt-run[{extra}]'" if extra else ""
             raise ConfigError(
-                f"remote {self.display} needs a storage package that is not installed{hint} ({exc})"
+                f"remote {self.display} needs a storage package that is not installed{hint} "
+                f"({redact.scrub(str(exc))})"
             ) from None
         except (ValueError, TypeError) as exc:
             raise ConfigError(
-                f"remote {self.display} is not a usable URL (--remote): {exc}"
+                f"remote {self.display} is not a usable URL or storage option "
+                f"(--remote / --storage-option): {redact.scrub(str(exc))}"
             ) from None
-        self.fs = fs
-        self.root = root.rstrip("/")
-        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-        self.atomic_put = protocol in _OBJECT_STORES
+        except Exception as exc:  # e.g. a malformed connection string, an unreadable key
+            raise ConfigError(
+                f"remote {self.display} could not be opened (--storage-option / credentials): "
+                f"{redact.scrub(_describe(exc, self.io_timeout))}"
+            ) from None
+        return fs, root.rstrip("/")
+
+    def _reconnect(self, stale: Any) -> None:
+        """Replace the filesystem unless another thread already did."""
+        with self._lock:
+            if self.fs is not stale:
+                return
+            try:
+                self.fs, _root = self._connect()
+            except ConfigError:
+                return  # keep the old one; the call's own error is reported
+            self.reconnects += 1
+
+    def _call(self, what: str, op: Callable[[Any, dict[str, Any]], T]) -> T:
+        """op(fs, kwargs) with retries; kwargs carry the timeout for async
+        filesystems. NotFound and FileNotFoundError pass through untouched."""
+        delay = _RETRY_FIRST
+        for attempt in range(1, _RETRY_ATTEMPTS + 1):
+            fs = self.fs
+            kwargs: dict[str, Any] = {"timeout": self.io_timeout} if fs.async_impl else {}
+            try:
+                return op(fs, kwargs)
+            except (NotFound, FileNotFoundError):
+                raise
+            except Exception as exc:
+                auth = _is_auth_error(exc)
+                # Rejected credentials get one retry with credentials read again.
+                if attempt == _RETRY_ATTEMPTS or (auth and attempt >= 2):
+                    hint = " (check the credentials)" if auth else ""
+                    raise RemoteError(
+                        redact.scrub(
+                            f"{what} on {self.display} failed after {attempt} "
+                            f"{'try' if attempt == 1 else 'tries'}{hint}: "
+                            f"{_describe(exc, self.io_timeout)}"
+                        )
+                    ) from None
+                if auth or attempt == _RETRY_ATTEMPTS - 1:
+                    self._reconnect(fs)
+                if not auth:
+                    time.sleep(delay * (0.5 + random.random() / 2))
+                    delay = min(delay * 2, _RETRY_CAP)
+        raise AssertionError("unreachable")
 
     def _path(self, key: str) -> str:
         return f"{self.root}/{key}" if self.root else key
 
+    def _missing_container(self, what: str) -> RemoteError:
+        return RemoteError(
+            f"{what} on {self.display} failed: the bucket or container does not exist "
+            "(create it, or fix --remote)"
+        )
+
     def read(self, key: str) -> bytes:
-        def go() -> bytes:
+        path = self._path(key)
+
+        def go(fs: Any, kw: dict[str, Any]) -> bytes:
             try:
-                data: bytes = self.fs.cat_file(self._path(key))
-            except FileNotFoundError:
+                data: bytes = fs.cat_file(path, **kw)
+            except (FileNotFoundError, IsADirectoryError):
                 raise NotFound(key) from None
             return data
 
-        return _retrying(f"reading {key}", self.display, go)
+        return self._call(f"reading {key}", go)
 
     def write(self, key: str, data: bytes) -> None:
         path = self._path(key)
 
-        def go() -> None:
+        def go(fs: Any, kw: dict[str, Any]) -> None:
             if self.atomic_put:
-                self.fs.pipe_file(path, data)
+                fs.pipe_file(path, data, **kw)
                 return
-            parent = path.rsplit("/", 1)[0]
-            self.fs.makedirs(parent, exist_ok=True)
-            tmp = f"{parent}/.{path.rsplit('/', 1)[1]}.tmp-{secrets.token_hex(4)}"
-            self.fs.pipe_file(tmp, data)
-            self.fs.mv(tmp, path)
+            parent, name = path.rsplit("/", 1) if "/" in path else ("", path)
+            if parent:
+                fs.makedirs(parent, exist_ok=True)
+            tmp = f"{parent}/.{name}.tmp-{secrets.token_hex(4)}" if parent else f".{name}.tmp"
+            fs.pipe_file(tmp, data, **kw)
+            try:
+                fs.mv(tmp, path, **kw)
+            except Exception:
+                with contextlib.suppress(Exception):
+                    fs.rm_file(tmp, **kw)
+                raise
 
-        _retrying(f"writing {key}", self.display, go)
+        try:
+            self._call(f"writing {key}", go)
+        except FileNotFoundError:
+            raise self._missing_container(f"writing {key}") from None
 
     def create_exclusive(self, key: str, data: bytes) -> bool:
+        """Check, then put; where the store supports conditional writes
+        (S3 If-None-Match, fsspec's mode="create"), the put itself refuses
+        to replace an object that appeared in between."""
         try:
             self.read(key)
             return False
         except NotFound:
+            pass
+        if not (self.atomic_put and self._create_mode):
             self.write(key, data)
             return True
+        path = self._path(key)
+
+        def go(fs: Any, kw: dict[str, Any]) -> bool:
+            try:
+                fs.pipe_file(path, data, mode="create", **kw)
+            except FileExistsError:
+                return False
+            return True
+
+        try:
+            return self._call(f"creating {key}", go)
+        except FileNotFoundError:
+            raise self._missing_container(f"creating {key}") from None
 
     def delete(self, key: str) -> None:
-        def go() -> None:
-            with contextlib.suppress(FileNotFoundError):
-                self.fs.rm_file(self._path(key))
+        path = self._path(key)
 
-        _retrying(f"deleting {key}", self.display, go)
+        def go(fs: Any, kw: dict[str, Any]) -> None:
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm_file(path, **kw)
+
+        self._call(f"deleting {key}", go)
 
     def list(self, prefix: str) -> list[str]:
-        base = self._path(prefix)
+        base = self._path(prefix).rstrip("/")
 
-        def go() -> list[str]:
+        def go(fs: Any, kw: dict[str, Any]) -> list[str]:
             try:
-                found: list[str] = self.fs.find(base)
+                found: list[str] = fs.find(base, **kw)
             except FileNotFoundError:
                 return []
             strip = self.root.lstrip("/")
@@ -298,4 +445,13 @@ class FsspecBackend:
                     keys.append(rel)
             return keys
 
-        return _retrying(f"listing {prefix}", self.display, go)
+        return self._call(f"listing {prefix}", go)
+
+
+def _parameters(fn: Any) -> frozenset[str]:
+    if fn is None:
+        return frozenset()
+    try:
+        return frozenset(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return frozenset()

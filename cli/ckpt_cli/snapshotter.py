@@ -279,12 +279,21 @@ class Snapshotter:
     ) -> SnapshotResult:
         """Snapshot the directory as it is now, or as it was when `pinned` was
         taken: then a file changed in place since raises TornCommitError
-        (nothing is written) instead of keeping its previous version."""
+        (nothing is written) instead of keeping its previous version.
+
+        The pin is closed once the snapshot is written or can never be
+        (TornCommitError); after any other failure (the remote) it stays
+        open, so the same moment can be snapshotted again, and the caller
+        closes it when it gives up."""
         try:
-            return self._snapshot(reason, attempt, keep, pinned)
-        finally:
+            result = self._snapshot(reason, attempt, keep, pinned)
+        except TornCommitError:
             if pinned is not None:
                 pinned.close()
+            raise
+        if pinned is not None:
+            pinned.close()
+        return result
 
     def _snapshot(
         self, reason: str, attempt: int, keep: int | None, pinned: Pinned | None
@@ -399,8 +408,10 @@ class Snapshotter:
             for le in files:
                 if pinned is not None and le.path in pinned:
                     # Compared with the stat taken at pin time: a change in place
-                    # since then shows up in _finish.
-                    fd, st = pinned.pop(le.path)
+                    # since then shows up in _finish. A duplicate is read (and
+                    # closed), so the pin survives a failed upload.
+                    pinned_fd, st = pinned[le.path]
+                    fd = os.dup(pinned_fd)
                 else:
                     try:
                         fd = os.open(

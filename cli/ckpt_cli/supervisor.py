@@ -120,6 +120,7 @@ class Supervisor:
             attempt=lambda: self.attempt,
             on_snapshot=self._report_snapshot,
             on_error=self._report_error,
+            on_recovered=self._report_recovered,
             commit_only=cfg.snapshots == "commit",
         )
         runtime = Path(tempfile.mkdtemp(prefix="ckpt-"))
@@ -444,9 +445,15 @@ class Supervisor:
 
     def _report_error(self, message: str, retry_in: float) -> None:
         if retry_in > 0:
-            console.warn(f"snapshot failed: {message}; retrying in {retry_in:.0f}s")
+            console.warn(
+                f"snapshot failed: {message}; retrying in {retry_in:.0f}s "
+                "(one snapshot waits, the newest: later changes replace it)"
+            )
         else:
             console.error(f"snapshot failed: {message}")
+
+    def _report_recovered(self, down_for: float) -> None:
+        console.info(f"remote answers again after {down_for:.0f}s; caught up")
 
     def _status(self, worker: SnapshotWorker) -> dict[str, Any]:
         stats = worker.stats

@@ -35,6 +35,9 @@ class Request:
         self.manifest: Manifest | None = None
         self.error: str | None = None
         self.retryable = True
+        #: Requests answered by this one's outcome: older commits it superseded
+        #: while the remote was down, flushes waiting for it.
+        self.followers: list[Request] = []
 
     def finish(
         self, manifest: Manifest | None, error: str | None, *, retryable: bool = True
@@ -43,6 +46,9 @@ class Request:
         pinned content is gone, a lost lease)."""
         self.manifest, self.error, self.retryable = manifest, error, retryable
         self._done.set()
+        for r in self.followers:
+            r.finish(manifest, error, retryable=retryable)
+        self.followers = []
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._done.wait(timeout)
@@ -59,6 +65,8 @@ class Stats:
     last_durable: Manifest | None = None
     last_durable_at: float | None = None  # time.time() it became durable
     last_error: str | None = None
+    failing_since: float | None = None  # time.time() of the first failure in a row
+    superseded: int = 0  # commits replaced by a newer one while the remote was down
 
 
 class SnapshotWorker:
@@ -72,6 +80,7 @@ class SnapshotWorker:
         attempt: Callable[[], int],
         on_snapshot: Callable[[SnapshotResult], None],
         on_error: Callable[[str, float], None],
+        on_recovered: Callable[[float], None] = lambda _down_for: None,
         commit_only: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -82,6 +91,7 @@ class SnapshotWorker:
         self.attempt = attempt
         self.on_snapshot = on_snapshot
         self.on_error = on_error
+        self.on_recovered = on_recovered
         self.clock = clock
         self.stats = Stats(last_durable=snapshotter.parent)
         self._cond = threading.Condition()
@@ -98,6 +108,11 @@ class SnapshotWorker:
         #: events no longer make snapshots, so a restore never mixes two commits.
         self.commit_only = commit_only
         self._commit_error: str | None = None
+        #: The newest commit whose upload failed on a remote error, with its pin
+        #: still open: retried with backoff until the remote is back. At most
+        #: one is held; a newer commit supersedes it (newest wins).
+        self._held: Request | None = None
+        self._transient = False
         self._thread = threading.Thread(target=self._run, name="ckpt-snapshot", daemon=True)
 
     # -- called from other threads
@@ -149,7 +164,13 @@ class SnapshotWorker:
     @property
     def busy(self) -> bool:
         with self._cond:
-            return self._dirty or bool(self._requests)
+            return self._dirty or bool(self._requests) or self._held is not None
+
+    @property
+    def holding(self) -> bool:
+        """A commit is waiting for the remote to come back."""
+        with self._cond:
+            return self._held is not None
 
     # -- the worker thread
 
@@ -163,9 +184,11 @@ class SnapshotWorker:
                     return batch[-1].reason, batch
                 if self._stopping:
                     return None
+                if self._held is not None and now >= self._retry_at:
+                    return "commit", []
                 if self.commit_only:  # file events and rescans make no snapshot now
                     self._dirty = False
-                    self._cond.wait()
+                    self._cond.wait(None if self._held is None else max(0.01, self._retry_at - now))
                     continue
                 waits = [self._next_rescan - now]
                 if now >= self._retry_at:
@@ -191,17 +214,30 @@ class SnapshotWorker:
             reason, batch = job
             with self._cond:
                 self._next_rescan = self.clock() + self.rescan
+                held, self._held = self._held, None
             if not batch:
-                self._take(reason, None)
+                if held is not None:
+                    self._commit(held)
+                else:
+                    self._take(reason, None)
                 continue
             # Commits are taken one by one, each from its own pinned moment;
             # plain requests share one snapshot (none in commit-only mode).
             plain = [r for r in batch if r.pinned is None]
-            for r in batch:
-                if r.pinned is not None:
-                    result, error = self._take("commit", r.pinned)
-                    self._commit_error = error
-                    r.finish(result.newest if result else None, error)
+            commits = [r for r in batch if r.pinned is not None]
+            if held is not None:
+                if commits:  # a newer commit replaces the held one: newest wins
+                    self._supersede(held, commits[0])
+                else:
+                    commits = [held]
+            for i, r in enumerate(commits):
+                if self._commit(r) and i + 1 < len(commits):
+                    self._supersede(self._release_held(), commits[i + 1])
+            waiting = self._held_request()
+            if plain and waiting is not None:
+                # A flush waits for the held commit: it is what would be lost.
+                waiting.followers.extend(plain)
+                plain = []
             if plain:
                 if self.commit_only:
                     # Only commits make snapshots now: what is durable is the last
@@ -222,11 +258,45 @@ class SnapshotWorker:
                 self._wait_for_stop()
                 return
 
+    def _commit(self, r: Request) -> bool:
+        """Snapshot one commit. Returns True when it is held for a retry (the
+        remote failed); otherwise it is finished, with its pin closed."""
+        assert r.pinned is not None
+        result, error = self._take("commit", r.pinned)
+        if error is not None and self._transient:
+            with self._cond:
+                self._held = r
+            return True
+        r.pinned.close()
+        self._commit_error = error
+        r.finish(result.newest if result else None, error)
+        return False
+
+    def _held_request(self) -> Request | None:
+        with self._cond:
+            return self._held
+
+    def _release_held(self) -> Request:
+        with self._cond:
+            held, self._held = self._held, None
+        assert held is not None
+        return held
+
+    def _supersede(self, old: Request, new: Request) -> None:
+        """old was never uploaded; new is a later moment of the same directory.
+        old's waiters get new's outcome, and its pin is released."""
+        if old.pinned is not None:
+            old.pinned.close()
+        new.followers.append(old)
+        new.followers.extend(old.followers)
+        old.followers = []
+        self.stats.superseded += 1
+
     def _take(self, reason: str, pinned: Pinned | None) -> tuple[SnapshotResult | None, str | None]:
-        """One snapshot; failures are reported, backed off and returned."""
+        """One snapshot; failures are reported, backed off and returned.
+        self._transient tells whether trying the same again later may work."""
+        self._transient = False
         if self._lease_lost:
-            if pinned is not None:
-                pinned.close()
             return None, self._lease_lost
         try:
             result = self.snapshotter.snapshot(
@@ -243,7 +313,10 @@ class SnapshotWorker:
             return None, str(exc)
         except Exception as exc:
             message = str(exc) or type(exc).__name__
+            self._transient = True
             self._failures += 1
+            if self.stats.failing_since is None:
+                self.stats.failing_since = time.time()
             delay = min(RETRY_CAP, RETRY_FIRST * 2 ** (self._failures - 1))
             with self._cond:
                 self._retry_at = self.clock() + delay
@@ -255,6 +328,10 @@ class SnapshotWorker:
             return None, message
         self._failures = 0
         self.stats.last_error = None
+        if self.stats.failing_since is not None:
+            down_for = time.time() - self.stats.failing_since
+            self.stats.failing_since = None
+            self.on_recovered(down_for)
         if result.manifest is not None:
             self.stats.snapshots += 1
             self.stats.bytes_uploaded += result.new_bytes
@@ -268,6 +345,9 @@ class SnapshotWorker:
     def _fail_pending(self, error: str) -> None:
         with self._cond:
             pending, self._requests = self._requests, []
+            if self._held is not None:
+                pending.append(self._held)
+                self._held = None
         for r in pending:
             if r.pinned is not None:
                 r.pinned.close()

@@ -283,3 +283,110 @@ def test_snapshots_use_old_mtime_files(
     assert req.wait(DEADLINE)
     assert h.wait_for(lambda: len(h.results) == 2)
     assert h.results[1].bytes_read == 0
+
+
+# ------------------------------------------- a remote that is down for a while
+
+
+class DownBackend(DelegatingBackend):
+    """Every write fails while `down` is set, like a remote that is unreachable."""
+
+    def __init__(self, inner: LocalBackend) -> None:
+        super().__init__(inner)
+        self.down = threading.Event()
+        self.refused = 0
+
+    def write(self, key: str, data: bytes) -> None:
+        if self.down.is_set():
+            self.refused += 1
+            raise RemoteError(f"injected outage writing {key}")
+        self.inner.write(key, data)
+
+
+def _replace(path: Path, content: bytes) -> None:
+    """Write-to-temp then rename, as torch.save users do."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(content)
+    tmp.replace(path)
+
+
+def test_commit_during_outage_is_held_and_uploaded_when_the_remote_returns(
+    tmp_path: Path, root: Path, harness_factory: Callable[..., Harness]
+) -> None:
+    inner = open_backend(str(tmp_path / "remote"))
+    assert isinstance(inner, LocalBackend)
+    backend = DownBackend(inner)
+    repo = Repository(backend, CHUNK)
+    write(root / "model.pt", data(1, 2 * CHUNK))
+    h = harness_factory(repo, root)
+    backend.down.set()
+
+    req = h.worker.commit()
+    assert h.wait_for(lambda: len(h.errors) >= 1)
+    assert not req.done, "a commit that failed on the remote is held, not dropped"
+    assert h.worker.holding
+    # The training run goes on and replaces the file after the commit.
+    _replace(root / "model.pt", data(2, 2 * CHUNK))
+    backend.down.clear()
+
+    assert req.wait(DEADLINE)
+    assert req.error is None
+    assert req.manifest is not None
+    [ref] = repo.snapshots()
+    m = repo.load(ref)
+    got = b"".join(repo.get_chunk(d) for d in m.entries[0].chunks)
+    assert got == data(1, 2 * CHUNK), "the held commit is the state at the commit call"
+    assert not h.worker.holding
+    assert h.worker.stats.last_error is None
+    assert h.worker.stats.failing_since is None
+
+
+def test_newer_commit_supersedes_the_held_one_newest_wins(
+    tmp_path: Path, root: Path, harness_factory: Callable[..., Harness]
+) -> None:
+    inner = open_backend(str(tmp_path / "remote"))
+    assert isinstance(inner, LocalBackend)
+    backend = DownBackend(inner)
+    repo = Repository(backend, CHUNK)
+    write(root / "model.pt", data(1, CHUNK))
+    h = harness_factory(repo, root)
+    backend.down.set()
+
+    first = h.worker.commit()
+    assert h.wait_for(lambda: h.worker.holding)
+    _replace(root / "model.pt", data(2, CHUNK))
+    second = h.worker.commit()
+    assert h.wait_for(lambda: h.worker.stats.superseded == 1)
+    assert not first.done and not second.done
+    flush = h.worker.request("final")  # waits for the held commit, not the directory
+    _replace(root / "model.pt", data(3, CHUNK))
+    backend.down.clear()
+
+    for r in (first, second, flush):
+        assert r.wait(DEADLINE)
+        assert r.error is None
+        assert r.manifest is not None
+        assert r.manifest == second.manifest
+    [ref] = repo.snapshots()
+    got = repo.get_chunk(repo.load(ref).entries[0].chunks[0])
+    assert got == data(2, CHUNK), "the newest commit wins; the older one is not uploaded"
+
+
+def test_held_commit_pin_is_released_when_superseded(
+    tmp_path: Path, root: Path, harness_factory: Callable[..., Harness]
+) -> None:
+    inner = open_backend(str(tmp_path / "remote"))
+    assert isinstance(inner, LocalBackend)
+    backend = DownBackend(inner)
+    repo = Repository(backend, CHUNK)
+    write(root / "model.pt", data(1, CHUNK))
+    h = harness_factory(repo, root)
+    backend.down.set()
+    first = h.worker.commit()
+    assert first.pinned is not None
+    assert h.wait_for(lambda: h.worker.holding)
+    assert first.pinned.fds, "held: the pinned descriptors stay open for the retry"
+    h.worker.commit()
+    assert h.wait_for(lambda: h.worker.stats.superseded == 1)
+    assert first.pinned.fds == {}, "superseded: its descriptors are closed"
+    backend.down.clear()
