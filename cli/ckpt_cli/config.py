@@ -37,6 +37,7 @@ class RunConfig:
     lease_timeout: float = 60.0
     excludes: tuple[str, ...] = ()
     concurrency: int = 4
+    io_timeout: float = 120.0
     snapshots: str = "auto"  # "auto": on quiet periods until the first commit; "commit"
     checkpoint_signal: int = int(signal.SIGUSR1)
     quiet: bool = False

@@ -143,6 +143,14 @@ def run(
     concurrency: Annotated[
         int, typer.Option(min=1, max=64, help="Chunks read, hashed and uploaded at once.")
     ] = 4,
+    io_timeout: Annotated[
+        float,
+        typer.Option(
+            min=1,
+            envvar="CKPT_IO_TIMEOUT",
+            help="Seconds any one call to the remote may take before it is retried.",
+        ),
+    ] = 120.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
 ) -> None:
     """Run COMMAND under supervision: restore --dir, snapshot it as it changes,
@@ -178,6 +186,7 @@ def run(
             lease_timeout=lease_timeout,
             excludes=tuple(exclude or ()),
             concurrency=concurrency,
+            io_timeout=io_timeout,
             snapshots=config.parse_snapshots(snapshots),
             checkpoint_signal=policy.parse_signal(checkpoint_signal),
             quiet=quiet,

@@ -173,7 +173,7 @@ def io_timeout_from_env() -> float:
 
 def _describe(exc: BaseException, io_timeout: float) -> str:
     if isinstance(exc, TimeoutError) or type(exc).__name__ in ("FSTimeoutError", "TimeoutError"):
-        return f"no answer within {io_timeout:g}s (CKPT_IO_TIMEOUT)"
+        return f"no answer within {io_timeout:g}s (--io-timeout / CKPT_IO_TIMEOUT)"
     text = str(exc).strip().splitlines()
     first = text[0] if text else ""
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__

@@ -77,7 +77,7 @@ class Supervisor:
             )
         else:
             console.info(f"remote: {shown}")
-        backend = open_backend(cfg.remote, cfg.storage_options)
+        backend = open_backend(cfg.remote, cfg.storage_options, io_timeout=cfg.io_timeout)
         repo = Repository.open(backend, create=True)
         assert repo is not None
         lease = repo.lease(self.run_id, cfg.lease_timeout)
