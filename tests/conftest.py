@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from stores import servers, store, store_of  # noqa: F401
+
 BIN_DIR = Path(sys.executable).parent
 CKPT = BIN_DIR / "ckpt"
 

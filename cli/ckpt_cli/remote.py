@@ -274,10 +274,20 @@ class FsspecBackend:
         self.io_timeout = io_timeout
         self._lock = threading.Lock()
         self.reconnects = 0
-        self.fs, self.root = self._connect()
+        self.fs, self.root = self._connect_retrying()
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         self.atomic_put = protocol in _OBJECT_STORES
-        self._create_mode = "mode" in _parameters(getattr(self.fs, "_pipe_file", None))
+        # How this implementation's put refuses to replace an existing object:
+        # s3fs and gcsfs take mode="create" (If-None-Match / ifGenerationMatch=0),
+        # adlfs overwrite=False; others cannot, and create_exclusive checks first.
+        params = _parameters(getattr(self.fs, "_pipe_file", None))
+        self._create_kw: dict[str, Any] | None = (
+            {"mode": "create"}
+            if "mode" in params
+            else {"overwrite": False}
+            if "overwrite" in params
+            else None
+        )
 
     def _connect(self) -> tuple[Any, str]:
         import fsspec  # the one import of fsspec in ckpt
@@ -297,12 +307,26 @@ class FsspecBackend:
                 f"remote {self.display} is not a usable URL or storage option "
                 f"(--remote / --storage-option): {redact.scrub(str(exc))}"
             ) from None
-        except Exception as exc:  # e.g. a malformed connection string, an unreadable key
-            raise ConfigError(
-                f"remote {self.display} could not be opened (--storage-option / credentials): "
+        except Exception as exc:  # sshfs connects here: refused, rejected key, timeout
+            hint = "check the credentials" if _is_auth_error(exc) else "is it reachable?"
+            raise RemoteError(
+                f"remote {self.display} could not be opened ({hint}): "
                 f"{redact.scrub(_describe(exc, self.io_timeout))}"
             ) from None
         return fs, root.rstrip("/")
+
+    def _connect_retrying(self) -> tuple[Any, str]:
+        """_connect with the same retries as any call (sshfs connects at once)."""
+        delay = _RETRY_FIRST
+        for attempt in range(1, _RETRY_ATTEMPTS + 1):
+            try:
+                return self._connect()
+            except RemoteError as exc:
+                if attempt == _RETRY_ATTEMPTS or "credentials" in str(exc):
+                    raise
+            time.sleep(delay * (0.5 + random.random() / 2))
+            delay = min(delay * 2, _RETRY_CAP)
+        raise AssertionError("unreachable")
 
     def _reconnect(self, stale: Any) -> None:
         """Replace the filesystem unless another thread already did."""
@@ -311,7 +335,7 @@ class FsspecBackend:
                 return
             try:
                 self.fs, _root = self._connect()
-            except ConfigError:
+            except (ConfigError, RemoteError):
                 return  # keep the old one; the call's own error is reported
             self.reconnects += 1
 
@@ -399,16 +423,21 @@ class FsspecBackend:
             return False
         except NotFound:
             pass
-        if not (self.atomic_put and self._create_mode):
+        create_kw = self._create_kw
+        if not (self.atomic_put and create_kw is not None):
             self.write(key, data)
             return True
         path = self._path(key)
 
         def go(fs: Any, kw: dict[str, Any]) -> bool:
             try:
-                fs.pipe_file(path, data, mode="create", **kw)
+                fs.pipe_file(path, data, **create_kw, **kw)
             except FileExistsError:
                 return False
+            except Exception as exc:
+                if "Exists" in type(exc).__name__ or "PreconditionFailed" in str(exc):
+                    return False  # azure ResourceExistsError, a 412 passed through as is
+                raise
             return True
 
         try:
