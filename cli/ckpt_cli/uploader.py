@@ -24,6 +24,10 @@ RETRY_FIRST = 1.0
 RETRY_CAP = 30.0
 
 
+#: The reason of the internal request that holds a commit the remote refused.
+HELD = "commit (held)"
+
+
 class Request:
     """An explicit snapshot request; wait() returns once it is durable or failed.
     A commit carries the directory pinned at the moment it was asked for."""
@@ -259,15 +263,29 @@ class SnapshotWorker:
                 return
 
     def _commit(self, r: Request) -> bool:
-        """Snapshot one commit. Returns True when it is held for a retry (the
-        remote failed); otherwise it is finished, with its pin closed."""
-        assert r.pinned is not None
-        result, error = self._take("commit", r.pinned)
+        """Snapshot one commit; its waiter is answered at once either way.
+        Returns True when the remote failed: the pinned moment is then held
+        (by an internal request that flushes can wait on) and retried with
+        backoff, so the child is told "not durable yet" without waiting for
+        the remote to come back, and the state is not lost."""
+        pinned = r.pinned
+        assert pinned is not None
+        result, error = self._take("commit", pinned)
         if error is not None and self._transient:
+            holder = r if r.reason == HELD else Request(HELD, pinned)
+            r.pinned = None if holder is not r else pinned
             with self._cond:
-                self._held = r
+                self._held = holder
+            if holder is not r:
+                # Flushes that waited on an earlier held commit now wait on this one.
+                holder.followers, r.followers = r.followers, []
+                r.finish(
+                    None,
+                    f"{error}; the commit is kept and uploaded when the remote answers "
+                    "(a newer commit replaces it)",
+                )
             return True
-        r.pinned.close()
+        pinned.close()
         self._commit_error = error
         r.finish(result.newest if result else None, error)
         return False

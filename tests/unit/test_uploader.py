@@ -322,21 +322,27 @@ def test_commit_during_outage_is_held_and_uploaded_when_the_remote_returns(
     backend.down.set()
 
     req = h.worker.commit()
-    assert h.wait_for(lambda: len(h.errors) >= 1)
-    assert not req.done, "a commit that failed on the remote is held, not dropped"
-    assert h.worker.holding
+    assert req.wait(DEADLINE), "the child is answered without waiting for the remote"
+    assert req.manifest is None
+    assert req.error is not None
+    assert "kept and uploaded when the remote answers" in req.error
+    assert h.worker.holding, "the commit is held, not dropped"
     # The training run goes on and replaces the file after the commit.
     _replace(root / "model.pt", data(2, 2 * CHUNK))
+    flush = h.worker.request("final")  # a flush waits for the held commit
+    assert not flush.wait(0.2)
     backend.down.clear()
 
-    assert req.wait(DEADLINE)
-    assert req.error is None
-    assert req.manifest is not None
+    assert flush.wait(DEADLINE)
+    assert flush.error is None
+    assert flush.manifest is not None
     [ref] = repo.snapshots()
+    assert ref.id == flush.manifest.id
     m = repo.load(ref)
+    assert m.reason == "commit"
     got = b"".join(repo.get_chunk(d) for d in m.entries[0].chunks)
     assert got == data(1, 2 * CHUNK), "the held commit is the state at the commit call"
-    assert not h.worker.holding
+    assert h.wait_for(lambda: not h.worker.holding)
     assert h.worker.stats.last_error is None
     assert h.worker.stats.failing_since is None
 
@@ -353,21 +359,23 @@ def test_newer_commit_supersedes_the_held_one_newest_wins(
     backend.down.set()
 
     first = h.worker.commit()
-    assert h.wait_for(lambda: h.worker.holding)
+    assert first.wait(DEADLINE) and first.error is not None
+    early_flush = h.worker.request("final")  # waits on the first held commit...
     _replace(root / "model.pt", data(2, CHUNK))
-    second = h.worker.commit()
-    assert h.wait_for(lambda: h.worker.stats.superseded == 1)
-    assert not first.done and not second.done
+    second = h.worker.commit()  # ...and then on the one that replaced it
+    assert second.wait(DEADLINE) and second.error is not None
+    assert h.worker.stats.superseded == 1
+    assert h.worker.holding
     flush = h.worker.request("final")  # waits for the held commit, not the directory
     _replace(root / "model.pt", data(3, CHUNK))
     backend.down.clear()
 
-    for r in (first, second, flush):
-        assert r.wait(DEADLINE)
-        assert r.error is None
-        assert r.manifest is not None
-        assert r.manifest == second.manifest
+    for f in (early_flush, flush):
+        assert f.wait(DEADLINE)
+        assert f.error is None
+        assert f.manifest is not None
     [ref] = repo.snapshots()
+    assert early_flush.manifest is not None and early_flush.manifest.id == ref.id
     got = repo.get_chunk(repo.load(ref).entries[0].chunks[0])
     assert got == data(2, CHUNK), "the newest commit wins; the older one is not uploaded"
 
@@ -382,11 +390,12 @@ def test_held_commit_pin_is_released_when_superseded(
     write(root / "model.pt", data(1, CHUNK))
     h = harness_factory(repo, root)
     backend.down.set()
-    first = h.worker.commit()
-    assert first.pinned is not None
-    assert h.wait_for(lambda: h.worker.holding)
-    assert first.pinned.fds, "held: the pinned descriptors stay open for the retry"
-    h.worker.commit()
-    assert h.wait_for(lambda: h.worker.stats.superseded == 1)
-    assert first.pinned.fds == {}, "superseded: its descriptors are closed"
+    assert h.worker.commit().wait(DEADLINE)
+    held = h.worker._held_request()
+    assert held is not None and held.pinned is not None
+    pinned = held.pinned
+    assert pinned.fds, "held: the pinned descriptors stay open for the retry"
+    assert h.worker.commit().wait(DEADLINE)
+    assert h.worker.stats.superseded == 1
+    assert pinned.fds == {}, "superseded: its descriptors are closed"
     backend.down.clear()
