@@ -10,7 +10,9 @@ restore with the target untouched. Imports: standard library, `repository`.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
+import contextlib
 import dataclasses
 import os
 import secrets
@@ -23,9 +25,9 @@ from pathlib import Path
 from ckpt._fs import OLD_PREFIX, swap_in
 from ckpt_cli import console
 from ckpt_cli.errors import ConfigError, RestoreError
-from ckpt_cli.manifest import Manifest, ManifestError
+from ckpt_cli.manifest import Entry, Manifest, ManifestError
 from ckpt_cli.repository import ChunkError, Repository, SnapshotRef, newest_manifest
-from ckpt_cli.snapshotter import Snapshotter, link_escapes, scan
+from ckpt_cli.snapshotter import MAX_OPEN_FILES, Snapshotter, link_escapes, scan
 
 RESTORE_PREFIX = ".ckpt-restore-"
 
@@ -151,28 +153,50 @@ def materialise(repo: Repository, manifest: Manifest, dest: Path, *, concurrency
         finally:
             slots.release()
 
+    # Chunks of consecutive files are in flight together (no drain at each
+    # file's end); a file is finished (mode, close, mtime) once all its chunks
+    # are written, and at most MAX_OPEN_FILES descriptors are open at once.
+    pending: collections.deque[tuple[Entry, int, list[cf.Future[None]]]] = collections.deque()
+
+    def finish(e: Entry, fd: int, futures: list[cf.Future[None]]) -> None:
+        try:
+            for f in futures:
+                f.result()
+            os.fchmod(fd, e.mode)
+        finally:
+            cf.wait(futures)
+            os.close(fd)
+        os.utime(dest / e.path, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
+
     with cf.ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="ckpt-restore") as pool:
-        for e in manifest.files:
-            path = dest / e.path
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(
-                path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-            )
-            futures = []
-            try:
+        try:
+            for e in manifest.files:
+                path = dest / e.path
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(
+                    path,
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o600,
+                )
+                futures: list[cf.Future[None]] = []
+                pending.append((e, fd, futures))
                 for i, digest in enumerate(e.chunks):
                     offset = i * chunk
                     slots.acquire()
                     futures.append(
                         pool.submit(fetch, fd, digest, offset, min(chunk, e.size - offset))
                     )
-                for f in futures:
-                    f.result()
-                os.fchmod(fd, e.mode)
-            finally:
+                while pending and (
+                    len(pending) > MAX_OPEN_FILES or all(f.done() for f in pending[0][2])
+                ):
+                    finish(*pending.popleft())
+            while pending:
+                finish(*pending.popleft())
+        finally:
+            for _e, fd, futures in pending:  # an error: let the in-flight chunks land
                 cf.wait(futures)
-                os.close(fd)
-            os.utime(path, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
+                with contextlib.suppress(OSError):
+                    os.close(fd)
     for e in manifest.entries:
         if e.type == "symlink":
             (dest / e.path).parent.mkdir(parents=True, exist_ok=True)
