@@ -11,6 +11,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -181,3 +182,39 @@ def test_wrong_credentials_are_one_clear_line(store: Store, tmp_path: Path) -> N
     assert "Traceback" not in res.stderr
     assert secret not in res.stderr
     _no_secrets(store, res.stdout, res.stderr)
+
+
+def test_missing_bucket_is_one_clear_line_and_nothing_is_created(
+    store: Store, tmp_path: Path
+) -> None:
+    """`ckpt run` against a bucket/container that does not exist: exit 69 before
+    the child starts, one line saying so; ckpt never creates buckets."""
+    if store.kind in ("memory", "file", "sftp"):
+        pytest.skip("no buckets: directories are created as needed")
+    scheme = store.url.split("://", 1)[0]
+    url = f"{scheme}://no-such-bucket-{uuid.uuid4().hex[:12]}/x"
+    marker = tmp_path / "child-ran"
+    flags, env = _config(store, "env")
+    res = run_ckpt(
+        [
+            "run",
+            "--dir",
+            str(tmp_path / "ck"),
+            "--remote",
+            url,
+            *flags,
+            "--",
+            sys.executable,
+            "-c",
+            f"open({str(marker)!r}, 'w')",
+        ],
+        cwd=tmp_path,
+        env=env,
+        timeout=180,
+    )
+    assert res.returncode == 69, res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("ckpt: error:")]
+    assert len(errors) == 1, res.stderr
+    assert "does not exist" in errors[0], errors[0]
+    assert not marker.exists(), "the child does not start without a usable remote"
+    assert "Traceback" not in res.stderr
