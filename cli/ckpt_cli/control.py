@@ -3,7 +3,9 @@
     {"op": "status"}                         -> {"ok": true, ...live state...}
     {"op": "commit", "wait": true, "timeout": 60}
                                              -> {"ok": true, "snapshot": ID} once durable
-                                             -> {"ok": false, "error": "..."}
+                                             -> {"ok": false, "error": "..."}; when the
+                                                remote refused it, the error says so and
+                                                the commit is still uploaded later
     {"op": "commit", "wait": false}          -> {"ok": true, "pinned": true} once the
                                                 directory's content is pinned
     {"op": "hello", "pid": P, "signal": "SIGUSR1"}
