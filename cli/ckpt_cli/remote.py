@@ -171,6 +171,12 @@ def io_timeout_from_env() -> float:
     return value
 
 
+def _pause(delay: float) -> float:
+    """Sleep between half and all of delay (jitter); return the next delay."""
+    time.sleep(delay * (0.5 + random.random() / 2))
+    return min(delay * 2, _RETRY_CAP)
+
+
 def _describe(exc: BaseException, io_timeout: float) -> str:
     if isinstance(exc, TimeoutError) or type(exc).__name__ in ("FSTimeoutError", "TimeoutError"):
         return f"no answer within {io_timeout:g}s (--io-timeout / CKPT_IO_TIMEOUT)"
@@ -324,8 +330,7 @@ class FsspecBackend:
             except RemoteError as exc:
                 if attempt == _RETRY_ATTEMPTS or "credentials" in str(exc):
                     raise
-            time.sleep(delay * (0.5 + random.random() / 2))
-            delay = min(delay * 2, _RETRY_CAP)
+            delay = _pause(delay)
         raise AssertionError("unreachable")
 
     def _reconnect(self, stale: Any) -> None:
@@ -365,8 +370,7 @@ class FsspecBackend:
                 if auth or attempt == _RETRY_ATTEMPTS - 1:
                     self._reconnect(fs)
                 if not auth:
-                    time.sleep(delay * (0.5 + random.random() / 2))
-                    delay = min(delay * 2, _RETRY_CAP)
+                    delay = _pause(delay)
         raise AssertionError("unreachable")
 
     def _path(self, key: str) -> str:

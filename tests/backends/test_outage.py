@@ -25,14 +25,12 @@ import pytest
 
 from conftest import run_ckpt, write_script
 from integration._util import Running, wait_for
+from stores import _SAFETY_ENV as SAFETY_ENV
 from stores import Store
 
 pytestmark = pytest.mark.slow
 
-SAFE_ENV = {
-    "AWS_EC2_METADATA_DISABLED": "true",
-    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
-}
+SAFE_ENV = dict(SAFETY_ENV)
 
 #: A trainer that saves its step every 0.3 s (temp + rename) until told to stop,
 #: then records the last step it saved outside the checkpoint directory.
