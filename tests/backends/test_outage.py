@@ -6,15 +6,19 @@ and the real binary:
 - the S3 server stalls (SIGSTOP): every call times out, the final flush gives
   up at --flush-timeout instead of hanging, and the local state is kept;
 - session credentials expire mid-run and new ones appear in the credentials
-  file: ckpt reads them again and goes on.
+  file: ckpt reads them again and goes on;
+- throttling (503 SlowDown), 500s and dropped connections on a third of all
+  requests: push and restore still succeed, byte for byte.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import http.server
 import json
 import os
+import socket
 import sys
 import threading
 from collections.abc import Iterator
@@ -163,24 +167,60 @@ def test_stalled_s3_server_times_out_and_the_flush_gives_up(
 # ------------------------------------------------------------ expiring credentials
 
 
-class _TokenGate(http.server.ThreadingHTTPServer):
-    """A reverse proxy in front of the S3 server that answers ExpiredToken for
-    requests signed with an expired session token, like AWS does once STS
-    credentials run out, and forwards everything else untouched."""
+class _Gate(http.server.ThreadingHTTPServer):
+    """A reverse proxy in front of the S3 server that misbehaves like the real
+    thing can: it answers ExpiredToken for requests signed with an expired
+    session token (as AWS does once STS credentials run out), and, when
+    `faults` is set, answers every 3rd request with 503 SlowDown, every 4th
+    with 500 InternalError and drops the connection of every 7th without an
+    answer. Everything else is forwarded untouched."""
 
     daemon_threads = True
 
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(self, upstream_port: int, *, faults: bool = False) -> None:
         super().__init__(("127.0.0.1", 0), _GateHandler)
         self.upstream_port = upstream_port
+        self.faults = faults
         self.expired: set[str] = set()
         self.accepted: list[str] = []
         self.rejected: list[str] = []
+        self.injected: dict[str, int] = {"503": 0, "500": 0, "reset": 0}
+        self.requests = 0
         self.lock = threading.Lock()
+
+    @property
+    def port(self) -> int:
+        port: int = self.server_address[1]
+        return port
+
+    def decide(self, token: str) -> str:
+        with self.lock:
+            self.requests += 1
+            n = self.requests
+            if token in self.expired:
+                self.rejected.append(token)
+                return "expired"
+            fault = ""
+            if self.faults:
+                fault = (
+                    "reset" if n % 7 == 0 else "503" if n % 3 == 0 else "500" if n % 4 == 0 else ""
+                )
+            if fault:
+                self.injected[fault] += 1
+                return fault
+            self.accepted.append(token)
+            return "forward"
+
+
+_ERRORS = {
+    "expired": (400, "ExpiredToken", "The provided token has expired."),
+    "503": (503, "SlowDown", "Please reduce your request rate."),
+    "500": (500, "InternalError", "We encountered an internal error. Please try again."),
+}
 
 
 class _GateHandler(http.server.BaseHTTPRequestHandler):
-    server: _TokenGate
+    server: _Gate
     protocol_version = "HTTP/1.1"
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -189,20 +229,23 @@ class _GateHandler(http.server.BaseHTTPRequestHandler):
     def _handle(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
-        token = self.headers.get("X-Amz-Security-Token", "")
-        with self.server.lock:
-            expired = token in self.server.expired
-            (self.server.rejected if expired else self.server.accepted).append(token)
-        if expired:
+        action = self.server.decide(self.headers.get("X-Amz-Security-Token", ""))
+        if action == "reset":
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        if action in _ERRORS:
+            status, code, message = _ERRORS[action]
             payload = (
-                b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>ExpiredToken</Code>'
-                b"<Message>The provided token has expired.</Message></Error>"
-            )
-            self.send_response(400)
+                f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+                f"<Message>{message}</Message></Error>"
+            ).encode()
+            self.send_response(status)
             self.send_header("Content-Type", "application/xml")
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
-            self.wfile.write(payload)
+            if self.command != "HEAD":
+                self.wfile.write(payload)
             return
         conn = http.client.HTTPConnection("127.0.0.1", self.server.upstream_port, timeout=60)
         headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
@@ -222,6 +265,51 @@ class _GateHandler(http.server.BaseHTTPRequestHandler):
     do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
 
+@contextlib.contextmanager
+def _gate(upstream_port: int, *, faults: bool = False) -> Iterator[_Gate]:
+    gate = _Gate(upstream_port, faults=faults)
+    threading.Thread(target=gate.serve_forever, daemon=True).start()
+    try:
+        yield gate
+    finally:
+        gate.shutdown()
+        gate.server_close()
+
+
+def test_throttling_5xx_and_dropped_connections_are_retried(store_of: Any, tmp_path: Path) -> None:
+    """Through a proxy that answers a third of all requests with 503 SlowDown,
+    a quarter with 500 and drops every 7th connection, `ckpt push` and
+    `ckpt restore` of a multi-chunk directory both succeed, byte for byte."""
+    store: Store = store_of("s3-moto")
+    assert store.server is not None
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    files = {"a.bin": os.urandom(9 * 1024 * 1024), "sub/b.bin": os.urandom(3 * 1024 * 1024)}
+    for name, content in files.items():
+        (src / name).write_bytes(content)
+    with _gate(store.server.port, faults=True) as gate:
+        env = {
+            **SAFE_ENV,
+            **store.env,
+            "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{gate.port}",
+            "CKPT_IO_TIMEOUT": "20",
+        }
+        pushed = run_ckpt(["push", str(src), store.url], cwd=tmp_path, env=env, timeout=300)
+        assert pushed.returncode == 0, pushed.stderr
+        restored = run_ckpt(
+            ["restore", store.url, str(tmp_path / "out")], cwd=tmp_path, env=env, timeout=300
+        )
+        assert restored.returncode == 0, restored.stderr
+        with gate.lock:
+            injected = dict(gate.injected)
+    for name, content in files.items():
+        assert (tmp_path / "out" / name).read_bytes() == content
+    assert all(injected.values()), f"every kind of fault was injected at least once: {injected}"
+    for res in (pushed, restored):
+        assert "unexpected error" not in res.stderr
+        assert "Traceback" not in res.stderr
+
+
 def _write_credentials(path: Path, token: str) -> None:
     path.write_text(
         "[default]\naws_access_key_id = testing\naws_secret_access_key = testing\n"
@@ -234,9 +322,7 @@ def test_expired_session_credentials_are_read_again(
 ) -> None:
     store: Store = store_of("s3-moto")  # moto accepts any signature; the gate checks tokens
     assert store.server is not None
-    gate = _TokenGate(store.server.port)
-    threading.Thread(target=gate.serve_forever, daemon=True).start()
-    try:
+    with _gate(store.server.port) as gate:
         creds = tmp_path / "credentials"
         _write_credentials(creds, "token-1")
         env = {
@@ -245,7 +331,7 @@ def test_expired_session_credentials_are_read_again(
             "AWS_SHARED_CREDENTIALS_FILE": str(creds),
             "AWS_CONFIG_FILE": str(tmp_path / "no-config"),
             "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{gate.server_address[1]}",
+            "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{gate.port}",
         }
         for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
             assert not os.environ.get(name), f"only the credentials file may supply {name}"
@@ -270,9 +356,6 @@ def test_expired_session_credentials_are_read_again(
         )
         (tmp_path / "stop").touch()
         assert ck.wait(120) == 0, ck.stderr()
-    finally:
-        gate.shutdown()
-        gate.server_close()
     with gate.lock:
         assert "token-1" in gate.rejected, "the expired token was refused at least once"
         assert "token-2" in gate.accepted
