@@ -178,7 +178,7 @@ def _pause(delay: float) -> float:
 
 
 def _describe(exc: BaseException, io_timeout: float) -> str:
-    if isinstance(exc, TimeoutError) or type(exc).__name__ in ("FSTimeoutError", "TimeoutError"):
+    if isinstance(exc, TimeoutError):  # fsspec's FSTimeoutError is one
         return f"no answer within {io_timeout:g}s (--io-timeout / CKPT_IO_TIMEOUT)"
     text = str(exc).strip().splitlines()
     first = text[0] if text else ""

@@ -173,8 +173,7 @@ class SnapshotWorker:
     @property
     def holding(self) -> bool:
         """A commit is waiting for the remote to come back."""
-        with self._cond:
-            return self._held is not None
+        return self._held_request() is not None
 
     # -- the worker thread
 
@@ -272,18 +271,21 @@ class SnapshotWorker:
         assert pinned is not None
         result, error = self._take("commit", pinned)
         if error is not None and self._transient:
-            holder = r if r.reason == HELD else Request(HELD, pinned)
-            r.pinned = None if holder is not r else pinned
+            if r.reason == HELD:  # a retry that failed again: keep holding it
+                with self._cond:
+                    self._held = r
+                return True
+            holder = Request(HELD, pinned)
+            r.pinned = None
+            # Flushes that waited on an earlier held commit now wait on this one.
+            holder.followers, r.followers = r.followers, []
             with self._cond:
-                self._held = holder
-            if holder is not r:
-                # Flushes that waited on an earlier held commit now wait on this one.
-                holder.followers, r.followers = r.followers, []
-                r.finish(
-                    None,
-                    f"{error}; the commit is kept and uploaded when the remote answers "
-                    "(a newer commit replaces it)",
-                )
+                self._held = holder  # before r is answered: its waiter sees `holding`
+            r.finish(
+                None,
+                f"{error}; the commit is kept and uploaded when the remote answers "
+                "(a newer commit replaces it)",
+            )
             return True
         pinned.close()
         self._commit_error = error
@@ -300,14 +302,13 @@ class SnapshotWorker:
         assert held is not None
         return held
 
-    def _supersede(self, old: Request, new: Request) -> None:
-        """old was never uploaded; new is a later moment of the same directory.
-        old's waiters get new's outcome, and its pin is released."""
-        if old.pinned is not None:
-            old.pinned.close()
-        new.followers.append(old)
-        new.followers.extend(old.followers)
-        old.followers = []
+    def _supersede(self, held: Request, new: Request) -> None:
+        """held was never uploaded; new is a later moment of the same directory.
+        The flushes waiting on held get new's outcome, and its pin is released."""
+        if held.pinned is not None:
+            held.pinned.close()
+        new.followers.extend(held.followers)
+        held.followers = []
         self.stats.superseded += 1
 
     def _take(self, reason: str, pinned: Pinned | None) -> tuple[SnapshotResult | None, str | None]:

@@ -303,6 +303,21 @@ class DownBackend(DelegatingBackend):
         self.inner.write(key, data)
 
 
+def _down(
+    tmp_path: Path, root: Path, make: Callable[..., Harness], size: int
+) -> tuple[DownBackend, Repository, Harness]:
+    """A worker on a remote that is down from the start; root/model.pt holds
+    data(1, size)."""
+    inner = open_backend(str(tmp_path / "remote"))
+    assert isinstance(inner, LocalBackend)
+    backend = DownBackend(inner)
+    repo = Repository(backend, CHUNK)
+    write(root / "model.pt", data(1, size))
+    h = make(repo, root)
+    backend.down.set()
+    return backend, repo, h
+
+
 def _replace(path: Path, content: bytes) -> None:
     """Write-to-temp then rename, as torch.save users do."""
     tmp = path.with_name(path.name + ".tmp")
@@ -313,13 +328,7 @@ def _replace(path: Path, content: bytes) -> None:
 def test_commit_during_outage_is_held_and_uploaded_when_the_remote_returns(
     tmp_path: Path, root: Path, harness_factory: Callable[..., Harness]
 ) -> None:
-    inner = open_backend(str(tmp_path / "remote"))
-    assert isinstance(inner, LocalBackend)
-    backend = DownBackend(inner)
-    repo = Repository(backend, CHUNK)
-    write(root / "model.pt", data(1, 2 * CHUNK))
-    h = harness_factory(repo, root)
-    backend.down.set()
+    backend, repo, h = _down(tmp_path, root, harness_factory, 2 * CHUNK)
 
     req = h.worker.commit()
     assert req.wait(DEADLINE), "the child is answered without waiting for the remote"
@@ -350,13 +359,7 @@ def test_commit_during_outage_is_held_and_uploaded_when_the_remote_returns(
 def test_newer_commit_supersedes_the_held_one_newest_wins(
     tmp_path: Path, root: Path, harness_factory: Callable[..., Harness]
 ) -> None:
-    inner = open_backend(str(tmp_path / "remote"))
-    assert isinstance(inner, LocalBackend)
-    backend = DownBackend(inner)
-    repo = Repository(backend, CHUNK)
-    write(root / "model.pt", data(1, CHUNK))
-    h = harness_factory(repo, root)
-    backend.down.set()
+    backend, repo, h = _down(tmp_path, root, harness_factory, CHUNK)
 
     first = h.worker.commit()
     assert first.wait(DEADLINE) and first.error is not None
@@ -383,13 +386,7 @@ def test_newer_commit_supersedes_the_held_one_newest_wins(
 def test_held_commit_pin_is_released_when_superseded(
     tmp_path: Path, root: Path, harness_factory: Callable[..., Harness]
 ) -> None:
-    inner = open_backend(str(tmp_path / "remote"))
-    assert isinstance(inner, LocalBackend)
-    backend = DownBackend(inner)
-    repo = Repository(backend, CHUNK)
-    write(root / "model.pt", data(1, CHUNK))
-    h = harness_factory(repo, root)
-    backend.down.set()
+    backend, _repo, h = _down(tmp_path, root, harness_factory, CHUNK)
     assert h.worker.commit().wait(DEADLINE)
     held = h.worker._held_request()
     assert held is not None and held.pinned is not None
