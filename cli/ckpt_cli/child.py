@@ -6,7 +6,9 @@ The guardian is a tiny /bin/sh process in its own session reading a pipe from
 the supervisor: a line "PGID" names the group to protect, "0" clears it. When
 the pipe reaches end of file (the supervisor is gone, however it died), the
 guardian sends SIGKILL to the group it holds. PR_SET_PDEATHSIG would only
-cover the direct child, not what it spawned. Imports: standard library.
+cover the direct child, not what it spawned. Processes that left the group
+(setsid) are reached through `subtree` while ckpt lives. Imports: standard
+library and `subtree`.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
+from ckpt_cli import subtree
 from ckpt_cli.errors import ConfigError
 from ckpt_cli.policy import ChildExit
 
@@ -41,6 +44,7 @@ class Guardian:
             start_new_session=True,
             close_fds=True,
         )
+        self.pid = self._proc.pid
 
     def protect(self, pgid: int) -> None:
         stdin = self._proc.stdin
@@ -107,17 +111,35 @@ class Child:
     def signal(self, sig: int) -> None:
         signal_group(self.pgid, sig)
 
-    def wait_group_gone(self, grace: float) -> bool:
-        """After the child exited: ask what is left of its group to stop, then
-        kill it after `grace`. True if stragglers had to be signalled."""
-        if not group_alive(self.pgid):
-            return False
-        signal_group(self.pgid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while group_alive(self.pgid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        signal_group(self.pgid, signal.SIGKILL)
-        return True
+    def signal_all(self, sig: int, exclude: Collection[int] = ()) -> None:
+        """sig to the child's group and to every other live process below ckpt
+        (a daemon that left the group), but those in exclude and below them."""
+        signal_group(self.pgid, sig)
+        me = os.getpid()
+        subtree.send((p for p in subtree.live(me, exclude=exclude) if p.pgid != self.pgid), sig)
+
+    def stop_leftovers(self, grace: float, exclude: Collection[int] = ()) -> int:
+        """After the child exited: SIGTERM to what is left of its group and of
+        ckpt's subtree, SIGKILL after `grace`, then wait until every one is
+        gone, reaping the orphans re-parented to ckpt. Returns how many were left."""
+        left = self._leftovers(exclude)
+        count = len(left)
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+            if not left:
+                break
+            signal_group(self.pgid, sig)
+            subtree.send(left, sig)
+            deadline = time.monotonic() + wait
+            while (left := self._leftovers(exclude)) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return count
+
+    def _leftovers(self, exclude: Collection[int]) -> list[subtree.Proc]:
+        subtree.reap(exclude)
+        if subtree.HAVE_PROC:
+            return subtree.live(os.getpid(), pgid=self.pgid, exclude=exclude)
+        alive = group_alive(self.pgid)  # no /proc: the group is all we can see
+        return [subtree.Proc(self.pgid, os.getpid(), self.pgid, "S")] if alive else []
 
 
 def catches_signal(pid: int, sig: int) -> bool:

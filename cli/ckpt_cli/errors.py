@@ -9,6 +9,7 @@ import contextlib
 import datetime as dt
 import os
 import platform
+import signal
 import sys
 import traceback
 from collections.abc import Iterator
@@ -52,6 +53,17 @@ class RestoreError(CkptError):
     """No usable snapshot could be materialised; the local directory is untouched."""
 
     exit_code = ExitCode.UNAVAILABLE
+
+
+class Stopped(BaseException):
+    """A stop signal (SIGTERM, SIGINT, SIGHUP) arrived before the child was
+    launched: whatever was under way (opening the remote, a restore) is
+    abandoned the way an exception unwinds, so temp dirs are removed and the
+    lease released. A BaseException, so no `except Exception` swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def state_dir() -> Path:
@@ -108,7 +120,8 @@ def error_funnel() -> Iterator[list[int]]:
     """Run a command body; set the exit status in the yielded one-item list.
 
     CkptError -> its one line and exit code; Ctrl-C -> "Interrupted", 130;
-    anything else -> "unexpected error", a crash log, exit 70.
+    a stop signal before the child started -> one line, 128+N; anything else
+    -> "unexpected error", a crash log, exit 70.
     """
     status = [0]
     try:
@@ -116,6 +129,13 @@ def error_funnel() -> Iterator[list[int]]:
     except CkptError as exc:
         console.error(str(exc))
         status[0] = exc.exit_code
+    except Stopped as exc:
+        name = signal.Signals(exc.signum).name
+        console.error(
+            f"stopped by {name} before the child started "
+            "(an unfinished restore leaves the directory as it was)"
+        )
+        status[0] = 128 + exc.signum
     except KeyboardInterrupt:
         console.error("Interrupted")
         status[0] = ExitCode.SIGINT

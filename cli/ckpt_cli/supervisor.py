@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from ckpt import _contract as contract
-from ckpt_cli import console
+from ckpt_cli import console, subtree
 from ckpt_cli.child import Child, Guardian, catches_signal, ckpt_executable
 from ckpt_cli.config import RunConfig
 from ckpt_cli.control import ControlServer
-from ckpt_cli.errors import CkptError, RemoteError
+from ckpt_cli.errors import CkptError, RemoteError, Stopped
 from ckpt_cli.lease import Lease, LeaseLostError
 from ckpt_cli.policy import ChildExit, Decision, decide, signal_name
 from ckpt_cli.remote import open_backend, redact_url
@@ -64,10 +64,41 @@ class Supervisor:
         self._wake_r = self._wake_w = -1
         self._warned_links: set[str] = set()
         self._signal_pids: set[int] = set()  # the child's processes that handle the signal
+        self._exclude: set[int] = set()  # ckpt's own helpers below it (the guardian)
+        self._launching = False  # from here on stop signals are recorded, not raised
 
     # ------------------------------------------------------------ entry point
 
     def run(self) -> int:
+        """Restore, supervise, flush; the exit status. ckpt is made a child
+        subreaper for the duration (and PID 1 of a container needs exactly
+        that): orphans of the job are re-parented to it and reaped."""
+        early = self._early_stop_handlers()
+        # Where the kernel refuses (not Linux), orphans go to init as usual.
+        was_subreaper = subtree.is_subreaper() or not subtree.set_subreaper(True)
+        try:
+            return self._run_opened()
+        finally:
+            if not was_subreaper:
+                subtree.set_subreaper(False)
+            for sig, handler in early.items():
+                signal.signal(sig, handler)
+
+    def _early_stop_handlers(self) -> dict[int, Any]:
+        """Until the child is launched a stop signal aborts what is under way
+        (raising Stopped). Without a handler, SIGTERM would kill ckpt mid-restore
+        and leave its lease held, and PID 1 of a container would ignore it:
+        the kernel applies no default action to a namespace's init."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def stop(signum: int, frame: object) -> None:
+            if not self._launching:
+                raise Stopped(signum)
+
+        return {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
+
+    def _run_opened(self) -> int:
         cfg = self.cfg
         shown = redact_url(cfg.remote)
         if cfg.remote_is_default:
@@ -136,6 +167,8 @@ class Supervisor:
         )
         watcher = Watcher(cfg.dir, worker.changed, self.patterns)
         guardian = Guardian()
+        self._exclude = {guardian.pid}
+        self._launching = True
         old_handlers = self._install_signals()
         status = 0
         flushed = False
@@ -148,7 +181,8 @@ class Supervisor:
         finally:
             watcher.stop()
             if self.child is not None and self.child.poll() is None:
-                self.child.signal(signal.SIGKILL)  # only on an unexpected error in the loop
+                # Only on an unexpected error in the loop.
+                self.child.signal_all(signal.SIGKILL, self._exclude)
             flushed = self._final_flush(worker)
             worker.stop()
             control.close()
@@ -207,8 +241,8 @@ class Supervisor:
                 f"attempt {self.attempt}: started {shlex.join(cfg.command)} (pid {child.pid})"
             )
             ex = self._wait(child, watcher)
-            if child.wait_group_gone(min(cfg.grace, 10.0)):
-                console.info("stopped processes the child left behind in its group")
+            if left := child.stop_leftovers(min(cfg.grace, 10.0), self._exclude):
+                console.info(f"stopped {left} process(es) the child left behind")
             guardian.protect(0)
             elapsed = time.monotonic() - child.started
             self.attempts.append(Attempt(self.attempt, ex, elapsed))
@@ -258,7 +292,7 @@ class Supervisor:
                 if sig in STOP_SIGNALS:
                     if self.stop_signal is None:
                         self.stop_signal = sig
-                        child.signal(sig)
+                        child.signal_all(sig, self._exclude)
                         kill_at = time.monotonic() + cfg.grace
                         console.info(
                             f"received {signal_name(sig)}: forwarded to the child; "
@@ -266,7 +300,7 @@ class Supervisor:
                         )
                     else:
                         console.warn(f"received {signal_name(sig)} again: killing the child now")
-                        child.signal(signal.SIGKILL)
+                        child.signal_all(signal.SIGKILL, self._exclude)
                         kill_at = None
                 elif sig == cfg.checkpoint_signal:
                     # Only to the processes that handle it: its default action kills.
@@ -282,7 +316,7 @@ class Supervisor:
                     f"child still running {cfg.grace:g}s after "
                     f"{signal_name(self.stop_signal or 0)} (--grace): SIGKILL"
                 )
-                child.signal(signal.SIGKILL)
+                child.signal_all(signal.SIGKILL, self._exclude)
                 kill_at = None
 
     def _sleep(self, seconds: float) -> bool:
@@ -356,7 +390,8 @@ class Supervisor:
                 os.close(fd)
 
     def _signals(self, timeout: float) -> list[int]:
-        """Wait up to timeout for signals; return those received (not SIGCHLD)."""
+        """Wait up to timeout for signals; return those received. A SIGCHLD is
+        not returned: it reaps the orphans re-parented to ckpt."""
         ready, _, _ = select.select([self._wake_r], [], [], timeout)
         if not ready:
             return []
@@ -364,6 +399,10 @@ class Supervisor:
             data = os.read(self._wake_r, 512)
         except BlockingIOError:
             return []
+        if signal.SIGCHLD in data:
+            child = self.child
+            running = {child.pid} if child is not None and child.exit is None else set()
+            subtree.reap(self._exclude | running)  # the child's own status is Child.poll's
         return [s for s in data if s != signal.SIGCHLD]
 
     # ------------------------------------------------------------ background

@@ -98,6 +98,7 @@ class Running:
         logs: Path,
         name: str,
         env: dict[str, str] | None = None,
+        prefix: list[str] | None = None,
     ) -> None:
         logs.mkdir(parents=True, exist_ok=True)
         self.args = args
@@ -108,7 +109,7 @@ class Running:
             full_env.update(env)
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(
-                [str(CKPT), *args],
+                [*(prefix or []), str(CKPT), *args],
                 cwd=cwd,
                 env=full_env,
                 stdout=out,

@@ -29,7 +29,11 @@ def spawn(tmp_path: Path, ckpt_bin: Path) -> Iterator[Callable[..., Running]]:
     started: list[Running] = []
 
     def start(
-        args: list[str], *, name: str | None = None, env: dict[str, str] | None = None
+        args: list[str],
+        *,
+        name: str | None = None,
+        env: dict[str, str] | None = None,
+        prefix: list[str] | None = None,
     ) -> Running:
         r = Running(
             args,
@@ -37,6 +41,7 @@ def spawn(tmp_path: Path, ckpt_bin: Path) -> Iterator[Callable[..., Running]]:
             logs=tmp_path / "logs",
             name=name or f"ckpt{len(started) + 1}",
             env=env,
+            prefix=prefix,
         )
         started.append(r)
         return r

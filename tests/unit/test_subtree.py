@@ -1,0 +1,116 @@
+"""subtree: reading /proc, finding live descendants, reaping only what is ours
+to reap. Real processes (sleep, sh), no mocks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ckpt_cli import subtree
+
+pytestmark = pytest.mark.skipif(not subtree.HAVE_PROC, reason="needs Linux /proc")
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for p in started:
+        p.kill()
+        p.wait()
+
+
+def _until(pred: object, what: str) -> None:
+    end = time.monotonic() + 30
+    while not pred():  # type: ignore[operator]
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_a_command_name_with_parentheses_and_spaces_is_parsed(
+    tmp_path: Path, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    odd = tmp_path / "we) (ird"
+    sleep = shutil.which("sleep")
+    assert sleep is not None
+    odd.symlink_to(sleep)
+    p = subprocess.Popen([str(odd), "30"])
+    procs.append(p)
+    got = subtree._read(p.pid)
+    assert got is not None
+    assert (got.pid, got.ppid, got.pgid) == (p.pid, os.getpid(), os.getpgid(p.pid))
+    assert got.state in "RS"
+
+
+def test_live_finds_grandchildren_and_leaves_out_an_excluded_branch(
+    procs: list[subprocess.Popen[bytes]],
+) -> None:
+    kept = subprocess.Popen(["sh", "-c", "sleep 30 & wait"])
+    skipped = subprocess.Popen(["sh", "-c", "sleep 31 & wait"])
+    procs += [kept, skipped]
+    _until(lambda: len(subtree.children(kept.pid)) == 1, "kept's grandchild")
+    _until(lambda: len(subtree.children(skipped.pid)) == 1, "skipped's grandchild")
+    found = {p.pid for p in subtree.live(os.getpid(), exclude={skipped.pid})}
+    assert kept.pid in found
+    assert subtree.children(kept.pid)[0].pid in found
+    assert skipped.pid not in found
+    assert subtree.children(skipped.pid)[0].pid not in found
+
+
+def test_live_includes_group_members_that_are_not_descendants(
+    procs: list[subprocess.Popen[bytes]],
+) -> None:
+    # The subshell's sleep is orphaned at once: re-parented away from the
+    # leader, yet still in its process group.
+    leader = subprocess.Popen(["sh", "-c", "(sleep 31 &); exec sleep 30"], start_new_session=True)
+    procs.append(leader)
+    try:
+
+        def orphans() -> list[int]:
+            group = [p for p in subtree.processes() if p.pgid == leader.pid]
+            return [p.pid for p in group if leader.pid not in (p.pid, p.ppid)]
+
+        _until(orphans, "the orphaned group member")
+        found = {p.pid for p in subtree.live(leader.pid, pgid=leader.pid)}
+        assert leader.pid in found
+        assert set(orphans()) <= found
+        assert not set(orphans()) & {p.pid for p in subtree.live(leader.pid)}
+    finally:
+        os.killpg(leader.pid, signal.SIGKILL)
+
+
+def test_reap_collects_zombies_but_not_the_ones_kept(
+    procs: list[subprocess.Popen[bytes]],
+) -> None:
+    mine = subprocess.Popen(["true"])
+    theirs = subprocess.Popen(["true"])
+
+    def zombie(pid: int) -> bool:
+        got = subtree._read(pid)
+        return got is not None and got.state == "Z"
+
+    for p in (mine, theirs):
+        _until(lambda p=p: zombie(p.pid), "exit")  # type: ignore[misc]
+    reaped = subtree.reap(keep={theirs.pid})
+    assert mine.pid in reaped
+    assert theirs.pid not in reaped
+    assert subtree._read(mine.pid) is None
+    assert theirs.wait(5) == 0  # its owner still gets its status
+
+
+def test_subreaper_can_be_set_and_cleared() -> None:
+    before = subtree.is_subreaper()
+    try:
+        assert subtree.set_subreaper(True)
+        assert subtree.is_subreaper()
+        assert subtree.set_subreaper(False)
+        assert not subtree.is_subreaper()
+    finally:
+        subtree.set_subreaper(before)
