@@ -263,3 +263,27 @@ def test_a_stop_before_the_child_starts_is_obeyed(
     assert "stopped by SIGTERM before the child started" in run.stderr()
     assert "Traceback" not in run.stderr()
     assert not started.exists()
+
+
+def test_a_daemon_the_child_leaves_behind_is_stopped_when_the_child_exits(
+    tmp_path: Path, ckpt_dir: Path, remote: Path, spawn: Callable[..., Running]
+) -> None:
+    """The child succeeds but left a daemon outside its group: ckpt stops it
+    (SIGTERM first) before it exits 0, instead of leaving it running."""
+    mark = tmp_path / "mark"
+    mark.mkdir()
+    job = tmp_path / "job.sh"
+    job.write_text(
+        'setsid sh -c \'trap "echo term > $0/daemon-term; exit 0" TERM\n'
+        '  echo $$ > $0/daemon.pid; while :; do sleep 0.1; done\' "$MARK" &\n'
+        'while [ ! -s "$MARK/daemon.pid" ]; do sleep 0.05; done\n'
+        'echo done > "$CKPT_DIR/out.txt"\n'
+    )
+    run = spawn([*run_args(ckpt_dir, remote), "bash", str(job)], env={"MARK": str(mark)})
+    status = run.wait()
+    assert status == 0, run.stderr()
+    daemon = int((mark / "daemon.pid").read_text())
+    run.extra_pids.append(daemon)
+    assert (mark / "daemon-term").read_text().strip() == "term"
+    assert pid_gone(daemon)
+    assert "left behind" in run.stderr()
