@@ -2,6 +2,7 @@
 # Install everything the test-suite needs into this checkout, idempotently:
 #   .venv/                    ckpt with every storage extra, and the test group
 #                             (pytest, moto, gcp-storage-emulator, ...)
+#   .venv/wheelhouse          wheels of ckpt-run[s3]'s dependencies (offline installs in tests/packaging)
 #   tests/servers/node_modules  s3rver and Azurite, exactly as package-lock.json says
 #                             (Azurite 3.35.0: the newest that runs on Node 20;
 #                             3.36 wants Node >= 21, 3.37 Node >= 22)
@@ -19,6 +20,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/pip install -q -U "pip>=25.1"  # --group needs pip 25.1
 .venv/bin/pip install -q ".[s3,gcs,azure,ssh]" --group test
+# A wheelhouse of ckpt-run[s3]'s dependencies, for the offline pipx and uv
+# installs of tests/packaging (fast: pip's cache is warm from the line above).
+# ckpt's own wheel is left out: those tests install the one they build.
+rm -rf .venv/wheelhouse
+.venv/bin/pip wheel -q -w .venv/wheelhouse ".[s3]"
+rm -f .venv/wheelhouse/ckpt_run-*.whl
 
 # -- node servers (s3rver, Azurite)
 if command -v npm >/dev/null 2>&1; then
