@@ -65,11 +65,14 @@ def error(message: str) -> None:
 
 
 def table(renderable: Any) -> None:
-    """Print a rich renderable (tables of `ckpt ls`) to stdout: it is the command's output."""
+    """Print a rich renderable (tables of `ckpt ls`) to stdout: it is the command's
+    output. Off a terminal nothing limits the width (rich would squeeze a table
+    into $COLUMNS or 80 and cut snapshot ids short), so one row is one line."""
+    width = None if sys.stdout.isatty() else 100_000
     with _lock:
-        Console(soft_wrap=True, highlight=False, no_color="NO_COLOR" in os.environ).print(
-            renderable
-        )
+        Console(
+            soft_wrap=True, highlight=False, no_color="NO_COLOR" in os.environ, width=width
+        ).print(renderable)
 
 
 def fmt_bytes(n: float) -> str:

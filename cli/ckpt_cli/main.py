@@ -5,11 +5,13 @@ tables) are imported by the commands that need them, not at start-up.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from ckpt._contract import ExitCode
 from ckpt_cli import __version__, console
 from ckpt_cli.errors import error_funnel
 
@@ -310,6 +312,34 @@ def shell_shim(
     raise typer.Exit(status[0])
 
 
+def _click_exceptions() -> Any:
+    """The click exceptions typer raises: typer >= 0.20 carries its own copy of
+    click (typer._click), older ones use click itself."""
+    try:
+        return importlib.import_module("typer._click.exceptions")
+    except ImportError:
+        return importlib.import_module("click.exceptions")
+
+
 def main() -> int:
-    app()
-    return 0
+    """Run the command line; return the exit status. A command line that
+    cannot be parsed (an unknown flag, a value out of range) is one
+    `ckpt: error:` line naming the flag, exit 2, like every other error;
+    plain `ckpt` prints the help."""
+    ex = _click_exceptions()
+    try:
+        status = app(standalone_mode=False)
+    except ex.NoArgsIsHelpError as exc:
+        exc.show()
+        return ExitCode.USAGE
+    except ex.UsageError as exc:
+        where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+        console.error(f"{exc.format_message().rstrip('.')}{where}")
+        return ExitCode.USAGE
+    except ex.ClickException as exc:
+        console.error(exc.format_message())
+        return int(exc.exit_code)
+    except typer.Abort:
+        console.error("Interrupted")
+        return ExitCode.SIGINT
+    return status if isinstance(status, int) else 0
