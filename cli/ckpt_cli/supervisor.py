@@ -39,6 +39,10 @@ from ckpt_cli.uploader import SnapshotWorker
 from ckpt_cli.watcher import Watcher
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+#: A stop signal this soon after the first is the same stop delivered twice
+#: (GNU timeout signals its command and then its own group, ckpt included), not
+#: a second one asking to kill at once.
+ECHO_WINDOW = 0.5
 FORWARD_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
 
@@ -60,6 +64,8 @@ class Supervisor:
         self.child: Child | None = None
         self.restored_id = ""
         self.stop_signal: int | None = None
+        self._stop_at = 0.0
+        self._flush_abandoned = False
         self._lease_error: LeaseLostError | None = None
         self._wake_r = self._wake_w = -1
         self._warned_links: set[str] = set()
@@ -106,6 +112,11 @@ class Supervisor:
                 f"remote: {shown} (embedded local store; protect against losing this "
                 "machine with --remote s3://bucket/prefix or CKPT_REMOTE)"
             )
+            if os.getpid() == 1:
+                console.warn(
+                    "ckpt is PID 1 (of a container?) and the remote is the embedded store "
+                    "inside it, which is lost with the container: set --remote or CKPT_REMOTE"
+                )
         else:
             console.info(f"remote: {shown}")
         backend = open_backend(cfg.remote, cfg.storage_options, io_timeout=cfg.io_timeout)
@@ -193,7 +204,13 @@ class Supervisor:
             shutil.rmtree(runtime, ignore_errors=True)
         self._summary(worker)
         if self.stop_signal is not None:
-            return 128 + self.stop_signal
+            if flushed or self._flush_abandoned:
+                return 128 + self.stop_signal
+            console.error(
+                f"stopped by {signal_name(self.stop_signal)}, but the final state is not "
+                f"durable in {repo.display}; the local directory {cfg.dir} still has it"
+            )
+            return contract.ExitCode.UNAVAILABLE
         if status == 0 and not flushed:
             console.error(
                 "the child succeeded but its final state is not durable in "
@@ -290,8 +307,10 @@ class Supervisor:
             timeout = 1.0 if kill_at is None else max(0.0, min(1.0, kill_at - now))
             for sig in self._signals(timeout):
                 if sig in STOP_SIGNALS:
-                    if self.stop_signal is None:
-                        self.stop_signal = sig
+                    first = self.stop_signal is None
+                    if not self._note_stop(sig):
+                        if not first:
+                            continue  # the first stop, delivered twice
                         child.signal_all(sig, self._exclude)
                         kill_at = time.monotonic() + cfg.grace
                         console.info(
@@ -325,14 +344,25 @@ class Supervisor:
         while (left := end - time.monotonic()) > 0:
             for sig in self._signals(min(left, 1.0)):
                 if sig in STOP_SIGNALS:
-                    self.stop_signal = sig
+                    self._note_stop(sig)
                     console.info(f"received {signal_name(sig)} while backing off: stopping")
                     return True
         return False
 
+    def _note_stop(self, sig: int) -> bool:
+        """Record a stop signal; True if it is a second stop, asking to hurry
+        (kill the child now, abandon the final flush). The first one, and the
+        same stop delivered again within ECHO_WINDOW, are not."""
+        now = time.monotonic()
+        if self.stop_signal is None:
+            self.stop_signal, self._stop_at = sig, now
+            return False
+        return now - self._stop_at >= ECHO_WINDOW
+
     def _final_flush(self, worker: SnapshotWorker) -> bool:
         """Snapshot the final state and wait until it is durable, retrying until
-        --flush-timeout. A second stop signal abandons the wait."""
+        --flush-timeout. A first stop signal lets it finish (flushing is what a
+        stop asks for); a second one abandons the wait."""
         deadline = time.monotonic() + self.cfg.flush_timeout
         pause = 0.5
         while True:
@@ -344,10 +374,18 @@ class Supervisor:
                     )
                     return False
                 for sig in self._signals(0):
-                    if sig in STOP_SIGNALS:
-                        self.stop_signal = self.stop_signal or sig
+                    if sig not in STOP_SIGNALS:
+                        continue
+                    first = self.stop_signal is None
+                    if self._note_stop(sig):
+                        self._flush_abandoned = True
                         self._not_durable(worker, f"abandoned on {signal_name(sig)}")
                         return False
+                    if first:
+                        console.info(
+                            f"received {signal_name(sig)}: finishing the final snapshot "
+                            "first (a second signal abandons it)"
+                        )
             if req.error is None:
                 m = req.manifest
                 if m is not None:

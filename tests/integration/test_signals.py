@@ -4,11 +4,15 @@ kill -9 of the supervisor itself (no orphans, a repository that restores)."""
 from __future__ import annotations
 
 import json
+import os
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from ckpt_cli.supervisor import ECHO_WINDOW
 
 from ._util import (
     Running,
@@ -24,7 +28,8 @@ from ._util import (
 pytestmark = pytest.mark.timeout(180)
 
 #: Saves state, installs signal handlers (argv[2] = "save-exit": on SIGTERM
-#: write final.txt and exit 0; "save-ignore": on SIGTERM write term-seen.txt and
+#: write final.txt and exit 0; "slow-save-exit": the same after a second of
+#: work; "save-ignore": on SIGTERM write term-seen.txt and
 #: carry on; "record-exit": on SIGTERM/SIGINT/SIGHUP write got-<NAME>.txt and
 #: exit 0), then announces itself in argv[1] (outside the checkpoint dir) and waits.
 WAITER = """
@@ -39,7 +44,9 @@ WAITER = """
         os.replace(tmp, d / name)
 
     def on_term(signum, frame):
-        if mode == "save-exit":
+        if mode == "slow-save-exit":
+            time.sleep(1)
+        if mode in ("save-exit", "slow-save-exit"):
             save("final.txt", "saved on SIGTERM")
             sys.exit(0)
         save("term-seen.txt", "SIGTERM ignored")
@@ -69,10 +76,11 @@ def _start_waiter(
     remote: Path,
     mode: str,
     *extra: str,
+    prefix: list[str] | None = None,
 ) -> tuple[Running, int]:
     ready = tmp_path / "ready.json"
     cmd = [*script(tmp_path, "waiter.py", WAITER), str(ready), mode]
-    ckpt = spawn([*run_args(ckpt_dir, remote, *extra), *cmd])
+    ckpt = spawn([*run_args(ckpt_dir, remote, *extra), *cmd], prefix=prefix)
     wait_for(ready.exists, what="the child to start", proc=ckpt)
     pid = json.loads(ready.read_text())["pid"]
     ckpt.extra_pids.append(pid)
@@ -136,7 +144,10 @@ def test_second_sigterm_kills_the_child_without_waiting_for_grace(
     # --grace is far longer than the wait below: only the escalation can end it.
     ckpt, child = _start_waiter(spawn, tmp_path, ckpt_dir, remote, "save-ignore", "--grace", "3600")
     ckpt.signal(signal.SIGTERM)
+    sent = time.monotonic()
     wait_for((ckpt_dir / "term-seen.txt").exists, what="the child to see SIGTERM", proc=ckpt)
+    # Closer to the first than ECHO_WINDOW it would count as the same stop, twice.
+    time.sleep(max(0.0, sent + ECHO_WINDOW + 0.1 - time.monotonic()))
 
     ckpt.signal(signal.SIGTERM)
 
@@ -145,6 +156,46 @@ def test_second_sigterm_kills_the_child_without_waiting_for_grace(
     out = tmp_path / "fresh"
     restore_into(remote, out, cwd=tmp_path)
     assert read_tree(out) == {"state.txt": b"running", "term-seen.txt": b"SIGTERM ignored"}
+
+
+def test_one_stop_delivered_twice_still_gets_the_grace_period(
+    spawn: Callable[..., Running], tmp_path: Path, ckpt_dir: Path, remote: Path
+) -> None:
+    """GNU timeout (without --foreground) sends its signal to ckpt and then to
+    its own process group, ckpt included: the same stop, twice, at once. That
+    is not a second stop: the child still gets --grace and its save is flushed."""
+    ckpt, _child = _start_waiter(
+        spawn, tmp_path, ckpt_dir, remote, "slow-save-exit", "--grace", "600", prefix=["setsid"]
+    )
+    assert os.getpgid(ckpt.pid) == ckpt.pid, "setsid did not give ckpt its own group"
+
+    os.kill(ckpt.pid, signal.SIGTERM)
+    os.killpg(ckpt.pid, signal.SIGTERM)
+
+    assert ckpt.wait(timeout=60) == 143, ckpt.stderr()
+    assert "killing the child now" not in ckpt.stderr()
+    out = tmp_path / "fresh"
+    restore_into(remote, out, cwd=tmp_path)
+    assert read_tree(out)["final.txt"] == b"saved on SIGTERM"
+
+
+def test_a_stop_whose_final_snapshot_cannot_be_made_durable_exits_69(
+    spawn: Callable[..., Running], tmp_path: Path, ckpt_dir: Path, remote: Path
+) -> None:
+    """143 tells a wrapper "stopped, and the state is safe": when the final
+    flush fails it must not say that. The local directory keeps the state."""
+    ckpt, _child = _start_waiter(
+        spawn, tmp_path, ckpt_dir, remote, "save-exit", "--flush-timeout", "2"
+    )
+    wait_for(lambda: has_snapshot_with(remote, "state.txt"), what="a first snapshot", proc=ckpt)
+    remote.rename(tmp_path / "remote.gone")
+    remote.write_text("the remote is gone: a file stands in its place")
+
+    ckpt.signal(signal.SIGTERM)
+
+    assert ckpt.wait(timeout=90) == 69, ckpt.stderr()
+    assert "stopped by SIGTERM, but the final state is not durable" in ckpt.stderr()
+    assert (ckpt_dir / "final.txt").read_text() == "saved on SIGTERM"
 
 
 #: Counts its launches in argv[1] and asks for a retry every time.
