@@ -71,7 +71,7 @@ class Supervisor:
         self._warned_links: set[str] = set()
         self._signal_pids: set[int] = set()  # the child's processes that handle the signal
         self._exclude: set[int] = set()  # ckpt's own helpers below it (the guardian)
-        self._launching = False  # from here on stop signals are recorded, not raised
+        self._launching = False  # True once the loop's handlers are in: no more Stopped
 
     # ------------------------------------------------------------ entry point
 
@@ -179,8 +179,8 @@ class Supervisor:
         watcher = Watcher(cfg.dir, worker.changed, self.patterns)
         guardian = Guardian()
         self._exclude = {guardian.pid}
-        self._launching = True
         old_handlers = self._install_signals()
+        self._launching = True  # when the early handlers come back, they only ignore
         status = 0
         flushed = False
         try:
