@@ -85,6 +85,8 @@ from typing import Any
 
 import pytest
 
+from ckpt_cli import subtree
+
 #: Set before anything can import gcsfs / google-auth / botocore.
 _SAFETY_ENV = {
     "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
@@ -153,25 +155,7 @@ def _answers(port: int) -> bool:
 
 def _descendants(pid: int) -> list[int]:
     """Every live process below pid (sshd's per-connection children, say)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # pid (comm) state ppid ...; comm may hold spaces and parentheses
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    out: list[int] = []
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
+    return [p.pid for p in subtree.live(pid)]
 
 
 def _prctl_pdeathsig() -> Callable[[], None] | None:
@@ -319,11 +303,8 @@ class Server:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    proc = subtree.read_proc(pid)
+    return proc is not None and not proc.gone
 
 
 def _launch(

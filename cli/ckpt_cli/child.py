@@ -108,9 +108,6 @@ class Child:
                 self._proc.returncode = self.exit.status  # keep Popen from waiting again
         return self.exit
 
-    def signal(self, sig: int) -> None:
-        signal_group(self.pgid, sig)
-
     def signal_all(self, sig: int, exclude: Collection[int] = ()) -> None:
         """sig to the child's group and to every other live process below ckpt
         (a daemon that left the group), but those in exclude and below them."""

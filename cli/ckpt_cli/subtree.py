@@ -55,14 +55,15 @@ class Proc:
     pid: int
     ppid: int
     pgid: int
-    state: str  # one letter of /proc/PID/stat: R, S, D, T, Z (zombie), X (dead)
+    state: str  # one letter of /proc/PID/stat: R, S, D, T, Z (zombie), X or x (dead)
 
     @property
     def gone(self) -> bool:
-        return self.state in ("Z", "X")
+        return self.state in ("Z", "X", "x")
 
 
-def _read(pid: int | str) -> Proc | None:
+def read_proc(pid: int | str) -> Proc | None:
+    """pid's line of /proc/PID/stat; None if there is no such process."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
@@ -82,7 +83,7 @@ def processes() -> list[Proc]:
         names = os.listdir("/proc")
     except OSError:
         return []
-    return [p for name in names if name.isdigit() and (p := _read(name)) is not None]
+    return [p for name in names if name.isdigit() and (p := read_proc(name)) is not None]
 
 
 def children(pid: int) -> list[Proc]:
@@ -96,7 +97,7 @@ def children(pid: int) -> list[Proc]:
                 found.extend(int(c) for c in f.read().split())
     except (OSError, ValueError):
         return [p for p in processes() if p.ppid == pid]
-    return [p for c in found if (p := _read(c)) is not None]
+    return [p for c in found if (p := read_proc(c)) is not None]
 
 
 def live(root: int, *, pgid: int | None = None, exclude: Collection[int] = ()) -> list[Proc]:

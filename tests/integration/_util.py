@@ -19,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ckpt_cli import subtree
+
 try:  # tests/conftest.py, imported by pytest as the top-level module `conftest`
     from conftest import CKPT, run_ckpt, write_script
 except ImportError:  # pragma: no cover - pytest's importlib import mode
@@ -70,12 +72,8 @@ def wait_for(
 
 def pid_gone(pid: int) -> bool:
     """True if pid no longer runs: absent, or a zombie / dead (state Z or X)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    state = stat.rsplit(")", 1)[1].split()[0]
-    return state in ("Z", "X", "x")
+    proc = subtree.read_proc(pid)
+    return proc is None or proc.gone
 
 
 def kill_quietly(pid: int, sig: int = signal.SIGKILL) -> None:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from ckpt_cli import subtree
+
 from ._util import Running, pid_gone, read_tree, restore_into, run_args, wait_for
 
 pytestmark = pytest.mark.timeout(180)
@@ -118,17 +120,13 @@ def _outer_pid(inner: int, ckpt: int) -> int | None:
 
 
 def _ppid(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
+    proc = subtree.read_proc(pid)
+    return proc.ppid if proc is not None else None
 
 
 def _state(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
+    proc = subtree.read_proc(pid)
+    return proc.state if proc is not None else None
 
 
 def test_orphans_are_reaped_and_a_stop_reaches_the_whole_subtree(

@@ -43,7 +43,7 @@ def test_a_command_name_with_parentheses_and_spaces_is_parsed(
     odd.symlink_to(sleep)
     p = subprocess.Popen([str(odd), "30"])
     procs.append(p)
-    got = subtree._read(p.pid)
+    got = subtree.read_proc(p.pid)
     assert got is not None
     assert (got.pid, got.ppid, got.pgid) == (p.pid, os.getpid(), os.getpgid(p.pid))
     assert got.state in "RS"
@@ -93,7 +93,7 @@ def test_reap_collects_zombies_but_not_the_ones_kept(
     theirs = subprocess.Popen(["true"])
 
     def zombie(pid: int) -> bool:
-        got = subtree._read(pid)
+        got = subtree.read_proc(pid)
         return got is not None and got.state == "Z"
 
     for p in (mine, theirs):
@@ -101,7 +101,7 @@ def test_reap_collects_zombies_but_not_the_ones_kept(
     reaped = subtree.reap(keep={theirs.pid})
     assert mine.pid in reaped
     assert theirs.pid not in reaped
-    assert subtree._read(mine.pid) is None
+    assert subtree.read_proc(mine.pid) is None
     assert theirs.wait(5) == 0  # its owner still gets its status
 
 
