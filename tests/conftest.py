@@ -3,16 +3,46 @@ path of the real `ckpt` binary, and helpers to run it around child scripts."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from faults._tally import TALLY_ENV, totals
+from metadata import metadata  # noqa: F401
 from stores import servers, store, store_of  # noqa: F401
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The controller (or a run without xdist) makes the fault tally's directory;
+    xdist workers inherit it through the environment."""
+    if not hasattr(config, "workerinput") and TALLY_ENV not in os.environ:
+        os.environ[TALLY_ENV] = tempfile.mkdtemp(prefix="ckpt-fault-tally-")
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    where = os.environ.get(TALLY_ENV)
+    if hasattr(config, "workerinput") or not where or not Path(where).is_dir():
+        return
+    counts = totals(Path(where))
+    shutil.rmtree(where, ignore_errors=True)
+    if not counts:
+        return
+    terminalreporter.section("fault injection: faults survived, by kind")
+    for kind, n in sorted(counts.items()):
+        terminalreporter.write_line(f"{n:6d}  {kind}")
+    terminalreporter.write_line(f"{sum(counts.values()):6d}  in all")
+    if report := os.environ.get("CKPT_FAULT_REPORT"):
+        Path(report).write_text(json.dumps(counts, indent=2, sort_keys=True) + "\n")
+
 
 BIN_DIR = Path(sys.executable).parent
 CKPT = BIN_DIR / "ckpt"
@@ -31,6 +61,14 @@ def _isolated_home(
     monkeypatch.setenv("XDG_CONFIG_HOME", str(home / "config"))
     monkeypatch.delenv("CKPT_REMOTE", raising=False)
     for name in ("CKPT_DIR", "CKPT_ATTEMPT", "CKPT_RESTORED", "CKPT_SOCKET", "CKPT_RUN"):
+        monkeypatch.delenv(name, raising=False)
+    # --preemption auto reads DMI data to decide whether to poll a cloud's
+    # metadata service: an empty DMI dir makes every test machine "no cloud", so
+    # no test sends a packet to a metadata address even on a cloud VM.
+    no_dmi = home / "no-dmi"
+    no_dmi.mkdir()
+    monkeypatch.setenv("CKPT_DMI_DIR", str(no_dmi))
+    for name in ("CKPT_METADATA_URL", "CKPT_PREEMPTION"):
         monkeypatch.delenv(name, raising=False)
     yield
 

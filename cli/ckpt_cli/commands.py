@@ -15,6 +15,7 @@ from typing import Any
 from ckpt._contract import ExitCode
 from ckpt_cli import config, console
 from ckpt_cli.errors import CkptError, ConfigError, RemoteError
+from ckpt_cli.history import load_runs
 from ckpt_cli.manifest import Manifest
 from ckpt_cli.remote import open_backend, parse_storage_options
 from ckpt_cli.repository import Repository, iter_manifests, newest_manifest
@@ -86,7 +87,7 @@ def push(dir: Path, remote: str, keep: int, options: list[str]) -> int:
     return ExitCode.OK
 
 
-def ls(remote: str, as_json: bool, options: list[str]) -> int:
+def ls(remote: str, as_json: bool, options: list[str], *, runs: bool = False) -> int:
     repo = _open(remote, options, create=False)
     if repo is None:
         raise RemoteError(f"no ckpt repository at {remote} (check the URL)")
@@ -112,11 +113,62 @@ def ls(remote: str, as_json: bool, options: list[str]) -> int:
                 {"id": ref.id, "generation": ref.generation, "ok": False, "error": f"manifest {m}"}
             )
     if as_json:
-        print(json.dumps({"remote": remote, "snapshots": rows}, indent=1))
+        doc = {"remote": remote, "snapshots": rows, "runs": load_runs(repo.backend)}
+        print(json.dumps(doc, indent=1))
         return ExitCode.OK
-    if not rows:
+    if runs:
+        history = load_runs(repo.backend)
+        if history:
+            _runs_table(history)
+        else:
+            console.info(f"{remote} has no run history yet (only `ckpt run` writes one)")
+    elif rows:
+        _snapshot_table(rows)
+    else:
         console.info(f"{remote} has no snapshots yet")
-        return ExitCode.OK
+    return ExitCode.OK
+
+
+#: The runs `ckpt ls` shows without --json (the newest ones).
+LS_RUNS = 20
+
+
+def _runs_table(runs: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    shown = runs[-LS_RUNS:]
+    more = len(runs) - len(shown)
+    if more:
+        console.info(f"the newest {len(shown)} of {len(runs)} runs (--json for all)")
+    table = Table(box=None, pad_edge=False)
+    for col in ("run", "host", "started", "attempts", "exits", "preemption", "outcome"):
+        table.add_column(col)
+    for r in shown:
+        attempts = r["attempts"]
+        numbers = [a.get("number") for a in attempts]
+        span = (
+            "-"
+            if not numbers
+            else str(numbers[0])
+            if len(numbers) == 1
+            else f"{numbers[0]}-{numbers[-1]}"
+        )
+        exits = ", ".join(str(a.get("exit") or "running?") for a in attempts) or "-"
+        pre = r.get("preemption") or {}
+        preempted = f"{pre.get('cloud', '?')} {pre.get('action', '')}".strip() if pre else ""
+        table.add_row(
+            str(r["run"]),
+            str(r.get("host", "")),
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["started"])),
+            span,
+            exits,
+            preempted,
+            str(r.get("outcome") or "running or killed"),
+        )
+    console.table(table)
+
+
+def _snapshot_table(rows: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
     table = Table(box=None, pad_edge=False)
@@ -141,7 +193,6 @@ def ls(remote: str, as_json: bool, options: list[str]) -> int:
             r["host"],
         )
     console.table(table)
-    return ExitCode.OK
 
 
 def _age(seconds: float) -> str:

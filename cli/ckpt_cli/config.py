@@ -40,6 +40,7 @@ class RunConfig:
     io_timeout: float = 120.0
     snapshots: str = "auto"  # "auto": on quiet periods until the first commit; "commit"
     checkpoint_signal: int = int(signal.SIGUSR1)
+    preemption: str = "auto"  # auto | aws | gcp | azure | off (preemption.MODES)
     quiet: bool = False
 
 
@@ -80,6 +81,15 @@ def check_remote_outside(directory: Path, remote: str) -> None:
         raise ConfigError(
             f"--dir {directory} is inside the remote {store}; put it elsewhere (--remote)"
         )
+
+
+def parse_preemption(value: str) -> str:
+    modes = ("auto", "aws", "gcp", "azure", "off")  # preemption.MODES, without importing it
+    if value not in modes:
+        raise ConfigError(
+            f"--preemption {value!r} (or CKPT_PREEMPTION): choose one of {', '.join(modes)}"
+        )
+    return value
 
 
 def parse_snapshots(value: str) -> str:

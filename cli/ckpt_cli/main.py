@@ -153,6 +153,15 @@ def run(
             help="Seconds any one call to the remote may take before it is retried.",
         ),
     ] = 120.0,
+    preemption: Annotated[
+        str,
+        typer.Option(
+            envvar="CKPT_PREEMPTION",
+            help="Watch for the cloud's preemption notice: auto (only on a machine whose "
+            "DMI data names AWS, GCP or Azure; nothing is sent elsewhere), aws, gcp, "
+            "azure, off.",
+        ),
+    ] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
 ) -> None:
     """Run COMMAND under supervision: restore --dir, snapshot it as it changes,
@@ -191,6 +200,7 @@ def run(
             io_timeout=io_timeout,
             snapshots=config.parse_snapshots(snapshots),
             checkpoint_signal=policy.parse_signal(checkpoint_signal),
+            preemption=config.parse_preemption(preemption),
             quiet=quiet,
         )
         status[0] = Supervisor(cfg).run()
@@ -242,17 +252,26 @@ def push(
 @app.command("ls")
 def ls_cmd(
     remote: RemoteArg,
-    json_out: Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")] = False,
+    json_out: Annotated[
+        bool,
+        typer.Option("--json", help="One JSON document on stdout (snapshots and runs)."),
+    ] = False,
+    runs: Annotated[
+        bool,
+        typer.Option(
+            "--runs", help="List the run history (hosts, attempts, exits, preemptions) instead."
+        ),
+    ] = False,
     storage_option: StorageOpt = None,
 ) -> None:
-    """List snapshots, newest first.
+    """List snapshots, newest first (or, with --runs, the runs that wrote them).
 
     Example: ckpt ls s3://b/run
     """
     with error_funnel() as status:
         from ckpt_cli import commands
 
-        status[0] = commands.ls(remote, json_out, storage_option or [])
+        status[0] = commands.ls(remote, json_out, storage_option or [], runs=runs)
     raise typer.Exit(status[0])
 
 

@@ -41,6 +41,9 @@ from typing import ClassVar
 from ckpt_cli.errors import CkptError, ConfigError
 
 ENV_METADATA_URL = "CKPT_METADATA_URL"
+#: Where the machine's DMI identity is read (a container that masks /sys, or a
+#: test, points it elsewhere).
+ENV_DMI_DIR = "CKPT_DMI_DIR"
 DMI_DIR = Path("/sys/class/dmi/id")
 MODES = ("auto", "aws", "gcp", "azure", "off")
 DEFAULT_BASE = {
@@ -103,10 +106,12 @@ def poller_for(
     mode: str,
     *,
     base_url: str | None = None,
-    dmi_dir: Path = DMI_DIR,
+    dmi_dir: Path | None = None,
     interval: float = 5.0,
 ) -> Poller | None:
     """The poller --preemption asks for; None for off, or for auto off a cloud."""
+    if dmi_dir is None:
+        dmi_dir = Path(os.environ.get(ENV_DMI_DIR) or DMI_DIR)
     if mode not in MODES:
         raise ConfigError(
             f"unknown preemption mode {mode!r} (--preemption): use one of {', '.join(MODES)}"
@@ -135,6 +140,13 @@ class Poller(abc.ABC):
         self.timeout = timeout
         # Never through a proxy: HTTP_PROXY must not see metadata requests.
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def describe(self) -> str:
+        """What is watched, for the start banner."""
+        where = "" if self.base_url == DEFAULT_BASE[self.cloud] else f" at {self.base_url}"
+        return f"{self.WHAT}{where}"
+
+    WHAT = ""
 
     @abc.abstractmethod
     def check(self) -> Notice | None:
@@ -203,6 +215,7 @@ def _lower(items: Iterable[tuple[str, str]]) -> dict[str, str]:
 
 class AwsPoller(Poller):
     cloud = "aws"
+    WHAT = "the spot instance-action notice (IMDSv2)"
     TOKEN_PATH = "/latest/api/token"
     ACTION_PATH = "/latest/meta-data/spot/instance-action"
     TOKEN_TTL = 21600
@@ -244,6 +257,7 @@ class AwsPoller(Poller):
 
 class GcpPoller(Poller):
     cloud = "gcp"
+    WHAT = "instance/preempted (wait_for_change)"
     PATH = "/computeMetadata/v1/instance/preempted"
     HEADERS: ClassVar[Mapping[str, str]] = {"Metadata-Flavor": "Google"}
     #: How long one wait_for_change request hangs before it is asked again
@@ -290,6 +304,7 @@ class GcpPoller(Poller):
 
 class AzurePoller(Poller):
     cloud = "azure"
+    WHAT = "Scheduled Events (Preempt, Terminate)"
     EVENTS_PATH = "/metadata/scheduledevents?api-version=2020-07-01"
     NAME_PATH = "/metadata/instance/compute/name?api-version=2021-02-01&format=text"
     HEADERS: ClassVar[Mapping[str, str]] = {"Metadata": "true"}

@@ -24,11 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from ckpt import _contract as contract
-from ckpt_cli import console, subtree
+from ckpt_cli import console, preemption, subtree
 from ckpt_cli.child import Child, Guardian, catches_signal, ckpt_executable
 from ckpt_cli.config import RunConfig
 from ckpt_cli.control import ControlServer
 from ckpt_cli.errors import CkptError, RemoteError, Stopped
+from ckpt_cli.history import RunHistory, attempts_before, load_runs
 from ckpt_cli.lease import Lease, LeaseLostError
 from ckpt_cli.policy import ChildExit, Decision, decide, signal_name
 from ckpt_cli.remote import open_backend, redact_url
@@ -44,6 +45,16 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 #: a second one asking to kill at once.
 ECHO_WINDOW = 0.5
 FORWARD_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+#: Written to the wake pipe by the preemption watcher (no signal is numbered 0).
+NOTICE_WAKE = 0
+#: After a preemption notice the child runs on (told to checkpoint, a snapshot
+#: under way) for the first half of the window, at least until RESERVE seconds
+#: are left; then it is stopped, and the rest goes to its grace and the flush.
+NOTICE_SHARE = 0.5
+NOTICE_RESERVE = 10.0
+#: How long a stopped child may take during a notice window, at most: a third
+#: of what is left, so the final flush keeps the rest.
+NOTICE_GRACE_SHARE = 1 / 3
 
 
 @dataclasses.dataclass
@@ -72,6 +83,12 @@ class Supervisor:
         self._signal_pids: set[int] = set()  # the child's processes that handle the signal
         self._exclude: set[int] = set()  # ckpt's own helpers below it (the guardian)
         self._launching = False  # True once the loop's handlers are in: no more Stopped
+        self.history: RunHistory | None = None
+        self._poller: preemption.Poller | None = None
+        self._notice: preemption.Notice | None = None  # set by the watcher thread
+        self._notice_at = 0.0  # monotonic time the loop took the notice in
+        self._notice_deadline = 0.0  # monotonic time the machine goes away
+        self._notice_stop_at: float | None = None  # when the loop stops the child
 
     # ------------------------------------------------------------ entry point
 
@@ -119,6 +136,17 @@ class Supervisor:
                 )
         else:
             console.info(f"remote: {shown}")
+        self._poller = preemption.poller_for(cfg.preemption)
+        if self._poller is not None:
+            cloud = self._poller.cloud
+            how = (
+                f"this machine's DMI data says {cloud}"
+                if cfg.preemption == "auto"
+                else f"--preemption {cloud}"
+            )
+            console.info(
+                f"preemption: watching {self._poller.describe()} ({how}; --preemption off to stop)"
+            )
         backend = open_backend(cfg.remote, cfg.storage_options, io_timeout=cfg.io_timeout)
         repo = Repository.open(backend, create=True)
         assert repo is not None
@@ -133,6 +161,12 @@ class Supervisor:
 
     def _run_holding(self, repo: Repository, lease: Lease) -> int:
         cfg = self.cfg
+        self.history = RunHistory(repo.backend, self.run_id, on_error=console.warn)
+        try:
+            self.attempt = attempts_before(load_runs(repo.backend), exclude=self.run_id)
+        except RemoteError as exc:
+            console.warn(f"run history not read ({exc}): CKPT_ATTEMPT counts this run only")
+        self.history.start()
         snapshotter = Snapshotter(
             repo,
             cfg.dir,
@@ -181,6 +215,7 @@ class Supervisor:
         self._exclude = {guardian.pid}
         old_handlers = self._install_signals()
         self._launching = True  # when the early handlers come back, they only ignore
+        stop_watching = threading.Event()
         status = 0
         flushed = False
         try:
@@ -188,8 +223,10 @@ class Supervisor:
             worker.start()
             watcher.start()
             control.start()
+            self._start_preemption_watch(stop_watching)
             status = self._loop(repo, snapshotter, worker, watcher, guardian, control.path)
         finally:
+            stop_watching.set()
             watcher.stop()
             if self.child is not None and self.child.poll() is None:
                 # Only on an unexpected error in the loop.
@@ -203,21 +240,45 @@ class Supervisor:
             snapshotter.close()
             shutil.rmtree(runtime, ignore_errors=True)
         self._summary(worker)
+        status, outcome = self._outcome(repo, status, flushed)
+        self.history.finish(status, outcome)
+        if not self.history.close(timeout=10.0):
+            console.warn(f"the run history in {repo.display} misses this run's end")
+        return status
+
+    def _outcome(self, repo: Repository, status: int, flushed: bool) -> tuple[int, str]:
+        """The exit status and a word for the run history."""
+        cfg = self.cfg
+        notice = self._notice
+        if notice is not None and status != 0:
+            if flushed:
+                console.warn(
+                    f"preempted ({notice.cloud} {notice.action}): the final state is durable; "
+                    f"run `ckpt run` again on another machine to go on "
+                    f"(exit {int(contract.ExitCode.PREEMPTED)})"
+                )
+            else:
+                console.error(
+                    f"preempted ({notice.cloud} {notice.action}) before the final state was "
+                    f"durable in {repo.display}; the newest durable snapshot is what a new run "
+                    f"restores (exit {int(contract.ExitCode.PREEMPTED)})"
+                )
+            return contract.ExitCode.PREEMPTED, "preempted"
         if self.stop_signal is not None:
             if flushed or self._flush_abandoned:
-                return 128 + self.stop_signal
+                return 128 + self.stop_signal, "stopped"
             console.error(
                 f"stopped by {signal_name(self.stop_signal)}, but the final state is not "
                 f"durable in {repo.display}; the local directory {cfg.dir} still has it"
             )
-            return contract.ExitCode.UNAVAILABLE
+            return contract.ExitCode.UNAVAILABLE, "not durable"
         if status == 0 and not flushed:
             console.error(
                 "the child succeeded but its final state is not durable in "
                 f"{repo.display}; the local directory {cfg.dir} still has it"
             )
-            return contract.ExitCode.UNAVAILABLE
-        return status
+            return contract.ExitCode.UNAVAILABLE, "not durable"
+        return status, "succeeded" if status == 0 else "failed"
 
     # ------------------------------------------------------------ restore phase
 
@@ -234,10 +295,15 @@ class Supervisor:
     ) -> int:
         cfg = self.cfg
         retries_used = 0
+        history = self.history
+        assert history is not None
         while True:
+            if self._preempted():  # came between attempts: no new one
+                self._note_notice(" between attempts")
+                return contract.ExitCode.PREEMPTED
             self.attempt += 1
             durable = worker.stats.last_durable
-            restored = durable.id if (durable and self.attempt > 1) else self.restored_id
+            restored = durable.id if (durable and self.attempts) else self.restored_id
             env = dict(os.environ)
             env.update(
                 {
@@ -251,19 +317,26 @@ class Supervisor:
                 }
             )
             self._signal_pids.clear()
+            history.attempt_started(self.attempt)
             child = Child(cfg.command, env)
             self.child = child
             guardian.protect(child.pgid)
             console.info(
                 f"attempt {self.attempt}: started {shlex.join(cfg.command)} (pid {child.pid})"
             )
-            ex = self._wait(child, watcher)
+            ex = self._wait(child, watcher, worker)
             if left := child.stop_leftovers(min(cfg.grace, 10.0), self._exclude):
                 console.info(f"stopped {left} process(es) the child left behind")
             guardian.protect(0)
             elapsed = time.monotonic() - child.started
             self.attempts.append(Attempt(self.attempt, ex, elapsed))
+            history.attempt_ended(self.attempt, ex.status, ex.describe(), elapsed)
             console.info(f"attempt {self.attempt}: {ex.describe()} after {elapsed:.1f}s")
+            if self._preempted():
+                # The machine is going away: no relaunch here, and no retry spent.
+                # Done on its own (not stopped by us or the OS): done.
+                done = ex.status == 0 and self.stop_signal is None
+                return 0 if done else contract.ExitCode.PREEMPTED
             if self.stop_signal is not None:
                 return 128 + self.stop_signal
             decision = decide(ex, retries_used, cfg.retries, cfg.retry_on)
@@ -287,6 +360,8 @@ class Supervisor:
                 f"recoverable ({ex.describe()}): retry {retries_used}/{cfg.retries} in {delay:.1f}s"
             )
             if self._sleep(delay):
+                if self._preempted():
+                    return contract.ExitCode.PREEMPTED
                 return 128 + (self.stop_signal or signal.SIGTERM)
             if not cfg.dir.is_dir():
                 console.warn(f"{cfg.dir} disappeared: restoring it before the retry")
@@ -295,27 +370,37 @@ class Supervisor:
                 cfg.dir.mkdir(parents=True, exist_ok=True)
                 watcher.start()
 
-    def _wait(self, child: Child, watcher: Watcher) -> ChildExit:
+    def _wait(self, child: Child, watcher: Watcher, worker: SnapshotWorker) -> ChildExit:
         cfg = self.cfg
         kill_at: float | None = None
+        if self._notice is not None and not self._notice_stop_at:
+            self._take_notice(worker)  # it came before this attempt started
         while True:
             ex = child.poll()
             if ex is not None:
                 return ex
             watcher.ensure()
             now = time.monotonic()
-            timeout = 1.0 if kill_at is None else max(0.0, min(1.0, kill_at - now))
+            wake_at = [now + 1.0]
+            if kill_at is not None:
+                wake_at.append(kill_at)
+            if self._notice_stop_at is not None and self.stop_signal is None:
+                wake_at.append(self._notice_stop_at)
+            timeout = max(0.0, min(wake_at) - now)
             for sig in self._signals(timeout):
-                if sig in STOP_SIGNALS:
+                if sig == NOTICE_WAKE:
+                    self._take_notice(worker)
+                elif sig in STOP_SIGNALS:
                     first = self.stop_signal is None
                     if not self._note_stop(sig):
                         if not first:
                             continue  # the first stop, delivered twice
                         child.signal_all(sig, self._exclude)
-                        kill_at = time.monotonic() + cfg.grace
+                        grace = self._grace()
+                        kill_at = time.monotonic() + grace
                         console.info(
                             f"received {signal_name(sig)}: forwarded to the child; "
-                            f"SIGKILL in {cfg.grace:g}s unless it exits (--grace)"
+                            f"SIGKILL in {grace:g}s unless it exits (--grace)"
                         )
                     else:
                         console.warn(f"received {signal_name(sig)} again: killing the child now")
@@ -330,19 +415,114 @@ class Supervisor:
                 elif sig in FORWARD_SIGNALS:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(child.pid, sig)  # the direct child, like tini without -g
+            stop_at = self._notice_stop_at
+            if (
+                stop_at is not None
+                and self.stop_signal is None
+                and time.monotonic() >= stop_at
+                and child.poll() is None
+            ):
+                # The notice's own stop, as if the OS had sent SIGTERM now.
+                self._note_stop(signal.SIGTERM)
+                child.signal_all(signal.SIGTERM, self._exclude)
+                grace = self._grace()
+                kill_at = time.monotonic() + grace
+                console.warn(
+                    f"preemption: stopping the child now (SIGTERM; SIGKILL in {grace:.0f}s) "
+                    "so that its final state is durable before the machine goes away"
+                )
             if kill_at is not None and time.monotonic() >= kill_at and child.poll() is None:
                 console.warn(
-                    f"child still running {cfg.grace:g}s after "
-                    f"{signal_name(self.stop_signal or 0)} (--grace): SIGKILL"
+                    f"child still running after {signal_name(self.stop_signal or 0)} and its "
+                    "grace period (--grace): SIGKILL"
                 )
                 child.signal_all(signal.SIGKILL, self._exclude)
                 kill_at = None
+
+    # ------------------------------------------------------------ preemption
+
+    def _start_preemption_watch(self, stop: threading.Event) -> None:
+        poller = self._poller
+        if poller is None:
+            return
+
+        def on_notice(notice: preemption.Notice) -> None:
+            self._notice = notice
+            with contextlib.suppress(OSError):  # the loop is gone: nothing to wake
+                os.write(self._wake_w, bytes([NOTICE_WAKE]))
+
+        def on_error(message: str) -> None:
+            console.warn(f"preemption notices: {message}; still polling")
+
+        threading.Thread(
+            target=poller.watch,
+            args=(stop, on_notice, on_error),
+            name="ckpt-preemption",
+            daemon=True,
+        ).start()
+
+    def _take_notice(self, worker: SnapshotWorker) -> None:
+        """The machine is going away: tell the child to checkpoint, snapshot
+        now, and plan the child's stop so the final flush ends in time."""
+        window = self._note_notice()
+        if window is None:
+            return
+        now = self._notice_at
+        reserve = max(NOTICE_RESERVE, window * NOTICE_SHARE)
+        self._notice_stop_at = now + max(0.0, window - reserve)
+        try:
+            self._send_checkpoint_signal()
+        except CkptError as exc:
+            console.info(f"{exc}; snapshotting what is on disk")
+        worker.debounce = min(worker.debounce, 0.5)  # the child's save, snapshotted at once
+        worker.request("preemption")
+        if self.stop_signal is None and self._notice_stop_at - now >= 1:
+            console.info(
+                f"preemption: the child is stopped in {self._notice_stop_at - now:.0f}s; "
+                "no relaunch on this machine"
+            )
+
+    def _preempted(self) -> bool:
+        """A notice came (the watcher thread sets it at any time)."""
+        return self._notice is not None
+
+    def _note_notice(self, context: str = "") -> float | None:
+        """Take in a notice the watcher delivered (once): its deadline on our
+        clock, a line, the run history. The window in seconds, or None if there
+        is no new notice."""
+        notice = self._notice
+        if notice is None or self._notice_at:
+            return None
+        left = notice.seconds_left()
+        window = preemption.GCP_WINDOW if left is None else max(0.0, left)
+        self._notice_at = time.monotonic()
+        self._notice_deadline = self._notice_at + window
+        console.warn(f"preemption notice{context}: {notice.describe()}")
+        if self.history is not None:
+            self.history.preempted(
+                {
+                    "cloud": notice.cloud,
+                    "action": notice.action,
+                    "detail": notice.detail,
+                    "deadline": notice.deadline,
+                }
+            )
+        return window
+
+    def _grace(self) -> float:
+        """--grace, cut short during a notice window so the flush keeps time."""
+        if not self._notice_at:
+            return self.cfg.grace
+        left = self._notice_deadline - time.monotonic()
+        return max(0.0, min(self.cfg.grace, left * NOTICE_GRACE_SHARE))
 
     def _sleep(self, seconds: float) -> bool:
         """Back off; True if a stop signal arrived meanwhile."""
         end = time.monotonic() + seconds
         while (left := end - time.monotonic()) > 0:
             for sig in self._signals(min(left, 1.0)):
+                if sig == NOTICE_WAKE and self._note_notice(" while backing off") is not None:
+                    return True
                 if sig in STOP_SIGNALS:
                     self._note_stop(sig)
                     console.info(f"received {signal_name(sig)} while backing off: stopping")
@@ -368,12 +548,18 @@ class Supervisor:
         while True:
             req = worker.request("final")
             while not req.wait(0.05):
+                if self._notice_at:
+                    # Past the notice's deadline the machine is gone; try a
+                    # little beyond it anyway: the notice's clock is not ours.
+                    deadline = min(deadline, max(self._notice_deadline, self._notice_at) + 5.0)
                 if time.monotonic() >= deadline:
                     self._not_durable(
                         worker, f"not durable after {self.cfg.flush_timeout:g}s (--flush-timeout)"
                     )
                     return False
                 for sig in self._signals(0):
+                    if sig == NOTICE_WAKE:
+                        self._note_notice(" during the final flush")  # bounds it
                     if sig not in STOP_SIGNALS:
                         continue
                     first = self.stop_signal is None
@@ -547,6 +733,7 @@ class Supervisor:
             "bytes_uploaded": stats.bytes_uploaded,
             "pending": worker.busy,
             "last_error": stats.last_error,
+            "preemption": self._notice.describe() if self._notice is not None else None,
         }
 
     def _summary(self, worker: SnapshotWorker) -> None:

@@ -68,6 +68,10 @@ class ExitCode(enum.IntEnum):
     RECOVERABLE = 75
     #: Bad input: a flag, a path, a remote or a repository ckpt will not use.
     CONFIG = 78
+    #: The cloud announced that this machine is going away (--preemption) and
+    #: ckpt stopped the job and flushed its last state (see the log for whether
+    #: it became durable): start `ckpt run` again on another machine.
+    PREEMPTED = 79
     #: The supervisor was stopped by SIGHUP / SIGINT / SIGTERM (128 + signal).
     SIGHUP = 129
     SIGINT = 130

@@ -1,0 +1,191 @@
+"""The run history kept in the repository: one small JSON object per `ckpt run`
+under runs/<run-id>.json, with the host, every attempt (its global number, when
+it started, how it ended) and the preemption notice if one came.
+
+It is what makes CKPT_ATTEMPT and `ckpt ls` true across machines: a run on a
+replacement VM numbers its first attempt after every attempt recorded before it.
+A record is written only by its own run, which holds the lease, and is
+rewritten as the run goes on; an attempt is recorded when it starts, so a run
+killed -9 mid-attempt still counts it. Writes happen on a background thread and
+never hold up the child: the history is a log, not a source of truth for data,
+so a remote that does not answer delays it, and a write that fails is retried
+with the next change and reported once.
+
+Imports: standard library, `errors`, `remote`, `manifest` (host name).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import re
+import threading
+import time
+from typing import Any
+
+from ckpt_cli.errors import RemoteError
+from ckpt_cli.manifest import host_name
+from ckpt_cli.remote import Backend, NotFound
+
+RUNS = "runs/"
+FORMAT = "ckpt-run"
+VERSION = 1
+_KEY_RE = re.compile(r"^runs/([A-Za-z0-9_.-]{1,100})\.json$")
+#: Bytes a run record may have before it is taken for garbage.
+MAX_RECORD = 1 << 20
+
+
+def run_key(run_id: str) -> str:
+    return f"{RUNS}{run_id}.json"
+
+
+def parse_record(raw: bytes) -> dict[str, Any] | None:
+    """A run record, or None if raw is not one (garbage, foreign, too big)."""
+    if len(raw) > MAX_RECORD:
+        return None
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
+        return None
+    attempts = doc.get("attempts")
+    if not isinstance(attempts, list) or not all(isinstance(a, dict) for a in attempts):
+        return None
+    if not isinstance(doc.get("run"), str) or not isinstance(doc.get("started"), int | float):
+        return None
+    return doc
+
+
+def load_runs(backend: Backend, *, workers: int = 8) -> list[dict[str, Any]]:
+    """Every readable run record, oldest start first. Records that vanished
+    or do not parse are skipped: the history informs, it never blocks a run.
+    RemoteError if the listing itself fails."""
+    keys = [k for k in backend.list(RUNS) if _KEY_RE.match(k)]
+
+    def read(key: str) -> dict[str, Any] | None:
+        try:
+            return parse_record(backend.read(key))
+        except (NotFound, RemoteError):
+            return None
+
+    if not keys:
+        return []
+    with concurrent.futures.ThreadPoolExecutor(min(workers, len(keys))) as pool:
+        found = [r for r in pool.map(read, keys) if r is not None]
+    return sorted(found, key=lambda r: (r["started"], r["run"]))
+
+
+def attempts_before(runs: list[dict[str, Any]], exclude: str = "") -> int:
+    """How many attempts the recorded runs (but `exclude`) made."""
+    return sum(len(r["attempts"]) for r in runs if r["run"] != exclude)
+
+
+class RunHistory:
+    """This run's record, written in the background whenever it changes."""
+
+    RETRY = 5.0
+
+    def __init__(self, backend: Backend, run_id: str, *, on_error: Any = None) -> None:
+        self.backend = backend
+        self.key = run_key(run_id)
+        self.record: dict[str, Any] = {
+            "format": FORMAT,
+            "version": VERSION,
+            "run": run_id,
+            "host": host_name(),
+            "pid": os.getpid(),
+            "started": time.time(),
+            "ended": None,
+            "attempts": [],
+            "preemption": None,
+            "exit_status": None,
+            "outcome": None,
+        }
+        self._on_error = on_error
+        self._cond = threading.Condition()
+        self._version = 0  # bumped by every change
+        self._written = 0  # the version last written
+        self._stopping = False
+        self._abandon = False  # close() stopped waiting: write nothing more
+        self._failing = ""
+        self._thread = threading.Thread(target=self._run, name="ckpt-history", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        self._changed()
+
+    # -- changes (any thread)
+
+    def attempt_started(self, number: int) -> None:
+        with self._cond:
+            self.record["attempts"].append(
+                {"number": number, "started": time.time(), "seconds": None, "exit": None}
+            )
+        self._changed()
+
+    def attempt_ended(self, number: int, status: int, describe: str, seconds: float) -> None:
+        with self._cond:
+            for a in self.record["attempts"]:
+                if a["number"] == number:
+                    a.update(seconds=round(seconds, 3), exit=describe, status=status)
+        self._changed()
+
+    def preempted(self, notice: dict[str, Any]) -> None:
+        with self._cond:
+            self.record["preemption"] = {**notice, "received": time.time()}
+        self._changed()
+
+    def finish(self, status: int, outcome: str) -> None:
+        with self._cond:
+            self.record.update(ended=time.time(), exit_status=status, outcome=outcome)
+        self._changed()
+
+    def _changed(self) -> None:
+        with self._cond:
+            self._version += 1
+            self._cond.notify_all()
+
+    # -- the writer
+
+    def close(self, timeout: float) -> bool:
+        """Write the last change (waiting up to timeout) and stop; True if the
+        record in the remote is the final one."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+            while self._written < self._version and self._thread.is_alive():
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            self._abandon = True
+            self._cond.notify_all()
+            return self._written >= self._version
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._written >= self._version and not self._stopping:
+                    self._cond.wait()
+                if self._written >= self._version or self._abandon:
+                    return
+                version = self._version
+                data = json.dumps(self.record, indent=1, sort_keys=True).encode()
+            try:
+                self.backend.write(self.key, data)
+            except (RemoteError, OSError) as exc:
+                message = str(exc)
+                if message != self._failing and self._on_error is not None:
+                    self._on_error(f"run history {self.key} not written: {message}")
+                self._failing = message
+                with self._cond:
+                    # Until close() gives up, try again (sooner once it waits).
+                    self._cond.wait(0.5 if self._stopping else self.RETRY)
+                continue
+            self._failing = ""
+            with self._cond:
+                self._written = max(self._written, version)
+                self._cond.notify_all()
