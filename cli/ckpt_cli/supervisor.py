@@ -161,12 +161,10 @@ class Supervisor:
 
     def _run_holding(self, repo: Repository, lease: Lease) -> int:
         cfg = self.cfg
-        self.history = RunHistory(repo.backend, self.run_id, on_error=console.warn)
         try:
             self.attempt = attempts_before(load_runs(repo.backend), exclude=self.run_id)
         except RemoteError as exc:
             console.warn(f"run history not read ({exc}): CKPT_ATTEMPT counts this run only")
-        self.history.start()
         snapshotter = Snapshotter(
             repo,
             cfg.dir,
@@ -218,6 +216,9 @@ class Supervisor:
         stop_watching = threading.Event()
         status = 0
         flushed = False
+        # Recorded from here: a run that failed to restore made no attempt.
+        history = self.history = RunHistory(repo.backend, self.run_id, on_error=console.warn)
+        history.start()
         try:
             heartbeat.start()
             worker.start()
@@ -225,6 +226,10 @@ class Supervisor:
             control.start()
             self._start_preemption_watch(stop_watching)
             status = self._loop(repo, snapshotter, worker, watcher, guardian, control.path)
+        except BaseException:
+            history.finish(contract.ExitCode.SOFTWARE, "ckpt crashed")
+            history.close(timeout=5.0)
+            raise
         finally:
             stop_watching.set()
             watcher.stop()
@@ -241,8 +246,11 @@ class Supervisor:
             shutil.rmtree(runtime, ignore_errors=True)
         self._summary(worker)
         status, outcome = self._outcome(repo, status, flushed)
-        self.history.finish(status, outcome)
-        if not self.history.close(timeout=10.0):
+        history.finish(status, outcome)
+        wait = 10.0
+        if self._notice_at:  # the machine is going away: not past its deadline
+            wait = min(wait, max(1.0, self._notice_deadline - time.monotonic()))
+        if not history.close(timeout=wait):
             console.warn(f"the run history in {repo.display} misses this run's end")
         return status
 
