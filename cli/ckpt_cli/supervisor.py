@@ -79,6 +79,7 @@ class Supervisor:
         self._flush_abandoned = False
         self._lease_error: LeaseLostError | None = None
         self._wake_r = self._wake_w = -1
+        self._wake_lock = threading.Lock()
         self._warned_links: set[str] = set()
         self._signal_pids: set[int] = set()  # the child's processes that handle the signal
         self._exclude: set[int] = set()  # ckpt's own helpers below it (the guardian)
@@ -456,8 +457,12 @@ class Supervisor:
 
         def on_notice(notice: preemption.Notice) -> None:
             self._notice = notice
-            with contextlib.suppress(OSError):  # the loop is gone: nothing to wake
-                os.write(self._wake_w, bytes([NOTICE_WAKE]))
+            # Under the lock: once the loop closed the pipe, its fd number may
+            # belong to something else by now.
+            with self._wake_lock:
+                if self._wake_w >= 0:
+                    with contextlib.suppress(OSError):
+                        os.write(self._wake_w, bytes([NOTICE_WAKE]))
 
         def on_error(message: str) -> None:
             console.warn(f"preemption notices: {message}; still polling")
@@ -617,9 +622,11 @@ class Supervisor:
         signal.set_wakeup_fd(old.pop(-1))
         for sig, handler in old.items():
             signal.signal(sig, handler)
-        for fd in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        with self._wake_lock:
+            for fd in (self._wake_r, self._wake_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._wake_r = self._wake_w = -1
 
     def _signals(self, timeout: float) -> list[int]:
         """Wait up to timeout for signals; return those received. A SIGCHLD is
