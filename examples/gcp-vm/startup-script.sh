@@ -102,11 +102,11 @@ StateDirectory=ckpt-train
 WorkingDirectory=/srv/train
 EnvironmentFile=/etc/ckpt/train.env
 Environment=PYTHONUNBUFFERED=1
-ExecStart=/opt/ckpt/bin/ckpt run --dir /var/lib/ckpt-train/checkpoints --grace 10 --flush-timeout 15 --retries 3 -- /opt/ckpt/bin/python /srv/train/train.py
+ExecStart=/opt/ckpt/bin/ckpt run --dir /var/lib/ckpt-train/checkpoints --grace 10 --flush-timeout 15 --retries 3 --preemption auto -- /opt/ckpt/bin/python /srv/train/train.py
 Restart=on-failure
 RestartSec=2min
 RestartPreventExitStatus=1 2 78
-SuccessExitStatus=143
+SuccessExitStatus=79 143
 KillSignal=SIGTERM
 KillMode=mixed
 TimeoutStopSec=35

@@ -18,9 +18,18 @@ github-actions), checked without Docker, a cloud or GitHub.
   state, the summary step lists it, the dispatch step calls `gh` (a fake)
   only below MAX_CHAIN.
 - The unit's ExecStart really runs: SIGTERM while the child trains gives exit
-  143 (which the unit lists as success) and the final state in the remote.
+  143 (which the unit lists as success) and the final state in the remote; a
+  Spot interruption notice from a fake AWS metadata service (tests/metadata.py,
+  on 127.0.0.1) gives exit 79 (also listed as success, and not restarted), the
+  final state in the remote, and a next run on "another machine" that resumes
+  with the next attempt number, as `ckpt ls --runs` shows. The workflow's
+  training step ends such a notice with status 79 and a dispatch.
+- Preemption is described as it is: no example README still says that ckpt
+  does not watch the notices, each names 79, and the Kubernetes Job in the
+  docker README ignores 79 like a disruption.
 
-No test touches the network: every remote is a file:// remote in tmp_path.
+No test touches the network: every remote is a file:// remote in tmp_path,
+and the only metadata service is the fake one on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -40,10 +49,14 @@ from typing import Any
 
 import pytest
 
+from ckpt import ExitCode
+
 try:
-    from integration._util import CKPT, ls_json, restore_into, wait_for
+    from integration._util import CKPT, ckpt_ok, ls_json, restore_into, wait_for
+    from metadata import MetadataServer
 except ImportError:  # pragma: no cover - pytest's importlib import mode
-    from tests.integration._util import CKPT, ls_json, restore_into, wait_for
+    from tests.integration._util import CKPT, ckpt_ok, ls_json, restore_into, wait_for
+    from tests.metadata import MetadataServer
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -54,6 +67,13 @@ SCRIPTS = {"aws-ec2/user-data.sh": "s3", "gcp-vm/startup-script.sh": "gcs"}
 DOCKERFILE = EXAMPLES / "docker" / "Dockerfile"
 WORKFLOW = EXAMPLES / "github-actions" / "resume-training.yml"
 COUNTER = EXAMPLES / "counter" / "train.py"
+#: The READMEs of the deployment examples.
+READMES = {
+    d: EXAMPLES / d / "README.md"
+    for d in ("aws-ec2", "docker", "gcp-vm", "github-actions", "systemd")
+}
+#: ckpt's "preempted" exit status, which the examples spell out as 79.
+PREEMPTED = int(ExitCode.PREEMPTED)
 BIN_DIR = Path(sys.executable).parent
 #: ckpt run's defaults, for a file that does not pass the flag.
 DEFAULT_GRACE, DEFAULT_FLUSH = 30.0, 120.0
@@ -191,8 +211,15 @@ def test_the_unit_keeps_its_stop_and_restart_contract(unit_text: str) -> None:
     assert argv[1:2] == ["run"] and "--" in argv, argv
     assert argv[argv.index("--") + 1].startswith("/"), "the job's program needs an absolute path"
     assert seconds(one(unit, "Service", "TimeoutStopSec")) > stop_budget(argv)
-    assert "78" in one(unit, "Service", "RestartPreventExitStatus").split()
-    assert "143" in one(unit, "Service", "SuccessExitStatus").split()
+    prevent = one(unit, "Service", "RestartPreventExitStatus").split()
+    success = one(unit, "Service", "SuccessExitStatus").split()
+    assert "78" in prevent
+    # A clean stop, and a preempted machine: neither is restarted, neither is
+    # a failure (RestartPreventExitStatus would leave the unit failed).
+    assert {"143", str(PREEMPTED)} <= set(success), success
+    assert str(PREEMPTED) not in prevent, prevent
+    assert "--preemption" in argv[: argv.index("--")], "ExecStart should say --preemption auto"
+    assert argv[argv.index("--preemption") + 1] == "auto", argv
     burst = int(one(unit, "Unit", "StartLimitBurst"))
     interval = seconds(one(unit, "Unit", "StartLimitIntervalSec"))
     restart_sec = seconds(one(unit, "Service", "RestartSec"))
@@ -243,6 +270,52 @@ def test_the_systemd_readme_quotes_every_line_of_the_unit() -> None:
     for line in UNIT.read_text().splitlines():
         if line.strip() and not line.startswith("#"):
             assert f"    {line}\n" in readme, f"README.md does not explain: {line}"
+
+
+# ---------------------------------------------------------------- what the READMEs say
+
+#: How the examples put it before ckpt watched the clouds' preemption notices.
+UNSUPPORTED = re.compile(
+    r"\bnot yet\b|\byet\b.*\bpreempt|\blater version\b|\bno preempted status\b"
+    r"|\bdoes not (?:yet )?(?:watch|poll)\b|\bToday ckpt\b",
+    re.I,
+)
+ABOUT_NOTICES = re.compile(r"preempt|notice|instance-action|metadata", re.I)
+
+
+def sentences(markdown: str) -> list[str]:
+    return re.split(r"(?<=[.;:!?])\s+", " ".join(markdown.split()))
+
+
+def stale_preemption_claims(markdown: str) -> list[str]:
+    """Sentences about preemption notices that call them unsupported."""
+    return [s for s in sentences(markdown) if ABOUT_NOTICES.search(s) and UNSUPPORTED.search(s)]
+
+
+def test_the_stale_claim_check_catches_what_the_readmes_used_to_say() -> None:
+    for old in (
+        "(ckpt does not yet watch the clouds' preemption notices in the metadata server; "
+        "a later version will, and will then warn the job earlier with its checkpoint signal.)",
+        "ckpt does not poll the notice yet (a later version will), so what protects the "
+        "run today is that shutdown.",
+        "ckpt does not poll the metadata server's `preempted` flag yet (a later version will);",
+        "There is no preempted status yet.",
+    ):
+        assert stale_preemption_claims(old), old
+
+
+@pytest.mark.parametrize("name", sorted(READMES))
+def test_readme_describes_preemption_as_it_is(name: str) -> None:
+    text = READMES[name].read_text()
+    assert not stale_preemption_claims(text)
+    assert re.search(rf"\b{PREEMPTED}\b", text), f"{name}/README.md never names exit {PREEMPTED}"
+
+
+def test_the_systemd_readme_explains_both_clean_stops() -> None:
+    readme = READMES["systemd"].read_text()
+    for status in ("143", str(PREEMPTED)):
+        assert re.search(rf"^\| {status} \|", readme, re.M), f"no row for {status} in the table"
+    assert "--preemption auto" in readme
 
 
 # ---------------------------------------------------------------- shell scripts
@@ -374,6 +447,43 @@ def test_docker_readme_quotes_every_instruction_and_its_yaml_parses() -> None:
     assert job["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 90
 
 
+def pod_failure_action(job: dict[str, Any], container: str, code: int) -> str | None:
+    """What a Job's podFailurePolicy does with a pod whose container exited
+    with code: the first matching onExitCodes rule wins (None: no rule, the
+    failure counts against backoffLimit)."""
+    for rule in job["spec"]["podFailurePolicy"]["rules"]:
+        req = rule.get("onExitCodes")
+        if req is None or req.get("containerName", container) != container:
+            continue
+        listed = code in req["values"]
+        if listed == (req["operator"] == "In"):
+            return str(rule["action"])
+    return None
+
+
+def test_docker_readme_job_does_not_count_a_preempted_pod() -> None:
+    """79 is ignored like a DisruptionTarget (a new pod resumes, backoffLimit
+    untouched); the permanent failures fail the Job; the rest count."""
+    yaml = pytest.importorskip("yaml", reason="PyYAML parses the README's YAML blocks")
+    readme = READMES["docker"].read_text()
+    job = yaml.safe_load(re.findall(r"```yaml\n(.*?)```", readme, re.S)[1])
+    spec = job["spec"]["template"]["spec"]
+    assert spec["restartPolicy"] == "Never", "podFailurePolicy needs restartPolicy: Never"
+    (container,) = (c["name"] for c in spec["containers"])
+    assert pod_failure_action(job, container, PREEMPTED) == "Ignore"
+    for code in (1, 2, 78):
+        assert pod_failure_action(job, container, code) == "FailJob"
+    for code in (69, 75, 137, 143):
+        assert pod_failure_action(job, container, code) is None
+    conditions = [
+        c["type"]
+        for r in job["spec"]["podFailurePolicy"]["rules"]
+        if r["action"] == "Ignore"
+        for c in r.get("onPodConditions", [])
+    ]
+    assert conditions == ["DisruptionTarget"]
+
+
 # ---------------------------------------------------------------- GitHub Actions
 
 
@@ -445,6 +555,7 @@ def test_workflow_stops_ckpt_before_the_job_limit(workflow: dict[str, Any]) -> N
     assert "GITHUB_STEP_SUMMARY" in summary["run"] and "```" in summary["run"]
     dispatch = step_running(workflow, "gh workflow run")
     assert "143" in dispatch["if"] and "124" not in dispatch["if"]
+    assert f"'{PREEMPTED}'" in dispatch["if"], "a preempted run should dispatch the next one"
 
 
 def _bash(script: str, tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -504,6 +615,54 @@ def test_workflow_training_step_stops_itself_and_the_state_is_durable(
         assert newest in text
 
 
+def fake_dmi(tmp_path: Path, sys_vendor: str) -> Path:
+    """A DMI dir (CKPT_DMI_DIR) that makes `--preemption auto` see that cloud."""
+    dmi = tmp_path / "dmi"
+    dmi.mkdir()
+    (dmi / "sys_vendor").write_text(sys_vendor + "\n")
+    return dmi
+
+
+def on_fake_aws(tmp_path: Path, metadata: MetadataServer) -> dict[str, str]:
+    """The environment of a ckpt on an EC2 instance whose metadata service is
+    the fake one on 127.0.0.1."""
+    return {
+        "CKPT_DMI_DIR": str(fake_dmi(tmp_path, "Amazon EC2")),
+        "CKPT_METADATA_URL": metadata.url,
+    }
+
+
+def test_workflow_training_step_on_a_preemption_notice_ends_79_and_goes_on(
+    workflow: dict[str, Any], tmp_path: Path, metadata: MetadataServer
+) -> None:
+    """A self-hosted runner on a Spot instance: the notice is posted as the
+    step starts, ckpt stops the job and exits 79, the step succeeds with
+    status 79, and the dispatch step's condition holds for it."""
+    script = step_running(workflow, "ckpt run")["run"]
+    argv = timeout_call(script)
+    limit = argv[argv.index("ckpt") - 1]
+    script = re.sub(rf"--kill-after=\S+ {limit} ", "--kill-after=30s 90s ", script, count=1)
+    script = script.replace("python train.py", f"python {shlex.quote(str(COUNTER))}")
+    remote = tmp_path / "remote"
+    out = tmp_path / "github_output"
+    env = {
+        **on_fake_aws(tmp_path, metadata),
+        "CKPT_REMOTE": remote.as_uri(),
+        "GITHUB_OUTPUT": str(out),
+        "COUNTER_STEPS": "100000",
+        "COUNTER_DELAY": "0.05",
+        "COUNTER_FAIL_AT": "0",
+    }
+    metadata.aws_schedule("terminate", in_seconds=15)
+    res = _bash(script, tmp_path, env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert out.read_text().splitlines() == [f"status={PREEMPTED}"], res.stderr
+    assert "::notice::Preempted" in res.stdout
+    assert "preemption notice: aws terminate" in res.stderr
+    dispatch = step_running(workflow, "gh workflow run")["if"]
+    assert re.search(rf"steps\.train\.outputs\.status == '{PREEMPTED}'", dispatch), dispatch
+
+
 def test_workflow_dispatches_the_next_run_only_below_max_chain(
     workflow: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -536,14 +695,13 @@ def test_workflow_dispatches_the_next_run_only_below_max_chain(
 # ---------------------------------------------------------------- the unit, for real
 
 
-def test_unit_execstart_stops_on_sigterm_with_143_and_a_durable_snapshot(tmp_path: Path) -> None:
-    """ExecStart of examples/systemd/ckpt-train.service as a real process: its
-    paths swapped for the venv's ckpt and Python, a temp --dir, the counter
+def unit_command(tmp_path: Path, ck: Path, remote: Path) -> tuple[Unit, list[str], dict[str, str]]:
+    """ExecStart of examples/systemd/ckpt-train.service as a real command: its
+    paths swapped for the venv's ckpt and Python, `ck` as --dir, the counter
     example as the job, CKPT_REMOTE a file:// remote (as the EnvironmentFile
-    would give it); every other flag as in the unit."""
+    would give it); every other flag and Environment= as in the unit."""
     unit = parse_unit(UNIT.read_text())
     argv = exec_start(unit)
-    ck, remote = tmp_path / "ck", tmp_path / "remote"
     job = argv.index("--") + 1
     argv[0] = str(CKPT)
     argv[argv.index("--dir") + 1] = str(ck)
@@ -555,8 +713,32 @@ def test_unit_execstart_stops_on_sigterm_with_143_and_a_durable_snapshot(tmp_pat
             name, _, val = value.partition("=")
             env[name] = val
     env.update(COUNTER_STEPS="100000", COUNTER_DELAY="0.05", COUNTER_FAIL_AT="0")
-    with open(tmp_path / "out", "wb") as out, open(tmp_path / "err", "wb") as err:
-        proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=out, stderr=err)
+    return unit, argv, env
+
+
+def start_unit(
+    tmp_path: Path, name: str, argv: list[str], env: dict[str, str]
+) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    """The unit's command in the background; its stdout and stderr files."""
+    out, err = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
+    with open(out, "wb") as o, open(err, "wb") as e:
+        proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=o, stderr=e)
+    return proc, out, err
+
+
+def reap(proc: subprocess.Popen[bytes]) -> None:
+    """Kill proc if it is still running (a test that failed half-way)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_unit_execstart_stops_on_sigterm_with_143_and_a_durable_snapshot(tmp_path: Path) -> None:
+    """The unit's command on a machine that is on no cloud (the suite's empty
+    CKPT_DMI_DIR): SIGTERM, as systemd sends it, while the job trains."""
+    ck, remote = tmp_path / "ck", tmp_path / "remote"
+    unit, argv, env = unit_command(tmp_path, ck, remote)
+    proc, _, err = start_unit(tmp_path, "run", argv, env)
     try:
         state = ck / "state.json"
         wait_for(
@@ -564,16 +746,78 @@ def test_unit_execstart_stops_on_sigterm_with_143_and_a_durable_snapshot(tmp_pat
             what="the job's first saved step",
             timeout=HANG,
         )
-        assert proc.poll() is None, (tmp_path / "err").read_text(errors="replace")
+        assert proc.poll() is None, err.read_text(errors="replace")
         proc.send_signal(signal.SIGTERM)
         status = proc.wait(HANG)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    stderr = (tmp_path / "err").read_text(errors="replace")
+        reap(proc)
+    stderr = err.read_text(errors="replace")
     assert status == 143, stderr
     assert str(status) in one(unit, "Service", "SuccessExitStatus").split()
     assert ls_json(remote.as_uri(), cwd=tmp_path)["snapshots"], stderr
     restore_into(remote, tmp_path / "restored", cwd=tmp_path)
     assert (tmp_path / "restored" / "state.json").read_bytes() == state.read_bytes()
+
+
+def test_unit_execstart_on_a_spot_notice_exits_79_and_the_next_run_goes_on(
+    tmp_path: Path, metadata: MetadataServer
+) -> None:
+    """The unit's command on a fake EC2 instance: a Spot interruption notice
+    while the job trains makes ckpt stop it, flush and exit 79, which the unit
+    counts as success and does not restart. The next `ckpt run`, on another
+    machine (no cloud, an empty --dir), restores that state and goes on with
+    attempt 2; `ckpt ls --runs` shows both runs."""
+    ck, remote = tmp_path / "ck", tmp_path / "remote"
+    unit, argv, env = unit_command(tmp_path, ck, remote)
+    proc, _, err = start_unit(
+        tmp_path, "preempted", argv, {**env, **on_fake_aws(tmp_path, metadata)}
+    )
+    try:
+        state = ck / "state.json"
+        wait_for(
+            lambda: state.exists() or proc.poll() is not None,
+            what="the job's first saved step",
+            timeout=HANG,
+        )
+        assert proc.poll() is None, err.read_text(errors="replace")
+        metadata.aws_schedule("terminate", in_seconds=15)
+        status = proc.wait(HANG)
+    finally:
+        reap(proc)
+    stderr = err.read_text(errors="replace")
+    assert status == PREEMPTED, stderr
+    assert str(status) in one(unit, "Service", "SuccessExitStatus").split()
+    assert str(status) not in one(unit, "Service", "RestartPreventExitStatus").split()
+    assert "preemption notice: aws terminate" in stderr
+    restore_into(remote, tmp_path / "restored", cwd=tmp_path)
+    saved = state.read_bytes()
+    assert (tmp_path / "restored" / "state.json").read_bytes() == saved, stderr
+    step = json.loads(saved)["step"]
+
+    # The replacement machine: the suite's empty DMI dir (no cloud), no local state.
+    ck2 = tmp_path / "ck2"
+    _, argv2, env2 = unit_command(tmp_path, ck2, remote)
+    proc, out, err = start_unit(tmp_path, "next", argv2, env2)
+    try:
+        wait_for(
+            lambda: "\n" in out.read_text() or proc.poll() is not None,
+            what="the next run's job to start",
+            timeout=HANG,
+        )
+        assert proc.poll() is None, err.read_text(errors="replace")
+        proc.send_signal(signal.SIGTERM)
+        status = proc.wait(HANG)
+    finally:
+        reap(proc)
+    assert status == 143, err.read_text(errors="replace")
+    first = out.read_text().splitlines()[0]
+    assert first.startswith(f"attempt 2: starting at step {step + 1} "), first
+
+    runs = ls_json(remote.as_uri(), cwd=tmp_path)["runs"]
+    assert [r["exit_status"] for r in runs] == [PREEMPTED, 143], runs
+    assert runs[0]["outcome"] == "preempted"
+    assert (runs[0]["preemption"]["cloud"], runs[0]["preemption"]["action"]) == ("aws", "terminate")
+    assert [[a["number"] for a in r["attempts"]] for r in runs] == [[1], [2]]
+    assert runs[1]["preemption"] is None
+    table = ckpt_ok(["ls", remote.as_uri(), "--runs"], cwd=tmp_path).stdout
+    assert "aws terminate" in table and "preempted" in table, table
