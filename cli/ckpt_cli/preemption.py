@@ -68,6 +68,12 @@ class Notice:
     deadline: float | None  # epoch seconds when the machine goes away, if known
     detail: str
 
+    @property
+    def final(self) -> bool:
+        """The machine goes away. An AWS hibernation does not take the job: it
+        is frozen with the instance's memory and goes on when it resumes."""
+        return not (self.cloud == "aws" and self.action == "hibernate")
+
     def seconds_left(self, now: float | None = None) -> float | None:
         if self.deadline is None:
             return None
@@ -161,24 +167,34 @@ class Poller(abc.ABC):
         stop: threading.Event,
         on_notice: Callable[[Notice], None],
         on_error: Callable[[str], None],
+        polled: threading.Event | None = None,
     ) -> None:
-        """Poll until a notice (given to on_notice once) or until stop is set.
-        An error is reported once per streak and polling goes on."""
+        """Poll until a final notice (given to on_notice once) or until stop is
+        set; a notice that is not final (an AWS hibernation) is given once and
+        polling goes on. An error is reported once per streak. `polled` is set
+        once the first poll has answered or failed (after on_notice)."""
         last_error = ""
+        seen: set[Notice] = set()
         while not stop.is_set():
             try:
                 notice = self._poll()
             except MetadataError as exc:
+                if polled is not None:
+                    polled.set()
                 if str(exc) != last_error:
                     on_error(str(exc))
                     last_error = str(exc)
                 stop.wait(self.interval)
                 continue
             last_error = ""
-            if notice is not None:
+            if notice is not None and notice not in seen:
+                seen.add(notice)
                 on_notice(notice)
+            if polled is not None:
+                polled.set()
+            if notice is not None and notice.final:
                 return
-            if not self.waits:
+            if not self.waits or notice is not None:
                 stop.wait(self.interval)
 
     def _request(

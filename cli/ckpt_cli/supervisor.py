@@ -55,6 +55,10 @@ NOTICE_RESERVE = 10.0
 #: How long a stopped child may take during a notice window, at most: a third
 #: of what is left, so the final flush keeps the rest.
 NOTICE_GRACE_SHARE = 1 / 3
+#: How long the first launch waits for the first answer of the metadata
+#: service (a machine already under notice launches nothing). Azure's first
+#: call may take minutes: the launch does not wait for that.
+FIRST_POLL_WAIT = 3.0
 
 
 @dataclasses.dataclass
@@ -90,6 +94,11 @@ class Supervisor:
         self._notice_at = 0.0  # monotonic time the loop took the notice in
         self._notice_deadline = 0.0  # monotonic time the machine goes away
         self._notice_stop_at: float | None = None  # when the loop stops the child
+        self._notice_stopped = False  # the loop stopped the child for the notice
+        self._notice_stopped_at = 0.0
+        self._stop_watching = threading.Event()
+        self._first_poll = threading.Event()
+        self._worker: SnapshotWorker | None = None
 
     # ------------------------------------------------------------ entry point
 
@@ -148,17 +157,22 @@ class Supervisor:
             console.info(
                 f"preemption: watching {self._poller.describe()} ({how}; --preemption off to stop)"
             )
-        backend = open_backend(cfg.remote, cfg.storage_options, io_timeout=cfg.io_timeout)
-        repo = Repository.open(backend, create=True)
-        assert repo is not None
-        lease = repo.lease(self.run_id, cfg.lease_timeout)
-        took_over = lease.acquire()
-        if took_over:
-            console.warn(f"took over the lease on {repo.display}: {took_over}")
+        # From the start: a machine already under notice launches nothing.
+        self._start_preemption_watch()
         try:
-            return self._run_holding(repo, lease)
+            backend = open_backend(cfg.remote, cfg.storage_options, io_timeout=cfg.io_timeout)
+            repo = Repository.open(backend, create=True)
+            assert repo is not None
+            lease = repo.lease(self.run_id, cfg.lease_timeout)
+            took_over = lease.acquire()
+            if took_over:
+                console.warn(f"took over the lease on {repo.display}: {took_over}")
+            try:
+                return self._run_holding(repo, lease)
+            finally:
+                lease.release()
         finally:
-            lease.release()
+            self._stop_watching.set()
 
     def _run_holding(self, repo: Repository, lease: Lease) -> int:
         cfg = self.cfg
@@ -214,7 +228,7 @@ class Supervisor:
         self._exclude = {guardian.pid}
         old_handlers = self._install_signals()
         self._launching = True  # when the early handlers come back, they only ignore
-        stop_watching = threading.Event()
+        self._worker = worker
         status = 0
         flushed = False
         # Recorded from here: a run that failed to restore made no attempt.
@@ -225,14 +239,13 @@ class Supervisor:
             worker.start()
             watcher.start()
             control.start()
-            self._start_preemption_watch(stop_watching)
             status = self._loop(repo, snapshotter, worker, watcher, guardian, control.path)
         except BaseException:
             history.finish(contract.ExitCode.SOFTWARE, "ckpt crashed")
             history.close(timeout=5.0)
             raise
         finally:
-            stop_watching.set()
+            self._stop_watching.set()
             watcher.stop()
             if self.child is not None and self.child.poll() is None:
                 # Only on an unexpected error in the loop.
@@ -306,9 +319,11 @@ class Supervisor:
         retries_used = 0
         history = self.history
         assert history is not None
+        if self._poller is not None:
+            self._first_poll.wait(FIRST_POLL_WAIT)
         while True:
-            if self._preempted():  # came between attempts: no new one
-                self._note_notice(" between attempts")
+            if self._preempted():  # came before or between attempts: no new one
+                self._note_notice(" between attempts" if self.attempts else " before the launch")
                 return contract.ExitCode.PREEMPTED
             self.attempt += 1
             durable = worker.stats.last_durable
@@ -399,8 +414,12 @@ class Supervisor:
             for sig in self._signals(timeout):
                 if sig == NOTICE_WAKE:
                     self._take_notice(worker)
+                    if kill_at is not None:  # a stop came first: its grace, capped
+                        kill_at = min(kill_at, time.monotonic() + self._grace())
                 elif sig in STOP_SIGNALS:
                     first = self.stop_signal is None
+                    if self._stop_after_notice_stop(sig, "the child is already being stopped"):
+                        continue
                     if not self._note_stop(sig):
                         if not first:
                             continue  # the first stop, delivered twice
@@ -433,6 +452,7 @@ class Supervisor:
             ):
                 # The notice's own stop, as if the OS had sent SIGTERM now.
                 self._note_stop(signal.SIGTERM)
+                self._notice_stopped, self._notice_stopped_at = True, self._stop_at
                 child.signal_all(signal.SIGTERM, self._exclude)
                 grace = self._grace()
                 kill_at = time.monotonic() + grace
@@ -450,12 +470,15 @@ class Supervisor:
 
     # ------------------------------------------------------------ preemption
 
-    def _start_preemption_watch(self, stop: threading.Event) -> None:
+    def _start_preemption_watch(self) -> None:
         poller = self._poller
         if poller is None:
             return
 
         def on_notice(notice: preemption.Notice) -> None:
+            if not notice.final:
+                self._hibernation(notice)
+                return
             self._notice = notice
             # Under the lock: once the loop closed the pipe, its fd number may
             # belong to something else by now.
@@ -469,10 +492,23 @@ class Supervisor:
 
         threading.Thread(
             target=poller.watch,
-            args=(stop, on_notice, on_error),
+            args=(self._stop_watching, on_notice, on_error, self._first_poll),
             name="ckpt-preemption",
             daemon=True,
         ).start()
+
+    def _hibernation(self, notice: preemption.Notice) -> None:
+        """(The watcher's thread.) The job is frozen with the machine, not
+        lost: ask for a checkpoint and a snapshot, in case it never resumes."""
+        console.warn(
+            f"preemption notice: {notice.describe()}: the job is frozen with the instance "
+            "and goes on when it resumes; checkpointing now in case it does not"
+        )
+        with contextlib.suppress(CkptError):
+            self._send_checkpoint_signal()
+        worker = self._worker
+        if worker is not None:
+            worker.request("hibernation")
 
     def _take_notice(self, worker: SnapshotWorker) -> None:
         """The machine is going away: tell the child to checkpoint, snapshot
@@ -542,6 +578,16 @@ class Supervisor:
                     return True
         return False
 
+    def _stop_after_notice_stop(self, sig: int, doing: str) -> bool:
+        """The first stop signal after ckpt stopped the child for a notice (the
+        OS shutting down) asks for nothing more: no SIGKILL at once, no second
+        SIGTERM, no abandoned flush. True if sig was that one (recorded)."""
+        if not self._notice_stopped or self._stop_at != self._notice_stopped_at:
+            return False
+        self.stop_signal, self._stop_at = sig, time.monotonic()
+        console.info(f"received {signal_name(sig)} after the preemption notice: {doing}")
+        return True
+
     def _note_stop(self, sig: int) -> bool:
         """Record a stop signal; True if it is a second stop, asking to hurry
         (kill the child now, abandon the final flush). The first one, and the
@@ -574,6 +620,8 @@ class Supervisor:
                     if sig == NOTICE_WAKE:
                         self._note_notice(" during the final flush")  # bounds it
                     if sig not in STOP_SIGNALS:
+                        continue
+                    if self._stop_after_notice_stop(sig, "finishing the final snapshot"):
                         continue
                     first = self.stop_signal is None
                     if self._note_stop(sig):

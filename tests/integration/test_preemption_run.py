@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 
 from ckpt import ExitCode
+from ckpt_cli.supervisor import ECHO_WINDOW
 from metadata import MetadataServer
 
 from ._util import (
@@ -210,25 +212,147 @@ def test_notice_while_backing_off_ends_the_run_preempted(
 
 
 def test_child_finishing_on_its_own_after_a_notice_exits_0(
-    tmp_path: Path, ckpt_dir: Path, remote: Path, metadata: MetadataServer
+    spawn: Callable[..., Running],
+    tmp_path: Path,
+    ckpt_dir: Path,
+    remote: Path,
+    metadata: MetadataServer,
 ) -> None:
-    """A notice, then the child completes its work without being stopped:
-    that is success, not preemption."""
-    metadata.gcp_preempt()  # already out when ckpt starts polling
-    body = """
+    """A notice, then the child completes its work before ckpt stops it (GCP's
+    window keeps it running for 15 s): that is success, not preemption."""
+    go, ready = tmp_path / "go", tmp_path / "ready"
+    body = f"""
         import os, pathlib, time
-        time.sleep(1.0)
+        pathlib.Path({str(ready)!r}).write_text("")
+        while not os.path.exists({str(go)!r}):
+            time.sleep(0.02)
         pathlib.Path(os.environ["CKPT_DIR"], "done.txt").write_text("done")
     """
+    ckpt = spawn(
+        [*run_args(ckpt_dir, remote), *script(tmp_path, "done.py", body)], env=_env(metadata)
+    )
+    wait_for(ready.exists, what="the child to start", proc=ckpt)
+    assert metadata.wait_gcp_waiting(timeout=30)
+    metadata.gcp_preempt()
+    wait_for(lambda: "the child is stopped in" in ckpt.stderr(), what="the notice", proc=ckpt)
+
+    go.write_text("")
+
+    assert ckpt.wait() == 0, ckpt.stderr()
+    (run,) = _runs(remote)
+    assert run["outcome"] == "succeeded" and run["preemption"]["cloud"] == "gcp"
+
+
+def test_a_notice_already_out_at_start_launches_nothing(
+    tmp_path: Path, ckpt_dir: Path, remote: Path, metadata: MetadataServer
+) -> None:
+    metadata.gcp_preempt()
+    marker = tmp_path / "launched"
     res = run_ckpt(
-        [*run_args(ckpt_dir, remote), *script(tmp_path, "done.py", body)],
+        [*run_args(ckpt_dir, remote), PY, "-c", f"open({str(marker)!r}, 'w')"],
         cwd=tmp_path,
         env=_env(metadata),
     )
-    assert res.returncode == 0, res.stderr
-    assert "preemption notice" in res.stderr
+    assert res.returncode == ExitCode.PREEMPTED, res.stderr
+    assert "preemption notice before the launch" in res.stderr, res.stderr
+    assert not marker.exists(), "a machine already under notice must not launch the child"
     (run,) = _runs(remote)
-    assert run["outcome"] == "succeeded" and run["preemption"]["cloud"] == "gcp"
+    assert run["attempts"] == [] and run["outcome"] == "preempted"
+
+
+def test_the_oss_sigterm_after_ckpts_own_stop_neither_kills_nor_abandons_the_flush(
+    spawn: Callable[..., Running],
+    tmp_path: Path,
+    ckpt_dir: Path,
+    remote: Path,
+    metadata: MetadataServer,
+) -> None:
+    """ckpt stops the child for the notice; the shutdown's SIGTERM comes while
+    the child is still saving (it takes 2 s): the save must complete and be
+    flushed, not be SIGKILLed as a "second signal" would be."""
+    ready = tmp_path / "ready.json"
+    body = f"""
+        import os, pathlib, signal, sys, time
+        d = pathlib.Path(os.environ["CKPT_DIR"])
+        def on_term(signum, frame):
+            time.sleep(2.0)
+            (d / "slow.tmp").write_text("slow save")
+            os.replace(d / "slow.tmp", d / "slow.txt")
+            sys.exit(0)
+        signal.signal(signal.SIGTERM, on_term)
+        pathlib.Path({str(ready)!r}).write_text(str(os.getpid()))
+        while True:
+            time.sleep(0.02)
+    """
+    ckpt = spawn(
+        [*run_args(ckpt_dir, remote, "--grace", "60"), *script(tmp_path, "slow.py", body)],
+        env=_env(metadata, "aws"),
+    )
+    wait_for(ready.exists, what="the child to start", proc=ckpt)
+    metadata.aws_schedule("terminate", in_seconds=12)
+    wait_for(lambda: "stopping the child now" in ckpt.stderr(), what="ckpt's own stop", proc=ckpt)
+    # The OS's SIGTERM, past the echo window on purpose: to a plain stop this
+    # would be a second signal ("kill now, abandon the flush").
+    time.sleep(ECHO_WINDOW + 0.2)
+    ckpt.signal(signal.SIGTERM)
+
+    assert ckpt.wait() == ExitCode.PREEMPTED, ckpt.stderr()
+    stderr = ckpt.stderr()
+    assert "after the preemption notice" in stderr, stderr
+    assert "SIGKILL" not in stderr.split("stopping the child now", 1)[1].split("\n", 1)[1], stderr
+    out = tmp_path / "fresh"
+    restore_into(remote, out, cwd=tmp_path)
+    assert read_tree(out).get("slow.txt") == b"slow save"
+
+
+def test_a_notice_after_a_stop_signal_caps_the_grace(
+    spawn: Callable[..., Running],
+    tmp_path: Path,
+    ckpt_dir: Path,
+    remote: Path,
+    metadata: MetadataServer,
+) -> None:
+    """SIGTERM first (GCP sends the shutdown and the notice together), with a
+    --grace longer than the window: once the notice lands, the child that
+    ignores SIGTERM is killed within a third of the window, not after 600 s."""
+    ckpt, info = _start(
+        spawn, tmp_path, ckpt_dir, remote, "ignore", "--grace", "600", env=_env(metadata)
+    )
+    assert metadata.wait_gcp_waiting(timeout=30)
+    os.kill(int(info["pid"]), signal.SIGSTOP)  # a child that cannot even save
+    ckpt.signal(signal.SIGTERM)
+    wait_for(lambda: "SIGKILL in 600s" in ckpt.stderr(), what="the forwarded stop", proc=ckpt)
+
+    metadata.gcp_preempt()
+
+    assert ckpt.wait(timeout=90) == ExitCode.PREEMPTED, ckpt.stderr()
+    assert "grace period (--grace): SIGKILL" in ckpt.stderr()
+    assert pid_gone(int(info["pid"]))
+
+
+def test_aws_hibernation_checkpoints_but_does_not_stop_the_job(
+    spawn: Callable[..., Running],
+    tmp_path: Path,
+    ckpt_dir: Path,
+    remote: Path,
+    metadata: MetadataServer,
+) -> None:
+    ckpt, info = _start(spawn, tmp_path, ckpt_dir, remote, "save-go-on", env=_env(metadata, "aws"))
+
+    metadata.aws_schedule("hibernate", in_seconds=60)
+
+    wait_for((ckpt_dir / "notice.txt").exists, what="the child's save on the notice", proc=ckpt)
+    wait_for(lambda: _durable(remote, "notice.txt"), what="the save to be durable", proc=ckpt)
+    assert "frozen with the instance" in ckpt.stderr()
+    assert "stopping the child" not in ckpt.stderr()
+    ckpt.signal(signal.SIGTERM)  # later, an ordinary stop: 143, not 79
+    assert ckpt.wait() == 143, ckpt.stderr()
+    assert pid_gone(int(info["pid"]))
+
+
+def _durable(remote: Path, name: str) -> bool:
+    snaps = sorted((remote / "snapshots").glob("*.json")) if (remote / "snapshots").is_dir() else []
+    return any(name in {e["path"] for e in json.loads(p.read_text())["entries"]} for p in snaps)
 
 
 def test_ckpt_attempt_and_ls_continue_across_runs(

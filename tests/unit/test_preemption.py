@@ -836,3 +836,45 @@ def test_fake_records_and_resets(metadata: MetadataServer) -> None:
     assert metadata.requests == []
     for cloud in CLOUDS:
         assert make(cloud, metadata).check() is None
+
+
+# ------------------------------------------------------------------ hibernation, first poll
+
+
+def test_aws_hibernation_is_reported_once_and_watching_goes_on(
+    metadata: MetadataServer, watch: Callable[[Poller], Watching]
+) -> None:
+    """A hibernation is not final (the job is frozen with the instance, not
+    lost): watch() reports it once and keeps polling, so a later terminate
+    still arrives."""
+    w = watch(make("aws", metadata))
+    metadata.aws_schedule("hibernate", in_seconds=60)
+    first = w.wait_notice()
+    assert (first.action, first.final) == ("hibernate", False)
+    polls = len(metadata.requests)
+    deadline = time.monotonic() + HANG
+    while len(metadata.requests) < polls + 6 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(w.notices) == 1, "the same hibernation notice must be reported once"
+    assert w.thread is not None and w.thread.is_alive()
+    metadata.aws_schedule("terminate", in_seconds=60)
+    assert w.returned()
+    assert [n.action for n in w.notices] == ["hibernate", "terminate"]
+    assert w.notices[-1].final
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["answered", "failed"])
+def test_watch_sets_polled_after_the_first_poll(metadata: MetadataServer, fail: bool) -> None:
+    if fail:
+        metadata.fail_next(1000, status=500)
+    poller = make("aws", metadata)
+    stop, polled = threading.Event(), threading.Event()
+    t = threading.Thread(
+        target=poller.watch, args=(stop, lambda n: None, lambda e: None, polled), daemon=True
+    )
+    t.start()
+    try:
+        assert polled.wait(HANG), "polled must be set once the first poll answered or failed"
+    finally:
+        stop.set()
+        t.join(HANG)
