@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 from typing import Any
@@ -72,6 +73,8 @@ class Lease:
             ttl = float(doc.get("ttl", self.ttl))
         except (TypeError, ValueError):
             return "it is unreadable"
+        if not (math.isfinite(age) and math.isfinite(ttl)):
+            return "it is unreadable"  # NaN or infinity: it would never expire
         if age > ttl:
             return f"its last heartbeat is {age:.0f}s old (timeout {ttl:.0f}s)"
         if doc.get("host") == host_name() and doc.get("boot", "") == boot_id():

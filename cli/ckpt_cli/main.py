@@ -176,7 +176,7 @@ def run(
         from ckpt_cli.supervisor import Supervisor
 
         directory = config.resolve_dir(dir)
-        url = remote or config.default_remote(directory)
+        url = config.default_remote(directory) if remote is None else remote
         config.check_remote_outside(directory, url)
         cfg = config.RunConfig(
             command=list(command),

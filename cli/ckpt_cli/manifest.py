@@ -164,7 +164,8 @@ class Manifest:
                 new_bytes=int(doc.get("new_bytes", 0)),
                 new_chunks=int(doc.get("new_chunks", 0)),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            # OverflowError: int() of an Infinity (JSON as Python reads it)
             raise ManifestError(f"is malformed ({type(exc).__name__}: {exc})") from None
 
 
@@ -172,6 +173,15 @@ def _int(doc: dict[str, Any], name: str, low: int, high: int) -> int:
     value = doc[name]
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
         raise ManifestError(f"has an impossible {name}: {value!r}")
+    return value
+
+
+def _mtime_ns(raw: dict[str, Any]) -> int:
+    """An entry's mtime: nanoseconds that os.utime can set (a signed 64-bit
+    count, years 1678 to 2262); anything else is corrupt."""
+    value = int(raw.get("mtime_ns", 0))
+    if not -(1 << 63) <= value < (1 << 63):
+        raise ManifestError(f"has an impossible mtime_ns: {value!r}")
     return value
 
 
@@ -207,12 +217,12 @@ def _parse_entry(raw: Any, chunk_size: int) -> Entry:
             "file",
             mode,
             size,
-            int(raw.get("mtime_ns", 0)),
+            _mtime_ns(raw),
             tuple(chunks),
             ino=int(raw.get("ino", 0)),
         )
     if kind == "dir":
-        return Entry(path, "dir", mode, mtime_ns=int(raw.get("mtime_ns", 0)))
+        return Entry(path, "dir", mode, mtime_ns=_mtime_ns(raw))
     if kind == "symlink":
         target = raw.get("target")
         if not isinstance(target, str) or not target or "\0" in target:

@@ -20,6 +20,7 @@ backoff before RemoteError; messages never carry credentials (`redact`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import inspect
 import json
 import os
@@ -74,6 +75,8 @@ _EXTRAS = {
     "sftp": "ssh",
     "ssh": "ssh",
 }
+#: Schemes whose URL must name a bucket, container or host (s3://BUCKET/prefix).
+_NEEDS_BUCKET = frozenset(_OBJECT_STORES - {"memory"}) | {"sftp", "ssh"}
 #: Names of half-written local objects; never listed as keys.
 _TEMP_RE = re.compile(r"^\.[^/]*\.tmp-[0-9a-f]+$")
 
@@ -134,9 +137,18 @@ def is_local(url: str) -> bool:
 
 
 def local_path(url: str) -> Path:
-    """The filesystem path of a local URL (no scheme, file://, local://)."""
+    """The filesystem path of a local URL (no scheme, file://, local://);
+    ConfigError for an empty one or a file:// URL that names another host."""
+    if not url.strip():
+        raise ConfigError("empty remote URL (--remote / CKPT_REMOTE)")
     if "://" in url:
-        url = url.split("://", 1)[1]
+        parts = urlsplit(url)
+        if parts.netloc not in ("", "localhost"):
+            raise ConfigError(
+                f"remote {url} names the host {parts.netloc!r}: a {parts.scheme}:// URL is a "
+                f"path on this machine, {parts.scheme}:///absolute/path (--remote)"
+            )
+        url = url.split("://", 1)[1].removeprefix(parts.netloc)
     return Path(url).expanduser().absolute()
 
 
@@ -154,6 +166,11 @@ def open_backend(
         redact.register(parts.password)
     if is_local(url):
         return LocalBackend(local_path(url))
+    if parts.scheme in _NEEDS_BUCKET and not parts.netloc:
+        what = "host" if parts.scheme in ("sftp", "ssh") else "bucket"
+        raise ConfigError(
+            f"remote {url} names no {what}: {parts.scheme}://{what.upper()}/PATH (--remote)"
+        )
     timeout = io_timeout if io_timeout is not None else io_timeout_from_env()
     return FsspecBackend(url, storage_options or {}, io_timeout=timeout)
 
@@ -227,16 +244,41 @@ class LocalBackend:
             raise RemoteError(f"writing {key} to {self.display} failed: {exc}") from None
 
     def create_exclusive(self, key: str, data: bytes) -> bool:
+        """Write a temp object whole, then hard-link it to key (which fails if
+        key exists): a full disk or a crash never leaves a half-written object
+        under key. Filesystems without hard links get O_EXCL on key itself."""
         path = self._path(key)
+        tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "xb") as f:
+                f.write(data)
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.ENOSYS) or not tmp.exists():
+                raise RemoteError(f"creating {key} on {self.display} failed: {exc}") from None
+            return self._create_excl_in_place(key, path, data)
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        return True
+
+    def _create_excl_in_place(self, key: str, path: Path, data: bytes) -> bool:
+        try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             return False
         except OSError as exc:
             raise RemoteError(f"creating {key} on {self.display} failed: {exc}") from None
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                path.unlink()  # ours: never leave it half-written
+            raise RemoteError(f"creating {key} on {self.display} failed: {exc}") from None
         return True
 
     def delete(self, key: str) -> None:

@@ -121,7 +121,9 @@ class Repository:
         if config.get("hash") != HASH_NAME:
             raise ConfigError(f"repository {backend.display} uses hash {config.get('hash')!r}")
         chunk_size = config.get("chunk_size")
-        if not isinstance(chunk_size, int) or chunk_size <= 0:
+        # bool is an int to Python: `true` would make 1-byte chunks, and manifests
+        # (which refuse such a chunk_size) that no restore could read.
+        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
             raise ConfigError(f"repository {backend.display} has a bad chunk_size")
         return cls(backend, chunk_size)
 

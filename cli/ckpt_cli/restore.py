@@ -14,6 +14,7 @@ import collections
 import concurrent.futures as cf
 import contextlib
 import dataclasses
+import errno
 import os
 import secrets
 import shutil
@@ -112,10 +113,14 @@ def restore(
             warn(f"{reason}; trying the previous one")
             continue
         except OSError as exc:
-            raise RestoreError(
+            message = (
                 f"restoring snapshot {_name(ref)} into {target} failed: {exc.strerror or exc} "
                 f"({exc.filename or target}); {target} is untouched"
-            ) from None
+            )
+            if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                # Not a passing failure: a --dir ckpt cannot write (fix the command line).
+                raise ConfigError(f"{message} (--dir)") from None
+            raise RestoreError(message) from None
         for digest in manifest.chunk_digests():
             repo.trust_chunk(digest)  # just verified byte for byte
         return Restored(manifest, time.monotonic() - t0, skipped)
@@ -148,8 +153,7 @@ def materialise(repo: Repository, manifest: Manifest, dest: Path, *, concurrency
 
     def fetch(fd: int, digest: str, offset: int, length: int) -> None:
         try:
-            data = repo.get_chunk(digest, length)
-            os.pwrite(fd, data, offset)
+            _pwrite_all(fd, repo.get_chunk(digest, length), offset)
         finally:
             slots.release()
 
@@ -207,6 +211,17 @@ def materialise(repo: Repository, manifest: Manifest, dest: Path, *, concurrency
     os.chmod(dest, 0o755)
 
 
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """pwrite every byte: a nearly full disk takes part of a chunk and returns a
+    short count; only the next call raises ENOSPC."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(errno.EIO, "write made no progress")
+        view, offset = view[n:], offset + n
+
+
 def prepare_dir(
     repo: Repository,
     snapshotter: Snapshotter,
@@ -229,6 +244,7 @@ def prepare_dir(
     newest = newest_manifest(repo)
     if not restore_enabled:
         console.info(f"--no-restore: starting from {directory} as it is")
+        ensure_dir(directory)
         snapshotter.adopt(newest, trust_local=False)
         return ""
     if snapshot is not None:
@@ -237,6 +253,7 @@ def prepare_dir(
     if not local:
         if not repo.snapshots():
             console.info(f"remote has no snapshot yet: starting fresh in {directory}")
+            ensure_dir(directory)
             return ""
         return restore_into(repo, snapshotter, None, concurrency)
     if newest is None:
@@ -265,6 +282,16 @@ def prepare_dir(
         return ""
     console.info(f"{directory} is older than snapshot {newest.id}: replacing it")
     return restore_into(repo, snapshotter, None, concurrency)
+
+
+def ensure_dir(directory: Path) -> None:
+    """Create --dir where no restore does; one clear line if it cannot be."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create --dir {directory}: {exc.strerror or exc} ({exc.filename or directory})"
+        ) from None
 
 
 def restore_into(

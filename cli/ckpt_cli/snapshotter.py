@@ -239,7 +239,11 @@ class Snapshotter:
                 continue
             if local.mtime_ns != e.mtime_ns or now - local.mtime_ns < RACY_NS:
                 continue
-            if trust_local or (same_place and local.ino == e.ino):
+            if not (trust_local or (same_place and local.ino == e.ino)):
+                continue
+            # A chunk gone from the remote (deleted or pruned behind our back)
+            # must be read and uploaded again, not named by the next snapshot.
+            if all(self.repo.has_chunk(c) for c in e.chunks):
                 self.cache[local.path] = Cached(local.size, local.mtime_ns, local.ino, e.chunks)
 
     def pin(self) -> Pinned:

@@ -34,7 +34,7 @@ from ckpt_cli.lease import Lease, LeaseLostError
 from ckpt_cli.policy import ChildExit, Decision, decide, signal_name
 from ckpt_cli.remote import open_backend, redact_url
 from ckpt_cli.repository import Repository
-from ckpt_cli.restore import prepare_dir, restore_into
+from ckpt_cli.restore import ensure_dir, prepare_dir, restore_into
 from ckpt_cli.snapshotter import TEMP_PATTERNS, SnapshotResult, Snapshotter
 from ckpt_cli.uploader import SnapshotWorker
 from ckpt_cli.watcher import Watcher
@@ -195,7 +195,7 @@ class Supervisor:
             snapshot=cfg.snapshot,
             concurrency=cfg.concurrency,
         )
-        cfg.dir.mkdir(parents=True, exist_ok=True)
+        ensure_dir(cfg.dir)
 
         stop_heartbeat = threading.Event()
         heartbeat = threading.Thread(
@@ -240,6 +240,10 @@ class Supervisor:
             watcher.start()
             control.start()
             status = self._loop(repo, snapshotter, worker, watcher, guardian, control.path)
+        except CkptError as exc:
+            history.finish(exc.exit_code, f"error: {exc}")
+            history.close(timeout=5.0)
+            raise
         except BaseException:
             history.finish(contract.ExitCode.SOFTWARE, "ckpt crashed")
             history.close(timeout=5.0)
@@ -391,7 +395,7 @@ class Supervisor:
                 console.warn(f"{cfg.dir} disappeared: restoring it before the retry")
                 watcher.stop()
                 self.restored_id = restore_into(repo, snapshotter, None, cfg.concurrency)
-                cfg.dir.mkdir(parents=True, exist_ok=True)
+                ensure_dir(cfg.dir)
                 watcher.start()
 
     def _wait(self, child: Child, watcher: Watcher, worker: SnapshotWorker) -> ChildExit:
