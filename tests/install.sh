@@ -64,3 +64,6 @@ if [ ! -x /usr/sbin/sshd ]; then
         say "/usr/sbin/sshd is missing and cannot be installed here (needs root and apt): the sftp tests will be skipped"
     fi
 fi
+
+# -- faketime (libfaketime) for the real-clock-skew test of tests/faults/test_clock_skew.py
+command -v faketime >/dev/null 2>&1 || { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && (export DEBIAN_FRONTEND=noninteractive; apt-get update -q && apt-get install -y -q faketime) </dev/null >/dev/null; } || say "faketime is missing and cannot be installed here (needs root and apt): the libfaketime clock-skew test will be skipped"

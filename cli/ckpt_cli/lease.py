@@ -121,7 +121,16 @@ class Lease:
     def heartbeat(self) -> None:
         """Refresh; LeaseLostError if another writer owns the lease now."""
         doc = self._read()
-        if doc is not None and doc.get("owner") not in (None, self.owner):
+        if doc is None:
+            # Gone: another writer took it over and released it (or it was
+            # deleted by hand). Writing it again would resurrect a writer whose
+            # state is older than what the other one wrote since.
+            self.held = False
+            raise LeaseLostError(
+                f"lease on {self.backend.display} disappeared while this run held it "
+                "(another writer took it over and finished?); this run stops writing snapshots"
+            )
+        if doc.get("owner") not in (None, self.owner):
             self.held = False
             raise LeaseLostError(
                 f"lease on {self.backend.display} was taken over by host {doc.get('host')} "

@@ -92,7 +92,10 @@ class Backend(Protocol):
     def write(self, key: str, data: bytes) -> None: ...
     def create_exclusive(self, key: str, data: bytes) -> bool: ...
     def delete(self, key: str) -> None: ...
-    def list(self, prefix: str) -> list[str]: ...
+    def list(self, prefix: str, *, temp: bool = False) -> list[str]:
+        """Keys under prefix; with temp, only the temp names of writes that
+        never finished (a killed writer's), which are otherwise hidden."""
+        ...
 
 
 def redact_url(url: str) -> str:
@@ -289,14 +292,14 @@ class LocalBackend:
         except OSError as exc:
             raise RemoteError(f"deleting {key} from {self.display} failed: {exc}") from None
 
-    def list(self, prefix: str) -> list[str]:
+    def list(self, prefix: str, *, temp: bool = False) -> list[str]:
         base = self._path(prefix)
         keys: list[str] = []
         try:
             for dirpath, _dirs, files in os.walk(base):
                 rel = os.path.relpath(dirpath, self.root)
                 rel = "" if rel == "." else rel.replace(os.sep, "/") + "/"
-                keys.extend(rel + name for name in files if not _TEMP_RE.match(name))
+                keys.extend(rel + name for name in files if bool(_TEMP_RE.match(name)) == temp)
         except OSError as exc:
             raise RemoteError(f"listing {prefix} on {self.display} failed: {exc}") from None
         return keys
@@ -500,7 +503,7 @@ class FsspecBackend:
 
         self._call(f"deleting {key}", go)
 
-    def list(self, prefix: str) -> list[str]:
+    def list(self, prefix: str, *, temp: bool = False) -> list[str]:
         base = self._path(prefix).rstrip("/")
 
         def go(fs: Any, kw: dict[str, Any]) -> list[str]:
@@ -516,7 +519,7 @@ class FsspecBackend:
                     if not rel.startswith(strip + "/"):
                         continue
                     rel = rel[len(strip) + 1 :]
-                if not _TEMP_RE.match(rel.rsplit("/", 1)[-1]):
+                if bool(_TEMP_RE.match(rel.rsplit("/", 1)[-1])) == temp:
                     keys.append(rel)
             return keys
 

@@ -244,7 +244,7 @@ class Repository:
         only considers the chunks the dropped manifests named (no listing)."""
         refs = self.snapshots()
         kept, dropped = refs[:keep], refs[keep:]
-        if not dropped:
+        if not dropped and not sweep:
             return GcReport([], 0, [r.key for r in kept])
         referenced: set[str] = set()
         for ref in kept:
@@ -262,6 +262,11 @@ class Repository:
         if sweep:
             names = (n.rsplit("/", 1)[-1] for n in self.backend.list(CHUNKS))
             candidates = {d for d in names if HASH_RE.match(d)}
+            # Half-written chunks of a writer killed mid-upload (local disks and
+            # SFTP write to a temp name first). Only the lease holder sweeps, on
+            # its snapshot thread between snapshots: none of them is its own.
+            for key in self.backend.list(CHUNKS, temp=True):
+                self.backend.delete(key)
         deleted = 0
         for digest in sorted(candidates - referenced):
             self.backend.delete(chunk_key(digest))

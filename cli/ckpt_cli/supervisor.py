@@ -99,6 +99,8 @@ class Supervisor:
         self._stop_watching = threading.Event()
         self._first_poll = threading.Event()
         self._worker: SnapshotWorker | None = None
+        self._lease: Lease | None = None
+        self._last_beat = (0.0, 0.0)  # (monotonic, wall) time of the last heartbeat
 
     # ------------------------------------------------------------ entry point
 
@@ -165,6 +167,7 @@ class Supervisor:
             assert repo is not None
             lease = repo.lease(self.run_id, cfg.lease_timeout)
             took_over = lease.acquire()
+            self._lease, self._last_beat = lease, (time.monotonic(), time.time())
             if took_over:
                 console.warn(f"took over the lease on {repo.display}: {took_over}")
             try:
@@ -704,6 +707,7 @@ class Supervisor:
         while not stop.wait(interval):
             try:
                 lease.heartbeat()
+                self._beat()
                 warned = False
             except LeaseLostError as exc:
                 self._lease_error = exc
@@ -749,8 +753,31 @@ class Supervisor:
         return sent
 
     def _check_lease(self) -> None:
+        """Before a manifest is written. A run that was frozen (SIGSTOP, a
+        suspended VM) may have lost its lease meanwhile without its heartbeat
+        thread having noticed yet: past half the ttl since the last heartbeat,
+        ask the remote now rather than write over a newer writer's state."""
         if self._lease_error is not None:
             raise self._lease_error
+        lease = self._lease
+        if lease is None or self._beat_age() <= lease.ttl / 2:
+            return
+        try:
+            lease.heartbeat()
+        except LeaseLostError as exc:
+            self._lease_error = exc
+            console.error(str(exc))
+            raise
+        self._beat()
+
+    def _beat(self) -> None:
+        self._last_beat = (time.monotonic(), time.time())
+
+    def _beat_age(self) -> float:
+        """Seconds since the last heartbeat: the larger of the two clocks (the
+        monotonic one stands still while the machine is suspended)."""
+        mono, wall = self._last_beat
+        return max(time.monotonic() - mono, time.time() - wall)
 
     def _report_snapshot(self, result: SnapshotResult) -> None:
         new_links = [p for p in result.skipped_links if p not in self._warned_links]

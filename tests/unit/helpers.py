@@ -65,5 +65,5 @@ class DelegatingBackend:
     def delete(self, key: str) -> None:
         self.inner.delete(key)
 
-    def list(self, prefix: str) -> list[str]:
-        return self.inner.list(prefix)
+    def list(self, prefix: str, *, temp: bool = False) -> list[str]:
+        return self.inner.list(prefix, temp=temp)

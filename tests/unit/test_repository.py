@@ -384,10 +384,14 @@ def test_gc_nothing_to_drop_deletes_nothing(repo: Repository) -> None:
     _commit(repo, 1, "aaaaaaa1", {"f": b"x"})
     orphan = b"orphan"
     repo.put_chunk(hash_bytes(orphan), orphan)
-    report = repo.gc(3)
+    report = repo.gc(3, sweep=False)
     assert report.deleted_snapshots == []
     assert report.deleted_chunks == 0
     assert hash_bytes(orphan) in _chunk_names(repo)
+    # A sweep collects orphans of crashed uploads even when nothing is dropped.
+    report = repo.gc(3, sweep=True)
+    assert report.deleted_snapshots == [] and report.deleted_chunks == 1
+    assert hash_bytes(orphan) not in _chunk_names(repo)
 
 
 def test_gc_damaged_kept_manifest_is_kept(repo: Repository) -> None:
@@ -535,6 +539,19 @@ def test_heartbeat_raises_when_taken_over(repo: Repository) -> None:
     assert _lease_owner(repo) == "usurper"  # not overwritten
 
 
+def test_heartbeat_raises_when_the_lease_disappeared(repo: Repository) -> None:
+    """Another writer took over and released it: writing it back would let a
+    writer with older state go on over the newer one's."""
+    lease = repo.lease("me", 60.0)
+    lease.acquire()
+    repo.backend.delete(LEASE_KEY)
+    with pytest.raises(LeaseLostError, match="disappeared"):
+        lease.heartbeat()
+    assert not lease.held
+    with pytest.raises(NotFound):
+        repo.backend.read(LEASE_KEY)  # not re-created
+
+
 def test_release_deletes_own_lease(repo: Repository) -> None:
     lease = repo.lease("me", 60.0)
     lease.acquire()
@@ -569,7 +586,5 @@ def test_gc_without_sweep_deletes_only_what_dropped_manifests_named(repo: Reposi
     assert report.deleted_chunks == 1  # b"old" * 100 only
     assert _chunk_names(repo) == m2.chunk_digests() | {hash_bytes(orphan)}
     report = repo.gc(1, sweep=True)
-    assert report.deleted_chunks == 0  # nothing dropped: no sweep either
-    _commit(repo, 3, "aaaaaaa3", {"f": b"newer" * 100})
-    repo.gc(1, sweep=True)
+    assert report.deleted_chunks == 1  # nothing dropped, but the sweep finds the orphan
     assert hash_bytes(orphan) not in _chunk_names(repo)
