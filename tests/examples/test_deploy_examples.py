@@ -636,7 +636,7 @@ def test_workflow_training_step_on_a_preemption_notice_ends_79_and_goes_on(
     workflow: dict[str, Any], tmp_path: Path, metadata: MetadataServer
 ) -> None:
     """A self-hosted runner on a Spot instance: the notice is posted as the
-    step starts, ckpt stops the job and exits 79, the step succeeds with
+    step starts, ckpt stops (or never starts) the job and exits 79, the step succeeds with
     status 79, and the dispatch step's condition holds for it."""
     script = step_running(workflow, "ckpt run")["run"]
     argv = timeout_call(script)
@@ -658,7 +658,11 @@ def test_workflow_training_step_on_a_preemption_notice_ends_79_and_goes_on(
     assert res.returncode == 0, res.stdout + res.stderr
     assert out.read_text().splitlines() == [f"status={PREEMPTED}"], res.stderr
     assert "::notice::Preempted" in res.stdout
-    assert "preemption notice: aws terminate" in res.stderr
+    # Posted before ckpt's first poll answered, the notice stops the run before
+    # the launch; a slower start sees it while the job runs: 79 either way.
+    assert re.search(r"preemption notice( before the launch)?: aws terminate", res.stderr), (
+        res.stderr
+    )
     dispatch = step_running(workflow, "gh workflow run")["if"]
     assert re.search(rf"steps\.train\.outputs\.status == '{PREEMPTED}'", dispatch), dispatch
 
