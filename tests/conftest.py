@@ -59,6 +59,8 @@ def _isolated_home(
     monkeypatch.setenv("XDG_DATA_HOME", str(home / "data"))
     monkeypatch.setenv("XDG_STATE_HOME", str(home / "state"))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(home / "config"))
+    # `ckpt status` finds running supervisors in $XDG_RUNTIME_DIR/ckpt: per test.
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(home / "runtime"))
     monkeypatch.delenv("CKPT_REMOTE", raising=False)
     for name in ("CKPT_DIR", "CKPT_ATTEMPT", "CKPT_RESTORED", "CKPT_SOCKET", "CKPT_RUN"):
         monkeypatch.delenv(name, raising=False)

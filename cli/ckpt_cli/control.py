@@ -119,3 +119,67 @@ class ControlServer:
             except CkptError as exc:
                 return {"ok": False, "error": str(exc)}
         return {"ok": False, "error": f"unknown op {op!r}"}
+
+
+# ---------------------------------------------------------------- the registry
+#
+# How `ckpt status` in another shell finds the running supervisors: each
+# `ckpt run` writes <registry>/<pid>.json ({"pid", "socket", "dir", "remote",
+# "run", "started"}) and removes it when it ends; an entry whose pid is gone (a
+# killed run) is skipped and removed by whoever reads it. The registry is
+# $XDG_RUNTIME_DIR/ckpt, else /tmp/ckpt-<uid>, private to the user (0700).
+
+
+def registry_dir() -> Path:
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(runtime) / "ckpt" if runtime else Path(f"/tmp/ckpt-{os.getuid()}")
+
+
+def register(info: dict[str, Any]) -> Path | None:
+    """Announce this run; the entry's path, or None if it cannot be written
+    (`ckpt status` then needs --socket)."""
+    where = registry_dir()
+    try:
+        where.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = where.stat()
+        if st.st_uid != os.getuid() or st.st_mode & 0o077:
+            return None  # someone else's, or open to others: not ours to trust
+        entry = where / f"{os.getpid()}.json"
+        tmp = entry.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**info, "pid": os.getpid()}))
+        os.replace(tmp, entry)
+        return entry
+    except OSError:
+        return None
+
+
+def registered() -> list[dict[str, Any]]:
+    """The live entries, oldest first; stale ones (dead pid) are removed."""
+    found = []
+    where = registry_dir()
+    try:
+        paths = sorted(where.glob("*.json"))
+    except OSError:
+        return []
+    for path in paths:
+        try:
+            info = json.loads(path.read_text())
+            pid = int(info["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if not _alive(pid) or not Path(str(info.get("socket", ""))).exists():
+            with contextlib.suppress(OSError):
+                path.unlink()
+            continue
+        found.append(info)
+    return sorted(found, key=lambda i: float(i.get("started", 0)))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -217,6 +217,9 @@ class Snapshotter:
         self._pool = cf.ThreadPoolExecutor(self.concurrency, thread_name_prefix="ckpt-chunk")
         self._slots = threading.BoundedSemaphore(self.concurrency + 2)
         self._stats_lock = threading.Lock()
+        #: The snapshot being read now: (its result so far, files and bytes it
+        #: has to read, monotonic start), for `ckpt status`; None between them.
+        self.live: tuple[SnapshotResult, int, int, float] | None = None
         self._swept = False
 
     def close(self) -> None:
@@ -295,6 +298,8 @@ class Snapshotter:
             if pinned is not None:
                 pinned.close()
             raise
+        finally:
+            self.live = None
         if pinned is not None:
             pinned.close()
         return result
@@ -332,6 +337,7 @@ class Snapshotter:
 
         new_cache: dict[str, Cached] = {}
         fds = pinned.fds if pinned is not None else None
+        self.live = (result, len(to_read), sum(le.size for le in to_read), time.monotonic())
         for le, outcome in self._read_files(to_read, result, fds):
             if isinstance(outcome, tuple):
                 entries[le.path] = Entry(

@@ -24,11 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from ckpt import _contract as contract
-from ckpt_cli import console, preemption, subtree
+from ckpt_cli import __version__, console, preemption, subtree
+from ckpt_cli import control as control_registry
 from ckpt_cli.child import Child, Guardian, catches_signal, ckpt_executable
 from ckpt_cli.config import RunConfig
 from ckpt_cli.control import ControlServer
 from ckpt_cli.errors import CkptError, RemoteError, Stopped
+from ckpt_cli.events import EventLog
 from ckpt_cli.history import RunHistory, attempts_before, load_runs
 from ckpt_cli.lease import Lease, LeaseLostError
 from ckpt_cli.policy import ChildExit, Decision, decide, signal_name
@@ -101,6 +103,8 @@ class Supervisor:
         self._worker: SnapshotWorker | None = None
         self._lease: Lease | None = None
         self._last_beat = (0.0, 0.0)  # (monotonic, wall) time of the last heartbeat
+        self.events = EventLog(getattr(cfg, "log_json", None), self.run_id)
+        self._rate = 0.0  # bytes/s of the last snapshot that uploaded anything
 
     # ------------------------------------------------------------ entry point
 
@@ -148,6 +152,15 @@ class Supervisor:
                 )
         else:
             console.info(f"remote: {shown}")
+        self.events.emit(
+            "start",
+            remote=shown,
+            dir=str(cfg.dir),
+            command=cfg.command,
+            host=os.uname().nodename,
+            pid=os.getpid(),
+            version=__version__,
+        )
         self._poller = preemption.poller_for(cfg.preemption)
         if self._poller is not None:
             cloud = self._poller.cloud
@@ -159,6 +172,8 @@ class Supervisor:
             console.info(
                 f"preemption: watching {self._poller.describe()} ({how}; --preemption off to stop)"
             )
+        elif cfg.preemption == "auto":
+            console.debug("preemption: DMI data names no cloud here; nothing is polled")
         # From the start: a machine already under notice launches nothing.
         self._start_preemption_watch()
         try:
@@ -199,6 +214,15 @@ class Supervisor:
             concurrency=cfg.concurrency,
         )
         ensure_dir(cfg.dir)
+        if self.restored_id:
+            ref = repo.find(self.restored_id)
+            self.events.emit(
+                "restore",
+                snapshot=self.restored_id,
+                generation=ref.generation if ref else None,
+            )
+        else:
+            self.events.emit("fresh", reason="nothing restored")
 
         stop_heartbeat = threading.Event()
         heartbeat = threading.Thread(
@@ -232,6 +256,7 @@ class Supervisor:
         old_handlers = self._install_signals()
         self._launching = True  # when the early handlers come back, they only ignore
         self._worker = worker
+        registered: Path | None = None
         status = 0
         flushed = False
         # Recorded from here: a run that failed to restore made no attempt.
@@ -242,6 +267,22 @@ class Supervisor:
             worker.start()
             watcher.start()
             control.start()
+            registered = control_registry.register(
+                {
+                    "socket": str(control.path),
+                    "dir": str(cfg.dir),
+                    "remote": redact_url(cfg.remote),
+                    "run": self.run_id,
+                    "started": time.time(),
+                }
+            )
+            if console.is_terminal():
+                threading.Thread(
+                    target=self._title_loop,
+                    args=(worker, self._stop_watching),
+                    name="ckpt-title",
+                    daemon=True,
+                ).start()
             status = self._loop(repo, snapshotter, worker, watcher, guardian, control.path)
         except CkptError as exc:
             history.finish(exc.exit_code, f"error: {exc}")
@@ -253,6 +294,10 @@ class Supervisor:
             raise
         finally:
             self._stop_watching.set()
+            if registered is not None:
+                with contextlib.suppress(OSError):
+                    registered.unlink()
+            console.title(None)
             watcher.stop()
             if self.child is not None and self.child.poll() is None:
                 # Only on an unexpected error in the loop.
@@ -267,6 +312,17 @@ class Supervisor:
             shutil.rmtree(runtime, ignore_errors=True)
         self._summary(worker)
         status, outcome = self._outcome(repo, status, flushed)
+        last = worker.stats.last_durable
+        self.events.emit(
+            "end",
+            status=status,
+            outcome=outcome,
+            attempts=len(self.attempts),
+            snapshots=worker.stats.snapshots,
+            bytes_uploaded=worker.stats.bytes_uploaded,
+            last_snapshot=last.id if last else None,
+        )
+        self.events.close()
         history.finish(status, outcome)
         wait = 10.0
         if self._notice_at:  # the machine is going away: not past its deadline
@@ -348,6 +404,10 @@ class Supervisor:
                 }
             )
             self._signal_pids.clear()
+            console.debug(
+                "child env: "
+                + " ".join(f"{k}={v}" for k, v in sorted(env.items()) if k.startswith("CKPT_"))
+            )
             history.attempt_started(self.attempt)
             child = Child(cfg.command, env)
             self.child = child
@@ -355,6 +415,7 @@ class Supervisor:
             console.info(
                 f"attempt {self.attempt}: started {shlex.join(cfg.command)} (pid {child.pid})"
             )
+            self.events.emit("launch", attempt=self.attempt, pid=child.pid)
             ex = self._wait(child, watcher, worker)
             if left := child.stop_leftovers(min(cfg.grace, 10.0), self._exclude):
                 console.info(f"stopped {left} process(es) the child left behind")
@@ -362,6 +423,13 @@ class Supervisor:
             elapsed = time.monotonic() - child.started
             self.attempts.append(Attempt(self.attempt, ex, elapsed))
             history.attempt_ended(self.attempt, ex.status, ex.describe(), elapsed)
+            self.events.emit(
+                "exit",
+                attempt=self.attempt,
+                status=ex.status,
+                description=ex.describe(),
+                seconds=round(elapsed, 3),
+            )
             console.info(f"attempt {self.attempt}: {ex.describe()} after {elapsed:.1f}s")
             if self._preempted():
                 # The machine is going away: no relaunch here, and no retry spent.
@@ -374,12 +442,14 @@ class Supervisor:
             if decision is Decision.SUCCESS:
                 return 0
             if decision is Decision.FATAL:
+                self.events.emit("give_up", status=ex.status, reason="not retried (--retry-on)")
                 console.error(
                     f"child failed with {ex.describe()}, which is not retried "
                     "(--retry-on); passing it on"
                 )
                 return ex.status
             if decision is Decision.EXHAUSTED:
+                self.events.emit("give_up", status=ex.status, reason="retries spent (--retries)")
                 console.error(
                     f"giving up: {ex.describe()} and all {cfg.retries} retries spent (--retries)"
                 )
@@ -387,6 +457,13 @@ class Supervisor:
             retries_used += 1
             worker.request("exit")  # protect what the attempt left while we back off
             delay = cfg.backoff.delay(retries_used, self.rng)
+            self.events.emit(
+                "retry",
+                attempt=self.attempt,
+                retry=retries_used,
+                retries=cfg.retries,
+                delay=round(delay, 3),
+            )
             console.info(
                 f"recoverable ({ex.describe()}): retry {retries_used}/{cfg.retries} in {delay:.1f}s"
             )
@@ -554,6 +631,13 @@ class Supervisor:
         self._notice_at = time.monotonic()
         self._notice_deadline = self._notice_at + window
         console.warn(f"preemption notice{context}: {notice.describe()}")
+        self.events.emit(
+            "preemption",
+            cloud=notice.cloud,
+            action=notice.action,
+            deadline=notice.deadline,
+            detail=notice.detail,
+        )
         if self.history is not None:
             self.history.preempted(
                 {
@@ -602,6 +686,7 @@ class Supervisor:
         now = time.monotonic()
         if self.stop_signal is None:
             self.stop_signal, self._stop_at = sig, now
+            self.events.emit("stop", signal=signal_name(sig))
             return False
         return now - self._stop_at >= ECHO_WINDOW
 
@@ -793,7 +878,23 @@ class Supervisor:
             console.warn(f"changed while being read, kept at their previous version: {shown}")
         m = result.manifest
         if m is None:
+            parent = result.parent
+            console.debug(
+                f"nothing changed since snapshot {parent.id if parent else '(none)'}: no snapshot"
+            )
             return
+        if result.new_bytes and result.seconds > 0:
+            self._rate = result.new_bytes / result.seconds
+        self.events.emit(
+            "snapshot",
+            snapshot=m.id,
+            generation=m.generation,
+            files=len(m.files),
+            bytes=m.total_size,
+            new_bytes=result.new_bytes,
+            seconds=round(result.seconds, 3),
+            reason=m.reason,
+        )
         console.info(
             f"snapshot {m.id} (generation {m.generation}): {len(m.files)} files, "
             f"{console.fmt_bytes(m.total_size)}, {console.fmt_bytes(result.new_bytes)} new, "
@@ -801,6 +902,7 @@ class Supervisor:
         )
 
     def _report_error(self, message: str, retry_in: float) -> None:
+        self.events.emit("snapshot_failed", error=message, retry_in=round(retry_in, 3))
         if retry_in > 0:
             console.warn(
                 f"snapshot failed: {message}; retrying in {retry_in:.0f}s "
@@ -810,6 +912,7 @@ class Supervisor:
             console.error(f"snapshot failed: {message}")
 
     def _report_recovered(self, down_for: float) -> None:
+        self.events.emit("remote_recovered", down_seconds=round(down_for, 3))
         console.info(f"remote answers again after {down_for:.0f}s; caught up")
 
     def _status(self, worker: SnapshotWorker) -> dict[str, Any]:
@@ -826,9 +929,44 @@ class Supervisor:
             "snapshots": stats.snapshots,
             "bytes_uploaded": stats.bytes_uploaded,
             "pending": worker.busy,
+            **self._backlog(worker),
             "last_error": stats.last_error,
             "preemption": self._notice.describe() if self._notice is not None else None,
         }
+
+    def _backlog(self, worker: SnapshotWorker) -> dict[str, Any]:
+        """What the snapshot under way still has to read and upload, and how
+        fast it goes (else the last snapshot's rate)."""
+        live = worker.snapshotter.live
+        if live is None:
+            return {"backlog_files": 0, "backlog_bytes": 0, "rate": self._rate}
+        result, files, total, started = live
+        elapsed = time.monotonic() - started
+        return {
+            "backlog_files": max(0, files - result.files_read),
+            "backlog_bytes": max(0, total - result.bytes_read),
+            "rate": result.bytes_read / elapsed if elapsed > 0.5 else self._rate,
+        }
+
+    def _title_loop(self, worker: SnapshotWorker, stop: threading.Event) -> None:
+        """The live status, in the terminal's title (see console)."""
+        while not stop.wait(1.0):
+            st = self._status(worker)
+            age = st["last_snapshot_age"]
+            parts = [f"ckpt: attempt {self.attempt}"]
+            parts.append(
+                f"saved {console.fmt_age(age)} ago" if age is not None else "nothing saved yet"
+            )
+            if st["backlog_bytes"]:
+                parts.append(
+                    f"uploading {console.fmt_bytes(st['backlog_bytes'])} "
+                    f"at {console.fmt_bytes(st['rate'])}/s"
+                )
+            if st["last_error"]:
+                parts.append("remote failing")
+            if self._notice is not None:
+                parts.append("PREEMPTED")
+            console.title(" · ".join(parts))
 
     def _summary(self, worker: SnapshotWorker) -> None:
         stats = worker.stats
@@ -839,6 +977,15 @@ class Supervisor:
             f"{console.fmt_bytes(stats.bytes_uploaded)} uploaded; newest durable snapshot: "
             f"{last.id if last else 'none'}"
         )
+        if console.is_terminal() and self.attempts:
+            console.summary(
+                "ckpt run",
+                ["attempt", "exit", "duration"],
+                [
+                    [str(a.number), a.exit.describe(), console.fmt_age(a.seconds)]
+                    for a in self.attempts
+                ],
+            )
 
 
 def _record(signum: int, frame: object) -> None:

@@ -1,0 +1,242 @@
+"""The console of `ckpt run`: the JSON event log (--log-json), `ckpt status`
+from another shell, --quiet / --verbose, and a run in a real pseudo-terminal:
+the child's lines arrive intact, the live status shows in the terminal's
+title, and the run ends with a summary table."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import select
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ._util import CKPT, PY, Running, run_args, run_ckpt, script, wait_for
+
+pytestmark = pytest.mark.timeout(180)
+
+#: Exits 75 on its first attempt, 0 on the second, writing a state file each time.
+TWICE = """
+    import os, pathlib, sys
+    d = pathlib.Path(os.environ["CKPT_DIR"])
+    n = os.environ["CKPT_ATTEMPT"]
+    (d / "state.txt").write_text(n)
+    sys.exit(75 if n == "1" else 0)
+"""
+
+
+def _events(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_log_json_has_one_versioned_object_per_event(
+    tmp_path: Path, ckpt_dir: Path, remote: Path
+) -> None:
+    log = tmp_path / "logs" / "ckpt.jsonl"
+    res = run_ckpt(
+        [*run_args(ckpt_dir, remote, "--log-json", str(log)), *script(tmp_path, "t.py", TWICE)],
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stderr
+    events = _events(log)
+    names = [e["event"] for e in events]
+    assert names[0] == "start" and names[-1] == "end", names
+    assert names.index("fresh") < names.index("launch")
+    assert [e["attempt"] for e in events if e["event"] == "launch"] == [1, 2]
+    assert [e["status"] for e in events if e["event"] == "exit"] == [75, 0]
+    (retry,) = [e for e in events if e["event"] == "retry"]
+    assert (retry["retry"], retry["retries"]) == (1, 3)
+    assert any(e["event"] == "snapshot" and e["files"] == 1 for e in events)
+    end = events[-1]
+    assert end["status"] == 0 and end["outcome"] == "succeeded" and end["attempts"] == 2
+    run_ids = {e["run"] for e in events}
+    assert len(run_ids) == 1
+    for e in events:
+        assert e["v"] == 1
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", e["time"]), e
+        assert abs(e["ts"] - time.time()) < 3600
+
+    # A second run appends to the same file, and the env var works like the flag.
+    again = run_ckpt(
+        [*run_args(ckpt_dir, remote), PY, "-c", "raise SystemExit(3)"],
+        cwd=tmp_path,
+        env={"CKPT_LOG_JSON": str(log)},
+    )
+    assert again.returncode == 3, again.stderr
+    more = _events(log)[len(events) :]
+    assert [e["event"] for e in more][-2:] == ["give_up", "end"]
+    assert more[-2]["reason"] == "not retried (--retry-on)" and more[-1]["status"] == 3
+
+
+def test_log_json_to_an_unwritable_place_warns_once_and_the_run_goes_on(
+    tmp_path: Path, ckpt_dir: Path, remote: Path
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    res = run_ckpt(
+        [*run_args(ckpt_dir, remote, "--log-json", str(blocker / "x.jsonl")), PY, "-c", "pass"],
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.count("--log-json") == 1, res.stderr
+
+
+def test_status_from_another_shell_shows_the_running_supervisor(
+    spawn: Callable[..., Running], tmp_path: Path, ckpt_dir: Path, remote: Path
+) -> None:
+    ready = tmp_path / "ready"
+    body = f"""
+        import os, pathlib, time
+        pathlib.Path(os.environ["CKPT_DIR"], "w.bin").write_bytes(os.urandom(1 << 20))
+        pathlib.Path({str(ready)!r}).write_text(str(os.getpid()))
+        time.sleep(600)
+    """
+    ckpt = spawn([*run_args(ckpt_dir, remote), *script(tmp_path, "w.py", body)])
+    wait_for(ready.exists, what="the child", proc=ckpt)
+    child = int(ready.read_text())
+    ckpt.extra_pids.append(child)
+    env = {k: v for k, v in os.environ.items() if k != "CKPT_SOCKET"}
+
+    def durable() -> dict[str, Any] | None:
+        res = subprocess.run(
+            [str(CKPT), "status", "--json"], env=env, capture_output=True, text=True, check=True
+        )
+        runs = json.loads(res.stdout)["runs"]
+        return runs[0] if runs and runs[0]["last_snapshot"] else None
+
+    st = wait_for(durable, what="a durable snapshot in `ckpt status`", proc=ckpt)
+    assert st["child_pid"] == child and st["attempt"] == 1
+    assert st["dir"] == str(ckpt_dir.resolve())
+    assert st["backlog_bytes"] == 0 and st["last_snapshot_age"] >= 0
+
+    text = subprocess.run(
+        [str(CKPT), "status"], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    assert f"child: pid {child}, attempt 1" in text, text
+    assert f"newest durable snapshot: {st['last_snapshot']}" in text, text
+
+    ckpt.signal(signal.SIGTERM)
+    assert ckpt.wait() == 143
+    after = subprocess.run(
+        [str(CKPT), "status"], env=env, capture_output=True, text=True, check=False
+    )
+    assert after.returncode == 0
+    assert "no ckpt run is running" in after.stderr, after.stderr
+
+
+def test_status_with_a_dead_socket_is_one_line(tmp_path: Path) -> None:
+    res = run_ckpt(["status", "--socket", str(tmp_path / "nope.sock")], cwd=tmp_path)
+    assert res.returncode == 69, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("ckpt: error:")]
+    assert len(lines) == 1 and "nope.sock" in lines[0], res.stderr
+
+
+def test_quiet_prints_errors_only_and_verbose_adds_debug(
+    tmp_path: Path, ckpt_dir: Path, remote: Path
+) -> None:
+    cmd = [PY, "-c", "raise SystemExit(3)"]
+    quiet = run_ckpt([*run_args(ckpt_dir, remote, "--quiet"), *cmd], cwd=tmp_path)
+    assert quiet.returncode == 3
+    assert quiet.stderr.splitlines() and all(
+        line.startswith("ckpt: error:") for line in quiet.stderr.splitlines()
+    ), quiet.stderr
+    verbose = run_ckpt([*run_args(ckpt_dir, remote, "--verbose"), *cmd], cwd=tmp_path)
+    assert "ckpt: debug: child env: CKPT_ATTEMPT=" in verbose.stderr, verbose.stderr
+    plain = run_ckpt([*run_args(ckpt_dir, remote), *cmd], cwd=tmp_path)
+    assert "debug:" not in plain.stderr
+
+
+# ---------------------------------------------------------------- a real terminal
+
+OSC_TITLE = re.compile(rb"\x1b\]0;([^\x07]*)\x07")
+TITLE_STACK = re.compile(rb"\x1b\[2[23];0t")
+
+
+def _run_in_pty(args: list[str], cwd: Path, timeout: float = 90) -> tuple[int, bytes]:
+    """Run the real binary with a pseudo-terminal as its stdin, stdout and
+    stderr (as in an interactive shell); everything it and its child wrote."""
+    master, slave = pty.openpty()
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40"}
+    env.pop("NO_COLOR", None)
+    proc = subprocess.Popen(
+        [str(CKPT), *args], cwd=cwd, env=env, stdin=slave, stdout=slave, stderr=slave
+    )
+    os.close(slave)
+    out = bytearray()
+    end = time.monotonic() + timeout
+    try:
+        while time.monotonic() < end:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: every writer closed the terminal
+                    break
+                if not data:
+                    break
+                out += data
+            elif proc.poll() is not None:
+                break
+        status = proc.wait(timeout=max(1.0, end - time.monotonic()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    return status, bytes(out)
+
+
+def test_in_a_terminal_child_lines_are_intact_and_the_status_is_in_the_title(
+    tmp_path: Path, ckpt_dir: Path, remote: Path
+) -> None:
+    """A child that prints 60 numbered lines over 3 s, some in colour: after
+    removing ckpt's title sequences, every line is there exactly as printed
+    (nothing wrapped, prefixed or split), the title showed the live status,
+    the title was given back at the end, and the summary table was printed."""
+    body = """
+        import os, pathlib, sys, time
+        d = pathlib.Path(os.environ["CKPT_DIR"])
+        for i in range(60):
+            colour = "\\x1b[32m" if i % 7 == 0 else ""
+            reset = "\\x1b[0m" if colour else ""
+            print(f"{colour}child line {i:03d} " + "x" * 50 + reset, flush=True)
+            if i % 10 == 0:
+                (d / f"step-{i}.txt").write_text(str(i))
+            time.sleep(0.05)
+    """
+    status, raw = _run_in_pty(
+        [*run_args(ckpt_dir, remote), *script(tmp_path, "printer.py", body)], cwd=tmp_path
+    )
+    assert status == 0, raw.decode(errors="replace")
+    titles = [t.decode() for t in OSC_TITLE.findall(raw)]
+    assert any(t.startswith("ckpt: attempt 1") for t in titles), titles
+    assert raw.count(b"\x1b[22;0t") == 1 and raw.count(b"\x1b[23;0t") == 1, "title push/pop"
+    assert raw.rindex(b"\x1b[23;0t") > raw.rindex(b"\x1b]0;"), "the old title comes back last"
+    text = TITLE_STACK.sub(b"", OSC_TITLE.sub(b"", raw)).decode()
+    lines = text.replace("\r\n", "\n").split("\n")
+    for i in range(60):
+        expected = f"child line {i:03d} " + "x" * 50
+        if i % 7 == 0:
+            expected = f"\x1b[32m{expected}\x1b[0m"
+        assert expected in lines, f"line {i} not intact:\n{text}"
+    assert "attempt" in text and "exit code 0" in text
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", text)  # the table's own bold and italics
+    assert re.search(r"attempt\s+exit\s+duration", plain), plain
+    assert re.search(r"\n1\s+exit code 0\s+\d+s", plain), plain
+
+
+def test_off_a_terminal_there_is_no_title_and_no_control_character(
+    tmp_path: Path, ckpt_dir: Path, remote: Path
+) -> None:
+    res = run_ckpt(
+        [*run_args(ckpt_dir, remote), PY, "-c", "import time; time.sleep(2.5)"], cwd=tmp_path
+    )
+    assert res.returncode == 0, res.stderr
+    assert "\x1b" not in res.stderr and "\x07" not in res.stderr
