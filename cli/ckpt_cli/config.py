@@ -1,20 +1,37 @@
-"""Validated settings of `ckpt run` and helpers to resolve paths and remotes.
+"""Validated settings of `ckpt run`: where each one comes from, and helpers to
+resolve paths and remotes.
 
-Imports: standard library, `policy`, `remote` (URL helpers only), `errors`.
+Every option of `ckpt run` is one row of `OPTIONS`: its type, default, env var
+and key in a config file. `load` merges the four sources, highest first:
+flag > env var (`CKPT_<NAME>`) > config file (`ckpt.toml` in the working
+directory, else `[tool.ckpt]` in its `pyproject.toml`) > default, validates
+every value with the same parsers whatever its source, and records the source
+of each one for `ckpt run --print-config`.
+
+Imports: standard library (tomllib lazily), the shim's contract, `policy`,
+`remote` (URL and storage-option helpers only), `redact`, `errors`.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import difflib
 import hashlib
+import json
+import math
 import os
+import re
 import signal
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from ckpt._contract import ExitCode
+from ckpt_cli import policy, redact
 from ckpt_cli.errors import ConfigError
 from ckpt_cli.policy import Backoff, RetryOn
-from ckpt_cli.remote import is_local, local_path
+from ckpt_cli.remote import is_local, local_path, parse_storage_options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +58,9 @@ class RunConfig:
     snapshots: str = "auto"  # "auto": on quiet periods until the first commit; "commit"
     checkpoint_signal: int = int(signal.SIGUSR1)
     preemption: str = "auto"  # auto | aws | gcp | azure | off (preemption.MODES)
-    quiet: bool = False
+    quiet: bool = False  # errors only
+    verbose: bool = False  # debug detail too
+    log_json: Path | None = None  # also log JSON lines to this file
 
 
 def data_home() -> Path:
@@ -86,9 +105,7 @@ def check_remote_outside(directory: Path, remote: str) -> None:
 def parse_preemption(value: str) -> str:
     modes = ("auto", "aws", "gcp", "azure", "off")  # preemption.MODES, without importing it
     if value not in modes:
-        raise ConfigError(
-            f"--preemption {value!r} (or CKPT_PREEMPTION): choose one of {', '.join(modes)}"
-        )
+        raise ConfigError(f"--preemption {value!r}: choose one of {', '.join(modes)}")
     return value
 
 
@@ -96,3 +113,404 @@ def parse_snapshots(value: str) -> str:
     if value not in ("auto", "commit"):
         raise ConfigError(f"--snapshots {value!r}: choose auto or commit")
     return value
+
+
+def parse_checkpoint_signal(value: str) -> int:
+    try:
+        return policy.parse_signal(value)
+    except ConfigError:
+        raise ConfigError(
+            f"--checkpoint-signal {value!r} is not a signal name (e.g. SIGUSR1)"
+        ) from None
+
+
+# ---------------------------------------------------------------- the options of `ckpt run`
+
+Kind = Literal["int", "float", "bool", "str", "list", "table"]
+#: What a config file must hold for each kind, for error messages.
+_EXPECTED = {
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "str": "a string",
+    "list": "a list of strings",
+    "table": "a table",
+}
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One setting of `ckpt run`. `name` is the parameter of main.run; the
+    config-file key is the long flag without `--` (dashes or underscores)."""
+
+    name: str
+    kind: Kind
+    default: Any
+    env: str | None = ""  # "" -> CKPT_<NAME>; None -> no env var
+    key: str = ""  # "" -> name with dashes
+    aliases: tuple[str, ...] = ()
+    min: float | None = None
+    max: float | None = None
+    #: Validates a value and turns it into what RunConfig holds (ConfigError if bad).
+    parse: Callable[[Any], Any] | None = None
+    #: An empty string in a file means "not set" (as --print-config prints it);
+    #: an empty env var is "not set" for every option.
+    optional: bool = False
+    #: A path: relative to the working directory (where the config file is).
+    path: bool = False
+
+    @property
+    def file_key(self) -> str:
+        return self.key or self.name.replace("_", "-")
+
+    @property
+    def env_var(self) -> str | None:
+        return f"CKPT_{self.name.upper()}" if self.env == "" else self.env
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("dir", "str", "checkpoints", parse=resolve_dir, path=True),
+    Option("remote", "str", None, optional=True),
+    Option(
+        "storage_option",
+        "table",
+        {},
+        env="CKPT_STORAGE_OPTIONS",
+        key="storage-options",
+        aliases=("storage-option",),
+    ),
+    Option("retries", "int", 3, min=0),
+    Option("retry_on", "str", policy.DEFAULT_RETRY_ON, parse=policy.parse_retry_on),
+    Option("backoff", "str", "1:60", parse=policy.parse_backoff),
+    Option("grace", "float", 30.0, min=0),
+    Option("debounce", "float", 2.0, min=0),
+    Option("rescan", "float", 30.0, min=1),
+    Option("keep", "int", 3, min=1),
+    Option("no_restore", "bool", False),
+    Option("snapshot", "str", None, optional=True),
+    Option("flush_timeout", "float", 120.0, min=0),
+    Option("lease_timeout", "float", 60.0, min=5),
+    Option("exclude", "list", [], aliases=("excludes",)),
+    Option("snapshots", "str", "auto", parse=parse_snapshots),
+    Option("checkpoint_signal", "str", "SIGUSR1", parse=parse_checkpoint_signal),
+    Option("concurrency", "int", 4, min=1, max=64),
+    Option("io_timeout", "float", 120.0, min=1),
+    Option("preemption", "str", "auto", parse=parse_preemption),
+    Option("quiet", "bool", False),
+    Option("verbose", "bool", False),
+    Option("log_json", "str", None, optional=True, parse=Path, path=True),
+    # The command after `--`; a file may give it as a list (no env var).
+    Option("command", "list", [], env=None, optional=True),
+)
+BY_NAME = {opt.name: opt for opt in OPTIONS}
+_BY_KEY = {k: opt for opt in OPTIONS for k in (opt.file_key, *opt.aliases)}
+
+#: Sources, highest precedence first (print-config shows these words).
+FLAG, DEFAULT = "flag", "default"
+CKPT_TOML, PYPROJECT = "ckpt.toml", "pyproject.toml [tool.ckpt]"
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    value: Any  # as given (what --print-config prints)
+    parsed: Any  # validated, as RunConfig holds it
+    source: str  # flag / env CKPT_X / ckpt.toml / pyproject.toml [tool.ckpt] / default
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    values: dict[str, Setting]
+    file: Path | None = None  # the config file read, if any
+    notes: tuple[str, ...] = ()  # info lines for the user
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values[name].parsed
+
+
+def load(
+    flags: Mapping[str, Any],
+    *,
+    environ: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> Settings:
+    """Merge flags > env > file > defaults; ConfigError (one line, naming the
+    source) for an unknown file key or a bad value from anywhere.
+
+    flags: the options given on the command line, by parameter name, as typer
+    parsed them (--storage-option as its list of KEY=VALUE strings)."""
+    environ = os.environ if environ is None else environ
+    cwd = Path.cwd() if cwd is None else cwd
+    table, label, path, notes = _read_file(cwd)
+    from_file = _file_values(table, label) if label else {}
+    values: dict[str, Setting] = {}
+    for opt in OPTIONS:
+        env = opt.env_var
+        raw_env = environ.get(env, "") if env else ""
+        if opt.name in flags:
+            value = _from_flag(opt, flags[opt.name])
+            setting = _setting(opt, value, FLAG, cwd, None, f"--{opt.file_key} {value}")
+        elif raw_env.strip() and env:
+            value = _from_env(opt, raw_env, env)
+            setting = _setting(opt, value, f"env {env}", cwd, env, f"{env}={raw_env!r}")
+        elif opt.name in from_file and label:
+            key, raw = from_file[opt.name]
+            value = _from_file(opt, raw, key, label)
+            setting = _setting(opt, value, label, cwd, label, f"{label}: {key} = {raw!r}")
+        else:
+            setting = _setting(opt, copy.deepcopy(opt.default), DEFAULT, cwd, None, "")
+        values[opt.name] = setting
+    _settle_verbosity(values)
+    return Settings(values, path, tuple(notes))
+
+
+def run_config(settings: Settings, *, need_command: bool = True) -> RunConfig:
+    """The RunConfig for validated settings; checks what spans options."""
+    directory: Path = settings["dir"]
+    remote: str | None = settings["remote"]
+    url = default_remote(directory) if remote is None else remote
+    check_remote_outside(directory, url)
+    command: list[str] = settings["command"]
+    if need_command and not command:
+        raise ConfigError(
+            "no command to run: ckpt run [OPTIONS] -- COMMAND (or command = [...] in ckpt.toml)",
+            exit_code=ExitCode.USAGE,
+        )
+    return RunConfig(
+        command=list(command),
+        dir=directory,
+        remote=url,
+        storage_options=settings["storage_option"],
+        remote_is_default=remote is None,
+        retries=settings["retries"],
+        retry_on=settings["retry_on"],
+        backoff=settings["backoff"],
+        grace=settings["grace"],
+        debounce=settings["debounce"],
+        rescan=settings["rescan"],
+        keep=settings["keep"],
+        restore=not settings["no_restore"],
+        snapshot=settings["snapshot"],
+        flush_timeout=settings["flush_timeout"],
+        lease_timeout=settings["lease_timeout"],
+        excludes=tuple(settings["exclude"]),
+        concurrency=settings["concurrency"],
+        io_timeout=settings["io_timeout"],
+        snapshots=settings["snapshots"],
+        checkpoint_signal=settings["checkpoint_signal"],
+        preemption=settings["preemption"],
+        quiet=settings["quiet"],
+        verbose=settings["verbose"],
+        log_json=settings["log_json"],
+    )
+
+
+def describe(settings: Settings, cfg: RunConfig) -> str:
+    """`--print-config`: one `key = value  # source` line per option, valid
+    TOML that can be pasted into ckpt.toml; secrets in storage options and URLs
+    are masked."""
+    redact.register_env()
+    redact.register_options(cfg.storage_options)
+    file = f"{settings.file}" if settings.file else "none"
+    rows = [
+        "# ckpt run: effective settings; precedence: flag > env CKPT_* > file > default",
+        f"# file: {file}",
+        *(f"# {note}" for note in settings.notes),
+    ]
+    pairs = []
+    for opt in OPTIONS:
+        setting = settings.values[opt.name]
+        value = "" if setting.value is None else setting.value
+        source = setting.source
+        if opt.name == "remote" and cfg.remote_is_default:
+            source = f"{source}: the embedded store {cfg.remote}"
+        pairs.append((f"{opt.file_key} = {_toml(value)}", source))
+    width = min(48, max(len(left) for left, _ in pairs))
+    rows += [f"{left.ljust(width)}  # {source}" for left, source in pairs]
+    return redact.scrub("\n".join(rows))
+
+
+# ---------------------------------------------------------------- sources
+
+
+def _setting(
+    opt: Option, value: Any, source: str, cwd: Path, where: str | None, shown: str
+) -> Setting:
+    """Check range and parse. Errors about a value from an env var or a file
+    name it: `where` prefixes the parser's message, `shown` is `CKPT_X='v'`
+    or `ckpt.toml: key = v` for range errors."""
+    if value is not None and opt.kind in ("int", "float"):
+        if opt.min is not None and value < opt.min:
+            raise ConfigError(f"{shown} is below the minimum {opt.min:g}")
+        if opt.max is not None and value > opt.max:
+            raise ConfigError(f"{shown} is above the maximum {opt.max:g}")
+    try:
+        arg = cwd / Path(value).expanduser() if opt.path and value is not None else value
+        parsed = opt.parse(arg) if opt.parse and arg is not None else arg
+    except ConfigError as exc:
+        if where is None:
+            raise
+        raise ConfigError(f"{where}: {exc}") from None
+    return Setting(value, parsed, source)
+
+
+def _from_flag(opt: Option, value: Any) -> Any:
+    if opt.kind == "table":
+        return parse_storage_options(list(value or ()))
+    if opt.kind == "list":
+        return list(value or ())
+    return str(value) if isinstance(value, Path) else value
+
+
+def _from_env(opt: Option, raw: str, env: str) -> Any:
+    text = raw.strip()
+    if opt.kind == "table":  # may hold secrets: never echo it
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = None
+        if not isinstance(value, dict):
+            raise ConfigError(f"{env} is not a JSON object (e.g. {env}='{{\"anon\": true}}')")
+        return value
+    if opt.kind == "list":
+        return [part.strip() for part in re.split(f"[,{os.pathsep}]", raw) if part.strip()]
+    if opt.kind == "bool":
+        if text.lower() in _TRUE | _FALSE:
+            return text.lower() in _TRUE
+        raise ConfigError(f"{env}={raw!r} is not a boolean (1/0, true/false, yes/no, on/off)")
+    if opt.kind == "int":
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{env}={raw!r} is not an integer") from None
+    if opt.kind == "float":
+        try:
+            number = float(text)
+        except ValueError:
+            number = math.nan
+        if not math.isfinite(number):
+            raise ConfigError(f"{env}={raw!r} is not a number")
+        return number
+    return raw
+
+
+def _from_file(opt: Option, value: Any, key: str, label: str) -> Any:
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value),
+        "bool": isinstance(value, bool),
+        "str": isinstance(value, str),
+        "list": isinstance(value, list) and all(isinstance(v, str) for v in value),
+        "table": isinstance(value, dict),
+    }[opt.kind]
+    if not ok:
+        shown = "" if opt.kind == "table" else f" = {value!r}"
+        raise ConfigError(f"{label}: {key}{shown} is not {_EXPECTED[opt.kind]}")
+    if opt.optional and opt.kind == "str" and not value:
+        return None  # `remote = ""`, as --print-config prints an unset one
+    return float(value) if opt.kind == "float" else value
+
+
+def _read_file(cwd: Path) -> tuple[dict[str, Any], str | None, Path | None, list[str]]:
+    """The settings table of ckpt.toml, else of [tool.ckpt] in pyproject.toml
+    (both in cwd only); its label and path; notes for the user."""
+    ckpt_toml, pyproject = cwd / "ckpt.toml", cwd / "pyproject.toml"
+    if ckpt_toml.is_file():
+        notes = []
+        if pyproject.is_file():
+            try:
+                if "ckpt" in _load_toml(pyproject, "pyproject.toml").get("tool", {}):
+                    notes.append("ckpt.toml is used; [tool.ckpt] in pyproject.toml is ignored")
+            except ConfigError:
+                pass  # not ours to judge when ckpt.toml is there
+        return _load_toml(ckpt_toml, CKPT_TOML), CKPT_TOML, ckpt_toml, notes
+    if pyproject.is_file():
+        tool = _load_toml(pyproject, "pyproject.toml").get("tool", {})
+        if isinstance(tool, dict) and "ckpt" in tool:
+            if not isinstance(tool["ckpt"], dict):
+                raise ConfigError(f"{PYPROJECT} is not a table")
+            return tool["ckpt"], PYPROJECT, pyproject, []
+    return {}, None, None, []
+
+
+def _load_toml(path: Path, label: str) -> dict[str, Any]:
+    import tomllib  # only `ckpt run` reads config files
+
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {label}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{label} is not valid TOML: {exc}") from None
+
+
+def _file_values(table: Mapping[str, Any], label: str) -> dict[str, tuple[str, Any]]:
+    """Option name -> (key as written, value); unknown or repeated keys are errors."""
+    out: dict[str, tuple[str, Any]] = {}
+    for key, value in table.items():
+        opt = _BY_KEY.get(key.replace("_", "-"))
+        if opt is None:
+            keys = sorted({o.file_key for o in OPTIONS})
+            close = difflib.get_close_matches(key.replace("_", "-"), keys, n=3)
+            hint = (
+                f"did you mean {' or '.join(repr(c) for c in close)}?"
+                if close
+                else f"known keys: {', '.join(keys)}"
+            )
+            raise ConfigError(f"{label}: unknown key {key!r} ({hint})")
+        if opt.name in out:
+            raise ConfigError(f"{label}: {out[opt.name][0]!r} and {key!r} set the same option")
+        out[opt.name] = (key, value)
+    return out
+
+
+def _settle_verbosity(values: dict[str, Setting]) -> None:
+    """--quiet and --verbose together: the one from the higher source wins;
+    from the same kind of source they contradict each other."""
+    quiet, verbose = values["quiet"], values["verbose"]
+    if not (quiet.value and verbose.value):
+        return
+    rank_q, rank_v = _rank(quiet.source), _rank(verbose.source)
+    if rank_q == rank_v:
+        raise ConfigError(f"--quiet and --verbose contradict each other ({quiet.source})")
+    loser, winner = ("quiet", "verbose") if rank_v < rank_q else ("verbose", "quiet")
+    lost = values[loser]
+    values[loser] = Setting(False, False, f"{lost.source}, overridden by {winner}")
+
+
+def _rank(source: str) -> int:
+    if source == FLAG:
+        return 0
+    if source.startswith("env "):
+        return 1
+    return 3 if source == DEFAULT else 2
+
+
+# ---------------------------------------------------------------- TOML output
+
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _toml(value: Any) -> str:
+    """A TOML value on one line (inline tables; a None inside a table, which
+    TOML cannot spell, is left out like an absent key)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        if math.isfinite(value):
+            return repr(value)
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        items = [f"{_toml_key(str(k))} = {_toml(v)}" for k, v in value.items() if v is not None]
+        return "{" + ", ".join(items) + "}"
+    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.match(key) else _toml(key)

@@ -1,14 +1,20 @@
-"""Path and remote validation, the default remote, and --storage-option parsing."""
+"""Path and remote validation, the default remote, --storage-option parsing, and
+where each setting of `ckpt run` comes from (flag > env > file > default)."""
 
 from __future__ import annotations
 
 import os
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from ckpt._contract import ExitCode
+from ckpt_cli import config, redact
 from ckpt_cli.config import check_remote_outside, default_remote, resolve_dir
 from ckpt_cli.errors import ConfigError
+from ckpt_cli.policy import parse_backoff, parse_retry_on
 from ckpt_cli.remote import parse_storage_options
 
 # ---------------------------------------------------------------- resolve_dir
@@ -239,3 +245,370 @@ def test_redact_url_hides_passwords(url: str, shown: str) -> None:
 
     assert redact_url(url) == shown
     assert "hunter2" not in redact_url(url)
+
+
+# ---------------------------------------------------------------- flag > env > file > default
+
+
+def _load(
+    tmp_path: Path,
+    flags: dict[str, object] | None = None,
+    env: dict[str, str] | None = None,
+    toml: str | None = None,
+    pyproject: str | None = None,
+) -> config.Settings:
+    if toml is not None:
+        (tmp_path / "ckpt.toml").write_text(toml)
+    if pyproject is not None:
+        (tmp_path / "pyproject.toml").write_text(pyproject)
+    return config.load(flags or {}, environ=env or {}, cwd=tmp_path)
+
+
+def _sources(settings: config.Settings) -> dict[str, str]:
+    return {name: s.source for name, s in settings.values.items()}
+
+
+def test_defaults_when_nothing_is_set(tmp_path: Path) -> None:
+    settings = _load(tmp_path)
+    assert set(_sources(settings).values()) == {"default"}
+    assert settings.file is None and settings.notes == ()
+    cfg = config.run_config(settings, need_command=False)
+    assert cfg.dir == Path(os.path.realpath(tmp_path / "checkpoints"))
+    assert cfg.remote_is_default and cfg.remote == default_remote(cfg.dir)
+    assert cfg.retry_on == parse_retry_on("75,signals")
+    assert cfg.backoff == parse_backoff("1:60")
+    defaults = config.RunConfig(command=[], dir=cfg.dir, remote=cfg.remote, storage_options={})
+    same = ["retries", "grace", "debounce", "rescan", "keep", "restore", "snapshot"]
+    same += ["flush_timeout", "lease_timeout", "excludes", "concurrency", "io_timeout"]
+    same += ["snapshots", "checkpoint_signal", "preemption", "quiet", "verbose", "log_json"]
+    for field in [*same, "storage_options"]:
+        assert getattr(cfg, field) == getattr(defaults, field), field
+
+
+def test_every_option_has_an_env_var_and_a_file_key() -> None:
+    envs = {opt.name: opt.env_var for opt in config.OPTIONS}
+    # names users already have in their scripts and unit files
+    assert envs["remote"] == "CKPT_REMOTE"
+    assert envs["io_timeout"] == "CKPT_IO_TIMEOUT"
+    assert envs["preemption"] == "CKPT_PREEMPTION"
+    assert envs["storage_option"] == "CKPT_STORAGE_OPTIONS"
+    assert envs["retry_on"] == "CKPT_RETRY_ON"
+    assert envs["log_json"] == "CKPT_LOG_JSON"
+    assert envs["command"] is None  # the command comes from `--` or the file only
+    assert len(set(envs.values())) == len(envs)
+
+
+def test_the_table_matches_the_flags_of_ckpt_run() -> None:
+    """One table drives env and files; typer's flags (their defaults, shown by
+    --help, and their ranges) must say the same."""
+    import typer
+
+    from ckpt_cli.main import app
+
+    params = {p.name: p for p in typer.main.get_command(app).commands["run"].params}  # type: ignore[attr-defined]
+    assert set(params) - {"print_config"} == set(config.BY_NAME)
+    for opt in config.OPTIONS:
+        param = params[opt.name]
+        default = config._from_flag(opt, param.default)
+        assert default == opt.default, opt.name
+        assert getattr(param, "min", None) == opt.min, opt.name
+        assert getattr(param, "max", None) == opt.max, opt.name
+        if opt.name != "command":
+            flag = param.opts[0].removeprefix("--")
+            assert flag in (opt.file_key, *opt.aliases), opt.name
+
+
+#: (option, file line, env value, flag value, expected value from file/env/flag)
+CASES = [
+    ("retries", "retries = 5", "6", 7, (5, 6, 7)),
+    ("debounce", "debounce = 0.5", "0.25", 0.75, (0.5, 0.25, 0.75)),
+    ("debounce", "debounce = 1", "1", 1.0, (1.0, 1.0, 1.0)),  # a TOML integer is a number
+    ("backoff", 'backoff = "0"', "2:4", "3", ("0", "2:4", "3")),
+    ("no_restore", "no-restore = true", "yes", True, (True, True, True)),
+    ("exclude", 'exclude = ["*.log"]', "a,b", ["c"], (["*.log"], ["a", "b"], ["c"])),
+    ("remote", 'remote = "/r/file"', "/r/env", "/r/flag", ("/r/file", "/r/env", "/r/flag")),
+    (
+        "storage_option",
+        "[storage_options]\nanon = true",
+        '{"anon": false}',
+        ["region=eu"],
+        ({"anon": True}, {"anon": False}, {"region": "eu"}),
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "line", "env", "flag", "expected"), CASES)
+def test_precedence_flag_env_file_default(
+    tmp_path: Path, name: str, line: str, env: str, flag: object, expected: tuple[object, ...]
+) -> None:
+    opt = config.BY_NAME[name]
+    var = opt.env_var
+    assert var is not None
+    (tmp_path / "ckpt.toml").write_text(line + "\n")
+    file_only = _load(tmp_path)
+    with_env = _load(tmp_path, env={var: env})
+    with_flag = _load(tmp_path, flags={name: flag}, env={var: env})
+    got = [s.values[name] for s in (file_only, with_env, with_flag)]
+    assert [g.value for g in got] == list(expected)
+    assert [g.source for g in got] == ["ckpt.toml", f"env {var}", "flag"]
+    (tmp_path / "ckpt.toml").unlink()
+    assert _load(tmp_path).values[name].source == "default"
+
+
+def test_values_are_parsed_whatever_their_source(tmp_path: Path) -> None:
+    settings = _load(
+        tmp_path,
+        env={"CKPT_RETRY_ON": "1,SIGKILL", "CKPT_CHECKPOINT_SIGNAL": "USR2", "CKPT_LOG_JSON": "l"},
+        toml='backoff = "2:8"\nsnapshots = "commit"\npreemption = "off"\n',
+    )
+    cfg = config.run_config(settings, need_command=False)
+    assert cfg.retry_on == parse_retry_on("1,SIGKILL")
+    assert cfg.checkpoint_signal == int(signal.SIGUSR2)
+    assert cfg.backoff == parse_backoff("2:8")
+    assert (cfg.snapshots, cfg.preemption) == ("commit", "off")
+    assert cfg.log_json == tmp_path / "l"
+
+
+def test_env_lists_split_on_commas_and_pathsep(tmp_path: Path) -> None:
+    raw = f"a, b{os.pathsep}*.tmp2,,"
+    assert _load(tmp_path, env={"CKPT_EXCLUDE": raw})["exclude"] == ["a", "b", "*.tmp2"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "value"), [("1", True), ("TRUE", True), ("on", True), ("no", False), ("0", False)]
+)
+def test_env_booleans(tmp_path: Path, raw: str, value: bool) -> None:
+    assert _load(tmp_path, env={"CKPT_QUIET": raw})["quiet"] is value
+
+
+def test_empty_env_var_is_unset(tmp_path: Path) -> None:
+    settings = _load(tmp_path, env={"CKPT_REMOTE": "", "CKPT_RETRIES": "  "}, toml="retries = 1\n")
+    assert settings.values["remote"].source == "default"
+    assert settings.values["retries"].source == "ckpt.toml"
+
+
+def test_empty_string_in_file_means_unset(tmp_path: Path) -> None:
+    settings = _load(tmp_path, toml='remote = ""\nsnapshot = ""\nlog-json = ""\n')
+    assert settings["remote"] is None and settings["snapshot"] is None
+    assert config.run_config(settings, need_command=False).remote_is_default
+
+
+def test_file_keys_take_dashes_underscores_and_aliases(tmp_path: Path) -> None:
+    settings = _load(
+        tmp_path,
+        toml='retry_on = "any"\nflush-timeout = 5\nexcludes = ["x"]\n'
+        '[storage-option]\nclient_kwargs = {endpoint_url = "http://h"}\n',
+    )
+    assert settings.values["retry_on"].value == "any"
+    assert settings["flush_timeout"] == 5.0
+    assert settings["exclude"] == ["x"]
+    assert settings["storage_option"] == {"client_kwargs": {"endpoint_url": "http://h"}}
+
+
+def test_same_option_twice_in_a_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="'retry-on' and 'retry_on' set the same option"):
+        _load(tmp_path, toml='retry-on = "any"\nretry_on = "none"\n')
+
+
+def test_pyproject_tool_ckpt(tmp_path: Path) -> None:
+    settings = _load(tmp_path, pyproject='[project]\nname = "x"\n[tool.ckpt]\nkeep = 9\n')
+    assert settings["keep"] == 9
+    assert settings.values["keep"].source == "pyproject.toml [tool.ckpt]"
+    assert settings.file == tmp_path / "pyproject.toml"
+
+
+def test_pyproject_without_tool_ckpt_is_not_a_config_file(tmp_path: Path) -> None:
+    settings = _load(tmp_path, pyproject="[tool.ruff]\nline-length = 100\n")
+    assert settings.file is None
+
+
+def test_ckpt_toml_wins_over_pyproject_and_says_so(tmp_path: Path) -> None:
+    settings = _load(tmp_path, toml="keep = 2\n", pyproject="[tool.ckpt]\nkeep = 9\nretries = 8\n")
+    assert settings["keep"] == 2
+    assert settings.values["retries"].source == "default"  # files are not merged
+    assert settings.file == tmp_path / "ckpt.toml"
+    assert settings.notes == ("ckpt.toml is used; [tool.ckpt] in pyproject.toml is ignored",)
+
+
+def test_a_broken_pyproject_does_not_matter_beside_ckpt_toml(tmp_path: Path) -> None:
+    assert _load(tmp_path, toml="keep = 2\n", pyproject="[tool\n")["keep"] == 2
+    (tmp_path / "ckpt.toml").unlink()
+    with pytest.raises(ConfigError, match=r"^pyproject.toml is not valid TOML: .*line 1"):
+        _load(tmp_path)
+
+
+def test_only_the_working_directory_is_read(tmp_path: Path) -> None:
+    (tmp_path / "ckpt.toml").write_text("keep = 2\n")
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    assert config.load({}, environ={}, cwd=sub).values["keep"].source == "default"
+
+
+def test_command_from_the_file_or_the_command_line(tmp_path: Path) -> None:
+    toml = 'command = ["python", "train.py"]\n'
+    assert _load(tmp_path, toml=toml)["command"] == ["python", "train.py"]
+    assert _load(tmp_path, flags={"command": ["sh"]}, toml=toml)["command"] == ["sh"]
+    cfg = config.run_config(_load(tmp_path, toml=toml))
+    assert cfg.command == ["python", "train.py"]
+
+
+def test_no_command_anywhere_is_a_usage_error(tmp_path: Path) -> None:
+    settings = _load(tmp_path)
+    with pytest.raises(ConfigError, match="no command to run") as err:
+        config.run_config(settings)
+    assert err.value.exit_code == ExitCode.USAGE
+
+
+def test_quiet_and_verbose_the_higher_source_wins(tmp_path: Path) -> None:
+    settings = _load(tmp_path, flags={"verbose": True}, toml="quiet = true\n")
+    assert settings["verbose"] is True and settings["quiet"] is False
+    assert "overridden by verbose" in settings.values["quiet"].source
+    with pytest.raises(ConfigError, match="contradict"):
+        _load(tmp_path, flags={"verbose": True, "quiet": True})
+
+
+# ---------------------------------------------------------------- sources: errors
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("retires = 3", r"ckpt.toml: unknown key 'retires' \(did you mean 'retries'"),
+        ("zzzz = 3", r"ckpt.toml: unknown key 'zzzz' \(known keys: backoff, "),
+        ('retries = "x"', r"^ckpt.toml: retries = 'x' is not an integer$"),
+        ("retries = true", r"^ckpt.toml: retries = True is not an integer$"),
+        ('grace = "30"', r"^ckpt.toml: grace = '30' is not a number$"),
+        ("no-restore = 1", r"^ckpt.toml: no-restore = 1 is not true or false$"),
+        ("backoff = 1", r"^ckpt.toml: backoff = 1 is not a string$"),
+        ('exclude = "*.log"', r"^ckpt.toml: exclude = '\*.log' is not a list of strings$"),
+        ('storage_options = "x"', r"^ckpt.toml: storage_options is not a table$"),
+        ("keep = 0", r"^ckpt.toml: keep = 0 is below the minimum 1$"),
+        ("concurrency = 65", r"^ckpt.toml: concurrency = 65 is above the maximum 64$"),
+        ('backoff = "x"', r"^ckpt.toml: --backoff 'x' is not INITIAL\[:MAX\]"),
+        ('preemption = "aws-spot"', r"^ckpt.toml: --preemption 'aws-spot': choose one of"),
+        ('checkpoint-signal = "SIGNOPE"', r"^ckpt.toml: --checkpoint-signal 'SIGNOPE' is not"),
+        ('dir = "/"', r"^ckpt.toml: refusing to use the filesystem root"),
+        ("retries = [", r"^ckpt.toml is not valid TOML: "),
+    ],
+)
+def test_bad_file_values_are_one_line_errors(tmp_path: Path, toml: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as err:
+        _load(tmp_path, toml=toml + "\n")
+    assert "\n" not in str(err.value)
+    assert err.value.exit_code == ExitCode.CONFIG
+
+
+def test_bad_pyproject_values_name_the_table(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^pyproject.toml \[tool.ckpt\]: retries = 'x' is not"):
+        _load(tmp_path, pyproject='[tool.ckpt]\nretries = "x"\n')
+    with pytest.raises(ConfigError, match=r"^pyproject.toml \[tool.ckpt\] is not a table$"):
+        _load(tmp_path, pyproject='[tool]\nckpt = "x"\n')
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"CKPT_RETRIES": "x"}, r"^CKPT_RETRIES='x' is not an integer$"),
+        ({"CKPT_RETRIES": "1.5"}, r"^CKPT_RETRIES='1.5' is not an integer$"),
+        ({"CKPT_GRACE": "soon"}, r"^CKPT_GRACE='soon' is not a number$"),
+        ({"CKPT_GRACE": "inf"}, r"^CKPT_GRACE='inf' is not a number$"),
+        ({"CKPT_QUIET": "maybe"}, r"^CKPT_QUIET='maybe' is not a boolean"),
+        ({"CKPT_KEEP": "0"}, r"^CKPT_KEEP='0' is below the minimum 1$"),
+        ({"CKPT_IO_TIMEOUT": "0.5"}, r"^CKPT_IO_TIMEOUT='0.5' is below the minimum 1$"),
+        ({"CKPT_BACKOFF": "x"}, r"^CKPT_BACKOFF: --backoff 'x' is not INITIAL"),
+        ({"CKPT_RETRY_ON": "bogus"}, r"^CKPT_RETRY_ON: 'bogus' in --retry-on is neither"),
+        ({"CKPT_SNAPSHOTS": "often"}, r"^CKPT_SNAPSHOTS: --snapshots 'often': choose"),
+        ({"CKPT_STORAGE_OPTIONS": "[1]"}, r"^CKPT_STORAGE_OPTIONS is not a JSON object"),
+    ],
+)
+def test_bad_env_values_are_one_line_errors(
+    tmp_path: Path, env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _load(tmp_path, env=env)
+
+
+def test_a_bad_storage_options_env_var_is_not_echoed(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        _load(tmp_path, env={"CKPT_STORAGE_OPTIONS": "secret=hunter2-long"})
+    assert "hunter2" not in str(err.value)
+
+
+def test_flag_errors_keep_their_own_words(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^--backoff 'x' is not"):
+        _load(tmp_path, flags={"backoff": "x"})
+    with pytest.raises(ConfigError, match=r"^storage option 'nokv' is not KEY=VALUE"):
+        _load(tmp_path, flags={"storage_option": ["nokv"]})
+
+
+def test_a_value_overridden_by_a_higher_source_is_not_judged(tmp_path: Path) -> None:
+    settings = _load(tmp_path, env={"CKPT_RETRIES": "x"}, flags={"retries": 2})
+    assert settings["retries"] == 2
+
+
+# ---------------------------------------------------------------- --print-config
+
+
+@pytest.fixture
+def _no_secrets() -> Iterator[None]:
+    redact.clear()
+    yield
+    redact.clear()
+
+
+@pytest.mark.usefixtures("_no_secrets")
+def test_describe_is_toml_that_loads_back_to_the_same_settings(tmp_path: Path) -> None:
+    import tomllib
+
+    first = tmp_path / "a"
+    first.mkdir()
+    settings = _load(
+        first,
+        flags={"retries": 7, "exclude": ["*.log", 'we"ird'], "command": ["python", "t.py"]},
+        env={"CKPT_DEBOUNCE": "0.5", "CKPT_STORAGE_OPTIONS": '{"anon": true, "n": null}'},
+        toml='backoff = "0"\nquiet = true\n[storage_options.client_kwargs]\nregion_name = "eu"\n',
+    )
+    text = config.describe(settings, config.run_config(settings))
+    rows = {
+        line.split(" = ", 1)[0]: line.rsplit("  # ", 1)[1]
+        for line in text.splitlines()
+        if not line.startswith("#")
+    }
+    assert rows["retries"] == "flag"
+    assert rows["debounce"] == "env CKPT_DEBOUNCE"
+    assert rows["backoff"] == "ckpt.toml"
+    assert rows["grace"] == "default"
+    assert rows["remote"].startswith("default: the embedded store ")
+    assert list(rows) == [opt.file_key for opt in config.OPTIONS]
+    doc = tomllib.loads(text)
+    assert doc["retries"] == 7 and doc["storage-options"] == {"anon": True}
+
+    again = tmp_path / "b"
+    again.mkdir()
+    (again / "ckpt.toml").write_text(text)
+    reloaded = config.load({}, environ={}, cwd=again)
+    for opt in config.OPTIONS:
+        if opt.name not in ("dir", "storage_option"):  # dir: relative to another cwd
+            assert reloaded.values[opt.name].value == settings.values[opt.name].value, opt.name
+
+
+@pytest.mark.usefixtures("_no_secrets")
+def test_describe_masks_secrets(tmp_path: Path) -> None:
+    settings = _load(
+        tmp_path,
+        flags={"storage_option": ["secret=wJalrXUtnFEMI", "key=AKIAEXAMPLE", "anon=false"]},
+        env={"CKPT_REMOTE": "sftp://alice:hunter2pass@host/runs"},
+    )
+    text = config.describe(settings, config.run_config(settings, need_command=False))
+    for secret in ("wJalrXUtnFEMI", "AKIAEXAMPLE", "hunter2pass"):
+        assert secret not in text
+    assert 'secret = "***"' in text and "anon = false" in text
+    assert "sftp://alice:***@host/runs" in text
+
+
+def test_the_readme_example_is_a_valid_ckpt_toml(tmp_path: Path) -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    example = readme.split("```toml\n# ckpt.toml\n", 1)[1].split("```", 1)[0]
+    settings = _load(tmp_path, toml=example)
+    assert settings["retries"] == 5 and settings["command"] == ["python", "train.py"]
+    assert settings.values["storage_option"].source == "ckpt.toml"
