@@ -105,6 +105,50 @@ def title(text: str | None) -> None:
         sys.stderr.flush()
 
 
+class Progress:
+    """A progress bar on stderr (bytes, rate, ETA) for restore and push, on a
+    terminal only; off one, and under --quiet, it does nothing. `update(done,
+    total)` may be called from any thread, as often as it likes."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self._bar: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> Progress:
+        if is_terminal() and not _quiet:
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+            from rich.progress import Progress as RichProgress
+
+            self._bar = RichProgress(
+                TextColumn("ckpt: {task.description}"),
+                BarColumn(),
+                DownloadColumn(binary_units=True),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=_get(),
+                transient=True,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task(self.what, total=None)
+        return self
+
+    def update(self, done: int, total: int | None) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=done, total=total or None)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
 def summary(title_text: str, columns: list[str], rows: list[list[str]]) -> None:
     """A short table on stderr (the end of `ckpt run`): a rich table on a
     terminal, one plain `ckpt:` line per row off one."""

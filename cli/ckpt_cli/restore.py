@@ -73,6 +73,7 @@ def restore(
     snapshot: str | None = None,
     warn: Callable[[str], None],
     concurrency: int = 4,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Restored | None:
     """Restore the newest usable snapshot (or exactly `snapshot`) into target.
 
@@ -102,7 +103,7 @@ def restore(
             _check_symlinks(manifest)
             tmp = _temp_name(target, RESTORE_PREFIX)
             try:
-                materialise(repo, manifest, tmp, concurrency=concurrency)
+                materialise(repo, manifest, tmp, concurrency=concurrency, progress=progress)
                 swap_in(tmp, target)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -147,9 +148,17 @@ def _check_symlinks(manifest: Manifest) -> None:
             raise ManifestError(f"has a symlink {e.path!r} that leads out of the directory")
 
 
-def materialise(repo: Repository, manifest: Manifest, dest: Path, *, concurrency: int = 4) -> None:
+def materialise(
+    repo: Repository,
+    manifest: Manifest,
+    dest: Path,
+    *,
+    concurrency: int = 4,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
     """Write every entry of manifest under dest (a fresh directory), verifying
-    each chunk's hash. Files are created exclusively and never through links."""
+    each chunk's hash. Files are created exclusively and never through links.
+    progress(bytes written, total) is called as chunks land, from any thread."""
     dest.mkdir(mode=0o700)
     dirs = [e for e in manifest.entries if e.type == "dir"]
     for e in dirs:
@@ -157,11 +166,18 @@ def materialise(repo: Repository, manifest: Manifest, dest: Path, *, concurrency
     slots = threading.BoundedSemaphore(max(1, concurrency) + 2)
     chunk = manifest.chunk_size
 
+    total, written, lock = manifest.total_size, [0], threading.Lock()
+
     def fetch(fd: int, digest: str, offset: int, length: int) -> None:
         try:
             _pwrite_all(fd, repo.get_chunk(digest, length), offset)
         finally:
             slots.release()
+        if progress is not None:
+            with lock:
+                written[0] += length
+                done = written[0]
+            progress(done, total)
 
     # Chunks of consecutive files are in flight together (no drain at each
     # file's end); a file is finished (mode, close, mtime) once all its chunks

@@ -240,3 +240,21 @@ def test_off_a_terminal_there_is_no_title_and_no_control_character(
     )
     assert res.returncode == 0, res.stderr
     assert "\x1b" not in res.stderr and "\x07" not in res.stderr
+
+
+def test_push_and_restore_show_a_progress_bar_in_a_terminal_only(
+    tmp_path: Path, remote: Path
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big.bin").write_bytes(os.urandom(24 << 20))
+    status, raw = _run_in_pty(["push", str(src), str(remote)], cwd=tmp_path)
+    assert status == 0, raw.decode(errors="replace")
+    assert b"pushing" in raw and b"MiB" in raw, raw.decode(errors="replace")
+    status, raw = _run_in_pty(["restore", str(remote), str(tmp_path / "out")], cwd=tmp_path)
+    assert status == 0, raw.decode(errors="replace")
+    assert b"restoring into" in raw, raw.decode(errors="replace")
+    assert (tmp_path / "out" / "big.bin").read_bytes() == (src / "big.bin").read_bytes()
+    plain = run_ckpt(["restore", str(remote), str(tmp_path / "out2")], cwd=tmp_path)
+    assert plain.returncode == 0 and "restoring into" not in plain.stderr
+    assert "\x1b" not in plain.stderr
