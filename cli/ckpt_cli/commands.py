@@ -1,24 +1,30 @@
-"""The one-shot commands: restore, push, ls, commit. Each returns an exit status.
+"""The one-shot commands: restore, push, ls, commit, signal. Each returns an
+exit status; a command's output (tables, --json) goes to stdout, ckpt's own
+lines through `console`. The commands that look after a repository (show,
+diff, verify, gc) are in `operate`.
 
-Imports: the storage modules, `console`; rich tables lazily.
+Imports: the storage modules, `repo_tools`, `console`; rich tables lazily.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ckpt._contract import ExitCode
 from ckpt_cli import config, console
-from ckpt_cli.errors import CkptError, ConfigError, RemoteError
+from ckpt_cli.errors import CkptError, ConfigError
 from ckpt_cli.history import load_runs
-from ckpt_cli.manifest import Manifest
 from ckpt_cli.remote import open_backend, parse_storage_options
-from ckpt_cli.repository import Repository, iter_manifests, newest_manifest
+from ckpt_cli.repo_tools import Checked, check, open_existing
+from ckpt_cli.repository import Repository, newest_manifest
 
 
 def _open(remote: str, options: list[str], *, create: bool) -> Repository | None:
@@ -26,17 +32,38 @@ def _open(remote: str, options: list[str], *, create: bool) -> Repository | None
     return Repository.open(backend, create=create)
 
 
-def restore(remote: str, dir: Path, snapshot: str | None, options: list[str]) -> int:
+# ---------------------------------------------------------------- restore, push
+
+
+def _has_entries(directory: Path) -> bool:
+    try:
+        return directory.is_dir() and any(directory.iterdir())
+    except OSError:
+        return False  # unreadable: the restore itself says what is wrong
+
+
+def restore(
+    remote: str, dir: Path, snapshot: str | None, options: list[str], *, force: bool = False
+) -> int:
     from ckpt_cli.restore import restore as do_restore
 
     target = config.resolve_dir(dir)
     config.check_remote_outside(target, remote)
-    repo = _open(remote, options, create=False)
+    repo = open_existing(remote, options)
     if repo is None:
-        raise RemoteError(f"no ckpt repository at {remote} (check --remote / the URL)")
-    done = do_restore(repo, target, snapshot=snapshot, warn=console.warn)
+        if snapshot is not None:
+            raise ConfigError(f"no snapshot {snapshot!r} in {remote}: it is empty (--snapshot)")
+        console.info(f"{remote} is empty: no snapshots yet, nothing restored")
+        return ExitCode.OK
+    if not force and _has_entries(target) and repo.snapshots():
+        raise ConfigError(
+            f"{target} is not empty: pass --force to replace its contents with the snapshot "
+            "(they stay as they are until the whole snapshot is in place)"
+        )
+    with console.Progress(f"restoring into {target}") as bar:
+        done = do_restore(repo, target, snapshot=snapshot, warn=console.warn, progress=bar.update)
     if done is None:
-        console.info(f"{remote} has no snapshot: nothing restored")
+        console.info(f"{remote} has no snapshots yet: nothing restored")
         return ExitCode.OK
     m = done.manifest
     console.info(
@@ -44,6 +71,27 @@ def restore(remote: str, dir: Path, snapshot: str | None, options: list[str]) ->
         f"{console.fmt_bytes(m.total_size)}) into {target} in {done.seconds:.1f}s"
     )
     return ExitCode.OK
+
+
+@contextlib.contextmanager
+def _watching(snapshotter: Any, bar: console.Progress) -> Iterator[None]:
+    """Feed the bar from the snapshot under way (bytes read and uploaded)."""
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(0.1):
+            live = snapshotter.live
+            if live is not None:
+                result, _files, total, _started = live
+                bar.update(result.bytes_read, total)
+
+    t = threading.Thread(target=poll, name="ckpt-progress", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()
 
 
 def push(dir: Path, remote: str, keep: int, options: list[str]) -> int:
@@ -60,7 +108,8 @@ def push(dir: Path, remote: str, keep: int, options: list[str]) -> int:
     snapshotter = Snapshotter(repo, source, run="push")
     try:
         snapshotter.adopt(newest_manifest(repo), trust_local=False)
-        result = snapshotter.snapshot(reason="push", keep=keep)
+        with console.Progress(f"pushing {source}") as bar, _watching(snapshotter, bar):
+            result = snapshotter.snapshot(reason="push", keep=keep)
     finally:
         snapshotter.close()
         lease.release()
@@ -87,31 +136,24 @@ def push(dir: Path, remote: str, keep: int, options: list[str]) -> int:
     return ExitCode.OK
 
 
+# ---------------------------------------------------------------- ls
+
+
 def ls(remote: str, as_json: bool, options: list[str], *, runs: bool = False) -> int:
-    repo = _open(remote, options, create=False)
+    repo = open_existing(remote, options)
     if repo is None:
-        raise RemoteError(f"no ckpt repository at {remote} (check the URL)")
-    rows: list[dict[str, Any]] = []
-    for ref, m in iter_manifests(repo):
-        if isinstance(m, Manifest):
-            rows.append(
-                {
-                    "id": m.id,
-                    "generation": m.generation,
-                    "created": m.created,
-                    "files": len(m.files),
-                    "size": m.total_size,
-                    "new_bytes": m.new_bytes,
-                    "attempt": m.attempt,
-                    "host": m.host,
-                    "reason": m.reason,
-                    "ok": True,
-                }
-            )
+        if as_json:
+            print(json.dumps({"remote": remote, "snapshots": [], "runs": []}, indent=1))
         else:
-            rows.append(
-                {"id": ref.id, "generation": ref.generation, "ok": False, "error": f"manifest {m}"}
-            )
+            console.info(f"{remote} is empty: no snapshots yet")
+        return ExitCode.OK
+    rows: list[dict[str, Any]] = []
+    newest_found = False
+    for c in check(repo, repo.snapshots()).snapshots:
+        row = _ls_row(c)
+        if c.ok and not newest_found:
+            row["state"], newest_found = "newest", True
+        rows.append(row)
     if as_json:
         doc = {"remote": remote, "snapshots": rows, "runs": load_runs(repo.backend)}
         print(json.dumps(doc, indent=1))
@@ -127,6 +169,28 @@ def ls(remote: str, as_json: bool, options: list[str], *, runs: bool = False) ->
     else:
         console.info(f"{remote} has no snapshots yet")
     return ExitCode.OK
+
+
+def _ls_row(c: Checked) -> dict[str, Any]:
+    """One snapshot as `ckpt ls --json` shows it. ok: the manifest parses and
+    every chunk it names exists; state: newest (what a restore picks),
+    complete or damaged; error: what is wrong with a damaged one."""
+    m = c.manifest
+    row: dict[str, Any] = {"id": c.ref.id, "generation": c.ref.generation}
+    if m is not None:
+        row.update(
+            created=m.created,
+            files=len(m.files),
+            size=m.total_size,
+            new_bytes=m.new_bytes,
+            attempt=m.attempt,
+            host=m.host,
+            reason=m.reason,
+        )
+    row.update(ok=c.ok, state="complete" if c.ok else "damaged")
+    if not c.ok:
+        row["error"] = c.summary()
+    return row
 
 
 #: The runs `ckpt ls` shows without --json (the newest ones).
@@ -172,14 +236,16 @@ def _snapshot_table(rows: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
     table = Table(box=None, pad_edge=False)
-    for col in ("id", "gen", "time", "age", "files", "size", "new", "attempt", "host"):
+    cols = ("id", "gen", "time", "age", "files", "size", "new", "attempt", "host", "state")
+    for col in cols:
         table.add_column(
             col, justify="right" if col in ("gen", "files", "size", "new", "attempt") else "left"
         )
     now = time.time()
     for r in rows:
-        if not r["ok"]:
-            table.add_row(r["id"], str(r["generation"]), "damaged:", r["error"], "", "", "", "", "")
+        state = r["state"] if r["ok"] else f"damaged: {r['error']}"
+        if "created" not in r:
+            table.add_row(r["id"], str(r["generation"]), *[""] * 7, state)
             continue
         table.add_row(
             r["id"],
@@ -191,6 +257,7 @@ def _snapshot_table(rows: list[dict[str, Any]]) -> None:
             console.fmt_bytes(r["new_bytes"]),
             str(r["attempt"] or "-"),
             r["host"],
+            "" if state == "complete" else state,
         )
     console.table(table)
 

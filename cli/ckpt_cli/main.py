@@ -60,18 +60,34 @@ def _root(
     """ckpt: checkpoints that survive crashes, restarts and preemptions."""
 
 
+def _from_command_line(ctx: typer.Context) -> dict[str, Any]:
+    """The options of `ckpt run` given on the command line (not defaults):
+    config.load puts them above env vars, config files and defaults."""
+    return {
+        name: value
+        for name, value in ctx.params.items()
+        if name != "print_config"
+        and (source := ctx.get_parameter_source(name)) is not None
+        and source.name == "COMMANDLINE"
+    }
+
+
 @app.command(context_settings={"allow_interspersed_args": False})
 def run(
+    ctx: typer.Context,
     command: Annotated[
-        list[str], typer.Argument(help="The command to supervise, after --.", show_default=False)
-    ],
+        list[str] | None,
+        typer.Argument(
+            help="The command to supervise, after -- (or `command = [...]` in ckpt.toml).",
+            show_default=False,
+        ),
+    ] = None,
     dir: Annotated[
         Path, typer.Option("--dir", "-d", help="Checkpoint directory to protect.")
     ] = Path("checkpoints"),
     remote: Annotated[
         str | None,
         typer.Option(
-            envvar="CKPT_REMOTE",
             show_default=False,
             help="Repository URL (s3://bucket/prefix, gs://, az://, sftp://, a path). "
             "Default: an embedded local store under ~/.local/share/ckpt.",
@@ -149,61 +165,62 @@ def run(
         float,
         typer.Option(
             min=1,
-            envvar="CKPT_IO_TIMEOUT",
             help="Seconds any one call to the remote may take before it is retried.",
         ),
     ] = 120.0,
     preemption: Annotated[
         str,
         typer.Option(
-            envvar="CKPT_PREEMPTION",
             help="Watch for the cloud's preemption notice: auto (only on a machine whose "
             "DMI data names AWS, GCP or Azure; nothing is sent elsewhere), aws, gcp, "
             "azure, off.",
         ),
     ] = "auto",
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Debug detail too (what ckpt decides, and why).")
+    ] = False,
+    log_json: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="FILE",
+            show_default=False,
+            help="Also write ckpt's events to FILE, one JSON object per line.",
+        ),
+    ] = None,
+    print_config: Annotated[
+        bool,
+        typer.Option(
+            "--print-config",
+            help="Print every option's value and where it came from (as ckpt.toml lines); "
+            "run nothing.",
+        ),
+    ] = False,
 ) -> None:
     """Run COMMAND under supervision: restore --dir, snapshot it as it changes,
     restart COMMAND on recoverable exits.
 
+    Every option can also be set by an env var CKPT_<OPTION> (CKPT_RETRIES=5,
+    CKPT_IO_TIMEOUT=60) or in ckpt.toml ([tool.ckpt] in pyproject.toml), in the
+    working directory; flags win over env vars, env vars over the file.
+
     Example: ckpt run --retries 3 --dir ./checkpoints --remote s3://b/run -- python train.py
     """
-    console.configure(quiet=quiet)
+    console.configure(quiet=quiet, verbose=verbose)  # until config files are read
     with error_funnel() as status:
-        from ckpt_cli import config, policy
-        from ckpt_cli.remote import parse_storage_options
-        from ckpt_cli.supervisor import Supervisor
+        from ckpt_cli import config
 
-        directory = config.resolve_dir(dir)
-        url = config.default_remote(directory) if remote is None else remote
-        config.check_remote_outside(directory, url)
-        cfg = config.RunConfig(
-            command=list(command),
-            dir=directory,
-            remote=url,
-            storage_options=parse_storage_options(storage_option or []),
-            remote_is_default=remote is None,
-            retries=retries,
-            retry_on=policy.parse_retry_on(retry_on),
-            backoff=policy.parse_backoff(backoff),
-            grace=grace,
-            debounce=debounce,
-            rescan=rescan,
-            keep=keep,
-            restore=not no_restore,
-            snapshot=snapshot,
-            flush_timeout=flush_timeout,
-            lease_timeout=lease_timeout,
-            excludes=tuple(exclude or ()),
-            concurrency=concurrency,
-            io_timeout=io_timeout,
-            snapshots=config.parse_snapshots(snapshots),
-            checkpoint_signal=policy.parse_signal(checkpoint_signal),
-            preemption=config.parse_preemption(preemption),
-            quiet=quiet,
-        )
-        status[0] = Supervisor(cfg).run()
+        settings = config.load(_from_command_line(ctx))
+        console.configure(quiet=settings["quiet"], verbose=settings["verbose"])
+        for note in settings.notes:
+            console.info(note)
+        cfg = config.run_config(settings, need_command=not print_config)
+        if print_config:
+            typer.echo(config.describe(settings, cfg))
+        else:
+            from ckpt_cli.supervisor import Supervisor
+
+            status[0] = Supervisor(cfg).run()
     raise typer.Exit(status[0])
 
 
@@ -214,18 +231,26 @@ def restore_cmd(
     snapshot: Annotated[
         str | None, typer.Option(help="Snapshot id or generation (default: the newest usable one).")
     ] = None,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Replace the contents of a DIR that is not empty."),
+    ] = False,
     storage_option: StorageOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Restore a snapshot into DIR (verified, swapped in atomically).
 
-    Example: ckpt restore s3://b/run ./checkpoints
+    A DIR that is not empty is refused without --force; with it, DIR keeps its
+    old contents until the whole snapshot is in place, then one rename swaps
+    them.
+
+    Example: ckpt restore s3://b/run ./checkpoints --snapshot 12 --force
     """
     console.configure(quiet=quiet)
     with error_funnel() as status:
         from ckpt_cli import commands
 
-        status[0] = commands.restore(remote, dir, snapshot, storage_option or [])
+        status[0] = commands.restore(remote, dir, snapshot, storage_option or [], force=force)
     raise typer.Exit(status[0])
 
 
@@ -266,12 +291,121 @@ def ls_cmd(
 ) -> None:
     """List snapshots, newest first (or, with --runs, the runs that wrote them).
 
+    Each row: id, generation, time, age, files, size, bytes new in it, attempt,
+    host and state. "newest" marks the snapshot `ckpt restore` and `ckpt run`
+    start from (the newest complete one); "damaged" ones (a manifest that does
+    not parse, chunks missing from the one listing of chunks/) are skipped by
+    them; `ckpt verify --full` also re-hashes chunks. There is no "kept" mark:
+    --keep is a flag of each writer (`ckpt run`, `push`), not stored, so every
+    snapshot listed is one the last retention kept; `ckpt gc --keep N
+    --dry-run` shows what N would drop. An empty location lists nothing (exit 0).
+
     Example: ckpt ls s3://b/run
     """
     with error_funnel() as status:
         from ckpt_cli import commands
 
         status[0] = commands.ls(remote, json_out, storage_option or [], runs=runs)
+    raise typer.Exit(status[0])
+
+
+SnapshotOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--snapshot", help="Snapshot id, unique id prefix or generation (default: every one)."
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")]
+
+
+@app.command("show")
+def show_cmd(
+    remote: RemoteArg,
+    snapshot: Annotated[
+        str | None,
+        typer.Argument(help="Snapshot id, unique id prefix or generation (default: the newest)."),
+    ] = None,
+    json_out: JsonOpt = False,
+    storage_option: StorageOpt = None,
+) -> None:
+    """List the files of one snapshot: path, type, mode, size, chunks, mtime.
+
+    Example: ckpt show s3://b/run 12
+    """
+    with error_funnel() as status:
+        from ckpt_cli import operate
+
+        status[0] = operate.show(remote, snapshot, json_out, storage_option or [])
+    raise typer.Exit(status[0])
+
+
+@app.command("diff")
+def diff_cmd(
+    remote: RemoteArg,
+    a: Annotated[str, typer.Argument(metavar="A", help="The older snapshot (id or generation).")],
+    b: Annotated[str, typer.Argument(metavar="B", help="The newer snapshot (id or generation).")],
+    json_out: JsonOpt = False,
+    storage_option: StorageOpt = None,
+) -> None:
+    """Show what changed from snapshot A to B: files added, removed and changed
+    (content, size, mode, symlink target; not mtimes).
+
+    Example: ckpt diff s3://b/run 11 12
+    """
+    with error_funnel() as status:
+        from ckpt_cli import operate
+
+        status[0] = operate.diff(remote, a, b, json_out, storage_option or [])
+    raise typer.Exit(status[0])
+
+
+@app.command("verify")
+def verify_cmd(
+    remote: RemoteArg,
+    snapshot: SnapshotOpt = None,
+    full: Annotated[
+        bool,
+        typer.Option("--full", help="Also read and re-hash every chunk (a few at a time)."),
+    ] = False,
+    json_out: JsonOpt = False,
+    storage_option: StorageOpt = None,
+) -> None:
+    """Check that every manifest parses and every chunk it names exists (one
+    listing); --full also re-hashes every chunk. Damaged snapshots are listed
+    with what is wrong, and the exit status is 65.
+
+    Example: ckpt verify s3://b/run --full
+    """
+    with error_funnel() as status:
+        from ckpt_cli import operate
+
+        status[0] = operate.verify(remote, snapshot, full, json_out, storage_option or [])
+    raise typer.Exit(status[0])
+
+
+@app.command("gc")
+def gc_cmd(
+    remote: RemoteArg,
+    keep: Annotated[
+        int, typer.Option(min=1, show_default=False, help="Snapshots to keep, newest first.")
+    ],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Say what would be deleted; change nothing.")
+    ] = False,
+    json_out: JsonOpt = False,
+    storage_option: StorageOpt = None,
+) -> None:
+    """Delete all but the newest --keep snapshots, then every chunk no kept
+    snapshot names and the half-written objects of killed writers; say what
+    was freed. Takes the writer lease like `ckpt push` (refused while a run
+    holds it); --dry-run needs no lease. The run history (runs/) is kept.
+
+    Example: ckpt gc s3://b/run --keep 2 --dry-run
+    """
+    with error_funnel() as status:
+        from ckpt_cli import operate
+
+        status[0] = operate.gc(remote, keep, dry_run, json_out, storage_option or [])
     raise typer.Exit(status[0])
 
 
@@ -328,6 +462,30 @@ def shell_shim(
             typer.echo(str(SHELL_SHIM))
         else:
             typer.echo(SHELL_SHIM.read_text(), nl=False)
+    raise typer.Exit(status[0])
+
+
+@app.command("status")
+def status_cmd(
+    socket: Annotated[
+        str | None,
+        typer.Option(
+            envvar="CKPT_SOCKET",
+            help="Control socket of one supervisor (default: every `ckpt run` of this "
+            "user on this machine).",
+        ),
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")] = False,
+) -> None:
+    """Show the live state of running supervisors: child pid, attempt, newest
+    durable snapshot and its age, upload backlog and throughput.
+
+    Example (from another shell): ckpt status
+    """
+    with error_funnel() as status:
+        from ckpt_cli import status_cmd as impl
+
+        status[0] = impl.status(socket, json_out)
     raise typer.Exit(status[0])
 
 

@@ -69,6 +69,38 @@ class GcReport:
     kept: list[str]
 
 
+@dataclasses.dataclass
+class GcPlan:
+    """What `gc(keep)` (with sweep) would delete, worked out without deleting."""
+
+    kept: list[SnapshotRef]
+    dropped: list[SnapshotRef]
+    #: Chunks no kept manifest names -> their size where a manifest (a dropped
+    #: one) says it; None for chunks no manifest names at all (a killed upload's).
+    chunks: dict[str, int | None]
+    #: Half-written objects of killed writers under chunks/ and snapshots/.
+    temps: list[str]
+
+    @property
+    def known_bytes(self) -> int:
+        return sum(n for n in self.chunks.values() if n is not None)
+
+    @property
+    def unsized(self) -> int:
+        return sum(1 for n in self.chunks.values() if n is None)
+
+
+def chunk_sizes(manifest: Manifest) -> dict[str, int]:
+    """Every chunk a manifest names -> its length in bytes (the last chunk of a
+    file is short)."""
+    sizes: dict[str, int] = {}
+    step = manifest.chunk_size
+    for e in manifest.files:
+        for i, digest in enumerate(e.chunks):
+            sizes[digest] = min(step, e.size - i * step)
+    return sizes
+
+
 # ---------------------------------------------------------------- repository
 
 
@@ -273,6 +305,29 @@ class Repository:
             self.forget_chunk(digest)
             deleted += 1
         return GcReport([r.key for r in dropped], deleted, [r.key for r in kept])
+
+    def list_chunks(self) -> set[str]:
+        """Every chunk in the store, by one listing of chunks/ (never cached:
+        `ckpt verify` and `ckpt ls` want the store as it is now)."""
+        names = (n.rsplit("/", 1)[-1] for n in self.backend.list(CHUNKS))
+        return {d for d in names if HASH_RE.match(d)}
+
+    def plan_gc(self, keep: int) -> GcPlan:
+        """What gc(keep) would delete now, and the bytes it would free; reads
+        every manifest, lists chunks/ once, deletes nothing (no lease needed)."""
+        refs = self.snapshots()
+        kept, dropped = refs[:keep], refs[keep:]
+        referenced: set[str] = set()
+        for ref in kept:
+            with contextlib.suppress(ManifestError):
+                referenced |= self.load(ref).chunk_digests()
+        sizes: dict[str, int] = {}
+        for ref in dropped:
+            with contextlib.suppress(ManifestError):
+                sizes.update(chunk_sizes(self.load(ref)))
+        unreferenced = self.list_chunks() - referenced
+        temps = self.backend.list(CHUNKS, temp=True) + self.backend.list(SNAPSHOTS, temp=True)
+        return GcPlan(kept, dropped, {d: sizes.get(d) for d in sorted(unreferenced)}, temps)
 
     # -- lease
 

@@ -60,6 +60,9 @@ class ExitCode(enum.IntEnum):
     OK = 0
     #: A command line ckpt cannot parse (click's own convention).
     USAGE = 2
+    #: EX_DATAERR. `ckpt verify` (or show, diff) found damaged snapshots: an
+    #: unreadable manifest, a missing or corrupt chunk.
+    DAMAGED = 65
     #: The remote cannot be reached or is held by another writer: try again later.
     UNAVAILABLE = 69
     #: A bug in ckpt: a crash log was written.

@@ -144,9 +144,11 @@ def _wrong_credentials(store: Store, tmp_path: Path) -> tuple[dict[str, str], st
     """The store's env with its credential replaced by a wrong one (the endpoint
     stays on loopback), and the wrong secret; None where the server has no auth."""
     env = {**SAFE_ENV, **store.env}
-    if store.kind == "s3-s3rver":  # s3rver checks signatures
-        wrong = "wrong-secret-" + "x" * 12
-        env["AWS_SECRET_ACCESS_KEY"] = wrong
+    if store.kind == "s3-s3rver":
+        # s3rver 3.7 checks the access key id but not SigV4 signatures (it accepts
+        # any secret): an unknown key id is what it rejects (InvalidAccessKeyId).
+        wrong = "WRONGKEY" + "X" * 12
+        env["AWS_ACCESS_KEY_ID"] = wrong
         return env, wrong
     if store.kind == "azure":
         conn = env["AZURE_STORAGE_CONNECTION_STRING"]

@@ -316,7 +316,7 @@ def test_no_good_snapshot_fails_with_one_line_and_touches_nothing(
     empty.mkdir()
     marker = tmp_path / "report.json"
     run = ["run", "--dir", str(empty), "--remote", str(remote), "--", *reporter(tmp_path, marker)]
-    for args, target in ((["restore", str(remote), str(ck)], ck), (run, empty)):
+    for args, target in ((["restore", str(remote), str(ck), "--force"], ck), (run, empty)):
         before = tree(tmp_path)
         res = ckpt(args, cwd=tmp_path)
         assert res.returncode == UNAVAILABLE, res.stderr
@@ -465,7 +465,7 @@ def test_unwritable_dir_is_refused_and_left_alone(scene: dict[str, Path], tmp_pa
     with read_only(parent):
         assert not writable_probe(parent), "the dir is still writable"
         cases = [
-            ["restore", str(remote), str(existing)],
+            ["restore", str(remote), str(existing), "--force"],
             _run_args(missing, str(remote), marker),
             _run_args(missing, str(empty_remote), marker),
         ]

@@ -68,7 +68,7 @@ def test_restore_larger_than_the_free_space_fails_and_leaves_the_dir_intact(
             (src / "weights.bin").write_bytes(os.urandom(free + 128 * 1024))
         _push(src, remote, tmp_path)
 
-        res = ckpt(["restore", str(remote), str(ck)], cwd=tmp_path, prefix=fs.prefix)
+        res = ckpt(["restore", str(remote), str(ck), "--force"], cwd=tmp_path, prefix=fs.prefix)
 
         assert res.returncode == UNAVAILABLE, res.stderr
         one_error(res, str(ck), "No space left on device")

@@ -160,7 +160,9 @@ def test_restore_of_the_corrupt_snapshot_by_id_fails_and_leaves_dir_untouched(
     out = tmp_path / "out"
     out.mkdir()
     (out / "mine.txt").write_text("local work")
-    res = run_ckpt(["restore", str(remote), str(out), "--snapshot", m2["id"]], cwd=tmp_path)
+    res = run_ckpt(
+        ["restore", str(remote), str(out), "--snapshot", m2["id"], "--force"], cwd=tmp_path
+    )
     assert res.returncode != 0
     assert m2["id"] in res.stderr
     assert read_tree(out) == {"mine.txt": b"local work"}

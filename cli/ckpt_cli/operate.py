@@ -1,0 +1,375 @@
+"""The commands that look after a repository: show (the files of a snapshot),
+diff (two snapshots), verify (every manifest and chunk), gc (prune and
+collect, under the writer lease). Each returns an exit status; tables and
+--json go to stdout, ckpt's own lines through `console`.
+
+Imports: `repo_tools`, `repository`, `lease`, `console`; rich tables lazily.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from ckpt._contract import ExitCode
+from ckpt_cli import console
+from ckpt_cli.errors import ConfigError, RemoteError
+from ckpt_cli.lease import LeaseLostError
+from ckpt_cli.manifest import Entry, Manifest
+from ckpt_cli.repo_tools import (
+    DamagedError,
+    check,
+    entry_json,
+    find,
+    load,
+    open_existing,
+)
+from ckpt_cli.repo_tools import diff as diff_manifests
+from ckpt_cli.repository import Repository, SnapshotRef
+
+#: Ids named in one line before "and N more (--json for all)".
+NAMED = 10
+
+
+def _emit_json(doc: dict[str, Any]) -> None:
+    print(json.dumps(doc, indent=1))
+
+
+def _names(refs: list[SnapshotRef]) -> str:
+    shown = ", ".join(f"{r.id} ({r.generation})" for r in refs[:NAMED])
+    more = f" and {len(refs) - NAMED} more (--json for all)" if len(refs) > NAMED else ""
+    return shown + more
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _clock(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+# ---------------------------------------------------------------- show, diff
+
+
+def _meta(m: Manifest) -> dict[str, Any]:
+    return {
+        "id": m.id,
+        "generation": m.generation,
+        "created": m.created,
+        "parent": m.parent,
+        "host": m.host,
+        "run": m.run,
+        "attempt": m.attempt,
+        "reason": m.reason,
+        "files": len(m.files),
+        "size": m.total_size,
+        "new_bytes": m.new_bytes,
+    }
+
+
+def _require(repo: Repository | None, remote: str, wanted: str) -> Repository:
+    if repo is None:
+        raise ConfigError(f"no snapshot {wanted!r} in {remote}: it is empty (see `ckpt ls`)")
+    return repo
+
+
+def show(remote: str, snapshot: str | None, as_json: bool, options: list[str]) -> int:
+    repo = open_existing(remote, options)
+    if snapshot is not None:
+        repo = _require(repo, remote, snapshot)
+        m = load(repo, find(repo, snapshot))
+    else:
+        refs = repo.snapshots() if repo is not None else []
+        if repo is None or not refs:
+            if as_json:
+                _emit_json({"remote": remote, "snapshot": None, "entries": []})
+            else:
+                console.info(f"{remote} is empty: no snapshots yet")
+            return ExitCode.OK
+        m = _newest_readable(repo, refs)
+    if as_json:
+        _emit_json({"remote": remote, "snapshot": _meta(m), "entries": _entries_json(m)})
+        return ExitCode.OK
+    console.info(
+        f"snapshot {m.id} (generation {m.generation}) of {remote}: "
+        f"{_plural(len(m.files), 'file')}, {console.fmt_bytes(m.total_size)}, "
+        f"taken {_clock(m.created)} on {m.host or '?'}, attempt {m.attempt or '-'}"
+    )
+    _entries_table(m.entries)
+    return ExitCode.OK
+
+
+def _newest_readable(repo: Repository, refs: list[SnapshotRef]) -> Manifest:
+    for ref in refs:
+        try:
+            m = load(repo, ref)
+        except DamagedError as exc:
+            console.warn(f"{exc}; showing an older one")
+            continue
+        return m
+    raise DamagedError(
+        f"none of the {len(refs)} snapshots in {repo.display} has a readable manifest "
+        f"(see `ckpt verify {repo.display}`)"
+    )
+
+
+def _entries_json(m: Manifest) -> list[dict[str, Any]]:
+    return [entry_json(e) for e in m.entries]
+
+
+def _entries_table(entries: tuple[Entry, ...]) -> None:
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    for col in ("path", "type", "mode", "size", "chunks", "modified"):
+        table.add_column(col, justify="right" if col in ("size", "chunks") else "left")
+    for e in entries:
+        if e.type == "symlink":
+            table.add_row(f"{e.path} -> {e.target}", "symlink", f"{e.mode:04o}", "", "", "")
+        elif e.type == "dir":
+            table.add_row(f"{e.path}/", "dir", f"{e.mode:04o}", "", "", _clock(e.mtime_ns / 1e9))
+        else:
+            table.add_row(
+                e.path,
+                "file",
+                f"{e.mode:04o}",
+                console.fmt_bytes(e.size),
+                str(len(e.chunks)),
+                _clock(e.mtime_ns / 1e9),
+            )
+    console.table(table)
+
+
+def diff(remote: str, a: str, b: str, as_json: bool, options: list[str]) -> int:
+    repo = _require(open_existing(remote, options), remote, a)
+    ma, mb = load(repo, find(repo, a)), load(repo, find(repo, b))
+    d = diff_manifests(ma, mb)
+    if as_json:
+        _emit_json(
+            {
+                "remote": remote,
+                "from": _meta(ma),
+                "to": _meta(mb),
+                "added": [entry_json(e) for e in d.added],
+                "removed": [entry_json(e) for e in d.removed],
+                "changed": [
+                    {
+                        "path": c.after.path,
+                        "what": c.what,
+                        "before": entry_json(c.before),
+                        "after": entry_json(c.after),
+                    }
+                    for c in d.changed
+                ],
+            }
+        )
+        return ExitCode.OK
+    console.info(
+        f"{ma.id} (generation {ma.generation}) -> {mb.id} (generation {mb.generation}): "
+        + (
+            "no differences"
+            if d.empty
+            else f"{len(d.added)} added, {len(d.removed)} removed, {len(d.changed)} changed"
+        )
+    )
+    if d.empty:
+        return ExitCode.OK
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False, show_header=False)
+    for _ in range(3):
+        table.add_column()
+    for e in d.added:
+        table.add_row("+", e.path, _describe(e))
+    for e in d.removed:
+        table.add_row("-", e.path, _describe(e))
+    for c in d.changed:
+        table.add_row("~", c.after.path, _describe_change(c.before, c.after, c.what))
+    console.table(table)
+    return ExitCode.OK
+
+
+def _describe(e: Entry) -> str:
+    if e.type == "file":
+        return f"file, {console.fmt_bytes(e.size)}"
+    return f"symlink -> {e.target}" if e.type == "symlink" else "dir"
+
+
+def _describe_change(x: Entry, y: Entry, what: list[str]) -> str:
+    parts = []
+    for w in what:
+        if w == "type":
+            parts.append(f"{x.type} -> {y.type}")
+        elif w == "content":
+            parts.append("content")
+        elif w == "size":
+            parts.append(f"size {console.fmt_bytes(x.size)} -> {console.fmt_bytes(y.size)}")
+        elif w == "mode":
+            parts.append(f"mode {x.mode:04o} -> {y.mode:04o}")
+        else:
+            parts.append(f"target {x.target} -> {y.target}")
+    return ", ".join(parts)
+
+
+# ---------------------------------------------------------------- verify, gc
+
+
+def verify(remote: str, snapshot: str | None, full: bool, as_json: bool, options: list[str]) -> int:
+    repo = open_existing(remote, options)
+    if repo is None:
+        if snapshot is not None:
+            _require(repo, remote, snapshot)
+        if as_json:
+            _emit_json({"remote": remote, "ok": True, "full": full, "snapshots": []})
+        else:
+            console.info(f"{remote} is empty: no snapshots yet, nothing to verify")
+        return ExitCode.OK
+    refs = [find(repo, snapshot)] if snapshot is not None else repo.snapshots()
+
+    def started(chunks: int, size: int) -> None:
+        console.info(f"re-hashing {_plural(chunks, 'chunk')} ({console.fmt_bytes(size)})")
+
+    checks = check(repo, refs, full=full, on_start=started)
+    damaged = checks.damaged
+    if as_json:
+        doc: dict[str, Any] = {
+            "remote": remote,
+            "ok": not damaged,
+            "full": full,
+            "snapshots": [
+                {
+                    "id": c.ref.id,
+                    "generation": c.ref.generation,
+                    "ok": c.ok,
+                    "problems": [p.to_json() for p in c.problems],
+                }
+                for c in checks.snapshots
+            ],
+            "chunks": {
+                "listed": checks.chunks_listed,
+                "referenced": checks.chunks_referenced,
+                "hashed": checks.chunks_hashed,
+                "bytes_hashed": checks.bytes_hashed,
+            },
+        }
+        _emit_json(doc)
+    elif damaged:
+        from rich.table import Table
+
+        table = Table(box=None, pad_edge=False)
+        for col in ("id", "gen", "problem"):
+            table.add_column(col, justify="right" if col == "gen" else "left")
+        for c in damaged:
+            table.add_row(c.ref.id, str(c.ref.generation), c.summary())
+        console.table(table)
+    checked = _plural(len(checks.snapshots), "snapshot")
+    if damaged:
+        raise DamagedError(
+            f"{len(damaged)} of {checked} in {remote} {'is' if len(damaged) == 1 else 'are'} "
+            f"damaged: {_names([c.ref for c in damaged])}; `ckpt restore` and `ckpt run` "
+            "skip them" + ("" if full else " (--full also re-hashes every chunk)")
+        )
+    hashed = (
+        f", {_plural(checks.chunks_hashed, 'chunk')} re-hashed "
+        f"({console.fmt_bytes(checks.bytes_hashed)})"
+        if full
+        else ", every chunk they name is present"
+    )
+    console.info(f"verified {checked} in {remote}{hashed}: all complete")
+    return ExitCode.OK
+
+
+@contextlib.contextmanager
+def _writer_lease(repo: Repository, owner: str) -> Iterator[None]:
+    """Hold the writer lease (as `ckpt push` does) with a heartbeat, so a long
+    collection is never taken for a dead writer's."""
+    lease = repo.lease(owner, ttl=60.0)
+    lease.acquire()
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(lease.ttl / 4):
+            try:
+                lease.heartbeat()
+            except LeaseLostError:
+                return
+            except RemoteError:
+                continue
+
+    beater = threading.Thread(target=beat, name="ckpt-gc-lease", daemon=True)
+    beater.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        beater.join()
+        lease.release()
+
+
+def gc(remote: str, keep: int, dry_run: bool, as_json: bool, options: list[str]) -> int:
+    repo = open_existing(remote, options)
+    if repo is None:
+        if as_json:
+            _emit_json(
+                {
+                    "remote": remote,
+                    "dry_run": dry_run,
+                    "keep": keep,
+                    "kept": [],
+                    "dropped": [],
+                    "chunks": 0,
+                    "bytes": 0,
+                    "unsized_chunks": 0,
+                    "temp_objects": 0,
+                }
+            )
+        else:
+            console.info(f"{remote} is empty: nothing to collect")
+        return ExitCode.OK
+    if dry_run:
+        plan = repo.plan_gc(keep)
+        deleted = len(plan.chunks)
+    else:
+        with _writer_lease(repo, f"gc-{secrets.token_hex(4)}"):
+            plan = repo.plan_gc(keep)
+            deleted = repo.gc(keep, sweep=True).deleted_chunks
+            for key in plan.temps:  # gc swept chunks/; snapshots/ too
+                repo.backend.delete(key)
+    if as_json:
+        _emit_json(
+            {
+                "remote": remote,
+                "dry_run": dry_run,
+                "keep": keep,
+                "kept": [{"id": r.id, "generation": r.generation} for r in plan.kept],
+                "dropped": [{"id": r.id, "generation": r.generation} for r in plan.dropped],
+                "chunks": deleted,
+                "bytes": plan.known_bytes,
+                "unsized_chunks": plan.unsized,
+                "temp_objects": len(plan.temps),
+            }
+        )
+        return ExitCode.OK
+    unsized = (
+        f" + up to {console.fmt_bytes(plan.unsized * repo.chunk_size)} in "
+        f"{_plural(plan.unsized, 'chunk')} that no snapshot names"
+        if plan.unsized
+        else ""
+    )
+    dropped = f" ({_names(plan.dropped)})" if plan.dropped else ""
+    drop, delete, free = (
+        ("would drop", "delete", "free") if dry_run else ("dropped", "deleted", "freed")
+    )
+    console.info(
+        f"{drop} {_plural(len(plan.dropped), 'snapshot')}{dropped}, {delete} "
+        f"{_plural(deleted, 'chunk')} and {_plural(len(plan.temps), 'temp object')}, "
+        f"{free} {console.fmt_bytes(plan.known_bytes)}{unsized}; "
+        f"{_plural(len(plan.kept), 'snapshot')} kept in {remote}"
+    )
+    return ExitCode.OK
