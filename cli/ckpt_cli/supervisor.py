@@ -117,7 +117,21 @@ class Supervisor:
         was_subreaper = subtree.is_subreaper() or not subtree.set_subreaper(True)
         try:
             return self._run_opened()
+        except (CkptError, Stopped) as exc:
+            # The JSON log ends with an `end` event whatever the way out.
+            status = 128 + exc.signum if isinstance(exc, Stopped) else exc.exit_code
+            self.events.emit(
+                "end",
+                status=status,
+                outcome=f"error: {exc}" if isinstance(exc, CkptError) else "stopped",
+                attempts=len(self.attempts),
+                snapshots=None,
+                bytes_uploaded=None,
+                last_snapshot=None,
+            )
+            raise
         finally:
+            self.events.close()
             if not was_subreaper:
                 subtree.set_subreaper(False)
             for sig, handler in early.items():

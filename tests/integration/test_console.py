@@ -258,3 +258,21 @@ def test_push_and_restore_show_a_progress_bar_in_a_terminal_only(
     plain = run_ckpt(["restore", str(remote), str(tmp_path / "out2")], cwd=tmp_path)
     assert plain.returncode == 0 and "restoring into" not in plain.stderr
     assert "\x1b" not in plain.stderr
+
+
+def test_log_json_ends_with_an_end_event_when_ckpt_fails_before_the_launch(
+    tmp_path: Path, ckpt_dir: Path
+) -> None:
+    """A remote ckpt will not use (garbage ckpt.json): one error line, 78, and
+    the event log still says how the run ended."""
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    (remote / "ckpt.json").write_text("not json")
+    log = tmp_path / "events.jsonl"
+    res = run_ckpt(
+        [*run_args(ckpt_dir, remote, "--log-json", str(log)), PY, "-c", "pass"], cwd=tmp_path
+    )
+    assert res.returncode == 78, res.stderr
+    events = _events(log)
+    assert [e["event"] for e in events] == ["start", "end"]
+    assert events[-1]["status"] == 78 and events[-1]["outcome"].startswith("error: ")
