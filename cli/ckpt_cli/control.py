@@ -15,7 +15,7 @@
                                                 signal was sent to the registered pids
 
 One thread accepts; each connection is served on its own short-lived thread.
-Imports: standard library, `uploader`.
+Imports: standard library, `uploader`, `subtree`, `errors`.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ckpt_cli import subtree
 from ckpt_cli.errors import CkptError
 from ckpt_cli.uploader import SnapshotWorker
 
@@ -167,19 +168,9 @@ def registered() -> list[dict[str, Any]]:
             pid = int(info["pid"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if not _alive(pid) or not Path(str(info.get("socket", ""))).exists():
+        if not subtree.pid_alive(pid) or not Path(str(info.get("socket", ""))).exists():
             with contextlib.suppress(OSError):
                 path.unlink()
             continue
         found.append(info)
     return sorted(found, key=lambda i: float(i.get("started", 0)))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

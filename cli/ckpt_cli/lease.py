@@ -1,6 +1,6 @@
 """The single-writer lease: lease.json with owner, host, pid, boot id and a
 heartbeat. One `ckpt run` or `ckpt push` writes to a remote at a time; readers
-need no lease. Imports: standard library, `remote`, `errors`, `manifest`.
+need no lease. Imports: standard library, `remote`, `errors`, `manifest`, `subtree`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import os
 import time
 from typing import Any
 
+from ckpt_cli import subtree
 from ckpt_cli.errors import LeaseHeldError, RemoteError
 from ckpt_cli.manifest import host_name
 from ckpt_cli.remote import Backend, NotFound
@@ -79,7 +80,7 @@ class Lease:
             return f"its last heartbeat is {age:.0f}s old (timeout {ttl:.0f}s)"
         if doc.get("host") == host_name() and doc.get("boot", "") == boot_id():
             pid = doc.get("pid")
-            if isinstance(pid, int) and not _pid_alive(pid):
+            if isinstance(pid, int) and not subtree.pid_alive(pid):
                 return f"its process {pid} on this host is gone"
         if doc.get("host") == host_name() and doc.get("boot") and doc.get("boot") != boot_id():
             return "this host rebooted since"
@@ -146,13 +147,3 @@ class Lease:
             doc = self._read()
             if doc is not None and doc.get("owner") == self.owner:
                 self.backend.delete(LEASE_KEY)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

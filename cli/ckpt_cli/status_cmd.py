@@ -2,41 +2,27 @@
 
 Without --socket it asks every `ckpt run` of this user on this machine (the
 registry in `control`); with --socket (or CKPT_SOCKET, as inside the child)
-only that one. Imports: standard library, `console`, `control`, `errors`.
+only that one. Imports: standard library, the shim's `_control` client,
+`console`, `control`, `errors`.
 """
 
 from __future__ import annotations
 
 import json
-import socket
 from typing import Any
 
 from ckpt._contract import ExitCode
+from ckpt._control import CommitError, request
 from ckpt_cli import console, control
 from ckpt_cli.errors import RemoteError
 
 
 def _ask(path: str, timeout: float = 5.0) -> dict[str, Any]:
+    """The shim's control-socket client, with ckpt's error (69, one line)."""
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(path)
-            sock.sendall(b'{"op": "status"}\n')
-            data = b""
-            while not data.endswith(b"\n"):
-                part = sock.recv(65536)
-                if not part:
-                    break
-                data += part
-    except OSError as exc:
-        raise RemoteError(
-            f"no ckpt run answers on {path} ({exc.strerror or exc}); is it still running?"
-        ) from None
-    try:
-        reply: dict[str, Any] = json.loads(data)
-    except ValueError:
-        raise RemoteError(f"{path} answered something that is not ckpt's status") from None
-    return reply
+        return request({"op": "status"}, timeout=timeout, path=path)
+    except CommitError as exc:
+        raise RemoteError(f"no ckpt run answers: {exc}; is it still running?") from None
 
 
 def status(socket_path: str | None, as_json: bool) -> int:

@@ -62,6 +62,17 @@ class Proc:
         return self.state in ("Z", "X", "x")
 
 
+def pid_alive(pid: int) -> bool:
+    """A process with this pid exists (a zombie counts; another user's too)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def read_proc(pid: int | str) -> Proc | None:
     """pid's line of /proc/PID/stat; None if there is no such process."""
     try:
