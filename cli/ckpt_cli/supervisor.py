@@ -645,22 +645,10 @@ class Supervisor:
         self._notice_at = time.monotonic()
         self._notice_deadline = self._notice_at + window
         console.warn(f"preemption notice{context}: {notice.describe()}")
-        self.events.emit(
-            "preemption",
-            cloud=notice.cloud,
-            action=notice.action,
-            deadline=notice.deadline,
-            detail=notice.detail,
-        )
+        record = dataclasses.asdict(notice)  # cloud, action, deadline, detail
+        self.events.emit("preemption", **record)
         if self.history is not None:
-            self.history.preempted(
-                {
-                    "cloud": notice.cloud,
-                    "action": notice.action,
-                    "detail": notice.detail,
-                    "deadline": notice.deadline,
-                }
-            )
+            self.history.preempted(record)
         return window
 
     def _grace(self) -> float:
