@@ -1,7 +1,8 @@
 """The snapshot manifest: what one snapshot holds, its JSON form, and the checks
 that make an untrusted manifest safe to restore (relative, normalised paths that
 stay inside the target; no duplicates; nothing below a file or link; sizes that
-match their chunk lists). Imports: standard library only.
+match their chunk lists), and the chunk hashes. Imports: standard library, and
+blake3 (the hash of new repositories).
 """
 
 from __future__ import annotations
@@ -12,11 +13,19 @@ import json
 import posixpath
 import re
 import socket
+from collections.abc import Callable
 from typing import Any
+
+from blake3 import blake3
 
 FORMAT_NAME = "ckpt"
 FORMAT_VERSION = 1
-HASH_NAME = "sha256"
+#: The hash new repositories name their chunks by. BLAKE3 is cryptographic like
+#: SHA-256 and 4-6x faster per core here (0.2 vs 0.87 s/GiB, bench/): on two
+#: cores SHA-256 alone took longer than `cp -r` of the same bytes. Repositories
+#: made with "sha256" (ckpt.json says which) are read and written as they are.
+HASH_NAME = "blake3"
+HASHES = ("blake3", "sha256")
 SNAPSHOTS = "snapshots/"
 #: The largest file a manifest may describe (1 PiB): anything larger is corrupt.
 MAX_FILE_SIZE = 1 << 50
@@ -29,8 +38,22 @@ class ManifestError(Exception):
     """A manifest that cannot be trusted: unreadable, malformed or unsafe."""
 
 
-def hash_bytes(data: bytes | memoryview) -> str:
+def _sha256(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _blake3(data: bytes | memoryview) -> str:
+    # The blake3 package releases the GIL for inputs over a few KiB, like hashlib.
+    return blake3(data).hexdigest()
+
+
+def hasher(name: str) -> Callable[[bytes | memoryview], str]:
+    """The hex digest function of a repository's hash name (one of HASHES)."""
+    return {"blake3": _blake3, "sha256": _sha256}[name]
+
+
+def hash_bytes(data: bytes | memoryview, name: str = HASH_NAME) -> str:
+    return hasher(name)(data)
 
 
 def host_name() -> str:
@@ -64,7 +87,15 @@ class Entry:
 
     def same_content(self, other: Entry) -> bool:
         """Equal as far as a restore is concerned (ignores the local inode)."""
-        return dataclasses.replace(self, ino=0) == dataclasses.replace(other, ino=0)
+        return (
+            self.path == other.path
+            and self.type == other.type
+            and self.mode == other.mode
+            and self.size == other.size
+            and self.mtime_ns == other.mtime_ns
+            and self.chunks == other.chunks
+            and self.target == other.target
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +113,7 @@ class Manifest:
     reason: str = ""
     new_bytes: int = 0
     new_chunks: int = 0
+    hash: str = HASH_NAME  # what its chunks are named by: its repository's hash
 
     @property
     def key(self) -> str:
@@ -112,7 +144,7 @@ class Manifest:
             "attempt": self.attempt,
             "reason": self.reason,
             "chunk_size": self.chunk_size,
-            "hash": HASH_NAME,
+            "hash": self.hash,
             "new_bytes": self.new_bytes,
             "new_chunks": self.new_chunks,
             "files": len(self.files),
@@ -142,8 +174,10 @@ class Manifest:
             if match and (int(match.group(1)) != generation or match.group(2) != snap_id):
                 raise ManifestError("does not match its own name")
             chunk_size = _int(doc, "chunk_size", 1, 1 << 34)
-            if doc.get("hash", HASH_NAME) != HASH_NAME:
-                raise ManifestError(f"uses hash {doc.get('hash')!r}; this ckpt knows {HASH_NAME}")
+            # Manifests of ckpt before blake3 always said "sha256".
+            hash_name = doc.get("hash", "sha256")
+            if hash_name not in HASHES:
+                raise ManifestError(f"uses hash {hash_name!r}; this ckpt knows {', '.join(HASHES)}")
             raw_entries = doc["entries"]
             if not isinstance(raw_entries, list):
                 raise ManifestError("entries is not a list")
@@ -163,6 +197,7 @@ class Manifest:
                 reason=str(doc.get("reason", "")),
                 new_bytes=int(doc.get("new_bytes", 0)),
                 new_chunks=int(doc.get("new_chunks", 0)),
+                hash=hash_name,
             )
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             # OverflowError: int() of an Infinity (JSON as Python reads it)

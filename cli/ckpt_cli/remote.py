@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import inspect
+import itertools
 import json
 import os
 import random
@@ -219,6 +220,13 @@ class LocalBackend:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.display = str(root)
+        self._root = str(root)
+        #: Directories known to exist: not made again for every chunk.
+        self._dirs: set[str] = set()
+        #: Temp names: a random part per backend and a counter (one getrandom
+        #: per process, not per write).
+        self._tmp_prefix = secrets.token_hex(4)
+        self._tmp_seq = itertools.count()
 
     def _path(self, key: str) -> Path:
         return self.root / key
@@ -233,17 +241,59 @@ class LocalBackend:
         except OSError as exc:
             raise RemoteError(f"reading {key} from {self.display} failed: {exc}") from None
 
-    def write(self, key: str, data: bytes) -> None:
-        path = self._path(key)
-        tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+    def read_into(self, key: str, view: memoryview) -> int:
+        """Read the object into view; return the object's size (view holds its
+        first len(view) bytes; a size that differs means the caller's view is
+        not the whole object)."""
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
-                f.write(data)
+            fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise NotFound(key) from None
+        except OSError as exc:
+            raise RemoteError(f"reading {key} from {self.display} failed: {exc}") from None
+        try:
+            size = os.fstat(fd).st_size
+            done = 0
+            while done < min(size, len(view)):
+                n = os.preadv(fd, [view[done:]], done)
+                if n <= 0:
+                    return done  # shrank while read: reported as that size
+                done += n
+            return size
+        except OSError as exc:
+            raise RemoteError(f"reading {key} from {self.display} failed: {exc}") from None
+        finally:
+            os.close(fd)
+
+    def write(self, key: str, data: bytes | memoryview) -> None:
+        """Whole or not at all (temp name, then rename). A memoryview is
+        written out before this returns: the caller may reuse its buffer."""
+        path = f"{self._root}/{key}"
+        parent, name = path.rsplit("/", 1)
+        tmp = f"{parent}/.{name}.tmp-{self._tmp_prefix}{next(self._tmp_seq):x}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            if parent not in self._dirs:
+                os.makedirs(parent, exist_ok=True)
+                self._dirs.add(parent)
+            try:
+                fd = os.open(tmp, flags, 0o666)
+            except FileNotFoundError:  # removed behind our back: make it again
+                os.makedirs(parent, exist_ok=True)
+                fd = os.open(tmp, flags, 0o666)
+            try:
+                view = memoryview(data)
+                while view:  # a nearly full disk takes part of it, then raises
+                    n = os.write(fd, view)
+                    if n <= 0:
+                        raise OSError(errno.EIO, "write made no progress")
+                    view = view[n:]
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
         except OSError as exc:
             with contextlib.suppress(OSError):
-                tmp.unlink()
+                os.unlink(tmp)
             raise RemoteError(f"writing {key} to {self.display} failed: {exc}") from None
 
     def create_exclusive(self, key: str, data: bytes) -> bool:

@@ -236,7 +236,7 @@ def check(
         except NotFound:
             continue  # pruned since the listing
         try:
-            manifest = Manifest.from_bytes(data, ref.key)
+            manifest = repo.parse_manifest(data, ref.key)
             _check_links(manifest)
             checked.append(Checked(ref, manifest, []))
         except ManifestError as exc:

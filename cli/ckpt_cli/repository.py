@@ -2,7 +2,8 @@
 manifests, a single-writer lease, retention and garbage collection.
 
     ckpt.json                      {"format": "ckpt", "version": 1, "chunk_size", "hash"}
-    chunks/<h[:2]>/<h>             file contents in fixed-size chunks, named by sha256
+    chunks/<h[:2]>/<h>             file contents in fixed-size chunks, named by their hash
+                                   (blake3; sha256 in repositories made so)
     snapshots/<gen:010d>-<id>.json manifest, written in one put after its chunks
     lease.json                     the writer's lease, refreshed by a heartbeat
 
@@ -28,13 +29,14 @@ from ckpt_cli.manifest import (
     FORMAT_VERSION,
     HASH_NAME,
     HASH_RE,
+    HASHES,
     SNAPSHOT_RE,
     SNAPSHOTS,
     Manifest,
     ManifestError,
-    hash_bytes,
+    hasher,
 )
-from ckpt_cli.remote import Backend, NotFound
+from ckpt_cli.remote import Backend, LocalBackend, NotFound
 
 DEFAULT_CHUNK_SIZE = 8 * 1024 * 1024
 CONFIG_KEY = "ckpt.json"
@@ -47,6 +49,31 @@ class ChunkError(Exception):
     def __init__(self, digest: str, problem: str) -> None:
         super().__init__(f"chunk {digest[:12]} {problem}")
         self.digest = digest
+
+
+class Buffers:
+    """Chunk-sized buffers reused by chunk tasks on many threads: reading into
+    a fresh bytes object per chunk pays a page fault and zeroing for every
+    byte (reads half as fast, bench/ case 1). Memory: one buffer per task
+    running at once."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._free: list[bytearray] = []
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def view(self, length: int) -> Iterator[memoryview]:
+        """A writable view of `length` bytes, returned to the pool after."""
+        with self._lock:
+            buf = self._free.pop() if self._free else bytearray(self.size)
+        view = memoryview(buf)[:length]
+        try:
+            yield view
+        finally:
+            view.release()
+            with self._lock:
+                self._free.append(buf)
 
 
 def chunk_key(digest: str) -> str:
@@ -107,9 +134,12 @@ def chunk_sizes(manifest: Manifest) -> dict[str, int]:
 class Repository:
     """One remote in the ckpt format. Thread-safe for concurrent chunk puts."""
 
-    def __init__(self, backend: Backend, chunk_size: int) -> None:
+    def __init__(self, backend: Backend, chunk_size: int, hash_name: str = HASH_NAME) -> None:
         self.backend = backend
         self.chunk_size = chunk_size
+        self.hash_name = hash_name
+        #: The hex digest of a chunk, by the repository's own hash (ckpt.json).
+        self.hash = hasher(hash_name)
         self._known: set[str] | None = None
         self._inflight: dict[str, threading.Event] = {}
         self._distrusted: set[str] = set()
@@ -150,14 +180,18 @@ class Repository:
                 f"{config.get('version')!r}; this ckpt reads version {FORMAT_VERSION} "
                 "(upgrade ckpt, or use another --remote)"
             )
-        if config.get("hash") != HASH_NAME:
-            raise ConfigError(f"repository {backend.display} uses hash {config.get('hash')!r}")
+        hash_name = config.get("hash")
+        if hash_name not in HASHES:
+            raise ConfigError(
+                f"repository {backend.display} uses hash {hash_name!r}; this ckpt knows "
+                f"{', '.join(HASHES)} (upgrade ckpt, or use another --remote)"
+            )
         chunk_size = config.get("chunk_size")
         # bool is an int to Python: `true` would make 1-byte chunks, and manifests
         # (which refuse such a chunk_size) that no restore could read.
         if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
             raise ConfigError(f"repository {backend.display} has a bad chunk_size")
-        return cls(backend, chunk_size)
+        return cls(backend, chunk_size, hash_name)
 
     # -- snapshots
 
@@ -189,7 +223,17 @@ class Repository:
             data = self.backend.read(ref.key)
         except NotFound:
             raise ManifestError("has disappeared (pruned by another process?)") from None
-        return Manifest.from_bytes(data, ref.key)
+        return self.parse_manifest(data, ref.key)
+
+    def parse_manifest(self, data: bytes, key: str) -> Manifest:
+        """Manifest.from_bytes, and the manifest must name chunks by this
+        repository's hash (its chunks could never verify otherwise)."""
+        manifest = Manifest.from_bytes(data, key)
+        if manifest.hash != self.hash_name:
+            raise ManifestError(
+                f"names its chunks by {manifest.hash}, the repository by {self.hash_name}"
+            )
+        return manifest
 
     def next_generation(self) -> int:
         refs = self.snapshots()
@@ -229,7 +273,10 @@ class Repository:
                     break
             busy.wait()  # the other put either stored it or failed; look again
         try:
-            self.backend.write(chunk_key(digest), bytes(data))
+            # A local directory writes a borrowed buffer out before returning;
+            # other backends (and test doubles) may keep what they are given.
+            local = isinstance(self.backend, LocalBackend)
+            self.backend.write(chunk_key(digest), data if local else bytes(data))  # type: ignore[arg-type]
             with self._lock:
                 known.add(digest)
         finally:
@@ -245,9 +292,25 @@ class Repository:
             raise ChunkError(digest, "is missing") from None
         if expected_size is not None and len(data) != expected_size:
             raise ChunkError(digest, f"has {len(data)} bytes, expected {expected_size}")
-        if hash_bytes(data) != digest:
+        if self.hash(data) != digest:
             raise ChunkError(digest, "is corrupt (hash mismatch)")
         return data
+
+    def read_chunk_into(self, digest: str, view: memoryview) -> None:
+        """Fill view (the chunk's expected size) with the chunk and verify it;
+        ChunkError if missing, of another size or corrupt. A local directory
+        reads straight into view (no allocation per chunk)."""
+        if not isinstance(self.backend, LocalBackend):
+            view[:] = self.get_chunk(digest, len(view))
+            return
+        try:
+            size = self.backend.read_into(chunk_key(digest), view)
+        except NotFound:
+            raise ChunkError(digest, "is missing") from None
+        if size != len(view):
+            raise ChunkError(digest, f"has {size} bytes, expected {len(view)}")
+        if self.hash(view) != digest:
+            raise ChunkError(digest, "is corrupt (hash mismatch)")
 
     def forget_chunk(self, digest: str) -> None:
         """A chunk found damaged (or deleted): upload it again next time it is

@@ -28,6 +28,7 @@ from ckpt_cli import console
 from ckpt_cli.errors import ConfigError, RestoreError
 from ckpt_cli.manifest import Entry, Manifest, ManifestError
 from ckpt_cli.repository import (
+    Buffers,
     ChunkError,
     Repository,
     SnapshotRef,
@@ -168,9 +169,13 @@ def materialise(
 
     total, written, lock = manifest.total_size, [0], threading.Lock()
 
+    buffers = Buffers(chunk)
+
     def fetch(fd: int, digest: str, offset: int, length: int) -> None:
         try:
-            _pwrite_all(fd, repo.get_chunk(digest, length), offset)
+            with buffers.view(length) as view:
+                repo.read_chunk_into(digest, view)
+                _pwrite_all(fd, view, offset)
         finally:
             slots.release()
         if progress is not None:
@@ -233,7 +238,7 @@ def materialise(
     os.chmod(dest, 0o755)
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     """pwrite every byte: a nearly full disk takes part of a chunk and returns a
     short count; only the next call raises ENOSPC."""
     view = memoryview(data)

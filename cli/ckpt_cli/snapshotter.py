@@ -1,7 +1,7 @@
 """Scan the checkpoint directory, hash what changed, upload new chunks, write the manifest.
 
 One snapshot = scan (stat only) -> read changed files in fixed-size chunks on a
-small thread pool (hashlib releases the GIL, so hashing uses every core) ->
+small thread pool (the hash releases the GIL, so hashing uses every core) ->
 put chunks the repository does not have -> write the manifest last -> prune.
 Memory is bounded by the number of chunks in flight, whatever the file sizes.
 A file that changes while it is read keeps its previous version (or is left
@@ -16,8 +16,10 @@ import concurrent.futures as cf
 import contextlib
 import dataclasses
 import fnmatch
+import functools
 import os
 import posixpath
+import re
 import stat
 import threading
 import time
@@ -25,8 +27,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from ckpt import _contract as contract
-from ckpt_cli.manifest import Entry, Manifest, hash_bytes, host_name
-from ckpt_cli.repository import Repository
+from ckpt_cli.manifest import Entry, Manifest, host_name
+from ckpt_cli.repository import Buffers, Repository
 
 #: Names that are never snapshotted: one definition, shared with the shim.
 TEMP_PATTERNS = contract.TEMP_PATTERNS
@@ -35,10 +37,24 @@ TEMP_PATTERNS = contract.TEMP_PATTERNS
 RACY_NS = 1_000_000_000
 #: Files being read at once (open descriptors) at the most.
 MAX_OPEN_FILES = 64
+#: Files of one chunk or less go to the pool this many (or a chunk's worth of
+#: bytes) to a task: a future and a semaphore round per small file cost more
+#: than reading it (bench/ case 4: 10,000 files of 1-64 KiB).
+SMALL_BATCH_FILES = 64
 
 
 def is_ignored(name: str, patterns: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+    return _matcher(tuple(patterns))(name) is not None
+
+
+@functools.lru_cache(maxsize=16)
+def _matcher(patterns: tuple[str, ...]) -> Callable[[str], re.Match[str] | None]:
+    """All patterns as one compiled regex: a scan tests every name against
+    every pattern, and one match call per name is 20x faster than fnmatch per
+    pattern (bench/ case 4: 10,000 files, 13 temp patterns)."""
+    if not patterns:
+        return lambda _name: None
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns)).match
 
 
 def link_escapes(path: str, target: str, links: Mapping[str, str] | None = None) -> bool:
@@ -94,7 +110,7 @@ def scan(
     An absolute symlink into root is recorded as the equivalent relative one;
     links that lead outside root are left out (and their paths appended to
     `skipped`): restore would refuse them."""
-    pats = tuple(patterns)
+    ignored = _matcher(tuple(patterns))
     root_str = str(root)
     out: list[LocalEntry] = []
 
@@ -105,7 +121,7 @@ def scan(
             return
         with it:
             for d in it:
-                if is_ignored(d.name, pats):
+                if ignored(d.name):
                     continue
                 path = f"{rel}{d.name}"
                 try:
@@ -168,6 +184,19 @@ class SnapshotResult:
         return self.manifest or self.parent
 
 
+_Outcome = tuple["LocalEntry", tuple[str, ...] | None]
+
+
+@dataclasses.dataclass
+class _Big:
+    """A file of several chunks being read: its chunks are separate tasks."""
+
+    entry: LocalEntry
+    fd: int
+    st: os.stat_result
+    futures: list[cf.Future[str]]
+
+
 class _Changed(Exception):
     """The file changed while it was being read."""
 
@@ -216,6 +245,7 @@ class Snapshotter:
         self.cache: dict[str, Cached] = {}
         self._pool = cf.ThreadPoolExecutor(self.concurrency, thread_name_prefix="ckpt-chunk")
         self._slots = threading.BoundedSemaphore(self.concurrency + 2)
+        self._buffers = Buffers(repo.chunk_size)
         self._stats_lock = threading.Lock()
         #: The snapshot being read now: (its result so far, files and bytes it
         #: has to read, monotonic start), for `ckpt status`; None between them.
@@ -379,6 +409,7 @@ class Snapshotter:
             generation=self.repo.next_generation(),
             entries=ordered,
             chunk_size=self.repo.chunk_size,
+            hash=self.repo.hash_name,
             created=time.time(),
             parent=parent.id if parent else None,
             host=host_name(),
@@ -408,62 +439,115 @@ class Snapshotter:
         result: SnapshotResult,
         pinned: dict[str, tuple[int, os.stat_result]] | None = None,
     ) -> Iterable[tuple[LocalEntry, tuple[str, ...] | None]]:
-        """Yield (file, chunk digests) or (file, None) if it changed while read.
-        Chunks of many files are in flight at once; descriptors stay bounded."""
-        pending: collections.deque[tuple[LocalEntry, int, os.stat_result, list[cf.Future[str]]]] = (
-            collections.deque()
-        )
+        """Yield (file, chunk digests) or (file, None) if it changed while read,
+        in no particular order. Chunks of many files are in flight at once;
+        descriptors stay bounded. Files of one chunk or less go to the pool
+        in batches, each read whole by one task (see SMALL_BATCH_FILES)."""
+        pending: collections.deque[_Big | cf.Future[list[_Outcome]]] = collections.deque()
+        open_big = 0
         chunk = self.repo.chunk_size
+        batch: list[LocalEntry] = []
+        batch_bytes = 0
+
+        def submit_batch() -> None:
+            nonlocal batch, batch_bytes
+            self._slots.acquire()
+            pending.append(self._pool.submit(self._small_task, batch, pinned, result))
+            batch, batch_bytes = [], 0
+
+        def head_done() -> bool:
+            head = pending[0]
+            if isinstance(head, _Big):
+                return all(f.done() for f in head.futures)
+            return head.done()
+
         try:
             for le in files:
-                if pinned is not None and le.path in pinned:
-                    # Compared with the stat taken at pin time: a change in place
-                    # since then shows up in _finish. A duplicate is read (and
-                    # closed), so the pin survives a failed upload.
-                    pinned_fd, st = pinned[le.path]
-                    fd = os.dup(pinned_fd)
+                if le.size <= chunk:
+                    batch.append(le)
+                    batch_bytes += le.size
+                    if len(batch) >= SMALL_BATCH_FILES or batch_bytes >= chunk:
+                        submit_batch()
                 else:
-                    try:
-                        fd = os.open(
-                            self.root / le.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-                        )
-                    except OSError:
-                        yield le, None  # vanished or replaced by a link since the scan
-                        continue
-                    st = os.fstat(fd)
-                if not stat.S_ISREG(st.st_mode):
-                    os.close(fd)
-                    yield le, None
-                    continue
-                size = st.st_size
-                opened = dataclasses.replace(le, size=size, mtime_ns=st.st_mtime_ns, ino=st.st_ino)
-                futures = []
-                for offset in range(0, size, chunk):
-                    self._slots.acquire()
-                    futures.append(
-                        self._pool.submit(
-                            self._chunk_task, fd, offset, min(chunk, size - offset), result
-                        )
-                    )
-                pending.append((opened, fd, st, futures))
-                while pending and (
-                    len(pending) > MAX_OPEN_FILES or all(f.done() for f in pending[0][3])
-                ):
-                    yield self._finish(*pending.popleft(), result)
+                    big = self._submit_big(le, result, pinned)
+                    if isinstance(big, _Big):
+                        pending.append(big)
+                        open_big += 1
+                    else:
+                        yield big
+                while pending and (open_big > MAX_OPEN_FILES or head_done()):
+                    head = pending.popleft()
+                    if isinstance(head, _Big):
+                        open_big -= 1
+                        yield self._finish(head, result)
+                    else:
+                        yield from head.result()
+            if batch:
+                submit_batch()
             while pending:
-                yield self._finish(*pending.popleft(), result)
+                head = pending.popleft()
+                if isinstance(head, _Big):
+                    yield self._finish(head, result)
+                else:
+                    yield from head.result()
         finally:
-            for _le, fd, _st, futures in pending:
-                cf.wait(futures)
-                os.close(fd)
+            for item in pending:
+                if isinstance(item, _Big):
+                    cf.wait(item.futures)
+                    os.close(item.fd)
+                else:
+                    cf.wait([item])
+
+    def _open(
+        self, le: LocalEntry, pinned: dict[str, tuple[int, os.stat_result]] | None
+    ) -> tuple[int, os.stat_result] | None:
+        """A descriptor on the file and its stat; None if it is gone or no
+        longer a regular file. A pinned file is read through a duplicate of
+        its pin (closed after), so the pin survives a failed upload; its stat
+        is the one taken at pin time, so a change in place since shows."""
+        if pinned is not None and le.path in pinned:
+            pinned_fd, st = pinned[le.path]
+            fd = os.dup(pinned_fd)
+        else:
+            try:
+                fd = os.open(self.root / le.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                return None  # vanished or replaced by a link since the scan
+            st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            return None
+        return fd, st
+
+    def _submit_big(
+        self,
+        le: LocalEntry,
+        result: SnapshotResult,
+        pinned: dict[str, tuple[int, os.stat_result]] | None,
+    ) -> _Big | _Outcome:
+        opened = self._open(le, pinned)
+        if opened is None:
+            return le, None
+        fd, st = opened
+        size = st.st_size
+        big = _Big(
+            dataclasses.replace(le, size=size, mtime_ns=st.st_mtime_ns, ino=st.st_ino), fd, st, []
+        )
+        chunk = self.repo.chunk_size
+        for offset in range(0, size, chunk):
+            self._slots.acquire()
+            big.futures.append(
+                self._pool.submit(self._chunk_task, fd, offset, min(chunk, size - offset), result)
+            )
+        return big
 
     def _chunk_task(self, fd: int, offset: int, length: int, result: SnapshotResult) -> str:
         try:
-            data = os.pread(fd, length, offset)
-            if len(data) != length:
-                raise _Changed
-            digest = hash_bytes(data)
-            sent = self.repo.put_chunk(digest, data)
+            with self._buffers.view(length) as view:
+                if os.preadv(fd, [view], offset) != length:
+                    raise _Changed
+                digest = self.repo.hash(view)
+                sent = self.repo.put_chunk(digest, view)
             with self._stats_lock:
                 result.bytes_read += length
                 if sent:
@@ -473,26 +557,79 @@ class Snapshotter:
         finally:
             self._slots.release()
 
-    def _finish(
-        self,
-        le: LocalEntry,
-        fd: int,
-        before: os.stat_result,
-        futures: list[cf.Future[str]],
-        result: SnapshotResult,
-    ) -> tuple[LocalEntry, tuple[str, ...] | None]:
+    def _finish(self, big: _Big, result: SnapshotResult) -> _Outcome:
+        le, fd, before = big.entry, big.fd, big.st
         try:
-            digests = tuple(f.result() for f in futures)
+            digests = tuple(f.result() for f in big.futures)
             after = os.fstat(fd)
             grew = os.pread(fd, 1, before.st_size) != b""
         except _Changed:
             return le, None
         finally:
             os.close(fd)
-        result.files_read += 1
+        with self._stats_lock:
+            result.files_read += 1
         if grew or (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
             return le, None
         return le, digests
+
+    def _small_task(
+        self,
+        batch: list[LocalEntry],
+        pinned: dict[str, tuple[int, os.stat_result]] | None,
+        result: SnapshotResult,
+    ) -> list[_Outcome]:
+        """Read, hash and put whole files of at most one chunk, one after the
+        other, through one buffer."""
+        try:
+            with self._buffers.view(self.repo.chunk_size) as buf:
+                return [self._read_small(le, buf, pinned, result) for le in batch]
+        finally:
+            self._slots.release()
+
+    def _read_small(
+        self,
+        le: LocalEntry,
+        buf: memoryview,
+        pinned: dict[str, tuple[int, os.stat_result]] | None,
+        result: SnapshotResult,
+    ) -> _Outcome:
+        opened = self._open(le, pinned)
+        if opened is None:
+            return le, None
+        fd, before = opened
+        try:
+            size = before.st_size
+            if size > len(buf):
+                return le, None  # grew past a chunk since the scan: read it next time
+            # One byte more than the size, where the buffer has room: a file
+            # that grew meanwhile shows as a longer read.
+            got = os.preadv(fd, [buf[: size + 1]], 0)
+            if got != size or (size == len(buf) and os.pread(fd, 1, size) != b""):
+                return le, None
+            view = buf[:size]
+            digests: tuple[str, ...] = ()
+            sent = False
+            if size:
+                digest = self.repo.hash(view)
+                sent = self.repo.put_chunk(digest, view)
+                digests = (digest,)
+            view.release()
+            after = os.fstat(fd)
+        finally:
+            os.close(fd)
+        with self._stats_lock:
+            result.files_read += 1
+            result.bytes_read += size
+            if sent:
+                result.new_bytes += size
+                result.new_chunks += 1
+        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+            return le, None
+        return (
+            dataclasses.replace(le, size=size, mtime_ns=before.st_mtime_ns, ino=before.st_ino),
+            digests,
+        )
 
 
 def _drop_orphans(entries: dict[str, Entry]) -> None:

@@ -43,7 +43,7 @@ def backend(store: Store) -> Backend:
 @pytest.fixture
 def repo(backend: Backend) -> Repository:
     """A repository with a small chunk size, opened the way ckpt opens one."""
-    config = {"format": "ckpt", "version": 1, "chunk_size": CHUNK, "hash": "sha256"}
+    config = {"format": "ckpt", "version": 1, "chunk_size": CHUNK, "hash": "blake3"}
     backend.write(CONFIG_KEY, json.dumps(config).encode())
     opened = Repository.open(backend, create=True)
     assert opened is not None
@@ -170,7 +170,7 @@ def test_open_create_then_reopen(store: Store, backend: Backend) -> None:
     assert created is not None
     assert created.chunk_size == DEFAULT_CHUNK_SIZE
     config = json.loads(backend.read(CONFIG_KEY))
-    assert (config["format"], config["version"], config["hash"]) == ("ckpt", 1, "sha256")
+    assert (config["format"], config["version"], config["hash"]) == ("ckpt", 1, "blake3")
     # a second process: a new backend object on the same URL
     again = Repository.open(open_backend(store.url, store.storage_options), create=False)
     assert again is not None

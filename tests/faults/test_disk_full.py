@@ -13,12 +13,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import pytest
 
+from ckpt_cli.manifest import hash_bytes
 from integration._util import PY, MiB, write_script
 
 from ._io import SmallFs, ckpt, leftovers, one_error, small_fs, tree, warnings
@@ -197,7 +197,7 @@ def _chunks_verify(fs: SmallFs, remote: Path) -> None:
     assert not [p.name for p in names if ".tmp-" in p.name], "temp objects left in the remote"
     for p in names:
         if p.parent.parent.name == "chunks":
-            assert hashlib.sha256(p.read_bytes()).hexdigest() == p.name, f"torn chunk {p}"
+            assert hash_bytes(p.read_bytes()) == p.name, f"torn chunk {p}"
 
 
 def test_remote_filling_up_during_upload_ends_not_durable(tmp_path: Path) -> None:

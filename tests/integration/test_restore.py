@@ -3,13 +3,14 @@ corrupt chunk or an unsafe manifest, and which of local dir / remote wins."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from ckpt_cli.manifest import hash_bytes
 
 from ._util import (
     MiB,
@@ -45,7 +46,8 @@ def push(src: Path, remote: Path, cwd: Path) -> dict[str, Any]:
 
 
 def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+    """A chunk's name: the repository's hash (blake3) of its bytes."""
+    return hash_bytes(data)
 
 
 # ---------------------------------------------------------------- 6. dedup

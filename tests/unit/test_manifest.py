@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -353,3 +354,23 @@ def test_rejects_bad_entries(entry: object) -> None:
     doc["entries"] = [entry]
     with pytest.raises(ManifestError):
         Manifest.from_bytes(encode(doc), KEY)
+
+
+def test_same_content_compares_every_field_but_the_inode() -> None:
+    """same_content spells its fields out (for speed): a field added to Entry
+    must be added there too, or snapshots would miss that change."""
+    base = Entry("a/b", "file", 0o644, 5, 7, ("0" * 64,), "", 11)
+    changed = {
+        "path": "a/c",
+        "type": "symlink",
+        "mode": 0o600,
+        "size": 6,
+        "mtime_ns": 8,
+        "chunks": ("1" * 64,),
+        "target": "x",
+    }
+    names = {f.name for f in dataclasses.fields(Entry)}
+    assert names == set(changed) | {"ino"}, "a new Entry field: teach same_content about it"
+    assert base.same_content(dataclasses.replace(base, ino=12))
+    for name, value in changed.items():
+        assert not base.same_content(dataclasses.replace(base, **{name: value})), name

@@ -97,7 +97,7 @@ def test_open_create_writes_config(backend: Backend) -> None:
     config = json.loads(backend.read(CONFIG_KEY))
     assert config["format"] == "ckpt"
     assert config["version"] == FORMAT_VERSION
-    assert config["hash"] == "sha256"
+    assert config["hash"] == "blake3"
     again = Repository.open(backend, create=False)
     assert again is not None
     assert again.chunk_size == DEFAULT_CHUNK_SIZE
@@ -113,6 +113,7 @@ def test_open_keeps_existing_chunk_size(backend: Backend) -> None:
     repo = Repository.open(backend, create=True)
     assert repo is not None
     assert repo.chunk_size == 12345
+    assert repo.hash_name == "sha256"
 
 
 @pytest.mark.parametrize(

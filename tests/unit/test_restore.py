@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +15,7 @@ import ckpt._fs as ckpt_fs
 from ckpt_cli import restore as restore_mod
 from ckpt_cli.errors import ConfigError, RestoreError
 from ckpt_cli.manifest import Entry, Manifest, hash_bytes
+from ckpt_cli.remote import open_backend
 from ckpt_cli.repository import Repository, chunk_key
 from ckpt_cli.restore import recover_interrupted, restore
 from ckpt_cli.snapshotter import Snapshotter
@@ -474,3 +477,46 @@ def test_every_snapshot_written_is_restorable(
     assert restored is not None
     assert restored.manifest.id == m.id
     assert (target / "model.pt").read_bytes() == data(1, CHUNK + 3)
+
+
+def test_sha256_repository_keeps_its_hash(
+    tmp_path: Path, src: Path, target: Path, make_snapshotter: MakeSnap
+) -> None:
+    """A repository made by ckpt before blake3 says "sha256" in ckpt.json: new
+    snapshots name chunks by sha256 there, and old and new ones restore."""
+    backend = open_backend(str(tmp_path / "old-remote"))
+    backend.write(
+        "ckpt.json",
+        b'{"format": "ckpt", "version": 1, "chunk_size": %d, "hash": "sha256"}' % CHUNK,
+    )
+    repo = Repository.open(backend, create=False)
+    assert repo is not None and repo.hash_name == "sha256"
+    _populate(src)
+    m = _snap(repo, src, make_snapshotter)
+    assert m.hash == "sha256"
+    stored = {k.rsplit("/", 1)[-1] for k in backend.list("chunks/")}
+    assert stored == m.chunk_digests()
+    payload = (src / "model.pt").read_bytes()
+    assert hashlib.sha256(payload[:CHUNK]).hexdigest() in stored
+    assert hash_bytes(payload[:CHUNK]) not in stored  # not blake3
+    restored = restore(repo, target, warn=_never)
+    assert restored is not None and restored.manifest == m
+    assert tree(target) == tree(src)
+
+
+def test_manifest_with_another_hash_is_damaged(
+    local_repo: Repository, src: Path, target: Path, make_snapshotter: MakeSnap
+) -> None:
+    """A manifest naming chunks by another hash than its repository's is never
+    restored: its chunks could not be verified (the older snapshot is)."""
+    _populate(src)
+    good = _snap(local_repo, src, make_snapshotter)
+    bad = dataclasses.replace(good, hash="sha256", id="0123abcd", generation=9)
+    local_repo.write_manifest(bad)
+    warnings: list[str] = []
+    restored = restore(local_repo, target, warn=warnings.append)
+    assert restored is not None and restored.manifest == good
+    assert warnings == [
+        "snapshot 0123abcd (generation 9) names its chunks by sha256, the repository by "
+        "blake3; trying the previous one"
+    ]

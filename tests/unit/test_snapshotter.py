@@ -301,14 +301,15 @@ def test_may_write_is_asked_before_the_manifest(
 def _rewrite_during_read(
     monkeypatch: pytest.MonkeyPatch, path: Path, new_content: bytes, new_mtime_ns: int
 ) -> list[int]:
-    """Patch os.pread as seen by the snapshotter: the first read of `path`
-    returns the bytes on disk, then rewrites the file (same size, new mtime)."""
-    real = os.pread
+    """Patch os.preadv as seen by the snapshotter: the first chunk read of
+    `path` returns the bytes on disk, then rewrites the file (same size, new
+    mtime)."""
+    real = os.preadv
     ino = path.stat().st_ino
     fired: list[int] = []
 
-    def pread(fd: int, n: int, offset: int) -> bytes:
-        got = real(fd, n, offset)
+    def preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
+        got = real(fd, buffers, offset)
         if not fired and os.fstat(fd).st_ino == ino:
             fired.append(offset)
             with open(path, "r+b") as f:
@@ -316,7 +317,7 @@ def _rewrite_during_read(
             os.utime(path, ns=(new_mtime_ns, new_mtime_ns))
         return got
 
-    monkeypatch.setattr(os, "pread", pread)  # what the snapshotter's os.pread resolves to
+    monkeypatch.setattr(os, "preadv", preadv)  # what the snapshotter's os.preadv resolves to
     return fired
 
 
@@ -375,12 +376,12 @@ def test_file_growing_while_read_is_unstable(
     """Appending keeps the bytes already read valid, but the file is not complete."""
     f = write(root / "log.bin", data(1, CHUNK))
     write(root / "stable", b"stable")
-    real = os.pread
+    real = os.preadv
     ino = f.stat().st_ino
     fired: list[bool] = []
 
-    def pread(fd: int, n: int, offset: int) -> bytes:
-        got = real(fd, n, offset)
+    def preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
+        got = real(fd, buffers, offset)
         if not fired and os.fstat(fd).st_ino == ino:
             fired.append(True)
             st = os.stat(f)
@@ -389,7 +390,7 @@ def test_file_growing_while_read_is_unstable(
             os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # even with mtime unchanged
         return got
 
-    monkeypatch.setattr(os, "pread", pread)  # what the snapshotter's os.pread resolves to
+    monkeypatch.setattr(os, "preadv", preadv)  # what the snapshotter's os.preadv resolves to
     result = make_snapshotter(local_repo, root).snapshot(reason="t")
     assert fired
     assert result.unstable == ["log.bin"]
