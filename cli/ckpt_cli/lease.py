@@ -89,8 +89,13 @@ class Lease:
     def acquire(self) -> str | None:
         """Take the lease or raise LeaseHeldError; returns why an old one was taken over."""
         backend = self.backend
+        # A create that cannot race (a local directory: a hard link, or O_EXCL)
+        # needs no confirmation; a check-then-put or a takeover (an overwrite)
+        # does.
+        confirm = True
         if backend.create_exclusive(LEASE_KEY, self._doc()):
             took_over = None
+            confirm = not getattr(backend, "exclusive_create", False)
         else:
             doc = self._read()
             if doc is not None and doc.get("owner") == self.owner:
@@ -108,9 +113,11 @@ class Lease:
                     )
                 backend.write(LEASE_KEY, self._doc())
                 took_over = why
-        # A store without conditional writes: confirm nobody raced us.
-        time.sleep(0.05)
-        doc = self._read()
+        if confirm:  # wait out a racing writer's put, then see whose lease it is
+            time.sleep(0.05)
+            doc = self._read()
+        else:
+            doc = {"owner": self.owner}
         if not doc or doc.get("owner") != self.owner:
             raise LeaseHeldError(
                 f"remote {backend.display} was claimed by another ckpt at the same moment; "

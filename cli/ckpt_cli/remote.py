@@ -217,6 +217,9 @@ def _is_auth_error(exc: BaseException) -> bool:
 class LocalBackend:
     """A directory on a local (or network-mounted) filesystem."""
 
+    #: create_exclusive cannot race: the kernel refuses the second link.
+    exclusive_create = True
+
     def __init__(self, root: Path) -> None:
         self.root = root
         self.display = str(root)

@@ -8,13 +8,11 @@ through a temp name and a rename, then commits. Standard library only.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fnmatch
 import json
 import os
 import re
-import secrets
 import shutil
 import warnings
 from pathlib import Path
@@ -107,11 +105,15 @@ class Checkpoint:
         return self.commit()
 
     async def load(self) -> Path | None:
+        import asyncio  # here: asyncio (with ssl, socket) costs every `import ckpt` 40 ms
+
         return await asyncio.to_thread(self.load_sync)
 
     async def save(
         self, data: bytes | bytearray | memoryview | str | os.PathLike[str]
     ) -> str | None:
+        import asyncio
+
         return await asyncio.to_thread(self.save_sync, data)
 
     # -- commit
@@ -220,7 +222,7 @@ def latest_checkpoint(
 
 
 def _temp_beside(target: Path) -> Path:
-    return target.with_name(f".{target.name}.tmp-{secrets.token_hex(4)}.tmp")
+    return target.with_name(f".{target.name}.tmp-{os.urandom(4).hex()}.tmp")
 
 
 def _atomic_write(target: Path, data: bytes) -> None:
@@ -248,7 +250,7 @@ def _atomic_copy(source: Path, target: Path) -> None:
 
 def _replace_tree(source: Path, target: Path) -> None:
     """Make target's contents a copy of source in one rename."""
-    tmp = target.with_name(f".{target.name}.ckpt-save-{secrets.token_hex(4)}")
+    tmp = target.with_name(f".{target.name}.ckpt-save-{os.urandom(4).hex()}")
     shutil.copytree(source, tmp, symlinks=True)
     try:
         swap_in(tmp, target)

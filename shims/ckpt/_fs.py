@@ -10,11 +10,8 @@ target, which the supervisor's next start moves back.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import functools
 import os
-import secrets
 import shutil
 import sys
 from collections.abc import Callable
@@ -32,6 +29,9 @@ def _renameat2() -> Callable[[bytes, bytes], bool] | None:
     """renameat2(RENAME_EXCHANGE) from libc, looked up once; None if missing."""
     if sys.platform != "linux":
         return None
+    import ctypes  # here: ctypes costs every `import ckpt` (and ckpt's start) 10 ms
+    import ctypes.util
+
     name = ctypes.util.find_library("c")
     if name is None:
         return None
@@ -55,7 +55,7 @@ def swap_in(new: Path, target: Path) -> None:
     exchange = _renameat2()
     if exchange is not None and exchange(os.fsencode(new), os.fsencode(target)):
         return
-    old = target.with_name(f".{target.name}{OLD_PREFIX}{secrets.token_hex(4)}")
+    old = target.with_name(f".{target.name}{OLD_PREFIX}{os.urandom(4).hex()}")
     os.rename(target, old)
     try:
         os.rename(new, target)

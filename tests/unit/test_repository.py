@@ -12,7 +12,7 @@ import time
 import pytest
 
 from ckpt_cli.errors import ConfigError, LeaseHeldError
-from ckpt_cli.lease import LEASE_KEY, LeaseLostError, boot_id
+from ckpt_cli.lease import LEASE_KEY, Lease, LeaseLostError, boot_id
 from ckpt_cli.manifest import FORMAT_VERSION, Entry, Manifest, hash_bytes
 from ckpt_cli.remote import Backend, NotFound
 from ckpt_cli.repository import (
@@ -589,3 +589,29 @@ def test_gc_without_sweep_deletes_only_what_dropped_manifests_named(repo: Reposi
     report = repo.gc(1, sweep=True)
     assert report.deleted_chunks == 1  # nothing dropped, but the sweep finds the orphan
     assert hash_bytes(orphan) not in _chunk_names(repo)
+
+
+def test_lease_racing_acquires_have_one_winner(repo: Repository) -> None:
+    """Many writers acquiring at once: exactly one holds the lease, with or
+    without the confirmation pause (a local directory's create cannot race;
+    the test double's check-then-put can, and is confirmed)."""
+    leases = [repo.lease(f"owner-{i}", 60.0) for i in range(8)]
+    barrier = threading.Barrier(len(leases))
+    outcomes: list[str] = []
+
+    def take(lease: Lease) -> None:
+        barrier.wait()
+        try:
+            lease.acquire()
+            outcomes.append("held")
+        except LeaseHeldError:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=take, args=(lease,)) for lease in leases]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["held"] + ["refused"] * 7
+    (winner,) = [lease for lease in leases if lease.held]
+    assert _lease_owner(repo) == winner.owner
