@@ -146,6 +146,14 @@ class Repository:
         self._lock = threading.Lock()
 
     @property
+    def borrows_buffers(self) -> bool:
+        """put_chunk may be given a view of a buffer the caller reuses: a
+        local directory writes it out before returning. Other backends (and
+        test doubles) may keep what they are given: put_chunk hands them a
+        copy, and a caller with bytes of its own passes those (no copy)."""
+        return isinstance(self.backend, LocalBackend)
+
+    @property
     def display(self) -> str:
         return self.backend.display
 
@@ -273,10 +281,8 @@ class Repository:
                     break
             busy.wait()  # the other put either stored it or failed; look again
         try:
-            # A local directory writes a borrowed buffer out before returning;
-            # other backends (and test doubles) may keep what they are given.
-            local = isinstance(self.backend, LocalBackend)
-            self.backend.write(chunk_key(digest), data if local else bytes(data))  # type: ignore[arg-type]
+            payload = data if self.borrows_buffers else bytes(data)
+            self.backend.write(chunk_key(digest), payload)  # type: ignore[arg-type]
             with self._lock:
                 known.add(digest)
         finally:

@@ -547,7 +547,12 @@ class Snapshotter:
                 if os.preadv(fd, [view], offset) != length:
                     raise _Changed
                 digest = self.repo.hash(view)
-                sent = self.repo.put_chunk(digest, view)
+                if self.repo.borrows_buffers:
+                    sent = self.repo.put_chunk(digest, view)
+                else:  # the buffer goes back to the pool while the copy uploads
+                    payload = bytes(view)
+            if not self.repo.borrows_buffers:
+                sent = self.repo.put_chunk(digest, payload)
             with self._stats_lock:
                 result.bytes_read += length
                 if sent:
