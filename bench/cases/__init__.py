@@ -1,0 +1,1 @@
+"""The benchmark cases, one module each: NUMBER, TITLE and run(bench) -> Case."""
