@@ -7,6 +7,8 @@
 #                             (Azurite 3.35.0: the newest that runs on Node 20;
 #                             3.36 wants Node >= 21, 3.37 Node >= 22)
 #   /usr/sbin/sshd            Debian's openssh-server (only as root, only if missing)
+#   rsync, faketime           Debian's packages, likewise (the benchmark smoke test,
+#                             the real-clock-skew test)
 # Then run the tests with: .venv/bin/python -m pytest -n 2
 # A server that cannot be installed here makes its tests skip (tests/stores.py).
 set -euo pipefail
@@ -64,6 +66,9 @@ if [ ! -x /usr/sbin/sshd ]; then
         say "/usr/sbin/sshd is missing and cannot be installed here (needs root and apt): the sftp tests will be skipped"
     fi
 fi
+
+# -- rsync, a baseline of the benchmark suite (tests/bench runs its quick mode)
+command -v rsync >/dev/null 2>&1 || { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && (export DEBIAN_FRONTEND=noninteractive; apt-get update -q && apt-get install -y -q rsync) </dev/null >/dev/null; } || say "rsync is missing and cannot be installed here (needs root and apt): the benchmark smoke test will be skipped"
 
 # -- faketime (libfaketime) for the real-clock-skew test of tests/faults/test_clock_skew.py
 command -v faketime >/dev/null 2>&1 || { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && (export DEBIAN_FRONTEND=noninteractive; apt-get update -q && apt-get install -y -q faketime) </dev/null >/dev/null; } || say "faketime is missing and cannot be installed here (needs root and apt): the libfaketime clock-skew test will be skipped"
