@@ -424,12 +424,17 @@ class Snapshotter:
         self.parent = manifest
         result.manifest = manifest
         if keep is not None:
-            # The first prune of a process sweeps the whole chunk store (orphans of
-            # a crashed upload); later ones only look at what they drop.
-            self.repo.gc(keep, sweep=not self._swept)
-            self._swept = True
+            self.prune(keep)
         result.seconds = time.monotonic() - t0
         return result
+
+    def prune(self, keep: int) -> None:
+        """Retention: keep the newest `keep` snapshots, delete what only older
+        ones name. The first prune of a process sweeps the whole chunk store
+        (orphans of a crashed upload); later ones only look at what they drop."""
+        self.may_write()
+        self.repo.gc(keep, sweep=not self._swept)
+        self._swept = True
 
     # -- reading
 

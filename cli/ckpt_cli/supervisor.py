@@ -251,6 +251,10 @@ class Supervisor:
             on_snapshot=self._report_snapshot,
             on_error=self._report_error,
             on_recovered=self._report_recovered,
+            on_prune_error=lambda message: console.warn(
+                f"retention failed: {message}; older snapshots stay until the next "
+                "snapshot's retention removes them"
+            ),
             commit_only=cfg.snapshots == "commit",
         )
         runtime = Path(tempfile.mkdtemp(prefix="ckpt-"))
@@ -318,6 +322,10 @@ class Supervisor:
                 self.child.signal_all(signal.SIGKILL, self._exclude)
             flushed = self._final_flush(worker)
             worker.stop()
+            # Retention runs after a snapshot is answered: one that began
+            # before the stop ends before the lease is released (a prune that
+            # overlapped another writer's uploads could delete its chunks).
+            worker.join(cfg.flush_timeout)
             control.close()
             guardian.close()
             self._restore_signals(old_handlers)

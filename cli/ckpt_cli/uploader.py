@@ -85,6 +85,7 @@ class SnapshotWorker:
         on_snapshot: Callable[[SnapshotResult], None],
         on_error: Callable[[str, float], None],
         on_recovered: Callable[[float], None] = lambda _down_for: None,
+        on_prune_error: Callable[[str], None] = lambda _message: None,
         commit_only: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -96,6 +97,11 @@ class SnapshotWorker:
         self.on_snapshot = on_snapshot
         self.on_error = on_error
         self.on_recovered = on_recovered
+        self.on_prune_error = on_prune_error
+        #: A snapshot was written and retention has not run since: it runs once
+        #: the snapshot's waiters are answered (deleting a gigabyte of old
+        #: chunks took 0.3 s of a commit's latency when it ran before).
+        self._prune_due = False
         self.clock = clock
         self.stats = Stats(last_durable=snapshotter.parent)
         self._cond = threading.Condition()
@@ -211,6 +217,10 @@ class SnapshotWorker:
 
     def _run(self) -> None:
         while True:
+            with self._cond:
+                prune = self._prune_due and not self._lease_lost and not self._stopping
+            if prune:  # a stopping run leaves it to the next run's first prune
+                self._prune()
             job = self._next()
             if job is None:
                 return
@@ -318,9 +328,7 @@ class SnapshotWorker:
         if self._lease_lost:
             return None, self._lease_lost
         try:
-            result = self.snapshotter.snapshot(
-                reason=reason, attempt=self.attempt(), keep=self.keep, pinned=pinned
-            )
+            result = self.snapshotter.snapshot(reason=reason, attempt=self.attempt(), pinned=pinned)
         except LeaseLostError as exc:
             self._lease_lost = str(exc)
             self.stats.last_error = str(exc)
@@ -352,6 +360,7 @@ class SnapshotWorker:
             self.stats.failing_since = None
             self.on_recovered(down_for)
         if result.manifest is not None:
+            self._prune_due = True
             self.stats.snapshots += 1
             self.stats.bytes_uploaded += result.new_bytes
             self.stats.last_durable = result.manifest
@@ -360,6 +369,19 @@ class SnapshotWorker:
             self.changed()  # something was mid-write: look again once it is quiet
         self.on_snapshot(result)
         return result, None
+
+    def _prune(self) -> None:
+        """Retention on this thread, between snapshots: it never races this
+        writer's uploads. A failure leaves old snapshots for the next prune."""
+        self._prune_due = False
+        try:
+            self.snapshotter.prune(self.keep)
+        except LeaseLostError as exc:
+            self._lease_lost = str(exc)
+            self.stats.last_error = str(exc)
+            self.on_error(str(exc), 0.0)
+        except Exception as exc:
+            self.on_prune_error(str(exc) or type(exc).__name__)
 
     def _fail_pending(self, error: str) -> None:
         with self._cond:

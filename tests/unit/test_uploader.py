@@ -396,3 +396,39 @@ def test_held_commit_pin_is_released_when_superseded(
     assert h.worker.stats.superseded == 1
     assert pinned.fds == {}, "superseded: its descriptors are closed"
     backend.down.clear()
+
+
+class BlockingDeletes(DelegatingBackend):
+    """Deletes wait until `go` is set; `deleting` is set at the first one."""
+
+    def __init__(self, inner: LocalBackend) -> None:
+        super().__init__(inner)
+        self.go = threading.Event()
+        self.deleting = threading.Event()
+
+    def delete(self, key: str) -> None:
+        self.deleting.set()
+        if not self.go.wait(DEADLINE):
+            raise RemoteError("the test never let the delete go")
+        self.inner.delete(key)
+
+
+def test_retention_runs_after_the_commit_is_answered(
+    tmp_path: Path, root: Path, harness_factory: Callable[..., Harness]
+) -> None:
+    """A commit returns once its manifest is durable; deleting what retention
+    drops (slow for big chunks) comes after, and still happens."""
+    backend = BlockingDeletes(LocalBackend(tmp_path / "remote"))
+    repo = Repository(backend, chunk_size=CHUNK)
+    h = harness_factory(repo, root)
+    for i in range(4):  # keep=3: the fourth snapshot makes retention delete the first
+        write(root / "model.pt", data(i, CHUNK + i), mtime_ns=OLD_NS + i)
+        req = h.worker.request("commit")
+        assert req.wait(DEADLINE), f"commit {i} was not answered while deletes were blocked"
+        assert req.error is None and req.manifest is not None
+    assert backend.deleting.wait(DEADLINE), "retention never ran"
+    assert len(repo.snapshots()) in (3, 4)  # the oldest manifest may be gone already
+    backend.go.set()
+    assert h.wait_for(lambda: len(repo.snapshots()) == 3)
+    kept = {d for ref in repo.snapshots() for d in repo.load(ref).chunk_digests()}
+    assert h.wait_for(lambda: repo.list_chunks() == kept), "the first snapshot's chunks stay"
