@@ -322,9 +322,9 @@ class Supervisor:
                 self.child.signal_all(signal.SIGKILL, self._exclude)
             flushed = self._final_flush(worker)
             worker.stop()
-            # Retention runs after a snapshot is answered: one that began
-            # before the stop ends before the lease is released (a prune that
-            # overlapped another writer's uploads could delete its chunks).
+            # Retention runs after a snapshot is answered, the final flush's
+            # too: it ends before the lease is released (a prune that overlapped
+            # another writer's uploads could delete its chunks).
             worker.join(cfg.flush_timeout)
             control.close()
             guardian.close()

@@ -217,9 +217,9 @@ class SnapshotWorker:
 
     def _run(self) -> None:
         while True:
-            with self._cond:
-                prune = self._prune_due and not self._lease_lost and not self._stopping
-            if prune:  # a stopping run leaves it to the next run's first prune
+            # Also after the final flush: the supervisor joins this thread
+            # before it releases the lease, so --keep holds when a run ends.
+            if self._prune_due and not self._lease_lost:
                 self._prune()
             job = self._next()
             if job is None:

@@ -432,3 +432,18 @@ def test_retention_runs_after_the_commit_is_answered(
     assert h.wait_for(lambda: len(repo.snapshots()) == 3)
     kept = {d for ref in repo.snapshots() for d in repo.load(ref).chunk_digests()}
     assert h.wait_for(lambda: repo.list_chunks() == kept), "the first snapshot's chunks stay"
+
+
+def test_retention_of_the_last_snapshot_runs_before_the_worker_ends(
+    local_repo: Repository, root: Path, harness_factory: Callable[..., Harness]
+) -> None:
+    """--keep holds when a run ends: the prune after the last snapshot (a
+    final flush) runs before the thread the supervisor joins has ended."""
+    h = harness_factory(local_repo, root)
+    for i in range(4):
+        write(root / "model.pt", data(i, CHUNK + i), mtime_ns=OLD_NS + i)
+        req = h.worker.request("commit")
+        assert req.wait(DEADLINE) and req.error is None
+    h.worker.stop()
+    h.worker.join(DEADLINE)
+    assert len(local_repo.snapshots()) == 3  # keep=3
