@@ -234,6 +234,11 @@ class LocalBackend:
     def _path(self, key: str) -> Path:
         return self.root / key
 
+    def _tmp_for(self, path: str) -> str:
+        """The temp name a write to path goes through (matches _TEMP_RE)."""
+        parent, name = path.rsplit("/", 1)
+        return f"{parent}/.{name}.tmp-{self._tmp_prefix}{next(self._tmp_seq):x}"
+
     def read(self, key: str) -> bytes:
         try:
             return self._path(key).read_bytes()
@@ -272,8 +277,8 @@ class LocalBackend:
         """Whole or not at all (temp name, then rename). A memoryview is
         written out before this returns: the caller may reuse its buffer."""
         path = f"{self._root}/{key}"
-        parent, name = path.rsplit("/", 1)
-        tmp = f"{parent}/.{name}.tmp-{self._tmp_prefix}{next(self._tmp_seq):x}"
+        parent = path.rsplit("/", 1)[0]
+        tmp = self._tmp_for(path)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         try:
             if parent not in self._dirs:
@@ -304,7 +309,7 @@ class LocalBackend:
         key exists): a full disk or a crash never leaves a half-written object
         under key. Filesystems without hard links get O_EXCL on key itself."""
         path = self._path(key)
-        tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+        tmp = Path(self._tmp_for(str(path)))
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "xb") as f:

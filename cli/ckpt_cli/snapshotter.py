@@ -460,6 +460,14 @@ class Snapshotter:
             pending.append(self._pool.submit(self._small_task, batch, pinned, result))
             batch, batch_bytes = [], 0
 
+        def pop_head() -> Iterable[_Outcome]:
+            nonlocal open_big
+            head = pending.popleft()
+            if isinstance(head, _Big):
+                open_big -= 1
+                return [self._finish(head, result)]
+            return head.result()
+
         def head_done() -> bool:
             head = pending[0]
             if isinstance(head, _Big):
@@ -481,20 +489,11 @@ class Snapshotter:
                     else:
                         yield big
                 while pending and (open_big > MAX_OPEN_FILES or head_done()):
-                    head = pending.popleft()
-                    if isinstance(head, _Big):
-                        open_big -= 1
-                        yield self._finish(head, result)
-                    else:
-                        yield from head.result()
+                    yield from pop_head()
             if batch:
                 submit_batch()
             while pending:
-                head = pending.popleft()
-                if isinstance(head, _Big):
-                    yield self._finish(head, result)
-                else:
-                    yield from head.result()
+                yield from pop_head()
         finally:
             for item in pending:
                 if isinstance(item, _Big):
