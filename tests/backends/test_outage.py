@@ -122,7 +122,11 @@ def test_s3_server_down_mid_run_then_back_loses_nothing(
     )
 
     store.server.stop()
-    wait_for(lambda: "snapshot failed" in ck.stderr(), what="the outage reported", proc=ck)
+    # The outage may first hit the retention that follows a snapshot (its own
+    # --io-timeout retries, about 20 s here) before the next snapshot fails.
+    wait_for(
+        lambda: "snapshot failed" in ck.stderr(), what="the outage reported", timeout=90, proc=ck
+    )
     assert "the newest" in ck.stderr(), "the console says that only the newest waits"
     store.server.start()
     wait_for(lambda: "remote answers again" in ck.stderr(), what="catching up", timeout=90, proc=ck)
