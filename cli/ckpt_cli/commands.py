@@ -24,7 +24,7 @@ from ckpt_cli.errors import CkptError, ConfigError
 from ckpt_cli.history import load_runs
 from ckpt_cli.remote import open_backend, parse_storage_options
 from ckpt_cli.repo_tools import Checked, check, open_existing
-from ckpt_cli.repository import Repository, newest_manifest
+from ckpt_cli.repository import Repository, newest_manifest, rank_stream, stream_rank
 
 
 def _open(remote: str, options: list[str], *, create: bool) -> Repository | None:
@@ -43,13 +43,40 @@ def _has_entries(directory: Path) -> bool:
 
 
 def restore(
-    remote: str, dir: Path, snapshot: str | None, options: list[str], *, force: bool = False
+    remote: str,
+    dir: Path,
+    snapshot: str | None,
+    options: list[str],
+    *,
+    force: bool = False,
+    rank: int | None = None,
+    world_size: int | None = None,
+    allow_world_change: bool = False,
 ) -> int:
+    from ckpt_cli import world
     from ckpt_cli.restore import restore as do_restore
 
     target = config.resolve_dir(dir)
     config.check_remote_outside(target, remote)
     repo = open_existing(remote, options)
+    if rank is not None or world_size is not None:
+        if rank is None or world_size is None:
+            raise ConfigError("--rank and --world-size go together (restore a rank's files)")
+        if rank >= world_size:
+            raise ConfigError(f"--rank {rank} is outside --world-size {world_size}")
+    ref = None
+    if repo is not None and rank is not None and world_size is not None:
+        repo.stream = rank_stream(rank, world_size)
+        if snapshot is None:
+            choice = world.choose(repo, rank, world_size, allow_change=allow_world_change)
+            if choice is not None and not choice.consistent:
+                console.warn(choice.note)
+            if choice is not None and choice.manifest is None:
+                console.info(f"{choice.note}: nothing restored")
+                return ExitCode.OK
+            ref = choice.ref if choice is not None else None
+            if ref is not None:
+                console.info(f"rank {rank}: {choice.note if choice else ''}")
     if repo is None:
         if snapshot is not None:
             raise ConfigError(f"no snapshot {snapshot!r} in {remote}: it is empty (--snapshot)")
@@ -61,13 +88,16 @@ def restore(
             "(they stay as they are until the whole snapshot is in place)"
         )
     with console.Progress(f"restoring into {target}") as bar:
-        done = do_restore(repo, target, snapshot=snapshot, warn=console.warn, progress=bar.update)
+        done = do_restore(
+            repo, target, snapshot=snapshot, warn=console.warn, progress=bar.update, ref=ref
+        )
     if done is None:
         console.info(f"{remote} has no snapshots yet: nothing restored")
         return ExitCode.OK
     m = done.manifest
+    step = "" if m.step is None else f", step {m.step}"
     console.info(
-        f"restored snapshot {m.id} (generation {m.generation}, {len(m.files)} files, "
+        f"restored snapshot {m.id} (generation {m.generation}{step}, {len(m.files)} files, "
         f"{console.fmt_bytes(m.total_size)}) into {target} in {done.seconds:.1f}s"
     )
     return ExitCode.OK
@@ -139,7 +169,11 @@ def push(dir: Path, remote: str, keep: int, options: list[str]) -> int:
 # ---------------------------------------------------------------- ls
 
 
-def ls(remote: str, as_json: bool, options: list[str], *, runs: bool = False) -> int:
+def ls(
+    remote: str, as_json: bool, options: list[str], *, runs: bool = False, rank: int | None = None
+) -> int:
+    from ckpt_cli import world
+
     repo = open_existing(remote, options)
     if repo is None:
         if as_json:
@@ -147,6 +181,31 @@ def ls(remote: str, as_json: bool, options: list[str], *, runs: bool = False) ->
         else:
             console.info(f"{remote} is empty: no snapshots yet")
         return ExitCode.OK
+    ranks_doc: dict[str, Any] = {}
+    if rank is not None or repo.rank_snapshots():
+        w = world.World(repo)
+        gens = w.generations(world.present_chunks(repo))
+        counts = {str(stream_rank(s)): len(loaded) for s, loaded in sorted(w.streams.items()) if s}
+        ranks_doc = {
+            "complete_steps": [g.step for g in gens],
+            "world_size": gens[0].world_size if gens else None,
+            "ranks": counts,
+        }
+        if rank is not None:
+            repo.stream = rank_stream(rank, 2)
+        if not as_json and not runs:
+            if gens:
+                steps = ", ".join(str(g.step) for g in gens[:10])
+                console.info(
+                    f"steps complete on all {gens[0].world_size} ranks, newest first: {steps}"
+                )
+            else:
+                console.info("no step is complete on all ranks (ckpt.commit(step=N) makes one)")
+            console.info(
+                "snapshots per rank: "
+                + ", ".join(f"rank {r}: {n}" for r, n in counts.items())
+                + ("" if rank is not None else " (ckpt ls --rank R lists one)")
+            )
     rows: list[dict[str, Any]] = []
     newest_found = False
     for c in check(repo, repo.snapshots()).snapshots:
@@ -155,7 +214,12 @@ def ls(remote: str, as_json: bool, options: list[str], *, runs: bool = False) ->
             row["state"], newest_found = "newest", True
         rows.append(row)
     if as_json:
-        doc = {"remote": remote, "snapshots": rows, "runs": load_runs(repo.backend)}
+        doc = {
+            "remote": remote,
+            "snapshots": rows,
+            "runs": load_runs(repo.backend),
+            **ranks_doc,
+        }
         print(json.dumps(doc, indent=1))
         return ExitCode.OK
     if runs:
@@ -186,6 +250,9 @@ def _ls_row(c: Checked) -> dict[str, Any]:
             attempt=m.attempt,
             host=m.host,
             reason=m.reason,
+            step=m.step,
+            rank=m.rank,
+            world_size=m.world_size,
         )
     row.update(ok=c.ok, state="complete" if c.ok else "damaged")
     if not c.ok:
@@ -270,17 +337,23 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f}s ago"
 
 
-def commit(socket_path: str | None, wait: bool, timeout: float | None) -> int:
+def commit(
+    socket_path: str | None, wait: bool, timeout: float | None, step: int | None = None
+) -> int:
     if not socket_path:
         raise ConfigError(
             "no supervisor to commit to: CKPT_SOCKET is not set "
             "(run under `ckpt run`, or pass --socket)"
         )
-    reply = request(socket_path, {"op": "commit", "wait": wait, "timeout": timeout})
+    message: dict[str, Any] = {"op": "commit", "wait": wait, "timeout": timeout}
+    if step is not None:
+        message["step"] = step
+    reply = request(socket_path, message)
     if not reply.get("ok"):
         raise CkptError(f"commit failed: {reply.get('error')}", exit_code=ExitCode.UNAVAILABLE)
     if reply.get("snapshot"):
-        console.info(f"committed: snapshot {reply['snapshot']} is durable")
+        tagged = "" if reply.get("step") is None else f" (step {reply['step']})"
+        console.info(f"committed: snapshot {reply['snapshot']}{tagged} is durable")
     elif reply.get("pinned"):
         console.info("pinned: the snapshot is being uploaded")
     return ExitCode.OK

@@ -52,6 +52,11 @@ class RunConfig:
     snapshot: str | None = None
     flush_timeout: float = 120.0
     lease_timeout: float = 60.0
+    #: Which node of how many (ranks.detect): 0 of 1 is a single node.
+    rank: int = 0
+    world_size: int = 1
+    identity_source: str = "one node"
+    allow_world_change: bool = False
     excludes: tuple[str, ...] = ()
     concurrency: int = 4
     io_timeout: float = 120.0
@@ -192,6 +197,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("snapshot", "str", None, optional=True),
     Option("flush_timeout", "float", 120.0, min=0),
     Option("lease_timeout", "float", 60.0, min=5),
+    Option("rank", "int", None, optional=True, min=0),
+    Option("world_size", "int", None, optional=True, min=1),
+    Option("allow_world_change", "bool", False),
     Option("exclude", "list", [], aliases=("excludes",)),
     Option("snapshots", "str", "auto", parse=parse_snapshots),
     Option("checkpoint_signal", "str", "SIGUSR1", parse=parse_checkpoint_signal),
@@ -277,7 +285,21 @@ def run_config(settings: Settings, *, need_command: bool = True) -> RunConfig:
             "no command to run: ckpt run [OPTIONS] -- COMMAND (or command = [...] in ckpt.toml)",
             exit_code=ExitCode.USAGE,
         )
+    from ckpt_cli import ranks
+
+    identity = ranks.detect(
+        settings["rank"],
+        settings["world_size"],
+        os.environ,
+        command,
+        rank_source=_source_label(settings, "rank"),
+        world_source=_source_label(settings, "world_size"),
+    )
     return RunConfig(
+        rank=identity.rank,
+        world_size=identity.world_size,
+        identity_source=identity.describe(),
+        allow_world_change=settings["allow_world_change"],
         command=list(command),
         dir=directory,
         remote=url,
@@ -306,6 +328,13 @@ def run_config(settings: Settings, *, need_command: bool = True) -> RunConfig:
     )
 
 
+def _source_label(settings: Settings, name: str) -> str:
+    """How the banner names where --rank / --world-size came from."""
+    source = settings.values[name].source
+    flag = f"--{name.replace('_', '-')}"
+    return flag if source == FLAG else f"{flag} from {source}"
+
+
 def describe(settings: Settings, cfg: RunConfig) -> str:
     """`--print-config`: one `key = value  # source` line per option, valid
     TOML that can be pasted into ckpt.toml; secrets in storage options and URLs
@@ -325,6 +354,9 @@ def describe(settings: Settings, cfg: RunConfig) -> str:
         source = setting.source
         if opt.name == "remote" and cfg.remote_is_default:
             source = f"{source}: the embedded store {cfg.remote}"
+        if opt.name in ("rank", "world_size") and setting.value is None:
+            value = cfg.rank if opt.name == "rank" else cfg.world_size
+            source = f"detected: {cfg.identity_source}"
         pairs.append((f"{opt.file_key} = {_toml(value)}", source))
     width = min(48, max(len(left) for left, _ in pairs))
     rows += [f"{left.ljust(width)}  # {source}" for left, source in pairs]

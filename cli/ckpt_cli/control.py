@@ -1,8 +1,10 @@
 """The control socket: newline-delimited JSON requests from the child or a shell.
 
     {"op": "status"}                         -> {"ok": true, ...live state...}
-    {"op": "commit", "wait": true, "timeout": 60}
-                                             -> {"ok": true, "snapshot": ID} once durable
+    {"op": "commit", "wait": true, "timeout": 60, "step": 1200}
+                                             -> {"ok": true, "snapshot": ID, "step": 1200}
+                                                once durable (step: optional, the
+                                                global generation; see `world`)
                                              -> {"ok": false, "error": "..."}; when the
                                                 remote refused it, the error says so and
                                                 the commit is still uploaded later
@@ -96,8 +98,13 @@ class ControlServer:
         if op == "status":
             return {"ok": True, **self.status()}
         if op == "commit":
+            step = msg.get("step")
+            if step is not None and (
+                not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 1 << 62
+            ):
+                return {"ok": False, "error": f"step must be a whole number >= 0, not {step!r}"}
             try:
-                req = self.worker.commit()
+                req = self.worker.commit(step)
             except OSError as exc:
                 return {"ok": False, "error": f"pinning the directory failed: {exc}"}
             if not msg.get("wait", True):
@@ -107,7 +114,11 @@ class ControlServer:
                 return {"ok": False, "error": f"commit not durable within {timeout}s"}
             if req.error:
                 return {"ok": False, "error": req.error}
-            return {"ok": True, "snapshot": req.manifest.id if req.manifest else None}
+            return {
+                "ok": True,
+                "snapshot": req.manifest.id if req.manifest else None,
+                "step": req.manifest.step if req.manifest else None,
+            }
         if op == "hello":
             try:
                 self.hello(int(msg["pid"]), str(msg.get("signal", "")))

@@ -77,9 +77,12 @@ def load_runs(backend: Backend, *, workers: int = 8) -> list[dict[str, Any]]:
     return sorted(found, key=lambda r: (r["started"], r["run"]))
 
 
-def attempts_before(runs: list[dict[str, Any]], exclude: str = "") -> int:
-    """How many attempts the recorded runs (but `exclude`) made."""
-    return sum(len(r["attempts"]) for r in runs if r["run"] != exclude)
+def attempts_before(runs: list[dict[str, Any]], exclude: str = "", rank: int = 0) -> int:
+    """How many attempts the recorded runs (but `exclude`) of this rank made
+    (records without a rank are single-node runs: rank 0)."""
+    return sum(
+        len(r["attempts"]) for r in runs if r["run"] != exclude and r.get("rank", 0) == rank
+    )
 
 
 class RunHistory:
@@ -87,7 +90,9 @@ class RunHistory:
 
     RETRY = 5.0
 
-    def __init__(self, backend: Backend, run_id: str, *, on_error: Any = None) -> None:
+    def __init__(
+        self, backend: Backend, run_id: str, *, on_error: Any = None, rank: int | None = None
+    ) -> None:
         self.backend = backend
         self.key = run_key(run_id)
         self.record: dict[str, Any] = {
@@ -96,6 +101,7 @@ class RunHistory:
             "run": run_id,
             "host": host_name(),
             "pid": os.getpid(),
+            **({} if rank is None else {"rank": rank}),
             "started": time.time(),
             "ended": None,
             "attempts": [],

@@ -37,8 +37,14 @@ class Lease:
     heartbeat. Stale when the heartbeat is older than its ttl, or at once when
     it names a dead pid on this same host and boot."""
 
-    def __init__(self, backend: Backend, owner: str, ttl: float) -> None:
+    def __init__(self, backend: Backend, owner: str, ttl: float, *, key: str = LEASE_KEY) -> None:
+        #: lease.json, or ranks/<r>/lease.json: one lease per rank's stream.
+        self.key = key
         self.backend = backend
+        stream = key.rsplit("/", 1)[0] if "/" in key else ""
+        #: What error messages name: the remote, and the rank for a rank's lease.
+        rank = stream.replace("ranks/", "rank ")
+        self.where = f"{backend.display} ({rank})" if stream else backend.display
         self.owner = owner
         self.ttl = ttl
         self.held = False
@@ -58,7 +64,7 @@ class Lease:
 
     def _read(self) -> dict[str, Any] | None:
         try:
-            doc = json.loads(self.backend.read(LEASE_KEY))
+            doc = json.loads(self.backend.read(self.key))
         except NotFound:
             return None
         except ValueError:
@@ -93,7 +99,7 @@ class Lease:
         # needs no confirmation; a check-then-put or a takeover (an overwrite)
         # does.
         confirm = True
-        if backend.create_exclusive(LEASE_KEY, self._doc()):
+        if backend.create_exclusive(self.key, self._doc()):
             took_over = None
             confirm = not getattr(backend, "exclusive_create", False)
         else:
@@ -106,12 +112,12 @@ class Lease:
                     assert doc is not None
                     age = time.time() - float(doc.get("heartbeat", 0))
                     raise LeaseHeldError(
-                        f"remote {backend.display} is in use by ckpt on host "
+                        f"remote {self.where} is in use by ckpt on host "
                         f"{doc.get('host')} (pid {doc.get('pid')}, heartbeat {age:.0f}s ago); "
                         f"stop that run, or wait: a lease without heartbeat for "
                         f"{float(doc.get('ttl', self.ttl)):.0f}s is taken over (--lease-timeout)"
                     )
-                backend.write(LEASE_KEY, self._doc())
+                backend.write(self.key, self._doc())
                 took_over = why
         if confirm:  # wait out a racing writer's put, then see whose lease it is
             time.sleep(0.05)
@@ -120,7 +126,7 @@ class Lease:
             doc = {"owner": self.owner}
         if not doc or doc.get("owner") != self.owner:
             raise LeaseHeldError(
-                f"remote {backend.display} was claimed by another ckpt at the same moment; "
+                f"remote {self.where} was claimed by another ckpt at the same moment; "
                 "only one writer may use a remote"
             )
         self.held = True
@@ -135,16 +141,16 @@ class Lease:
             # state is older than what the other one wrote since.
             self.held = False
             raise LeaseLostError(
-                f"lease on {self.backend.display} disappeared while this run held it "
+                f"lease on {self.where} disappeared while this run held it "
                 "(another writer took it over and finished?); this run stops writing snapshots"
             )
         if doc.get("owner") not in (None, self.owner):
             self.held = False
             raise LeaseLostError(
-                f"lease on {self.backend.display} was taken over by host {doc.get('host')} "
+                f"lease on {self.where} was taken over by host {doc.get('host')} "
                 f"pid {doc.get('pid')}; this run stops writing snapshots"
             )
-        self.backend.write(LEASE_KEY, self._doc())
+        self.backend.write(self.key, self._doc())
 
     def release(self) -> None:
         if not self.held:
@@ -153,4 +159,4 @@ class Lease:
         with contextlib.suppress(RemoteError):
             doc = self._read()
             if doc is not None and doc.get("owner") == self.owner:
-                self.backend.delete(LEASE_KEY)
+                self.backend.delete(self.key)

@@ -137,6 +137,32 @@ def run(
             help="Seconds without heartbeat after which another writer's lease is taken over.",
         ),
     ] = 60.0,
+    rank: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            show_default=False,
+            help="This node's rank in a multi-node job (default: from torchrun, SLURM, "
+            "a Kubernetes Indexed Job or SkyPilot; else 0 of 1).",
+        ),
+    ] = None,
+    world_size: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            show_default=False,
+            help="How many nodes the job has, each with its own ckpt run (default: detected "
+            "like --rank).",
+        ),
+    ] = None,
+    allow_world_change: Annotated[
+        bool,
+        typer.Option(
+            "--allow-world-change",
+            help="Restore what a job with another --world-size wrote: rank r gets old rank "
+            "r's files; ranks beyond the old world start empty.",
+        ),
+    ] = False,
     exclude: Annotated[
         list[str] | None,
         typer.Option(
@@ -237,6 +263,24 @@ def restore_cmd(
     ] = False,
     storage_option: StorageOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    rank: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            show_default=False,
+            help="Restore this rank's files of the newest step all ranks committed "
+            "(with --world-size).",
+        ),
+    ] = None,
+    world_size: Annotated[
+        int | None, typer.Option(min=1, show_default=False, help="The job's number of nodes.")
+    ] = None,
+    allow_world_change: Annotated[
+        bool,
+        typer.Option(
+            "--allow-world-change", help="Restore what a job of another --world-size wrote."
+        ),
+    ] = False,
 ) -> None:
     """Restore a snapshot into DIR (verified, swapped in atomically).
 
@@ -250,7 +294,16 @@ def restore_cmd(
     with error_funnel() as status:
         from ckpt_cli import commands
 
-        status[0] = commands.restore(remote, dir, snapshot, storage_option or [], force=force)
+        status[0] = commands.restore(
+            remote,
+            dir,
+            snapshot,
+            storage_option or [],
+            force=force,
+            rank=rank,
+            world_size=world_size,
+            allow_world_change=allow_world_change,
+        )
     raise typer.Exit(status[0])
 
 
@@ -288,6 +341,12 @@ def ls_cmd(
         ),
     ] = False,
     storage_option: StorageOpt = None,
+    rank: Annotated[
+        int | None,
+        typer.Option(
+            min=0, show_default=False, help="List this rank's snapshots (a multi-node job's)."
+        ),
+    ] = None,
 ) -> None:
     """List snapshots, newest first (or, with --runs, the runs that wrote them).
 
@@ -300,12 +359,15 @@ def ls_cmd(
     snapshot listed is one the last retention kept; `ckpt gc --keep N
     --dry-run` shows what N would drop. An empty location lists nothing (exit 0).
 
+    A multi-node job's remote: the steps complete on all ranks and each
+    rank's count are listed; --rank R lists rank R's snapshots.
+
     Example: ckpt ls s3://b/run
     """
     with error_funnel() as status:
         from ckpt_cli import commands
 
-        status[0] = commands.ls(remote, json_out, storage_option or [], runs=runs)
+        status[0] = commands.ls(remote, json_out, storage_option or [], runs=runs, rank=rank)
     raise typer.Exit(status[0])
 
 
@@ -417,15 +479,24 @@ def commit(
     ] = None,
     no_wait: Annotated[bool, typer.Option("--no-wait", help="Return once queued.")] = False,
     timeout: Annotated[float | None, typer.Option(help="Seconds to wait for durability.")] = None,
+    step: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            show_default=False,
+            help="The training step of this checkpoint: on several nodes, each rank restores "
+            "the newest step every rank committed.",
+        ),
+    ] = None,
 ) -> None:
     """Ask the running supervisor for a snapshot now; wait until it is durable.
 
-    Example (inside a script run by ckpt run): ckpt commit
+    Example (inside a script run by ckpt run): ckpt commit --step 1200
     """
     with error_funnel() as status:
         from ckpt_cli import commands
 
-        status[0] = commands.commit(socket, not no_wait, timeout)
+        status[0] = commands.commit(socket, not no_wait, timeout, step)
     raise typer.Exit(status[0])
 
 

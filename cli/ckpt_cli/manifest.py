@@ -114,6 +114,15 @@ class Manifest:
     new_bytes: int = 0
     new_chunks: int = 0
     hash: str = HASH_NAME  # what its chunks are named by: its repository's hash
+    #: The training step a commit was tagged with (`commit(step=)`): the
+    #: global generation it belongs to across ranks. None for other snapshots.
+    step: int | None = None
+    #: This stream's rank and the world it was written by (0 of 1: one node).
+    rank: int = 0
+    world_size: int = 1
+    #: The newest GC round (gc/) this snapshot had seen when it started: a
+    #: round's trash is deleted only once every live rank has seen it.
+    gc_seen: int = 0
 
     @property
     def key(self) -> str:
@@ -147,6 +156,10 @@ class Manifest:
             "hash": self.hash,
             "new_bytes": self.new_bytes,
             "new_chunks": self.new_chunks,
+            "step": self.step,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "gc_seen": self.gc_seen,
             "files": len(self.files),
             "size": self.total_size,
             "entries": [e.to_json() for e in self.entries],
@@ -198,6 +211,10 @@ class Manifest:
                 new_bytes=int(doc.get("new_bytes", 0)),
                 new_chunks=int(doc.get("new_chunks", 0)),
                 hash=hash_name,
+                step=None if doc.get("step") is None else _int(doc, "step", 0, 1 << 62),
+                rank=_int(doc, "rank", 0, 1 << 20) if "rank" in doc else 0,
+                world_size=_int(doc, "world_size", 1, 1 << 20) if "world_size" in doc else 1,
+                gc_seen=_int(doc, "gc_seen", 0, 1 << 62) if "gc_seen" in doc else 0,
             )
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             # OverflowError: int() of an Infinity (JSON as Python reads it)

@@ -93,6 +93,11 @@ class Backend(Protocol):
     def write(self, key: str, data: bytes) -> None: ...
     def create_exclusive(self, key: str, data: bytes) -> bool: ...
     def delete(self, key: str) -> None: ...
+    def rename(self, src: str, dst: str) -> None:
+        """Move an object (server-side where the store can); NotFound if src
+        is missing; dst is replaced."""
+        ...
+
     def list(self, prefix: str, *, temp: bool = False) -> list[str]:
         """Keys under prefix; with temp, only the temp names of writes that
         never finished (a killed writer's), which are otherwise hidden."""
@@ -350,6 +355,21 @@ class LocalBackend:
         except OSError as exc:
             raise RemoteError(f"deleting {key} from {self.display} failed: {exc}") from None
 
+    def rename(self, src: str, dst: str) -> None:
+        path = f"{self._root}/{dst}"
+        parent = path.rsplit("/", 1)[0]
+        try:
+            if parent not in self._dirs:
+                os.makedirs(parent, exist_ok=True)
+                self._dirs.add(parent)
+            os.replace(f"{self._root}/{src}", path)
+        except FileNotFoundError:
+            if not os.path.exists(f"{self._root}/{src}"):
+                raise NotFound(src) from None
+            raise RemoteError(f"moving {src} to {dst} on {self.display} failed") from None
+        except OSError as exc:
+            raise RemoteError(f"moving {src} to {dst} on {self.display} failed: {exc}") from None
+
     def list(self, prefix: str, *, temp: bool = False) -> list[str]:
         base = self._path(prefix)
         keys: list[str] = []
@@ -560,6 +580,20 @@ class FsspecBackend:
                 fs.rm_file(path, **kw)
 
         self._call(f"deleting {key}", go)
+
+    def rename(self, src: str, dst: str) -> None:
+        """fsspec's mv: a server-side copy and a delete on object stores."""
+        frm, to = self._path(src), self._path(dst)
+
+        def go(fs: Any, kw: dict[str, Any]) -> None:
+            if not self.atomic_put and "/" in to:
+                fs.makedirs(to.rsplit("/", 1)[0], exist_ok=True)
+            try:
+                fs.mv(frm, to, **kw)
+            except FileNotFoundError:
+                raise NotFound(src) from None
+
+        self._call(f"moving {src} to {dst}", go)
 
     def list(self, prefix: str, *, temp: bool = False) -> list[str]:
         base = self._path(prefix).rstrip("/")

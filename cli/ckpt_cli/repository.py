@@ -6,6 +6,9 @@ manifests, a single-writer lease, retention and garbage collection.
                                    (blake3; sha256 in repositories made so)
     snapshots/<gen:010d>-<id>.json manifest, written in one put after its chunks
     lease.json                     the writer's lease, refreshed by a heartbeat
+    ranks/<r>/snapshots/, ranks/<r>/lease.json
+                                   rank r's own stream and lease (multi-node runs)
+    gc/<seq:010d>-<id>.json        a multi-rank GC round; trash/<h[:2]>/<h> its chunks
 
 Ordering: chunks before the manifest that names them; "latest" is derived by
 listing snapshots/; GC deletes old manifests first, then chunks no kept
@@ -18,12 +21,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import re
 import secrets
 import threading
 from collections.abc import Iterator
 
 from ckpt_cli.errors import ConfigError
-from ckpt_cli.lease import Lease
+from ckpt_cli.lease import LEASE_KEY, Lease
 from ckpt_cli.manifest import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -41,6 +45,21 @@ from ckpt_cli.remote import Backend, LocalBackend, NotFound
 DEFAULT_CHUNK_SIZE = 8 * 1024 * 1024
 CONFIG_KEY = "ckpt.json"
 CHUNKS = "chunks/"
+#: Chunks a multi-rank GC round took out of chunks/ (see `world`).
+TRASH = "trash/"
+RANKS = "ranks/"
+_STREAM_RE = re.compile(r"^ranks/(\d+)/")
+
+
+def rank_stream(rank: int, world_size: int) -> str:
+    """Where a rank's snapshots and lease live: the root for one node (the
+    layout of single-node runs never changes), ranks/<r>/ in a world of several."""
+    return "" if world_size == 1 else f"{RANKS}{rank}/"
+
+
+def stream_rank(stream: str) -> int:
+    m = _STREAM_RE.match(stream)
+    return int(m.group(1)) if m else 0
 
 
 class ChunkError(Exception):
@@ -80,6 +99,10 @@ def chunk_key(digest: str) -> str:
     return f"{CHUNKS}{digest[:2]}/{digest}"
 
 
+def trash_key(digest: str) -> str:
+    return f"{TRASH}{digest[:2]}/{digest}"
+
+
 @dataclasses.dataclass(frozen=True)
 class SnapshotRef:
     """A snapshot known by its name only (listing is cheap; loading is not)."""
@@ -87,6 +110,8 @@ class SnapshotRef:
     generation: int
     id: str
     key: str
+    #: "" (the root stream) or "ranks/<r>/".
+    stream: str = ""
 
 
 @dataclasses.dataclass
@@ -134,8 +159,12 @@ def chunk_sizes(manifest: Manifest) -> dict[str, int]:
 class Repository:
     """One remote in the ckpt format. Thread-safe for concurrent chunk puts."""
 
-    def __init__(self, backend: Backend, chunk_size: int, hash_name: str = HASH_NAME) -> None:
+    def __init__(
+        self, backend: Backend, chunk_size: int, hash_name: str = HASH_NAME, stream: str = ""
+    ) -> None:
         self.backend = backend
+        #: The snapshot stream this process reads and writes (rank_stream()).
+        self.stream = stream
         self.chunk_size = chunk_size
         self.hash_name = hash_name
         #: The hex digest of a chunk, by the repository's own hash (ckpt.json).
@@ -203,15 +232,33 @@ class Repository:
 
     # -- snapshots
 
-    def snapshots(self) -> list[SnapshotRef]:
-        """Every snapshot name, newest (highest generation) first."""
+    def snapshots(self, stream: str | None = None) -> list[SnapshotRef]:
+        """Every snapshot name of this stream (or `stream`), newest (highest
+        generation) first."""
+        stream = self.stream if stream is None else stream
         refs = []
-        for key in self.backend.list(SNAPSHOTS):
-            m = SNAPSHOT_RE.match(key)
-            if m:
-                refs.append(SnapshotRef(int(m.group(1)), m.group(2), key))
+        for key in self.backend.list(stream + SNAPSHOTS):
+            m = SNAPSHOT_RE.match(key[len(stream) :])
+            if m and key.startswith(stream):
+                refs.append(SnapshotRef(int(m.group(1)), m.group(2), key, stream))
         refs.sort(key=lambda r: (r.generation, r.id), reverse=True)
         return refs
+
+    def rank_snapshots(self) -> dict[int, list[SnapshotRef]]:
+        """Every rank's stream under ranks/ (one listing), newest first each."""
+        out: dict[int, list[SnapshotRef]] = {}
+        for key in self.backend.list(RANKS):
+            m = _STREAM_RE.match(key)
+            if not m:
+                continue
+            stream = m.group(0)
+            sm = SNAPSHOT_RE.match(key[len(stream) :])
+            if sm:
+                ref = SnapshotRef(int(sm.group(1)), sm.group(2), key, stream)
+                out.setdefault(int(m.group(1)), []).append(ref)
+        for refs in out.values():
+            refs.sort(key=lambda r: (r.generation, r.id), reverse=True)
+        return out
 
     def find(self, wanted: str) -> SnapshotRef | None:
         """A snapshot by id, id prefix (unique), or generation number."""
@@ -236,7 +283,7 @@ class Repository:
     def parse_manifest(self, data: bytes, key: str) -> Manifest:
         """Manifest.from_bytes, and the manifest must name chunks by this
         repository's hash (its chunks could never verify otherwise)."""
-        manifest = Manifest.from_bytes(data, key)
+        manifest = Manifest.from_bytes(data, _STREAM_RE.sub("", key, count=1))
         if manifest.hash != self.hash_name:
             raise ManifestError(
                 f"names its chunks by {manifest.hash}, the repository by {self.hash_name}"
@@ -249,7 +296,7 @@ class Repository:
 
     def write_manifest(self, manifest: Manifest) -> None:
         """The commit point of a snapshot: written once, after all its chunks."""
-        self.backend.write(manifest.key, manifest.to_bytes())
+        self.backend.write(self.stream + manifest.key, manifest.to_bytes())
 
     @staticmethod
     def new_id() -> str:
@@ -295,7 +342,10 @@ class Repository:
         try:
             data = self.backend.read(chunk_key(digest))
         except NotFound:
-            raise ChunkError(digest, "is missing") from None
+            try:  # taken out by a multi-rank GC round that a late manifest names
+                data = self.backend.read(trash_key(digest))
+            except NotFound:
+                raise ChunkError(digest, "is missing") from None
         if expected_size is not None and len(data) != expected_size:
             raise ChunkError(digest, f"has {len(data)} bytes, expected {expected_size}")
         if self.hash(data) != digest:
@@ -312,7 +362,10 @@ class Repository:
         try:
             size = self.backend.read_into(chunk_key(digest), view)
         except NotFound:
-            raise ChunkError(digest, "is missing") from None
+            try:
+                size = self.backend.read_into(trash_key(digest), view)
+            except NotFound:
+                raise ChunkError(digest, "is missing") from None
         if size != len(view):
             raise ChunkError(digest, f"has {size} bytes, expected {len(view)}")
         if self.hash(view) != digest:
@@ -343,11 +396,13 @@ class Repository:
         sweep=True lists every chunk and deletes all unreferenced ones (also
         orphans of uploads that crashed before their manifest); sweep=False
         only considers the chunks the dropped manifests named (no listing)."""
+        if self.stream:
+            raise ValueError("gc() prunes the single-node stream; ranks prune with world.prune")
         refs = self.snapshots()
         kept, dropped = refs[:keep], refs[keep:]
         if not dropped and not sweep:
             return GcReport([], 0, [r.key for r in kept])
-        referenced: set[str] = set()
+        referenced = self.rank_chunks()
         for ref in kept:
             try:
                 referenced |= self.load(ref).chunk_digests()
@@ -375,6 +430,16 @@ class Repository:
             deleted += 1
         return GcReport([r.key for r in dropped], deleted, [r.key for r in kept])
 
+    def rank_chunks(self) -> set[str]:
+        """Every chunk a rank stream's manifest names: the single-node stream's
+        retention never deletes them (a repository a multi-node run wrote too)."""
+        out: set[str] = set()
+        for refs in self.rank_snapshots().values():
+            for ref in refs:
+                with contextlib.suppress(ManifestError):
+                    out |= self.load(ref).chunk_digests()
+        return out
+
     def list_chunks(self) -> set[str]:
         """Every chunk in the store, by one listing of chunks/ (never cached:
         `ckpt verify` and `ckpt ls` want the store as it is now)."""
@@ -386,7 +451,7 @@ class Repository:
         every manifest, lists chunks/ once, deletes nothing (no lease needed)."""
         refs = self.snapshots()
         kept, dropped = refs[:keep], refs[keep:]
-        referenced: set[str] = set()
+        referenced = self.rank_chunks()
         for ref in kept:
             with contextlib.suppress(ManifestError):
                 referenced |= self.load(ref).chunk_digests()
@@ -401,7 +466,7 @@ class Repository:
     # -- lease
 
     def lease(self, owner: str, ttl: float) -> Lease:
-        return Lease(self.backend, owner, ttl)
+        return Lease(self.backend, owner, ttl, key=self.stream + LEASE_KEY)
 
 
 def iter_manifests(repo: Repository) -> Iterator[tuple[SnapshotRef, Manifest | ManifestError]]:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ckpt._fs import OLD_PREFIX, swap_in
-from ckpt_cli import console
+from ckpt_cli import console, world
 from ckpt_cli.errors import ConfigError, RestoreError
 from ckpt_cli.manifest import Entry, Manifest, ManifestError
 from ckpt_cli.repository import (
@@ -75,6 +75,7 @@ def restore(
     warn: Callable[[str], None],
     concurrency: int = 4,
     progress: Callable[[int, int], None] | None = None,
+    ref: SnapshotRef | None = None,
 ) -> Restored | None:
     """Restore the newest usable snapshot (or exactly `snapshot`) into target.
 
@@ -86,19 +87,22 @@ def restore(
         raise ConfigError(f"{target} is not a directory (--dir)")
     target.parent.mkdir(parents=True, exist_ok=True)
     recover_interrupted(target)
-    if snapshot is not None:
-        ref = repo.find(snapshot)
-        if ref is None:
+    if ref is not None:  # exactly this one (a rank's part of a global generation)
+        candidates = [ref]
+        snapshot = ref.id
+    elif snapshot is not None:
+        found = repo.find(snapshot)
+        if found is None:
             raise RestoreError(
                 f"no snapshot {snapshot!r} in {repo.display} (see `ckpt ls {repo.display}`)"
             )
-        candidates = [ref]
+        candidates = [found]
     else:
         candidates = repo.snapshots()
     if not candidates:
         return None
     skipped: list[str] = []
-    for ref in candidates:
+    for ref in candidates:  # noqa: PLR1704 - the loop variable is the one tried
         try:
             manifest = repo.load(ref)
             _check_symlinks(manifest)
@@ -340,6 +344,85 @@ def prepare_dir(
         return ""
     console.info(f"{directory} is older than snapshot {newest.id}: replacing it")
     return restore_into(repo, snapshotter, None, concurrency)
+
+
+def holds(directory: Path, manifest: Manifest, patterns: tuple[str, ...]) -> bool:
+    """The directory has exactly the manifest's files, by size and mtime."""
+    local = scan(directory, patterns) if directory.is_dir() else []
+    local_files = {e.path: e for e in local if e.type == "file"}
+    snap_files = {e.path: e for e in manifest.files}
+    return local_files.keys() == snap_files.keys() and all(
+        (le.size, le.mtime_ns) == (snap_files[p].size, snap_files[p].mtime_ns)
+        for p, le in local_files.items()
+    )
+
+
+def prepare_rank_dir(
+    repo: Repository,
+    snapshotter: Snapshotter,
+    *,
+    rank: int,
+    world_size: int,
+    allow_change: bool,
+    restore_enabled: bool = True,
+    snapshot: str | None = None,
+    concurrency: int = 4,
+) -> tuple[str, int | None]:
+    """prepare_dir for a rank of a multi-node job (or a single node in a
+    repository that ranks wrote): (the snapshot id --dir holds, its step).
+
+    With step-tagged commits, --dir is made to hold exactly this rank's files
+    of the newest step every rank committed (a consistent cut: a --dir that
+    got further is replaced, the other ranks restore that step too). Without
+    them, each rank is a single node of its own (prepare_dir), and the console
+    says that this is not a consistent cut. A world of another size is refused
+    unless allow_change (world.choose)."""
+    directory = snapshotter.root
+    if not restore_enabled or snapshot is not None:
+        held = prepare_dir(
+            repo,
+            snapshotter,
+            restore_enabled=restore_enabled,
+            snapshot=snapshot,
+            concurrency=concurrency,
+        )
+        parent = snapshotter.parent
+        return held, parent.step if parent is not None and held else None
+    recover_interrupted(directory)
+    choice = world.choose(repo, rank, world_size, allow_change=allow_change)
+    if choice is None:
+        return prepare_dir(repo, snapshotter, concurrency=concurrency), None
+    if not choice.consistent:
+        console.warn(choice.note)
+        if choice.ref is not None and choice.ref.stream == repo.stream:
+            held = prepare_dir(repo, snapshotter, concurrency=concurrency)
+            parent = snapshotter.parent
+            return held, parent.step if parent is not None and held else None
+    m, ref = choice.manifest, choice.ref
+    if m is None or ref is None:
+        console.info(f"{choice.note}: starting from {directory} as it is")
+        ensure_dir(directory)
+        snapshotter.adopt(world.World(repo).newest(repo.stream), trust_local=False)
+        return "", None
+    if choice.consistent:
+        console.info(f"restoring rank {rank}'s snapshot {m.id} of {choice.note}")
+    if holds(directory, m, snapshotter.patterns):
+        console.info(f"{directory} already holds snapshot {m.id}: nothing to restore")
+        snapshotter.adopt(m, trust_local=True)
+        return m.id, m.step
+    if directory.is_dir() and scan(directory, snapshotter.patterns):
+        console.info(
+            f"{directory} differs from snapshot {m.id}: replacing it, so that every rank "
+            "starts from the same step"
+        )
+    done = restore(repo, directory, warn=console.warn, concurrency=concurrency, ref=ref)
+    assert done is not None
+    console.info(
+        f"restored snapshot {m.id} (step {m.step}, {len(m.files)} files, "
+        f"{console.fmt_bytes(m.total_size)}) into {directory} in {done.seconds:.1f}s"
+    )
+    snapshotter.adopt(done.manifest, trust_local=True)
+    return m.id, m.step
 
 
 def ensure_dir(directory: Path) -> None:

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from ckpt import _contract as contract
+from ckpt_cli import world
 from ckpt_cli.manifest import Entry, Manifest, host_name
 from ckpt_cli.repository import Buffers, Repository
 
@@ -214,6 +215,8 @@ class Pinned:
     entries: list[LocalEntry]
     fds: dict[str, tuple[int, os.stat_result]]
     skipped_links: list[str]
+    #: The training step the commit was tagged with (`commit(step=)`).
+    step: int | None = None
 
     def close(self) -> None:
         for fd, _st in self.fds.values():
@@ -234,8 +237,17 @@ class Snapshotter:
         patterns: Iterable[str] = TEMP_PATTERNS,
         concurrency: int = 4,
         may_write: Callable[[], None] = lambda: None,
+        rank: int = 0,
+        world_size: int = 1,
+        lease_ttl: float = 60.0,
     ) -> None:
         self.repo = repo
+        #: This stream's rank of world_size (0 of 1: a single node); see `world`.
+        self.rank = rank
+        self.world_size = world_size
+        self.lease_ttl = lease_ttl  # other ranks' leases are live within it
+        #: The newest multi-rank GC round this writer has read (world.see_rounds).
+        self.gc_seen = 0
         self.root = root
         self.run = run
         self.patterns = tuple(patterns)
@@ -340,6 +352,9 @@ class Snapshotter:
         t0 = time.monotonic()
         scan_ns = time.time_ns()
         parent = self.parent
+        step = pinned.step if pinned is not None else None
+        if self.world_size > 1:  # before any chunk is looked up in the cache
+            self.gc_seen = world.see_rounds(self.repo, self.gc_seen)
         result = SnapshotResult(None, parent)
         if pinned is not None:
             local = pinned.entries
@@ -399,7 +414,11 @@ class Snapshotter:
         for path in list(self.cache):
             if path not in entries:
                 del self.cache[path]
-        if unchanged or (parent is None and not ordered):
+        # A commit with a new step is written even when nothing changed: the
+        # step is what makes the rank's part of a global generation.
+        if unchanged and step is not None and (parent is None or parent.step != step):
+            unchanged = False
+        if unchanged or (parent is None and not ordered and step is None):
             result.seconds = time.monotonic() - t0
             return result
 
@@ -419,6 +438,10 @@ class Snapshotter:
             reason=reason,
             new_bytes=result.new_bytes,
             new_chunks=result.new_chunks,
+            step=step,
+            rank=self.rank,
+            world_size=self.world_size,
+            gc_seen=self.gc_seen,
         )
         self.repo.write_manifest(manifest)
         self.parent = manifest
@@ -433,7 +456,10 @@ class Snapshotter:
         ones name. The first prune of a process sweeps the whole chunk store
         (orphans of a crashed upload); later ones only look at what they drop."""
         self.may_write()
-        self.repo.gc(keep, sweep=not self._swept)
+        if self.world_size == 1:
+            self.repo.gc(keep, sweep=not self._swept)
+        elif self.rank == 0:  # only rank 0 prunes a multi-rank repository
+            world.prune(self.repo, keep, me=self.rank, ttl=self.lease_ttl, sweep=not self._swept)
         self._swept = True
 
     # -- reading

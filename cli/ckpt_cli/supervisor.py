@@ -35,8 +35,8 @@ from ckpt_cli.history import RunHistory, attempts_before, load_runs
 from ckpt_cli.lease import Lease, LeaseLostError
 from ckpt_cli.policy import ChildExit, Decision, decide, signal_name
 from ckpt_cli.remote import open_backend, redact_url
-from ckpt_cli.repository import Repository
-from ckpt_cli.restore import ensure_dir, prepare_dir, restore_into
+from ckpt_cli.repository import Repository, rank_stream
+from ckpt_cli.restore import ensure_dir, prepare_dir, prepare_rank_dir, restore_into
 from ckpt_cli.snapshotter import TEMP_PATTERNS, SnapshotResult, Snapshotter
 from ckpt_cli.uploader import SnapshotWorker
 from ckpt_cli.watcher import Watcher
@@ -80,6 +80,7 @@ class Supervisor:
         self.attempts: list[Attempt] = []
         self.child: Child | None = None
         self.restored_id = ""
+        self.restored_step: int | None = None
         self.stop_signal: int | None = None
         self._stop_at = 0.0
         self._flush_abandoned = False
@@ -194,6 +195,13 @@ class Supervisor:
             backend = open_backend(cfg.remote, cfg.storage_options, io_timeout=cfg.io_timeout)
             repo = Repository.open(backend, create=True)
             assert repo is not None
+            repo.stream = rank_stream(cfg.rank, cfg.world_size)
+            if cfg.world_size > 1:
+                pruner = "this rank prunes" if cfg.rank == 0 else "rank 0 prunes"
+                console.info(
+                    f"{cfg.identity_source}: snapshots in {repo.stream} of the remote, "
+                    f"chunks shared; {pruner} old snapshots (--keep)"
+                )
             lease = repo.lease(self.run_id, cfg.lease_timeout)
             took_over = lease.acquire()
             self._lease, self._last_beat = lease, (time.monotonic(), time.time())
@@ -209,7 +217,9 @@ class Supervisor:
     def _run_holding(self, repo: Repository, lease: Lease) -> int:
         cfg = self.cfg
         try:
-            self.attempt = attempts_before(load_runs(repo.backend), exclude=self.run_id)
+            self.attempt = attempts_before(
+                load_runs(repo.backend), exclude=self.run_id, rank=cfg.rank
+            )
         except RemoteError as exc:
             console.warn(f"run history not read ({exc}): CKPT_ATTEMPT counts this run only")
         snapshotter = Snapshotter(
@@ -219,14 +229,31 @@ class Supervisor:
             patterns=self.patterns,
             concurrency=cfg.concurrency,
             may_write=self._check_lease,
+            rank=cfg.rank,
+            world_size=cfg.world_size,
+            lease_ttl=cfg.lease_timeout,
         )
-        self.restored_id = prepare_dir(
-            repo,
-            snapshotter,
-            restore_enabled=cfg.restore,
-            snapshot=cfg.snapshot,
-            concurrency=cfg.concurrency,
-        )
+        if cfg.world_size > 1 or repo.rank_snapshots():
+            self.restored_id, self.restored_step = prepare_rank_dir(
+                repo,
+                snapshotter,
+                rank=cfg.rank,
+                world_size=cfg.world_size,
+                allow_change=cfg.allow_world_change,
+                restore_enabled=cfg.restore,
+                snapshot=cfg.snapshot,
+                concurrency=cfg.concurrency,
+            )
+        else:
+            self.restored_id = prepare_dir(
+                repo,
+                snapshotter,
+                restore_enabled=cfg.restore,
+                snapshot=cfg.snapshot,
+                concurrency=cfg.concurrency,
+            )
+            parent = snapshotter.parent
+            self.restored_step = parent.step if parent is not None and self.restored_id else None
         ensure_dir(cfg.dir)
         if self.restored_id:
             ref = repo.find(self.restored_id)
@@ -278,7 +305,12 @@ class Supervisor:
         status = 0
         flushed = False
         # Recorded from here: a run that failed to restore made no attempt.
-        history = self.history = RunHistory(repo.backend, self.run_id, on_error=console.warn)
+        history = self.history = RunHistory(
+            repo.backend,
+            self.run_id,
+            on_error=console.warn,
+            rank=cfg.rank if cfg.world_size > 1 else None,
+        )
         history.start()
         try:
             heartbeat.start()
@@ -413,6 +445,23 @@ class Supervisor:
             self.attempt += 1
             durable = worker.stats.last_durable
             restored = durable.id if (durable and self.attempts) else self.restored_id
+            step = durable.step if (durable and self.attempts) else self.restored_step
+            if self.attempts and cfg.world_size > 1:
+                # Every rank relaunches from the same step: the newest one all
+                # ranks committed, not this rank's own newest state.
+                worker.request("exit").wait(cfg.flush_timeout)
+                watcher.stop()
+                try:
+                    restored, step = prepare_rank_dir(
+                        repo,
+                        snapshotter,
+                        rank=cfg.rank,
+                        world_size=cfg.world_size,
+                        allow_change=cfg.allow_world_change,
+                        concurrency=cfg.concurrency,
+                    )
+                finally:
+                    watcher.start()
             env = dict(os.environ)
             env.update(
                 {
@@ -421,6 +470,9 @@ class Supervisor:
                     contract.ENV_RESTORED: restored,
                     contract.ENV_SOCKET: str(socket_path),
                     contract.ENV_RUN: self.run_id,
+                    contract.ENV_RANK: str(cfg.rank),
+                    contract.ENV_WORLD_SIZE: str(cfg.world_size),
+                    contract.ENV_RESTORED_STEP: "" if step is None else str(step),
                     contract.ENV_CHECKPOINT_SIGNAL: signal_name(cfg.checkpoint_signal),
                     contract.ENV_BIN: ckpt_executable(),
                 }

@@ -144,10 +144,12 @@ class SnapshotWorker:
         mode, only wait for the pending commits to be durable."""
         return self._enqueue(Request(reason))
 
-    def commit(self) -> Request:
-        """Pin the directory now (in the caller's thread) and queue its snapshot.
-        The first commit switches the worker to commit-only mode."""
+    def commit(self, step: int | None = None) -> Request:
+        """Pin the directory now (in the caller's thread) and queue its snapshot,
+        tagged with the training `step` if given. The first commit switches the
+        worker to commit-only mode."""
         pinned = self.snapshotter.pin()
+        pinned.step = step
         with self._cond:
             if not self.commit_only:
                 self.commit_only = True

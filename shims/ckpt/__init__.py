@@ -4,6 +4,8 @@
     cp = ckpt.checkpoint()          # the directory `ckpt run` protects ($CKPT_DIR)
     if cp.prev_exists(): state = cp.read()
     cp.write(new_state)             # atomic, then committed: durable when it returns
+    ckpt.commit(step=1200)          # several nodes: each rank restores the newest
+                                    # step that every rank committed
     if ckpt.preemption_requested(): save_now()
     raise ckpt.RecoverableError("flaky data node")   # uncaught: exit 75, retried
 
@@ -27,9 +29,12 @@ from ckpt._contract import (
     ENV_BIN,
     ENV_CHECKPOINT_SIGNAL,
     ENV_DIR,
+    ENV_RANK,
     ENV_RESTORED,
+    ENV_RESTORED_STEP,
     ENV_RUN,
     ENV_SOCKET,
+    ENV_WORLD_SIZE,
     TEMP_PATTERNS,
     ExitCode,
 )
@@ -42,9 +47,12 @@ __all__ = [
     "ENV_BIN",
     "ENV_CHECKPOINT_SIGNAL",
     "ENV_DIR",
+    "ENV_RANK",
     "ENV_RESTORED",
+    "ENV_RESTORED_STEP",
     "ENV_RUN",
     "ENV_SOCKET",
+    "ENV_WORLD_SIZE",
     "PAYLOAD",
     "SHELL_SHIM",
     "TEMP_PATTERNS",

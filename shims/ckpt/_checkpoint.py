@@ -18,7 +18,15 @@ import warnings
 from pathlib import Path
 
 from ckpt import _control, _preempt
-from ckpt._contract import ENV_ATTEMPT, ENV_DIR, ENV_RESTORED, TEMP_PATTERNS
+from ckpt._contract import (
+    ENV_ATTEMPT,
+    ENV_DIR,
+    ENV_RANK,
+    ENV_RESTORED,
+    ENV_RESTORED_STEP,
+    ENV_WORLD_SIZE,
+    TEMP_PATTERNS,
+)
 from ckpt._fs import swap_in
 
 #: The file that holds a bytes payload saved with write()/save(bytes).
@@ -41,15 +49,30 @@ def is_temp(name: str) -> bool:
 class Checkpoint:
     """The checkpoint directory of this run (see `ckpt.checkpoint()`)."""
 
-    def __init__(self, path: Path, attempt: int = 1, restored: str | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        attempt: int = 1,
+        restored: str | None = None,
+        restored_step: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         self.path = path
         self.attempt = attempt
         self.restored = restored
+        #: The training step of the global generation restored (commit(step=)),
+        #: None if what was restored carries no step or nothing was restored.
+        self.restored_step = restored_step
+        #: This node's rank of world_size (ckpt run --rank/--world-size).
+        self.rank = rank
+        self.world_size = world_size
 
     def __repr__(self) -> str:
         return (
             f"Checkpoint(path={str(self.path)!r}, attempt={self.attempt}, "
-            f"restored={self.restored!r})"
+            f"restored={self.restored!r}, restored_step={self.restored_step!r}, "
+            f"rank={self.rank}, world_size={self.world_size})"
         )
 
     # -- state
@@ -118,8 +141,14 @@ class Checkpoint:
 
     # -- commit
 
-    def commit(self, wait: bool = True, timeout: float | None = None) -> str | None:
+    def commit(
+        self, wait: bool = True, timeout: float | None = None, step: int | None = None
+    ) -> str | None:
         """Ask the supervisor for a snapshot of the directory as it is now.
+
+        step: the training step this checkpoint is of. On several nodes, the
+        newest step every rank has committed is what each rank restores (a
+        consistent cut); on one node it is recorded and shown by `ckpt ls`.
 
         wait=True returns the snapshot id once it is durable in the remote;
         wait=False returns once the content is pinned (later writes through
@@ -128,8 +157,13 @@ class Checkpoint:
         if _control.socket_path() is None:
             _warn_once("commit", "ckpt: not running under `ckpt run`: commit() only saves locally")
             return None
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+            raise ValueError(f"step must be a whole number >= 0, not {step!r}")
         limit = None if timeout is None else timeout + 10.0
-        reply = _control.request({"op": "commit", "wait": wait, "timeout": timeout}, limit)
+        message: dict[str, object] = {"op": "commit", "wait": wait, "timeout": timeout}
+        if step is not None:
+            message["step"] = step
+        reply = _control.request(message, limit)
         if not reply.get("ok"):
             raise _control.CommitError(str(reply.get("error", "unknown error")))
         snapshot = reply.get("snapshot")
@@ -156,14 +190,28 @@ def checkpoint() -> Checkpoint:
             attempt = int(os.environ.get(ENV_ATTEMPT) or 1)
         except ValueError:
             attempt = 1
-        _default = Checkpoint(Path(raw).absolute(), attempt, os.environ.get(ENV_RESTORED) or None)
+        _default = Checkpoint(
+            Path(raw).absolute(),
+            attempt,
+            os.environ.get(ENV_RESTORED) or None,
+            _env_int(ENV_RESTORED_STEP),
+            _env_int(ENV_RANK) or 0,
+            _env_int(ENV_WORLD_SIZE) or 1,
+        )
         _preempt.install()
     return _default
 
 
-def commit(wait: bool = True, timeout: float | None = None) -> str | None:
+def _env_int(name: str) -> int | None:
+    try:
+        return int(os.environ.get(name) or "")
+    except ValueError:
+        return None
+
+
+def commit(wait: bool = True, timeout: float | None = None, step: int | None = None) -> str | None:
     """checkpoint().commit(...)"""
-    return checkpoint().commit(wait=wait, timeout=timeout)
+    return checkpoint().commit(wait=wait, timeout=timeout, step=step)
 
 
 # ---------------------------------------------------------------- latest

@@ -18,6 +18,12 @@ ENV_RESTORED = "CKPT_RESTORED"
 ENV_SOCKET = "CKPT_SOCKET"
 #: Identity of this `ckpt run` invocation, the same for every attempt.
 ENV_RUN = "CKPT_RUN"
+#: This node's rank and the number of nodes (0 and 1 on a single node).
+ENV_RANK = "CKPT_RANK"
+ENV_WORLD_SIZE = "CKPT_WORLD_SIZE"
+#: The training step of the global generation restored (`commit(step=)`);
+#: empty when what was restored carries no step, or nothing was restored.
+ENV_RESTORED_STEP = "CKPT_RESTORED_STEP"
 
 #: Name of the signal that means "checkpoint soon" (--checkpoint-signal), e.g. SIGUSR1.
 ENV_CHECKPOINT_SIGNAL = "CKPT_CHECKPOINT_SIGNAL"
@@ -31,6 +37,9 @@ CHILD_ENV = (
     ENV_RESTORED,
     ENV_SOCKET,
     ENV_RUN,
+    ENV_RANK,
+    ENV_WORLD_SIZE,
+    ENV_RESTORED_STEP,
     ENV_CHECKPOINT_SIGNAL,
     ENV_BIN,
 )

@@ -42,12 +42,14 @@ def save(
     commit: bool = True,
     wait: bool = True,
     timeout: float | None = None,
+    step: int | None = None,
     **torch_save_kwargs: Any,
 ) -> str | None:
     """`torch.save(obj)` to `name` in the checkpoint directory, atomically: the
     bytes go to a temp name (never snapshotted) that is renamed over `name`.
     Then commit (unless commit=False) and return the snapshot id (None outside
-    `ckpt run`). Raises ckpt.CommitError if the snapshot could not be made durable."""
+    `ckpt run`); `step` tags the commit with the training step (several nodes:
+    see ckpt.commit). Raises ckpt.CommitError if the snapshot could not be made durable."""
     import torch
 
     target = path(name)
@@ -62,7 +64,7 @@ def save(
         raise
     if not commit:
         return None
-    return ckpt.checkpoint().commit(wait=wait, timeout=timeout)
+    return ckpt.checkpoint().commit(wait=wait, timeout=timeout, step=step)
 
 
 def load(name: str | os.PathLike[str], **torch_load_kwargs: Any) -> Any:
