@@ -355,8 +355,9 @@ def describe(settings: Settings, cfg: RunConfig) -> str:
         if opt.name == "remote" and cfg.remote_is_default:
             source = f"{source}: the embedded store {cfg.remote}"
         if opt.name in ("rank", "world_size") and setting.value is None:
-            value = cfg.rank if opt.name == "rank" else cfg.world_size
-            source = f"detected: {cfg.identity_source}"
+            # Not set: detected at every start (so "" here, which loads back as
+            # not set); what this environment gives is in the comment.
+            source = f"not set; detected now: {cfg.identity_source}"
         pairs.append((f"{opt.file_key} = {_toml(value)}", source))
     width = min(48, max(len(left) for left, _ in pairs))
     rows += [f"{left.ljust(width)}  # {source}" for left, source in pairs]
@@ -428,6 +429,8 @@ def _from_env(opt: Option, raw: str, env: str) -> Any:
 
 
 def _from_file(opt: Option, value: Any, key: str, label: str) -> Any:
+    if opt.optional and value == "":
+        return None  # `rank = ""`, `remote = ""`: as --print-config prints an unset one
     ok = {
         "int": isinstance(value, int) and not isinstance(value, bool),
         "float": isinstance(value, int | float)
@@ -441,8 +444,6 @@ def _from_file(opt: Option, value: Any, key: str, label: str) -> Any:
     if not ok:
         shown = "" if opt.kind == "table" else f" = {value!r}"
         raise ConfigError(f"{label}: {key}{shown} is not {_EXPECTED[opt.kind]}")
-    if opt.optional and opt.kind == "str" and not value:
-        return None  # `remote = ""`, as --print-config prints an unset one
     return float(value) if opt.kind == "float" else value
 
 

@@ -80,9 +80,7 @@ def load_runs(backend: Backend, *, workers: int = 8) -> list[dict[str, Any]]:
 def attempts_before(runs: list[dict[str, Any]], exclude: str = "", rank: int = 0) -> int:
     """How many attempts the recorded runs (but `exclude`) of this rank made
     (records without a rank are single-node runs: rank 0)."""
-    return sum(
-        len(r["attempts"]) for r in runs if r["run"] != exclude and r.get("rank", 0) == rank
-    )
+    return sum(len(r["attempts"]) for r in runs if r["run"] != exclude and r.get("rank", 0) == rank)
 
 
 class RunHistory:

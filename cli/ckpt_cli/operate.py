@@ -230,7 +230,7 @@ def verify(remote: str, snapshot: str | None, full: bool, as_json: bool, options
         else:
             console.info(f"{remote} is empty: no snapshots yet, nothing to verify")
         return ExitCode.OK
-    refs = [find(repo, snapshot)] if snapshot is not None else repo.snapshots()
+    refs = [find(repo, snapshot)] if snapshot is not None else repo.all_snapshots()
 
     def started(chunks: int, size: int) -> None:
         console.info(f"re-hashing {_plural(chunks, 'chunk')} ({console.fmt_bytes(size)})")

@@ -241,7 +241,8 @@ def check(
             checked.append(Checked(ref, manifest, []))
         except ManifestError as exc:
             checked.append(Checked(ref, None, [Problem("manifest", str(exc))]))
-    listed = repo.list_chunks() if checked else set()
+    # A chunk a multi-node GC round moved to trash/ is read from there.
+    listed = repo.list_chunks() | repo.trashed_chunks() if checked else set()
     referenced: set[str] = set()
     for c in checked:
         if c.manifest is None:

@@ -261,7 +261,8 @@ class Repository:
         return out
 
     def find(self, wanted: str) -> SnapshotRef | None:
-        """A snapshot by id, id prefix (unique), or generation number."""
+        """A snapshot by id, id prefix (unique), or generation number, in this
+        stream; else by id or unique id prefix in any rank's stream."""
         refs = self.snapshots()
         exact = [r for r in refs if r.id == wanted]
         if exact:
@@ -271,7 +272,21 @@ class Repository:
             if by_gen:
                 return by_gen[0]
         prefixed = [r for r in refs if r.id.startswith(wanted)] if len(wanted) >= 4 else []
+        if len(prefixed) == 1:
+            return prefixed[0]
+        if prefixed or len(wanted) < 4:
+            return None
+        others = [r for rs in self.rank_snapshots().values() for r in rs if r.stream != self.stream]
+        exact = [r for r in others if r.id == wanted]
+        prefixed = exact or [r for r in others if r.id.startswith(wanted)]
         return prefixed[0] if len(prefixed) == 1 else None
+
+    def all_snapshots(self) -> list[SnapshotRef]:
+        """This stream's snapshots, then every other rank's (`ckpt verify`)."""
+        refs = self.snapshots()
+        for rank_refs in self.rank_snapshots().values():
+            refs += [r for r in rank_refs if r.stream != self.stream]
+        return refs
 
     def load(self, ref: SnapshotRef) -> Manifest:
         try:
@@ -439,6 +454,11 @@ class Repository:
                 with contextlib.suppress(ManifestError):
                     out |= self.load(ref).chunk_digests()
         return out
+
+    def trashed_chunks(self) -> set[str]:
+        """Chunks a multi-node GC round moved to trash/: still readable."""
+        names = (n.rsplit("/", 1)[-1] for n in self.backend.list(TRASH))
+        return {d for d in names if HASH_RE.match(d)}
 
     def list_chunks(self) -> set[str]:
         """Every chunk in the store, by one listing of chunks/ (never cached:

@@ -145,6 +145,21 @@ def test_delete(backend: Backend) -> None:
     assert backend.read("d/two") == b"2"
 
 
+def test_rename(backend: Backend) -> None:
+    """What a multi-node GC round does to a chunk: chunks/ -> trash/ and back."""
+    backend.write("chunks/ab/abc", b"payload")
+    backend.rename("chunks/ab/abc", "trash/ab/abc")
+    assert backend.read("trash/ab/abc") == b"payload"
+    assert backend.list("chunks/") == []
+    assert backend.list("trash/") == ["trash/ab/abc"]
+    backend.write("chunks/ab/abc", b"payload")  # uploaded again meanwhile: replaced
+    backend.rename("trash/ab/abc", "chunks/ab/abc")
+    assert backend.read("chunks/ab/abc") == b"payload"
+    assert backend.list("trash/") == []
+    with pytest.raises(NotFound):
+        backend.rename("trash/ab/abc", "chunks/ab/abc")
+
+
 def test_create_exclusive(backend: Backend) -> None:
     assert backend.create_exclusive("x/lock", b"first") is True
     assert backend.create_exclusive("x/lock", b"second") is False

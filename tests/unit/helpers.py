@@ -65,5 +65,8 @@ class DelegatingBackend:
     def delete(self, key: str) -> None:
         self.inner.delete(key)
 
+    def rename(self, src: str, dst: str) -> None:
+        self.inner.rename(src, dst)
+
     def list(self, prefix: str, *, temp: bool = False) -> list[str]:
         return self.inner.list(prefix, temp=temp)

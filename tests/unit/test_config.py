@@ -481,7 +481,7 @@ def test_quiet_and_verbose_the_higher_source_wins(tmp_path: Path) -> None:
     ("toml", "message"),
     [
         ("retires = 3", r"ckpt.toml: unknown key 'retires' \(did you mean 'retries'"),
-        ("zzzz = 3", r"ckpt.toml: unknown key 'zzzz' \(known keys: backoff, "),
+        ("zzzz = 3", r"ckpt.toml: unknown key 'zzzz' \(known keys: allow-world-change, backoff, "),
         ('retries = "x"', r"^ckpt.toml: retries = 'x' is not an integer$"),
         ("retries = true", r"^ckpt.toml: retries = True is not an integer$"),
         ('grace = "30"', r"^ckpt.toml: grace = '30' is not a number$"),
