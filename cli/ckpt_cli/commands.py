@@ -230,8 +230,10 @@ def ls(
             console.info(f"{remote} has no run history yet (only `ckpt run` writes one)")
     elif rows:
         _snapshot_table(rows)
-    else:
+    elif not ranks_doc:
         console.info(f"{remote} has no snapshots yet")
+    elif rank is not None:
+        console.info(f"rank {rank} has no snapshots in {remote}")
     return ExitCode.OK
 
 
@@ -303,20 +305,23 @@ def _snapshot_table(rows: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
     table = Table(box=None, pad_edge=False)
-    cols = ("id", "gen", "time", "age", "files", "size", "new", "attempt", "host", "state")
+    steps = any(r.get("step") is not None for r in rows)
+    cols = ("id", "gen", *(("step",) if steps else ()), "time", "age", "files", "size", "new")
+    cols += ("attempt", "host", "state")
     for col in cols:
-        table.add_column(
-            col, justify="right" if col in ("gen", "files", "size", "new", "attempt") else "left"
-        )
+        right = ("gen", "step", "files", "size", "new", "attempt")
+        table.add_column(col, justify="right" if col in right else "left")
     now = time.time()
     for r in rows:
         state = r["state"] if r["ok"] else f"damaged: {r['error']}"
+        step = [] if not steps else ["-" if r.get("step") is None else str(r["step"])]
         if "created" not in r:
-            table.add_row(r["id"], str(r["generation"]), *[""] * 7, state)
+            table.add_row(r["id"], str(r["generation"]), *step, *[""] * 7, state)
             continue
         table.add_row(
             r["id"],
             str(r["generation"]),
+            *step,
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created"])),
             _age(now - r["created"]),
             str(r["files"]),

@@ -871,8 +871,8 @@ class Supervisor:
         self._signal_pids.add(pid)
 
     def _send_checkpoint_signal(self) -> list[int]:
-        """Send --checkpoint-signal to every live process of the child's group that
-        registered through the shim, and to the direct child if it catches the
+        """Send --checkpoint-signal to every live process of the child (its group,
+        or below ckpt) that registered through the shim, and to the direct child if it catches the
         signal itself (its own handler, a bash trap); CkptError if none does:
         the default action of SIGUSR1 would kill an unprepared child."""
         child = self.child
@@ -883,12 +883,15 @@ class Supervisor:
         targets = set(self._signal_pids)
         if catches_signal(child.pid, sig):
             targets.add(child.pid)
+        # A registered pid is signalled only while it is the child's: in its
+        # group, or below ckpt in a session of its own (torchrun starts every
+        # worker so); never a recycled pid of some other process.
+        ours = {p.pid for p in subtree.live(os.getpid(), pgid=child.pgid, exclude=self._exclude)}
         sent = []
-        for pid in sorted(targets):
+        for pid in sorted(targets & ours):
             try:
-                if os.getpgid(pid) == child.pgid:
-                    os.kill(pid, self.cfg.checkpoint_signal)
-                    sent.append(pid)
+                os.kill(pid, self.cfg.checkpoint_signal)
+                sent.append(pid)
             except ProcessLookupError:
                 continue
         if not sent:
