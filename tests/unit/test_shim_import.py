@@ -85,12 +85,17 @@ def test_env_names() -> None:
     assert ckpt.ENV_RESTORED == "CKPT_RESTORED"
     assert ckpt.ENV_SOCKET == "CKPT_SOCKET"
     assert ckpt.ENV_RUN == "CKPT_RUN"
+    assert (ckpt.ENV_RANK, ckpt.ENV_WORLD_SIZE) == ("CKPT_RANK", "CKPT_WORLD_SIZE")
+    assert ckpt.ENV_RESTORED_STEP == "CKPT_RESTORED_STEP"
     assert ckpt.CHILD_ENV == (
         "CKPT_DIR",
         "CKPT_ATTEMPT",
         "CKPT_RESTORED",
         "CKPT_SOCKET",
         "CKPT_RUN",
+        "CKPT_RANK",
+        "CKPT_WORLD_SIZE",
+        "CKPT_RESTORED_STEP",
         "CKPT_CHECKPOINT_SIGNAL",
         "CKPT_BIN",
     )
