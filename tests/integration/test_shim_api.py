@@ -587,3 +587,46 @@ def test_ckpt_signal_outside_a_supervisor_is_a_config_error(tmp_path: Path) -> N
     res = run_ckpt(["signal"], cwd=tmp_path, timeout=60)
     assert res.returncode == 78
     assert "CKPT_SOCKET" in res.stderr
+
+
+# ---------------------------------------------------------------- commit(step=)
+
+STEP_COMMITS = """
+    import ckpt
+    cp = ckpt.checkpoint()
+    report(restored_step=cp.restored_step, rank=cp.rank, world_size=cp.world_size,
+           env_step=os.environ["CKPT_RESTORED_STEP"])
+    if cp.restored_step is None:
+        (cp.path / "w.txt").write_text("step 100")
+        a = ckpt.commit(step=100)
+        b = ckpt.commit(step=200)  # nothing changed, but a new step is a new snapshot
+        c = ckpt.commit(step=200)  # nothing changed, same step: the same snapshot
+        try:
+            ckpt.commit(step=-1)
+        except ValueError as exc:
+            bad = str(exc)
+        report(ids=[a, b, c], bad=bad)
+"""
+
+
+def test_commit_with_a_step_is_recorded_and_restored_with_it(
+    tmp_path: Path, remote: Path, ckpt_dir: Path
+) -> None:
+    cmd, log = _child(tmp_path, "steps.py", STEP_COMMITS)
+    _ok(run_ckpt([*run_args(ckpt_dir, remote, "--keep", "20"), *cmd], cwd=tmp_path))
+    first, ids = _reports(log)
+    assert first == {"restored_step": None, "rank": 0, "world_size": 1, "env_step": ""}
+    a, b, c = ids["ids"]
+    assert a != b and b == c, "a new step makes a snapshot; the same step again does not"
+    assert "whole number" in ids["bad"]
+    steps = {s["id"]: s["step"] for s in ls_json(remote, cwd=tmp_path)["snapshots"]}
+    assert (steps[a], steps[b]) == (100, 200)
+    assert not (remote / "ranks").exists(), "a single node keeps the single-node layout"
+
+    import shutil
+
+    shutil.rmtree(ckpt_dir)
+    log.unlink()
+    _ok(run_ckpt([*run_args(ckpt_dir, remote), *cmd], cwd=tmp_path))
+    [again] = _reports(log)
+    assert again["restored_step"] == 200 and again["env_step"] == "200"
