@@ -603,6 +603,12 @@ class FsspecBackend:
                 found: list[str] = fs.find(base, **kw)
             except FileNotFoundError:
                 return []
+            finally:
+                # find fills the listings cache (s3fs) and never refreshes it;
+                # a later read of an object another process (another rank)
+                # wrote since is then answered "not found" from that cache.
+                with contextlib.suppress(Exception):
+                    fs.invalidate_cache()
             strip = self.root.lstrip("/")
             keys = []
             for name in found:

@@ -30,6 +30,7 @@ import re
 import time
 from collections.abc import Iterable, Iterator
 
+from ckpt_cli import console
 from ckpt_cli.errors import ConfigError
 from ckpt_cli.lease import LEASE_KEY, Lease
 from ckpt_cli.manifest import Manifest, ManifestError
@@ -377,6 +378,13 @@ def prune(repo: Repository, keep: int, *, me: int, ttl: float, sweep: bool = Fal
             with contextlib.suppress(NotFound):
                 repo.backend.rename(chunk_key(digest), trash_key(digest))
                 report.trashed += 1
+    steps = [g.step for g in world.generations()[:keep]]
+    console.debug(
+        f"retention (rank 0): steps kept {steps or 'none (auto mode)'}, "
+        f"{len(_kept)} snapshots kept, {len(report.dropped)} dropped; "
+        f"GC rounds: {report.trashed} chunks to trash/, {report.deleted} deleted, "
+        f"{report.restored} put back, rounds waiting for a rank: {report.waiting or 'none'}"
+    )
     return report
 
 
