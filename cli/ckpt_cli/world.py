@@ -242,23 +242,34 @@ class Round:
     key: str
     created: float
     chunks: tuple[str, ...]
+    #: Finished: its record stays (without chunks) as the high-water mark of
+    #: round numbers, which must never be used twice: a rank whose gc_seen is
+    #: N would take a new round N for one it has seen, and keep naming its
+    #: chunks from its cache while they are deleted.
+    done: bool = False
+
+
+def _round_keys(repo: Repository) -> list[tuple[int, str]]:
+    return sorted(
+        (int(m.group(1)), key) for key in repo.backend.list(GC) if (m := _ROUND_RE.match(key))
+    )
 
 
 def rounds(repo: Repository, after: int = 0) -> list[Round]:
-    """The open GC rounds with seq > after, oldest first. A round record that
-    does not parse is skipped (its chunks stay in trash/ for `ckpt gc`)."""
+    """The GC round records with seq > after, oldest first, finished ones
+    included. A record that does not parse is skipped (its chunks stay in
+    trash/; its number still counts, see prune)."""
     out = []
-    for key in repo.backend.list(GC):
-        m = _ROUND_RE.match(key)
-        if not m or int(m.group(1)) <= after:
+    for seq, key in _round_keys(repo):
+        if seq <= after:
             continue
         try:
             doc = json.loads(repo.backend.read(key))
             chunks = tuple(str(c) for c in doc["chunks"])
-            out.append(Round(int(m.group(1)), key, float(doc.get("created", 0)), chunks))
+            done = bool(doc.get("done", False))
+            out.append(Round(seq, key, float(doc.get("created", 0)), chunks, done))
         except (NotFound, ValueError, KeyError, TypeError):
             continue
-    out.sort(key=lambda r: r.seq)
     return out
 
 
@@ -266,8 +277,7 @@ def see_rounds(repo: Repository, seen: int) -> int:
     """Before a snapshot on any rank: forget the chunks of rounds not seen yet
     (a chunk a round took out is uploaded again, never named from the cache);
     returns the newest round seen, for the manifest's gc_seen."""
-    keys = [k for k in repo.backend.list(GC) if (m := _ROUND_RE.match(k)) and int(m[1]) > seen]
-    if not keys:
+    if not any(seq > seen for seq, _key in _round_keys(repo)):
         return seen
     for r in rounds(repo, seen):
         for digest in r.chunks:
@@ -333,7 +343,9 @@ def prune(repo: Repository, keep: int, *, me: int, ttl: float, sweep: bool = Fal
             referenced |= m.chunk_digests()
 
     # 1. Finish the rounds every live rank has caught up with.
-    open_rounds = rounds(repo)
+    records = rounds(repo)
+    open_rounds = [r for r in records if not r.done]
+    last_done = max((r.seq for r in records if r.done), default=0)
     live = live_ranks(repo, ttl) - {me}
     seen_by: dict[int, int] = {}
     for stream in world.streams:
@@ -354,7 +366,13 @@ def prune(repo: Repository, keep: int, *, me: int, ttl: float, sweep: bool = Fal
             else:
                 repo.backend.delete(trash_key(digest))
                 report.deleted += 1
-        repo.backend.delete(r.key)
+        done = {"seq": r.seq, "created": r.created, "finished": time.time(), "done": True}
+        repo.backend.write(r.key, json.dumps({**done, "chunks": []}).encode())
+        last_done = max(last_done, r.seq)
+    # Of the finished records only the newest is needed (the high-water mark).
+    for r in records:
+        if r.done and r.seq < last_done:
+            repo.backend.delete(r.key)
 
     # 2. Drop old manifests, then take what only they named out of chunks/.
     candidates: set[str] = set()
@@ -369,7 +387,9 @@ def prune(repo: Repository, keep: int, *, me: int, ttl: float, sweep: bool = Fal
     waiting = {d for r in open_rounds if r.seq in report.waiting for d in r.chunks}
     candidates -= referenced | waiting
     if candidates:
-        seq = max([r.seq for r in open_rounds] + [0]) + 1
+        # Never a number used before (see Round.done): every record counts,
+        # also one that does not parse.
+        seq = max([s for s, _k in _round_keys(repo)] + [0]) + 1
         key = f"{GC}{seq:010d}-{repo.new_id()}.json"
         doc = {"seq": seq, "created": time.time(), "by_rank": me, "chunks": sorted(candidates)}
         repo.backend.write(key, json.dumps(doc).encode())  # the record first, then the moves

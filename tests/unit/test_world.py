@@ -177,7 +177,7 @@ def test_gc_waits_for_a_live_rank_and_puts_back_what_it_named(
         assert set(r0.repo.backend.list("trash/")) == set(trashed), "the round waited"
         commit(r1, 5, {"w": old, "more": b"x"})  # sees the round now
         r0.prune(1)  # every live rank caught up: the round ends
-        assert not r0.repo.backend.list("gc/0000000001-")
+        assert [(r.seq, r.done) for r in world.rounds(r0.repo)][:1] == [(1, True)]
         assert named.chunk_digests() <= r0.repo.list_chunks(), "put back from trash/"
     finally:
         lease.release()
@@ -207,8 +207,41 @@ def test_a_dead_rank_does_not_hold_a_round_open(ranks: list[Snapshotter]) -> Non
     assert r0.repo.backend.list("trash/")
     r0.prune(1)  # rank 1 holds no lease: nothing can be behind
     assert not r0.repo.backend.list("trash/")
-    assert not r0.repo.backend.list("gc/")
+    assert [(r.seq, r.done, r.chunks) for r in world.rounds(r0.repo)] == [(1, True, ())]
     all_chunks_present(r0.repo)
+
+
+def test_round_numbers_are_never_used_twice(ranks: list[Snapshotter]) -> None:
+    """A finished round leaves its number behind: a rank that saw round 1
+    must not take the next round for one it has seen (its cache would still
+    name the chunks that round deletes)."""
+    r0, r1 = ranks
+    lease = r1.repo.lease("rank-1", ttl=60.0)
+    lease.acquire()
+    try:
+        for step in (1, 2, 3):
+            commit(r0, step, {"w": data(step, CHUNK)})
+            commit(r1, step, {"w": data(80 + step, CHUNK), "c": data(90, CHUNK)})
+        r0.prune(1)  # round 1: steps 1 and 2 go
+        commit(r1, 4, {"w": data(84, CHUNK), "c": data(90, CHUNK)})  # rank 1 sees round 1
+        r0.prune(1)  # round 1 ends (rank 1 saw it); nothing new to take
+        assert [(r.seq, r.done) for r in world.rounds(r0.repo)] == [(1, True)]
+        commit(r0, 4, {"w": data(4, CHUNK)})
+        r0.prune(1)  # step 3 goes: round 2, not round 1 again
+        assert [(r.seq, r.done) for r in world.rounds(r0.repo)] == [(1, True), (2, False)]
+        assert r1.gc_seen == 1
+        # rank 1 has not seen round 2: a snapshot of it now forgets its chunks
+        commit(r1, 5, {"w": data(83, CHUNK), "c": data(90, CHUNK)})  # step 3's bytes again
+        assert r1.gc_seen == 2
+        m5 = world.World(r0.repo).newest(rank_stream(1, 2))
+        assert m5 is not None and m5.chunk_digests() <= r1.repo.list_chunks(), "uploaded again"
+        commit(r0, 5, {"w": data(5, CHUNK)})
+        r0.prune(1)
+    finally:
+        lease.release()
+    all_chunks_present(r0.repo)
+    records = world.rounds(r0.repo)
+    assert records and all(r.done for r in records[:-1]) and len(records) <= 2, records
 
 
 def test_restore_reads_a_chunk_from_trash(ranks: list[Snapshotter]) -> None:
