@@ -165,6 +165,9 @@ class Repository:
         self.backend = backend
         #: The snapshot stream this process reads and writes (rank_stream()).
         self.stream = stream
+        #: Every rank's manifests as `world.World` loaded them, by key: they are
+        #: written once and never changed, so each is read once per process.
+        self.world_manifests: dict[str, Manifest] = {}
         self.chunk_size = chunk_size
         self.hash_name = hash_name
         #: The hex digest of a chunk, by the repository's own hash (ckpt.json).

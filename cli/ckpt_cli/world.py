@@ -85,15 +85,23 @@ class World:
         listing: dict[str, list[SnapshotRef]] = {"": repo.snapshots("")}
         for rank, refs in repo.rank_snapshots().items():
             listing[rank_stream(rank, 2)] = refs
+        # Manifests are written once and never changed: rank 0 prunes after
+        # every snapshot, and reads each manifest of every rank only once.
+        cache = repo.world_manifests
+        listed = {ref.key for refs in listing.values() for ref in refs}
+        for key in list(cache):
+            if key not in listed:
+                del cache[key]
         for stream, refs in listing.items():
             loaded: list[tuple[SnapshotRef, Manifest | ManifestError]] = []
             for ref in refs:
                 try:
-                    m = repo.load(ref)
+                    m = cache.get(ref.key) or repo.load(ref)
                     if (m.rank, m.world_size > 1) != (stream_rank(stream), bool(stream)):
                         raise ManifestError(
                             f"says rank {m.rank} of {m.world_size} but is in {stream or 'the root'}"
                         )
+                    cache[ref.key] = m
                     loaded.append((ref, m))
                 except ManifestError as exc:
                     loaded.append((ref, exc))
@@ -208,7 +216,7 @@ def choose(
             ref = next(r for r, m in world.manifests() if m is old)
     if own is None:
         return Choice(None, None, None, world_size == 1, f"rank {rank} has no snapshot yet")
-    if world_size == 1 and not world.multi:
+    if world_size == 1:  # one node: its own newest is all there is to agree on
         return Choice(own, ref, own.step, True, "the newest snapshot")
     return Choice(
         own,
