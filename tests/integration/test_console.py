@@ -206,7 +206,11 @@ def test_in_a_terminal_child_lines_are_intact_and_the_status_is_in_the_title(
         for i in range(60):
             colour = "\\x1b[32m" if i % 7 == 0 else ""
             reset = "\\x1b[0m" if colour else ""
-            print(f"{colour}child line {i:03d} " + "x" * 50 + reset, flush=True)
+            # One write per line: print() on a terminal writes the text and
+            # the newline in two writes, and a line of ckpt's may land between
+            # them (two writers on one terminal; ckpt never touches the child's).
+            sys.stdout.write(f"{colour}child line {i:03d} " + "x" * 50 + reset + "\\n")
+            sys.stdout.flush()
             if i % 10 == 0:
                 (d / f"step-{i}.txt").write_text(str(i))
             time.sleep(0.05)
