@@ -40,7 +40,7 @@ from typing import Any
 import pytest
 
 from faults._proc import RemoteView
-from integration._util import CKPT, PY, Running, kill_quietly, pid_gone, run_ckpt, wait_for
+from integration._util import CKPT, PY, Running, pid_gone, run_ckpt, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 #: Remote kinds every multi-node test runs against.
@@ -177,6 +177,7 @@ names = ("CKPT_RANK", "CKPT_WORLD_SIZE", "CKPT_RESTORED_STEP", "CKPT_RESTORED", 
 report = {
     "pid": os.getpid(),
     "pgid": os.getpgid(0),
+    "start": open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19],
     "env": {k: os.environ.get(k) for k in names},
     "files": files,
     "state": state.read_text() if state.exists() else None,
@@ -455,10 +456,33 @@ class Node:
         (a node that disappears)."""
         assert self.child, "kill9 needs the child's start report (started())"
         os.kill(self.proc.pid, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.child["pgid"], signal.SIGKILL)
+        kill_child_group(self.child)
         self.proc.proc.wait(30)
         wait_for(lambda: pid_gone(self.child["pid"]), what=f"rank {self.rank}'s child to die")
+
+
+def _start_time(pid: int) -> str | None:
+    """The start time of pid (field 22 of /proc/PID/stat), None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def kill_child_group(child: dict[str, Any]) -> None:
+    """SIGKILL a trainer's process group, but only while its leader is still
+    that trainer: a pid (and a group id) of a process that has ended is soon
+    used again (pid_max is 32768 here), and a stale killpg at teardown once
+    took down the whole test run."""
+    pid, pgid = child["pid"], child["pgid"]
+    if _start_time(pid) != child.get("start"):
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if os.getpgid(pid) == pgid:
+            os.killpg(pgid, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
 
 
 class Cluster:
@@ -535,9 +559,7 @@ class Cluster:
         for node in self.nodes:
             node.proc.cleanup()
             if node.child:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(node.child["pgid"], signal.SIGKILL)
-                kill_quietly(node.child["pid"])
+                kill_child_group(node.child)
 
 
 @pytest.fixture
