@@ -452,7 +452,7 @@ class Supervisor:
                 worker.request("exit").wait(cfg.flush_timeout)
                 watcher.stop()
                 try:
-                    restored, step = prepare_rank_dir(
+                    held, held_step = prepare_rank_dir(
                         repo,
                         snapshotter,
                         rank=cfg.rank,
@@ -462,6 +462,8 @@ class Supervisor:
                     )
                 finally:
                     watcher.start()
+                if held:  # "" : the dir was kept as the attempt left it (auto mode)
+                    restored, step = held, held_step
             env = dict(os.environ)
             env.update(
                 {

@@ -473,8 +473,8 @@ def _start_time(pid: int) -> str | None:
 def kill_child_group(child: dict[str, Any]) -> None:
     """SIGKILL a trainer's process group, but only while its leader is still
     that trainer: a pid (and a group id) of a process that has ended is soon
-    used again (pid_max is 32768 here), and a stale killpg at teardown once
-    took down the whole test run."""
+    used again (pid_max is 32768 here), and a killpg of a stale group id at
+    teardown could hit any process of the test run."""
     pid, pgid = child["pid"], child["pgid"]
     if _start_time(pid) != child.get("start"):
         return
