@@ -70,9 +70,11 @@ class CommittingCallback:
         self.__dict__.update(state)
         self._listen()
 
-    def _commit(self, what: str) -> str | None:
+    def _commit(self, what: str, step: int | None = None) -> str | None:
+        """Commit, tagged with the training step where the framework knows it
+        (several nodes: each restores the newest step all of them committed)."""
         try:
-            snapshot = self._cp.commit(wait=self.wait, timeout=self.timeout)
+            snapshot = self._cp.commit(wait=self.wait, timeout=self.timeout, step=step)
         except CommitError as exc:
             warnings.warn(f"ckpt: commit of {what} failed: {exc}", RuntimeWarning, stacklevel=3)
             return None

@@ -154,11 +154,11 @@ class Checkpoint:
         wait=False returns once the content is pinned (later writes through
         temp + rename do not change it). Raises CommitError with the reason.
         Outside `ckpt run` it is a no-op returning None (one warning)."""
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+            raise ValueError(f"step must be a whole number >= 0, not {step!r}")
         if _control.socket_path() is None:
             _warn_once("commit", "ckpt: not running under `ckpt run`: commit() only saves locally")
             return None
-        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
-            raise ValueError(f"step must be a whole number >= 0, not {step!r}")
         limit = None if timeout is None else timeout + 10.0
         message: dict[str, object] = {"op": "commit", "wait": wait, "timeout": timeout}
         if step is not None:

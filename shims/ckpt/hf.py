@@ -143,5 +143,5 @@ class CkptCallback(CommittingCallback, TrainerCallback):  # type: ignore[misc,un
         **kwargs: Any,
     ) -> TrainerControl:
         if state.is_local_process_zero:  # one commit per node: to its supervisor
-            self._commit(f"checkpoint-{state.global_step}")
+            self._commit(f"checkpoint-{state.global_step}", step=state.global_step)
         return control

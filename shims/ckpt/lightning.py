@@ -181,7 +181,9 @@ class CkptCallback(CommittingCallback, pl.Callback):  # type: ignore[misc,unused
 
     def _commit_rank0(self, trainer: pl.Trainer, what: str) -> str | None:
         """Commit (local rank 0 only: one request per node, to its supervisor)."""
-        return self._commit(what) if trainer.local_rank == 0 else None
+        if trainer.local_rank != 0:
+            return None
+        return self._commit(what, step=int(trainer.global_step))
 
     def _save_preempted(self, trainer: pl.Trainer) -> None:
         if self.dirpath is not None:

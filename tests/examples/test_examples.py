@@ -398,6 +398,13 @@ def snapshot_files(remote: Path, snapshot: str) -> dict[str, int]:
     return {e["path"]: e.get("size", 0) for e in doc["entries"] if e["type"] == "file"}
 
 
+def snapshot_step(remote: Path, snapshot: str) -> int | None:
+    """The training step the named snapshot's commit was tagged with."""
+    [found] = [p for p in manifest_paths(remote) if p.stem.endswith(f"-{snapshot}")]
+    step: int | None = json.loads(found.read_text()).get("step")
+    return step
+
+
 def test_lightning_preemption_saves_and_commits(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     pytest.importorskip("lightning")
@@ -409,6 +416,7 @@ def test_lightning_preemption_saves_and_commits(tmp_path: Path) -> None:
     assert torch.load(saved, weights_only=False)["global_step"] == 3
     assert out["snapshot"], "the preemption save was not committed"
     assert snapshot_files(remote, out["snapshot"]) == {"preempted.ckpt": saved.stat().st_size}
+    assert snapshot_step(remote, out["snapshot"]) == 3, "committed with the trainer's step"
     assert "ckpt: preemption warning: saved" in stderr
     assert not [p for p in ck.iterdir() if p.name != "preempted.ckpt"], "temp file left behind"
 
@@ -423,6 +431,7 @@ def test_hf_preemption_saves_and_commits(tmp_path: Path) -> None:
     assert out["snapshot"], "the save was not committed"
     files = snapshot_files(remote, out["snapshot"])
     assert "checkpoint-3/trainer_state.json" in files
+    assert snapshot_step(remote, out["snapshot"]) == 3, "committed with the trainer's step"
     state = json.loads((ck / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3
     assert "ckpt: preemption warning: saving checkpoint-3" in stderr
