@@ -184,7 +184,7 @@ def ls(
     ranks_doc: dict[str, Any] = {}
     if rank is not None or repo.rank_snapshots():
         w = world.World(repo)
-        gens = w.generations(world.present_chunks(repo))
+        gens = w.generations(repo.present_chunks())
         counts = {str(stream_rank(s)): len(loaded) for s, loaded in sorted(w.streams.items()) if s}
         ranks_doc = {
             "complete_steps": [g.step for g in gens],

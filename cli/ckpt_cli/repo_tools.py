@@ -242,7 +242,7 @@ def check(
         except ManifestError as exc:
             checked.append(Checked(ref, None, [Problem("manifest", str(exc))]))
     # A chunk a multi-node GC round moved to trash/ is read from there.
-    listed = repo.list_chunks() | repo.trashed_chunks() if checked else set()
+    listed = repo.present_chunks() if checked else set()
     referenced: set[str] = set()
     for c in checked:
         if c.manifest is None:

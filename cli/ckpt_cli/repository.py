@@ -458,9 +458,10 @@ class Repository:
                     out |= self.load(ref).chunk_digests()
         return out
 
-    def trashed_chunks(self) -> set[str]:
-        """Chunks a multi-node GC round moved to trash/: still readable."""
-        names = (n.rsplit("/", 1)[-1] for n in self.backend.list(TRASH))
+    def present_chunks(self) -> set[str]:
+        """Every readable chunk: chunks/, and trash/, where a multi-node GC
+        round keeps them until every rank has seen it (get_chunk reads both)."""
+        names = (n.rsplit("/", 1)[-1] for p in (CHUNKS, TRASH) for n in self.backend.list(p))
         return {d for d in names if HASH_RE.match(d)}
 
     def list_chunks(self) -> set[str]:

@@ -35,7 +35,7 @@ from ckpt_cli.repository import (
     iter_manifests,
     newest_manifest,
 )
-from ckpt_cli.snapshotter import MAX_OPEN_FILES, Snapshotter, link_escapes, scan
+from ckpt_cli.snapshotter import MAX_OPEN_FILES, LocalEntry, Snapshotter, link_escapes, scan
 
 RESTORE_PREFIX = ".ckpt-restore-"
 
@@ -311,23 +311,14 @@ def prepare_dir(
         else:
             console.info(f"remote has no snapshot yet: {directory} is uploaded as the first")
         return ""
-    local_files = {e.path: e for e in local if e.type == "file"}
-
-    def holds(m: Manifest) -> bool:
-        snap_files = {e.path: e for e in m.files}
-        return local_files.keys() == snap_files.keys() and all(
-            (le.size, le.mtime_ns) == (snap_files[p].size, snap_files[p].mtime_ns)
-            for p, le in local_files.items()
-        )
-
-    if holds(newest):
+    if _holds(local, newest):
         console.info(f"{directory} already holds snapshot {newest.id}: nothing to restore")
         snapshotter.adopt(newest, trust_local=True)
         return newest.id
     # Holding an older snapshot exactly is proof of age that needs no clock
     # (the time test below compares this machine's clock with the writer's).
     for _ref, m in iter_manifests(repo):
-        if isinstance(m, Manifest) and m.generation < newest.generation and holds(m):
+        if isinstance(m, Manifest) and m.generation < newest.generation and _holds(local, m):
             console.info(
                 f"{directory} holds snapshot {m.id} (generation {m.generation}), older than "
                 f"{newest.id} (generation {newest.generation}): replacing it"
@@ -346,15 +337,20 @@ def prepare_dir(
     return restore_into(repo, snapshotter, None, concurrency)
 
 
-def holds(directory: Path, manifest: Manifest, patterns: tuple[str, ...]) -> bool:
-    """The directory has exactly the manifest's files, by size and mtime."""
-    local = scan(directory, patterns) if directory.is_dir() else []
+def _holds(local: list[LocalEntry], manifest: Manifest) -> bool:
+    """The scanned directory has exactly the manifest's files, by size and mtime."""
     local_files = {e.path: e for e in local if e.type == "file"}
     snap_files = {e.path: e for e in manifest.files}
     return local_files.keys() == snap_files.keys() and all(
         (le.size, le.mtime_ns) == (snap_files[p].size, snap_files[p].mtime_ns)
         for p, le in local_files.items()
     )
+
+
+def _with_step(snapshotter: Snapshotter, held: str) -> tuple[str, int | None]:
+    """prepare_dir's answer with the step of what --dir holds (its parent)."""
+    parent = snapshotter.parent
+    return held, parent.step if parent is not None and held else None
 
 
 def prepare_rank_dir(
@@ -368,8 +364,9 @@ def prepare_rank_dir(
     snapshot: str | None = None,
     concurrency: int = 4,
 ) -> tuple[str, int | None]:
-    """prepare_dir for a rank of a multi-node job (or a single node in a
-    repository that ranks wrote): (the snapshot id --dir holds, its step).
+    """What the child starts from, on one node or as a rank of several:
+    (the snapshot id --dir holds, its step). A single node in a repository
+    no rank wrote is prepare_dir exactly.
 
     With step-tagged commits, --dir is made to hold exactly this rank's files
     of the newest step every rank committed (a consistent cut: a --dir that
@@ -378,7 +375,8 @@ def prepare_rank_dir(
     says that this is not a consistent cut. A world of another size is refused
     unless allow_change (world.choose)."""
     directory = snapshotter.root
-    if not restore_enabled or snapshot is not None:
+    single = world_size == 1 and not repo.rank_snapshots()
+    if single or not restore_enabled or snapshot is not None:
         held = prepare_dir(
             repo,
             snapshotter,
@@ -386,8 +384,7 @@ def prepare_rank_dir(
             snapshot=snapshot,
             concurrency=concurrency,
         )
-        parent = snapshotter.parent
-        return held, parent.step if parent is not None and held else None
+        return _with_step(snapshotter, held)
     recover_interrupted(directory)
     choice = world.choose(repo, rank, world_size, allow_change=allow_change)
     if choice is None:
@@ -395,9 +392,7 @@ def prepare_rank_dir(
     if not choice.consistent:
         console.warn(choice.note)
         if choice.ref is not None and choice.ref.stream == repo.stream:
-            held = prepare_dir(repo, snapshotter, concurrency=concurrency)
-            parent = snapshotter.parent
-            return held, parent.step if parent is not None and held else None
+            return _with_step(snapshotter, prepare_dir(repo, snapshotter, concurrency=concurrency))
     m, ref = choice.manifest, choice.ref
     if m is None or ref is None:
         console.info(f"{choice.note}: starting from {directory} as it is")
@@ -406,11 +401,12 @@ def prepare_rank_dir(
         return "", None
     if choice.consistent:
         console.info(f"restoring rank {rank}'s snapshot {m.id} of {choice.note}")
-    if holds(directory, m, snapshotter.patterns):
+    local = scan(directory, snapshotter.patterns) if directory.is_dir() else []
+    if _holds(local, m):
         console.info(f"{directory} already holds snapshot {m.id}: nothing to restore")
         snapshotter.adopt(m, trust_local=True)
         return m.id, m.step
-    if directory.is_dir() and scan(directory, snapshotter.patterns):
+    if local:
         console.info(
             f"{directory} differs from snapshot {m.id}: replacing it, so that every rank "
             "starts from the same step"

@@ -36,7 +36,7 @@ from ckpt_cli.lease import Lease, LeaseLostError
 from ckpt_cli.policy import ChildExit, Decision, decide, signal_name
 from ckpt_cli.remote import open_backend, redact_url
 from ckpt_cli.repository import Repository, rank_stream
-from ckpt_cli.restore import ensure_dir, prepare_dir, prepare_rank_dir, restore_into
+from ckpt_cli.restore import ensure_dir, prepare_rank_dir, restore_into
 from ckpt_cli.snapshotter import TEMP_PATTERNS, SnapshotResult, Snapshotter
 from ckpt_cli.uploader import SnapshotWorker
 from ckpt_cli.watcher import Watcher
@@ -233,27 +233,9 @@ class Supervisor:
             world_size=cfg.world_size,
             lease_ttl=cfg.lease_timeout,
         )
-        if cfg.world_size > 1 or repo.rank_snapshots():
-            self.restored_id, self.restored_step = prepare_rank_dir(
-                repo,
-                snapshotter,
-                rank=cfg.rank,
-                world_size=cfg.world_size,
-                allow_change=cfg.allow_world_change,
-                restore_enabled=cfg.restore,
-                snapshot=cfg.snapshot,
-                concurrency=cfg.concurrency,
-            )
-        else:
-            self.restored_id = prepare_dir(
-                repo,
-                snapshotter,
-                restore_enabled=cfg.restore,
-                snapshot=cfg.snapshot,
-                concurrency=cfg.concurrency,
-            )
-            parent = snapshotter.parent
-            self.restored_step = parent.step if parent is not None and self.restored_id else None
+        self.restored_id, self.restored_step = self._prepare(
+            repo, snapshotter, restore_enabled=cfg.restore, snapshot=cfg.snapshot
+        )
         ensure_dir(cfg.dir)
         if self.restored_id:
             ref = repo.find(self.restored_id)
@@ -452,14 +434,7 @@ class Supervisor:
                 worker.request("exit").wait(cfg.flush_timeout)
                 watcher.stop()
                 try:
-                    held, held_step = prepare_rank_dir(
-                        repo,
-                        snapshotter,
-                        rank=cfg.rank,
-                        world_size=cfg.world_size,
-                        allow_change=cfg.allow_world_change,
-                        concurrency=cfg.concurrency,
-                    )
+                    held, held_step = self._prepare(repo, snapshotter)
                 finally:
                     watcher.start()
                 if held:  # "" : the dir was kept as the attempt left it (auto mode)
@@ -553,6 +528,27 @@ class Supervisor:
                 self.restored_id = restore_into(repo, snapshotter, None, cfg.concurrency)
                 ensure_dir(cfg.dir)
                 watcher.start()
+
+    def _prepare(
+        self,
+        repo: Repository,
+        snapshotter: Snapshotter,
+        *,
+        restore_enabled: bool = True,
+        snapshot: str | None = None,
+    ) -> tuple[str, int | None]:
+        """Bring --dir to what this run's child starts from (restore's rule)."""
+        cfg = self.cfg
+        return prepare_rank_dir(
+            repo,
+            snapshotter,
+            rank=cfg.rank,
+            world_size=cfg.world_size,
+            allow_change=cfg.allow_world_change,
+            restore_enabled=restore_enabled,
+            snapshot=snapshot,
+            concurrency=cfg.concurrency,
+        )
 
     def _wait(self, child: Child, watcher: Watcher, worker: SnapshotWorker) -> ChildExit:
         cfg = self.cfg

@@ -28,15 +28,14 @@ import dataclasses
 import json
 import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 from ckpt_cli import console
 from ckpt_cli.errors import ConfigError
-from ckpt_cli.lease import LEASE_KEY, Lease
+from ckpt_cli.lease import Lease
 from ckpt_cli.manifest import Manifest, ManifestError
 from ckpt_cli.remote import NotFound
 from ckpt_cli.repository import (
-    CHUNKS,
     RANKS,
     Repository,
     SnapshotRef,
@@ -108,11 +107,6 @@ class World:
             if loaded:
                 self.streams[stream] = loaded
 
-    @property
-    def multi(self) -> bool:
-        """Some rank stream exists (a multi-node run wrote here)."""
-        return any(self.streams.keys() - {""})
-
     def manifests(self, stream: str | None = None) -> Iterator[tuple[SnapshotRef, Manifest]]:
         for s, loaded in self.streams.items():
             if stream is None or s == stream:
@@ -151,12 +145,6 @@ class World:
         return out
 
 
-def present_chunks(repo: Repository) -> set[str]:
-    """Chunks in the store: chunks/ and, until their round ends, trash/."""
-    names = repo.backend.list(CHUNKS) + repo.backend.list("trash/")
-    return {n.rsplit("/", 1)[-1] for n in names}
-
-
 # ------------------------------------------------------------------ restore
 
 
@@ -182,7 +170,7 @@ def choose(
     world = World(repo)
     if not world.streams:
         return None
-    gens = world.generations(present_chunks(repo))
+    gens = world.generations(repo.present_chunks())
     if gens:
         g = gens[0]
         if g.world_size != world_size and not allow_change:
@@ -414,11 +402,3 @@ def prune(repo: Repository, keep: int, *, me: int, ttl: float, sweep: bool = Fal
         f"{report.restored} put back, rounds waiting for a rank: {report.waiting or 'none'}"
     )
     return report
-
-
-def lease_key(rank: int, world_size: int) -> str:
-    return rank_stream(rank, world_size) + LEASE_KEY
-
-
-def steps_of(refs: Iterable[tuple[SnapshotRef, Manifest]]) -> list[int]:
-    return sorted({m.step for _r, m in refs if m.step is not None}, reverse=True)

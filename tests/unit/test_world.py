@@ -63,7 +63,7 @@ def test_newest_step_of_every_rank_is_chosen(ranks: list[Snapshotter]) -> None:
         commit(r1, step, {"w.bin": weights, "s.txt": b"1-%d" % step})
     commit(r0, 30, {"s.txt": b"0-30"})  # rank 1 never committed 30
     repo = r0.repo
-    gens = world.World(repo).generations(world.present_chunks(repo))
+    gens = world.World(repo).generations(repo.present_chunks())
     assert [g.step for g in gens] == [20, 10]
     for r in (0, 1):
         choice = world.choose(repo, r, 2)
