@@ -358,8 +358,9 @@ def check_hdf5(src: Source) -> None:
 def check_json(src: Source) -> None:
     if src.size > JSON_CAP:
         raise Unchecked(f"over {JSON_CAP >> 20} MiB: not parsed")
+    data = src.read(0, src.size)
     try:
-        json.loads(src.read(0, src.size))
+        json.loads(data.removeprefix(b"\xef\xbb\xbf"))  # a UTF-8 BOM is no damage
     except (ValueError, RecursionError) as e:
         raise Torn(f"does not parse ({e.__class__.__name__})") from None
 

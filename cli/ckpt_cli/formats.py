@@ -74,6 +74,7 @@ import os
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
@@ -405,14 +406,16 @@ class Registry:
             return command.run(path, rel=rel, fd=fd)
         if not self.builtin:
             return UNRECOGNISED
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # (a FIFO)
         try:
-            opened = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC) if fd is None else fd
+            opened = os.open(path, flags) if fd is None else fd
         except OSError as e:
             return Verdict(None, "", f"not readable ({e.strerror})")
         try:
-            if size is None:
-                size = os.fstat(opened).st_size
-            return self.check_source(rel, FdSource(opened, size))
+            st = os.fstat(opened)
+            if not stat.S_ISREG(st.st_mode):
+                return Verdict(None, "", "not a regular file")
+            return self.check_source(rel, FdSource(opened, st.st_size if size is None else size))
         except OSError as e:
             return Verdict(None, "", f"not readable ({e.strerror})")
         finally:

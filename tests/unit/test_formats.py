@@ -303,6 +303,7 @@ def test_json_parses_and_its_prefixes_fail(monkeypatch: pytest.MonkeyPatch) -> N
     assert verdict("trainer_state.json", data) == Verdict(True, "json")
     assert verdict("_CHECKPOINT_METADATA", data).check == "json"
     assert_truncations_fail("trainer_state.json", data)
+    assert verdict("bom.json", b"\xef\xbb\xbf" + data).ok is True
     monkeypatch.setattr(format_checks, "JSON_CAP", 10)
     assert verdict("trainer_state.json", data).ok is None
 
@@ -338,6 +339,11 @@ def test_size_limits_the_check_to_what_was_pinned(tmp_path: Path) -> None:
 def test_a_missing_file_is_not_checked(tmp_path: Path) -> None:
     got = formats.check_file(tmp_path / "gone.pt")
     assert got.ok is None and "not readable" in got.reason
+
+
+def test_a_fifo_is_not_waited_on(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe.pt")
+    assert formats.check_file(tmp_path / "pipe.pt").reason == "not a regular file"
 
 
 class Chunks:
