@@ -28,8 +28,8 @@ not understood). What each check verifies, exactly:
   address == file size; a version 3 superblock not marked open for writing
   (the library sets the flag while a writer has it open). Not verified:
   the object tree.
-- JSON (up to JSON_CAP): parses.
-Imports: standard library only.
+- JSON (up to JSON_CAP): parses (a leading UTF-8 BOM allowed).
+Imports: standard library (and `format_pickle`, lazily: npy object arrays).
 """
 
 from __future__ import annotations
@@ -178,12 +178,12 @@ def _zip_entries(data: bytes, expected: int, dir_offset: int) -> list[tuple[int,
     while pos < len(data):
         if data[pos : pos + 4] != ZIP_DIR or pos + 46 > len(data):
             raise Torn(f"central directory entry {len(out)} is damaged")
-        csize, _usize, nlen, xlen, clen = struct.unpack_from("<2L3H", data, pos + 20)
+        csize, usize, nlen, xlen, clen = struct.unpack_from("<2L3H", data, pos + 20)
         (offset,) = struct.unpack_from("<L", data, pos + 42)
         name = data[pos + 46 : pos + 46 + nlen]
         extra = data[pos + 46 + nlen : pos + 46 + nlen + xlen]
-        if 0xFFFFFFFF in (csize, _usize, offset):
-            csize, offset = _zip64_extra(extra, csize, _usize, offset)
+        if 0xFFFFFFFF in (csize, usize, offset):
+            csize, offset = _zip64_extra(extra, csize, usize, offset)
         if offset + 30 + nlen + csize > dir_offset:
             raise Torn(f"entry {len(out)} reaches past the central directory")
         out.append((offset, name))
