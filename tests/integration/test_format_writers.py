@@ -264,6 +264,7 @@ def test_an_h5py_file_open_for_writing_fails(tmp_path: Path) -> None:
 # -- Keras, HF Trainer, Lightning: in a child of their own
 
 
+@pytest.mark.slow
 def test_keras_files_pass_and_their_prefixes_fail(tmp_path: Path) -> None:
     needs("keras", "torch", "h5py")  # (keras is imported in the child: its backend is torch)
     run_child(
