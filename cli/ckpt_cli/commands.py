@@ -37,8 +37,14 @@ def _open(remote: str, options: list[str], *, create: bool) -> Repository | None
 
 
 def _has_entries(directory: Path) -> bool:
+    """Anything of the user's: a fresh volume's lost+found and ckpt's own
+    .ckpt-* names (kept dirs of earlier restores) do not count."""
+    from ckpt._fs import LOST_FOUND, is_reserved
+
     try:
-        return directory.is_dir() and any(directory.iterdir())
+        return directory.is_dir() and any(
+            not is_reserved(p.name) and p.name != LOST_FOUND for p in directory.iterdir()
+        )
     except OSError:
         return False  # unreadable: the restore itself says what is wrong
 
@@ -129,7 +135,7 @@ def _watching(snapshotter: Any, bar: console.Progress) -> Iterator[None]:
 def push(
     dir: Path, remote: str, keep: int, options: list[str], *, allow_empty: bool = False
 ) -> int:
-    from ckpt_cli.restore import recover_interrupted
+    from ckpt_cli.kept import recover_interrupted
     from ckpt_cli.snapshotter import Snapshotter, scan
 
     source = config.resolve_dir(dir)

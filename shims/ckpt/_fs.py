@@ -172,12 +172,17 @@ def read_marker(directory: Path) -> dict[str, str] | None:
     with nothing to finish (it is still proof the move was not finished)."""
     path = directory / MARKER
     try:
-        with open(path, "rb") as f:
-            raw = f.read(4096)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     except OSError:
-        return {}
+        return {}  # a link, or unreadable: proof enough that a move was under way
+    try:
+        raw = os.read(fd, 4096) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+    except OSError:
+        raw = b""
+    finally:
+        os.close(fd)
     try:
         doc = json.loads(raw)
     except ValueError:

@@ -14,10 +14,11 @@ import pytest
 import ckpt._fs as ckpt_fs
 from ckpt_cli import restore as restore_mod
 from ckpt_cli.errors import ConfigError, RestoreError
+from ckpt_cli.kept import recover_interrupted
 from ckpt_cli.manifest import Entry, Manifest, hash_bytes
 from ckpt_cli.remote import open_backend
 from ckpt_cli.repository import Repository, chunk_key
-from ckpt_cli.restore import recover_interrupted, restore
+from ckpt_cli.restore import restore
 from ckpt_cli.snapshotter import Snapshotter
 
 from .helpers import CHUNK, OLD_NS, data, tree, write
@@ -555,3 +556,35 @@ def test_manifest_with_another_hash_is_damaged(
         "snapshot 0123abcd (generation 9) names its chunks by sha256, the repository by "
         "blake3; trying the previous one"
     ]
+
+
+def test_recover_keeps_the_old_content_of_a_swap_cut_short(target: Path) -> None:
+    """Killed after the exchange, before the old content was renamed: the
+    target carries the swap's marker and the staging name holds the old
+    content, which is kept (a staging dir with no marked target is deleted)."""
+    write(target / "new.pt", b"restored")
+    (target / ".ckpt-moving").write_text('{"phase": "swap"}')
+    old = target.parent / f".{target.name}.ckpt-restore-0a0b0c0d"
+    write(old / "mine.pt", b"only copy")
+    recover_interrupted(target)
+    assert os.listdir(target) == ["new.pt"]
+    [kept] = [p for p in target.parent.iterdir() if ".ckpt-kept-" in p.name]
+    assert (kept / "mine.pt").read_bytes() == b"only copy"
+    assert not old.exists()
+
+
+def test_recover_never_adopts_a_symlink(target: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    write(elsewhere / "id_rsa", b"key")
+    link = target.parent / f".{target.name}.ckpt-old-1a2b3c4d"
+    link.symlink_to(elsewhere)
+    recover_interrupted(target)
+    assert not os.path.lexists(target)
+    assert link.is_symlink() and (elsewhere / "id_rsa").read_bytes() == b"key"
+
+
+def test_restored_mode_drops_special_and_world_write() -> None:
+    assert restore_mod.restored_mode(0o4755) == 0o755
+    assert restore_mod.restored_mode(0o1777) == 0o775
+    assert restore_mod.restored_mode(0o2640) == 0o640
+    assert restore_mod.restored_mode(0o666) == 0o664
