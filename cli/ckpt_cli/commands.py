@@ -22,6 +22,7 @@ from ckpt._contract import ExitCode
 from ckpt_cli import config, console
 from ckpt_cli.errors import CkptError, ConfigError
 from ckpt_cli.history import load_runs
+from ckpt_cli.manifest import Manifest
 from ckpt_cli.remote import open_backend, parse_storage_options
 from ckpt_cli.repo_tools import Checked, check, open_existing
 from ckpt_cli.repository import Repository, newest_manifest, rank_stream, stream_rank
@@ -36,8 +37,14 @@ def _open(remote: str, options: list[str], *, create: bool) -> Repository | None
 
 
 def _has_entries(directory: Path) -> bool:
+    """Anything of the user's: a fresh volume's lost+found and ckpt's own
+    .ckpt-* names (kept dirs of earlier restores) do not count."""
+    from ckpt._fs import LOST_FOUND, is_reserved
+
     try:
-        return directory.is_dir() and any(directory.iterdir())
+        return directory.is_dir() and any(
+            not is_reserved(p.name) and p.name != LOST_FOUND for p in directory.iterdir()
+        )
     except OSError:
         return False  # unreadable: the restore itself says what is wrong
 
@@ -85,7 +92,8 @@ def restore(
     if not force and _has_entries(target) and repo.snapshots():
         raise ConfigError(
             f"{target} is not empty: pass --force to replace its contents with the snapshot "
-            "(they stay as they are until the whole snapshot is in place)"
+            "(they stay as they are until the whole snapshot is in place; files in no "
+            "restorable snapshot are then moved aside, never deleted)"
         )
     with console.Progress(f"restoring into {target}") as bar:
         done = do_restore(
@@ -124,20 +132,27 @@ def _watching(snapshotter: Any, bar: console.Progress) -> Iterator[None]:
         t.join()
 
 
-def push(dir: Path, remote: str, keep: int, options: list[str]) -> int:
-    from ckpt_cli.snapshotter import Snapshotter
+def push(
+    dir: Path, remote: str, keep: int, options: list[str], *, allow_empty: bool = False
+) -> int:
+    from ckpt_cli.kept import recover_interrupted
+    from ckpt_cli.snapshotter import Snapshotter, scan
 
     source = config.resolve_dir(dir)
     if not source.is_dir():
         raise ConfigError(f"{source} is not a directory (ckpt push DIR REMOTE)")
     config.check_remote_outside(source, remote)
+    recover_interrupted(source)  # a restore killed half-way is finished first
     repo = _open(remote, options, create=True)
     assert repo is not None
     lease = repo.lease(f"push-{secrets.token_hex(4)}", ttl=60.0)
     lease.acquire()
     snapshotter = Snapshotter(repo, source, run="push")
     try:
-        snapshotter.adopt(newest_manifest(repo), trust_local=False)
+        newest = newest_manifest(repo)
+        if not allow_empty:
+            refuse_empty_push(scan(source, snapshotter.patterns), newest, source, repo, keep)
+        snapshotter.adopt(newest, trust_local=False)
         with console.Progress(f"pushing {source}") as bar, _watching(snapshotter, bar):
             result = snapshotter.snapshot(reason="push", keep=keep)
     finally:
@@ -155,8 +170,8 @@ def push(dir: Path, remote: str, keep: int, options: list[str]) -> int:
         )
     m = result.manifest
     if m is None:
-        newest = result.parent.id if result.parent else "none"
-        console.info(f"nothing changed since snapshot {newest}")
+        held = result.parent.id if result.parent else "none"
+        console.info(f"nothing changed since snapshot {held}")
         return ExitCode.OK
     console.info(
         f"pushed snapshot {m.id} (generation {m.generation}): {len(m.files)} files, "
@@ -164,6 +179,23 @@ def push(dir: Path, remote: str, keep: int, options: list[str]) -> int:
         f"{result.seconds:.1f}s"
     )
     return ExitCode.OK
+
+
+def refuse_empty_push(
+    local: list[Any], newest: Manifest | None, source: Path, repo: Repository, keep: int
+) -> None:
+    """An empty DIR over a history with data would become the newest snapshot
+    (what every restore picks) and let --keep drop the ones with data."""
+    if any(e.type != "dir" for e in local) or newest is None:
+        return
+    if all(e.type == "dir" for e in newest.entries):
+        return
+    raise ConfigError(
+        f"{source} is empty and the newest snapshot of {repo.display}, {newest.id}, holds "
+        f"{len(newest.files)} files: pushing it would make an empty snapshot the one every "
+        f"restore picks, and --keep {keep} would drop older ones; pass --allow-empty if that "
+        "is what you want"
+    )
 
 
 # ---------------------------------------------------------------- ls

@@ -286,7 +286,7 @@ def restore_cmd(
 
     A DIR that is not empty is refused without --force; with it, DIR keeps its
     old contents until the whole snapshot is in place, then one rename swaps
-    them.
+    them; files in no restorable snapshot are moved aside, never deleted.
 
     Example: ckpt restore s3://b/run ./checkpoints --snapshot 12 --force
     """
@@ -314,8 +314,18 @@ def push(
     keep: Annotated[int, typer.Option(min=1, help="Snapshots kept in the remote.")] = 3,
     storage_option: StorageOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    allow_empty: Annotated[
+        bool,
+        typer.Option(
+            "--allow-empty",
+            help="Push an empty DIR even though the newest snapshot holds files.",
+        ),
+    ] = False,
 ) -> None:
     """Take one snapshot of DIR now (same code path as `ckpt run`).
+
+    An empty DIR over a remote whose newest snapshot holds files is refused
+    without --allow-empty.
 
     Example: ckpt push ./checkpoints s3://b/run
     """
@@ -323,7 +333,7 @@ def push(
     with error_funnel() as status:
         from ckpt_cli import commands
 
-        status[0] = commands.push(dir, remote, keep, storage_option or [])
+        status[0] = commands.push(dir, remote, keep, storage_option or [], allow_empty=allow_empty)
     raise typer.Exit(status[0])
 
 

@@ -220,7 +220,11 @@ def _is_auth_error(exc: BaseException) -> bool:
 
 
 class LocalBackend:
-    """A directory on a local (or network-mounted) filesystem."""
+    """A directory on a local (or network-mounted) filesystem.
+
+    Modes: ckpt creates the root 0700; every directory and object below it
+    is no wider than the root (a root made 0750 by its owner gets 0750 dirs
+    and 0640 objects), and the umask narrows both further."""
 
     #: create_exclusive cannot race: the kernel refuses the second link.
     exclusive_create = True
@@ -235,6 +239,34 @@ class LocalBackend:
         #: per process, not per write).
         self._tmp_prefix = secrets.token_hex(4)
         self._tmp_seq = itertools.count()
+        #: (dir mode, object mode), from the root's mode once it exists.
+        self._modes: tuple[int, int] | None = None
+
+    def _root_modes(self) -> tuple[int, int]:
+        """Make the root if missing (0700; its parents as mkdir -p does) and
+        return the modes of what goes below it."""
+        if self._modes is None:
+            try:
+                st = os.stat(self._root)
+            except FileNotFoundError:
+                os.makedirs(os.path.dirname(self._root) or ".", exist_ok=True)
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(self._root, 0o700)
+                st = os.stat(self._root)
+            root = st.st_mode & 0o777
+            self._modes = (root | 0o700, root & 0o666 | 0o600)
+        return self._modes
+
+    def _makedirs(self, path: str) -> None:
+        """Every missing directory from the root down to path, no wider than the root."""
+        dir_mode, _ = self._root_modes()
+        rel = os.path.relpath(path, self._root)
+        here = self._root
+        if rel != ".":
+            for part in rel.split(os.sep):
+                here = os.path.join(here, part)
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(here, dir_mode)
 
     def _path(self, key: str) -> Path:
         return self.root / key
@@ -284,16 +316,17 @@ class LocalBackend:
         path = f"{self._root}/{key}"
         parent = path.rsplit("/", 1)[0]
         tmp = self._tmp_for(path)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
             if parent not in self._dirs:
-                os.makedirs(parent, exist_ok=True)
+                self._makedirs(parent)
                 self._dirs.add(parent)
+            mode = self._root_modes()[1]
             try:
-                fd = os.open(tmp, flags, 0o666)
+                fd = os.open(tmp, flags, mode)
             except FileNotFoundError:  # removed behind our back: make it again
-                os.makedirs(parent, exist_ok=True)
-                fd = os.open(tmp, flags, 0o666)
+                self._makedirs(parent)
+                fd = os.open(tmp, flags, mode)
             try:
                 view = memoryview(data)
                 while view:  # a nearly full disk takes part of it, then raises
@@ -316,8 +349,9 @@ class LocalBackend:
         path = self._path(key)
         tmp = Path(self._tmp_for(str(path)))
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "xb") as f:
+            self._makedirs(str(path.parent))
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            with os.fdopen(os.open(tmp, flags, self._root_modes()[1]), "wb") as f:
                 f.write(data)
             os.link(tmp, path)
         except FileExistsError:
@@ -333,7 +367,7 @@ class LocalBackend:
 
     def _create_excl_in_place(self, key: str, path: Path, data: bytes) -> bool:
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self._root_modes()[1])
         except FileExistsError:
             return False
         except OSError as exc:
@@ -360,7 +394,7 @@ class LocalBackend:
         parent = path.rsplit("/", 1)[0]
         try:
             if parent not in self._dirs:
-                os.makedirs(parent, exist_ok=True)
+                self._makedirs(parent)
                 self._dirs.add(parent)
             os.replace(f"{self._root}/{src}", path)
         except FileNotFoundError:

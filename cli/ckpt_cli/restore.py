@@ -2,10 +2,18 @@
 then swap it in atomically. The existing directory is never touched unless the
 whole snapshot is in place.
 
+A directory that cannot be swapped by a rename (a mount point, a read-only
+parent) is restored in place: staged inside itself, then its entries are
+moved, under a marker that the next start honours (a killed move is
+finished, never left half done). What a restore replaces and no restorable
+snapshot holds (files in no snapshot, excluded or newer ones) is moved aside
+into a kept dir, never deleted; the restored --dir keeps its mode.
+
 Candidates are tried newest first: a damaged one (bad manifest, missing or
 corrupt chunk, unsafe path) is skipped with a warning naming it, and the
 previous one is used. A local failure (disk full, permissions) stops the
-restore with the target untouched. Imports: standard library, `repository`.
+restore with the target untouched. Imports: standard library, `repository`,
+`kept` (what a restore replaces; recovery after a kill).
 """
 
 from __future__ import annotations
@@ -15,17 +23,27 @@ import concurrent.futures as cf
 import contextlib
 import dataclasses
 import errno
+import functools
 import os
 import secrets
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ckpt._fs import OLD_PREFIX, swap_in
+from ckpt._fs import MARKER, SPECIAL_BITS, cannot_swap, is_reserved, move_in, swap_in, write_marker
 from ckpt_cli import console, world
 from ckpt_cli.errors import ConfigError, RestoreError
+from ckpt_cli.kept import (
+    RESTORE_PREFIX,
+    keep,
+    kept_name,
+    recover_interrupted,
+    remind_kept,
+    restorable,
+)
 from ckpt_cli.manifest import Entry, Manifest, ManifestError
 from ckpt_cli.repository import (
     Buffers,
@@ -36,8 +54,6 @@ from ckpt_cli.repository import (
     newest_manifest,
 )
 from ckpt_cli.snapshotter import MAX_OPEN_FILES, LocalEntry, Snapshotter, link_escapes, scan
-
-RESTORE_PREFIX = ".ckpt-restore-"
 
 
 @dataclasses.dataclass
@@ -51,20 +67,72 @@ def _temp_name(target: Path, prefix: str) -> Path:
     return target.parent / f".{target.name}{prefix}{secrets.token_hex(4)}"
 
 
-def recover_interrupted(target: Path) -> None:
-    """Clean up after a restore that was killed: put a moved-aside directory
-    back if the target is missing, and delete half-materialised temp dirs."""
-    parent = target.parent
-    if not parent.is_dir():
+def _restore_one(
+    repo: Repository,
+    manifest: Manifest,
+    target: Path,
+    *,
+    concurrency: int,
+    progress: Callable[[int, int], None] | None,
+    warn: Callable[[str], None],
+) -> None:
+    """Materialise manifest and put it in place of target: swapped in beside
+    it, or, where target cannot be swapped, staged inside it and moved in.
+    What target held goes to a kept dir, less what a restorable snapshot
+    holds. Raises with target untouched."""
+    why = cannot_swap(target) if target.exists() else None
+    inside = why is not None
+    staging = (
+        target / f"{RESTORE_PREFIX}{secrets.token_hex(4)}"
+        if inside
+        else _temp_name(target, RESTORE_PREFIX)
+    )
+    try:
+        materialise(repo, manifest, staging, concurrency=concurrency, progress=progress)
+        if not inside:
+            write_marker(staging, {"phase": "swap"})
+            os.chmod(staging, _dir_mode(target))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    durable = functools.partial(restorable, repo, manifest)
+    if inside:
+        holding = kept_name(target, inside=True)
+        try:
+            holding.mkdir(mode=0o700)
+            move_in(staging, target, holding)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                holding.rmdir()
+            raise
+        console.info(f"{target} {why}: restored in place (staged inside it, then moved in)")
+        keep(holding, target, durable, warn)
         return
-    for p in parent.iterdir():
-        if p.name.startswith(f".{target.name}{OLD_PREFIX}"):
-            if not target.exists():
-                os.rename(p, target)
-            else:
-                shutil.rmtree(p, ignore_errors=True)
-        elif p.name.startswith(f".{target.name}{RESTORE_PREFIX}"):
-            shutil.rmtree(p, ignore_errors=True)
+    try:
+        old = swap_in(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    kept = None
+    if old is not None:
+        kept = kept_name(target, inside=False)
+        try:
+            os.rename(old, kept)
+        except OSError:
+            kept = old  # still ours, still kept: recovery names it at the next start
+    with contextlib.suppress(OSError):  # left in a dir its owner made read-only: harmless
+        os.unlink(target / MARKER)
+    if kept is not None:
+        keep(kept, target, durable, warn)
+
+
+def _dir_mode(target: Path) -> int:
+    """The mode a restored --dir gets: the existing one's, else 0700."""
+    try:
+        return stat.S_IMODE(target.stat().st_mode) & ~SPECIAL_BITS
+    except FileNotFoundError:
+        return 0o700
 
 
 def restore(
@@ -106,12 +174,9 @@ def restore(
         try:
             manifest = repo.load(ref)
             _check_symlinks(manifest)
-            tmp = _temp_name(target, RESTORE_PREFIX)
-            try:
-                materialise(repo, manifest, tmp, concurrency=concurrency, progress=progress)
-                swap_in(tmp, target)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+            _restore_one(
+                repo, manifest, target, concurrency=concurrency, progress=progress, warn=warn
+            )
         except (ManifestError, ChunkError) as exc:
             if isinstance(exc, ChunkError):
                 # Only the first bad chunk is known: distrust every chunk of this
@@ -147,6 +212,11 @@ def _name(ref: SnapshotRef) -> str:
 
 
 def _check_symlinks(manifest: Manifest) -> None:
+    """Links that lead out, and top-level names ckpt reserves inside --dir
+    (no snapshot takes them: a manifest that has one is crafted)."""
+    for e in manifest.entries:
+        if is_reserved(e.path.split("/", 1)[0]):
+            raise ManifestError(f"has a path {e.path!r} in the names ckpt reserves (.ckpt-*)")
     links = {e.path: e.target for e in manifest.entries if e.type == "symlink"}
     for e in manifest.entries:
         if e.type == "symlink" and link_escapes(e.path, e.target, links):
@@ -202,7 +272,7 @@ def materialise(
         try:
             for f in futures:
                 f.result()
-            os.fchmod(fd, e.mode)
+            os.fchmod(fd, restored_mode(e.mode))
         finally:
             cf.wait(futures)
             os.close(fd)
@@ -255,9 +325,16 @@ def materialise(
             (dest / e.path).parent.mkdir(parents=True, exist_ok=True)
             os.symlink(e.target, dest / e.path)
     for e in sorted(dirs, key=lambda d: d.path.count("/"), reverse=True):
-        os.chmod(dest / e.path, e.mode | 0o700)
+        os.chmod(dest / e.path, restored_mode(e.mode) | 0o700)
         os.utime(dest / e.path, ns=(e.mtime_ns, e.mtime_ns))
-    os.chmod(dest, 0o755)
+
+
+def restored_mode(recorded: int) -> int:
+    """The permission bits a restored file or directory gets: the recorded
+    ones without setuid, setgid, sticky and world-write (a manifest is data,
+    not a licence to make a program run as its owner or a file anyone may
+    change)."""
+    return recorded & 0o777 & ~stat.S_IWOTH
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
@@ -290,6 +367,7 @@ def prepare_dir(
     """
     directory = snapshotter.root
     recover_interrupted(directory)
+    remind_kept(directory)
     newest = newest_manifest(repo)
     if not restore_enabled:
         console.info(f"--no-restore: starting from {directory} as it is")
@@ -299,7 +377,7 @@ def prepare_dir(
     if snapshot is not None:
         return restore_into(repo, snapshotter, snapshot, concurrency)
     local = scan(directory, snapshotter.patterns) if directory.exists() else []
-    if not local:
+    if not _has_data(local):
         if not repo.snapshots():
             console.info(f"remote has no snapshot yet: starting fresh in {directory}")
             ensure_dir(directory)
@@ -321,7 +399,7 @@ def prepare_dir(
         if isinstance(m, Manifest) and m.generation < newest.generation and _holds(local, m):
             console.info(
                 f"{directory} holds snapshot {m.id} (generation {m.generation}), older than "
-                f"{newest.id} (generation {newest.generation}): replacing it"
+                f"{newest.id} (generation {newest.generation}): replacing it{_ASIDE}"
             )
             return restore_into(repo, snapshotter, None, concurrency)
     newest_local = max(e.mtime_ns for e in local) / 1e9
@@ -333,8 +411,17 @@ def prepare_dir(
         )
         snapshotter.adopt(newest, trust_local=False)
         return ""
-    console.info(f"{directory} is older than snapshot {newest.id}: replacing it")
+    console.info(f"{directory} is older than snapshot {newest.id}: replacing it{_ASIDE}")
     return restore_into(repo, snapshotter, None, concurrency)
+
+
+#: What every "replacing it" line adds: the rule that nothing is lost.
+_ASIDE = " (files in no restorable snapshot are moved aside, never deleted)"
+
+
+def _has_data(local: list[LocalEntry]) -> bool:
+    """A file or link: a dir of empty dirs (a fresh volume's lost+found) holds nothing."""
+    return any(e.type != "dir" for e in local)
 
 
 def _holds(local: list[LocalEntry], manifest: Manifest) -> bool:
@@ -386,6 +473,7 @@ def prepare_rank_dir(
         )
         return _with_step(snapshotter, held)
     recover_interrupted(directory)
+    remind_kept(directory)
     choice = world.choose(repo, rank, world_size, allow_change=allow_change)
     if choice is None:
         return prepare_dir(repo, snapshotter, concurrency=concurrency), None
@@ -409,7 +497,7 @@ def prepare_rank_dir(
     if local:
         console.info(
             f"{directory} differs from snapshot {m.id}: replacing it, so that every rank "
-            "starts from the same step"
+            f"starts from the same step{_ASIDE}"
         )
     done = restore(repo, directory, warn=console.warn, concurrency=concurrency, ref=ref)
     assert done is not None
@@ -422,9 +510,11 @@ def prepare_rank_dir(
 
 
 def ensure_dir(directory: Path) -> None:
-    """Create --dir where no restore does; one clear line if it cannot be."""
+    """Create --dir where no restore does (0700: private until its owner
+    says otherwise); one clear line if it cannot be."""
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, exist_ok=True)
     except OSError as exc:
         raise ConfigError(
             f"cannot create --dir {directory}: {exc.strerror or exc} ({exc.filename or directory})"

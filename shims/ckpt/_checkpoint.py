@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import warnings
 from pathlib import Path
 
@@ -27,7 +28,16 @@ from ckpt._contract import (
     ENV_WORLD_SIZE,
     TEMP_PATTERNS,
 )
-from ckpt._fs import swap_in
+from ckpt._fs import (
+    KEPT_PREFIX,
+    SAVE_PREFIX,
+    SPECIAL_BITS,
+    cannot_swap,
+    create_beside,
+    existing_mode,
+    move_in,
+    swap_in,
+)
 
 #: The file that holds a bytes payload saved with write()/save(bytes).
 PAYLOAD = "payload"
@@ -274,9 +284,11 @@ def _temp_beside(target: Path) -> Path:
 
 
 def _atomic_write(target: Path, data: bytes) -> None:
+    """Write a temp name (never through a link), then rename it over target;
+    an existing target's mode is kept."""
     tmp = _temp_beside(target)
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(create_beside(tmp, target), "wb") as f:
             f.write(data)
         os.replace(tmp, target)
     except BaseException:
@@ -286,9 +298,18 @@ def _atomic_write(target: Path, data: bytes) -> None:
 
 
 def _atomic_copy(source: Path, target: Path) -> None:
+    """Copy source's bytes and mtime to a temp name, then rename it over
+    target. An existing target's mode is kept; a new one gets source's
+    mode without setuid, setgid and sticky."""
     tmp = _temp_beside(target)
+    mode = existing_mode(target)
     try:
-        shutil.copy2(source, tmp)
+        with open(source, "rb") as src, os.fdopen(create_beside(tmp, target), "wb") as f:
+            shutil.copyfileobj(src, f)
+            st = os.fstat(src.fileno())
+            if mode is None:
+                os.fchmod(f.fileno(), stat.S_IMODE(st.st_mode) & ~SPECIAL_BITS)
+        os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -297,10 +318,26 @@ def _atomic_copy(source: Path, target: Path) -> None:
 
 
 def _replace_tree(source: Path, target: Path) -> None:
-    """Make target's contents a copy of source in one rename."""
-    tmp = target.with_name(f".{target.name}.ckpt-save-{os.urandom(4).hex()}")
+    """Make target's contents a copy of source: in one rename, or, where
+    target cannot be swapped (a mount point, a read-only parent), copied in
+    beside its entries and moved in under a marker (the supervisor's next
+    start finishes a move that was cut short). Target keeps its own mode."""
+    why = cannot_swap(target)
+    token = os.urandom(4).hex()
+    inside, beside = target / f"{SAVE_PREFIX}{token}", f".{target.name}{SAVE_PREFIX}{token}"
+    tmp = inside if why else target.with_name(beside)
     shutil.copytree(source, tmp, symlinks=True)
     try:
-        swap_in(tmp, target)
+        mode = existing_mode(target)
+        os.chmod(tmp, 0o700 if mode is None else mode)
+        if why:
+            holding = target / f"{KEPT_PREFIX}save-{token}"
+            holding.mkdir(mode=0o700)
+            move_in(tmp, target, holding)
+            shutil.rmtree(holding, ignore_errors=True)  # replaced on the caller's request
+        else:
+            old = swap_in(tmp, target)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)  # replaced on the caller's request
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

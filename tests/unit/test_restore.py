@@ -14,10 +14,11 @@ import pytest
 import ckpt._fs as ckpt_fs
 from ckpt_cli import restore as restore_mod
 from ckpt_cli.errors import ConfigError, RestoreError
+from ckpt_cli.kept import recover_interrupted
 from ckpt_cli.manifest import Entry, Manifest, hash_bytes
 from ckpt_cli.remote import open_backend
 from ckpt_cli.repository import Repository, chunk_key
-from ckpt_cli.restore import recover_interrupted, restore
+from ckpt_cli.restore import restore
 from ckpt_cli.snapshotter import Snapshotter
 
 from .helpers import CHUNK, OLD_NS, data, tree, write
@@ -88,6 +89,7 @@ def test_restore_into_missing_dir(
     assert os.readlink(target / "latest") == "sub/deep/opt.pt"
     assert (target / "latest").read_bytes() == data(2, CHUNK)
     assert (target / "dangling").is_symlink()
+    assert target.stat().st_mode & 0o7777 == 0o700  # a new --dir is private
     assert _leftovers(target) == []
 
 
@@ -101,13 +103,43 @@ def test_restore_replaces_existing_content(
     write(target / "sub" / "other", b"x")
     (target / "old-link").symlink_to("stale.pt")
 
-    restored = restore(local_repo, target, warn=_never)
+    before = tree(target)
+    warned: list[str] = []
+
+    restored = restore(local_repo, target, warn=warned.append)
 
     assert restored is not None
     assert tree(target) == tree(src)
     assert not (target / "stale.pt").exists()
     assert not (target / "old-link").is_symlink()
+    # What the snapshot does not hold is moved aside, whole, and said so.
+    [kept] = _leftovers(target)
+    assert kept.startswith(f".{target.name}.ckpt-kept-")
+    assert tree(target.parent / kept) == before
+    assert len(warned) == 1 and str(target.parent / kept) in warned[0]
+
+
+def test_restore_over_a_snapshot_keeps_nothing(
+    local_repo: Repository, src: Path, target: Path, make_snapshotter: MakeSnap
+) -> None:
+    """A dir that holds an older snapshot exactly: every file is durable,
+    nothing is kept; a file that changed since is kept alone."""
+    write(src / "a.pt", b"one", mtime_ns=OLD_NS)
+    write(src / "b.pt", b"two", mtime_ns=OLD_NS)
+    s = make_snapshotter(local_repo, src)
+    s.snapshot(reason="t")
+    assert restore(local_repo, target, warn=_never) is not None
+    write(src / "a.pt", b"one, later", mtime_ns=OLD_NS + 5)
+    s.snapshot(reason="t")
+    assert restore(local_repo, target, warn=_never) is not None  # replaces generation 1
     assert _leftovers(target) == []
+    write(target / "a.pt", b"edited here", mtime_ns=OLD_NS + 9)
+    warned: list[str] = []
+    assert restore(local_repo, target, warn=warned.append) is not None
+    [kept] = _leftovers(target)
+    assert sorted(tree(target.parent / kept)) == ["a.pt"]
+    assert (target.parent / kept / "a.pt").read_bytes() == b"edited here"
+    assert len(warned) == 1
 
 
 def test_restore_replaces_without_rename_exchange(
@@ -122,9 +154,10 @@ def test_restore_replaces_without_rename_exchange(
     _snap(local_repo, src, make_snapshotter)
     write(target / "stale.pt", b"old junk")
     monkeypatch.setattr(ckpt_fs, "_renameat2", lambda: None)
-    assert restore(local_repo, target, warn=_never) is not None
+    assert restore(local_repo, target, warn=lambda _m: None) is not None
     assert tree(target) == tree(src)
-    assert _leftovers(target) == []
+    [kept] = _leftovers(target)
+    assert sorted(tree(target.parent / kept)) == ["stale.pt"]
 
 
 def test_restore_picks_newest(
@@ -367,7 +400,8 @@ def test_recover_puts_back_moved_aside_dir(target: Path) -> None:
     assert (unrelated / "keep").read_bytes() == b"keep"
 
 
-def test_recover_drops_moved_aside_when_target_exists(target: Path) -> None:
+def test_recover_keeps_moved_aside_when_target_exists(target: Path) -> None:
+    """It may hold the only copy of a file: renamed to a kept dir, never deleted."""
     write(target / "current", b"current")
     old = target.parent / f".{target.name}.ckpt-old-1a2b3c4d"
     write(old / "previous", b"previous")
@@ -375,6 +409,8 @@ def test_recover_drops_moved_aside_when_target_exists(target: Path) -> None:
     assert os.listdir(target) == ["current"]
     assert (target / "current").read_bytes() == b"current"
     assert not old.exists()
+    [kept] = [p for p in target.parent.iterdir() if ".ckpt-kept-" in p.name]
+    assert (kept / "previous").read_bytes() == b"previous"
 
 
 def test_recover_with_missing_parent_is_a_no_op(tmp_path: Path) -> None:
@@ -520,3 +556,35 @@ def test_manifest_with_another_hash_is_damaged(
         "snapshot 0123abcd (generation 9) names its chunks by sha256, the repository by "
         "blake3; trying the previous one"
     ]
+
+
+def test_recover_keeps_the_old_content_of_a_swap_cut_short(target: Path) -> None:
+    """Killed after the exchange, before the old content was renamed: the
+    target carries the swap's marker and the staging name holds the old
+    content, which is kept (a staging dir with no marked target is deleted)."""
+    write(target / "new.pt", b"restored")
+    (target / ".ckpt-moving").write_text('{"phase": "swap"}')
+    old = target.parent / f".{target.name}.ckpt-restore-0a0b0c0d"
+    write(old / "mine.pt", b"only copy")
+    recover_interrupted(target)
+    assert os.listdir(target) == ["new.pt"]
+    [kept] = [p for p in target.parent.iterdir() if ".ckpt-kept-" in p.name]
+    assert (kept / "mine.pt").read_bytes() == b"only copy"
+    assert not old.exists()
+
+
+def test_recover_never_adopts_a_symlink(target: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    write(elsewhere / "id_rsa", b"key")
+    link = target.parent / f".{target.name}.ckpt-old-1a2b3c4d"
+    link.symlink_to(elsewhere)
+    recover_interrupted(target)
+    assert not os.path.lexists(target)
+    assert link.is_symlink() and (elsewhere / "id_rsa").read_bytes() == b"key"
+
+
+def test_restored_mode_drops_special_and_world_write() -> None:
+    assert restore_mod.restored_mode(0o4755) == 0o755
+    assert restore_mod.restored_mode(0o1777) == 0o775
+    assert restore_mod.restored_mode(0o2640) == 0o640
+    assert restore_mod.restored_mode(0o666) == 0o664
