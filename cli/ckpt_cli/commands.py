@@ -125,7 +125,7 @@ def _watching(snapshotter: Any, bar: console.Progress) -> Iterator[None]:
 
 
 def push(dir: Path, remote: str, keep: int, options: list[str]) -> int:
-    from ckpt_cli.snapshotter import Snapshotter
+    from ckpt_cli.snapshotter import Snapshotter, UnreadableError
 
     source = config.resolve_dir(dir)
     if not source.is_dir():
@@ -139,7 +139,12 @@ def push(dir: Path, remote: str, keep: int, options: list[str]) -> int:
     try:
         snapshotter.adopt(newest_manifest(repo), trust_local=False)
         with console.Progress(f"pushing {source}") as bar, _watching(snapshotter, bar):
-            result = snapshotter.snapshot(reason="push", keep=keep)
+            result = snapshotter.snapshot(reason="push", keep=keep, strict=True)
+    except UnreadableError as exc:  # a push is the whole directory or nothing
+        raise ConfigError(
+            f"cannot read {exc.path} in {source} ({exc.reason}): nothing pushed; make it "
+            "readable by ckpt, or move it out of the directory"
+        ) from None
     finally:
         snapshotter.close()
         lease.release()

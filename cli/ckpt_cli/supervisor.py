@@ -38,7 +38,7 @@ from ckpt_cli.remote import open_backend, redact_url
 from ckpt_cli.repository import Repository, rank_stream
 from ckpt_cli.restore import ensure_dir, prepare_rank_dir, restore_into
 from ckpt_cli.snapshotter import TEMP_PATTERNS, SnapshotResult, Snapshotter
-from ckpt_cli.uploader import SnapshotWorker
+from ckpt_cli.uploader import SnapshotWorker, unreadable_error
 from ckpt_cli.watcher import Watcher
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -88,6 +88,7 @@ class Supervisor:
         self._wake_r = self._wake_w = -1
         self._wake_lock = threading.Lock()
         self._warned_links: set[str] = set()
+        self._unreadable: dict[str, str] = {}  # files said to be unreadable
         self._signal_pids: set[int] = set()  # the child's processes that handle the signal
         self._exclude: set[int] = set()  # ckpt's own helpers below it (the guardian)
         self._launching = False  # True once the loop's handlers are in: no more Stopped
@@ -939,6 +940,12 @@ class Supervisor:
         if result.unstable:
             shown = ", ".join(result.unstable[:3]) + (" ..." if len(result.unstable) > 3 else "")
             console.warn(f"changed while being read, kept at their previous version: {shown}")
+        # Said once while a file stays unreadable for the same reason.
+        fresh = {p: w for p, w in result.unreadable.items() if self._unreadable.get(p) != w}
+        self._unreadable = dict(result.unreadable)
+        if fresh:
+            m = result.manifest or result.parent
+            console.warn(unreadable_error(fresh, f"snapshot {m.id}" if m else "the snapshot"))
         m = result.manifest
         if m is None:
             parent = result.parent
