@@ -22,6 +22,7 @@ from ckpt._contract import ExitCode
 from ckpt_cli import config, console
 from ckpt_cli.errors import CkptError, ConfigError
 from ckpt_cli.history import load_runs
+from ckpt_cli.lease import DEFAULT_TTL, Heartbeat
 from ckpt_cli.remote import open_backend, parse_storage_options
 from ckpt_cli.repo_tools import Checked, check, open_existing
 from ckpt_cli.repository import Repository, newest_manifest, rank_stream, stream_rank
@@ -133,13 +134,15 @@ def push(dir: Path, remote: str, keep: int, options: list[str]) -> int:
     config.check_remote_outside(source, remote)
     repo = _open(remote, options, create=True)
     assert repo is not None
-    lease = repo.lease(f"push-{secrets.token_hex(4)}", ttl=60.0)
-    lease.acquire()
-    snapshotter = Snapshotter(repo, source, run="push")
+    lease = repo.lease(f"push-{secrets.token_hex(4)}", ttl=DEFAULT_TTL)
+    lease.acquire(on_wait=console.info)
+    beats = Heartbeat(lease, on_error=console.warn)  # a long push is not a dead one
+    snapshotter = Snapshotter(repo, source, run="push", may_write=beats.check)
     try:
-        snapshotter.adopt(newest_manifest(repo), trust_local=False)
-        with console.Progress(f"pushing {source}") as bar, _watching(snapshotter, bar):
-            result = snapshotter.snapshot(reason="push", keep=keep, strict=True)
+        with beats:
+            snapshotter.adopt(newest_manifest(repo), trust_local=False)
+            with console.Progress(f"pushing {source}") as bar, _watching(snapshotter, bar):
+                result = snapshotter.snapshot(reason="push", keep=keep, strict=True)
     except UnreadableError as exc:  # a push is the whole directory or nothing
         raise ConfigError(
             f"cannot read {exc.path} in {source} ({exc.reason}): nothing pushed; make it "
