@@ -254,7 +254,7 @@ class UnreadableError(OSError):
 
     def __init__(self, path: str, reason: str) -> None:
         super().__init__(
-            f"{path} cannot be read by ckpt ({reason}): not committed (make it "
+            f"{path} cannot be read by ckpt ({reason}): no snapshot taken (make it "
             "readable, or leave it out with --exclude)"
         )
         self.path = path
@@ -336,7 +336,11 @@ class Snapshotter:
         by_path = {e.path: e for e in manifest.files}
         same_place = manifest.host == host_name() and manifest.source == str(self.root)
         now = time.time_ns()
-        for local in scan(self.root, self.patterns):
+        try:
+            found = self._scan()
+        except UnreadableError:
+            return  # nothing trusted: the next snapshot reads (and names) it
+        for local in found:
             e = by_path.get(local.path)
             if e is None or local.type != "file" or local.size != e.size:
                 continue
@@ -349,13 +353,28 @@ class Snapshotter:
             if all(self.repo.has_chunk(c) for c in e.chunks):
                 self.cache[local.path] = Cached(local.size, local.mtime_ns, local.ino, e.chunks)
 
+    def _scan(self, skipped: list[str] | None = None) -> list[LocalEntry]:
+        """scan(), with a directory that cannot be listed (its mode, an I/O
+        error) raised as UnreadableError naming it: the snapshot fails
+        rather than leave its files out."""
+        try:
+            return scan(self.root, self.patterns, skipped)
+        except OSError as exc:
+            if exc.errno in OWN_FAILURE:
+                raise
+            where = os.fsdecode(exc.filename) if exc.filename else str(self.root)
+            rel = os.path.relpath(where, self.root) if where.startswith(str(self.root)) else where
+            raise UnreadableError(
+                f"{rel}/" if rel != "." else str(self.root), _reason(exc)
+            ) from None
+
     def pin(self) -> Pinned:
         """Scan now and hold every regular file open (see Pinned). Safe to call
         from another thread while a snapshot runs: it only reads. A file that
         cannot be opened (but for having vanished) raises UnreadableError: a
         commit without it would not be the directory's state."""
         skipped: list[str] = []
-        entries = scan(self.root, self.patterns, skipped) if self.root.is_dir() else []
+        entries = self._scan(skipped) if self.root.is_dir() else []
         fds: dict[str, tuple[int, os.stat_result]] = {}
         kept: list[LocalEntry] = []
         try:
@@ -429,7 +448,7 @@ class Snapshotter:
         elif not self.root.is_dir():
             return result  # a missing directory is not an empty state: nothing to record
         else:
-            local = scan(self.root, self.patterns, result.skipped_links)
+            local = self._scan(result.skipped_links)
         parent_entries = {e.path: e for e in parent.entries} if parent else {}
         entries: dict[str, Entry] = {}
         to_read: list[LocalEntry] = []

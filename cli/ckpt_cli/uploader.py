@@ -296,8 +296,9 @@ class SnapshotWorker:
                 for r in plain:
                     if error is None and missing is not None:
                         r.finish(result.newest if result else None, missing, retryable=False)
-                    else:
-                        r.finish(result.newest if result else None, error)
+                    else:  # asking again helps only where the remote failed
+                        retry = error is None or self._transient
+                        r.finish(result.newest if result else None, error, retryable=retry)
             if self._lease_lost:
                 self._fail_pending(self._lease_lost)
                 self._wait_for_stop()

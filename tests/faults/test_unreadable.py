@@ -204,32 +204,39 @@ def test_an_automatic_snapshot_keeps_the_previous_version_and_is_not_called_dura
     record(KIND, 1)
 
 
-@pytest.mark.parametrize("history", ["first push", "after a push"])
-def test_a_push_fails_naming_a_file_it_cannot_read(
-    tmp_path: Path, remote: Path, history: str
+@pytest.mark.parametrize(
+    ("history", "unreadable"),
+    [("first push", "optim.pt"), ("after a push", "optim.pt"), ("after a push", "state/")],
+)
+def test_a_push_fails_naming_what_it_cannot_read(
+    tmp_path: Path, remote: Path, history: str, unreadable: str
 ) -> None:
-    """Injected: `ckpt push` of a dir whose optim.pt is mode 000 (to a new
-    remote, and to one holding a snapshot with optim.pt). Asserted: exit 78,
-    one error line naming optim.pt and the reason; no snapshot written."""
+    """Injected: `ckpt push` of a dir whose optim.pt, or whose directory
+    state/, is mode 000 (to a new remote, and to one holding a snapshot of
+    them). Asserted: exit 78 (not a crash, 70), one error line naming it and
+    the reason; no snapshot written."""
     prefix = _no_dac(tmp_path)
     src = tmp_path / "src"
-    src.mkdir()
+    (src / "state").mkdir(parents=True)
     (src / "model.pt").write_text("model v1")
     (src / "optim.pt").write_text("optim v1")
+    (src / "state" / "rng").write_text("rng v1")
     if history == "after a push":
         res = _ckpt(prefix, ["push", str(src), str(remote)], tmp_path)
         assert res.returncode == 0, res.stderr
     before = manifests(remote) if remote.exists() else []
-    (src / "model.pt").write_text("model v2")
-    (src / "optim.pt").write_text("optim v2")
-    (src / "optim.pt").chmod(0)
-
-    res = _ckpt(prefix, ["push", str(src), str(remote)], tmp_path)
+    for name in ("model.pt", "optim.pt", "state/rng"):
+        (src / name).write_text(name + " v2")
+    (src / unreadable).chmod(0)
+    try:
+        res = _ckpt(prefix, ["push", str(src), str(remote)], tmp_path)
+    finally:
+        (src / unreadable).chmod(0o700)
 
     after = manifests(remote) if remote.exists() else []
     assert res.returncode == 78, (res.returncode, res.stderr, [sorted(_paths(m)) for m in after])
     (line,) = error_lines(res.stderr)
-    assert "optim.pt" in line and "Permission denied" in line, line
+    assert unreadable in line and "Permission denied" in line, line
     assert "changed while being read" not in res.stderr
     assert after == before
     record(KIND, 1)

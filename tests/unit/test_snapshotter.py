@@ -669,3 +669,35 @@ def test_a_fifo_in_place_of_a_scanned_file_does_not_hang_the_snapshot(
         assert sorted(pinned.fds) == ["model.pt"]
     finally:
         pinned.close()
+
+
+def test_a_directory_that_cannot_be_listed_fails_the_snapshot_naming_it(
+    local_repo: Repository, root: Path, make_snapshotter: MakeSnap, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its files are not left out as if deleted: every kind of snapshot fails
+    naming it (UnreadableError), and the stat cache is seeded without it."""
+    write(root / "state" / "rng", b"rng")
+    write(root / "model.pt", b"model")
+    snap = make_snapshotter(local_repo, root)
+    first = snap.snapshot(reason="t").manifest
+    assert first is not None
+    real = os.scandir
+    locked = str(root / "state")
+
+    def scandir(path: str) -> object:
+        if os.fspath(path) == locked:
+            raise PermissionError(errno.EACCES, "Permission denied", locked)
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    for take in (
+        lambda: snap.snapshot(reason="t"),
+        lambda: snap.snapshot(reason="push", strict=True),
+        snap.pin,
+    ):
+        with pytest.raises(UnreadableError, match=r"state/ cannot be read") as err:
+            take()
+        assert err.value.reason == "Permission denied"
+    snap.adopt(first, trust_local=True)  # no error: nothing is trusted
+    assert snap.cache == {}
+    assert [r.id for r in local_repo.snapshots()] == [first.id]
