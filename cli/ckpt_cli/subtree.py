@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 PR_SET_CHILD_SUBREAPER = 36
 PR_GET_CHILD_SUBREAPER = 37
-HAVE_PROC = os.path.isdir("/proc/self/task")
 
 
 def _prctl() -> Callable[..., int] | None:
@@ -120,8 +119,17 @@ def proc_is_ours() -> bool:
     return stat is not None and stat[0] == os.getpid()
 
 
+#: /proc is there and shows this PID namespace: its pids are the ones os.kill
+#: reaches. Under a /proc of another namespace (`unshare --pid` without
+#: --mount-proc) its pids would name other processes: nothing is read from it,
+#: and the child's process group is the unit, as without /proc.
+HAVE_PROC = os.path.isdir("/proc/self/task") and proc_is_ours()
+
+
 def processes() -> list[Proc]:
     """Every process of this PID namespace (an empty list without /proc)."""
+    if not HAVE_PROC:
+        return []
     try:
         names = os.listdir("/proc")
     except OSError:
@@ -132,6 +140,8 @@ def processes() -> list[Proc]:
 def children(pid: int) -> list[Proc]:
     """The direct children of pid, from /proc/PID/task/*/children when the
     kernel has it (cheap), else from a scan of every process."""
+    if not HAVE_PROC:
+        return []
     found: list[int] = []
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
