@@ -108,8 +108,17 @@ def holder_gone(pid: int, start: int | None) -> str | None:
     return None
 
 
+#: Above any pid a kernel hands out (PID_MAX_LIMIT): a lease naming one is crafted.
+PID_LIMIT = 1 << 22
+
+
 def _number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +154,7 @@ def judge(
         and doc.get("timens", "") == place.timens
         and isinstance(pid, int)
         and not isinstance(pid, bool)
-        and pid > 0
+        and 0 < pid < PID_LIMIT
     ):
         why = gone(pid, start if isinstance(start, int) and not isinstance(start, bool) else None)
         if why is not None:

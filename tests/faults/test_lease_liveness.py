@@ -476,3 +476,32 @@ def test_gc_whose_clock_is_ahead_does_not_collect_under_a_live_rank(
     after = {k: v for k, v in read_tree(remote).items() if not k.startswith("ranks/1/")}
     assert after == {k: v for k, v in before.items() if not k.startswith("ranks/1/")}
     record(KIND, 1, injected="gc clock 5 min ahead, multi-node")
+
+
+@pytest.mark.parametrize("field", ["pid", "heartbeat"])
+def test_a_lease_with_an_absurd_number_is_judged_not_crashed_on(
+    tmp_path: Path, remote: Path, field: str
+) -> None:
+    """Injected: a lease of this host and boot whose pid, or heartbeat time,
+    is an integer too large for os.kill and a float. Asserted: no crash (70):
+    a fresh lease naming an impossible pid is refused (69); an unreadable
+    heartbeat makes the lease garbage, taken over."""
+    _seed(tmp_path, remote)
+    doc = {
+        "owner": "run-crafted",
+        "host": host_name(),
+        "boot": boot_id(),
+        "pid": os.getpid(),
+        "heartbeat": time.time(),
+        "ttl": 60.0,
+        field: 10**30 if field == "pid" else 10**400,  # too large for a C long, a float
+    }
+    (remote / "lease.json").write_text(json.dumps(doc))
+    res, report = _contend(tmp_path, remote)
+    assert "unexpected error" not in res.stderr, res.stderr
+    if field == "pid":
+        _assert_refused(res, report, doc)
+    else:
+        assert res.returncode == 0, res.stderr
+        assert "took over the lease" in res.stderr and "unreadable" in res.stderr, res.stderr
+    record(KIND, 1, injected=f"absurd {field}")

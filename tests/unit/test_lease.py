@@ -121,6 +121,28 @@ def test_an_unreadable_lease_is_taken(doc: dict[str, Any]) -> None:
     assert _judge(doc) == ("take", "it is unreadable")
 
 
+@pytest.mark.parametrize(
+    ("crafted", "action"),
+    [
+        ({"heartbeat": 10**400}, "take"),  # unreadable
+        ({"pid": 2**40}, "refuse"),  # no such pid: not asked about, the heartbeat is fresh
+        ({"pid": -1}, "refuse"),
+        ({"pid": True}, "refuse"),
+        ({"start": 10**400}, "take"),  # this very pid started at another time
+    ],
+)
+def test_crafted_numbers_in_a_lease_do_not_crash_the_judge(
+    crafted: dict[str, Any], action: str
+) -> None:
+    """Judged with the real process check (this process's pid by default):
+    no OverflowError from os.kill or math."""
+    me = Lease(open_backend("memory://lease-crafted"), "probe", 60.0)._place
+    doc = _doc(host=me.host, boot=me.boot, pidns=me.pidns, timens=me.timens)
+    doc.update(pid=os.getpid(), start=subtree.start_time(os.getpid()), heartbeat=time.time())
+    doc.update(crafted)
+    assert judge(doc, place=me, now=time.time(), default_ttl=60.0).action == action
+
+
 @pytest.mark.parametrize("ttl", [math.inf, 1e400, 10**400, "inf", None, math.nan, True, -5])
 def test_an_odd_ttl_in_a_lease_is_judged_as_a_finite_one(ttl: Any) -> None:
     """An older ckpt wrote "ttl": Infinity for --lease-timeout inf: its lease
