@@ -22,6 +22,7 @@ from ckpt._contract import ExitCode
 from ckpt_cli import config, console
 from ckpt_cli.errors import CkptError, ConfigError
 from ckpt_cli.history import load_runs
+from ckpt_cli.lease import DEFAULT_TTL, Heartbeat
 from ckpt_cli.manifest import Manifest
 from ckpt_cli.remote import open_backend, parse_storage_options
 from ckpt_cli.repo_tools import Checked, check, open_existing
@@ -136,7 +137,7 @@ def push(
     dir: Path, remote: str, keep: int, options: list[str], *, allow_empty: bool = False
 ) -> int:
     from ckpt_cli.kept import recover_interrupted
-    from ckpt_cli.snapshotter import Snapshotter, scan
+    from ckpt_cli.snapshotter import Snapshotter, UnreadableError, scan
 
     source = config.resolve_dir(dir)
     if not source.is_dir():
@@ -145,16 +146,23 @@ def push(
     recover_interrupted(source)  # a restore killed half-way is finished first
     repo = _open(remote, options, create=True)
     assert repo is not None
-    lease = repo.lease(f"push-{secrets.token_hex(4)}", ttl=60.0)
-    lease.acquire()
-    snapshotter = Snapshotter(repo, source, run="push")
+    lease = repo.lease(f"push-{secrets.token_hex(4)}", ttl=DEFAULT_TTL)
+    lease.acquire(on_wait=console.info)
+    beats = Heartbeat(lease, on_error=console.warn)  # a long push is not a dead one
+    snapshotter = Snapshotter(repo, source, run="push", may_write=beats.check)
     try:
-        newest = newest_manifest(repo)
-        if not allow_empty:
-            refuse_empty_push(scan(source, snapshotter.patterns), newest, source, repo, keep)
-        snapshotter.adopt(newest, trust_local=False)
-        with console.Progress(f"pushing {source}") as bar, _watching(snapshotter, bar):
-            result = snapshotter.snapshot(reason="push", keep=keep)
+        with beats:
+            newest = newest_manifest(repo)
+            if not allow_empty:
+                refuse_empty_push(scan(source, snapshotter.patterns), newest, source, repo, keep)
+            snapshotter.adopt(newest, trust_local=False)
+            with console.Progress(f"pushing {source}") as bar, _watching(snapshotter, bar):
+                result = snapshotter.snapshot(reason="push", keep=keep, strict=True)
+    except UnreadableError as exc:  # a push is the whole directory or nothing
+        raise ConfigError(
+            f"cannot read {exc.path} in {source} ({exc.reason}): nothing pushed; make it "
+            "readable by ckpt, or move it out of the directory"
+        ) from None
     finally:
         snapshotter.close()
         lease.release()

@@ -11,15 +11,14 @@ from __future__ import annotations
 import contextlib
 import json
 import secrets
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 from ckpt._contract import ExitCode
 from ckpt_cli import console
-from ckpt_cli.errors import CkptError, ConfigError, RemoteError
-from ckpt_cli.lease import LeaseLostError
+from ckpt_cli.errors import CkptError, ConfigError
+from ckpt_cli.lease import DEFAULT_TTL, Heartbeat
 from ckpt_cli.manifest import Entry, Manifest
 from ckpt_cli.repo_tools import (
     DamagedError,
@@ -288,27 +287,15 @@ def verify(remote: str, snapshot: str | None, full: bool, as_json: bool, options
 @contextlib.contextmanager
 def _writer_lease(repo: Repository, owner: str) -> Iterator[None]:
     """Hold the writer lease (as `ckpt push` does) with a heartbeat, so a long
-    collection is never taken for a dead writer's."""
-    lease = repo.lease(owner, ttl=60.0)
-    lease.acquire()
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(lease.ttl / 4):
-            try:
-                lease.heartbeat()
-            except LeaseLostError:
-                return
-            except RemoteError:
-                continue
-
-    beater = threading.Thread(target=beat, name="ckpt-gc-lease", daemon=True)
-    beater.start()
+    collection is never taken for a dead writer's; a lease lost meanwhile
+    ends the command with LeaseLostError (69)."""
+    lease = repo.lease(owner, ttl=DEFAULT_TTL)
+    lease.acquire(on_wait=console.info)
     try:
-        yield
+        with Heartbeat(lease, on_error=console.warn) as beats:
+            yield
+            beats.check()
     finally:
-        stop.set()
-        beater.join()
         lease.release()
 
 
@@ -336,7 +323,7 @@ def gc(remote: str, keep: int, dry_run: bool, as_json: bool, options: list[str])
 
     multi = bool(repo.rank_snapshots())
     if multi and not dry_run:
-        live = world.live_ranks(repo, 60.0)
+        live = world.live_ranks(repo, DEFAULT_TTL, wait=True, on_wait=console.info)
         if live:
             raise CkptError(
                 f"ranks {', '.join(map(str, sorted(live)))} of a multi-node job hold their "

@@ -5,7 +5,11 @@ small thread pool (the hash releases the GIL, so hashing uses every core) ->
 put chunks the repository does not have -> write the manifest last -> prune.
 Memory is bounded by the number of chunks in flight, whatever the file sizes.
 A file that changes while it is read keeps its previous version (or is left
-out if it has none) and the caller is told to snapshot again.
+out if it has none) and the caller is told to snapshot again. A file ckpt
+cannot open or read (its mode, an I/O error) is never taken for one that
+changed or vanished: it is named with the reason (`SnapshotResult.unreadable`),
+and a commit or a strict snapshot (`ckpt push`) that needs it fails
+(UnreadableError) instead of leaving it out.
 Imports: standard library, `repository`.
 """
 
@@ -15,6 +19,7 @@ import collections
 import concurrent.futures as cf
 import contextlib
 import dataclasses
+import errno
 import fnmatch
 import functools
 import os
@@ -23,7 +28,7 @@ import re
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
 from pathlib import Path
 
 from ckpt import _contract as contract
@@ -38,6 +43,16 @@ TEMP_PATTERNS = contract.TEMP_PATTERNS
 RACY_NS = 1_000_000_000
 #: Files being read at once (open descriptors) at the most.
 MAX_OPEN_FILES = 64
+#: How files are opened for reading: never through a symlink, and without
+#: blocking (a FIFO put in a file's place since the scan must not hang a snapshot).
+OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+#: Errors opening a file scanned a moment ago that mean it is no longer there
+#: as a file (deleted, replaced by a link, a parent replaced), or busy (a lease
+#: of another process): it changed, and the next snapshot looks again. Running
+#: out of descriptors or memory is ckpt's own failure and raised as it is;
+#: every other error means ckpt cannot read the file.
+VANISHED = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EAGAIN})
+OWN_FAILURE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
 #: Files of one chunk or less go to the pool this many (or a chunk's worth of
 #: bytes) to a task: a future and a semaphore round per small file cost more
 #: than reading it (bench/ case 4: 10,000 files of 1-64 KiB).
@@ -176,6 +191,9 @@ class SnapshotResult:
     new_bytes: int = 0
     new_chunks: int = 0
     unstable: list[str] = dataclasses.field(default_factory=list)
+    #: Files ckpt could not read -> why ("Permission denied"): each keeps its
+    #: previous version, or is left out if it has none.
+    unreadable: dict[str, str] = dataclasses.field(default_factory=dict)
     skipped_links: list[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
 
@@ -185,7 +203,9 @@ class SnapshotResult:
         return self.manifest or self.parent
 
 
-_Outcome = tuple["LocalEntry", tuple[str, ...] | None]
+#: A file's chunk digests; None: it changed while read; a str: why it could
+#: not be read.
+_Outcome = tuple["LocalEntry", tuple[str, ...] | str | None]
 
 
 @dataclasses.dataclass
@@ -202,8 +222,46 @@ class _Changed(Exception):
     """The file changed while it was being read."""
 
 
+class _Unreadable(Exception):
+    """Reading the file failed (not the remote): the reason."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or type(exc).__name__
+
+
+def _open_error(exc: OSError) -> str | None:
+    """An error opening a scanned file: None if the file vanished or changed,
+    else why it cannot be read; ckpt's own failures are raised."""
+    if exc.errno in VANISHED:
+        return None
+    if exc.errno in OWN_FAILURE:
+        raise exc
+    return _reason(exc)
+
+
 class TornCommitError(RuntimeError):
     """A pinned file was changed in place before it could be read."""
+
+
+class UnreadableError(OSError):
+    """A file a commit or a strict snapshot needs cannot be read: nothing is
+    written. An OSError, as a failure to pin the directory is."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(
+            f"{path} cannot be read by ckpt ({reason}): no snapshot taken (make it "
+            "readable, or leave it out with --exclude)"
+        )
+        self.path = path
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 @dataclasses.dataclass
@@ -278,7 +336,11 @@ class Snapshotter:
         by_path = {e.path: e for e in manifest.files}
         same_place = manifest.host == host_name() and manifest.source == str(self.root)
         now = time.time_ns()
-        for local in scan(self.root, self.patterns):
+        try:
+            found = self._scan()
+        except UnreadableError:
+            return  # nothing trusted: the next snapshot reads (and names) it
+        for local in found:
             e = by_path.get(local.path)
             if e is None or local.type != "file" or local.size != e.size:
                 continue
@@ -291,23 +353,44 @@ class Snapshotter:
             if all(self.repo.has_chunk(c) for c in e.chunks):
                 self.cache[local.path] = Cached(local.size, local.mtime_ns, local.ino, e.chunks)
 
+    def _scan(self, skipped: list[str] | None = None) -> list[LocalEntry]:
+        """scan(), with a directory that cannot be listed (its mode, an I/O
+        error) raised as UnreadableError naming it: the snapshot fails
+        rather than leave its files out."""
+        try:
+            return scan(self.root, self.patterns, skipped)
+        except OSError as exc:
+            if exc.errno in OWN_FAILURE:
+                raise
+            where = os.fsdecode(exc.filename) if exc.filename else str(self.root)
+            rel = os.path.relpath(where, self.root) if where.startswith(str(self.root)) else where
+            raise UnreadableError(
+                f"{rel}/" if rel != "." else str(self.root), _reason(exc)
+            ) from None
+
     def pin(self) -> Pinned:
         """Scan now and hold every regular file open (see Pinned). Safe to call
-        from another thread while a snapshot runs: it only reads."""
+        from another thread while a snapshot runs: it only reads. A file that
+        cannot be opened (but for having vanished) raises UnreadableError: a
+        commit without it would not be the directory's state."""
         skipped: list[str] = []
-        entries = scan(self.root, self.patterns, skipped) if self.root.is_dir() else []
+        entries = self._scan(skipped) if self.root.is_dir() else []
         fds: dict[str, tuple[int, os.stat_result]] = {}
         kept: list[LocalEntry] = []
         try:
             for le in entries:
                 if le.type == "file":
                     try:
-                        fd = os.open(
-                            self.root / le.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-                        )
-                    except OSError:
-                        continue  # deleted since the scan: not part of this moment
+                        fd = os.open(self.root / le.path, OPEN_FLAGS)
+                    except OSError as exc:
+                        why = _open_error(exc)
+                        if why is None:
+                            continue  # deleted since the scan: not part of this moment
+                        raise UnreadableError(le.path, why) from None
                     st = os.fstat(fd)
+                    if not stat.S_ISREG(st.st_mode):  # replaced by a FIFO or a device
+                        os.close(fd)
+                        continue
                     fds[le.path] = (fd, st)
                     le = dataclasses.replace(  # noqa: PLW2901 - the pinned inode's own stat
                         le, size=st.st_size, mtime_ns=st.st_mtime_ns, ino=st.st_ino
@@ -325,18 +408,21 @@ class Snapshotter:
         attempt: int = 0,
         keep: int | None = None,
         pinned: Pinned | None = None,
+        strict: bool = False,
     ) -> SnapshotResult:
         """Snapshot the directory as it is now, or as it was when `pinned` was
         taken: then a file changed in place since raises TornCommitError
-        (nothing is written) instead of keeping its previous version.
+        (nothing is written) instead of keeping its previous version. A file
+        that cannot be read keeps its previous version (result.unreadable),
+        but raises UnreadableError (nothing is written) when pinned or strict.
 
         The pin is closed once the snapshot is written or can never be
-        (TornCommitError); after any other failure (the remote) it stays
-        open, so the same moment can be snapshotted again, and the caller
-        closes it when it gives up."""
+        (TornCommitError, UnreadableError); after any other failure (the
+        remote) it stays open, so the same moment can be snapshotted again,
+        and the caller closes it when it gives up."""
         try:
-            result = self._snapshot(reason, attempt, keep, pinned)
-        except TornCommitError:
+            result = self._snapshot(reason, attempt, keep, pinned, strict)
+        except (TornCommitError, UnreadableError):
             if pinned is not None:
                 pinned.close()
             raise
@@ -347,7 +433,7 @@ class Snapshotter:
         return result
 
     def _snapshot(
-        self, reason: str, attempt: int, keep: int | None, pinned: Pinned | None
+        self, reason: str, attempt: int, keep: int | None, pinned: Pinned | None, strict: bool
     ) -> SnapshotResult:
         t0 = time.monotonic()
         scan_ns = time.time_ns()
@@ -362,7 +448,7 @@ class Snapshotter:
         elif not self.root.is_dir():
             return result  # a missing directory is not an empty state: nothing to record
         else:
-            local = scan(self.root, self.patterns, result.skipped_links)
+            local = self._scan(result.skipped_links)
         parent_entries = {e.path: e for e in parent.entries} if parent else {}
         entries: dict[str, Entry] = {}
         to_read: list[LocalEntry] = []
@@ -383,21 +469,27 @@ class Snapshotter:
         new_cache: dict[str, Cached] = {}
         fds = pinned.fds if pinned is not None else None
         self.live = (result, len(to_read), sum(le.size for le in to_read), time.monotonic())
-        for le, outcome in self._read_files(to_read, result, fds):
-            if isinstance(outcome, tuple):
-                entries[le.path] = Entry(
-                    le.path, "file", le.mode, le.size, le.mtime_ns, outcome, ino=le.ino
-                )
-                if scan_ns - le.mtime_ns >= RACY_NS:
-                    new_cache[le.path] = Cached(le.size, le.mtime_ns, le.ino, outcome)
-            else:
-                if pinned is not None:
+        with contextlib.closing(self._read_files(to_read, result, fds)) as outcomes:
+            for le, outcome in outcomes:
+                if isinstance(outcome, tuple):
+                    entries[le.path] = Entry(
+                        le.path, "file", le.mode, le.size, le.mtime_ns, outcome, ino=le.ino
+                    )
+                    if scan_ns - le.mtime_ns >= RACY_NS:
+                        new_cache[le.path] = Cached(le.size, le.mtime_ns, le.ino, outcome)
+                    continue
+                if isinstance(outcome, str):
+                    if pinned is not None or strict:
+                        raise UnreadableError(le.path, outcome)
+                    result.unreadable[le.path] = outcome
+                elif pinned is not None:
                     raise TornCommitError(
                         f"{le.path} was changed in place after the commit and before it "
                         "was read: this commit is not taken (write it to a temp name and "
                         "rename it, or commit once the write is finished)"
                     )
-                result.unstable.append(le.path)
+                else:
+                    result.unstable.append(le.path)
                 old = parent_entries.get(le.path)
                 if old is not None and old.type == "file":
                     entries[le.path] = old
@@ -469,11 +561,12 @@ class Snapshotter:
         files: list[LocalEntry],
         result: SnapshotResult,
         pinned: dict[str, tuple[int, os.stat_result]] | None = None,
-    ) -> Iterable[tuple[LocalEntry, tuple[str, ...] | None]]:
-        """Yield (file, chunk digests) or (file, None) if it changed while read,
-        in no particular order. Chunks of many files are in flight at once;
-        descriptors stay bounded. Files of one chunk or less go to the pool
-        in batches, each read whole by one task (see SMALL_BATCH_FILES)."""
+    ) -> Generator[_Outcome, None, None]:
+        """Yield (file, chunk digests), (file, None) if it changed while read,
+        or (file, why) if it could not be read, in no particular order.
+        Chunks of many files are in flight at once; descriptors stay bounded.
+        Files of one chunk or less go to the pool in batches, each read whole
+        by one task (see SMALL_BATCH_FILES)."""
         pending: collections.deque[_Big | cf.Future[list[_Outcome]]] = collections.deque()
         open_big = 0
         chunk = self.repo.chunk_size
@@ -532,17 +625,21 @@ class Snapshotter:
         self, le: LocalEntry, pinned: dict[str, tuple[int, os.stat_result]] | None
     ) -> tuple[int, os.stat_result] | None:
         """A descriptor on the file and its stat; None if it is gone or no
-        longer a regular file. A pinned file is read through a duplicate of
-        its pin (closed after), so the pin survives a failed upload; its stat
-        is the one taken at pin time, so a change in place since shows."""
+        longer a regular file; _Unreadable if it cannot be opened. A pinned
+        file is read through a duplicate of its pin (closed after), so the pin
+        survives a failed upload; its stat is the one taken at pin time, so a
+        change in place since shows."""
         if pinned is not None and le.path in pinned:
             pinned_fd, st = pinned[le.path]
             fd = os.dup(pinned_fd)
         else:
             try:
-                fd = os.open(self.root / le.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            except OSError:
-                return None  # vanished or replaced by a link since the scan
+                fd = os.open(self.root / le.path, OPEN_FLAGS)
+            except OSError as exc:
+                why = _open_error(exc)
+                if why is None:
+                    return None  # vanished or replaced by a link since the scan
+                raise _Unreadable(why) from None
             st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
@@ -555,7 +652,10 @@ class Snapshotter:
         result: SnapshotResult,
         pinned: dict[str, tuple[int, os.stat_result]] | None,
     ) -> _Big | _Outcome:
-        opened = self._open(le, pinned)
+        try:
+            opened = self._open(le, pinned)
+        except _Unreadable as exc:
+            return le, exc.reason
         if opened is None:
             return le, None
         fd, st = opened
@@ -574,7 +674,11 @@ class Snapshotter:
     def _chunk_task(self, fd: int, offset: int, length: int, result: SnapshotResult) -> str:
         try:
             with self._buffers.view(length) as view:
-                if os.preadv(fd, [view], offset) != length:
+                try:
+                    got = os.preadv(fd, [view], offset)
+                except OSError as exc:
+                    raise _Unreadable(_reason(exc)) from None
+                if got != length:
                     raise _Changed
                 digest = self.repo.hash(view)
                 if self.repo.borrows_buffers:
@@ -595,11 +699,16 @@ class Snapshotter:
     def _finish(self, big: _Big, result: SnapshotResult) -> _Outcome:
         le, fd, before = big.entry, big.fd, big.st
         try:
+            cf.wait(big.futures)  # none may read fd once it is closed
             digests = tuple(f.result() for f in big.futures)
             after = os.fstat(fd)
             grew = os.pread(fd, 1, before.st_size) != b""
         except _Changed:
             return le, None
+        except _Unreadable as exc:
+            return le, exc.reason
+        except OSError as exc:  # the fstat or pread above: the local file
+            return le, _reason(exc)
         finally:
             os.close(fd)
         with self._stats_lock:
@@ -629,7 +738,10 @@ class Snapshotter:
         pinned: dict[str, tuple[int, os.stat_result]] | None,
         result: SnapshotResult,
     ) -> _Outcome:
-        opened = self._open(le, pinned)
+        try:
+            opened = self._open(le, pinned)
+        except _Unreadable as exc:
+            return le, exc.reason
         if opened is None:
             return le, None
         fd, before = opened
@@ -639,8 +751,12 @@ class Snapshotter:
                 return le, None  # grew past a chunk since the scan: read it next time
             # One byte more than the size, where the buffer has room: a file
             # that grew meanwhile shows as a longer read.
-            got = os.preadv(fd, [buf[: size + 1]], 0)
-            if got != size or (size == len(buf) and os.pread(fd, 1, size) != b""):
+            try:
+                got = os.preadv(fd, [buf[: size + 1]], 0)
+                longer = size == len(buf) and os.pread(fd, 1, size) != b""
+            except OSError as exc:
+                return le, _reason(exc)
+            if got != size or longer:
                 return le, None
             view = buf[:size]
             digests: tuple[str, ...] = ()

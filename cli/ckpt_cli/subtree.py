@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 PR_SET_CHILD_SUBREAPER = 36
 PR_GET_CHILD_SUBREAPER = 37
-HAVE_PROC = os.path.isdir("/proc/self/task")
 
 
 def _prctl() -> Callable[..., int] | None:
@@ -63,7 +62,8 @@ class Proc:
 
 
 def pid_alive(pid: int) -> bool:
-    """A process with this pid exists (a zombie counts; another user's too)."""
+    """A process with this pid exists in this PID namespace (a zombie counts;
+    another user's too). A pid from another namespace means nothing here."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -73,23 +73,63 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def read_proc(pid: int | str) -> Proc | None:
-    """pid's line of /proc/PID/stat; None if there is no such process."""
+def _stat(pid: int | str) -> tuple[int, list[bytes]] | None:
+    """pid's /proc/PID/stat: the pid it names, and its fields from the state
+    on (field 3 of proc(5) at index 0); None if there is no such process."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
     except OSError:
         return None
     # "PID (COMM) STATE PPID PGRP ...": COMM may hold spaces and parentheses.
-    fields = data[data.rfind(b")") + 2 :].split()
+    try:
+        return int(data[: data.index(b" ")]), data[data.rfind(b")") + 2 :].split()
+    except ValueError:
+        return None
+
+
+def read_proc(pid: int | str) -> Proc | None:
+    """pid's line of /proc/PID/stat; None if there is no such process."""
+    stat = _stat(pid)
+    if stat is None:
+        return None
+    fields = stat[1]
     try:
         return Proc(int(pid), int(fields[1]), int(fields[2]), fields[0].decode("ascii"))
     except (IndexError, ValueError, UnicodeDecodeError):
         return None
 
 
+def start_time(pid: int | str) -> int | None:
+    """When pid started, in clock ticks after boot (field 22 of /proc/PID/stat):
+    with the pid, it names one process for as long as the machine runs (a pid
+    is reused, a pid and its start time are not). None if unknown."""
+    stat = _stat(pid)
+    try:
+        return int(stat[1][19]) if stat is not None else None
+    except (IndexError, ValueError):
+        return None
+
+
+def proc_is_ours() -> bool:
+    """/proc shows this process's own PID namespace, so /proc/PID is the
+    process os.kill(PID) reaches (not so under a /proc mounted for another
+    namespace, e.g. `unshare --pid` without --mount-proc)."""
+    stat = _stat("self")
+    return stat is not None and stat[0] == os.getpid()
+
+
+#: /proc is there and shows this PID namespace: its pids are the ones os.kill
+#: reaches. Under a /proc of another namespace (`unshare --pid` without
+#: --mount-proc) its pids would name other processes: nothing is read from it,
+#: and the child's process group is the unit, as without /proc.
+HAVE_PROC = os.path.isdir("/proc/self/task") and proc_is_ours()
+
+
 def processes() -> list[Proc]:
     """Every process of this PID namespace (an empty list without /proc)."""
+    if not HAVE_PROC:
+        return []
     try:
         names = os.listdir("/proc")
     except OSError:
@@ -100,6 +140,8 @@ def processes() -> list[Proc]:
 def children(pid: int) -> list[Proc]:
     """The direct children of pid, from /proc/PID/task/*/children when the
     kernel has it (cheap), else from a scan of every process."""
+    if not HAVE_PROC:
+        return []
     found: list[int] = []
     try:
         tasks = os.listdir(f"/proc/{pid}/task")

@@ -32,13 +32,13 @@ from ckpt_cli.control import ControlServer
 from ckpt_cli.errors import CkptError, RemoteError, Stopped
 from ckpt_cli.events import EventLog
 from ckpt_cli.history import RunHistory, attempts_before, load_runs
-from ckpt_cli.lease import Lease, LeaseLostError
+from ckpt_cli.lease import Heartbeat, LeaseLostError
 from ckpt_cli.policy import ChildExit, Decision, decide, signal_name
 from ckpt_cli.remote import open_backend, redact_url
 from ckpt_cli.repository import Repository, rank_stream
 from ckpt_cli.restore import ensure_dir, prepare_rank_dir, restore_into
 from ckpt_cli.snapshotter import TEMP_PATTERNS, SnapshotResult, Snapshotter
-from ckpt_cli.uploader import SnapshotWorker
+from ckpt_cli.uploader import SnapshotWorker, unreadable_error
 from ckpt_cli.watcher import Watcher
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -88,6 +88,7 @@ class Supervisor:
         self._wake_r = self._wake_w = -1
         self._wake_lock = threading.Lock()
         self._warned_links: set[str] = set()
+        self._unreadable: dict[str, str] = {}  # files said to be unreadable
         self._signal_pids: set[int] = set()  # the child's processes that handle the signal
         self._exclude: set[int] = set()  # ckpt's own helpers below it (the guardian)
         self._launching = False  # True once the loop's handlers are in: no more Stopped
@@ -102,8 +103,7 @@ class Supervisor:
         self._stop_watching = threading.Event()
         self._first_poll = threading.Event()
         self._worker: SnapshotWorker | None = None
-        self._lease: Lease | None = None
-        self._last_beat = (0.0, 0.0)  # (monotonic, wall) time of the last heartbeat
+        self._beats: Heartbeat | None = None  # keeps the lease while it is held
         self.events = EventLog(getattr(cfg, "log_json", None), self.run_id)
         self._rate = 0.0  # bytes/s of the last snapshot that uploaded anything
 
@@ -203,18 +203,20 @@ class Supervisor:
                     f"chunks shared; {pruner} old snapshots (--keep)"
                 )
             lease = repo.lease(self.run_id, cfg.lease_timeout)
-            took_over = lease.acquire()
-            self._lease, self._last_beat = lease, (time.monotonic(), time.time())
+            took_over = lease.acquire(on_wait=console.info)
             if took_over:
                 console.warn(f"took over the lease on {repo.display}: {took_over}")
+            # Beating from here on: a restore may take longer than the ttl.
+            self._beats = Heartbeat(lease, on_lost=self._lost_lease, on_error=console.warn)
             try:
-                return self._run_holding(repo, lease)
+                with self._beats:
+                    return self._run_holding(repo)
             finally:
                 lease.release()
         finally:
             self._stop_watching.set()
 
-    def _run_holding(self, repo: Repository, lease: Lease) -> int:
+    def _run_holding(self, repo: Repository) -> int:
         cfg = self.cfg
         try:
             self.attempt = attempts_before(
@@ -247,10 +249,6 @@ class Supervisor:
         else:
             self.events.emit("fresh", reason="nothing restored")
 
-        stop_heartbeat = threading.Event()
-        heartbeat = threading.Thread(
-            target=self._heartbeat, args=(lease, stop_heartbeat), name="ckpt-lease", daemon=True
-        )
         worker = SnapshotWorker(
             snapshotter,
             debounce=cfg.debounce,
@@ -295,7 +293,6 @@ class Supervisor:
         )
         history.start()
         try:
-            heartbeat.start()
             worker.start()
             watcher.start()
             control.start()
@@ -343,7 +340,6 @@ class Supervisor:
             control.close()
             guardian.close()
             self._restore_signals(old_handlers)
-            stop_heartbeat.set()
             snapshotter.close()
             shutil.rmtree(runtime, ignore_errors=True)
         self._summary(worker)
@@ -846,22 +842,10 @@ class Supervisor:
 
     # ------------------------------------------------------------ background
 
-    def _heartbeat(self, lease: Lease, stop: threading.Event) -> None:
-        interval = max(1.0, lease.ttl / 4)
-        warned = False
-        while not stop.wait(interval):
-            try:
-                lease.heartbeat()
-                self._beat()
-                warned = False
-            except LeaseLostError as exc:
-                self._lease_error = exc
-                console.error(str(exc))
-                return
-            except RemoteError as exc:
-                if not warned:
-                    console.warn(f"lease heartbeat failed: {exc}")
-                    warned = True
+    def _lost_lease(self, exc: LeaseLostError) -> None:
+        """The heartbeat found the lease taken: no snapshot is written from now on."""
+        self._lease_error = exc
+        console.error(str(exc))
 
     def _hello(self, pid: int, signame: str) -> None:
         """A process of the child installed a handler for the checkpoint signal
@@ -901,31 +885,12 @@ class Supervisor:
         return sent
 
     def _check_lease(self) -> None:
-        """Before a manifest is written. A run that was frozen (SIGSTOP, a
-        suspended VM) may have lost its lease meanwhile without its heartbeat
-        thread having noticed yet: past half the ttl since the last heartbeat,
-        ask the remote now rather than write over a newer writer's state."""
+        """Before a manifest is written (Heartbeat.check): never over a newer
+        writer's state, also after this run was frozen."""
         if self._lease_error is not None:
             raise self._lease_error
-        lease = self._lease
-        if lease is None or self._beat_age() <= lease.ttl / 2:
-            return
-        try:
-            lease.heartbeat()
-        except LeaseLostError as exc:
-            self._lease_error = exc
-            console.error(str(exc))
-            raise
-        self._beat()
-
-    def _beat(self) -> None:
-        self._last_beat = (time.monotonic(), time.time())
-
-    def _beat_age(self) -> float:
-        """Seconds since the last heartbeat: the larger of the two clocks (the
-        monotonic one stands still while the machine is suspended)."""
-        mono, wall = self._last_beat
-        return max(time.monotonic() - mono, time.time() - wall)
+        if self._beats is not None:
+            self._beats.check()
 
     def _report_snapshot(self, result: SnapshotResult) -> None:
         new_links = [p for p in result.skipped_links if p not in self._warned_links]
@@ -939,6 +904,12 @@ class Supervisor:
         if result.unstable:
             shown = ", ".join(result.unstable[:3]) + (" ..." if len(result.unstable) > 3 else "")
             console.warn(f"changed while being read, kept at their previous version: {shown}")
+        # Said once while a file stays unreadable for the same reason.
+        fresh = {p: w for p, w in result.unreadable.items() if self._unreadable.get(p) != w}
+        self._unreadable = dict(result.unreadable)
+        if fresh:
+            m = result.manifest or result.parent
+            console.warn(unreadable_error(fresh, f"snapshot {m.id}" if m else "the snapshot"))
         m = result.manifest
         if m is None:
             parent = result.parent

@@ -11,11 +11,17 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from ckpt_cli.lease import LeaseLostError
 from ckpt_cli.manifest import Manifest
-from ckpt_cli.snapshotter import Pinned, SnapshotResult, Snapshotter, TornCommitError
+from ckpt_cli.snapshotter import (
+    Pinned,
+    SnapshotResult,
+    Snapshotter,
+    TornCommitError,
+    UnreadableError,
+)
 
 #: A directory that never goes quiet is still snapshotted this often (seconds).
 MAX_DELAY = 60.0
@@ -71,6 +77,21 @@ class Stats:
     last_error: str | None = None
     failing_since: float | None = None  # time.time() of the first failure in a row
     superseded: int = 0  # commits replaced by a newer one while the remote was down
+
+
+def unreadable_error(files: Mapping[str, str], snapshot: str = "the snapshot") -> str:
+    """Why `snapshot` is not the directory's state although it was written:
+    files ckpt could not read (path -> why) are in it at their version of an
+    earlier snapshot, if any. A request waiting for the directory to be
+    durable gets this as its error."""
+    names = sorted(files)
+    shown = ", ".join(f"{p} ({files[p]})" for p in names[:5])
+    more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+    its, it = ("their versions", "them") if len(names) > 1 else ("its version", "it")
+    return (
+        f"cannot read {shown}{more}, so {snapshot} holds {its} of an earlier snapshot, "
+        f"if any; make {it} readable, or leave {it} out with --exclude"
+    )
 
 
 class SnapshotWorker:
@@ -266,8 +287,18 @@ class SnapshotWorker:
                         r.finish(self.stats.last_durable, error, retryable=False)
                     continue
                 result, error = self._take(plain[-1].reason, None)
+                missing = None
+                if result is not None and result.unreadable:
+                    newest = result.newest
+                    missing = unreadable_error(
+                        result.unreadable, f"snapshot {newest.id}" if newest else "the snapshot"
+                    )
                 for r in plain:
-                    r.finish(result.newest if result else None, error)
+                    if error is None and missing is not None:
+                        r.finish(result.newest if result else None, missing, retryable=False)
+                    else:  # asking again helps only where the remote failed
+                        retry = error is None or self._transient
+                        r.finish(result.newest if result else None, error, retryable=retry)
             if self._lease_lost:
                 self._fail_pending(self._lease_lost)
                 self._wait_for_stop()
@@ -336,7 +367,7 @@ class SnapshotWorker:
             self.stats.last_error = str(exc)
             self.on_error(str(exc), 0.0)
             return None, str(exc)
-        except TornCommitError as exc:
+        except (TornCommitError, UnreadableError) as exc:
             self.stats.last_error = str(exc)
             self.on_error(str(exc), 0.0)
             return None, str(exc)

@@ -28,11 +28,11 @@ import dataclasses
 import json
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from ckpt_cli import console
 from ckpt_cli.errors import ConfigError
-from ckpt_cli.lease import Lease
+from ckpt_cli.lease import Lease, live_leases
 from ckpt_cli.manifest import Manifest, ManifestError
 from ckpt_cli.remote import NotFound
 from ckpt_cli.repository import (
@@ -312,18 +312,19 @@ def retention(world: World, keep: int) -> tuple[list[SnapshotRef], list[Snapshot
     return kept, dropped
 
 
-def live_ranks(repo: Repository, ttl: float) -> set[int]:
-    """Ranks whose lease is held now (not stale)."""
-    out = set()
-    for key in repo.backend.list(RANKS):
-        m = _LEASE_RE.match(key)
-        if not m:
-            continue
-        probe = Lease(repo.backend, "", ttl, key=key)
-        doc = probe._read()
-        if doc is not None and probe.describe_stale(doc) is None:
-            out.add(int(m.group(1)))
-    return out
+def live_ranks(
+    repo: Repository,
+    ttl: float,
+    *,
+    wait: bool = False,
+    on_wait: Callable[[str], None] = lambda _message: None,
+) -> set[int]:
+    """Ranks whose lease is held now (lease.live_leases: a lease that looks
+    stale counts as live until it was seen unchanged for its ttl)."""
+    keys = [key for key in repo.backend.list(RANKS) if _LEASE_RE.match(key)]
+    probes = [Lease(repo.backend, "", ttl, key=key) for key in keys]
+    live = live_leases(probes, wait=wait, on_wait=on_wait)
+    return {int(m.group(1)) for p in live if (m := _LEASE_RE.match(p.key))}
 
 
 def prune(repo: Repository, keep: int, *, me: int, ttl: float, sweep: bool = False) -> PruneReport:

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from ckpt_cli.errors import ConfigError, LeaseHeldError
-from ckpt_cli.lease import LEASE_KEY, Lease, LeaseLostError, boot_id
+from ckpt_cli.lease import LEASE_KEY, Lease, LeaseLostError, boot_id, here
 from ckpt_cli.manifest import FORMAT_VERSION, Entry, Manifest, hash_bytes
 from ckpt_cli.remote import Backend, NotFound
 from ckpt_cli.repository import (
@@ -455,12 +455,30 @@ def test_lease_live_foreign_is_refused(repo: Repository) -> None:
     assert _lease_owner(repo) == "someone-else"
 
 
+class FakeClock:
+    """A monotonic clock that sleeping advances: a watch of a minute, at once."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def test_lease_stale_by_heartbeat_age(repo: Repository) -> None:
+    """Stale by this machine's clock: taken over once watched unchanged for its ttl."""
     repo.backend.write(LEASE_KEY, _lease_doc(heartbeat=time.time() - 3600, ttl=60.0))
-    lease = repo.lease("me", 60.0)
-    why = lease.acquire()
+    clock = FakeClock()
+    lease = Lease(repo.backend, "me", 60.0, clock=clock, sleep=clock.sleep)
+    waits: list[str] = []
+    why = lease.acquire(on_wait=waits.append)
     assert why is not None
-    assert "heartbeat" in why
+    assert "heartbeat" in why and "did not change in 60s" in why
+    assert clock.now - 1000.0 >= 60.0, "watched for the ttl on the monotonic clock"
+    assert len(waits) == 1 and "watching" in waits[0]
     assert lease.held
     assert _lease_owner(repo) == "me"
 
@@ -480,9 +498,17 @@ def _dead_pid() -> int:
 
 def test_lease_stale_at_once_for_dead_pid_on_this_host(repo: Repository) -> None:
     pid = _dead_pid()
+    place = here()
     repo.backend.write(
         LEASE_KEY,
-        _lease_doc(host=socket.gethostname(), boot=boot_id(), pid=pid, heartbeat=time.time()),
+        _lease_doc(
+            host=socket.gethostname(),
+            boot=boot_id(),
+            pidns=place.pidns,
+            timens=place.timens,
+            pid=pid,
+            heartbeat=time.time(),
+        ),
     )
     lease = repo.lease("me", 60.0)
     why = lease.acquire()

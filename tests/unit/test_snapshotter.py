@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from ckpt_cli import snapshotter
 from ckpt_cli.manifest import Manifest, hash_bytes
 from ckpt_cli.remote import open_backend
 from ckpt_cli.repository import Repository
 from ckpt_cli.restore import restore
-from ckpt_cli.snapshotter import Snapshotter, scan
+from ckpt_cli.snapshotter import Snapshotter, UnreadableError, scan
 
 from .helpers import CHUNK, OLD_NS, data, write
 
@@ -534,3 +536,168 @@ def test_links_leading_outside_are_left_out_and_reported(
     assert result.skipped_links == ["dataset", "sneaky", "up"]
     assert result.manifest is not None
     assert sorted(e.path for e in result.manifest.entries) == ["a.bin", "here"]
+
+
+# ---------------------------------------------------------------- files ckpt cannot read
+#
+# As root every file is readable: the refusal is injected where the
+# snapshotter meets it (os.open, os.preadv). Through the real binary without
+# CAP_DAC_OVERRIDE: tests/faults/test_unreadable.py.
+
+
+def _refuse_open(monkeypatch: pytest.MonkeyPatch, path: Path, err: int = errno.EACCES) -> None:
+    real = os.open
+
+    def fake(p: object, flags: int, *args: object, **kw: object) -> int:
+        if os.fspath(p) == os.fspath(path):  # type: ignore[arg-type]
+            raise OSError(err, os.strerror(err), os.fspath(path))  # type: ignore[arg-type]
+        return real(p, flags, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", fake)
+
+
+@pytest.mark.parametrize("size", [10, 3 * CHUNK], ids=["small", "big"])
+def test_an_unreadable_file_keeps_its_previous_version_and_is_named(
+    local_repo: Repository,
+    root: Path,
+    make_snapshotter: MakeSnap,
+    monkeypatch: pytest.MonkeyPatch,
+    size: int,
+) -> None:
+    f = write(root / "optim.pt", data(1, size))
+    write(root / "model.pt", b"model v1")
+    snap = make_snapshotter(local_repo, root)
+    first = snap.snapshot(reason="t").manifest
+    assert first is not None
+    write(f, data(2, size), mtime_ns=OLD_NS + 10**9)
+    write(root / "model.pt", b"model v2", mtime_ns=OLD_NS + 10**9)
+    _refuse_open(monkeypatch, f)
+
+    result = snap.snapshot(reason="t")
+
+    assert result.unreadable == {"optim.pt": "Permission denied"}
+    assert result.unstable == [], "not taken for a file that changed"
+    m = result.manifest
+    assert m is not None
+    assert _by_path(m)["optim.pt"] == _by_path(first)["optim.pt"]
+    assert _by_path(m)["model.pt"] != _by_path(first)["model.pt"]
+
+
+def test_an_unreadable_new_file_is_left_out_but_named(
+    local_repo: Repository, root: Path, make_snapshotter: MakeSnap, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _refuse_open(monkeypatch, write(root / "optim.pt", b"secret"))
+    write(root / "model.pt", b"model")
+    result = make_snapshotter(local_repo, root).snapshot(reason="t")
+    assert result.unreadable == {"optim.pt": "Permission denied"}
+    assert result.manifest is not None
+    assert [e.path for e in result.manifest.entries] == ["model.pt"]
+
+
+def test_a_strict_snapshot_and_a_pin_refuse_an_unreadable_file(
+    local_repo: Repository, root: Path, make_snapshotter: MakeSnap, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`ckpt push` (strict) and a commit (a pin) need every file: they fail
+    naming it, and write nothing."""
+    _refuse_open(monkeypatch, write(root / "optim.pt", b"secret"))
+    write(root / "model.pt", b"model")
+    snap = make_snapshotter(local_repo, root)
+    with pytest.raises(UnreadableError, match=r"optim\.pt .*Permission denied") as err:
+        snap.snapshot(reason="push", strict=True)
+    assert (err.value.path, err.value.reason) == ("optim.pt", "Permission denied")
+    with pytest.raises(UnreadableError, match=r"optim\.pt"):
+        snap.pin()
+    assert local_repo.snapshots() == []
+
+
+def test_a_vanished_file_is_not_unreadable(
+    local_repo: Repository, root: Path, make_snapshotter: MakeSnap, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deleted (or replaced by a link) between the scan and the open: it
+    changed; a pin leaves it out, as it is no longer part of the moment."""
+    f = write(root / "gone.pt", b"x")
+    write(root / "model.pt", b"model")
+    _refuse_open(monkeypatch, f, errno.ENOENT)
+    snap = make_snapshotter(local_repo, root)
+    result = snap.snapshot(reason="t")
+    assert result.unreadable == {} and result.unstable == ["gone.pt"]
+    pinned = snap.pin()
+    try:
+        assert "gone.pt" not in pinned.fds and "model.pt" in pinned.fds
+    finally:
+        pinned.close()
+
+
+def test_a_read_error_is_unreadable_not_changed(
+    local_repo: Repository, root: Path, make_snapshotter: MakeSnap, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    f = write(root / "bad.bin", data(1, 2 * CHUNK))
+    write(root / "ok.bin", b"ok")
+    ino = f.stat().st_ino
+    real = os.preadv
+
+    def preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
+        if os.fstat(fd).st_ino == ino:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    result = make_snapshotter(local_repo, root).snapshot(reason="t")
+    assert result.unreadable == {"bad.bin": os.strerror(errno.EIO)}
+    assert result.unstable == []
+    assert result.manifest is not None
+    assert [e.path for e in result.manifest.entries] == ["ok.bin"]
+
+
+def test_a_fifo_in_place_of_a_scanned_file_does_not_hang_the_snapshot(
+    local_repo: Repository, root: Path, make_snapshotter: MakeSnap, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replaced by a FIFO between the scan and the open: opening it for
+    reading must not wait for a writer that never comes."""
+    write(root / "model.pt", b"model")
+    write(root / "state.pt", b"state")
+    entries = snapshotter.scan(root)
+    (root / "state.pt").unlink()
+    os.mkfifo(root / "state.pt")
+    monkeypatch.setattr(snapshotter, "scan", lambda *_a, **_k: list(entries))
+    snap = make_snapshotter(local_repo, root)
+    result = snap.snapshot(reason="t")
+    assert result.manifest is not None
+    assert [e.path for e in result.manifest.entries] == ["model.pt"]
+    pinned = snap.pin()
+    try:
+        assert sorted(pinned.fds) == ["model.pt"]
+    finally:
+        pinned.close()
+
+
+def test_a_directory_that_cannot_be_listed_fails_the_snapshot_naming_it(
+    local_repo: Repository, root: Path, make_snapshotter: MakeSnap, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its files are not left out as if deleted: every kind of snapshot fails
+    naming it (UnreadableError), and the stat cache is seeded without it."""
+    write(root / "state" / "rng", b"rng")
+    write(root / "model.pt", b"model")
+    snap = make_snapshotter(local_repo, root)
+    first = snap.snapshot(reason="t").manifest
+    assert first is not None
+    real = os.scandir
+    locked = str(root / "state")
+
+    def scandir(path: str) -> object:
+        if os.fspath(path) == locked:
+            raise PermissionError(errno.EACCES, "Permission denied", locked)
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    for take in (
+        lambda: snap.snapshot(reason="t"),
+        lambda: snap.snapshot(reason="push", strict=True),
+        snap.pin,
+    ):
+        with pytest.raises(UnreadableError, match=r"state/ cannot be read") as err:
+            take()
+        assert err.value.reason == "Permission denied"
+    snap.adopt(first, trust_local=True)  # no error: nothing is trusted
+    assert snap.cache == {}
+    assert [r.id for r in local_repo.snapshots()] == [first.id]

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,3 +115,46 @@ def test_subreaper_can_be_set_and_cleared() -> None:
         assert not subtree.is_subreaper()
     finally:
         subtree.set_subreaper(before)
+
+
+def test_start_time_names_one_process(procs: list[subprocess.Popen[bytes]]) -> None:
+    """A pid is reused; a pid and its start time are not."""
+    p = subprocess.Popen(["sleep", "30"])
+    procs.append(p)
+    mine, its = subtree.start_time(os.getpid()), subtree.start_time(p.pid)
+    assert mine is not None and its is not None and its >= mine
+    assert subtree.start_time("self") == mine
+    assert subtree.start_time(2**22 + 12345) is None
+    assert subtree.proc_is_ours()
+
+
+def _unshare() -> str:
+    path = shutil.which("unshare")
+    if path is None or os.geteuid() != 0:
+        pytest.skip("needs unshare (util-linux) and root")
+    if subprocess.run([path, "--pid", "--fork", "true"], check=False).returncode != 0:
+        pytest.skip("unshare --pid does not work here")
+    return path
+
+
+@pytest.mark.parametrize("proc", ["its own /proc", "the parent namespace's /proc"])
+def test_a_proc_of_another_pid_namespace_is_not_read(proc: str) -> None:
+    """In a new PID namespace whose /proc still shows the parent's, the pids
+    in /proc name other processes than os.kill reaches: nothing is read from
+    it (the child's process group stays the unit)."""
+    flags = ["--mount-proc"] if proc == "its own /proc" else []
+    code = (
+        "import os; from ckpt_cli import subtree; "
+        "print(subtree.proc_is_ours(), subtree.HAVE_PROC, "
+        "len(subtree.live(os.getpid())), len(subtree.processes()) > 0)"
+    )
+    out = subprocess.run(
+        [_unshare(), "--pid", "--fork", *flags, sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    if proc == "its own /proc":
+        assert out == ["True", "True", "0", "True"], out
+    else:
+        assert out == ["False", "False", "0", "False"], out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -13,7 +15,7 @@ from ckpt_cli.errors import RemoteError
 from ckpt_cli.lease import LeaseLostError
 from ckpt_cli.remote import LocalBackend, open_backend
 from ckpt_cli.repository import Repository
-from ckpt_cli.snapshotter import SnapshotResult, Snapshotter
+from ckpt_cli.snapshotter import SnapshotResult, Snapshotter, UnreadableError
 from ckpt_cli.uploader import SnapshotWorker
 
 from .helpers import CHUNK, OLD_NS, DelegatingBackend, data, write
@@ -447,3 +449,63 @@ def test_retention_of_the_last_snapshot_runs_before_the_worker_ends(
     h.worker.stop()
     h.worker.join(DEADLINE)
     assert len(local_repo.snapshots()) == 3  # keep=3
+
+
+def test_a_flush_is_not_durable_while_a_file_cannot_be_read(
+    local_repo: Repository,
+    root: Path,
+    harness_factory: Callable[..., Harness],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The snapshot is written (the rest of the directory is newer), but a
+    request waiting for the directory to be durable is told which file is not
+    in it and why, and that asking again does not help."""
+    write(root / "model.pt", b"model")
+    optim = write(root / "optim.pt", b"optim")
+    real = os.open
+
+    def refuse(path: object, flags: int, *args: object, **kw: object) -> int:
+        if os.fspath(path) == str(optim):  # type: ignore[arg-type]
+            raise PermissionError(errno.EACCES, "Permission denied", str(optim))
+        return real(path, flags, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", refuse)
+    h = harness_factory(local_repo, root)
+    req = h.worker.request("final")
+    assert req.wait(DEADLINE)
+    assert req.manifest is not None and [e.path for e in req.manifest.entries] == ["model.pt"]
+    assert req.error is not None and not req.retryable
+    assert "optim.pt (Permission denied)" in req.error and req.manifest.id in req.error
+    monkeypatch.undo()
+    again = h.worker.request("final")
+    assert again.wait(DEADLINE)
+    assert again.error is None
+    assert again.manifest is not None and {e.path for e in again.manifest.entries} == {
+        "model.pt",
+        "optim.pt",
+    }
+
+
+def test_a_commit_of_an_unreadable_file_is_refused_at_once(
+    local_repo: Repository,
+    root: Path,
+    harness_factory: Callable[..., Harness],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pinning the directory fails naming the file (the control socket says
+    so to `ckpt commit`); nothing is queued."""
+    write(root / "model.pt", b"model")
+    optim = write(root / "optim.pt", b"optim")
+    real = os.open
+
+    def refuse(path: object, flags: int, *args: object, **kw: object) -> int:
+        if os.fspath(path) == str(optim):  # type: ignore[arg-type]
+            raise PermissionError(errno.EACCES, "Permission denied", str(optim))
+        return real(path, flags, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", refuse)
+    h = harness_factory(local_repo, root)
+    with pytest.raises(UnreadableError, match=r"optim\.pt cannot be read"):
+        h.worker.commit()
+    assert not h.worker.busy
+    assert local_repo.snapshots() == []
