@@ -137,7 +137,7 @@ def push(
     dir: Path, remote: str, keep: int, options: list[str], *, allow_empty: bool = False
 ) -> int:
     from ckpt_cli.kept import recover_interrupted
-    from ckpt_cli.snapshotter import Snapshotter, UnreadableError, scan
+    from ckpt_cli.snapshotter import Snapshotter, UnreadableError
 
     source = config.resolve_dir(dir)
     if not source.is_dir():
@@ -154,7 +154,7 @@ def push(
         with beats:
             newest = newest_manifest(repo)
             if not allow_empty:
-                refuse_empty_push(scan(source, snapshotter.patterns), newest, source, repo, keep)
+                refuse_empty_push(snapshotter.scan_root(), newest, source, repo, keep)
             snapshotter.adopt(newest, trust_local=False)
             with console.Progress(f"pushing {source}") as bar, _watching(snapshotter, bar):
                 result = snapshotter.snapshot(reason="push", keep=keep, strict=True)

@@ -337,7 +337,7 @@ class Snapshotter:
         same_place = manifest.host == host_name() and manifest.source == str(self.root)
         now = time.time_ns()
         try:
-            found = self._scan()
+            found = self.scan_root()
         except UnreadableError:
             return  # nothing trusted: the next snapshot reads (and names) it
         for local in found:
@@ -353,7 +353,7 @@ class Snapshotter:
             if all(self.repo.has_chunk(c) for c in e.chunks):
                 self.cache[local.path] = Cached(local.size, local.mtime_ns, local.ino, e.chunks)
 
-    def _scan(self, skipped: list[str] | None = None) -> list[LocalEntry]:
+    def scan_root(self, skipped: list[str] | None = None) -> list[LocalEntry]:
         """scan(), with a directory that cannot be listed (its mode, an I/O
         error) raised as UnreadableError naming it: the snapshot fails
         rather than leave its files out."""
@@ -374,7 +374,7 @@ class Snapshotter:
         cannot be opened (but for having vanished) raises UnreadableError: a
         commit without it would not be the directory's state."""
         skipped: list[str] = []
-        entries = self._scan(skipped) if self.root.is_dir() else []
+        entries = self.scan_root(skipped) if self.root.is_dir() else []
         fds: dict[str, tuple[int, os.stat_result]] = {}
         kept: list[LocalEntry] = []
         try:
@@ -448,7 +448,7 @@ class Snapshotter:
         elif not self.root.is_dir():
             return result  # a missing directory is not an empty state: nothing to record
         else:
-            local = self._scan(result.skipped_links)
+            local = self.scan_root(result.skipped_links)
         parent_entries = {e.path: e for e in parent.entries} if parent else {}
         entries: dict[str, Entry] = {}
         to_read: list[LocalEntry] = []

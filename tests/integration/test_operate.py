@@ -269,7 +269,10 @@ def test_restore_refuses_a_non_empty_dir_without_force(
     assert f"restored snapshot {m1['id']}" in res.stderr
     assert read_tree(out) == {k: v.encode() for k, v in V1.items()}
     assert os.readlink(out / "link") == "state.txt"
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    # No temp dir is left; the replaced file, in no snapshot, is kept aside.
+    (kept,) = [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert kept.name.startswith(".out.ckpt-kept-")
+    assert read_tree(kept) == {"mine.txt": b"local work"}
 
     empty = tmp_path / "empty-dir"
     empty.mkdir()
