@@ -125,8 +125,9 @@ def test_retention_keeps_the_newest_complete_steps_and_what_is_newer(
         commit(r0, step, {"w": data(step, CHUNK)})
         if step < 5:
             commit(r1, step, {"w": data(50 + step, CHUNK)})
-    kept, dropped = world.retention(world.World(r0.repo), keep=2)
     w = world.World(r0.repo)
+    whole = r0.repo.judge(w.loaded(), r0.repo.present_chunks())
+    kept, dropped = world.retention(w, 2, whole)
     steps = {ref.key: m.step for ref, m in w.manifests() if ref.key in {k.key for k in kept}}
     assert sorted(s for s in steps.values() if s is not None) == [3, 3, 4, 4, 5]
     assert all(ref.key not in steps for ref in dropped)
