@@ -36,6 +36,7 @@ from ckpt_cli.manifest import (
     HASH_NAME,
     HASH_RE,
     HASHES,
+    MAX_CHUNK_SIZE,
     SNAPSHOT_RE,
     SNAPSHOTS,
     Manifest,
@@ -235,12 +236,18 @@ class Repository:
                 "hash": HASH_NAME,
             }
             backend.create_exclusive(CONFIG_KEY, json.dumps(config, indent=1).encode())
-            raw = backend.read(CONFIG_KEY)
+            try:
+                raw = backend.read(CONFIG_KEY)
+            except NotFound:  # there, but not an object (a directory, a FIFO)
+                raise ConfigError(
+                    f"{backend.display}/{CONFIG_KEY} is not a file: point --remote at an "
+                    "empty location or a ckpt repository"
+                ) from None
         try:
             config = json.loads(raw)
             if not isinstance(config, dict):
                 raise ValueError("not an object")
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise ConfigError(
                 f"{backend.display}/{CONFIG_KEY} is not a ckpt repository config ({exc}); "
                 "point --remote at an empty location or a ckpt repository"
@@ -259,9 +266,18 @@ class Repository:
             )
         chunk_size = config.get("chunk_size")
         # bool is an int to Python: `true` would make 1-byte chunks, and manifests
-        # (which refuse such a chunk_size) that no restore could read.
-        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
-            raise ConfigError(f"repository {backend.display} has a bad chunk_size")
+        # (which refuse such a chunk_size) that no restore could read. Memory
+        # is (--concurrency + 2) chunks: a size beyond MAX_CHUNK_SIZE is no
+        # repository ckpt made.
+        if (
+            not isinstance(chunk_size, int)
+            or isinstance(chunk_size, bool)
+            or not 0 < chunk_size <= MAX_CHUNK_SIZE
+        ):
+            raise ConfigError(
+                f"repository {backend.display} has a bad chunk_size {str(chunk_size)[:40]} "
+                f"(1 to {MAX_CHUNK_SIZE} bytes); use another --remote"
+            )
         return cls(backend, chunk_size, hash_name)
 
     # -- snapshots
@@ -356,6 +372,12 @@ class Repository:
             raise ManifestError(
                 f"names its chunks by {manifest.hash}, the repository by {self.hash_name}"
             )
+        if manifest.chunk_size != self.chunk_size:
+            # Its chunks could not be cut from files this way, and a restore
+            # must not hold buffers of a size a manifest chose.
+            raise ManifestError(
+                f"has chunk_size {manifest.chunk_size}, the repository {self.chunk_size}"
+            )
         return manifest
 
     def next_generation(self) -> int:
@@ -407,6 +429,12 @@ class Repository:
 
     def get_chunk(self, digest: str, expected_size: int | None = None) -> bytes:
         """Read and verify a chunk; ChunkError if missing, short or corrupt."""
+        if expected_size is not None and isinstance(self.backend, LocalBackend):
+            # Never more than the expected size in memory (a planted object
+            # may be of any size); other backends read the object whole.
+            buf = bytearray(expected_size)
+            self.read_chunk_into(digest, memoryview(buf))
+            return bytes(buf)
         try:
             data = self.backend.read(chunk_key(digest))
         except NotFound:

@@ -35,7 +35,7 @@ from ckpt_cli.repository import (
     iter_manifests,
     newest_manifest,
 )
-from ckpt_cli.snapshotter import MAX_OPEN_FILES, LocalEntry, Snapshotter, link_escapes, scan
+from ckpt_cli.snapshotter import MAX_OPEN_FILES, LocalEntry, Snapshotter, scan
 
 RESTORE_PREFIX = ".ckpt-restore-"
 
@@ -105,13 +105,12 @@ def restore(
     for ref in candidates:  # noqa: PLR1704 - the loop variable is the one tried
         try:
             manifest = repo.load(ref)
-            _check_symlinks(manifest)
             tmp = _temp_name(target, RESTORE_PREFIX)
             try:
                 materialise(repo, manifest, tmp, concurrency=concurrency, progress=progress)
                 swap_in(tmp, target)
             finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+                _remove_tree(tmp)
         except (ManifestError, ChunkError) as exc:
             if isinstance(exc, ChunkError):
                 # Only the first bad chunk is known: distrust every chunk of this
@@ -146,11 +145,28 @@ def _name(ref: SnapshotRef) -> str:
     return f"{ref.id} (generation {ref.generation})"
 
 
-def _check_symlinks(manifest: Manifest) -> None:
-    links = {e.path: e.target for e in manifest.entries if e.type == "symlink"}
-    for e in manifest.entries:
-        if e.type == "symlink" and link_escapes(e.path, e.target, links):
-            raise ManifestError(f"has a symlink {e.path!r} that leads out of the directory")
+def _remove_tree(top: Path) -> None:
+    """shutil.rmtree(top, ignore_errors=True) without recursion: the rmtree
+    of Python 3.11 recurses once per level, and its RecursionError (a tree
+    1,000 levels deep) is no OSError that ignore_errors would ignore."""
+    stack, seen = [str(top)], []
+    while stack:
+        directory = stack.pop()
+        seen.append(directory)
+        try:
+            with os.scandir(directory) as it:
+                entries = list(it)
+        except OSError:
+            continue
+        for e in entries:
+            with contextlib.suppress(OSError):
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(e.path)
+                else:
+                    os.unlink(e.path)
+    for directory in reversed(seen):  # children before their parents
+        with contextlib.suppress(OSError):
+            os.rmdir(directory)
 
 
 def materialise(
@@ -163,17 +179,51 @@ def materialise(
 ) -> None:
     """Write every entry of manifest under dest (a fresh directory), verifying
     each chunk's hash. Files are created exclusively and never through links.
-    progress(bytes written, total) is called as chunks land, from any thread."""
+    progress(bytes written, total) is called as chunks land, from any thread.
+    A path the filesystem cannot hold under dest (ENAMETOOLONG) makes the
+    snapshot unusable here: ManifestError, like any other it cannot restore."""
     dest.mkdir(mode=0o700)
+    try:
+        _materialise(repo, manifest, dest, concurrency, progress)
+    except OSError as exc:
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+        raise ManifestError(
+            f"has a path too long to restore under {dest.parent} ({exc.filename})"
+        ) from None
+
+
+def _materialise(
+    repo: Repository,
+    manifest: Manifest,
+    dest: Path,
+    concurrency: int,
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    made = {""}
+
+    def makedirs(rel: str) -> None:
+        """mkdir -p dest/rel without recursion (Path.mkdir(parents=True)
+        recurses once per missing level; a manifest may be 1,000 deep)."""
+        missing = []
+        while rel not in made:
+            missing.append(rel)
+            rel = rel.rpartition("/")[0]
+        for d in reversed(missing):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(dest / d)
+            made.add(d)
+
     dirs = [e for e in manifest.entries if e.type == "dir"]
     for e in dirs:
-        (dest / e.path).mkdir(parents=True, exist_ok=True)
+        makedirs(e.path)
     slots = threading.BoundedSemaphore(max(1, concurrency) + 2)
     chunk = manifest.chunk_size
 
     total, written, lock = manifest.total_size, [0], threading.Lock()
 
-    buffers = Buffers(chunk)
+    # Buffers no larger than the largest file: small files, small buffers.
+    buffers = Buffers(min(chunk, max((e.size for e in manifest.files), default=0)))
 
     def fetch(fd: int, writing: threading.Lock, digest: str, offset: int, length: int) -> None:
         try:
@@ -219,7 +269,7 @@ def materialise(
                 group = []
                 for e in files[start : start + width]:
                     path = dest / e.path
-                    path.parent.mkdir(parents=True, exist_ok=True)
+                    makedirs(e.path.rpartition("/")[0])
                     fd = os.open(
                         path,
                         os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -252,7 +302,7 @@ def materialise(
                     os.close(fd)
     for e in manifest.entries:
         if e.type == "symlink":
-            (dest / e.path).parent.mkdir(parents=True, exist_ok=True)
+            makedirs(e.path.rpartition("/")[0])
             os.symlink(e.target, dest / e.path)
     for e in sorted(dirs, key=lambda d: d.path.count("/"), reverse=True):
         os.chmod(dest / e.path, e.mode | 0o700)

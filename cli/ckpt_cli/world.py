@@ -278,10 +278,14 @@ def rounds(repo: Repository, after: int = 0) -> list[Round]:
             continue
         try:
             doc = json.loads(repo.backend.read(key))
-            chunks = tuple(str(c) for c in doc["chunks"])
+            chunks = tuple(doc["chunks"])
+            # Its names become keys that are moved and deleted: anything but
+            # a chunk's name (say "../../x") makes the record a damaged one.
+            if not all(isinstance(c, str) and HASH_RE.match(c) for c in chunks):
+                continue
             done = bool(doc.get("done", False))
             out.append(Round(seq, key, float(doc.get("created", 0)), chunks, done))
-        except (NotFound, ValueError, KeyError, TypeError):
+        except (NotFound, ValueError, KeyError, TypeError, RecursionError):
             continue
     return out
 
