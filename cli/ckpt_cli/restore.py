@@ -27,6 +27,7 @@ from ckpt._fs import OLD_PREFIX, swap_in
 from ckpt_cli import console, world
 from ckpt_cli.errors import ConfigError, RestoreError
 from ckpt_cli.manifest import Entry, Manifest, ManifestError
+from ckpt_cli.repo_tools import DamagedError
 from ckpt_cli.repository import (
     Buffers,
     ChunkError,
@@ -87,14 +88,17 @@ def restore(
         raise ConfigError(f"{target} is not a directory (--dir)")
     target.parent.mkdir(parents=True, exist_ok=True)
     recover_interrupted(target)
+    ref_given = ref
     if ref is not None:  # exactly this one (a rank's part of a global generation)
         candidates = [ref]
-        snapshot = ref.id
     elif snapshot is not None:
         found = repo.find(snapshot)
         if found is None:
-            raise RestoreError(
-                f"no snapshot {snapshot!r} in {repo.display} (see `ckpt ls {repo.display}`)"
+            # Bad input, not an outage: no retry finds it (exit 78, like show).
+            raise ConfigError(
+                f"no snapshot {snapshot!r} in {repo.display} (--snapshot: an id, a unique id "
+                f"prefix of 4 or more characters, or a generation number; see "
+                f"`ckpt ls {repo.display}`)"
             )
         candidates = [found]
     else:
@@ -119,8 +123,10 @@ def restore(
                     repo.forget_chunk(digest)
             reason = f"snapshot {_name(ref)} {exc}"
             skipped.append(reason)
-            if snapshot is not None:
+            if ref_given is not None:  # a rank's part of a step: no other will do
                 raise RestoreError(f"{reason}; {target} is untouched") from None
+            if snapshot is not None:  # asked for by name: damaged, no retry mends it
+                raise DamagedError(f"{reason}; {target} is untouched") from None
             warn(f"{reason}; trying the previous one")
             continue
         except OSError as exc:
