@@ -209,16 +209,28 @@ def choose(
             f"step {g.step}, complete on all {_ranks(g.world_size)}",
         )
     newest = world.newest_overall()
-    if newest is not None and newest.world_size != world_size and not allow_change:
-        raise _world_changed(newest.world_size, world_size, "its newest snapshot")
-    own = world.newest(rank_stream(rank, world_size))
-    ref = next((r for r, m in world.manifests(rank_stream(rank, world_size)) if m is own), None)
-    if own is None and allow_change and newest is not None:
-        # a world of another size: this rank's stream of that world, if any
-        old = world.newest(rank_stream(rank, newest.world_size))
-        if old is not None:
-            own = old
-            ref = next(r for r, m in world.manifests() if m is old)
+    if newest is not None and newest.world_size != world_size:
+        if not allow_change:
+            raise _world_changed(newest.world_size, world_size, "its newest snapshot")
+        old = newest.world_size
+        if rank >= old:
+            return Choice(
+                None,
+                None,
+                None,
+                False,
+                f"the newest snapshot was written by {_ranks(old)}: rank {rank} starts empty",
+            )
+        # Old rank r's newest snapshot of that world (its stream may also
+        # hold older snapshots of other worlds; they are not what it had last).
+        stream = rank_stream(rank, old)
+        found = next(
+            ((r, m) for r, m in world.manifests(stream) if m.world_size == old), (None, None)
+        )
+        ref, own = found
+    else:
+        own = world.newest(rank_stream(rank, world_size))
+        ref = next((r for r, m in world.manifests(rank_stream(rank, world_size)) if m is own), None)
     if own is None:
         return Choice(None, None, None, world_size == 1, f"rank {rank} has no snapshot yet")
     if world_size == 1:  # one node: its own newest is all there is to agree on
