@@ -14,13 +14,20 @@ import contextlib
 import dataclasses
 import os
 import secrets
-import shutil
 import stat
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from ckpt._fs import KEPT_PREFIX, MARKER, OLD_PREFIX, SAVE_PREFIX, finish_move_in, read_marker
+from ckpt._fs import (
+    KEPT_PREFIX,
+    MARKER,
+    OLD_PREFIX,
+    SAVE_PREFIX,
+    finish_move_in,
+    read_marker,
+    remove_tree,
+)
 from ckpt_cli import console
 from ckpt_cli.errors import RemoteError
 from ckpt_cli.manifest import Manifest
@@ -101,14 +108,14 @@ def recover_interrupted(target: Path) -> None:
                 "(move it back, or delete it when you do not need it)"
             )
         else:
-            shutil.rmtree(p, ignore_errors=True)  # a staging dir: verified remote content
+            remove_tree(p)  # a staging dir: verified remote content
     if marker is not None:
         _finish_marked(target, marker)
     if real:
         for name in os.listdir(target):  # staging of a restore in place killed before its move
             staged = name.startswith((RESTORE_PREFIX, SAVE_PREFIX))
             if staged and _ours(target / name) is None:
-                shutil.rmtree(target / name, ignore_errors=True)
+                remove_tree(target / name)
             elif name.startswith(f"{MARKER}-") and name.endswith(".tmp"):
                 with contextlib.suppress(OSError):
                     os.unlink(target / name)

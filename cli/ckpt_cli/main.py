@@ -459,7 +459,8 @@ def verify_cmd(
 def gc_cmd(
     remote: RemoteArg,
     keep: Annotated[
-        int, typer.Option(min=1, show_default=False, help="Snapshots to keep, newest first.")
+        int,
+        typer.Option(min=1, show_default=False, help="Restorable snapshots to keep, newest first."),
     ],
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Say what would be deleted; change nothing.")
@@ -467,10 +468,13 @@ def gc_cmd(
     json_out: JsonOpt = False,
     storage_option: StorageOpt = None,
 ) -> None:
-    """Delete all but the newest --keep snapshots, then every chunk no kept
-    snapshot names and the half-written objects of killed writers; say what
-    was freed. Takes the writer lease like `ckpt push` (refused while a run
-    holds it); --dry-run needs no lease. The run history (runs/) is kept.
+    """Keep the newest --keep restorable snapshots (and damaged ones newer
+    than them, for inspection; a damaged one never counts), delete the
+    older ones, then every chunk no kept snapshot names and the
+    half-written objects of killed writers; say what was freed. Takes the
+    writer lease like `ckpt push` (refused while a run holds it);
+    --dry-run runs the same code without deleting and needs no lease. The
+    run history (runs/) is kept.
 
     Example: ckpt gc s3://b/run --keep 2 --dry-run
     """

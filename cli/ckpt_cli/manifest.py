@@ -1,8 +1,9 @@
 """The snapshot manifest: what one snapshot holds, its JSON form, and the checks
 that make an untrusted manifest safe to restore (relative, normalised paths that
-stay inside the target; no duplicates; nothing below a file or link; sizes that
-match their chunk lists), and the chunk hashes. Imports: standard library, and
-blake3 (the hash of new repositories).
+stay inside the target and that this system can name; no duplicates; nothing
+below a file or link; no symlink that leads out; sizes that match their chunk
+lists; every number bounded), and the chunk hashes. Imports: standard library,
+and blake3 (the hash of new repositories).
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import os
 import posixpath
 import re
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from blake3 import blake3
@@ -29,6 +32,15 @@ HASHES = ("blake3", "sha256")
 SNAPSHOTS = "snapshots/"
 #: The largest file a manifest may describe (1 PiB): anything larger is corrupt.
 MAX_FILE_SIZE = 1 << 50
+#: The largest chunk size a repository (ckpt.json) or a manifest may have: a
+#: restore and a snapshot hold (--concurrency + 2) chunks in memory.
+MAX_CHUNK_SIZE = 256 << 20
+#: A path component and a whole relative path (bytes, as the filesystem sees
+#: them): NAME_MAX and PATH_MAX - 1 of Linux; ckpt cannot have scanned more.
+MAX_NAME = 255
+MAX_PATH = 4095
+#: `created` of a manifest: a time that time.localtime can show (0 to 9999-12-31).
+MAX_TIME = 253402300799.0
 
 SNAPSHOT_RE = re.compile(r"^snapshots/(\d{10})-([0-9a-f]{8})\.json$")
 HASH_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -173,6 +185,8 @@ class Manifest:
             doc = json.loads(data)
         except ValueError as exc:
             raise ManifestError(f"is not valid JSON ({exc})") from None
+        except RecursionError:  # [[[[... nested deeper than the parser's stack
+            raise ManifestError("is not valid JSON (nested too deeply)") from None
         if not isinstance(doc, dict):
             raise ManifestError("is not a JSON object")
         if doc.get("format") != FORMAT_NAME or doc.get("version") != FORMAT_VERSION:
@@ -186,7 +200,7 @@ class Manifest:
             snap_id = doc["id"]
             if match and (int(match.group(1)) != generation or match.group(2) != snap_id):
                 raise ManifestError("does not match its own name")
-            chunk_size = _int(doc, "chunk_size", 1, 1 << 34)
+            chunk_size = _int(doc, "chunk_size", 1, MAX_CHUNK_SIZE)
             # Manifests of ckpt before blake3 always said "sha256".
             hash_name = doc.get("hash", "sha256")
             if hash_name not in HASHES:
@@ -196,13 +210,19 @@ class Manifest:
                 raise ManifestError("entries is not a list")
             entries = tuple(_parse_entry(e, chunk_size) for e in raw_entries)
             _check_tree(entries)
+            _check_links(entries)
+            world_size = _int(doc, "world_size", 1, 1 << 20) if "world_size" in doc else 1
+            rank = _int(doc, "rank", 0, world_size - 1) if "rank" in doc else 0
+            parent = doc.get("parent")
+            if parent is not None and not isinstance(parent, str):
+                raise ManifestError(f"has a parent that is not text: {parent!r}")
             return cls(
                 id=str(snap_id),
                 generation=generation,
                 entries=entries,
                 chunk_size=chunk_size,
-                created=float(doc["created"]),
-                parent=doc.get("parent"),
+                created=_time(doc["created"]),
+                parent=parent,
                 host=str(doc.get("host", "")),
                 source=str(doc.get("source", "")),
                 run=str(doc.get("run", "")),
@@ -212,8 +232,8 @@ class Manifest:
                 new_chunks=int(doc.get("new_chunks", 0)),
                 hash=hash_name,
                 step=None if doc.get("step") is None else _int(doc, "step", 0, 1 << 62),
-                rank=_int(doc, "rank", 0, 1 << 20) if "rank" in doc else 0,
-                world_size=_int(doc, "world_size", 1, 1 << 20) if "world_size" in doc else 1,
+                rank=rank,
+                world_size=world_size,
                 gc_seen=_int(doc, "gc_seen", 0, 1 << 62) if "gc_seen" in doc else 0,
             )
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
@@ -228,6 +248,15 @@ def _int(doc: dict[str, Any], name: str, low: int, high: int) -> int:
     return value
 
 
+def _time(value: object) -> float:
+    """A manifest's creation time: finite, and one a date can be shown for."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ManifestError(f"has an impossible created: {value!r}")
+    if not (math.isfinite(value) and 0 <= value <= MAX_TIME):
+        raise ManifestError(f"has an impossible created: {value!r}")
+    return float(value)
+
+
 def _mtime_ns(raw: dict[str, Any]) -> int:
     """An entry's mtime: nanoseconds that os.utime can set (a signed 64-bit
     count, years 1678 to 2262); anything else is corrupt."""
@@ -238,7 +267,8 @@ def _mtime_ns(raw: dict[str, Any]) -> int:
 
 
 def safe_relpath(path: object) -> str:
-    """A normalised relative path that stays inside its root, or ManifestError."""
+    """A normalised relative path that stays inside its root and that this
+    system can name (see _os_name), or ManifestError."""
     if not isinstance(path, str) or not path:
         raise ManifestError(f"has an empty or non-text path {path!r}")
     if "\0" in path or path.startswith("/"):
@@ -246,7 +276,23 @@ def safe_relpath(path: object) -> str:
     parts = path.split("/")
     if any(p in ("", ".", "..") for p in parts) or posixpath.normpath(path) != path:
         raise ManifestError(f"has a path that escapes or is not normalised: {path!r}")
+    raw = _os_name(path, "path")
+    if len(raw) > MAX_PATH or any(len(p) > MAX_NAME for p in raw.split(b"/")):
+        raise ManifestError(
+            f"has a path longer than this system allows ({MAX_NAME} bytes a name, "
+            f"{MAX_PATH} in all): {path[:80]!r}..."
+        )
     return path
+
+
+def _os_name(text: str, what: str) -> bytes:
+    """text as the filesystem gets it. Names that are not UTF-8 on disk come
+    back from a scan as lone surrogates U+DC80..U+DCFF (surrogateescape) and
+    encode to their bytes; any other lone surrogate names nothing."""
+    try:
+        return os.fsencode(text)
+    except UnicodeEncodeError:
+        raise ManifestError(f"has a {what} that no file can have: {text[:80]!r}") from None
 
 
 def _parse_entry(raw: Any, chunk_size: int) -> Entry:
@@ -279,12 +325,16 @@ def _parse_entry(raw: Any, chunk_size: int) -> Entry:
         target = raw.get("target")
         if not isinstance(target, str) or not target or "\0" in target:
             raise ManifestError(f"has a bad symlink target for {path!r}")
+        if len(_os_name(target, "symlink target")) > MAX_PATH:
+            raise ManifestError(f"has a symlink target longer than {MAX_PATH} bytes at {path!r}")
         return Entry(path, "symlink", mode, target=target)
     raise ManifestError(f"has an entry of unknown type {kind!r} at {path!r}")
 
 
 def _check_tree(entries: tuple[Entry, ...]) -> None:
-    """No duplicates, and nothing below a path that is not a directory."""
+    """No duplicates, and nothing below a path that is not a directory. A
+    parent that is an entry itself ends the walk up (its own parents are
+    checked as its entry): linear in the manifest, however deep the tree."""
     kinds: dict[str, str] = {}
     for e in entries:
         if e.path in kinds:
@@ -293,6 +343,52 @@ def _check_tree(entries: tuple[Entry, ...]) -> None:
     for e in entries:
         parent = posixpath.dirname(e.path)
         while parent:
-            if kinds.get(parent, "dir") != "dir":
-                raise ManifestError(f"puts {e.path!r} below a {kinds[parent]} {parent!r}")
+            kind = kinds.get(parent)
+            if kind is not None and kind != "dir":
+                raise ManifestError(f"puts {e.path!r} below a {kind} {parent!r}")
+            if kind is not None:
+                break
             parent = posixpath.dirname(parent)
+
+
+def _check_links(entries: tuple[Entry, ...]) -> None:
+    """A restore refuses symlinks that lead out of the directory; such a
+    manifest is not restorable, so it is not a valid one either."""
+    links = {e.path: e.target for e in entries if e.type == "symlink"}
+    for path, target in links.items():
+        if link_escapes(path, target, links):
+            raise ManifestError(f"has a symlink {path!r} that leads out of the directory")
+
+
+def link_escapes(path: str, target: str, links: Mapping[str, str] | None = None) -> bool:
+    """True for a symlink at `path` (relative to the root) whose target is
+    absolute or leads out of the root, also through other links of the tree
+    (`links`: path -> target), e.g. "here" -> "." and "up" -> "here/..".
+    Such links are not checkpoint data: never recorded, never restored."""
+    return _resolve(path, target, links or {}, 0) is None
+
+
+def _resolve(path: str, target: str, links: Mapping[str, str], depth: int) -> str | None:
+    """Where the link at path points, relative to the root; None if outside."""
+    if not target or target.startswith("/") or depth > 40:
+        return None
+    parent = posixpath.dirname(path)
+    stack = parent.split("/") if parent else []
+    for part in target.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not stack:
+                return None
+            stack.pop()
+            continue
+        stack.append(part)
+        here = "/".join(stack)
+        if here in links and here != path:
+            inner = _resolve(here, links[here], links, depth + 1)
+            if inner is None:
+                return None
+            stack = inner.split("/") if inner else []
+        elif here == path:
+            return None  # a link through itself: a loop
+    return "/".join(stack)

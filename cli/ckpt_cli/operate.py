@@ -321,31 +321,29 @@ def gc(remote: str, keep: int, dry_run: bool, as_json: bool, options: list[str])
         return ExitCode.OK
     from ckpt_cli import world
 
-    multi = bool(repo.rank_snapshots())
-    if multi and not dry_run:
-        live = world.live_ranks(repo, DEFAULT_TTL, wait=True, on_wait=console.info)
-        if live:
-            raise CkptError(
-                f"ranks {', '.join(map(str, sorted(live)))} of a multi-node job hold their "
-                f"leases on {repo.display}: their rank 0 prunes as it runs (--keep); run "
-                "ckpt gc once the job has stopped",
-                exit_code=ExitCode.UNAVAILABLE,
-            )
+    live = (
+        world.live_ranks(repo, DEFAULT_TTL, wait=not dry_run, on_wait=console.info)
+        if repo.rank_snapshots()
+        else set()
+    )
+    if live and not dry_run:
+        raise CkptError(
+            f"ranks {', '.join(map(str, sorted(live)))} of a multi-node job hold their "
+            f"leases on {repo.display}: their rank 0 prunes as it runs (--keep); run "
+            "ckpt gc once the job has stopped",
+            exit_code=ExitCode.UNAVAILABLE,
+        )
     if dry_run:
-        plan = repo.plan_gc(keep)
-        deleted = len(plan.chunks)
+        plan = world.collect(repo, keep, dry_run=True)
+        if live:
+            console.warn(
+                f"ranks {', '.join(map(str, sorted(live)))} hold their leases: ckpt gc waits "
+                "until the job has stopped; this is what it would do then"
+            )
     else:
         with _writer_lease(repo, f"gc-{secrets.token_hex(4)}"):
-            plan = repo.plan_gc(keep)
-            if multi:
-                # The job is stopped (no rank holds its lease): every rank's
-                # stream is pruned by rank 0's rule, and a round made now
-                # is finished at once (no rank can be behind it).
-                world.prune(repo, keep, me=-1, ttl=60.0)
-                world.prune(repo, keep, me=-1, ttl=60.0)
-            deleted = repo.gc(keep, sweep=True).deleted_chunks
-            for key in plan.temps:  # gc swept chunks/; snapshots/ too
-                repo.backend.delete(key)
+            plan = world.collect(repo, keep, dry_run=False)
+    deleted = len(plan.chunks)
     if as_json:
         _emit_json(
             {

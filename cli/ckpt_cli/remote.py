@@ -28,6 +28,7 @@ import os
 import random
 import re
 import secrets
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -276,26 +277,45 @@ class LocalBackend:
         parent, name = path.rsplit("/", 1)
         return f"{parent}/.{name}.tmp-{self._tmp_prefix}{next(self._tmp_seq):x}"
 
-    def read(self, key: str) -> bytes:
+    def _open_object(self, key: str) -> int:
+        """A read descriptor on the object at key. Only a regular file is an
+        object: a directory, FIFO, socket or device where an object should be
+        is NotFound (one planted in a repository must neither hang the
+        reader, as opening a FIFO would, nor be read). O_NONBLOCK: opening a
+        FIFO that appears between the check and the open does not block."""
+        path = self._path(key)
         try:
-            return self._path(key).read_bytes()
-        except FileNotFoundError:
-            raise NotFound(key) from None
-        except IsADirectoryError:
+            if not stat.S_ISREG(os.stat(path).st_mode):
+                raise NotFound(key)
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise NotFound(key) from None
         except OSError as exc:
             raise RemoteError(f"reading {key} from {self.display} failed: {exc}") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise NotFound(key)
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def read(self, key: str) -> bytes:
+        fd = self._open_object(key)
+        try:
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                return f.read()
+        except OSError as exc:
+            raise RemoteError(f"reading {key} from {self.display} failed: {exc}") from None
+        finally:
+            os.close(fd)
 
     def read_into(self, key: str, view: memoryview) -> int:
         """Read the object into view; return the object's size (view holds its
         first len(view) bytes; a size that differs means the caller's view is
         not the whole object)."""
-        try:
-            fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            raise NotFound(key) from None
-        except OSError as exc:
-            raise RemoteError(f"reading {key} from {self.display} failed: {exc}") from None
+        fd = self._open_object(key)
         try:
             size = os.fstat(fd).st_size
             done = 0

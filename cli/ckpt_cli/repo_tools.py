@@ -5,7 +5,7 @@ full verification by re-hashing, and the difference between two snapshots.
 Nothing here prints or deletes.
 
 Imports: standard library, `remote` (its backend classes; never fsspec itself),
-`repository`, `manifest`, `snapshotter` (the symlink rule), `errors`.
+`repository`, `manifest`, `errors`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from ckpt_cli.repository import (
     SnapshotRef,
     chunk_sizes,
 )
-from ckpt_cli.snapshotter import link_escapes
 
 #: Names of half-written objects (a killed writer's), as `remote` writes them.
 _TEMP_NAME = re.compile(r"^\.[^/]*\.tmp-[0-9a-f]+$")
@@ -237,7 +236,6 @@ def check(
             continue  # pruned since the listing
         try:
             manifest = repo.parse_manifest(data, ref.key)
-            _check_links(manifest)
             checked.append(Checked(ref, manifest, []))
         except ManifestError as exc:
             checked.append(Checked(ref, None, [Problem("manifest", str(exc))]))
@@ -280,15 +278,6 @@ def check(
             except NotFound:
                 checked.remove(c)
     return result
-
-
-def _check_links(manifest: Manifest) -> None:
-    """Symlinks that lead out of the directory make a restore refuse the
-    snapshot (`restore`): the same check, so "complete" means restorable."""
-    links = {e.path: e.target for e in manifest.entries if e.type == "symlink"}
-    for path, target in links.items():
-        if link_escapes(path, target, links):
-            raise ManifestError(f"has a symlink {path!r} that leads out of the directory")
 
 
 def _rehash(

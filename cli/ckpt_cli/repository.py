@@ -12,7 +12,9 @@ manifests, a single-writer lease, retention and garbage collection.
 
 Ordering: chunks before the manifest that names them; "latest" is derived by
 listing snapshots/; GC deletes old manifests first, then chunks no kept
-manifest names. The manifest format is in `manifest`, the lease in `lease`.
+manifest names. Retention counts restorable snapshots only (`retained`): a
+damaged one never displaces a whole one. The manifest format is in
+`manifest`, the lease in `lease`.
 Imports: standard library, `remote` (never fsspec itself), `manifest`, `lease`.
 """
 
@@ -24,7 +26,7 @@ import json
 import re
 import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 from ckpt_cli.errors import ConfigError
 from ckpt_cli.lease import LEASE_KEY, Lease
@@ -34,6 +36,7 @@ from ckpt_cli.manifest import (
     HASH_NAME,
     HASH_RE,
     HASHES,
+    MAX_CHUNK_SIZE,
     SNAPSHOT_RE,
     SNAPSHOTS,
     Manifest,
@@ -60,6 +63,14 @@ def rank_stream(rank: int, world_size: int) -> str:
 def stream_rank(stream: str) -> int:
     m = _STREAM_RE.match(stream)
     return int(m.group(1)) if m else 0
+
+
+def snapshot_ref(key: str) -> SnapshotRef | None:
+    """The snapshot a key names (in the root stream or a rank's), else None."""
+    m = _STREAM_RE.match(key)
+    stream = m.group(0) if m else ""
+    sm = SNAPSHOT_RE.match(key[len(stream) :])
+    return SnapshotRef(int(sm.group(1)), sm.group(2), key, stream) if sm else None
 
 
 class ChunkError(Exception):
@@ -123,14 +134,14 @@ class GcReport:
 
 @dataclasses.dataclass
 class GcPlan:
-    """What `gc(keep)` (with sweep) would delete, worked out without deleting."""
+    """What a collection (`world.collect`) deleted, or would delete in a dry run."""
 
     kept: list[SnapshotRef]
     dropped: list[SnapshotRef]
-    #: Chunks no kept manifest names -> their size where a manifest (a dropped
-    #: one) says it; None for chunks no manifest names at all (a killed upload's).
+    #: Chunks deleted -> their size where a manifest says it; None for chunks
+    #: no manifest names at all (a killed upload's).
     chunks: dict[str, int | None]
-    #: Half-written objects of killed writers under chunks/ and snapshots/.
+    #: Half-written objects of killed writers.
     temps: list[str]
 
     @property
@@ -140,6 +151,24 @@ class GcPlan:
     @property
     def unsized(self) -> int:
         return sum(1 for n in self.chunks.values() if n is None)
+
+
+def retained(
+    snapshots: Sequence[tuple[SnapshotRef, bool]], keep: int
+) -> tuple[list[SnapshotRef], list[SnapshotRef]]:
+    """Retention's rule over one stream, newest first, each with whether it is
+    restorable: (kept, dropped). A snapshot is kept while fewer than `keep`
+    restorable ones are newer than it: the `keep` newest restorable ones, and
+    every damaged one newer than the oldest of those (kept for inspection,
+    never counted). So a damaged snapshot never displaces a whole one, and no
+    snapshot is dropped that "the `keep` newest" would have kept."""
+    kept: list[SnapshotRef] = []
+    dropped: list[SnapshotRef] = []
+    whole = 0
+    for ref, ok in snapshots:
+        (kept if whole < keep else dropped).append(ref)
+        whole += ok
+    return kept, dropped
 
 
 def chunk_sizes(manifest: Manifest) -> dict[str, int]:
@@ -165,9 +194,12 @@ class Repository:
         self.backend = backend
         #: The snapshot stream this process reads and writes (rank_stream()).
         self.stream = stream
-        #: Every rank's manifests as `world.World` loaded them, by key: they are
-        #: written once and never changed, so each is read once per process.
-        self.world_manifests: dict[str, Manifest] = {}
+        #: Manifests by key as load_cached read them (or the error): they are
+        #: written once and never changed, so retention, run after every
+        #: snapshot, reads each one once per process.
+        self.loaded: dict[str, Manifest | ManifestError] = {}
+        #: Whether each snapshot (by key) is restorable, as judged (see judge).
+        self._verdicts: dict[str, bool] = {}
         self.chunk_size = chunk_size
         self.hash_name = hash_name
         #: The hex digest of a chunk, by the repository's own hash (ckpt.json).
@@ -204,12 +236,18 @@ class Repository:
                 "hash": HASH_NAME,
             }
             backend.create_exclusive(CONFIG_KEY, json.dumps(config, indent=1).encode())
-            raw = backend.read(CONFIG_KEY)
+            try:
+                raw = backend.read(CONFIG_KEY)
+            except NotFound:  # there, but not an object (a directory, a FIFO)
+                raise ConfigError(
+                    f"{backend.display}/{CONFIG_KEY} is not a file: point --remote at an "
+                    "empty location or a ckpt repository"
+                ) from None
         try:
             config = json.loads(raw)
             if not isinstance(config, dict):
                 raise ValueError("not an object")
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise ConfigError(
                 f"{backend.display}/{CONFIG_KEY} is not a ckpt repository config ({exc}); "
                 "point --remote at an empty location or a ckpt repository"
@@ -228,9 +266,18 @@ class Repository:
             )
         chunk_size = config.get("chunk_size")
         # bool is an int to Python: `true` would make 1-byte chunks, and manifests
-        # (which refuse such a chunk_size) that no restore could read.
-        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
-            raise ConfigError(f"repository {backend.display} has a bad chunk_size")
+        # (which refuse such a chunk_size) that no restore could read. Memory
+        # is (--concurrency + 2) chunks: a size beyond MAX_CHUNK_SIZE is no
+        # repository ckpt made.
+        if (
+            not isinstance(chunk_size, int)
+            or isinstance(chunk_size, bool)
+            or not 0 < chunk_size <= MAX_CHUNK_SIZE
+        ):
+            raise ConfigError(
+                f"repository {backend.display} has a bad chunk_size {str(chunk_size)[:40]} "
+                f"(1 to {MAX_CHUNK_SIZE} bytes); use another --remote"
+            )
         return cls(backend, chunk_size, hash_name)
 
     # -- snapshots
@@ -298,6 +345,25 @@ class Repository:
             raise ManifestError("has disappeared (pruned by another process?)") from None
         return self.parse_manifest(data, ref.key)
 
+    def load_cached(self, ref: SnapshotRef) -> Manifest:
+        """load(), each manifest read once per process (see `loaded`)."""
+        m = self.loaded.get(ref.key)
+        if m is None:
+            try:
+                m = self.load(ref)
+            except ManifestError as exc:
+                m = exc
+            self.loaded[ref.key] = m
+        if isinstance(m, ManifestError):
+            raise m
+        return m
+
+    def forget_manifests(self, keys: Iterable[str]) -> None:
+        """Deleted (or no longer listed) manifests: drop what is cached of them."""
+        for key in keys:
+            self.loaded.pop(key, None)
+            self._verdicts.pop(key, None)
+
     def parse_manifest(self, data: bytes, key: str) -> Manifest:
         """Manifest.from_bytes, and the manifest must name chunks by this
         repository's hash (its chunks could never verify otherwise)."""
@@ -305,6 +371,12 @@ class Repository:
         if manifest.hash != self.hash_name:
             raise ManifestError(
                 f"names its chunks by {manifest.hash}, the repository by {self.hash_name}"
+            )
+        if manifest.chunk_size != self.chunk_size:
+            # Its chunks could not be cut from files this way, and a restore
+            # must not hold buffers of a size a manifest chose.
+            raise ManifestError(
+                f"has chunk_size {manifest.chunk_size}, the repository {self.chunk_size}"
             )
         return manifest
 
@@ -357,6 +429,12 @@ class Repository:
 
     def get_chunk(self, digest: str, expected_size: int | None = None) -> bytes:
         """Read and verify a chunk; ChunkError if missing, short or corrupt."""
+        if expected_size is not None and isinstance(self.backend, LocalBackend):
+            # Never more than the expected size in memory (a planted object
+            # may be of any size); other backends read the object whole.
+            buf = bytearray(expected_size)
+            self.read_chunk_into(digest, memoryview(buf))
+            return bytes(buf)
         try:
             data = self.backend.read(chunk_key(digest))
         except NotFound:
@@ -406,36 +484,81 @@ class Repository:
 
     # -- retention
 
-    def gc(self, keep: int, *, sweep: bool = True) -> GcReport:
-        """Keep the newest `keep` snapshots; delete older manifests, then chunks
-        no kept manifest names. Only the lease holder may call this; it runs
-        between snapshots, so no upload of this writer is in flight.
+    def judge(
+        self,
+        loaded: Iterable[tuple[SnapshotRef, Manifest | ManifestError]],
+        present: set[str] | None = None,
+    ) -> dict[str, bool]:
+        """Whether each snapshot can be restored (key -> bool): its manifest
+        parses and every chunk it names is in the store.
 
-        sweep=True lists every chunk and deletes all unreferenced ones (also
+        With `present` (one listing of chunks/ and trash/), every snapshot is
+        judged by it. Without, a snapshot judged before keeps its verdict and
+        one first seen now is whole if it parses: a writer writes a manifest
+        after every chunk it names, and retention never deletes a chunk a
+        kept manifest names, so only a chunk deleted behind ckpt's back since
+        could be missing (the next listing finds that). This is what keeps
+        retention on the snapshot thread free of a listing per snapshot."""
+        out: dict[str, bool] = {}
+        for ref, m in loaded:
+            if isinstance(m, ManifestError):
+                verdict = False
+            elif present is not None:
+                verdict = m.chunk_digests() <= present
+            else:
+                verdict = self._verdicts.get(ref.key, True)
+            out[ref.key] = self._verdicts[ref.key] = verdict
+        return out
+
+    def _loaded(
+        self, refs: list[SnapshotRef]
+    ) -> list[tuple[SnapshotRef, Manifest | ManifestError]]:
+        out: list[tuple[SnapshotRef, Manifest | ManifestError]] = []
+        for ref in refs:
+            try:
+                out.append((ref, self.load_cached(ref)))
+            except ManifestError as exc:
+                out.append((ref, exc))
+        return out
+
+    def gc(self, keep: int, *, sweep: bool = True) -> GcReport:
+        """Retention of the single-node stream: keep the newest `keep`
+        restorable snapshots and every damaged one newer than them (`retained`);
+        delete older manifests, then chunks no remaining manifest names. Only
+        the lease holder may call this; it runs between snapshots, so no
+        upload of this writer is in flight.
+
+        sweep=True lists every chunk (chunks/ and trash/), judges every
+        snapshot by that listing, and deletes all unreferenced chunks (also
         orphans of uploads that crashed before their manifest); sweep=False
-        only considers the chunks the dropped manifests named (no listing)."""
+        lists nothing (see judge) and only considers the chunks the dropped
+        manifests named."""
         if self.stream:
             raise ValueError("gc() prunes the single-node stream; ranks prune with world.prune")
         refs = self.snapshots()
-        kept, dropped = refs[:keep], refs[keep:]
+        listed = self.list_chunks() if sweep else None
+        present = listed | self.trash_chunks() if listed is not None else None
+        loaded = self._loaded(refs)
+        whole = self.judge(loaded, present)
+        kept, dropped = retained([(r, whole[r.key]) for r in refs], keep)
         if not dropped and not sweep:
             return GcReport([], 0, [r.key for r in kept])
         referenced = self.rank_chunks()
-        for ref in kept:
-            try:
-                referenced |= self.load(ref).chunk_digests()
-            except ManifestError:
-                continue  # a damaged manifest needs nothing; it is kept for inspection
         candidates: set[str] = set()
+        dropped_keys = {r.key for r in dropped}
+        for ref, m in loaded:
+            if isinstance(m, ManifestError):
+                continue  # a damaged manifest names nothing we could read
+            if ref.key in dropped_keys:
+                if listed is None:
+                    candidates |= m.chunk_digests()
+            else:
+                referenced |= m.chunk_digests()
         for ref in dropped:
-            if not sweep:
-                # A damaged dropped manifest's chunks wait for the next sweep.
-                with contextlib.suppress(ManifestError):
-                    candidates |= self.load(ref).chunk_digests()
             self.backend.delete(ref.key)
-        if sweep:
-            names = (n.rsplit("/", 1)[-1] for n in self.backend.list(CHUNKS))
-            candidates = {d for d in names if HASH_RE.match(d)}
+        self.forget_manifests(r.key for r in dropped)
+        if listed is not None:
+            candidates = listed
             # Half-written chunks of a writer killed mid-upload (local disks and
             # SFTP write to a temp name first). Only the lease holder sweeps, on
             # its snapshot thread between snapshots: none of them is its own.
@@ -455,42 +578,119 @@ class Repository:
         for refs in self.rank_snapshots().values():
             for ref in refs:
                 with contextlib.suppress(ManifestError):
-                    out |= self.load(ref).chunk_digests()
+                    out |= self.load_cached(ref).chunk_digests()
         return out
 
     def present_chunks(self) -> set[str]:
         """Every readable chunk: chunks/, and trash/, where a multi-node GC
         round keeps them until every rank has seen it (get_chunk reads both)."""
-        names = (n.rsplit("/", 1)[-1] for p in (CHUNKS, TRASH) for n in self.backend.list(p))
-        return {d for d in names if HASH_RE.match(d)}
+        return self.list_chunks() | self.trash_chunks()
 
     def list_chunks(self) -> set[str]:
         """Every chunk in the store, by one listing of chunks/ (never cached:
         `ckpt verify` and `ckpt ls` want the store as it is now)."""
-        names = (n.rsplit("/", 1)[-1] for n in self.backend.list(CHUNKS))
-        return {d for d in names if HASH_RE.match(d)}
+        return _digests(self.backend.list(CHUNKS))
 
-    def plan_gc(self, keep: int) -> GcPlan:
-        """What gc(keep) would delete now, and the bytes it would free; reads
-        every manifest, lists chunks/ once, deletes nothing (no lease needed)."""
-        refs = self.snapshots()
-        kept, dropped = refs[:keep], refs[keep:]
-        referenced = self.rank_chunks()
-        for ref in kept:
-            with contextlib.suppress(ManifestError):
-                referenced |= self.load(ref).chunk_digests()
-        sizes: dict[str, int] = {}
-        for ref in dropped:
-            with contextlib.suppress(ManifestError):
-                sizes.update(chunk_sizes(self.load(ref)))
-        unreferenced = self.list_chunks() - referenced
-        temps = self.backend.list(CHUNKS, temp=True) + self.backend.list(SNAPSHOTS, temp=True)
-        return GcPlan(kept, dropped, {d: sizes.get(d) for d in sorted(unreferenced)}, temps)
+    def trash_chunks(self) -> set[str]:
+        """Every chunk a multi-node GC round moved to trash/, by one listing."""
+        return _digests(self.backend.list(TRASH))
 
     # -- lease
 
     def lease(self, owner: str, ttl: float) -> Lease:
         return Lease(self.backend, owner, ttl, key=self.stream + LEASE_KEY)
+
+
+class Recorder:
+    """A backend for one collection (`ckpt gc`): reads pass through; every
+    delete of an object that exists is recorded (`deleted`), as is every key
+    a listing of temp names returned (`temps`). With dry_run it deletes,
+    renames and writes nothing, and shows the code after them the store as
+    if it had (an overlay): a dry run goes through the very code of the real
+    one and records what that would delete."""
+
+    def __init__(self, backend: Backend, *, dry_run: bool) -> None:
+        self.inner = backend
+        self.display = backend.display
+        self.dry_run = dry_run
+        self.deleted: list[str] = []
+        self.temps: set[str] = set()
+        #: Keys gone (deleted or moved away), and keys that appeared: the
+        #: bytes written, or the key whose object was moved here.
+        self._gone: set[str] = set()
+        self._new: dict[str, bytes | str] = {}
+        #: One listing per top-level prefix, for whether an object exists.
+        self._listed: dict[str, set[str]] = {}
+
+    def _exists(self, key: str) -> bool:
+        if key in self._new:
+            return True
+        if key in self._gone:
+            return False
+        if key in self.temps:  # hidden from a plain listing
+            return True
+        top = key.split("/", 1)[0] + "/" if "/" in key else ""
+        if top not in self._listed:
+            self._listed[top] = set(self.inner.list(top))
+        return key in self._listed[top]
+
+    def read(self, key: str) -> bytes:
+        new = self._new.get(key)
+        if new is not None:
+            return new if isinstance(new, bytes) else self.inner.read(new)
+        if key in self._gone:
+            raise NotFound(key)
+        return self.inner.read(key)
+
+    def write(self, key: str, data: bytes) -> None:
+        if not self.dry_run:
+            self.inner.write(key, data)
+        self._new[key] = bytes(data)
+        self._gone.discard(key)
+
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        if not self.dry_run:
+            return self.inner.create_exclusive(key, data)
+        if self._exists(key):
+            return False
+        self.write(key, data)
+        return True
+
+    def delete(self, key: str) -> None:
+        if self._exists(key):
+            self.deleted.append(key)
+        if not self.dry_run:
+            self.inner.delete(key)
+        self._new.pop(key, None)
+        self._gone.add(key)
+
+    def rename(self, src: str, dst: str) -> None:
+        if not self.dry_run:
+            self.inner.rename(src, dst)
+            self._new.pop(src, None)
+            self._new[dst] = dst  # there now: read it there
+        elif not self._exists(src):
+            raise NotFound(src)
+        else:
+            self._new[dst] = self._new.pop(src, src)
+        self._gone.add(src)
+        self._gone.discard(dst)
+
+    def list(self, prefix: str, *, temp: bool = False) -> list[str]:
+        keys = self.inner.list(prefix, temp=temp)
+        if self.dry_run:
+            keys = [k for k in keys if k not in self._gone]
+            if not temp:
+                seen = set(keys)
+                keys += [k for k in self._new if k.startswith(prefix) and k not in seen]
+        if temp:
+            self.temps.update(keys)
+        return keys
+
+
+def _digests(keys: Iterable[str]) -> set[str]:
+    names = (k.rsplit("/", 1)[-1] for k in keys)
+    return {d for d in names if HASH_RE.match(d)}
 
 
 def iter_manifests(repo: Repository) -> Iterator[tuple[SnapshotRef, Manifest | ManifestError]]:

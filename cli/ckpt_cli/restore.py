@@ -26,14 +26,22 @@ import errno
 import functools
 import os
 import secrets
-import shutil
 import stat
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ckpt._fs import MARKER, SPECIAL_BITS, cannot_swap, is_reserved, move_in, swap_in, write_marker
+from ckpt._fs import (
+    MARKER,
+    SPECIAL_BITS,
+    cannot_swap,
+    is_reserved,
+    move_in,
+    remove_tree,
+    swap_in,
+    write_marker,
+)
 from ckpt_cli import console, world
 from ckpt_cli.errors import ConfigError, RestoreError
 from ckpt_cli.kept import (
@@ -45,6 +53,7 @@ from ckpt_cli.kept import (
     restorable,
 )
 from ckpt_cli.manifest import Entry, Manifest, ManifestError
+from ckpt_cli.repo_tools import DamagedError
 from ckpt_cli.repository import (
     Buffers,
     ChunkError,
@@ -53,7 +62,7 @@ from ckpt_cli.repository import (
     iter_manifests,
     newest_manifest,
 )
-from ckpt_cli.snapshotter import MAX_OPEN_FILES, LocalEntry, Snapshotter, link_escapes, scan
+from ckpt_cli.snapshotter import MAX_OPEN_FILES, LocalEntry, Snapshotter, scan
 
 
 @dataclasses.dataclass
@@ -93,7 +102,7 @@ def _restore_one(
             write_marker(staging, {"phase": "swap"})
             os.chmod(staging, _dir_mode(target))
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_tree(staging)
         raise
     durable = functools.partial(restorable, repo, manifest)
     if inside:
@@ -102,7 +111,7 @@ def _restore_one(
             holding.mkdir(mode=0o700)
             move_in(staging, target, holding)
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            remove_tree(staging)
             with contextlib.suppress(OSError):
                 holding.rmdir()
             raise
@@ -112,7 +121,7 @@ def _restore_one(
     try:
         old = swap_in(staging, target)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_tree(staging)
         raise
     kept = None
     if old is not None:
@@ -155,14 +164,17 @@ def restore(
         raise ConfigError(f"{target} is not a directory (--dir)")
     target.parent.mkdir(parents=True, exist_ok=True)
     recover_interrupted(target)
+    ref_given = ref
     if ref is not None:  # exactly this one (a rank's part of a global generation)
         candidates = [ref]
-        snapshot = ref.id
     elif snapshot is not None:
         found = repo.find(snapshot)
         if found is None:
-            raise RestoreError(
-                f"no snapshot {snapshot!r} in {repo.display} (see `ckpt ls {repo.display}`)"
+            # Bad input, not an outage: no retry finds it (exit 78, like show).
+            raise ConfigError(
+                f"no snapshot {snapshot!r} in {repo.display} (--snapshot: an id, a unique id "
+                f"prefix of 4 or more characters, or a generation number; see "
+                f"`ckpt ls {repo.display}`)"
             )
         candidates = [found]
     else:
@@ -173,7 +185,7 @@ def restore(
     for ref in candidates:  # noqa: PLR1704 - the loop variable is the one tried
         try:
             manifest = repo.load(ref)
-            _check_symlinks(manifest)
+            _check_reserved(manifest)
             _restore_one(
                 repo, manifest, target, concurrency=concurrency, progress=progress, warn=warn
             )
@@ -185,8 +197,10 @@ def restore(
                     repo.forget_chunk(digest)
             reason = f"snapshot {_name(ref)} {exc}"
             skipped.append(reason)
-            if snapshot is not None:
+            if ref_given is not None:  # a rank's part of a step: no other will do
                 raise RestoreError(f"{reason}; {target} is untouched") from None
+            if snapshot is not None:  # asked for by name: damaged, no retry mends it
+                raise DamagedError(f"{reason}; {target} is untouched") from None
             warn(f"{reason}; trying the previous one")
             continue
         except OSError as exc:
@@ -211,16 +225,13 @@ def _name(ref: SnapshotRef) -> str:
     return f"{ref.id} (generation {ref.generation})"
 
 
-def _check_symlinks(manifest: Manifest) -> None:
-    """Links that lead out, and top-level names ckpt reserves inside --dir
-    (no snapshot takes them: a manifest that has one is crafted)."""
+def _check_reserved(manifest: Manifest) -> None:
+    """Top-level names ckpt reserves inside --dir: no snapshot takes them, so
+    a manifest that has one is crafted (escaping symlinks are refused when the
+    manifest is parsed)."""
     for e in manifest.entries:
         if is_reserved(e.path.split("/", 1)[0]):
             raise ManifestError(f"has a path {e.path!r} in the names ckpt reserves (.ckpt-*)")
-    links = {e.path: e.target for e in manifest.entries if e.type == "symlink"}
-    for e in manifest.entries:
-        if e.type == "symlink" and link_escapes(e.path, e.target, links):
-            raise ManifestError(f"has a symlink {e.path!r} that leads out of the directory")
 
 
 def materialise(
@@ -233,17 +244,51 @@ def materialise(
 ) -> None:
     """Write every entry of manifest under dest (a fresh directory), verifying
     each chunk's hash. Files are created exclusively and never through links.
-    progress(bytes written, total) is called as chunks land, from any thread."""
+    progress(bytes written, total) is called as chunks land, from any thread.
+    A path the filesystem cannot hold under dest (ENAMETOOLONG) makes the
+    snapshot unusable here: ManifestError, like any other it cannot restore."""
     dest.mkdir(mode=0o700)
+    try:
+        _materialise(repo, manifest, dest, concurrency, progress)
+    except OSError as exc:
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+        raise ManifestError(
+            f"has a path too long to restore under {dest.parent} ({exc.filename})"
+        ) from None
+
+
+def _materialise(
+    repo: Repository,
+    manifest: Manifest,
+    dest: Path,
+    concurrency: int,
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    made = {""}
+
+    def makedirs(rel: str) -> None:
+        """mkdir -p dest/rel without recursion (Path.mkdir(parents=True)
+        recurses once per missing level; a manifest may be 1,000 deep)."""
+        missing = []
+        while rel not in made:
+            missing.append(rel)
+            rel = rel.rpartition("/")[0]
+        for d in reversed(missing):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(dest / d)
+            made.add(d)
+
     dirs = [e for e in manifest.entries if e.type == "dir"]
     for e in dirs:
-        (dest / e.path).mkdir(parents=True, exist_ok=True)
+        makedirs(e.path)
     slots = threading.BoundedSemaphore(max(1, concurrency) + 2)
     chunk = manifest.chunk_size
 
     total, written, lock = manifest.total_size, [0], threading.Lock()
 
-    buffers = Buffers(chunk)
+    # Buffers no larger than the largest file: small files, small buffers.
+    buffers = Buffers(min(chunk, max((e.size for e in manifest.files), default=0)))
 
     def fetch(fd: int, writing: threading.Lock, digest: str, offset: int, length: int) -> None:
         try:
@@ -289,7 +334,7 @@ def materialise(
                 group = []
                 for e in files[start : start + width]:
                     path = dest / e.path
-                    path.parent.mkdir(parents=True, exist_ok=True)
+                    makedirs(e.path.rpartition("/")[0])
                     fd = os.open(
                         path,
                         os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -322,7 +367,7 @@ def materialise(
                     os.close(fd)
     for e in manifest.entries:
         if e.type == "symlink":
-            (dest / e.path).parent.mkdir(parents=True, exist_ok=True)
+            makedirs(e.path.rpartition("/")[0])
             os.symlink(e.target, dest / e.path)
     for e in sorted(dirs, key=lambda d: d.path.count("/"), reverse=True):
         os.chmod(dest / e.path, restored_mode(e.mode) | 0o700)

@@ -23,17 +23,16 @@ import errno
 import fnmatch
 import functools
 import os
-import posixpath
 import re
 import stat
 import threading
 import time
-from collections.abc import Callable, Generator, Iterable, Mapping
+from collections.abc import Callable, Generator, Iterable
 from pathlib import Path
 
 from ckpt import _contract as contract
 from ckpt_cli import world
-from ckpt_cli.manifest import Entry, Manifest, host_name
+from ckpt_cli.manifest import Entry, Manifest, host_name, link_escapes
 from ckpt_cli.repository import Buffers, Repository
 
 #: Names that are never snapshotted: one definition, shared with the shim.
@@ -73,40 +72,6 @@ def _matcher(patterns: tuple[str, ...]) -> Callable[[str], re.Match[str] | None]
     return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns)).match
 
 
-def link_escapes(path: str, target: str, links: Mapping[str, str] | None = None) -> bool:
-    """True for a symlink at `path` (relative to the root) whose target is
-    absolute or leads out of the root, also through other links of the tree
-    (`links`: path -> target), e.g. "here" -> "." and "up" -> "here/..".
-    Such links are not checkpoint data: never recorded, never restored."""
-    return _resolve(path, target, links or {}, 0) is None
-
-
-def _resolve(path: str, target: str, links: Mapping[str, str], depth: int) -> str | None:
-    """Where the link at path points, relative to the root; None if outside."""
-    if not target or target.startswith("/") or depth > 40:
-        return None
-    parent = posixpath.dirname(path)
-    stack = parent.split("/") if parent else []
-    for part in target.split("/"):
-        if part in ("", "."):
-            continue
-        if part == "..":
-            if not stack:
-                return None
-            stack.pop()
-            continue
-        stack.append(part)
-        here = "/".join(stack)
-        if here in links and here != path:
-            inner = _resolve(here, links[here], links, depth + 1)
-            if inner is None:
-                return None
-            stack = inner.split("/") if inner else []
-        elif here == path:
-            return None  # a link through itself: a loop
-    return "/".join(stack)
-
-
 @dataclasses.dataclass(frozen=True)
 class LocalEntry:
     path: str
@@ -130,11 +95,15 @@ def scan(
     root_str = str(root)
     out: list[LocalEntry] = []
 
-    def walk(directory: str, rel: str) -> None:
+    # Directories still to read: a stack, not recursion (a tree any number
+    # of levels deep is scanned; Python's stack ends at 1000 frames).
+    todo = [(root_str, "")]
+    while todo:
+        directory, rel = todo.pop()
         try:
             it = os.scandir(directory)
         except FileNotFoundError:
-            return
+            continue
         with it:
             for d in it:
                 if ignored(d.name):
@@ -147,7 +116,7 @@ def scan(
                 mode = stat.S_IMODE(st.st_mode)
                 if stat.S_ISDIR(st.st_mode):
                     out.append(LocalEntry(path, "dir", mode, 0, st.st_mtime_ns, st.st_ino))
-                    walk(d.path, path + "/")
+                    todo.append((d.path, path + "/"))
                 elif stat.S_ISREG(st.st_mode):
                     out.append(
                         LocalEntry(path, "file", mode, st.st_size, st.st_mtime_ns, st.st_ino)
@@ -163,7 +132,6 @@ def scan(
                     out.append(LocalEntry(path, "symlink", mode, 0, 0, st.st_ino, target))
                 # sockets, fifos and devices are not checkpoint data
 
-    walk(str(root), "")
     links = {e.path: e.target for e in out if e.type == "symlink"}
     escaping = {p for p, t in links.items() if link_escapes(p, t, links)}
     if escaping:  # restore refuses links that lead outside: never record one

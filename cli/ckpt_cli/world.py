@@ -8,7 +8,9 @@ another rank's upload. No coordinator: the repository is the only shared state.
   0..W-1 has a manifest with that step and world size, each loads, and every
   chunk they name is in the store. Each rank restores its own manifest of the
   newest complete step: the same cut on every rank.
-- Only rank 0 prunes. Chunks that no kept manifest names are not deleted at
+- Only rank 0 prunes: the `keep` newest complete steps, a step counting only
+  when every rank's part of it is restorable (a damaged step never displaces
+  a whole one). Chunks that no kept manifest names are not deleted at
   once: a GC round (gc/<seq>-<id>.json) lists them and moves them to trash/.
   Every rank reads new rounds before each snapshot, forgets their chunks (so
   it uploads them again rather than naming a trashed one) and records the
@@ -18,6 +20,8 @@ another rank's upload. No coordinator: the repository is the only shared state.
   written by a rank that had not seen the round yet). A restore reads a chunk
   from trash/ while it waits there. This is the two-step "fossil" collection
   of duplicacy, with the lease standing in for "this rank is still writing".
+- `ckpt gc` (`collect`) prunes every stream of a stopped job through a
+  `Recorder`, so its dry run is the same code and says what the run does.
 Imports: standard library, `repository`, `manifest`, `lease`, `remote`.
 """
 
@@ -28,19 +32,25 @@ import dataclasses
 import json
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from ckpt_cli import console
 from ckpt_cli.errors import ConfigError
 from ckpt_cli.lease import Lease, live_leases
-from ckpt_cli.manifest import Manifest, ManifestError
+from ckpt_cli.manifest import HASH_RE, SNAPSHOTS, Manifest, ManifestError
 from ckpt_cli.remote import NotFound
 from ckpt_cli.repository import (
+    CHUNKS,
     RANKS,
+    GcPlan,
+    Recorder,
     Repository,
     SnapshotRef,
     chunk_key,
+    chunk_sizes,
     rank_stream,
+    retained,
+    snapshot_ref,
     stream_rank,
     trash_key,
 )
@@ -86,21 +96,17 @@ class World:
             listing[rank_stream(rank, 2)] = refs
         # Manifests are written once and never changed: rank 0 prunes after
         # every snapshot, and reads each manifest of every rank only once.
-        cache = repo.world_manifests
         listed = {ref.key for refs in listing.values() for ref in refs}
-        for key in list(cache):
-            if key not in listed:
-                del cache[key]
+        repo.forget_manifests([key for key in repo.loaded if key not in listed])
         for stream, refs in listing.items():
             loaded: list[tuple[SnapshotRef, Manifest | ManifestError]] = []
             for ref in refs:
                 try:
-                    m = cache.get(ref.key) or repo.load(ref)
+                    m = repo.load_cached(ref)
                     if (m.rank, m.world_size > 1) != (stream_rank(stream), bool(stream)):
                         raise ManifestError(
                             f"says rank {m.rank} of {m.world_size} but is in {stream or 'the root'}"
                         )
-                    cache[ref.key] = m
                     loaded.append((ref, m))
                 except ManifestError as exc:
                     loaded.append((ref, exc))
@@ -120,10 +126,18 @@ class World:
     def newest_overall(self) -> Manifest | None:
         return max((m for _r, m in self.manifests()), key=lambda m: m.created, default=None)
 
-    def generations(self, present: set[str] | None = None) -> list[Generation]:
+    def loaded(self) -> Iterator[tuple[SnapshotRef, Manifest | ManifestError]]:
+        """Every snapshot of every stream, loaded, or the error that makes it damaged."""
+        for loaded in self.streams.values():
+            yield from loaded
+
+    def generations(
+        self, present: set[str] | None = None, *, whole: Mapping[str, bool] | None = None
+    ) -> list[Generation]:
         """Complete steps, newest (highest step) first. With `present` (the
         chunks in the store), a step whose chunks are not all there is not
-        complete."""
+        complete; with `whole` (Repository.judge), one whose part of some
+        rank is not restorable."""
         groups: dict[tuple[int, int], dict[int, Member]] = {}
         for loaded in self.streams.values():
             for ref, m in loaded:
@@ -134,11 +148,14 @@ class World:
                     members[m.rank] = Member(m.rank, ref, m)
         out = []
         for (step, w), members in groups.items():
-            if set(members) != set(range(w)):
+            # Ranks 0..w-1 each once (no set of range(w): w comes from a manifest).
+            if len(members) != w or max(members) >= w:
                 continue
             if present is not None and any(
                 not mem.manifest.chunk_digests() <= present for mem in members.values()
             ):
+                continue
+            if whole is not None and not all(whole[mem.ref.key] for mem in members.values()):
                 continue
             out.append(Generation(step, w, members))
         out.sort(key=lambda g: (g.step, g.created), reverse=True)
@@ -192,16 +209,28 @@ def choose(
             f"step {g.step}, complete on all {_ranks(g.world_size)}",
         )
     newest = world.newest_overall()
-    if newest is not None and newest.world_size != world_size and not allow_change:
-        raise _world_changed(newest.world_size, world_size, "its newest snapshot")
-    own = world.newest(rank_stream(rank, world_size))
-    ref = next((r for r, m in world.manifests(rank_stream(rank, world_size)) if m is own), None)
-    if own is None and allow_change and newest is not None:
-        # a world of another size: this rank's stream of that world, if any
-        old = world.newest(rank_stream(rank, newest.world_size))
-        if old is not None:
-            own = old
-            ref = next(r for r, m in world.manifests() if m is old)
+    if newest is not None and newest.world_size != world_size:
+        if not allow_change:
+            raise _world_changed(newest.world_size, world_size, "its newest snapshot")
+        old = newest.world_size
+        if rank >= old:
+            return Choice(
+                None,
+                None,
+                None,
+                False,
+                f"the newest snapshot was written by {_ranks(old)}: rank {rank} starts empty",
+            )
+        # Old rank r's newest snapshot of that world (its stream may also
+        # hold older snapshots of other worlds; they are not what it had last).
+        stream = rank_stream(rank, old)
+        found = next(
+            ((r, m) for r, m in world.manifests(stream) if m.world_size == old), (None, None)
+        )
+        ref, own = found
+    else:
+        own = world.newest(rank_stream(rank, world_size))
+        ref = next((r for r, m in world.manifests(rank_stream(rank, world_size)) if m is own), None)
     if own is None:
         return Choice(None, None, None, world_size == 1, f"rank {rank} has no snapshot yet")
     if world_size == 1:  # one node: its own newest is all there is to agree on
@@ -261,10 +290,14 @@ def rounds(repo: Repository, after: int = 0) -> list[Round]:
             continue
         try:
             doc = json.loads(repo.backend.read(key))
-            chunks = tuple(str(c) for c in doc["chunks"])
+            chunks = tuple(doc["chunks"])
+            # Its names become keys that are moved and deleted: anything but
+            # a chunk's name (say "../../x") makes the record a damaged one.
+            if not all(isinstance(c, str) and HASH_RE.match(c) for c in chunks):
+                continue
             done = bool(doc.get("done", False))
             out.append(Round(seq, key, float(doc.get("created", 0)), chunks, done))
-        except (NotFound, ValueError, KeyError, TypeError):
+        except (NotFound, ValueError, KeyError, TypeError, RecursionError):
             continue
     return out
 
@@ -291,12 +324,17 @@ class PruneReport:
     waiting: list[int] = dataclasses.field(default_factory=list)  # rounds not ready
 
 
-def retention(world: World, keep: int) -> tuple[list[SnapshotRef], list[SnapshotRef]]:
-    """(kept, dropped) refs of the rank streams: the `keep` newest complete
-    steps; of each rank everything from its manifest of the oldest kept step
-    on; each rank's newest. Without complete steps, each rank's `keep` newest.
-    The single-node stream is its own run's to prune, never touched here."""
-    gens = world.generations()[:keep]
+def retention(
+    world: World, keep: int, whole: Mapping[str, bool]
+) -> tuple[list[SnapshotRef], list[SnapshotRef]]:
+    """(kept, dropped) refs of the rank streams, given which snapshots are
+    restorable (`whole`, Repository.judge): the `keep` newest complete steps
+    (every rank's part of each restorable); of each rank everything from its
+    manifest of the oldest kept step on; each rank's newest. Without complete
+    steps, each rank by the single-node rule (`retained`): its `keep` newest
+    restorable snapshots and the damaged ones newer than them. The
+    single-node stream is its own run's to prune, never touched here."""
+    gens = world.generations(whole=whole)[:keep]
     kept: list[SnapshotRef] = []
     dropped: list[SnapshotRef] = []
     for stream, loaded in world.streams.items():
@@ -304,8 +342,13 @@ def retention(world: World, keep: int) -> tuple[list[SnapshotRef], list[Snapshot
             continue
         rank = stream_rank(stream)
         cutoffs = [g.members[rank].ref.generation for g in gens if rank in g.members]
+        if not cutoffs:
+            k, d = retained([(ref, whole[ref.key]) for ref, _m in loaded], keep)
+            kept += k
+            dropped += d
+            continue
         for i, (ref, _m) in enumerate(loaded):  # newest first
-            if i == 0 or (ref.generation >= min(cutoffs) if cutoffs else i < keep):
+            if i == 0 or ref.generation >= min(cutoffs):
                 kept.append(ref)
             else:
                 dropped.append(ref)
@@ -327,12 +370,30 @@ def live_ranks(
     return {int(m.group(1)) for p in live if (m := _LEASE_RE.match(p.key))}
 
 
-def prune(repo: Repository, keep: int, *, me: int, ttl: float, sweep: bool = False) -> PruneReport:
+def prune(
+    repo: Repository,
+    keep: int,
+    *,
+    me: int,
+    ttl: float,
+    sweep: bool = False,
+    live: set[int] | None = None,
+) -> PruneReport:
     """Rank 0's retention and GC (module docstring). Runs on rank 0's snapshot
-    thread between its snapshots, holding its lease."""
+    thread between its snapshots, holding its lease. sweep: also take every
+    chunk no manifest names, and judge every snapshot by one listing of the
+    chunks (Repository.judge: without it, only snapshots first seen now are
+    judged, by the ordering rule). live: the ranks taken to hold their lease
+    (None: read the leases)."""
     report = PruneReport()
     world = World(repo)
-    _kept, dropped = retention(world, keep)
+    listed = repo.list_chunks() if sweep else None
+    present = listed | repo.trash_chunks() if listed is not None else None
+    whole = repo.judge(
+        [(ref, m) for stream, loaded in world.streams.items() if stream for ref, m in loaded],
+        present,
+    )
+    _kept, dropped = retention(world, keep, whole)
     dropped_keys = {r.key for r in dropped}
     referenced: set[str] = set()
     for ref, m in world.manifests():
@@ -343,7 +404,7 @@ def prune(repo: Repository, keep: int, *, me: int, ttl: float, sweep: bool = Fal
     records = rounds(repo)
     open_rounds = [r for r in records if not r.done]
     last_done = max((r.seq for r in records if r.done), default=0)
-    live = live_ranks(repo, ttl) - {me}
+    live = (live_ranks(repo, ttl) if live is None else live) - {me}
     seen_by: dict[int, int] = {}
     for stream in world.streams:
         newest = world.newest(stream)
@@ -375,11 +436,12 @@ def prune(repo: Repository, keep: int, *, me: int, ttl: float, sweep: bool = Fal
     candidates: set[str] = set()
     for ref in dropped:
         with contextlib.suppress(ManifestError):
-            candidates |= repo.load(ref).chunk_digests()
+            candidates |= repo.load_cached(ref).chunk_digests()
         repo.backend.delete(ref.key)
         report.dropped.append(ref.key)
-    if sweep:
-        candidates |= repo.list_chunks()
+    repo.forget_manifests(report.dropped)
+    if listed is not None:
+        candidates |= listed
     # Chunks waiting in an open round are not taken again.
     waiting = {d for r in open_rounds if r.seq in report.waiting for d in r.chunks}
     candidates -= referenced | waiting
@@ -395,7 +457,7 @@ def prune(repo: Repository, keep: int, *, me: int, ttl: float, sweep: bool = Fal
             with contextlib.suppress(NotFound):
                 repo.backend.rename(chunk_key(digest), trash_key(digest))
                 report.trashed += 1
-    steps = [g.step for g in world.generations()[:keep]]
+    steps = [g.step for g in world.generations(whole=whole)[:keep]]
     console.debug(
         f"retention (rank 0): steps kept {steps or 'none (auto mode)'}, "
         f"{len(_kept)} snapshots kept, {len(report.dropped)} dropped; "
@@ -403,3 +465,45 @@ def prune(repo: Repository, keep: int, *, me: int, ttl: float, sweep: bool = Fal
         f"{report.restored} put back, rounds waiting for a rank: {report.waiting or 'none'}"
     )
     return report
+
+
+# ------------------------------------------------------------------ ckpt gc
+
+
+def collect(repo: Repository, keep: int, *, dry_run: bool) -> GcPlan:
+    """`ckpt gc`: the retention of every stream (the single-node one by its
+    rule, the ranks' by rank 0's), then every chunk no remaining manifest
+    names and the temp objects of killed writers, for a job that has stopped
+    (the caller holds the writer lease and saw no rank's lease held).
+
+    Everything goes through a Recorder: what was deleted is read off it, and
+    a dry run is this very code on an overlay that deletes nothing, so it
+    says exactly what the run does (for a job whose ranks hold their leases,
+    what the run will do once they have stopped)."""
+    recorder = Recorder(repo.backend, dry_run=dry_run)
+    r = Repository(recorder, repo.chunk_size, repo.hash_name)
+    sizes: dict[str, int] = {}
+    for _ref, m in World(r).manifests():
+        sizes.update(chunk_sizes(m))
+    if r.rank_snapshots():
+        # The job is stopped (no rank holds its lease): every rank's stream
+        # is pruned by rank 0's rule, every snapshot judged by a listing, and
+        # the round made by the first pass is finished by the second (no rank
+        # can be behind it). A rank that starts meanwhile holds its lease,
+        # and the round waits for it.
+        stopped: set[int] | None = set() if dry_run else None
+        for _ in range(2):
+            prune(r, keep, me=-1, ttl=60.0, sweep=True, live=stopped)
+    r.gc(keep, sweep=True)
+    for key in recorder.list(SNAPSHOTS, temp=True):  # gc swept chunks/; snapshots/ too
+        recorder.delete(key)
+
+    dropped = [ref for key in recorder.deleted if (ref := snapshot_ref(key)) is not None]
+    kept = r.snapshots("") + [ref for refs in r.rank_snapshots().values() for ref in refs]
+    chunks: dict[str, int | None] = {}
+    for key in recorder.deleted:
+        name = key.rsplit("/", 1)[-1]
+        if key.startswith((CHUNKS, "trash/")) and HASH_RE.match(name):
+            chunks[name] = sizes.get(name)
+    temps = [key for key in recorder.deleted if key in recorder.temps]
+    return GcPlan(kept, dropped, dict(sorted(chunks.items())), temps)

@@ -16,7 +16,6 @@ import functools
 import json
 import os
 import re
-import shutil
 import stat
 import sys
 from collections.abc import Callable
@@ -231,4 +230,29 @@ def finish_move_in(target: Path, doc: dict[str, str]) -> None:
             if not os.path.lexists(target / name):  # only lost+found can be there
                 os.rename(staging / name, target / name)
     os.unlink(target / MARKER)
-    shutil.rmtree(staging, ignore_errors=True)  # empty, or lost+found's twin
+    remove_tree(staging)  # empty, or lost+found's twin
+
+
+def remove_tree(top: Path) -> None:
+    """shutil.rmtree(top, ignore_errors=True) without recursion: the rmtree of
+    Python 3.11 recurses once per level, and its RecursionError (a tree 1,000
+    levels deep, which a crafted snapshot or a script can make) is no OSError
+    that ignore_errors would ignore. Links are removed, never followed."""
+    stack, seen = [os.fspath(top)], []
+    while stack:
+        directory = stack.pop()
+        seen.append(directory)
+        try:
+            with os.scandir(directory) as it:
+                entries = list(it)
+        except OSError:
+            continue
+        for e in entries:
+            with contextlib.suppress(OSError):
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(e.path)
+                else:
+                    os.unlink(e.path)
+    for directory in reversed(seen):  # children before their parents
+        with contextlib.suppress(OSError):
+            os.rmdir(directory)

@@ -565,3 +565,35 @@ def test_remote_overlapping_dir_is_refused(scene: dict[str, Path], tmp_path: Pat
             n += 1
     assert not marker.exists()
     record("bad --remote: overlaps --dir", n)
+
+
+# ---------------------------------------------------------------- an unknown --snapshot
+
+
+def test_an_unknown_snapshot_is_bad_input_everywhere(remote: Path, tmp_path: Path) -> None:
+    """Injected: `--snapshot 99` (and a snapshot id no snapshot has) on a
+    remote with two snapshots. Asserted: run, restore, show, diff and verify
+    all exit 78 with one error line naming it and --snapshot or `ckpt ls`
+    (run and restore said 69, "retry later", which a service manager
+    retries forever); the child never starts; nothing changes."""
+    marker = tmp_path / "report.json"
+    ck = tmp_path / "ck"
+    n = 0
+    for wanted in ("99", "feedface"):
+        for args in (
+            ["run", "--dir", str(ck), "--remote", str(remote), "--snapshot", wanted,
+             "--", PY, "-c", f"open({str(marker)!r}, 'w')"],
+            ["restore", str(remote), str(tmp_path / "out"), "--snapshot", wanted],
+            ["show", str(remote), wanted],
+            ["diff", str(remote), "1", wanted],
+            ["verify", str(remote), "--snapshot", wanted],
+        ):  # fmt: skip
+            before = tree(tmp_path)
+            res = ckpt(args, cwd=tmp_path)
+            assert res.returncode == CONFIG, f"{args[0]}: {res.returncode}\n{res.stderr}"
+            line = one_error(res, repr(wanted))
+            assert "--snapshot" in line or "ckpt ls" in line, line
+            assert tree(tmp_path) == before
+            n += 1
+    assert not marker.exists()
+    record("bad --snapshot: no such snapshot", n)

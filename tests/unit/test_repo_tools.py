@@ -1,5 +1,5 @@
 """Inspection without changes: what an empty or missing location is, checking
-and re-hashing snapshots (also while a writer prunes), the gc plan, diffs."""
+and re-hashing snapshots (also while a writer prunes), gc's dry run, diffs."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from ckpt_cli import world
 from ckpt_cli.errors import ConfigError, RemoteError
 from ckpt_cli.manifest import Entry, Manifest, hash_bytes
 from ckpt_cli.remote import Backend, open_backend
@@ -132,21 +133,30 @@ def test_a_snapshot_pruned_during_the_check_is_not_damage(tmp_path: Path) -> Non
 # ---------------------------------------------------------------- gc plan
 
 
-def test_plan_gc_matches_what_gc_deletes(repo: Repository) -> None:
+def test_the_dry_run_of_a_collection_is_what_the_run_does(repo: Repository) -> None:
+    """world.collect with dry_run deletes nothing and reports exactly what the
+    real collection then deletes: the same manifests, chunks and temps."""
     _commit(repo, 1, {"a": b"1" * 100, "s": b"shared"})
     _commit(repo, 2, {"a": b"2" * 200, "s": b"shared"})
     _commit(repo, 3, {"a": b"3" * 300, "s": b"shared"})
     repo.put_chunk(hash_bytes(b"orphan"), b"orphan")
     before = repo.backend.list("")
 
-    plan = repo.plan_gc(1)
+    plan = world.collect(repo, 1, dry_run=True)
 
-    assert repo.backend.list("") == before, "the plan deleted something"
+    assert repo.backend.list("") == before, "the dry run deleted something"
     assert [r.generation for r in plan.dropped] == [2, 1]
+    assert [r.generation for r in plan.kept] == [3]
     assert plan.known_bytes == 100 + 200 and plan.unsized == 1
-    report = repo.gc(1)
-    assert report.deleted_chunks == len(plan.chunks) == 3
-    assert sorted(report.deleted_snapshots) == sorted(r.key for r in plan.dropped)
+    done = world.collect(repo, 1, dry_run=False)
+    assert (done.kept, done.dropped, done.chunks, done.temps) == (
+        plan.kept,
+        plan.dropped,
+        plan.chunks,
+        plan.temps,
+    )
+    gone = set(before) - set(repo.backend.list(""))
+    assert gone == {r.key for r in plan.dropped} | {chunk_key(d) for d in plan.chunks}
 
 
 # ---------------------------------------------------------------- diff

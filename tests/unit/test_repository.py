@@ -20,8 +20,10 @@ from ckpt_cli.repository import (
     DEFAULT_CHUNK_SIZE,
     ChunkError,
     Repository,
+    SnapshotRef,
     chunk_key,
     iter_manifests,
+    retained,
 )
 
 from .helpers import CHUNK, DelegatingBackend
@@ -395,15 +397,56 @@ def test_gc_nothing_to_drop_deletes_nothing(repo: Repository) -> None:
     assert hash_bytes(orphan) not in _chunk_names(repo)
 
 
-def test_gc_damaged_kept_manifest_is_kept(repo: Repository) -> None:
+def test_gc_a_damaged_manifest_is_kept_and_never_counted(repo: Repository) -> None:
+    """A damaged manifest newer than the whole ones is kept (for inspection)
+    but does not count: --keep 2 keeps two whole snapshots besides it."""
     m1 = _commit(repo, 1, "aaaaaaa1", {"f": b"one"})
     m2 = _commit(repo, 2, "aaaaaaa2", {"f": b"two"})
-    repo.backend.write("snapshots/0000000003-aaaaaaa3.json", b"garbage")
+    damaged = "snapshots/0000000003-aaaaaaa3.json"
+    repo.backend.write(damaged, b"garbage")
     report = repo.gc(2)
+    assert report.deleted_snapshots == []
+    assert [r.key for r in repo.snapshots()] == [damaged, m2.key, m1.key]
+    report = repo.gc(1)
     assert report.deleted_snapshots == [m1.key]
-    keys = [r.key for r in repo.snapshots()]
-    assert keys == ["snapshots/0000000003-aaaaaaa3.json", m2.key]
+    assert [r.key for r in repo.snapshots()] == [damaged, m2.key]
     assert _chunk_names(repo) == m2.chunk_digests()
+
+
+def test_gc_a_snapshot_missing_a_chunk_never_displaces_a_whole_one(repo: Repository) -> None:
+    """Generation 2 misses a chunk: --keep 1 keeps it (newer, for
+    inspection, with the chunks it still has) and generation 1, the only
+    restorable one. Once a whole snapshot is newer than both, they go."""
+    m1 = _commit(repo, 1, "aaaaaaa1", {"f": b"one"})
+    m2 = _commit(repo, 2, "aaaaaaa2", {"f": b"two", "g": b"gee"})
+    repo.backend.delete(chunk_key(hash_bytes(b"two")))
+    report = repo.gc(1, sweep=True)
+    assert report.deleted_snapshots == [] and report.deleted_chunks == 0
+    assert [r.key for r in repo.snapshots()] == [m2.key, m1.key]
+    assert hash_bytes(b"gee") in _chunk_names(repo)
+    # The verdict stands in later prunes, which list nothing.
+    assert repo.gc(1, sweep=False).deleted_snapshots == []
+    m3 = _commit(repo, 3, "aaaaaaa3", {"f": b"three"})
+    report = repo.gc(1, sweep=False)
+    assert sorted(report.deleted_snapshots) == sorted([m1.key, m2.key])
+    assert _chunk_names(repo) == m3.chunk_digests()
+
+
+def test_retained_counts_restorable_snapshots_only() -> None:
+    refs = [SnapshotRef(g, f"{g:08x}", f"snapshots/{g:010d}-{g:08x}.json") for g in (5, 4, 3, 2, 1)]
+
+    def gens(refs: list[SnapshotRef]) -> list[int]:
+        return [r.generation for r in refs]
+
+    whole = dict.fromkeys((5, 4, 3, 2, 1), True)
+    kept, dropped = retained([(r, whole[r.generation]) for r in refs], 2)
+    assert (gens(kept), gens(dropped)) == ([5, 4], [3, 2, 1])
+    damaged = {5: False, 4: True, 3: False, 2: True, 1: True}
+    kept, dropped = retained([(r, damaged[r.generation]) for r in refs], 2)
+    assert (gens(kept), gens(dropped)) == ([5, 4, 3, 2], [1])
+    none = dict.fromkeys((5, 4, 3, 2, 1), False)
+    kept, dropped = retained([(r, none[r.generation]) for r in refs], 1)
+    assert (gens(kept), gens(dropped)) == ([5, 4, 3, 2, 1], [])
 
 
 # ---------------------------------------------------------------- lease

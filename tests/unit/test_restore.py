@@ -17,6 +17,7 @@ from ckpt_cli.errors import ConfigError, RestoreError
 from ckpt_cli.kept import recover_interrupted
 from ckpt_cli.manifest import Entry, Manifest, hash_bytes
 from ckpt_cli.remote import open_backend
+from ckpt_cli.repo_tools import DamagedError
 from ckpt_cli.repository import Repository, chunk_key
 from ckpt_cli.restore import restore
 from ckpt_cli.snapshotter import Snapshotter
@@ -258,7 +259,7 @@ def test_explicit_corrupt_snapshot_is_an_error(
     m1, m2 = _two_snapshots(local_repo, src, make_snapshotter)
     local_repo.backend.write(chunk_key(_only_in(m2, m1)), b"garbage")
     before = _existing_target(target)
-    with pytest.raises(RestoreError) as info:
+    with pytest.raises(DamagedError) as info:  # 65: damaged, no retry mends it
         restore(local_repo, target, snapshot=m2.id, warn=_never)
     assert m2.id in str(info.value)
     assert tree(target) == before
@@ -270,7 +271,7 @@ def test_explicit_unknown_snapshot_is_an_error(
 ) -> None:
     _two_snapshots(local_repo, src, make_snapshotter)
     before = _existing_target(target)
-    with pytest.raises(RestoreError):
+    with pytest.raises(ConfigError, match="--snapshot"):  # 78: bad input, not an outage
         restore(local_repo, target, snapshot="ffffffff", warn=_never)
     assert tree(target) == before
 

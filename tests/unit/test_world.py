@@ -117,6 +117,50 @@ def test_a_world_of_another_size_is_refused_unless_allowed(ranks: list[Snapshott
     assert [c.manifest.rank if c and c.manifest else None for c in grown] == [0, 1, None]
 
 
+def _node(backend: Backend, root: Path, make: Make, rank: int, world_size: int) -> Snapshotter:
+    repo = Repository(backend, chunk_size=CHUNK, stream=rank_stream(rank, world_size))
+    return make(repo, root / f"w{world_size}-r{rank}", rank=rank, world_size=world_size)
+
+
+@pytest.mark.parametrize("step", [None, 7], ids=["auto", "steps"])
+@pytest.mark.parametrize(("old", "new"), [(1, 2), (2, 3), (2, 1), (3, 2), (3, 4)])
+def test_a_changed_world_gives_old_ranks_their_files_and_new_ranks_nothing(
+    backend: Backend, tmp_path: Path, make_snapshotter: Make, old: int, new: int, step: int | None
+) -> None:
+    """Rank r of the new world restores old rank r's newest (or its part of
+    the step); a rank beyond the old world starts empty, also when the old
+    world was one node (whose stream is the root, rank_stream(r, 1))."""
+    for r in range(old):
+        commit(_node(backend, tmp_path, make_snapshotter, r, old), step, {"a": b"old %d" % r})
+    repo = Repository(backend, chunk_size=CHUNK)
+    for r in range(new):
+        choice = world.choose(repo, r, new, allow_change=True)
+        assert choice is not None
+        if r < old:
+            assert choice.manifest is not None, (r, choice.note)
+            assert (choice.manifest.rank, choice.manifest.world_size) == (r, old)
+        else:
+            assert choice.manifest is None and "starts empty" in choice.note, choice
+
+
+def test_a_grown_world_never_restores_a_stale_stream_of_an_older_world(
+    backend: Backend, tmp_path: Path, make_snapshotter: Make
+) -> None:
+    """3 ranks, then 2, then 3 again (auto snapshots): rank 2's stream still
+    holds what it wrote in the first world of 3, which is not the state the
+    job had last: it starts empty."""
+    for r in range(3):
+        commit(_node(backend, tmp_path, make_snapshotter, r, 3), None, {"a": b"first %d" % r})
+    for r in range(2):
+        commit(_node(backend, tmp_path, make_snapshotter, r, 2), None, {"a": b"then %d" % r})
+    repo = Repository(backend, chunk_size=CHUNK)
+    choice = world.choose(repo, 2, 3, allow_change=True)
+    assert choice is not None and choice.manifest is None, choice
+    choice = world.choose(repo, 1, 3, allow_change=True)
+    assert choice is not None and choice.manifest is not None
+    assert choice.manifest.world_size == 2
+
+
 def test_retention_keeps_the_newest_complete_steps_and_what_is_newer(
     ranks: list[Snapshotter],
 ) -> None:
@@ -125,8 +169,9 @@ def test_retention_keeps_the_newest_complete_steps_and_what_is_newer(
         commit(r0, step, {"w": data(step, CHUNK)})
         if step < 5:
             commit(r1, step, {"w": data(50 + step, CHUNK)})
-    kept, dropped = world.retention(world.World(r0.repo), keep=2)
     w = world.World(r0.repo)
+    whole = r0.repo.judge(w.loaded(), r0.repo.present_chunks())
+    kept, dropped = world.retention(w, 2, whole)
     steps = {ref.key: m.step for ref, m in w.manifests() if ref.key in {k.key for k in kept}}
     assert sorted(s for s in steps.values() if s is not None) == [3, 3, 4, 4, 5]
     assert all(ref.key not in steps for ref in dropped)
