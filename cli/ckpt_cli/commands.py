@@ -338,6 +338,10 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f}s ago"
 
 
+#: The largest step the control socket takes (a manifest's bound too).
+MAX_STEP = (1 << 62) - 1
+
+
 def commit(
     socket_path: str | None, wait: bool, timeout: float | None, step: int | None = None
 ) -> int:
@@ -346,8 +350,10 @@ def commit(
             "no supervisor to commit to: CKPT_SOCKET is not set "
             "(run under `ckpt run`, or pass --socket)"
         )
-    if timeout is not None:  # the control socket's own check, as a bad flag here (78)
+    if timeout is not None:  # the control socket's own checks, as bad flags here (78)
         config.check_number(timeout, f"--timeout {timeout:g}", min=0, max=config.MAX_SECONDS)
+    if step is not None:
+        config.check_number(step, f"--step {step}", integer=True, min=0, max=MAX_STEP)
     message: dict[str, Any] = {"op": "commit", "wait": wait, "timeout": timeout}
     if step is not None:
         message["step"] = step

@@ -173,7 +173,9 @@ def wait_limit(seconds: float) -> float | None:
 
 
 def _limit(x: float) -> str:
-    return f"{x:.0f}" if float(x).is_integer() else f"{x:g}"
+    if isinstance(x, int):
+        return str(x)
+    return f"{x:.0f}" if x.is_integer() else f"{x:g}"
 
 
 def parse_backoff(value: str) -> Backoff:
@@ -429,7 +431,9 @@ def describe(settings: Settings, cfg: RunConfig) -> str:
         pairs.append((f"{opt.file_key} = {_toml(value)}", source))
     width = min(48, max(len(left) for left, _ in pairs))
     rows += [f"{left.ljust(width)}  # {source}" for left, source in pairs]
-    return redact.scrub("\n".join(rows))
+    # Values are TOML-escaped already; this escapes what a comment may carry
+    # (a path, a note) and scrubs every secret the rows name.
+    return "\n".join(redact.printable(row) for row in rows)
 
 
 # ---------------------------------------------------------------- sources
@@ -607,7 +611,17 @@ def _toml(value: Any) -> str:
     if isinstance(value, dict):
         items = [f"{_toml_key(str(k))} = {_toml(v)}" for k, v in value.items() if v is not None]
         return "{" + ", ".join(items) + "}"
-    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
+    text = json.dumps(str(value), ensure_ascii=False)
+    if text.isprintable():
+        return text
+    # JSON escapes C0 controls only: DEL, C1 controls (\x9b is a CSI), bidi
+    # overrides and the like are escaped too, as TOML spells it.
+    return "".join(ch if ch.isprintable() else _toml_escape(ch) for ch in text)
+
+
+def _toml_escape(ch: str) -> str:
+    code = ord(ch)
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def _toml_key(key: str) -> str:

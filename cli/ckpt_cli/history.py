@@ -55,9 +55,25 @@ def parse_record(raw: bytes) -> dict[str, Any] | None:
     attempts = doc.get("attempts")
     if not isinstance(attempts, list) or not all(isinstance(a, dict) for a in attempts):
         return None
-    if not isinstance(doc.get("run"), str) or not isinstance(doc.get("started"), int | float):
+    if not isinstance(doc.get("run"), str) or not _time(doc.get("started")):
+        return None
+    if doc.get("ended") is not None and not _time(doc["ended"]):
+        return None
+    if not isinstance(doc.get("preemption"), dict | None):
         return None
     return doc
+
+
+#: Latest time a record may carry (year 5138): a larger one, NaN or inf is garbage
+#: (and would make `ckpt ls --runs` fail to print it).
+_MAX_TIME = 1e11
+
+
+def _time(value: object) -> bool:
+    """A time in epoch seconds that can be printed."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return 0 <= value <= _MAX_TIME
 
 
 def load_runs(backend: Backend, *, workers: int = 8) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ Imports: standard library only.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import threading
@@ -147,7 +148,10 @@ def scrub(text: str) -> str:
 
 def scrub_doc(doc: Any) -> Any:
     """A JSON document with every string in it (keys too) scrubbed; anything
-    that is not JSON (a path, say) becomes its scrubbed str()."""
+    that is not JSON (a path, say) becomes its scrubbed str(), and a number
+    JSON cannot hold (NaN, inf: from a crafted manifest or record) null."""
+    if isinstance(doc, float) and not math.isfinite(doc):
+        return None
     if doc is None or isinstance(doc, bool | int | float):
         return doc
     if isinstance(doc, Mapping):

@@ -210,16 +210,18 @@ def test_every_control_socket_request_gets_one_reply_whatever_its_values(tmp_pat
     record("bad values", len(expect), what="control socket requests")
 
 
-def test_commit_timeout_that_is_not_a_finite_number_is_bad_input(tmp_path: Path) -> None:
-    """Injected: `ckpt commit --timeout inf` (and nan) inside a run. Asserted:
-    78 with one line naming --timeout, the run goes on and ends 0."""
+def test_commit_timeout_or_step_out_of_range_is_bad_input(tmp_path: Path) -> None:
+    """Injected: `ckpt commit --timeout inf` (and nan), `--step 2**70` inside a
+    run. Asserted: 78 with one line naming the flag (the socket's refusal of
+    the step used to come back as 69, "retry later"), the run goes on and
+    ends 0."""
     body = f"""
         import subprocess, sys
         codes = []
-        for value in ("inf", "nan"):
-            res = subprocess.run([{str(CKPT)!r}, "commit", "--timeout", value],
+        for flag, value in (("--timeout", "inf"), ("--timeout", "nan"), ("--step", str(2**70))):
+            res = subprocess.run([{str(CKPT)!r}, "commit", flag, value],
                                  capture_output=True, text=True)
-            codes.append([res.returncode, res.stderr])
+            codes.append([flag, res.returncode, res.stderr])
         import json
         open(sys.argv[1], "w").write(json.dumps(codes))
     """
@@ -227,10 +229,10 @@ def test_commit_timeout_that_is_not_a_finite_number_is_bad_input(tmp_path: Path)
     out = tmp_path / "codes.json"
     res = ckpt(_args(tmp_path, PY, str(child), str(out)), cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    for code, err in json.loads(out.read_text()):
+    for flag, code, err in json.loads(out.read_text()):
         assert code == CONFIG, err
-        assert len(error_lines(err)) == 1 and "--timeout" in err, err
-    record("bad values", 2, what="ckpt commit --timeout")
+        assert len(error_lines(err)) == 1 and flag in err, err
+    record("bad values", 3, what="ckpt commit --timeout, --step")
 
 
 # ---------------------------------------------------------------- stdout closed, memory://
@@ -338,6 +340,35 @@ def test_a_memory_remote_is_refused_for_run_and_push(tmp_path: Path) -> None:
     assert res.returncode == CONFIG, res.stderr
     one_error(res, "memory://")
     record("bad values", 2, what="memory:// remote")
+
+
+def test_a_run_record_with_impossible_values_is_skipped(tmp_path: Path, pushed: Path) -> None:
+    """Injected: run records (runs/*.json) with a start time of 1e400 and of
+    -5, an end of NaN, and a preemption that is a string, beside a good one.
+    Asserted: `ckpt ls --runs` and `ckpt ls --json` exit 0 and list the good
+    record only (the bad ones made `ls --runs` exit 70: OverflowError,
+    AttributeError), and the --json document is strict JSON (no NaN)."""
+    good = {"format": "ckpt-run", "version": 1, "run": "good", "started": 1767225600}
+    good |= {"attempts": [], "preemption": None, "host": "h", "outcome": "succeeded"}
+    bad = {
+        "inf-start": '"started": 1e400',
+        "negative-start": '"started": -5',
+        "nan-end": '"started": 5, "ended": NaN',
+        "string-preemption": '"started": 5, "preemption": "x"',
+    }
+    (pushed / "runs").mkdir(exist_ok=True)
+    (pushed / "runs" / "good.json").write_text(json.dumps(good))
+    for run, fields in bad.items():
+        text = f'{{"format": "ckpt-run", "version": 1, "run": "{run}", "attempts": [], {fields}}}'
+        (pushed / "runs" / f"{run}.json").write_text(text)
+    res = ckpt(["ls", str(pushed), "--runs"], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "good" in res.stdout and not any(run in res.stdout for run in bad), res.stdout
+    doc = ckpt(["ls", str(pushed), "--json"], cwd=tmp_path)
+    assert doc.returncode == 0, doc.stderr
+    runs = json.loads(doc.stdout, parse_constant=lambda c: pytest.fail(f"{c} in --json"))
+    assert [r["run"] for r in runs["runs"]] == ["good"]
+    record("bad values", len(bad), what="run records")
 
 
 # ---------------------------------------------------------------- --log-json, history warnings

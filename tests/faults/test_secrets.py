@@ -116,6 +116,25 @@ def test_print_config_masks_secrets_of_every_type(tmp_path: Path) -> None:
     record("isolation: secrets and escapes", 6, what="--print-config")
 
 
+def test_print_config_escapes_what_a_config_file_carries(tmp_path: Path) -> None:
+    """Injected: a ckpt.toml (a file of the project, maybe someone else's) whose
+    values carry an escape, a C1 CSI (\\u009b), a bidi override and a BEL.
+    Asserted: --print-config prints none of them raw (JSON-style escaping
+    left the C1 controls raw), and its output loads back to the same
+    values."""
+    remote, exclude = "s3://b/x\x1b[2J\u009b31m\u202e\x07", "*.tmp\u009b"
+    (tmp_path / "ckpt.toml").write_text(
+        f"remote = {json.dumps(remote)}\nexclude = [{json.dumps(exclude)}]\n"
+    )
+    res = ckpt(["run", "--print-config", "--", "true"], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    _no_raw(res.stdout, res.stderr)
+    assert "\u202e" not in res.stdout
+    doc = tomllib.loads(res.stdout)
+    assert doc["remote"] == remote and doc["exclude"] == [exclude], doc
+    record("isolation: secrets and escapes", 1, what="--print-config of a ckpt.toml")
+
+
 CRASH = """
 import os
 
