@@ -106,6 +106,8 @@ def open_log(path: Path) -> int:
             raise ConfigError(
                 f"--log-json {path} is a symlink, which ckpt does not follow: give the file itself"
             ) from None
+        if exc.errno == errno.ENXIO:  # a FIFO: O_NONBLOCK refuses to wait for a reader
+            raise ConfigError(f"--log-json {path} is a FIFO that nothing reads yet") from None
         raise ConfigError(f"--log-json {path}: {exc.strerror or exc}") from None
     try:
         st = os.fstat(fd)

@@ -336,12 +336,12 @@ class Supervisor:
                 # Only on an unexpected error in the loop.
                 self.child.signal_all(signal.SIGKILL, self._exclude)
             flushed = self._final_flush(worker)
+            self._ended = True  # its line said how the flush ended: the worker's add nothing
             worker.stop()
             # Retention runs after a snapshot is answered, the final flush's
             # too: it ends before the lease is released (a prune that overlapped
             # another writer's uploads could delete its chunks).
             worker.join(wait_limit(cfg.flush_timeout))  # --flush-timeout inf: no limit
-            self._ended = True  # what the worker says from now on follows the summary
             control.close()
             guardian.close()
             self._restore_signals(old_handlers)
@@ -973,7 +973,7 @@ class Supervisor:
 
     def _report_error(self, message: str, retry_in: float) -> None:
         if self._ended:
-            return  # after the final flush gave up: its error line said it
+            return  # after the final flush: its own line said how it ended
         self.events.emit("snapshot_failed", error=message, retry_in=round(retry_in, 3))
         if retry_in > 0:
             console.warn(

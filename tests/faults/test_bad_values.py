@@ -404,9 +404,10 @@ def test_remote_down_during_the_final_flush_warns_once_about_the_run_history(
 ) -> None:
     """Injected: the S3 server stops for good after the first snapshot; the
     child then exits 0, so the final flush and the run history's last write
-    fail. Asserted: 69 (not durable), and the run history's failure is one
+    fail. Asserted: 69 (not durable); the run history's failure is one
     warning, not one per retry after the summary (there used to be about
-    19)."""
+    19), and the snapshot worker's failures are not repeated after the final
+    flush's own error line."""
     store: Store = store_of("s3-s3rver")
     assert store.server is not None
     objects = Objects(store.url, store.storage_options)
@@ -444,5 +445,10 @@ def test_remote_down_during_the_final_flush_warns_once_about_the_run_history(
     assert status == UNAVAILABLE, err
     history = [line for line in err.splitlines() if "run history" in line]
     assert len(history) <= 1, "\n".join(history)
+    lines = err.splitlines()
+    # "final snapshot not durable after 4s" or "final snapshot failed: ..."
+    (gave_up,) = [i for i, line in enumerate(lines) if "error: final snapshot" in line]
+    after = [line for line in lines[gave_up:] if "snapshot failed" in line]
+    assert not after, "the worker's failures repeated after the flush gave up:\n" + err
     assert "Traceback" not in err, err
     record("bad values", 1, what="remote down: run history warnings")
