@@ -3,13 +3,12 @@ exit status; a command's output (tables, --json) goes to stdout, ckpt's own
 lines through `console`. The commands that look after a repository (show,
 diff, verify, gc) are in `operate`.
 
-Imports: the storage modules, `repo_tools`, `console`; rich tables lazily.
+Imports: the storage modules, `repo_tools`, `console` (tables, --json documents).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import threading
@@ -143,6 +142,7 @@ def push(
     if not source.is_dir():
         raise ConfigError(f"{source} is not a directory (ckpt push DIR REMOTE)")
     config.check_remote_outside(source, remote)
+    config.check_lasting(remote, "ckpt push")
     recover_interrupted(source)  # a restore killed half-way is finished first
     repo = _open(remote, options, create=True)
     assert repo is not None
@@ -217,7 +217,7 @@ def ls(
     repo = open_existing(remote, options)
     if repo is None:
         if as_json:
-            print(json.dumps({"remote": remote, "snapshots": [], "runs": []}, indent=1))
+            console.document({"remote": remote, "snapshots": [], "runs": []})
         else:
             console.info(f"{remote} is empty: no snapshots yet")
         return ExitCode.OK
@@ -260,7 +260,7 @@ def ls(
             "runs": load_runs(repo.backend),
             **ranks_doc,
         }
-        print(json.dumps(doc, indent=1))
+        console.document(doc)
         return ExitCode.OK
     if runs:
         history = load_runs(repo.backend)
@@ -307,15 +307,11 @@ LS_RUNS = 20
 
 
 def _runs_table(runs: list[dict[str, Any]]) -> None:
-    from rich.table import Table
-
     shown = runs[-LS_RUNS:]
     more = len(runs) - len(shown)
     if more:
         console.info(f"the newest {len(shown)} of {len(runs)} runs (--json for all)")
-    table = Table(box=None, pad_edge=False)
-    for col in ("run", "host", "started", "attempts", "exits", "preemption", "outcome"):
-        table.add_column(col)
+    table: list[list[str]] = []
     for r in shown:
         attempts = r["attempts"]
         numbers = [a.get("number") for a in attempts]
@@ -329,49 +325,49 @@ def _runs_table(runs: list[dict[str, Any]]) -> None:
         exits = ", ".join(str(a.get("exit") or "running?") for a in attempts) or "-"
         pre = r.get("preemption") or {}
         preempted = f"{pre.get('cloud', '?')} {pre.get('action', '')}".strip() if pre else ""
-        table.add_row(
-            str(r["run"]),
-            str(r.get("host", "")),
-            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["started"])),
-            span,
-            exits,
-            preempted,
-            str(r.get("outcome") or "running or killed"),
+        table.append(
+            [
+                str(r["run"]),
+                str(r.get("host", "")),
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["started"])),
+                span,
+                exits,
+                preempted,
+                str(r.get("outcome") or "running or killed"),
+            ]
         )
-    console.table(table)
+    cols = ("run", "host", "started", "attempts", "exits", "preemption", "outcome")
+    console.table(cols, table)
 
 
 def _snapshot_table(rows: list[dict[str, Any]]) -> None:
-    from rich.table import Table
-
-    table = Table(box=None, pad_edge=False)
+    table: list[list[str]] = []
     steps = any(r.get("step") is not None for r in rows)
     cols = ("id", "gen", *(("step",) if steps else ()), "time", "age", "files", "size", "new")
     cols += ("attempt", "host", "state")
-    for col in cols:
-        right = ("gen", "step", "files", "size", "new", "attempt")
-        table.add_column(col, justify="right" if col in right else "left")
     now = time.time()
     for r in rows:
         state = r["state"] if r["ok"] else f"damaged: {r['error']}"
         step = [] if not steps else ["-" if r.get("step") is None else str(r["step"])]
         if "created" not in r:
-            table.add_row(r["id"], str(r["generation"]), *step, *[""] * 7, state)
+            table.append([r["id"], str(r["generation"]), *step, *[""] * 7, state])
             continue
-        table.add_row(
-            r["id"],
-            str(r["generation"]),
-            *step,
-            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created"])),
-            _age(now - r["created"]),
-            str(r["files"]),
-            console.fmt_bytes(r["size"]),
-            console.fmt_bytes(r["new_bytes"]),
-            str(r["attempt"] or "-"),
-            r["host"],
-            "" if state == "complete" else state,
+        table.append(
+            [
+                r["id"],
+                str(r["generation"]),
+                *step,
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created"])),
+                _age(now - r["created"]),
+                str(r["files"]),
+                console.fmt_bytes(r["size"]),
+                console.fmt_bytes(r["new_bytes"]),
+                str(r["attempt"] or "-"),
+                str(r["host"]),
+                "" if state == "complete" else state,
+            ]
         )
-    console.table(table)
+    console.table(cols, table, right=("gen", "step", "files", "size", "new", "attempt"))
 
 
 def _age(seconds: float) -> str:
@@ -382,6 +378,10 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f}s ago"
 
 
+#: The largest step the control socket takes (a manifest's bound too).
+MAX_STEP = (1 << 62) - 1
+
+
 def commit(
     socket_path: str | None, wait: bool, timeout: float | None, step: int | None = None
 ) -> int:
@@ -390,6 +390,10 @@ def commit(
             "no supervisor to commit to: CKPT_SOCKET is not set "
             "(run under `ckpt run`, or pass --socket)"
         )
+    if timeout is not None:  # the control socket's own checks, as bad flags here (78)
+        config.check_number(timeout, f"--timeout {timeout:g}", min=0, max=config.MAX_SECONDS)
+    if step is not None:
+        config.check_number(step, f"--step {step}", integer=True, min=0, max=MAX_STEP)
     message: dict[str, Any] = {"op": "commit", "wait": wait, "timeout": timeout}
     if step is not None:
         message["step"] = step

@@ -9,7 +9,8 @@ every value with the same parsers whatever its source, and records the source
 of each one for `ckpt run --print-config`.
 
 Imports: standard library (tomllib lazily), the shim's contract, `policy`,
-`remote` (URL and storage-option helpers only), `redact`, `errors`.
+`remote` (URL and storage-option helpers only), `redact`, `errors`, `events`
+(what --log-json accepts).
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ import math
 import os
 import re
 import signal
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from ckpt._contract import ExitCode
-from ckpt_cli import policy, redact
+from ckpt_cli import events, policy, redact
 from ckpt_cli.errors import ConfigError
 from ckpt_cli.policy import Backoff, RetryOn
 from ckpt_cli.remote import is_local, local_path, parse_storage_options
@@ -107,6 +109,17 @@ def check_remote_outside(directory: Path, remote: str) -> None:
         )
 
 
+def check_lasting(remote: str, command: str) -> None:
+    """A remote that keeps nothing after ckpt exits (fsspec's memory://, which
+    lives inside one process) would make `durable` a lie: refused for the
+    commands that write (`ckpt run`, `ckpt push`)."""
+    if re.search(r"(?:^|::)memory://", remote.strip(), re.IGNORECASE):
+        raise ConfigError(
+            f"{command}: remote {remote} keeps nothing after ckpt exits (memory:// lives "
+            "inside one process); give a path or a bucket (--remote)"
+        )
+
+
 def parse_preemption(value: str) -> str:
     modes = ("auto", "aws", "gcp", "azure", "off")  # preemption.MODES, without importing it
     if value not in modes:
@@ -118,6 +131,59 @@ def parse_snapshots(value: str) -> str:
     if value not in ("auto", "commit"):
         raise ConfigError(f"--snapshots {value!r}: choose auto or commit")
     return value
+
+
+#: The most seconds any duration option takes (30 days): beyond any sensible
+#: value, and far within what a wait accepts (threading's waits raise
+#: OverflowError past ~292 years, so `--grace 1e12` or `inf` crashed a stop).
+#: --flush-timeout alone may be `inf`: wait as long as it takes.
+MAX_SECONDS = 30 * 86400.0
+
+
+def check_number(
+    value: object,
+    shown: str,
+    *,
+    integer: bool = False,
+    min: float | None = None,
+    max: float | None = None,
+) -> float:
+    """The one check of a number, whatever its source (flag, env var, config
+    file, control socket): a real number (an integer if asked; not a bool,
+    not NaN) within [min, max]; +inf passes only where max is None. `shown`
+    names it in the error (`--grace inf`, `CKPT_GRACE='x'`, `timeout 'x'`).
+    ConfigError (one line) if not; else the value."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{shown} is not {'an integer' if integer else 'a number'}")
+    if integer and not isinstance(value, int):
+        raise ConfigError(f"{shown} is not an integer")
+    if isinstance(value, float) and math.isnan(value):
+        raise ConfigError(f"{shown} is not a number")
+    if min is not None and value < min:
+        raise ConfigError(f"{shown} is below the minimum {_limit(min)}")
+    if max is not None and value > max:
+        raise ConfigError(f"{shown} is above the maximum {_limit(max)}")
+    return value
+
+
+def wait_limit(seconds: float) -> float | None:
+    """A duration as a timeout for a wait: None (no limit) for `inf` (or
+    anything beyond what a wait accepts), else the seconds."""
+    return None if seconds >= threading.TIMEOUT_MAX else seconds
+
+
+def _limit(x: float) -> str:
+    if isinstance(x, int):
+        return str(x)
+    return f"{x:.0f}" if x.is_integer() else f"{x:g}"
+
+
+def parse_backoff(value: str) -> Backoff:
+    """--backoff INITIAL[:MAX], its MAX at most MAX_SECONDS."""
+    backoff = policy.parse_backoff(value)
+    if backoff.cap > MAX_SECONDS:
+        raise ConfigError(f"--backoff {value!r}: MAX is above the maximum {_limit(MAX_SECONDS)}")
+    return backoff
 
 
 def parse_checkpoint_signal(value: str) -> int:
@@ -188,15 +254,15 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("retries", "int", 3, min=0),
     Option("retry_on", "str", policy.DEFAULT_RETRY_ON, parse=policy.parse_retry_on),
-    Option("backoff", "str", "1:60", parse=policy.parse_backoff),
-    Option("grace", "float", 30.0, min=0),
-    Option("debounce", "float", 2.0, min=0),
-    Option("rescan", "float", 30.0, min=1),
+    Option("backoff", "str", "1:60", parse=parse_backoff),
+    Option("grace", "float", 30.0, min=0, max=MAX_SECONDS),
+    Option("debounce", "float", 2.0, min=0, max=MAX_SECONDS),
+    Option("rescan", "float", 30.0, min=1, max=MAX_SECONDS),
     Option("keep", "int", 3, min=1),
     Option("no_restore", "bool", False),
     Option("snapshot", "str", None, optional=True),
-    Option("flush_timeout", "float", 120.0, min=0),
-    Option("lease_timeout", "float", 60.0, min=5),
+    Option("flush_timeout", "float", 120.0, min=0),  # inf: wait as long as it takes
+    Option("lease_timeout", "float", 60.0, min=5, max=MAX_SECONDS),
     Option("rank", "int", None, optional=True, min=0),
     Option("world_size", "int", None, optional=True, min=1),
     Option("allow_world_change", "bool", False),
@@ -204,11 +270,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("snapshots", "str", "auto", parse=parse_snapshots),
     Option("checkpoint_signal", "str", "SIGUSR1", parse=parse_checkpoint_signal),
     Option("concurrency", "int", 4, min=1, max=64),
-    Option("io_timeout", "float", 120.0, min=1),
+    Option("io_timeout", "float", 120.0, min=1, max=MAX_SECONDS),
     Option("preemption", "str", "auto", parse=parse_preemption),
     Option("quiet", "bool", False),
     Option("verbose", "bool", False),
-    Option("log_json", "str", None, optional=True, parse=Path, path=True),
+    Option("log_json", "str", None, optional=True, parse=events.check_path, path=True),
     # The command after `--`; a file may give it as a list (no env var).
     Option("command", "list", [], env=None, optional=True),
 )
@@ -250,6 +316,7 @@ def load(
     parsed them (--storage-option as its list of KEY=VALUE strings)."""
     environ = os.environ if environ is None else environ
     cwd = Path.cwd() if cwd is None else cwd
+    redact.register_env(environ)  # before anything is printed or logged (the child's argv)
     table, label, path, notes = _read_file(cwd)
     from_file = _file_values(table, label) if label else {}
     values: dict[str, Setting] = {}
@@ -279,6 +346,7 @@ def run_config(settings: Settings, *, need_command: bool = True) -> RunConfig:
     remote: str | None = settings["remote"]
     url = default_remote(directory) if remote is None else remote
     check_remote_outside(directory, url)
+    check_lasting(url, "ckpt run")
     command: list[str] = settings["command"]
     if need_command and not command:
         raise ConfigError(
@@ -351,6 +419,8 @@ def describe(settings: Settings, cfg: RunConfig) -> str:
     for opt in OPTIONS:
         setting = settings.values[opt.name]
         value = "" if setting.value is None else setting.value
+        if isinstance(value, dict):  # a secret of any type (a number too) is masked by its key
+            value = redact.masked_options(value)
         source = setting.source
         if opt.name == "remote" and cfg.remote_is_default:
             source = f"{source}: the embedded store {cfg.remote}"
@@ -361,7 +431,9 @@ def describe(settings: Settings, cfg: RunConfig) -> str:
         pairs.append((f"{opt.file_key} = {_toml(value)}", source))
     width = min(48, max(len(left) for left, _ in pairs))
     rows += [f"{left.ljust(width)}  # {source}" for left, source in pairs]
-    return redact.scrub("\n".join(rows))
+    # Values are TOML-escaped already; this escapes what a comment may carry
+    # (a path, a note) and scrubs every secret the rows name.
+    return "\n".join(redact.printable(row) for row in rows)
 
 
 # ---------------------------------------------------------------- sources
@@ -374,10 +446,7 @@ def _setting(
     name it: `where` prefixes the parser's message, `shown` is `CKPT_X='v'`
     or `ckpt.toml: key = v` for range errors."""
     if value is not None and opt.kind in ("int", "float"):
-        if opt.min is not None and value < opt.min:
-            raise ConfigError(f"{shown} is below the minimum {opt.min:g}")
-        if opt.max is not None and value > opt.max:
-            raise ConfigError(f"{shown} is above the maximum {opt.max:g}")
+        check_number(value, shown, integer=opt.kind == "int", min=opt.min, max=opt.max)
     try:
         arg = cwd / Path(value).expanduser() if opt.path and value is not None else value
         parsed = opt.parse(arg) if opt.parse and arg is not None else arg
@@ -390,7 +459,9 @@ def _setting(
 
 def _from_flag(opt: Option, value: Any) -> Any:
     if opt.kind == "table":
-        return parse_storage_options(list(value or ()))
+        options = parse_storage_options(list(value or ()))
+        redact.register_options(options)  # known as secrets from now on (crash logs too)
+        return options
     if opt.kind == "list":
         return list(value or ())
     return str(value) if isinstance(value, Path) else value
@@ -405,6 +476,7 @@ def _from_env(opt: Option, raw: str, env: str) -> Any:
             value = None
         if not isinstance(value, dict):
             raise ConfigError(f"{env} is not a JSON object (e.g. {env}='{{\"anon\": true}}')")
+        redact.register_options(value)
         return value
     if opt.kind == "list":
         return [part.strip() for part in re.split(f"[,{os.pathsep}]", raw) if part.strip()]
@@ -419,12 +491,9 @@ def _from_env(opt: Option, raw: str, env: str) -> Any:
             raise ConfigError(f"{env}={raw!r} is not an integer") from None
     if opt.kind == "float":
         try:
-            number = float(text)
+            return float(text)  # nan and inf are judged with every other value
         except ValueError:
-            number = math.nan
-        if not math.isfinite(number):
-            raise ConfigError(f"{env}={raw!r} is not a number")
-        return number
+            raise ConfigError(f"{env}={raw!r} is not a number") from None
     return raw
 
 
@@ -433,9 +502,7 @@ def _from_file(opt: Option, value: Any, key: str, label: str) -> Any:
         return None  # `rank = ""`, `remote = ""`: as --print-config prints an unset one
     ok = {
         "int": isinstance(value, int) and not isinstance(value, bool),
-        "float": isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(value),
+        "float": isinstance(value, int | float) and not isinstance(value, bool),
         "bool": isinstance(value, bool),
         "str": isinstance(value, str),
         "list": isinstance(value, list) and all(isinstance(v, str) for v in value),
@@ -444,6 +511,8 @@ def _from_file(opt: Option, value: Any, key: str, label: str) -> Any:
     if not ok:
         shown = "" if opt.kind == "table" else f" = {value!r}"
         raise ConfigError(f"{label}: {key}{shown} is not {_EXPECTED[opt.kind]}")
+    if opt.kind == "table":
+        redact.register_options(value)
     return float(value) if opt.kind == "float" else value
 
 
@@ -542,7 +611,17 @@ def _toml(value: Any) -> str:
     if isinstance(value, dict):
         items = [f"{_toml_key(str(k))} = {_toml(v)}" for k, v in value.items() if v is not None]
         return "{" + ", ".join(items) + "}"
-    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
+    text = json.dumps(str(value), ensure_ascii=False)
+    if text.isprintable():
+        return text
+    # JSON escapes C0 controls only: DEL, C1 controls (\x9b is a CSI), bidi
+    # overrides and the like are escaped too, as TOML spells it.
+    return "".join(ch if ch.isprintable() else _toml_escape(ch) for ch in text)
+
+
+def _toml_escape(ch: str) -> str:
+    code = ord(ch)
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def _toml_key(key: str) -> str:

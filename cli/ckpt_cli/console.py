@@ -9,31 +9,53 @@ On a terminal, `ckpt run` shows its live status in the terminal's title
 terminal, and a status line of ckpt's own would be torn by it (or tear it).
 The title is saved when it is first set and restored at the end (xterm's
 title stack, which tmux, VTE and iTerm2 keep too).
+
+Everything printed here passes through `clean` (`redact.printable`): secrets
+scrubbed, control characters escaped, so text from outside (file names,
+manifests, run records, socket replies, library errors) can neither move the
+cursor nor recolour or retitle the terminal; rich markup is never parsed in
+it (every cell and line is a `Text`). A command's output goes to stdout
+(`table`, `out`, `document`); a closed stdout raises BrokenPipeError for the
+error funnel, while a closed stderr only silences ckpt's own lines (a
+supervisor keeps its job running whoever stopped reading).
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import sys
 import threading
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 from rich.console import Console
 from rich.text import Text
 
-from ckpt_cli.redact import scrub
+from ckpt_cli.redact import printable, scrub, scrub_doc
 
 _lock = threading.Lock()
 _quiet = False
 _verbose = False
 _console: Console | None = None
 _title_pushed = False
+_stderr_gone = False  # a write to stderr failed (closed pipe): ckpt's lines are dropped
+
+
+class _Console(Console):
+    """rich's Console, but a closed stream raises BrokenPipeError (rich's own
+    answer is SystemExit(1), which ends whatever thread printed: a snapshot
+    worker, or the supervisor itself, because someone stopped reading)."""
+
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError(errno.EPIPE, "the reader of ckpt's output went away")
 
 
 def _get() -> Console:
     global _console
     if _console is None:
-        _console = Console(
+        _console = _Console(
             file=sys.stderr,
             soft_wrap=True,
             highlight=False,
@@ -55,11 +77,22 @@ def is_terminal() -> bool:
     return sys.stderr.isatty() and os.environ.get("TERM", "") not in ("", "dumb")
 
 
+def clean(text: object) -> str:
+    """text as ckpt may print it: secrets scrubbed, control characters escaped."""
+    return printable(str(text))
+
+
 def _emit(message: str, style: str | None) -> None:
+    global _stderr_gone
     line = Text("ckpt: ", style="bold" if style else "")
-    line.append(scrub(message), style=style or "")
+    line.append(clean(message), style=style or "")
     with _lock:
-        _get().print(line)
+        if _stderr_gone:
+            return
+        try:
+            _get().print(line)
+        except OSError:  # stderr closed (`2>&1 | head`): nothing else to tell anyone
+            _stderr_gone = True
 
 
 def info(message: str) -> None:
@@ -88,21 +121,26 @@ def error(message: str) -> None:
 def title(text: str | None) -> None:
     """Show text in the terminal's title (None: put the old title back). Only
     on a terminal; nothing off one (CI logs get no control characters)."""
-    global _title_pushed
+    global _title_pushed, _stderr_gone
     if not is_terminal():
         return
-    clean = "".join(ch for ch in scrub(text or "") if ch.isprintable())
+    shown = "".join(ch for ch in scrub(text or "") if ch.isprintable())
     with _lock:
-        if text is None:
-            if _title_pushed:
-                sys.stderr.write("\x1b[23;0t")  # pop the saved title
-                _title_pushed = False
-        else:
-            if not _title_pushed:
-                sys.stderr.write("\x1b[22;0t")  # push the current title
-                _title_pushed = True
-            sys.stderr.write(f"\x1b]0;{clean}\x07")
-        sys.stderr.flush()
+        if _stderr_gone:
+            return
+        try:
+            if text is None:
+                if _title_pushed:
+                    sys.stderr.write("\x1b[23;0t")  # pop the saved title
+                    _title_pushed = False
+            else:
+                if not _title_pushed:
+                    sys.stderr.write("\x1b[22;0t")  # push the current title
+                    _title_pushed = True
+                sys.stderr.write(f"\x1b]0;{shown}\x07")
+            sys.stderr.flush()
+        except OSError:
+            _stderr_gone = True
 
 
 class Progress:
@@ -127,7 +165,7 @@ class Progress:
             from rich.progress import Progress as RichProgress
 
             self._bar = RichProgress(
-                TextColumn("ckpt: {task.description}"),
+                TextColumn("ckpt: {task.description}", markup=False),
                 BarColumn(),
                 DownloadColumn(binary_units=True),
                 TransferSpeedColumn(),
@@ -136,7 +174,7 @@ class Progress:
                 transient=True,
             )
             self._bar.start()
-            self._task = self._bar.add_task(self.what, total=None)
+            self._task = self._bar.add_task(clean(self.what), total=None)
         return self
 
     def update(self, done: int, total: int | None) -> None:
@@ -152,6 +190,7 @@ class Progress:
 def summary(title_text: str, columns: list[str], rows: list[list[str]]) -> None:
     """A short table on stderr (the end of `ckpt run`): a rich table on a
     terminal, one plain `ckpt:` line per row off one."""
+    global _stderr_gone
     if _quiet:
         return
     if not is_terminal():
@@ -159,26 +198,77 @@ def summary(title_text: str, columns: list[str], rows: list[list[str]]) -> None:
         for row in rows:
             info("  " + ", ".join(f"{c} {v}" for c, v in zip(columns, row, strict=True) if v))
         return
+    t = _table(columns, rows, title=Text(clean(title_text)))
+    with _lock:
+        if _stderr_gone:
+            return
+        try:
+            _get().print(t)
+        except OSError:
+            _stderr_gone = True
+
+
+def _table(
+    columns: Sequence[str],
+    rows: Iterable[Sequence[str]],
+    *,
+    right: Collection[str] = (),
+    header: bool = True,
+    title: Text | None = None,
+) -> Any:
+    """A rich table whose every cell is plain text (no markup), cleaned."""
     from rich.table import Table
 
-    t = Table(title=title_text, title_justify="left", box=None, pad_edge=False)
+    t = Table(
+        title=title,
+        title_justify="left",
+        box=None,
+        pad_edge=False,
+        show_header=header,
+    )
     for c in columns:
-        t.add_column(c)
+        t.add_column(Text(c), justify="right" if c in right else "left")
     for row in rows:
-        t.add_row(*(scrub(v) for v in row))
-    with _lock:
-        _get().print(t)
+        t.add_row(*(Text(clean(v)) for v in row))
+    return t
 
 
-def table(renderable: Any) -> None:
-    """Print a rich renderable (tables of `ckpt ls`) to stdout: it is the command's
-    output. Off a terminal nothing limits the width (rich would squeeze a table
-    into $COLUMNS or 80 and cut snapshot ids short), so one row is one line."""
+def table(
+    columns: Sequence[str],
+    rows: Iterable[Sequence[str]],
+    *,
+    right: Collection[str] = (),
+    header: bool = True,
+) -> None:
+    """Print a table (`ckpt ls`, `show`, `diff`, `verify`) to stdout: it is the
+    command's output. Every cell is cleaned and taken as plain text. Off a
+    terminal nothing limits the width (rich would squeeze a table into
+    $COLUMNS or 80 and cut snapshot ids short), so one row is one line."""
     width = None if sys.stdout.isatty() else 100_000
+    rendered = _table(columns, rows, right=right, header=header)
     with _lock:
-        Console(
+        _Console(
             soft_wrap=True, highlight=False, no_color="NO_COLOR" in os.environ, width=width
-        ).print(renderable)
+        ).print(rendered)
+
+
+def out(lines: Iterable[str]) -> None:
+    """Plain lines of a command's output on stdout (`ckpt status`), each
+    cleaned (a line break inside one is escaped: one line stays one line)."""
+    text = "".join(clean(line) + "\n" for line in lines)
+    with _lock:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
+def document(doc: Any) -> None:
+    """One JSON document on stdout (`--json`): every string scrubbed of
+    secrets; JSON itself escapes control characters (and everything beyond
+    ASCII), so it never carries a raw one."""
+    text = json.dumps(scrub_doc(doc), indent=1, default=str)
+    with _lock:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
 
 
 def fmt_age(seconds: float) -> str:

@@ -17,25 +17,37 @@
                                                 signal was sent to the registered pids
 
 One thread accepts; each connection is served on its own short-lived thread.
-Imports: standard library, `uploader`, `subtree`, `errors`.
+Every request gets one reply line, whatever it holds: a value of the wrong
+type or out of range (`"timeout": "x"`, `1e400`, `"pid": 1.5`) is refused with
+`config.check_number`, the one check of numbers of flags, env vars and files;
+a line longer than MAX_LINE is refused without being read whole (and the
+connection closed); an error of ckpt's own is a reply and one warning, never
+a traceback on the run's stderr.
+Imports: standard library, `uploader`, `subtree`, `errors`, `config`
+(check_number), `console`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import socket
+import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ckpt_cli import subtree
-from ckpt_cli.errors import CkptError
+from ckpt_cli import console, subtree
+from ckpt_cli.config import MAX_SECONDS, check_number
+from ckpt_cli.errors import CkptError, ConfigError
 from ckpt_cli.uploader import SnapshotWorker
 
 MAX_LINE = 64 * 1024
+#: The largest pid Linux hands out (PID_MAX_LIMIT, 2**22).
+MAX_PID = 1 << 22
 
 
 class ControlServer:
@@ -78,9 +90,19 @@ class ControlServer:
 
     def _serve(self, conn: socket.socket) -> None:
         with conn, conn.makefile("rwb") as stream:
-            for raw in stream:
-                if len(raw) > MAX_LINE:
-                    reply: dict[str, Any] = {"ok": False, "error": "request too long"}
+            while True:
+                try:
+                    raw = stream.readline(MAX_LINE + 1)  # never more than the limit
+                except OSError:
+                    return
+                if not raw:
+                    return
+                too_long = len(raw) > MAX_LINE
+                if too_long:
+                    reply: dict[str, Any] = {
+                        "ok": False,
+                        "error": f"request too long (more than {MAX_LINE} bytes)",
+                    }
                 else:
                     reply = self.handle(raw)
                 try:
@@ -88,12 +110,26 @@ class ControlServer:
                     stream.flush()
                 except OSError:
                     return
+                if too_long:
+                    return  # the rest of that line is no request: hang up
 
     def handle(self, raw: bytes) -> dict[str, Any]:
+        """The reply to one request line; never raises."""
+        try:
+            return self._handle(raw)
+        except ConfigError as exc:
+            return {"ok": False, "error": str(exc)}
+        except Exception as exc:  # a bug of ckpt's: the client still gets its answer
+            console.warn(f"control socket: {type(exc).__name__}: {exc}")
+            return {"ok": False, "error": f"ckpt failed on this request: {type(exc).__name__}"}
+
+    def _handle(self, raw: bytes) -> dict[str, Any]:
         try:
             msg = json.loads(raw)
             op = msg["op"]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
+            return {"ok": False, "error": "expected a JSON object with an 'op'"}
+        if not isinstance(msg, dict):
             return {"ok": False, "error": "expected a JSON object with an 'op'"}
         if op == "status":
             return {"ok": True, **self.status()}
@@ -103,15 +139,20 @@ class ControlServer:
                 not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 1 << 62
             ):
                 return {"ok": False, "error": f"step must be a whole number >= 0, not {step!r}"}
+            wait = msg.get("wait", True)
+            if not isinstance(wait, bool):
+                return {"ok": False, "error": f"wait must be true or false, not {wait!r}"}
+            timeout = msg.get("timeout")
+            if timeout is not None:  # null: as long as it takes
+                timeout = check_number(timeout, f"timeout {timeout!r}", min=0, max=MAX_SECONDS)
             try:
                 req = self.worker.commit(step)
             except OSError as exc:
                 return {"ok": False, "error": f"pinning the directory failed: {exc}"}
-            if not msg.get("wait", True):
+            if not wait:
                 return {"ok": True, "pinned": True}
-            timeout = msg.get("timeout")
-            if not req.wait(float(timeout) if timeout is not None else None):
-                return {"ok": False, "error": f"commit not durable within {timeout}s"}
+            if not req.wait(timeout):
+                return {"ok": False, "error": f"commit not durable within {timeout:g}s"}
             if req.error:
                 return {"ok": False, "error": req.error}
             return {
@@ -120,10 +161,14 @@ class ControlServer:
                 "step": req.manifest.step if req.manifest else None,
             }
         if op == "hello":
-            try:
-                self.hello(int(msg["pid"]), str(msg.get("signal", "")))
-            except (KeyError, TypeError, ValueError):
+            if "pid" not in msg:
                 return {"ok": False, "error": "hello needs an integer 'pid'"}
+            pid = msg["pid"]
+            check_number(pid, f"pid {pid!r}", integer=True, min=1, max=MAX_PID)
+            signame = msg.get("signal", "")
+            if not isinstance(signame, str) or len(signame) > 32:
+                return {"ok": False, "error": "signal must be a signal name (e.g. SIGUSR1)"}
+            self.hello(int(pid), signame)
             return {"ok": True}
         if op == "signal":
             try:
@@ -153,8 +198,7 @@ def register(info: dict[str, Any]) -> Path | None:
     where = registry_dir()
     try:
         where.mkdir(mode=0o700, parents=True, exist_ok=True)
-        st = where.stat()
-        if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        if untrusted_registry() is not None:
             return None  # someone else's, or open to others: not ours to trust
         entry = where / f"{os.getpid()}.json"
         tmp = entry.with_suffix(".tmp")
@@ -165,10 +209,30 @@ def register(info: dict[str, Any]) -> Path | None:
         return None
 
 
+def untrusted_registry() -> str | None:
+    """Why the registry dir must not be read (not this user's, or open to
+    others), or None: it is private, or does not exist."""
+    where = registry_dir()
+    try:
+        st = where.lstat()
+    except OSError:
+        return None
+    if not stat.S_ISDIR(st.st_mode):
+        return f"the registry {where} is not a directory"
+    if st.st_uid != os.getuid():
+        return f"the registry {where} belongs to uid {st.st_uid}, not to you"
+    if st.st_mode & 0o077:
+        return f"the registry {where} is open to others (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
 def registered() -> list[dict[str, Any]]:
-    """The live entries, oldest first; stale ones (dead pid) are removed."""
+    """The live entries, oldest first; stale ones (dead pid) are removed.
+    Nothing from a registry that is not private to this user."""
     found = []
     where = registry_dir()
+    if untrusted_registry() is not None:
+        return []
     try:
         paths = sorted(where.glob("*.json"))
     except OSError:
@@ -177,11 +241,18 @@ def registered() -> list[dict[str, Any]]:
         try:
             info = json.loads(path.read_text())
             pid = int(info["pid"])
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, OverflowError):
             continue
         if not subtree.pid_alive(pid) or not Path(str(info.get("socket", ""))).exists():
             with contextlib.suppress(OSError):
                 path.unlink()
             continue
         found.append(info)
-    return sorted(found, key=lambda i: float(i.get("started", 0)))
+    return sorted(found, key=_started)
+
+
+def _started(info: dict[str, Any]) -> float:
+    value = info.get("started")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return 0.0
+    return float(value)

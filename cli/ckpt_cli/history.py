@@ -9,7 +9,9 @@ rewritten as the run goes on; an attempt is recorded when it starts, so a run
 killed -9 mid-attempt still counts it. Writes happen on a background thread and
 never hold up the child: the history is a log, not a source of truth for data,
 so a remote that does not answer delays it, and a write that fails is retried
-with the next change and reported once.
+with the next change and reported once per streak of failures, whatever
+each failure's message (none while `close` waits: its caller says once
+whether the record is final).
 
 Imports: standard library, `errors`, `remote`, `manifest` (host name).
 """
@@ -53,9 +55,25 @@ def parse_record(raw: bytes) -> dict[str, Any] | None:
     attempts = doc.get("attempts")
     if not isinstance(attempts, list) or not all(isinstance(a, dict) for a in attempts):
         return None
-    if not isinstance(doc.get("run"), str) or not isinstance(doc.get("started"), int | float):
+    if not isinstance(doc.get("run"), str) or not _time(doc.get("started")):
+        return None
+    if doc.get("ended") is not None and not _time(doc["ended"]):
+        return None
+    if not isinstance(doc.get("preemption"), dict | None):
         return None
     return doc
+
+
+#: Latest time a record may carry (year 5138): a larger one, NaN or inf is garbage
+#: (and would make `ckpt ls --runs` fail to print it).
+_MAX_TIME = 1e11
+
+
+def _time(value: object) -> bool:
+    """A time in epoch seconds that can be printed."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return 0 <= value <= _MAX_TIME
 
 
 def load_runs(backend: Backend, *, workers: int = 8) -> list[dict[str, Any]]:
@@ -113,7 +131,8 @@ class RunHistory:
         self._written = 0  # the version last written
         self._stopping = False
         self._abandon = False  # close() stopped waiting: write nothing more
-        self._failing = ""
+        self._failing = ""  # the last write's error while writes fail, else ""
+        self._reported = False  # this streak of failures was reported
         self._thread = threading.Thread(target=self._run, name="ckpt-history", daemon=True)
 
     def start(self) -> None:
@@ -153,6 +172,16 @@ class RunHistory:
 
     # -- the writer
 
+    @property
+    def failure(self) -> str:
+        """Why the last write failed ("" if it did not)."""
+        return self._failing
+
+    @property
+    def failure_reported(self) -> bool:
+        """The current streak of failed writes was reported (on_error)."""
+        return self._reported and bool(self._failing)
+
     def close(self, timeout: float) -> bool:
         """Write the last change (waiting up to timeout) and stop; True if the
         record in the remote is the final one."""
@@ -182,14 +211,17 @@ class RunHistory:
                 self.backend.write(self.key, data)
             except (RemoteError, OSError) as exc:
                 message = str(exc)
-                if message != self._failing and self._on_error is not None:
+                with self._cond:
+                    report = not self._reported and not self._stopping
+                if report and self._on_error is not None:
                     self._on_error(f"run history {self.key} not written: {message}")
+                    self._reported = True
                 self._failing = message
                 with self._cond:
                     # Until close() gives up, try again (sooner once it waits).
                     self._cond.wait(0.5 if self._stopping else self.RETRY)
                 continue
-            self._failing = ""
+            self._failing, self._reported = "", False
             with self._cond:
                 self._written = max(self._written, version)
                 self._cond.notify_all()

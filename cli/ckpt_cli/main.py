@@ -13,7 +13,12 @@ import typer
 
 from ckpt._contract import ExitCode
 from ckpt_cli import __version__, console
-from ckpt_cli.errors import error_funnel
+from ckpt_cli.errors import error_funnel, stdout_closed
+
+#: config.MAX_SECONDS, the most seconds a duration option takes (a test
+#: checks that the flags' ranges are the config table's); not imported from
+#: config, which would load every command's modules at start-up.
+MAX_SECONDS = 30 * 86400.0
 
 app = typer.Typer(
     name="ckpt",
@@ -111,13 +116,25 @@ def run(
     ] = "1:60",
     grace: Annotated[
         float,
-        typer.Option(min=0, help="Seconds between forwarding SIGTERM/SIGINT/SIGHUP and SIGKILL."),
+        typer.Option(
+            min=0,
+            max=MAX_SECONDS,
+            help="Seconds between forwarding SIGTERM/SIGINT/SIGHUP and SIGKILL.",
+        ),
     ] = 30.0,
     debounce: Annotated[
-        float, typer.Option(min=0, help="Quiet seconds after the last change before a snapshot.")
+        float,
+        typer.Option(
+            min=0, max=MAX_SECONDS, help="Quiet seconds after the last change before a snapshot."
+        ),
     ] = 2.0,
     rescan: Annotated[
-        float, typer.Option(min=1, help="Seconds between safety-net rescans when no event arrives.")
+        float,
+        typer.Option(
+            min=1,
+            max=MAX_SECONDS,
+            help="Seconds between safety-net rescans when no event arrives.",
+        ),
     ] = 30.0,
     keep: Annotated[int, typer.Option(min=1, help="Snapshots kept in the remote.")] = 3,
     no_restore: Annotated[
@@ -128,12 +145,17 @@ def run(
         typer.Option(help="Restore this snapshot (id or generation) instead of the newest."),
     ] = None,
     flush_timeout: Annotated[
-        float, typer.Option(min=0, help="Seconds to wait for the final snapshot to be durable.")
+        float,
+        typer.Option(
+            min=0,
+            help="Seconds to wait for the final snapshot to be durable (inf: as long as it takes).",
+        ),
     ] = 120.0,
     lease_timeout: Annotated[
         float,
         typer.Option(
             min=5,
+            max=MAX_SECONDS,
             help="Seconds without heartbeat after which another writer's lease is taken over.",
         ),
     ] = 60.0,
@@ -191,6 +213,7 @@ def run(
         float,
         typer.Option(
             min=1,
+            max=MAX_SECONDS,
             help="Seconds any one call to the remote may take before it is retried.",
         ),
     ] = 120.0,
@@ -591,6 +614,8 @@ def main() -> int:
     ex = _click_exceptions()
     try:
         status = app(standalone_mode=False)
+    except BrokenPipeError:  # `ckpt --help | head -1`
+        return stdout_closed()
     except ex.NoArgsIsHelpError as exc:
         exc.show()
         return ExitCode.USAGE

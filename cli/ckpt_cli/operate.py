@@ -3,13 +3,12 @@ diff (two snapshots), verify (every manifest and chunk), gc (prune and
 collect, under the writer lease). Each returns an exit status; tables and
 --json go to stdout, ckpt's own lines through `console`.
 
-Imports: `repo_tools`, `repository`, `lease`, `console`; rich tables lazily.
+Imports: `repo_tools`, `repository`, `lease`, `console` (tables, --json documents).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import secrets
 import time
 from collections.abc import Iterator
@@ -36,7 +35,7 @@ NAMED = 10
 
 
 def _emit_json(doc: dict[str, Any]) -> None:
-    print(json.dumps(doc, indent=1))
+    console.document(doc)
 
 
 def _names(refs: list[SnapshotRef]) -> str:
@@ -123,26 +122,25 @@ def _entries_json(m: Manifest) -> list[dict[str, Any]]:
 
 
 def _entries_table(entries: tuple[Entry, ...]) -> None:
-    from rich.table import Table
-
-    table = Table(box=None, pad_edge=False)
-    for col in ("path", "type", "mode", "size", "chunks", "modified"):
-        table.add_column(col, justify="right" if col in ("size", "chunks") else "left")
+    table: list[list[str]] = []
     for e in entries:
         if e.type == "symlink":
-            table.add_row(f"{e.path} -> {e.target}", "symlink", f"{e.mode:04o}", "", "", "")
+            table.append([f"{e.path} -> {e.target}", "symlink", f"{e.mode:04o}", "", "", ""])
         elif e.type == "dir":
-            table.add_row(f"{e.path}/", "dir", f"{e.mode:04o}", "", "", _clock(e.mtime_ns / 1e9))
+            table.append([f"{e.path}/", "dir", f"{e.mode:04o}", "", "", _clock(e.mtime_ns / 1e9)])
         else:
-            table.add_row(
-                e.path,
-                "file",
-                f"{e.mode:04o}",
-                console.fmt_bytes(e.size),
-                str(len(e.chunks)),
-                _clock(e.mtime_ns / 1e9),
+            table.append(
+                [
+                    e.path,
+                    "file",
+                    f"{e.mode:04o}",
+                    console.fmt_bytes(e.size),
+                    str(len(e.chunks)),
+                    _clock(e.mtime_ns / 1e9),
+                ]
             )
-    console.table(table)
+    cols = ("path", "type", "mode", "size", "chunks", "modified")
+    console.table(cols, table, right=("size", "chunks"))
 
 
 def diff(remote: str, a: str, b: str, as_json: bool, options: list[str]) -> int:
@@ -179,18 +177,10 @@ def diff(remote: str, a: str, b: str, as_json: bool, options: list[str]) -> int:
     )
     if d.empty:
         return ExitCode.OK
-    from rich.table import Table
-
-    table = Table(box=None, pad_edge=False, show_header=False)
-    for _ in range(3):
-        table.add_column()
-    for e in d.added:
-        table.add_row("+", e.path, _describe(e))
-    for e in d.removed:
-        table.add_row("-", e.path, _describe(e))
-    for c in d.changed:
-        table.add_row("~", c.after.path, _describe_change(c.before, c.after, c.what))
-    console.table(table)
+    table = [["+", e.path, _describe(e)] for e in d.added]
+    table += [["-", e.path, _describe(e)] for e in d.removed]
+    table += [["~", c.after.path, _describe_change(c.before, c.after, c.what)] for c in d.changed]
+    console.table(("", "", ""), table, header=False)
     return ExitCode.OK
 
 
@@ -259,14 +249,8 @@ def verify(remote: str, snapshot: str | None, full: bool, as_json: bool, options
         }
         _emit_json(doc)
     elif damaged:
-        from rich.table import Table
-
-        table = Table(box=None, pad_edge=False)
-        for col in ("id", "gen", "problem"):
-            table.add_column(col, justify="right" if col == "gen" else "left")
-        for c in damaged:
-            table.add_row(c.ref.id, str(c.ref.generation), c.summary())
-        console.table(table)
+        rows = [[c.ref.id, str(c.ref.generation), c.summary()] for c in damaged]
+        console.table(("id", "gen", "problem"), rows, right=("gen",))
     checked = _plural(len(checks.snapshots), "snapshot")
     if damaged:
         raise DamagedError(

@@ -2,13 +2,17 @@
 
 Without --socket it asks every `ckpt run` of this user on this machine (the
 registry in `control`); with --socket (or CKPT_SOCKET, as inside the child)
-only that one. Imports: standard library, the shim's `_control` client,
-`console`, `control`, `errors`.
+only that one. A registry dir that is not this user's own and private is
+not read (another user could plant entries there that point at their own
+sockets). Every field of a reply is printed cleaned (`console`), and a
+number that is not one is shown as "?": a reply is text from outside.
+Imports: standard library, the shim's `_control` client, `console`,
+`control`, `errors`.
 """
 
 from __future__ import annotations
 
-import json
+import math
 from typing import Any
 
 from ckpt._contract import ExitCode
@@ -29,10 +33,13 @@ def status(socket_path: str | None, as_json: bool) -> int:
     if socket_path:
         sockets = [socket_path]
     else:
-        sockets = [str(info["socket"]) for info in control.registered()]
+        problem = control.untrusted_registry()
+        if problem:
+            console.warn(f"{problem}: not read (give --socket to ask one run)")
+        sockets = [] if problem else [str(info["socket"]) for info in control.registered()]
         if not sockets:
             if as_json:
-                print(json.dumps({"runs": []}))
+                console.document({"runs": []})
             else:
                 console.info(
                     "no ckpt run is running for this user on this machine "
@@ -45,16 +52,30 @@ def status(socket_path: str | None, as_json: bool) -> int:
         state["socket"] = path
         states.append(state)
     if as_json:
-        print(json.dumps({"runs": states}, indent=1))
+        console.document({"runs": states})
         return ExitCode.OK
     for st in states:
-        _print(st)
+        console.out(describe(st))
     return ExitCode.OK
 
 
-def _print(st: dict[str, Any]) -> None:
-    """Plain lines on stdout: the command's output (one block per run)."""
-    age = st.get("last_snapshot_age")
+def _number(st: dict[str, Any], key: str) -> float | None:
+    """A finite number from a reply, or None (absent, or not a number)."""
+    value = st.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _size(st: dict[str, Any], key: str) -> str:
+    value = _number(st, key)
+    return "?" if value is None and st.get(key) is not None else console.fmt_bytes(value or 0)
+
+
+def describe(st: dict[str, Any]) -> list[str]:
+    """The lines of one run (the command's output; console.out cleans each,
+    so a line break inside a field stays inside its line)."""
+    age = _number(st, "last_snapshot_age")
     saved = (
         f"{st['last_snapshot']}, {console.fmt_age(age)} ago"
         if st.get("last_snapshot") and age is not None
@@ -65,14 +86,12 @@ def _print(st: dict[str, Any]) -> None:
         f"run {st.get('run')}: {st.get('dir')} -> {st.get('remote')}",
         f"  child: {'pid ' + str(child) if child else 'not running'}, attempt {st.get('attempt')}",
         f"  newest durable snapshot: {saved}",
-        f"  upload backlog: {console.fmt_bytes(st.get('backlog_bytes') or 0)} in "
-        f"{st.get('backlog_files') or 0} file(s); "
-        f"{console.fmt_bytes(st.get('rate') or 0)}/s",
-        f"  snapshots: {st.get('snapshots')}, "
-        f"{console.fmt_bytes(st.get('bytes_uploaded') or 0)} uploaded",
+        f"  upload backlog: {_size(st, 'backlog_bytes')} in "
+        f"{st.get('backlog_files') or 0} file(s); {_size(st, 'rate')}/s",
+        f"  snapshots: {st.get('snapshots')}, {_size(st, 'bytes_uploaded')} uploaded",
     ]
     if st.get("last_error"):
         lines.append(f"  last error: {st['last_error']}")
     if st.get("preemption"):
         lines.append(f"  preemption notice: {st['preemption']}")
-    print("\n".join(lines))
+    return lines

@@ -27,7 +27,7 @@ from ckpt import _contract as contract
 from ckpt_cli import __version__, console, preemption, subtree
 from ckpt_cli import control as control_registry
 from ckpt_cli.child import Child, Guardian, catches_signal, ckpt_executable
-from ckpt_cli.config import RunConfig
+from ckpt_cli.config import RunConfig, wait_limit
 from ckpt_cli.control import ControlServer
 from ckpt_cli.errors import CkptError, RemoteError, Stopped
 from ckpt_cli.events import EventLog
@@ -106,6 +106,7 @@ class Supervisor:
         self._beats: Heartbeat | None = None  # keeps the lease while it is held
         self.events = EventLog(getattr(cfg, "log_json", None), self.run_id)
         self._rate = 0.0  # bytes/s of the last snapshot that uploaded anything
+        self._ended = False  # the final flush and the worker are done: no more reports
 
     # ------------------------------------------------------------ entry point
 
@@ -332,11 +333,12 @@ class Supervisor:
                 # Only on an unexpected error in the loop.
                 self.child.signal_all(signal.SIGKILL, self._exclude)
             flushed = self._final_flush(worker)
+            self._ended = True  # its line said how the flush ended: the worker's add nothing
             worker.stop()
             # Retention runs after a snapshot is answered, the final flush's
             # too: it ends before the lease is released (a prune that overlapped
             # another writer's uploads could delete its chunks).
-            worker.join(cfg.flush_timeout)
+            worker.join(wait_limit(cfg.flush_timeout))  # --flush-timeout inf: no limit
             control.close()
             guardian.close()
             self._restore_signals(old_handlers)
@@ -359,8 +361,13 @@ class Supervisor:
         wait = 10.0
         if self._notice_at:  # the machine is going away: not past its deadline
             wait = min(wait, max(1.0, self._notice_deadline - time.monotonic()))
-        if not history.close(timeout=wait):
-            console.warn(f"the run history in {repo.display} misses this run's end")
+        if not history.close(timeout=wait) and not history.failure_reported:
+            # Said once: not again when the writer already said it cannot write.
+            console.warn(
+                f"the run history in {repo.display} misses this run's end: {history.failure}"
+                if history.failure
+                else f"the run history in {repo.display} misses this run's end"
+            )
         return status
 
     def _outcome(self, repo: Repository, status: int, flushed: bool) -> tuple[int, str]:
@@ -427,7 +434,7 @@ class Supervisor:
             if self.attempts and cfg.world_size > 1:
                 # Every rank relaunches from the same step: the newest one all
                 # ranks committed, not this rank's own newest state.
-                worker.request("exit").wait(cfg.flush_timeout)
+                worker.request("exit").wait(wait_limit(cfg.flush_timeout))
                 watcher.stop()
                 try:
                     held, held_step = self._prepare(repo, snapshotter)
@@ -936,6 +943,8 @@ class Supervisor:
         )
 
     def _report_error(self, message: str, retry_in: float) -> None:
+        if self._ended:
+            return  # after the final flush: its own line said how it ended
         self.events.emit("snapshot_failed", error=message, retry_in=round(retry_in, 3))
         if retry_in > 0:
             console.warn(

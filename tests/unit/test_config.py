@@ -518,7 +518,9 @@ def test_bad_pyproject_values_name_the_table(tmp_path: Path) -> None:
         ({"CKPT_RETRIES": "x"}, r"^CKPT_RETRIES='x' is not an integer$"),
         ({"CKPT_RETRIES": "1.5"}, r"^CKPT_RETRIES='1.5' is not an integer$"),
         ({"CKPT_GRACE": "soon"}, r"^CKPT_GRACE='soon' is not a number$"),
-        ({"CKPT_GRACE": "inf"}, r"^CKPT_GRACE='inf' is not a number$"),
+        ({"CKPT_GRACE": "inf"}, r"^CKPT_GRACE='inf' is above the maximum 2592000$"),
+        ({"CKPT_GRACE": "nan"}, r"^CKPT_GRACE='nan' is not a number$"),
+        ({"CKPT_FLUSH_TIMEOUT": "-inf"}, r"^CKPT_FLUSH_TIMEOUT='-inf' is below the minimum 0$"),
         ({"CKPT_QUIET": "maybe"}, r"^CKPT_QUIET='maybe' is not a boolean"),
         ({"CKPT_KEEP": "0"}, r"^CKPT_KEEP='0' is below the minimum 1$"),
         ({"CKPT_IO_TIMEOUT": "0.5"}, r"^CKPT_IO_TIMEOUT='0.5' is below the minimum 1$"),
@@ -619,3 +621,38 @@ def test_the_readme_example_is_a_valid_ckpt_toml(tmp_path: Path) -> None:
     settings = _load(tmp_path, toml=example)
     assert settings["retries"] == 5 and settings["command"] == ["python", "train.py"]
     assert settings.values["storage_option"].source == "ckpt.toml"
+
+
+@pytest.mark.parametrize(
+    ("value", "kwargs", "message"),
+    [
+        (float("nan"), {"min": 0}, "is not a number"),
+        (float("inf"), {"min": 0, "max": 10}, "is above the maximum 10"),
+        (float("-inf"), {"min": 0}, "is below the minimum 0"),
+        ("5", {}, "is not a number"),
+        (True, {}, "is not a number"),
+        (None, {}, "is not a number"),
+        (1.5, {"integer": True}, "is not an integer"),
+        (1 << 70, {"integer": True, "max": 1 << 62}, f"is above the maximum {1 << 62}"),
+    ],
+)
+def test_check_number_refuses_what_is_not_a_number_in_range(
+    value: object, kwargs: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=f"^thing {message}$"):
+        config.check_number(value, "thing", **kwargs)
+
+
+def test_check_number_passes_inf_only_without_a_maximum() -> None:
+    assert config.check_number(float("inf"), "x", min=0) == float("inf")
+    assert config.check_number(3, "x", integer=True, min=0, max=3) == 3
+    assert config.wait_limit(float("inf")) is None
+    assert config.wait_limit(1e300) is None
+    assert config.wait_limit(120.0) == 120.0
+
+
+def test_every_duration_but_the_flush_timeout_has_a_finite_maximum() -> None:
+    for opt in config.OPTIONS:
+        if opt.kind == "float":
+            expected = None if opt.name == "flush_timeout" else config.MAX_SECONDS
+            assert opt.max == expected, opt.name

@@ -99,3 +99,79 @@ def test_crash_log_argv_hides_storage_option_values(monkeypatch: pytest.MonkeyPa
     assert "abc123xyz" not in text
     assert "AKIA99" not in text
     assert "-o secret=*** --storage-option=key=*** -- train.py -o out.txt" in text
+
+
+@pytest.mark.parametrize(
+    ("argv", "shown"),
+    [
+        (["-osecret=abc123xyz"], "-osecret=***"),
+        (["-qoaccount_key=abc123xyz"], "-qoaccount_key=***"),
+        (["-qo", "token=abc123xyz"], "-qo token=***"),
+        (["--storage-option", "sas=abc123xyz"], "--storage-option sas=***"),
+        (["-d", "models", "-q"], "-d models -q"),
+        (["-dmodels"], "-dmodels"),
+        (["--grace", "-1"], "--grace -1"),
+    ],
+)
+def test_crash_log_argv_hides_every_form_of_storage_option(argv: list[str], shown: str) -> None:
+    from ckpt_cli.errors import _redacted_argv
+
+    assert _redacted_argv(["ckpt", "run", *argv]) == f"ckpt run {shown}"
+
+
+def test_numbers_and_authorization_values_are_secrets() -> None:
+    redact.register_options(
+        {"password": 987654321, "headers": {"Authorization": "Bearer tok-0123456789"}}
+    )
+    out = redact.scrub("pw 987654321, header Bearer tok-0123456789, token tok-0123456789")
+    assert "987654321" not in out and "tok-0123456789" not in out, out
+
+
+def test_masked_options_mask_secret_keys_whatever_their_values() -> None:
+    options = {"password": 12, "client_kwargs": {"api_key": ["a"], "region": "eu"}, "anon": True}
+    assert redact.masked_options(options) == {
+        "password": "***",
+        "client_kwargs": {"api_key": "***", "region": "eu"},
+        "anon": True,
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("sftp://me:p@ss@host/x", "sftp://me:***@host/x"),
+        ("https://a.blob/c?sv=1&sig=abc%2Fdef&se=2", "https://a.blob/c?sv=1&sig=***&se=2"),
+        (
+            "http://h/o?X-Amz-Signature=ff00&X-Amz-Date=1",
+            "http://h/o?X-Amz-Signature=***&X-Amz-Date=1",
+        ),
+        ("http://host:9000/path me@example.com", "http://host:9000/path me@example.com"),
+    ],
+)
+def test_url_credentials_are_scrubbed(text: str, shown: str) -> None:
+    assert redact.scrub(text) == shown
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("plain name.bin", "plain name.bin"),
+        ("évolution ✓ 日本", "évolution ✓ 日本"),
+        ("a\x1b[31mb", "a\\x1b[31mb"),
+        ("t\x1b]0;x\x07", "t\\x1b]0;x\\x07"),
+        ("c1\x9bcsi", "c1\\x9bcsi"),
+        ("del\x7f", "del\\x7f"),
+        ("line\nbreak\ttab\rcr", "line\\nbreak\\ttab\\rcr"),
+        ("rtl\u202eexe", "rtl\\u202eexe"),
+        ("undecodable\udcff", "undecodable\\udcff"),
+        ("back\\slash", "back\\slash"),
+    ],
+)
+def test_printable_escapes_what_a_terminal_acts_on(text: str, shown: str) -> None:
+    assert redact.printable(text) == shown
+
+
+def test_json_documents_are_scrubbed_and_strict() -> None:
+    redact.register("doc-secret-value")
+    doc = {"remote": "sftp://u:pw@h/x", "k": ["doc-secret-value", 1.5, float("nan"), None]}
+    assert redact.scrub_doc(doc) == {"remote": "sftp://u:***@h/x", "k": ["***", 1.5, None, None]}
