@@ -84,6 +84,10 @@ class Entry:
     chunks: tuple[str, ...] = ()
     target: str = ""
     ino: int = 0
+    #: The structural check (`formats`) this file or directory passed when it
+    #: was snapshotted, e.g. "zip", "safetensors", "hf-trainer"; "" when no
+    #: check applies (an unrecognised format) or the manifest predates checks.
+    check: str = ""
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"path": self.path, "type": self.type, "mode": self.mode}
@@ -95,10 +99,13 @@ class Entry:
             out["target"] = self.target
         else:
             out["mtime_ns"] = self.mtime_ns
+        if self.check:
+            out["check"] = self.check
         return out
 
     def same_content(self, other: Entry) -> bool:
-        """Equal as far as a restore is concerned (ignores the local inode)."""
+        """Equal as far as a restore is concerned: ignores the local inode, and
+        the check name, which the content decides (same chunks, same verdict)."""
         return (
             self.path == other.path
             and self.type == other.type
@@ -135,6 +142,14 @@ class Manifest:
     #: The newest GC round (gc/) this snapshot had seen when it started: a
     #: round's trash is deleted only once every live rank has seen it.
     gc_seen: int = 0
+    #: Whether every file was whole when the snapshot was taken: no file of
+    #: the directory was in progress (held open for writing by the job, or
+    #: failing its format check). False: taken anyway once the settle timeout
+    #: ran out, with `unverified` naming each file and why. None: a manifest
+    #: written before ckpt checked (read as it always was: restorable).
+    verified: bool | None = None
+    #: (path, reason) of every file that was in progress when verified is False.
+    unverified: tuple[tuple[str, str], ...] = ()
 
     @property
     def key(self) -> str:
@@ -172,6 +187,12 @@ class Manifest:
             "rank": self.rank,
             "world_size": self.world_size,
             "gc_seen": self.gc_seen,
+            **({} if self.verified is None else {"verified": self.verified}),
+            **(
+                {"unverified": [{"path": p, "reason": r} for p, r in self.unverified]}
+                if self.unverified
+                else {}
+            ),
             "files": len(self.files),
             "size": self.total_size,
             "entries": [e.to_json() for e in self.entries],
@@ -235,10 +256,40 @@ class Manifest:
                 rank=rank,
                 world_size=world_size,
                 gc_seen=_int(doc, "gc_seen", 0, 1 << 62) if "gc_seen" in doc else 0,
+                verified=_verified(doc),
+                unverified=_unverified(doc),
             )
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             # OverflowError: int() of an Infinity (JSON as Python reads it)
             raise ManifestError(f"is malformed ({type(exc).__name__}: {exc})") from None
+
+
+def _verified(doc: dict[str, Any]) -> bool | None:
+    value = doc.get("verified")
+    if value is not None and not isinstance(value, bool):
+        raise ManifestError(f"has a verified that is not true or false: {value!r}")
+    return value
+
+
+def _unverified(doc: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    raw = doc.get("unverified", [])
+    if not isinstance(raw, list):
+        raise ManifestError("has an unverified that is not a list")
+    out = []
+    for item in raw:
+        if not isinstance(item, dict) or not all(
+            isinstance(item.get(k), str) for k in ("path", "reason")
+        ):
+            raise ManifestError("has an unverified item that is not {path, reason}")
+        out.append((item["path"], item["reason"]))
+    return tuple(out)
+
+
+def _check_name(raw: dict[str, Any], path: str) -> str:
+    value = raw.get("check", "")
+    if not isinstance(value, str) or len(value) > 64:
+        raise ManifestError(f"has a bad check name for {path!r}")
+    return value
 
 
 def _int(doc: dict[str, Any], name: str, low: int, high: int) -> int:
@@ -318,9 +369,10 @@ def _parse_entry(raw: Any, chunk_size: int) -> Entry:
             _mtime_ns(raw),
             tuple(chunks),
             ino=int(raw.get("ino", 0)),
+            check=_check_name(raw, path),
         )
     if kind == "dir":
-        return Entry(path, "dir", mode, mtime_ns=_mtime_ns(raw))
+        return Entry(path, "dir", mode, mtime_ns=_mtime_ns(raw), check=_check_name(raw, path))
     if kind == "symlink":
         target = raw.get("target")
         if not isinstance(target, str) or not target or "\0" in target:

@@ -370,7 +370,61 @@ def test_same_content_compares_every_field_but_the_inode() -> None:
         "target": "x",
     }
     names = {f.name for f in dataclasses.fields(Entry)}
-    assert names == set(changed) | {"ino"}, "a new Entry field: teach same_content about it"
+    assert names == set(changed) | {"ino", "check"}, "a new Entry field: teach same_content"
     assert base.same_content(dataclasses.replace(base, ino=12))
+    assert base.same_content(dataclasses.replace(base, check="zip"))
     for name, value in changed.items():
         assert not base.same_content(dataclasses.replace(base, **{name: value})), name
+
+
+# ---------------------------------------------------------------- format checks
+
+
+def test_a_manifest_from_before_checks_is_neither_verified_nor_not() -> None:
+    m = Manifest.from_bytes(encode(valid_doc()), KEY)
+    assert m.verified is None
+    assert m.unverified == ()
+    assert all(e.check == "" for e in m.entries)
+    assert b"verified" not in m.to_bytes()
+    assert b'"check"' not in m.to_bytes()
+
+
+def test_check_names_and_the_verified_state_round_trip() -> None:
+    doc = valid_doc()
+    doc["entries"][0]["check"] = "hf-trainer"
+    doc["entries"][1]["check"] = "zip"
+    doc["verified"] = False
+    doc["unverified"] = [{"path": "d/empty", "reason": "open for writing by pid 12"}]
+    m = Manifest.from_bytes(encode(doc), KEY)
+    assert [e.check for e in m.entries] == ["hf-trainer", "zip", "", ""]
+    assert m.verified is False
+    assert m.unverified == (("d/empty", "open for writing by pid 12"),)
+    again = Manifest.from_bytes(m.to_bytes(), KEY)
+    assert again == m
+    whole = dataclasses.replace(m, verified=True, unverified=())
+    assert Manifest.from_bytes(whole.to_bytes(), KEY).verified is True
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("verified", "yes"),
+        ("verified", 1),
+        ("unverified", {"path": "a"}),
+        ("unverified", [{"path": "a"}]),
+        ("unverified", [{"path": 1, "reason": "x"}]),
+    ],
+)
+def test_rejects_a_bad_verified_state(field: str, value: object) -> None:
+    doc = valid_doc()
+    doc[field] = value
+    with pytest.raises(ManifestError):
+        Manifest.from_bytes(encode(doc), KEY)
+
+
+@pytest.mark.parametrize("check", [3, None, ["zip"], "x" * 65])
+def test_rejects_a_bad_check_name(check: object) -> None:
+    doc = valid_doc()
+    doc["entries"][1]["check"] = check
+    with pytest.raises(ManifestError):
+        Manifest.from_bytes(encode(doc), KEY)
