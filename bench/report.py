@@ -36,6 +36,9 @@ METHOD = """\
   shows both, and the ratio of medians. Every figure is a ratio to a baseline measured
   in the same bench run, on the same machine, except the targets the issue gives in
   absolute terms (in-process snapshot time, `ckpt --help` time, idle CPU, peak RSS).
+- **Installed as users get it.** ckpt's packages are byte-compiled before the cases
+  (`python -m compileall`, as pip does at install): an editable install under
+  PYTHONDONTWRITEBYTECODE=1 would otherwise compile every module in every process.
 - **Isolation.** HOME, XDG dirs, rclone's config and the AWS CLI's config and
   credentials all point into the work dir; no tool reads the user's; nothing is sent
   to an address other than 127.0.0.1.
