@@ -147,15 +147,22 @@ def _events(path: Path) -> dict[str, float]:
     return out
 
 
+def _calls(phases: dict[str, Any], label: str) -> int:
+    return sum(1 for c in phases["calls"] if c[0] == label)
+
+
 def _split(proc: Proc, phases: dict[str, Any], ev: dict[str, float]) -> dict[str, float]:
-    """Seconds of each phase, in order; 'other' is what no phase covers."""
+    """Seconds of each phase, in order; 'other' is what no phase covers. A
+    function called several times (the snapshots listed, the manifest read
+    more than once) counts with all its calls."""
     first: dict[str, tuple[float, float]] = {}
+    total: dict[str, float] = {}
     for label, start, end in phases["calls"]:
         first.setdefault(label, (start, end))
+        total[label] = total.get(label, 0.0) + end - start
 
     def took(label: str) -> float:
-        start, end = first.get(label, (0.0, 0.0))
-        return end - start
+        return total.get(label, 0.0)
 
     t0, t_end = proc.wall0, proc.wall0 + proc.seconds
     restore_done = ev.get("restore", ev.get("fresh", 0.0))
@@ -171,8 +178,10 @@ def _split(proc: Proc, phases: dict[str, Any], ev: dict[str, float]) -> dict[str
         "read ckpt.json": took("read ckpt.json"),
         "take the lease": took("take the lease"),
         "read the run history": took("read the run history"),
-        "list snapshots": took("list snapshots"),
-        "read the manifest": took("read the manifest"),
+        f"list snapshots ({_calls(phases, 'list snapshots')} calls)": took("list snapshots"),
+        f"read the manifest ({_calls(phases, 'read the manifest')} calls)": took(
+            "read the manifest"
+        ),
         "transfer (download, verify, write)": took("transfer"),
         "swap in": took("swap in"),
         "rest of preparing --dir (local scan, choosing)": prepare - inner,
