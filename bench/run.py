@@ -128,7 +128,7 @@ QUICK = {
     "duty_steps": 2,
     "duty_runs": 1,
     "appender_mib": 4,
-    "appender_seconds": 3.0,
+    "appender_seconds": 2.0,
 }
 
 
