@@ -10,6 +10,7 @@ cannot reach here, against fsspec's own recursive put/get)."""
 
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,10 @@ from _common import (
     Case,
     MiB,
     Proc,
+    Table,
     how,
     judged,
+    median,
     ratio_table,
     rmtree,
     rotate,
@@ -39,6 +42,7 @@ TITLE = "Object store (S3 server on 127.0.0.1)"
 RSS_LIMIT = 200
 #: ckpt push and restore against rclone copy up and down (issue 18).
 LIMIT = 0.8
+TICK = os.sysconf("SC_CLK_TCK")
 
 FSSPEC_COPY = """
 import json, sys, fsspec
@@ -128,9 +132,10 @@ def run(b: Bench) -> Case:
                 size = size_mib * MiB // files * files
                 shape = f"{size / MiB:.0f} MiB in {files} files"
                 warm(src)
-                series = _bench_kind(b, case, service, src, out, aws=n == 0)
+                served: dict[str, list[float]] = {}
+                series = _bench_kind(b, case, service, src, out, served, aws=n == 0)
                 rmtree(src)
-                _report(case, kind, shape, size, series)
+                _report(case, kind, shape, size, series, served)
                 rss = max(p.rss for name in ("ckpt push", "ckpt restore") for p in series[name])
                 peak[kind] = max(peak.get(kind, 0), rss)
         finally:
@@ -171,9 +176,39 @@ def run(b: Bench) -> Case:
     return case
 
 
-def _report(case: Case, kind: str, shape: str, size: int, series: dict[str, list[Proc]]) -> None:
+def server_cpu(pid: int | None) -> float:
+    """utime + stime of the server process so far, in seconds (0 if unknown)."""
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def _report(
+    case: Case,
+    kind: str,
+    shape: str,
+    size: int,
+    series: dict[str, list[Proc]],
+    served: dict[str, list[float]],
+) -> None:
     case.tables.append(
         timing_table(series, size=size, cpu=True, title=f"{kind}, {shape}: wall time")
+    )
+    case.tables.append(
+        Table(
+            ["tool", "server CPU s (median)", "runs (s)"],
+            [
+                [name, f"{median(v):.2f}", ", ".join(f"{x:.2f}" for x in v)]
+                for name, v in served.items()
+                if v
+            ],
+            f"{kind}, {shape}: the server's own CPU (utime + stime) during each run",
+        )
     )
     for ours, direction in (("ckpt push", "up"), ("ckpt restore", "down")):
         pairs = {ours: series[ours]}
@@ -199,7 +234,14 @@ def _report(case: Case, kind: str, shape: str, size: int, series: dict[str, list
 
 
 def _bench_kind(
-    b: Bench, case: Case, service: Any, src: Path, out: Path, *, aws: bool
+    b: Bench,
+    case: Case,
+    service: Any,
+    src: Path,
+    out: Path,
+    served: dict[str, list[float]],
+    *,
+    aws: bool,
 ) -> dict[str, list[Proc]]:
     a = b.args
     kind = service.kind
@@ -255,7 +297,9 @@ def _bench_kind(
                 if upload:
                     rmtree(dst)
                 sync()
+                cpu0 = server_cpu(service.server.pid)
                 series.setdefault(name, []).append(b.run(argv, env=env))
+                served.setdefault(name, []).append(server_cpu(service.server.pid) - cpu0)
                 if not upload:
                     if not same_tree(src, dst):
                         raise RuntimeError(f"{kind}: {name} did not reproduce {src}")
