@@ -152,7 +152,7 @@ def markdown(
         METHOD.format(floor=f"{b.shared.get('rss_floor', 0) / 2**20:.1f}"),
         "Sizes of this run: "
         f"big set {a.size_mib} MiB in {a.files} files; {a.small_files} small files; "
-        f"object store {a.s3_sets} (MiB x files; {a.stores}); "
+        f"object store {a.s3_sets} (MiB x files; {a.stores}; {a.s3_runs} round(s)); "
         f"{a.runs} run(s) per figure, {a.slow_runs} for the slow baselines "
         f"(tar czf, tar xzf, aws s3 cp), {a.overhead_runs} round(s) of case 6, "
         f"{a.duty_runs} of case 12.",

@@ -74,6 +74,7 @@ FULL = {
     "slow_runs": 1,
     "small_files": 10000,
     "s3_sets": "1024x10,4096x2",
+    "s3_runs": 3,
     "stores": "s3-moto,s3-s3rver",
     "overhead_mib": 500,
     "overhead_steps": 5,
@@ -107,6 +108,7 @@ QUICK = {
     "runs": 1,
     "small_files": 300,
     "s3_sets": "16x4,32x2",
+    "s3_runs": 1,
     "stores": "s3-moto",
     "overhead_mib": 16,
     "overhead_steps": 3,
@@ -141,13 +143,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     add = ap.add_argument
     add("--cases", default=",".join(map(str, CASES)), help="which cases, e.g. 1,3 (default all)")
-    add("--quick", action="store_true", help="tiny sizes: a smoke run in well under a minute")
+    add("--quick", action="store_true", help="tiny sizes: a smoke run of about a minute")
     add("--size-mib", type=int, help="the big set of cases 1-3, in MiB (2048)")
     add("--files", type=int, help="files in the big set (20)")
     add("--runs", type=int, help="timed runs per figure, minimum and median reported (5)")
     add("--slow-runs", type=int, help="runs of the slow baselines: tar czf, tar xzf, aws s3 cp (1)")
     add("--small-files", type=int, help="files in case 4's set (10000)")
     add("--s3-sets", help="case 5's data sets, MiB x files (1024x10,4096x2)")
+    add("--s3-runs", type=int, help="case 5's rounds per store and data set (3)")
     add(
         "--stores",
         help="case 5's servers: s3-moto, s3-s3rver, sftp, azure, gcs (s3-moto,s3-s3rver)",
@@ -191,7 +194,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     if args.out is None:
         args.out = BENCH / "work" / "quick" if args.quick else BENCH / "results"
     args.rss_mib = [int(x) for x in str(args.rss_mib).split(",")]
-    args.slow_runs = min(args.slow_runs, args.runs)
+    args.slow_runs = min(args.slow_runs, args.runs, args.s3_runs)
     args.case_numbers = [int(x) for x in args.cases.split(",") if x.strip()]
     unknown = [n for n in args.case_numbers if n not in CASES]
     if unknown:

@@ -249,7 +249,7 @@ def _bench_kind(
     series: dict[str, list[Proc]] = {"ckpt push": [], "ckpt restore": []}
     if aws and not b.tools["aws"] and kind.startswith("s3"):
         case.notes.append(f"{kind}: the AWS CLI is not installed (bash bench/install.sh)")
-    for r in range(a.runs):
+    for r in range(a.s3_runs):
         store = service.new_store()
         env = {**b.env, **store.env}
         dst = out / "dst"
@@ -308,7 +308,7 @@ def _bench_kind(
             for suffix in ("", "-rclone", "-aws", "-fsspec"):
                 with contextlib.suppress(Exception):
                     service.cleanup(_with_url(store, store.url + suffix))
-        print(f"    {kind}, {src.name}: run {r + 1}/{a.runs} done", flush=True)
+        print(f"    {kind}, {src.name}: run {r + 1}/{a.s3_runs} done", flush=True)
     return series
 
 
