@@ -45,6 +45,10 @@ METHOD = """\
 """
 
 
+#: A load average above this many times the cores marks a run as busy.
+BUSY = 1.0
+
+
 def _first_line(text: str) -> str:
     return text.splitlines()[0] if text else "not found"
 
@@ -136,6 +140,15 @@ def markdown(
     lines = ["# ckpt benchmark", ""]
     if a.quick:
         lines += ["**Quick run (`--quick`): tiny sizes, the figures are not meaningful.**", ""]
+    busy = [c.number for c in cases if max(c.load) > BUSY * (os.cpu_count() or 1)]
+    if busy:
+        lines += [
+            f"**The machine was busy** (load average above {BUSY:g}x its "
+            f"{os.cpu_count()} cores at the end of case(s) {', '.join(map(str, busy))}): "
+            "other processes took CPU from both sides unevenly; a verdict wants a calm "
+            "machine (compare the ratio of minimums with the median paired ratio).",
+            "",
+        ]
     lines += [
         f"`{command}`: {len(cases)} case(s) in {seconds / 60:.1f} min; "
         f"{passed} of {len(targets)} targets PASS (the summary is at the end). "

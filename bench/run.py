@@ -273,6 +273,9 @@ def main(argv: list[str]) -> int:
             case.load = os.getloadavg()
             for t in case.targets:
                 print(f"   {t.line()}", flush=True)
+            if max(case.load) > report.BUSY * (os.cpu_count() or 1):
+                load = ", ".join(f"{x:.1f}" for x in case.load)
+                print(f"   (the machine was busy: load average {load})", flush=True)
             print(f"   (case {n} took {case.seconds:.0f} s)", flush=True)
             cases.append(case)
             # Free the disk and page cache a case used (case 2 restores case 1's repository).
