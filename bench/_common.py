@@ -48,6 +48,13 @@ class Proc:
     #: VmHWM of the process itself (not its children), polled while it ran.
     hwm: int | None = None
     stderr: str = ""
+    #: time.time() just before the fork: puts the command's own timestamps
+    #: (ckpt's --log-json events) on the launcher's time line.
+    wall0: float = 0.0
+    #: ru_utime and ru_stime from wait4: CPU seconds of the process and of
+    #: the children it reaped.
+    utime: float = 0.0
+    stime: float = 0.0
 
 
 class ProcError(RuntimeError):
@@ -139,6 +146,9 @@ def run(
         res["wchar"],
         max(peak, default=None),
         text,
+        res["wall0"],
+        res["utime"],
+        res["stime"],
     )
     if check and result.status != 0:
         raise ProcError(f"`{' '.join(args)}` exited {result.status}:\n{text[-3000:]}")
@@ -172,7 +182,60 @@ def median(values: Iterable[float]) -> float:
 
 
 def seconds_of(procs: Sequence[Proc]) -> float:
+    """The median wall time of the runs."""
     return median(p.seconds for p in procs)
+
+
+def min_of(procs: Sequence[Proc]) -> float:
+    """The shortest wall time of the runs: noise on a shared machine only ever
+    adds time, so the minimum is the run the neighbours disturbed least."""
+    return min(p.seconds for p in procs)
+
+
+def paired(ours: Sequence[Proc], base: Sequence[Proc]) -> list[float]:
+    """ours[i] / base[i]: each run over the baseline run of the same round
+    (the two ran back to back, so a noisy neighbour hit both alike)."""
+    return [a.seconds / b.seconds for a, b in zip(ours, base, strict=False)]
+
+
+# ---------------------------------------------------------------- statistics
+#
+# Every timed figure is taken over several runs (--runs), the tools of one
+# round run back to back in an order that rotates from round to round, and the
+# report lists every run with its minimum and median. A target is judged on
+# one of two statistics, named in the target's "how" column:
+#
+# - MIN: the ratio of minimums, min(ckpt) / min(baseline). Noise on a shared
+#   machine only adds time, so each minimum is the least disturbed run; one
+#   slow run (a neighbour's burst) cannot move it. The default.
+# - PAIRED: the median of the per-round ratios ckpt[i] / baseline[i]. For
+#   long runs whose difference is a few percent (the overhead cases): a
+#   neighbour's load that lasts minutes hits both runs of a round, and the
+#   median drops the odd round.
+#
+# Both are printed for every pair of series (ratio_table), whichever judges.
+MIN = "ratio of minimums"
+PAIRED = "median of per-round paired ratios"
+
+
+def judged(ours: Sequence[Proc], base: Sequence[Proc], rule: str = MIN) -> float:
+    """The statistic a target is judged on (MIN or PAIRED)."""
+    if rule == PAIRED:
+        return median(paired(ours, base))
+    return min_of(ours) / min_of(base)
+
+
+def how(rule: str, ours: str, base: str) -> str:
+    """The text of a target's "how" column for a ratio judged by rule."""
+    if rule == PAIRED:
+        return f"{PAIRED}: median over the rounds of ({ours}) / ({base}) of the same round"
+    return f"{MIN}: fastest run of {ours} over fastest run of {base}"
+
+
+def rotate(names: list[str], r: int) -> list[str]:
+    """The r-th rotation: every tool goes first in turn, so drift is shared."""
+    k = r % len(names)
+    return names[k:] + names[:k]
 
 
 # ---------------------------------------------------------------- data
@@ -362,29 +425,77 @@ def mib(n: float) -> str:
 
 
 def timing_table(
-    series: dict[str, list[Proc]], *, size: int | None = None, io: bool = False, title: str = ""
+    series: dict[str, list[Proc]],
+    *,
+    size: int | None = None,
+    io: bool = False,
+    cpu: bool = False,
+    title: str = "",
 ) -> Table:
-    """One row per tool: median wall time, every run, throughput, peak RSS."""
-    headers = ["tool", "median s", "runs (s)"]
+    """One row per tool: minimum and median wall time, every run (in the order
+    they ran), throughput of the fastest run, peak RSS; with cpu, the median
+    user and system CPU seconds (wait4: the process and its reaped children)."""
+    headers = ["tool", "min s", "median s", "runs (s)"]
     if size:
-        headers.append("MiB/s")
+        headers.append("MiB/s (min)")
     headers.append("peak RSS MiB")
+    if cpu:
+        headers += ["user s", "sys s"]
     if io:
         headers += ["rchar MiB", "wchar MiB"]
     rows = []
     for name, procs in series.items():
         if not procs:
             continue
-        sec = seconds_of(procs)
-        row = [name, f"{sec:.3f}", ", ".join(f"{p.seconds:.3f}" for p in procs)]
+        row = [
+            name,
+            f"{min_of(procs):.3f}",
+            f"{seconds_of(procs):.3f}",
+            ", ".join(f"{p.seconds:.3f}" for p in procs),
+        ]
         if size:
-            row.append(f"{size / MiB / sec:.0f}")
+            row.append(f"{size / MiB / min_of(procs):.0f}")
         row.append(mib(max(p.rss for p in procs)))
+        if cpu:
+            row.append(f"{median(p.utime for p in procs):.2f}")
+            row.append(f"{median(p.stime for p in procs):.2f}")
         if io:
             row.append(mib(median(p.rchar for p in procs)))
             row.append(mib(median(p.wchar for p in procs)))
         rows.append(row)
     return Table(headers, rows, title)
+
+
+def ratio_table(series: dict[str, list[Proc]], ours: str, title: str = "") -> Table:
+    """ckpt against each baseline by every statistic (< 1: ckpt is faster):
+    the ratio of minimums, of medians, and the median of the per-round ratios
+    with each round's spread."""
+    mine = series[ours]
+    rows = []
+    for name, procs in series.items():
+        if name == ours or not procs:
+            continue
+        pairs = paired(mine, procs)
+        rows.append(
+            [
+                f"{ours} / {name}",
+                f"{min_of(mine) / min_of(procs):.3f}",
+                f"{seconds_of(mine) / seconds_of(procs):.3f}",
+                f"{median(pairs):.3f}" if pairs else "",
+                ", ".join(f"{x:.2f}" for x in pairs),
+            ]
+        )
+    return Table(
+        [
+            "ckpt / baseline",
+            "ratio of minimums",
+            "ratio of medians",
+            "median paired ratio",
+            "per-round ratios",
+        ],
+        rows,
+        title,
+    )
 
 
 # ---------------------------------------------------------------- the bench run

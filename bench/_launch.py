@@ -11,8 +11,11 @@ os, sys, json and time, forks and execs the command, so the command's peak
 RSS is its own (or the launcher's few MiB, whichever is larger).
 
 It writes to FD the command's pid, as soon as it runs, then one JSON line:
-wall seconds (from before the fork to the exit), the wait status, ru_maxrss
-and the command's /proc/PID/io (read after the exit, before the reap).
+wall seconds (from before the fork to the exit), the epoch time of the fork
+(to place a command's own timestamps, e.g. ckpt's --log-json events, on its
+time line), the wait status, ru_maxrss, user and system CPU seconds (the
+command and the children it reaped) and the command's /proc/PID/io (read
+after the exit, before the reap).
 """
 
 import json
@@ -24,6 +27,7 @@ import time
 def main() -> None:
     fd, argv = int(sys.argv[1]), sys.argv[2:]
     os.set_inheritable(fd, False)  # the command must not hold the report pipe
+    wall0 = time.time()
     t0 = time.perf_counter()
     pid = os.fork()
     if pid == 0:
@@ -43,8 +47,11 @@ def main() -> None:
     _pid, status, usage = os.wait4(pid, 0)
     result = {
         "seconds": seconds,
+        "wall0": wall0,
         "status": os.waitstatus_to_exitcode(status),
         "maxrss_kib": usage.ru_maxrss,
+        "utime": usage.ru_utime,
+        "stime": usage.ru_stime,
         "rchar": io["rchar"],
         "wchar": io["wchar"],
     }

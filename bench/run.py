@@ -10,11 +10,26 @@ Cases (--cases 1,2,...; default all):
   2 restore vs cp -r, tar xzf
   3 incremental snapshot (one file rewritten) vs rsync -a; bytes read and written
   4 10,000 small files: first and no-change snapshot vs rsync -a; in-process no-change
-  5 first snapshot and restore to the S3 test server vs rclone copy, aws s3 cp
-  6 overhead of ckpt run on a CPU-bound child writing a checkpoint every step
+  5 push and restore on S3 servers (moto, s3rver), 1 GiB in 10 files and 4 GiB in 2,
+    vs rclone copy, aws s3 cp; peak RSS
+  6 overhead of ckpt run on a CPU-bound child writing a checkpoint every step, vs
+    the bare child and vs its floor (the child + a background cp of each checkpoint)
   7 idle supervisor CPU; ckpt push peak RSS at 1 GiB and 4 GiB
   8 protection lag (rename to durable snapshot) vs cp; commit latency
   9 start-up: ckpt --help, ckpt run -- true vs python -c pass; lazy imports
+ 10 time to resume: ckpt run -- python -c pass on an empty --dir from S3 vs
+    rclone copy alone, and the split of ckpt's time
+ 11 push and restore right after other large writes (page-cache pressure) vs cp -r;
+    per-thread system time, wait channels, /proc/vmstat
+ 12 overhead at a realistic duty cycle (500 MiB checkpoint per 60 s of compute)
+ 13 protection lag of atomic saves beside a busy appender vs without it (issue 16)
+
+Statistics: every timed figure is taken over --runs runs (fewer for the slow
+baselines and the long cases: --slow-runs, --overhead-runs, --duty-runs), the
+tools of a round run back to back in a rotating order, the report lists every
+run with its minimum and median, and each target names the statistic it is
+judged on: the ratio of minimums (noise only adds time) or, for the long
+overhead runs, the median of the per-round paired ratios (_common.py).
 """
 
 import argparse
@@ -44,20 +59,26 @@ CASES = {
     7: "c7_idle_and_memory",
     8: "c8_protection_lag",
     9: "c9_startup",
+    10: "c10_time_to_resume",
+    11: "c11_cache_pressure",
+    12: "c12_duty_cycle",
+    13: "c13_appender_lag",
 }
 
-#: Defaults of the full suite (about 10 minutes on 2 cores) and of --quick.
+#: Defaults of the full suite (about 40 minutes on 2 cores) and of --quick
+#: (about a minute).
 FULL = {
     "size_mib": 2048,
     "files": 20,
-    "runs": 3,
+    "runs": 5,
     "slow_runs": 1,
     "small_files": 10000,
-    "s3_size_mib": 1024,
-    "s3_files": 10,
-    "stores": "s3-moto",
+    "s3_sets": "1024x10,4096x2",
+    "s3_runs": 3,
+    "stores": "s3-moto,s3-s3rver",
     "overhead_mib": 500,
     "overhead_steps": 5,
+    "overhead_runs": 3,
     "step_seconds": 3.0,
     "idle_settle": 5.0,
     "idle_seconds": 30.0,
@@ -65,6 +86,20 @@ FULL = {
     "lag_mib": 1024,
     "debounce": 1.0,
     "startup_runs": 10,
+    "resume_mib": 1024,
+    "resume_files": 10,
+    "resume_store": "s3-moto",
+    "split_runs": 2,
+    "pressure_mib": 4096,
+    "pressure_src_mib": 1024,
+    "duty_mib": 500,
+    "duty_seconds": 60.0,
+    "duty_steps": 2,
+    "duty_runs": 2,
+    "appender_mib": 64,
+    "appender_seconds": 20.0,
+    "appender_debounce": 0.5,
+    "appender_runs": 1,
 }
 QUICK = {
     **FULL,
@@ -72,10 +107,12 @@ QUICK = {
     "files": 4,
     "runs": 1,
     "small_files": 300,
-    "s3_size_mib": 32,
-    "s3_files": 4,
+    "s3_sets": "16x4,32x2",
+    "s3_runs": 1,
+    "stores": "s3-moto",
     "overhead_mib": 16,
     "overhead_steps": 3,
+    "overhead_runs": 1,
     "step_seconds": 0.3,
     "idle_settle": 1.0,
     "idle_seconds": 3.0,
@@ -83,6 +120,17 @@ QUICK = {
     "lag_mib": 32,
     "debounce": 0.5,
     "startup_runs": 3,
+    "resume_mib": 16,
+    "resume_files": 4,
+    "split_runs": 1,
+    "pressure_mib": 256,
+    "pressure_src_mib": 32,
+    "duty_mib": 16,
+    "duty_seconds": 1.0,
+    "duty_steps": 2,
+    "duty_runs": 1,
+    "appender_mib": 4,
+    "appender_seconds": 2.0,
 }
 
 
@@ -94,18 +142,22 @@ def parse(argv: list[str]) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = ap.add_argument
-    add("--cases", default="1,2,3,4,5,6,7,8,9", help="which cases, e.g. 1,3 (default all)")
-    add("--quick", action="store_true", help="tiny sizes: a smoke run in well under a minute")
+    add("--cases", default=",".join(map(str, CASES)), help="which cases, e.g. 1,3 (default all)")
+    add("--quick", action="store_true", help="tiny sizes: a smoke run of about a minute")
     add("--size-mib", type=int, help="the big set of cases 1-3, in MiB (2048)")
     add("--files", type=int, help="files in the big set (20)")
-    add("--runs", type=int, help="timed runs per figure; the median is used (3)")
+    add("--runs", type=int, help="timed runs per figure, minimum and median reported (5)")
     add("--slow-runs", type=int, help="runs of the slow baselines: tar czf, tar xzf, aws s3 cp (1)")
     add("--small-files", type=int, help="files in case 4's set (10000)")
-    add("--s3-size-mib", type=int, help="case 5's data, in MiB (1024)")
-    add("--s3-files", type=int, help="files in case 5's data (10)")
-    add("--stores", help="case 5's servers: s3-moto, s3-s3rver, sftp, azure, gcs (s3-moto)")
+    add("--s3-sets", help="case 5's data sets, MiB x files (1024x10,4096x2)")
+    add("--s3-runs", type=int, help="case 5's rounds per store and data set (3)")
+    add(
+        "--stores",
+        help="case 5's servers: s3-moto, s3-s3rver, sftp, azure, gcs (s3-moto,s3-s3rver)",
+    )
     add("--overhead-mib", type=int, help="case 6's checkpoint size, in MiB (500)")
     add("--overhead-steps", type=int, help="case 6's training steps (5)")
+    add("--overhead-runs", type=int, help="case 6's rounds of bare, floor and ckpt (3)")
     add("--step-seconds", type=float, help="case 6's CPU work per step, in seconds (3)")
     add("--idle-settle", type=float, help="case 7: seconds before CPU sampling (5)")
     add("--idle-seconds", type=float, help="case 7: CPU sampling window, seconds (30)")
@@ -113,6 +165,20 @@ def parse(argv: list[str]) -> argparse.Namespace:
     add("--lag-mib", type=int, help="case 8's checkpoint size, in MiB (1024)")
     add("--debounce", type=float, help="case 8's --debounce, seconds (1)")
     add("--startup-runs", type=int, help="case 9's runs per command (10)")
+    add("--resume-mib", type=int, help="case 10's snapshot on S3, in MiB (1024)")
+    add("--resume-files", type=int, help="files in case 10's snapshot (10)")
+    add("--resume-store", help="case 10's server (s3-moto)")
+    add("--split-runs", type=int, help="case 10's runs under bench/_phases.py (2)")
+    add("--pressure-mib", type=int, help="case 11: unrelated data written before each run (4096)")
+    add("--pressure-src-mib", type=int, help="case 11's data set, in MiB, 10 files (1024)")
+    add("--duty-mib", type=int, help="case 12's checkpoint size, in MiB (500)")
+    add("--duty-seconds", type=float, help="case 12's compute per checkpoint, seconds (60)")
+    add("--duty-steps", type=int, help="case 12's checkpoints per run (2)")
+    add("--duty-runs", type=int, help="case 12's rounds of bare and ckpt (2)")
+    add("--appender-mib", type=int, help="case 13's model.pt size, in MiB (64)")
+    add("--appender-seconds", type=float, help="case 13: seconds of saves per run (20)")
+    add("--appender-debounce", type=float, help="case 13's --debounce, seconds (0.5)")
+    add("--appender-runs", type=int, help="case 13's rounds with and without (1)")
     add("--work", type=Path, default=BENCH / "work", help="parent of the temp work dir")
     add("--keep-work", action="store_true", help="do not delete the work dir at the end")
     add(
@@ -128,11 +194,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     if args.out is None:
         args.out = BENCH / "work" / "quick" if args.quick else BENCH / "results"
     args.rss_mib = [int(x) for x in str(args.rss_mib).split(",")]
-    args.slow_runs = min(args.slow_runs, args.runs)
+    args.slow_runs = min(args.slow_runs, args.runs, args.s3_runs)
     args.case_numbers = [int(x) for x in args.cases.split(",") if x.strip()]
     unknown = [n for n in args.case_numbers if n not in CASES]
     if unknown:
-        ap.error(f"unknown case(s) {unknown}: 1-9")
+        ap.error(f"unknown case(s) {unknown}: 1-{max(CASES)}")
     if len(args.rss_mib) != 2:
         ap.error("--rss-mib takes two sizes, e.g. 1024,4096")
     return args
@@ -144,6 +210,23 @@ def find_tools(args: argparse.Namespace) -> dict[str, str]:
     if not aws:
         aws = str(local_aws) if local_aws.exists() else shutil.which("aws") or ""
     return {"rclone": shutil.which("rclone") or "", "aws": aws}
+
+
+#: Where ckpt's two packages are, printed by ckpt's interpreter.
+PACKAGE_DIRS = (
+    "import os, ckpt, ckpt_cli\nfor m in (ckpt, ckpt_cli): print(os.path.dirname(m.__file__))"
+)
+
+
+def precompile(b: Bench) -> None:
+    """Byte-compile ckpt's packages, as pip does when it installs them. An
+    editable install (the repository's own .venv) has no .pyc files until a
+    run writes them, and with PYTHONDONTWRITEBYTECODE=1 (set on these
+    machines) none is ever written: every ckpt process would compile its
+    modules again (about 0.14 s of CPU per process, findings.md), a cost no
+    user of an installed ckpt pays."""
+    dirs = b.capture([b.python, "-c", PACKAGE_DIRS]).split()
+    b.capture([b.python, "-m", "compileall", "-q", *dirs])
 
 
 def main(argv: list[str]) -> int:
@@ -171,6 +254,7 @@ def main(argv: list[str]) -> int:
         pool=Pool(work / "pool"),
     )
     b.shared["rss_floor"] = b.run(["true"]).rss  # what ru_maxrss reads at the least
+    precompile(b)
     facts = report.machine(b, started)
     command = "bench/run.py " + shlex.join(argv) if argv else "bench/run.py"
     print(f"bench: work dir {work}", flush=True)
@@ -189,6 +273,9 @@ def main(argv: list[str]) -> int:
             case.load = os.getloadavg()
             for t in case.targets:
                 print(f"   {t.line()}", flush=True)
+            if max(case.load) > report.BUSY * (os.cpu_count() or 1):
+                load = ", ".join(f"{x:.1f}" for x in case.load)
+                print(f"   (the machine was busy: load average {load})", flush=True)
             print(f"   (case {n} took {case.seconds:.0f} s)", flush=True)
             cases.append(case)
             # Free the disk and page cache a case used (case 2 restores case 1's repository).

@@ -6,14 +6,16 @@ import json
 import os
 
 from _common import (
+    MIN,
     Bench,
     Case,
     MiB,
     Proc,
     Table,
+    how,
+    judged,
     median,
     mib,
-    seconds_of,
     sync,
     timing_table,
     warm,
@@ -122,11 +124,11 @@ def run(b: Bench) -> Case:
     )
     case.target(
         "ckpt push / rsync -a, one file changed",
-        seconds_of(ck) / seconds_of(rs),
+        judged(ck, rs, MIN),
         "<=",
         1.5,
         "x",
-        "median time of ckpt push over median time of rsync -a",
+        how(MIN, "ckpt push", "rsync -a"),
     )
     case.target(
         "ckpt push: (rchar - floor) / changed bytes",
