@@ -472,7 +472,7 @@ def _from_env(opt: Option, raw: str, env: str) -> Any:
     if opt.kind == "table":  # may hold secrets: never echo it
         try:
             value = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             value = None
         if not isinstance(value, dict):
             raise ConfigError(f"{env} is not a JSON object (e.g. {env}='{{\"anon\": true}}')")

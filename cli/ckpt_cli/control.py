@@ -241,7 +241,7 @@ def registered() -> list[dict[str, Any]]:
         try:
             info = json.loads(path.read_text())
             pid = int(info["pid"])
-        except (OSError, ValueError, KeyError, TypeError, OverflowError):
+        except (OSError, ValueError, KeyError, TypeError, OverflowError, RecursionError):
             continue
         if not subtree.pid_alive(pid) or not Path(str(info.get("socket", ""))).exists():
             with contextlib.suppress(OSError):

@@ -48,7 +48,7 @@ def parse_record(raw: bytes) -> dict[str, Any] | None:
         return None
     try:
         doc = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # garbage, or [[[[... deeper than the parser
         return None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
         return None

@@ -128,7 +128,7 @@ def parse_storage_options(items: list[str]) -> dict[str, Any]:
         value: Any
         try:
             value = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             value = raw
         target = options
         *parents, leaf = key.strip().split(".")

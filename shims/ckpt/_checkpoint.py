@@ -254,7 +254,7 @@ def _parses(marker: Path) -> bool:
     """The completion marker exists and is whole JSON (HF writes it in place)."""
     try:
         json.loads(marker.read_bytes())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return True
 

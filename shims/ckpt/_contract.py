@@ -57,6 +57,7 @@ TEMP_PATTERNS: tuple[str, ...] = (
     "*~",
     ".#*",
     "*.orbax-checkpoint-tmp-*",
+    "*.orbax-checkpoint-tmp",  # orbax >= 0.11 names a step's temp dir so, no suffix
     "tmp-checkpoint-*",
     ".ckpt-*",
     ".*.ckpt-restore-*",

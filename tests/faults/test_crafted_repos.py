@@ -322,3 +322,27 @@ def test_a_gc_round_naming_a_path_outside_deletes_nothing_there(tmp_path: Path) 
     assert victim.read_text() == "not ckpt's"
     assert kept <= {p for p in remote.rglob("*") if p.is_file()}
     record(KIND, 1, case="a GC round naming ../../victim.txt")
+
+
+def test_records_nested_100000_deep_are_garbage_not_crashes(remote: Path, tmp_path: Path) -> None:
+    """Injected: lease.json and a run record runs/x.json that are JSON arrays
+    nested 100,000 deep (the parser's stack overflows: RecursionError, not
+    ValueError), and `-o k=[[[[...` as a storage option. Asserted: the lease
+    is garbage (stale: taken over), the record is skipped, the option is a
+    string; `ckpt run` restores, runs and ends 0, `ckpt ls --runs` lists
+    nothing crafted; no crash (70)."""
+    deep = "[" * 100_000
+    (remote / "lease.json").write_text(deep)
+    (remote / "runs").mkdir(exist_ok=True)
+    (remote / "runs" / "20260101T000000-deadbe.json").write_text(deep)
+    child = write_script(tmp_path / "child.py", "print('ran')\n")
+    args = ["--dir", str(tmp_path / "ck"), "--remote", str(remote), "-o", f"k={deep}"]
+    res = ckpt(["run", *args, "--", PY, str(child)], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr
+    assert tree(tmp_path / "ck") == _as_tree(NEW)
+    res = ckpt(["ls", str(remote), "--runs", "--json"], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    runs = json.loads(res.stdout)["runs"]
+    assert [r["run"] for r in runs if r["run"].startswith("20260101")] == []
+    record(KIND, 3, case="lease, run record and storage option nested 100,000 deep")
