@@ -190,9 +190,10 @@ def test_a_crafted_snapshot_is_skipped_and_reported(
     warned = warnings(res.stderr)
     assert len(warned) == 1 and bad in warned[0], res.stderr
 
-    check = ckpt(["verify", str(remote), "--full"], cwd=tmp_path, timeout=HANG)
-    assert check.returncode == DAMAGED, check.stderr
-    assert bad in one_error(check, str(remote))
+    for full in (["--full"], []):  # the listing alone must see it too (not --full)
+        check = ckpt(["verify", str(remote), *full], cwd=tmp_path, timeout=HANG)
+        assert check.returncode == DAMAGED, (full, check.stderr)
+        assert bad in one_error(check, str(remote))
     show = ckpt(["show", str(remote)], cwd=tmp_path, timeout=HANG)
     assert show.returncode == 0, show.stderr
     if not case.startswith("a chunk that is"):  # a bad manifest: show skips it
@@ -346,3 +347,30 @@ def test_records_nested_100000_deep_are_garbage_not_crashes(remote: Path, tmp_pa
     runs = json.loads(res.stdout)["runs"]
     assert [r["run"] for r in runs if r["run"].startswith("20260101")] == []
     record(KIND, 3, case="lease, run record and storage option nested 100,000 deep")
+
+
+def test_a_chunk_store_1100_directories_deep_is_listed(remote: Path, tmp_path: Path) -> None:
+    """Injected: a tree 1,100 directories deep planted under chunks/ (the
+    local listing walked it with os.walk, which recurses in Python 3.11).
+    Asserted: `ckpt verify`, `ckpt push` and `ckpt gc --dry-run` end without
+    a crash; verify finds every snapshot complete."""
+    deep = remote / "chunks" / "zz"
+    level = deep
+    for _ in range(1100):  # os.makedirs recurses once per level too
+        level = level / "d"
+        level.mkdir(parents=level.parent == deep)
+    try:
+        res = ckpt(["verify", str(remote)], cwd=tmp_path)
+        assert res.returncode == 0, res.stderr
+        src = tmp_path / "src"
+        src.mkdir()
+        (src / "state.txt").write_bytes(b"a third state\n")
+        res = ckpt(["push", str(src), str(remote), "--keep", "5"], cwd=tmp_path)
+        assert res.returncode == 0, res.stderr
+        res = ckpt(["gc", str(remote), "--keep", "5", "--dry-run"], cwd=tmp_path)
+        assert res.returncode == 0, res.stderr
+    finally:
+        from ckpt._fs import remove_tree
+
+        remove_tree(deep)  # pytest's own cleanup of tmp dirs recurses too
+    record(KIND, 1, case="a chunk store 1,100 directories deep")
