@@ -23,13 +23,13 @@ from ckpt_cli.errors import CkptError, ConfigError
 from ckpt_cli.history import load_runs
 from ckpt_cli.lease import DEFAULT_TTL, Heartbeat
 from ckpt_cli.manifest import Manifest
-from ckpt_cli.remote import open_backend, parse_storage_options
+from ckpt_cli.remote import open_backend
 from ckpt_cli.repo_tools import Checked, check, open_existing
 from ckpt_cli.repository import Repository, newest_manifest, rank_stream, stream_rank
 
 
-def _open(remote: str, options: list[str], *, create: bool) -> Repository | None:
-    backend = open_backend(remote, parse_storage_options(options))
+def _open(remote: str, options: dict[str, Any], *, create: bool) -> Repository | None:
+    backend = open_backend(remote, options)
     return Repository.open(backend, create=create)
 
 
@@ -53,7 +53,7 @@ def restore(
     remote: str,
     dir: Path,
     snapshot: str | None,
-    options: list[str],
+    options: dict[str, Any],
     *,
     force: bool = False,
     rank: int | None = None,
@@ -133,14 +133,14 @@ def _watching(snapshotter: Any, bar: console.Progress) -> Iterator[None]:
 
 
 def push(
-    dir: Path, remote: str, keep: int, options: list[str], *, allow_empty: bool = False
+    dir: Path, remote: str, keep: int, options: dict[str, Any], *, allow_empty: bool = False
 ) -> int:
     from ckpt_cli.kept import recover_interrupted
     from ckpt_cli.snapshotter import Snapshotter, UnreadableError
 
     source = config.resolve_dir(dir)
     if not source.is_dir():
-        raise ConfigError(f"{source} is not a directory (ckpt push DIR REMOTE)")
+        raise ConfigError(f"{source} is not a directory (ckpt push [DIR] [REMOTE], or --dir)")
     config.check_remote_outside(source, remote)
     config.check_lasting(remote, "ckpt push")
     recover_interrupted(source)  # a restore killed half-way is finished first
@@ -210,7 +210,12 @@ def refuse_empty_push(
 
 
 def ls(
-    remote: str, as_json: bool, options: list[str], *, runs: bool = False, rank: int | None = None
+    remote: str,
+    as_json: bool,
+    options: dict[str, Any],
+    *,
+    runs: bool = False,
+    rank: int | None = None,
 ) -> int:
     from ckpt_cli import world
 

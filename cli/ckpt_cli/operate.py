@@ -77,7 +77,7 @@ def _require(repo: Repository | None, remote: str, wanted: str) -> Repository:
     return repo
 
 
-def show(remote: str, snapshot: str | None, as_json: bool, options: list[str]) -> int:
+def show(remote: str, snapshot: str | None, as_json: bool, options: dict[str, Any]) -> int:
     repo = open_existing(remote, options)
     if snapshot is not None:
         repo = _require(repo, remote, snapshot)
@@ -143,7 +143,7 @@ def _entries_table(entries: tuple[Entry, ...]) -> None:
     console.table(cols, table, right=("size", "chunks"))
 
 
-def diff(remote: str, a: str, b: str, as_json: bool, options: list[str]) -> int:
+def diff(remote: str, a: str, b: str, as_json: bool, options: dict[str, Any]) -> int:
     repo = _require(open_existing(remote, options), remote, a)
     ma, mb = load(repo, find(repo, a)), load(repo, find(repo, b))
     d = diff_manifests(ma, mb)
@@ -209,7 +209,9 @@ def _describe_change(x: Entry, y: Entry, what: list[str]) -> str:
 # ---------------------------------------------------------------- verify, gc
 
 
-def verify(remote: str, snapshot: str | None, full: bool, as_json: bool, options: list[str]) -> int:
+def verify(
+    remote: str, snapshot: str | None, full: bool, as_json: bool, options: dict[str, Any]
+) -> int:
     repo = open_existing(remote, options)
     if repo is None:
         if snapshot is not None:
@@ -283,7 +285,7 @@ def _writer_lease(repo: Repository, owner: str) -> Iterator[None]:
         lease.release()
 
 
-def gc(remote: str, keep: int, dry_run: bool, as_json: bool, options: list[str]) -> int:
+def gc(remote: str, keep: int, dry_run: bool, as_json: bool, options: dict[str, Any]) -> int:
     repo = open_existing(remote, options)
     if repo is None:
         if as_json:
