@@ -413,9 +413,19 @@ def commit(
     return ExitCode.OK
 
 
-def send_signal(socket_path: str | None) -> int:
+def send_signal(socket_path: str | None, directory: Path | None = None) -> int:
+    """Send the checkpoint signal through a supervisor's control socket: the
+    given one (--socket, or CKPT_SOCKET inside a supervised child), else the
+    running `ckpt run` of this user found in the registry `ckpt status`
+    reads (the one of `directory` when several run)."""
     if not socket_path:
-        raise ConfigError("no supervisor to signal: CKPT_SOCKET is not set (pass --socket)")
+        from ckpt_cli import control
+
+        problem = control.untrusted_registry()
+        if problem:
+            console.warn(f"{problem}: not read (give --socket)")
+        entries = [] if problem else control.registered()
+        socket_path = str(control.pick_run(entries, directory)["socket"])
     reply = request(socket_path, {"op": "signal"})
     if not reply.get("ok"):
         raise CkptError(f"signal not sent: {reply.get('error')}", exit_code=ExitCode.UNAVAILABLE)

@@ -734,17 +734,37 @@ def commit(
 def signal_cmd(
     socket: Annotated[
         str | None,
-        typer.Option(envvar="CKPT_SOCKET", help="Control socket of the running supervisor."),
+        typer.Option(
+            envvar="CKPT_SOCKET",
+            help="Control socket of the supervisor (inside its child: CKPT_SOCKET; default: "
+            "the running `ckpt run` of this user on this machine).",
+        ),
+    ] = None,
+    dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--dir",
+            "-d",
+            metavar="DIR",
+            show_default=False,
+            help="When several `ckpt run` are running: the one protecting DIR (env CKPT_DIR, "
+            "ckpt.toml).",
+        ),
     ] = None,
 ) -> None:
     """Tell the supervised script to checkpoint soon (sends --checkpoint-signal).
 
-    Example: ckpt signal --socket /tmp/ckpt-abc123/control.sock
+    Example (from another shell): ckpt signal --dir ./checkpoints
     """
     with error_funnel() as status:
-        from ckpt_cli import commands
+        from ckpt_cli import commands, config
 
-        status[0] = commands.send_signal(socket)
+        directory = None
+        if not socket:
+            settings = config.load({"dir": dir} if dir is not None else {}, names=("dir",))
+            if settings.values["dir"].source != config.DEFAULT:
+                directory = settings["dir"]
+        status[0] = commands.send_signal(socket, directory)
     raise typer.Exit(status[0])
 
 

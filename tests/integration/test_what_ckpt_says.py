@@ -1,0 +1,93 @@
+"""What ckpt says is true (issue 20, item 5), through the real binary: each
+claim of the README that a check against the binary found wrong, kept
+true where a test can see it. `ckpt signal` from another shell, the words
+of a second stop signal, `CKPT_RESTORED` over a newer local directory, the
+"newest" of `ckpt ls` beside a corrupt chunk, `show`/`diff` on damaged
+snapshots, a multi-node remote's `ckpt ls`, and counts in English."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from ckpt._contract import ExitCode
+
+from ._util import (
+    PY,
+    Running,
+    error_lines,
+    run_args,
+    run_ckpt,
+    wait_for,
+    write_script,
+)
+
+pytestmark = pytest.mark.timeout(240)
+
+# ---------------------------------------------------------------- ckpt signal
+
+#: Installs the shim's checkpoint-signal handler, says so in argv[1], and
+#: exits 0 once the signal came (writing got.txt into its directory).
+WAITS_FOR_SIGNAL = """
+    import json, os, sys, time
+    from pathlib import Path
+    import ckpt
+    ckpt.on_preemption(lambda: None)
+    ready = Path(sys.argv[1])
+    tmp = ready.with_name(ready.name + ".part")
+    tmp.write_text(json.dumps({"pid": os.getpid()}))
+    os.replace(tmp, ready)
+    while not ckpt.preemption_requested():
+        time.sleep(0.02)
+    (Path(os.environ["CKPT_DIR"]) / "got.txt").write_text("signalled")
+"""
+
+
+def _waiting_run(spawn: Callable[..., Running], tmp_path: Path, name: str) -> Running:
+    child = write_script(tmp_path / "waits.py", WAITS_FOR_SIGNAL)
+    ready = tmp_path / f"{name}.ready"
+    run = spawn(
+        [*run_args(tmp_path / name, tmp_path / f"{name}-remote"), PY, str(child), str(ready)],
+        name=name,
+    )
+    wait_for(ready.exists, what=f"the child of {name} to start", proc=run)
+    run.extra_pids.append(json.loads(ready.read_text())["pid"])
+    return run
+
+
+def test_ckpt_signal_from_another_shell_finds_the_running_supervisor(
+    spawn: Callable[..., Running], tmp_path: Path
+) -> None:
+    """No CKPT_SOCKET in another shell: `ckpt signal` finds the running `ckpt
+    run` of this user as `ckpt status` does. One: that one; several: --dir
+    says which (a bare `ckpt signal` is refused, naming them); none: one line."""
+    one = _waiting_run(spawn, tmp_path, "one")
+    two = _waiting_run(spawn, tmp_path, "two")
+    assert "CKPT_SOCKET" not in os.environ
+
+    both = run_ckpt(["signal"], cwd=tmp_path, timeout=60)
+    assert both.returncode == ExitCode.CONFIG, both.stderr
+    (line,) = error_lines(both.stderr)
+    assert "--dir" in line and str(tmp_path / "one") in line and str(tmp_path / "two") in line
+
+    sent = run_ckpt(["signal", "--dir", "one"], cwd=tmp_path, timeout=60)
+    assert sent.returncode == 0, sent.stderr
+    assert "checkpoint signal sent to pid" in sent.stderr
+    assert one.wait() == 0, one.stderr()
+    assert (tmp_path / "one" / "got.txt").read_text() == "signalled"
+    assert two.proc.poll() is None, "only the run of --dir one was signalled"
+
+    alone = run_ckpt(["signal"], cwd=tmp_path, timeout=60)  # one running: that one
+    assert alone.returncode == 0, alone.stderr
+    assert two.wait() == 0, two.stderr()
+
+    none = run_ckpt(["signal"], cwd=tmp_path, timeout=60)
+    assert none.returncode == ExitCode.UNAVAILABLE, none.stderr
+    assert len(error_lines(none.stderr)) == 1 and "Traceback" not in none.stderr
+    gone = run_ckpt(["signal", "--dir", "one"], cwd=tmp_path, timeout=60)
+    assert gone.returncode == ExitCode.UNAVAILABLE, gone.stderr
+    assert str(tmp_path / "one") in error_lines(gone.stderr)[0]
