@@ -81,6 +81,8 @@ class Supervisor:
         self.child: Child | None = None
         self.restored_id = ""
         self.restored_step: int | None = None
+        #: What a kept --dir (newer than the newest snapshot) descends from.
+        self._descends_from: tuple[str, int | None] = ("", None)
         self.stop_signal: int | None = None
         self._stop_at = 0.0
         self._flush_abandoned = False
@@ -239,6 +241,12 @@ class Supervisor:
         self.restored_id, self.restored_step = self._prepare(
             repo, snapshotter, restore_enabled=cfg.restore, snapshot=cfg.snapshot
         )
+        parent = snapshotter.parent
+        if not self.restored_id and cfg.restore and cfg.world_size == 1 and parent is not None:
+            # A --dir newer than the newest snapshot was kept (restore's rule):
+            # it descends from that snapshot, the parent of its next one, and
+            # the child is told so, as after a relaunch (CKPT_RESTORED).
+            self._descends_from = (parent.id, parent.step)
         ensure_dir(cfg.dir)
         if self.restored_id:
             ref = repo.find(self.restored_id)
@@ -429,8 +437,11 @@ class Supervisor:
                 return contract.ExitCode.PREEMPTED
             self.attempt += 1
             durable = worker.stats.last_durable
-            restored = durable.id if (durable and self.attempts) else self.restored_id
-            step = durable.step if (durable and self.attempts) else self.restored_step
+            restored, step = self.restored_id, self.restored_step
+            if not restored:
+                restored, step = self._descends_from
+            if durable and self.attempts:
+                restored, step = durable.id, durable.step
             if self.attempts and cfg.world_size > 1:
                 # Every rank relaunches from the same step: the newest one all
                 # ranks committed, not this rank's own newest state.

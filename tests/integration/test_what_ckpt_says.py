@@ -19,7 +19,10 @@ from ckpt._contract import ExitCode
 from ._util import (
     PY,
     Running,
+    ckpt_ok,
     error_lines,
+    ls_json,
+    manifest_paths,
     run_args,
     run_ckpt,
     wait_for,
@@ -91,3 +94,47 @@ def test_ckpt_signal_from_another_shell_finds_the_running_supervisor(
     gone = run_ckpt(["signal", "--dir", "one"], cwd=tmp_path, timeout=60)
     assert gone.returncode == ExitCode.UNAVAILABLE, gone.stderr
     assert str(tmp_path / "one") in error_lines(gone.stderr)[0]
+
+
+# ---------------------------------------------------------------- CKPT_RESTORED
+
+#: Writes state.txt (argv[2]) into its directory and records what it was told.
+TELLS = """
+    import json, os, sys
+    from pathlib import Path
+    Path(sys.argv[1]).write_text(json.dumps({
+        k: os.environ.get(k) for k in ("CKPT_RESTORED", "CKPT_RESTORED_STEP", "CKPT_ATTEMPT")
+    }))
+    d = Path(os.environ["CKPT_DIR"])
+    seen = (d / "state.txt").read_text() if (d / "state.txt").exists() else None
+    (d / "seen.txt").write_text(str(seen))
+    (d / "state.txt").write_text(sys.argv[2])
+"""
+
+
+def test_ckpt_restored_names_what_a_kept_newer_dir_descends_from(tmp_path: Path) -> None:
+    """A --dir modified after the newest snapshot is kept (it is newer) and
+    becomes the next snapshot, whose parent is that snapshot: the child is
+    told it descends from it, as after a relaunch, not "nothing restored"."""
+    child = write_script(tmp_path / "tells.py", TELLS)
+    ck, remote, told = tmp_path / "ck", tmp_path / "remote", tmp_path / "told.json"
+    ckpt_ok([*run_args(ck, remote), PY, str(child), str(told), "first"], cwd=tmp_path)
+    (first,) = [s["id"] for s in ls_json(remote, cwd=tmp_path)["snapshots"]]
+    (ck / "state.txt").write_text("edited here after the upload")  # newer than the snapshot
+
+    res = ckpt_ok([*run_args(ck, remote), PY, str(child), str(told), "second"], cwd=tmp_path)
+
+    assert "keeping the local state" in res.stderr, res.stderr
+    assert (ck / "seen.txt").read_text() == "edited here after the upload", "kept, not restored"
+    env = json.loads(told.read_text())
+    assert env["CKPT_RESTORED"] == first, env
+    assert env["CKPT_ATTEMPT"] == "2"
+    newest = json.loads(manifest_paths(remote)[-1].read_bytes())
+    assert newest["parent"] == first, "the next snapshot names the same parent"
+
+    # --no-restore: ckpt was told to start from --dir as it is, descent unknown.
+    ckpt_ok(
+        [*run_args(ck, remote, "--no-restore"), PY, str(child), str(told), "third"],
+        cwd=tmp_path,
+    )
+    assert json.loads(told.read_text())["CKPT_RESTORED"] == ""
