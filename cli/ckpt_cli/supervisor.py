@@ -38,7 +38,7 @@ from ckpt_cli.remote import open_backend, redact_url
 from ckpt_cli.repository import Repository, rank_stream
 from ckpt_cli.restore import ensure_dir, prepare_rank_dir, restore_into
 from ckpt_cli.snapshotter import TEMP_PATTERNS, SnapshotResult, Snapshotter
-from ckpt_cli.uploader import SnapshotWorker, unreadable_error
+from ckpt_cli.uploader import Request, SnapshotWorker, unreadable_error
 from ckpt_cli.watcher import Watcher
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -57,6 +57,9 @@ NOTICE_RESERVE = 10.0
 #: How long a stopped child may take during a notice window, at most: a third
 #: of what is left, so the final flush keeps the rest.
 NOTICE_GRACE_SHARE = 1 / 3
+#: A final flush that takes longer than this shows its progress (a bar on a
+#: terminal, one line off one).
+FLUSH_SHOWN = 1.0
 #: How long the first launch waits for the first answer of the metadata
 #: service (a machine already under notice launches nothing). Azure's first
 #: call may take minutes: the launch does not wait for that.
@@ -86,6 +89,7 @@ class Supervisor:
         self.stop_signal: int | None = None
         self._stop_at = 0.0
         self._flush_abandoned = False
+        self._abandoned: tuple[Request, int] | None = None  # the final request, the signal
         self._lease_error: LeaseLostError | None = None
         self._wake_r = self._wake_w = -1
         self._wake_lock = threading.Lock()
@@ -347,6 +351,8 @@ class Supervisor:
             # too: it ends before the lease is released (a prune that overlapped
             # another writer's uploads could delete its chunks).
             worker.join(wait_limit(cfg.flush_timeout))  # --flush-timeout inf: no limit
+            if self._flush_abandoned:
+                flushed = self._after_abandon(worker)
             control.close()
             guardian.close()
             self._restore_signals(old_handlers)
@@ -767,12 +773,27 @@ class Supervisor:
     def _final_flush(self, worker: SnapshotWorker) -> bool:
         """Snapshot the final state and wait until it is durable, retrying until
         --flush-timeout. A first stop signal lets it finish (flushing is what a
-        stop asks for); a second one abandons the wait."""
+        stop asks for); a second one abandons it: no retry, no more waiting
+        here. The snapshot thread still ends what it has begun (an upload is
+        never cut short: the join after this bounds it), and `_after_abandon`
+        then says what became durable. A wait longer than FLUSH_SHOWN shows
+        its progress (`console.Progress`)."""
+        with contextlib.ExitStack() as shown:
+            return self._flush(worker, shown)
+
+    def _flush(self, worker: SnapshotWorker, shown: contextlib.ExitStack) -> bool:
         deadline = time.monotonic() + self.cfg.flush_timeout
+        show_at = time.monotonic() + FLUSH_SHOWN
+        bar: console.Progress | None = None
         pause = 0.5
         while True:
             req = worker.request("final")
             while not req.wait(0.05):
+                if bar is None and time.monotonic() >= show_at:
+                    bar = shown.enter_context(console.Progress(self._flush_line()))
+                live = worker.snapshotter.live
+                if bar is not None and live is not None:
+                    bar.update(live[0].bytes_read, live[2])
                 if self._notice_at:
                     # Past the notice's deadline the machine is gone; try a
                     # little beyond it anyway: the notice's clock is not ours.
@@ -792,7 +813,12 @@ class Supervisor:
                     first = self.stop_signal is None
                     if self._note_stop(sig):
                         self._flush_abandoned = True
-                        self._not_durable(worker, f"abandoned on {signal_name(sig)}")
+                        self._abandoned = (req, sig)
+                        console.warn(
+                            f"received {signal_name(sig)} again: the final flush is abandoned "
+                            "(no retry); an upload under way is let finish (at most "
+                            "--flush-timeout), then ckpt exits"
+                        )
                         return False
                     if first:
                         console.info(
@@ -813,6 +839,32 @@ class Supervisor:
                 return False
             time.sleep(pause)
             pause = min(pause * 2, 5.0)
+
+    def _flush_line(self) -> str:
+        timeout = self.cfg.flush_timeout
+        limit = (
+            "as long as it takes (--flush-timeout inf)"
+            if wait_limit(timeout) is None
+            else f"at most {timeout:g}s (--flush-timeout)"
+        )
+        return f"waiting for the final snapshot to be durable, {limit}"
+
+    def _after_abandon(self, worker: SnapshotWorker) -> bool:
+        """Once the snapshot thread has stopped: what the abandoned flush left
+        durable, said once. True if the final state is durable after all
+        (its upload was under way and finished)."""
+        if self._abandoned is None:
+            return False
+        req, sig = self._abandoned
+        if req.done and req.error is None:
+            m = req.manifest
+            if m is not None:
+                console.info(
+                    f"final state is durable as snapshot {m.id} (its upload was under way)"
+                )
+            return True
+        self._not_durable(worker, f"abandoned on {signal_name(sig)}")
+        return False
 
     def _not_durable(self, worker: SnapshotWorker, why: str) -> None:
         last = worker.stats.last_durable

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from ckpt._contract import ExitCode
+from ckpt_cli.supervisor import ECHO_WINDOW
 
 from ._util import (
     PY,
@@ -138,3 +142,61 @@ def test_ckpt_restored_names_what_a_kept_newer_dir_descends_from(tmp_path: Path)
         cwd=tmp_path,
     )
     assert json.loads(told.read_text())["CKPT_RESTORED"] == ""
+
+
+# ---------------------------------------------------------------- a second stop signal
+
+#: Writes nothing until SIGTERM, then final.txt, and exits 0.
+SAVES_ON_TERM = """
+    import os, signal, sys, time
+    from pathlib import Path
+    def on_term(signum, frame):
+        (Path(os.environ["CKPT_DIR"]) / "final.txt").write_text("saved on SIGTERM")
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, on_term)
+    Path(sys.argv[1]).write_text(str(os.getpid()))
+    while True:
+        time.sleep(0.05)
+"""
+
+
+def test_a_second_stop_during_the_flush_tells_one_story(
+    store_of: Any, spawn: Callable[..., Running], tmp_path: Path
+) -> None:
+    """The final snapshot's upload is under way (the S3 server stalls) when a
+    second SIGTERM abandons the flush: the upload still finishes once the
+    server answers, and the console says so once, truthfully (not "nothing
+    is durable yet" and then a durable snapshot a line later)."""
+    store = store_of("s3-moto")
+    assert store.server is not None
+    child = write_script(tmp_path / "saves.py", SAVES_ON_TERM)
+    ready = tmp_path / "ready"
+    env = {**store.env, "CKPT_IO_TIMEOUT": "120"}
+    # No snapshot before the stop: nothing is written until SIGTERM, no rescan.
+    args = run_args(tmp_path / "ck", store.url, "--rescan", "3600", debounce="3600")
+    run = spawn([*args, PY, str(child), str(ready)], env=env)
+    wait_for(ready.exists, what="the child to start", proc=run)
+    run.extra_pids.append(int(ready.read_text()))
+    store.server.pause()
+    try:
+        run.signal(signal.SIGTERM)
+        first = time.monotonic()
+        wait_for(
+            lambda: "attempt 1: exit code 0" in run.stderr(), what="the child's exit", proc=run
+        )
+        time.sleep(max(0.0, first + ECHO_WINDOW + 0.2 - time.monotonic()))  # not an echo
+        run.signal(signal.SIGTERM)
+        wait_for(lambda: "abandon" in run.stderr(), what="the flush abandoned", proc=run)
+    finally:
+        store.server.resume()
+    assert run.wait() == 128 + signal.SIGTERM, run.stderr()
+    err = run.stderr()
+    assert "nothing is durable yet" not in err, err
+    listed = run_ckpt(["ls", store.url, "--json"], cwd=tmp_path, env=store.env)
+    (newest,) = [s["id"] for s in json.loads(listed.stdout)["snapshots"]]
+    assert f"final state is durable as snapshot {newest}" in err, err
+    assert f"newest durable snapshot: {newest}" in err
+    out = tmp_path / "out"
+    restored = run_ckpt(["restore", store.url, str(out)], cwd=tmp_path, env=store.env)
+    assert restored.returncode == 0, restored.stderr
+    assert (out / "final.txt").read_text() == "saved on SIGTERM"
