@@ -275,6 +275,12 @@ def document(doc: Any) -> None:
         sys.stdout.flush()
 
 
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """A count as English says it: "1 file", "2 files", "0 files"; `many`
+    for a plural that is not word + "s" ("process", "processes")."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"
+
+
 def fmt_age(seconds: float) -> str:
     """12s, 4m05s, 3h02m, 2d04h."""
     seconds = max(0.0, seconds)

@@ -489,7 +489,9 @@ class Supervisor:
             self.events.emit("launch", attempt=self.attempt, pid=child.pid)
             ex = self._wait(child, watcher, worker)
             if left := child.stop_leftovers(min(cfg.grace, 10.0), self._exclude):
-                console.info(f"stopped {left} process(es) the child left behind")
+                console.info(
+                    f"stopped {console.plural(left, 'process', 'processes')} the child left behind"
+                )
             guardian.protect(0)
             elapsed = time.monotonic() - child.started
             self.attempts.append(Attempt(self.attempt, ex, elapsed))
@@ -521,9 +523,16 @@ class Supervisor:
                 return ex.status
             if decision is Decision.EXHAUSTED:
                 self.events.emit("give_up", status=ex.status, reason="retries spent (--retries)")
-                console.error(
-                    f"giving up: {ex.describe()} and all {cfg.retries} retries spent (--retries)"
+                spent = (
+                    "no retry allowed"
+                    if not cfg.retries
+                    else (
+                        "its one retry spent"
+                        if cfg.retries == 1
+                        else f"all {cfg.retries} retries spent"
+                    )
                 )
+                console.error(f"giving up: {ex.describe()} and {spent} (--retries)")
                 return ex.status
             retries_used += 1
             worker.request("exit")  # protect what the attempt left while we back off
@@ -951,7 +960,8 @@ class Supervisor:
                 f"the child has not installed a {name} handler (call ckpt.checkpoint() or "
                 f"ckpt.on_preemption() in the script); not sent, it would kill the child"
             )
-        console.info(f"sent {name} to the child (pid {', '.join(map(str, sent))}): checkpoint soon")
+        pids = f"{'pid' if len(sent) == 1 else 'pids'} {', '.join(map(str, sent))}"
+        console.info(f"sent {name} to the child ({pids}): checkpoint soon")
         return sent
 
     def _check_lease(self) -> None:
@@ -1000,7 +1010,7 @@ class Supervisor:
             reason=m.reason,
         )
         console.info(
-            f"snapshot {m.id} (generation {m.generation}): {len(m.files)} files, "
+            f"snapshot {m.id} (generation {m.generation}): {console.plural(len(m.files), 'file')}, "
             f"{console.fmt_bytes(m.total_size)}, {console.fmt_bytes(result.new_bytes)} new, "
             f"{result.seconds:.1f}s"
         )
@@ -1079,7 +1089,8 @@ class Supervisor:
         last = stats.last_durable
         codes = ", ".join(a.exit.describe() for a in self.attempts) or "none"
         console.info(
-            f"done: {len(self.attempts)} attempt(s) ({codes}); {stats.snapshots} snapshot(s), "
+            f"done: {console.plural(len(self.attempts), 'attempt')} ({codes}); "
+            f"{console.plural(stats.snapshots, 'snapshot')}, "
             f"{console.fmt_bytes(stats.bytes_uploaded)} uploaded; newest durable snapshot: "
             f"{last.id if last else 'none'}"
         )

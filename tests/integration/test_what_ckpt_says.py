@@ -23,6 +23,7 @@ from ckpt_cli.supervisor import ECHO_WINDOW
 from ._util import (
     PY,
     Running,
+    chunk_path,
     ckpt_ok,
     error_lines,
     ls_json,
@@ -200,3 +201,106 @@ def test_a_second_stop_during_the_flush_tells_one_story(
     restored = run_ckpt(["restore", store.url, str(out)], cwd=tmp_path, env=store.env)
     assert restored.returncode == 0, restored.stderr
     assert (out / "final.txt").read_text() == "saved on SIGTERM"
+
+
+# ---------------------------------------------------------------- ls, show, diff
+
+
+def _two_pushes(tmp_path: Path) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    remote, src = tmp_path / "remote", tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("first")
+    ckpt_ok(["push", str(src), str(remote)], cwd=tmp_path)
+    (src / "a.txt").write_text("second, longer")
+    ckpt_ok(["push", str(src), str(remote)], cwd=tmp_path)
+    first, second = (json.loads(p.read_bytes()) for p in manifest_paths(remote))
+    return remote, first, second
+
+
+def _chunk_of(manifest: dict[str, Any]) -> str:
+    (entry,) = [e for e in manifest["entries"] if e["type"] == "file"]
+    digest: str = entry["chunks"][0]
+    return digest
+
+
+def test_ls_says_newest_is_not_re_hashed_where_restore_skips_a_corrupt_chunk(
+    tmp_path: Path,
+) -> None:
+    """A chunk of the newest snapshot corrupt in place (same size): the one
+    listing `ckpt ls` makes sees it present and calls the snapshot "newest";
+    a restore re-hashes and falls back. ls says what its "newest" rests on,
+    and `verify --full` finds it."""
+    remote, _first, second = _two_pushes(tmp_path)
+    chunk = chunk_path(remote, _chunk_of(second))
+    chunk.write_bytes(b"x" * chunk.stat().st_size)
+
+    listed = run_ckpt(["ls", str(remote)], cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert "newest" in listed.stdout.splitlines()[1]
+    assert "none was re-hashed" in listed.stderr and "verify --full" in listed.stderr
+    doc = ls_json(remote, cwd=tmp_path)
+    assert doc["rehashed"] is False and doc["snapshots"][0]["state"] == "newest"
+
+    out = tmp_path / "out"
+    restored = run_ckpt(["restore", str(remote), str(out)], cwd=tmp_path)
+    assert restored.returncode == 0, restored.stderr
+    assert (out / "a.txt").read_text() == "first", "restore skips the corrupt one"
+    full = run_ckpt(["verify", str(remote), "--full"], cwd=tmp_path)
+    assert full.returncode == ExitCode.DAMAGED and second["id"] in full.stderr, full.stderr
+
+
+def test_show_and_diff_exit_65_only_for_a_manifest_that_does_not_parse(tmp_path: Path) -> None:
+    """show and diff read manifests, not chunks: a snapshot missing a chunk
+    is still shown (exit 0; `ckpt verify` is what checks chunks); one whose
+    manifest does not parse is 65."""
+    remote, _first, second = _two_pushes(tmp_path)
+    chunk_path(remote, _chunk_of(second)).unlink()
+    shown = run_ckpt(["show", str(remote), second["id"], "--json"], cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert [e["path"] for e in json.loads(shown.stdout)["entries"]] == ["a.txt"]
+    assert run_ckpt(["diff", str(remote), "1", "2"], cwd=tmp_path).returncode == 0
+    assert run_ckpt(["verify", str(remote)], cwd=tmp_path).returncode == ExitCode.DAMAGED
+
+    manifest_paths(remote)[0].write_text("{not json")
+    for args in (["show", str(remote), "1"], ["diff", str(remote), "1", "2"]):
+        res = run_ckpt(args, cwd=tmp_path)
+        assert res.returncode == ExitCode.DAMAGED, f"{args}: {res.stderr}"
+        assert len(error_lines(res.stderr)) == 1
+
+
+#: Writes its rank's shard and commits it as step argv[1] (or, with argv[2]
+#: "auto", leaves it to the automatic snapshot).
+RANK_WRITER = """
+    import os, sys
+    from pathlib import Path
+    import ckpt
+    d = Path(os.environ["CKPT_DIR"])
+    (d / f"shard-{os.environ['CKPT_RANK']}.txt").write_text(sys.argv[1])
+    if sys.argv[2:] != ["auto"]:
+        ckpt.commit(step=int(sys.argv[1]))
+"""
+
+
+def test_ls_of_a_multi_node_remote_prints_a_table(tmp_path: Path) -> None:
+    """Two ranks of a world of 2 on one remote: `ckpt ls` prints a table on
+    stdout (the steps complete on all ranks, the newest marked; with no
+    step-tagged commits, each rank's newest snapshot), not only two lines
+    on stderr."""
+    child = write_script(tmp_path / "rank.py", RANK_WRITER)
+    for name, mode in (("steps", []), ("auto", ["auto"])):
+        remote = tmp_path / f"remote-{name}"
+        for rank, step in ((0, "100"), (1, "100"), (0, "200")):
+            ck = tmp_path / f"{name}-ck{rank}"
+            args = run_args(ck, remote, "--rank", str(rank), "--world-size", "2")
+            ckpt_ok([*args, PY, str(child), step, *mode], cwd=tmp_path)
+        res = run_ckpt(["ls", str(remote)], cwd=tmp_path)
+        assert res.returncode == 0, res.stderr
+        lines = res.stdout.splitlines()
+        if name == "steps":
+            assert lines[0].split()[:2] == ["step", "ranks"], res.stdout
+            rows = [line.split() for line in lines[1:]]
+            assert [r[0] for r in rows] == ["100"], "step 200 is not on every rank"
+            assert rows[0][-1] == "newest"
+        else:
+            assert lines[0].split()[:3] == ["rank", "snapshots", "newest"], res.stdout
+            assert [line.split()[0] for line in lines[1:]] == ["0", "1"]
