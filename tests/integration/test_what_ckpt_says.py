@@ -304,3 +304,29 @@ def test_ls_of_a_multi_node_remote_prints_a_table(tmp_path: Path) -> None:
         else:
             assert lines[0].split()[:3] == ["rank", "snapshots", "newest"], res.stdout
             assert [line.split()[0] for line in lines[1:]] == ["0", "1"]
+
+
+# ---------------------------------------------------------------- counts
+
+
+def test_counts_read_as_english(tmp_path: Path) -> None:
+    """One file is "1 file", one attempt "1 attempt": no "1 files", no
+    "attempt(s)", in what run, push, restore and verify say."""
+    child = write_script(tmp_path / "one.py", TELLS)
+    ck, remote = tmp_path / "ck", tmp_path / "remote"
+    run = ckpt_ok(
+        [*run_args(ck, remote), PY, str(child), str(tmp_path / "t.json"), "x"], cwd=tmp_path
+    )
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "only.txt").write_text("one")
+    pushed = ckpt_ok(["push", str(src), str(tmp_path / "r2")], cwd=tmp_path)
+    restored = ckpt_ok(["restore", str(tmp_path / "r2"), str(tmp_path / "out")], cwd=tmp_path)
+    verified = ckpt_ok(["verify", str(tmp_path / "r2")], cwd=tmp_path)
+    said = run.stderr + pushed.stderr + restored.stderr + verified.stderr
+    for wrong in ("(s)", "(es)", " 1 files", " 1 snapshots", " 1 attempts", " 1 chunks"):
+        assert wrong not in said, f"{wrong!r} in:\n{said}"
+    assert "done: 1 attempt (exit code 0); 1 snapshot," in run.stderr, run.stderr
+    assert "2 files," in run.stderr  # state.txt and seen.txt
+    assert ": 1 file, 3 B" in pushed.stderr and "1 file, 3 B" in restored.stderr
+    assert "verified 1 snapshot in" in verified.stderr
