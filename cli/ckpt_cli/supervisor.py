@@ -50,8 +50,8 @@ FORWARD_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 #: Written to the wake pipe by the preemption watcher (no signal is numbered 0).
 NOTICE_WAKE = 0
 #: After a preemption notice the child runs on (told to checkpoint, a snapshot
-#: under way) for the first half of the window, at least until RESERVE seconds
-#: are left; then it is stopped, and the rest goes to its grace and the flush.
+#: under way) for half the window, or less so that at least RESERVE seconds
+#: remain; then it is stopped, and the rest goes to its grace and the flush.
 NOTICE_SHARE = 0.5
 NOTICE_RESERVE = 10.0
 #: How long a stopped child may take during a notice window, at most: a third
