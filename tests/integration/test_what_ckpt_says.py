@@ -161,13 +161,17 @@ SAVES_ON_TERM = """
 """
 
 
+FLUSH_WAITS = "waiting for the final snapshot to be durable, at most 120s (--flush-timeout)"
+
+
 def test_a_second_stop_during_the_flush_tells_one_story(
     store_of: Any, spawn: Callable[..., Running], tmp_path: Path
 ) -> None:
-    """The final snapshot's upload is under way (the S3 server stalls) when a
-    second SIGTERM abandons the flush: the upload still finishes once the
-    server answers, and the console says so once, truthfully (not "nothing
-    is durable yet" and then a durable snapshot a line later)."""
+    """The final snapshot's upload is under way (the S3 server stalls), which
+    the console says off a terminal, when a second SIGTERM abandons the
+    flush: the upload still finishes once the server answers, and the
+    console says so once, truthfully (not "nothing is durable yet" and then
+    a durable snapshot a line later)."""
     store = store_of("s3-moto")
     assert store.server is not None
     child = write_script(tmp_path / "saves.py", SAVES_ON_TERM)
@@ -182,9 +186,8 @@ def test_a_second_stop_during_the_flush_tells_one_story(
     try:
         run.signal(signal.SIGTERM)
         first = time.monotonic()
-        wait_for(
-            lambda: "attempt 1: exit code 0" in run.stderr(), what="the child's exit", proc=run
-        )
+        # A long wait says so off a terminal (one line; on one, a bar).
+        wait_for(lambda: FLUSH_WAITS in run.stderr(), what="the flush's wait said", proc=run)
         time.sleep(max(0.0, first + ECHO_WINDOW + 0.2 - time.monotonic()))  # not an echo
         run.signal(signal.SIGTERM)
         wait_for(lambda: "abandon" in run.stderr(), what="the flush abandoned", proc=run)
@@ -330,3 +333,14 @@ def test_counts_read_as_english(tmp_path: Path) -> None:
     assert "2 files," in run.stderr  # state.txt and seen.txt
     assert ": 1 file, 3 B" in pushed.stderr and "1 file, 3 B" in restored.stderr
     assert "verified 1 snapshot in" in verified.stderr
+
+
+def test_a_restore_off_a_terminal_says_when_it_starts(tmp_path: Path) -> None:
+    """A long wait off a terminal is one line per state change: the restore
+    says it begins, and then what it restored."""
+    remote, _first, second = _two_pushes(tmp_path)
+    out = tmp_path / "out"
+    res = ckpt_ok(["restore", str(remote), str(out)], cwd=tmp_path)
+    lines = res.stderr.splitlines()
+    assert lines[0] == f"ckpt: restoring into {out}", res.stderr
+    assert lines[-1].startswith(f"ckpt: restored snapshot {second['id']}"), res.stderr
