@@ -344,3 +344,23 @@ def test_a_restore_off_a_terminal_says_when_it_starts(tmp_path: Path) -> None:
     lines = res.stderr.splitlines()
     assert lines[0] == f"ckpt: restoring into {out}", res.stderr
     assert lines[-1].startswith(f"ckpt: restored snapshot {second['id']}"), res.stderr
+
+
+def test_writers_create_a_missing_local_remote_and_readers_create_nothing(
+    tmp_path: Path,
+) -> None:
+    """As the README decides it: `ckpt ls` / `restore` of a local path whose
+    parent is missing too is one line, 69, and creates nothing; `ckpt push`
+    (like `ckpt run`) makes the path, the repository 0700."""
+    remote = tmp_path / "a" / "b" / "remote"
+    for args in (["ls", str(remote)], ["restore", str(remote), str(tmp_path / "out")]):
+        res = run_ckpt(args, cwd=tmp_path)
+        assert res.returncode == ExitCode.UNAVAILABLE, f"{args}: {res.stderr}"
+        assert len(error_lines(res.stderr)) == 1
+    assert not (tmp_path / "a").exists() and not (tmp_path / "out").exists()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "x.txt").write_text("x")
+    ckpt_ok(["push", str(src), str(remote)], cwd=tmp_path)
+    assert (remote.stat().st_mode & 0o777) == 0o700
+    assert len(ls_json(remote, cwd=tmp_path)["snapshots"]) == 1
