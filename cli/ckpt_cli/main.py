@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from ckpt._contract import ExitCode
 from ckpt_cli import __version__, console
 from ckpt_cli.errors import ConfigError, error_funnel, stdout_closed
+
+if TYPE_CHECKING:  # config loads every option's parser: imported by the commands
+    from ckpt_cli.config import Location
 
 #: config.MAX_SECONDS, the most seconds a duration option takes (a test
 #: checks that the flags' ranges are the config table's); not imported from
@@ -101,7 +104,9 @@ def _from_command_line(ctx: typer.Context) -> dict[str, Any]:
     }
 
 
-def _locate(flags: dict[str, Any], *, writer: bool = False, names: tuple[str, ...] = ()) -> Any:
+def _locate(
+    flags: dict[str, Any], *, writer: bool = False, names: tuple[str, ...] = ()
+) -> Location:
     """The remote (config.Location) of a command other than `ckpt run`, from
     the flags given (None: not given) and the sources `ckpt run` reads; said
     on a terminal when it was not named on the command line, and with
@@ -487,7 +492,7 @@ def _reader(
     remote: str | None,
     dir: Path | None,
     storage_option: list[str] | None,
-) -> Any:
+) -> Location:
     """The Location of a command whose only positional argument is REMOTE."""
     if remote_arg is not None and remote is not None:
         _place(command, ("remote",), [remote_arg], taken={"remote": remote})
