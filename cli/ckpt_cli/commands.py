@@ -23,13 +23,13 @@ from ckpt_cli.errors import CkptError, ConfigError
 from ckpt_cli.history import load_runs
 from ckpt_cli.lease import DEFAULT_TTL, Heartbeat
 from ckpt_cli.manifest import Manifest
-from ckpt_cli.remote import open_backend, parse_storage_options
+from ckpt_cli.remote import open_backend
 from ckpt_cli.repo_tools import Checked, check, open_existing
 from ckpt_cli.repository import Repository, newest_manifest, rank_stream, stream_rank
 
 
-def _open(remote: str, options: list[str], *, create: bool) -> Repository | None:
-    backend = open_backend(remote, parse_storage_options(options))
+def _open(remote: str, options: dict[str, Any], *, create: bool) -> Repository | None:
+    backend = open_backend(remote, options)
     return Repository.open(backend, create=create)
 
 
@@ -53,7 +53,7 @@ def restore(
     remote: str,
     dir: Path,
     snapshot: str | None,
-    options: list[str],
+    options: dict[str, Any],
     *,
     force: bool = False,
     rank: int | None = None,
@@ -105,7 +105,8 @@ def restore(
     m = done.manifest
     step = "" if m.step is None else f", step {m.step}"
     console.info(
-        f"restored snapshot {m.id} (generation {m.generation}{step}, {len(m.files)} files, "
+        f"restored snapshot {m.id} (generation {m.generation}{step}, "
+        f"{console.plural(len(m.files), 'file')}, "
         f"{console.fmt_bytes(m.total_size)}) into {target} in {done.seconds:.1f}s"
     )
     return ExitCode.OK
@@ -133,14 +134,14 @@ def _watching(snapshotter: Any, bar: console.Progress) -> Iterator[None]:
 
 
 def push(
-    dir: Path, remote: str, keep: int, options: list[str], *, allow_empty: bool = False
+    dir: Path, remote: str, keep: int, options: dict[str, Any], *, allow_empty: bool = False
 ) -> int:
     from ckpt_cli.kept import recover_interrupted
     from ckpt_cli.snapshotter import Snapshotter, UnreadableError
 
     source = config.resolve_dir(dir)
     if not source.is_dir():
-        raise ConfigError(f"{source} is not a directory (ckpt push DIR REMOTE)")
+        raise ConfigError(f"{source} is not a directory (ckpt push [DIR] [REMOTE], or --dir)")
     config.check_remote_outside(source, remote)
     config.check_lasting(remote, "ckpt push")
     recover_interrupted(source)  # a restore killed half-way is finished first
@@ -182,7 +183,8 @@ def push(
         console.info(f"nothing changed since snapshot {held}")
         return ExitCode.OK
     console.info(
-        f"pushed snapshot {m.id} (generation {m.generation}): {len(m.files)} files, "
+        f"pushed snapshot {m.id} (generation {m.generation}): "
+        f"{console.plural(len(m.files), 'file')}, "
         f"{console.fmt_bytes(m.total_size)}, {console.fmt_bytes(result.new_bytes)} new, "
         f"{result.seconds:.1f}s"
     )
@@ -200,7 +202,8 @@ def refuse_empty_push(
         return
     raise ConfigError(
         f"{source} is empty and the newest snapshot of {repo.display}, {newest.id}, holds "
-        f"{len(newest.files)} files: pushing it would make an empty snapshot the one every "
+        f"{console.plural(len(newest.files), 'file')}: pushing it would make an empty snapshot "
+        "the one every "
         f"restore picks, and --keep {keep} would drop older ones; pass --allow-empty if that "
         "is what you want"
     )
@@ -210,7 +213,12 @@ def refuse_empty_push(
 
 
 def ls(
-    remote: str, as_json: bool, options: list[str], *, runs: bool = False, rank: int | None = None
+    remote: str,
+    as_json: bool,
+    options: dict[str, Any],
+    *,
+    runs: bool = False,
+    rank: int | None = None,
 ) -> int:
     from ckpt_cli import world
 
@@ -222,9 +230,11 @@ def ls(
             console.info(f"{remote} is empty: no snapshots yet")
         return ExitCode.OK
     ranks_doc: dict[str, Any] = {}
+    overview: list[str] | None = None  # a multi-node remote's table, without --rank
     if rank is not None or repo.rank_snapshots():
         w = world.World(repo)
-        gens = w.generations(repo.present_chunks())
+        present = repo.present_chunks()
+        gens = w.generations(present)
         counts = {str(stream_rank(s)): len(loaded) for s, loaded in sorted(w.streams.items()) if s}
         ranks_doc = {
             "complete_steps": [g.step for g in gens],
@@ -233,11 +243,14 @@ def ls(
         }
         if rank is not None:
             repo.stream = rank_stream(rank, 2)
+        elif not as_json and not runs:
+            overview = _world_table(w, gens, present)
         if not as_json and not runs:
             if gens:
                 steps = ", ".join(str(g.step) for g in gens[:10])
                 console.info(
-                    f"steps complete on all {gens[0].world_size} ranks, newest first: {steps}"
+                    f"steps complete on all {console.plural(gens[0].world_size, 'rank')}, "
+                    f"newest first: {steps}"
                 )
             else:
                 console.info("no step is complete on all ranks (ckpt.commit(step=N) makes one)")
@@ -256,6 +269,7 @@ def ls(
     if as_json:
         doc = {
             "remote": remote,
+            "rehashed": False,  # chunks checked by one listing: see NOT_REHASHED
             "snapshots": rows,
             "runs": load_runs(repo.backend),
             **ranks_doc,
@@ -268,13 +282,80 @@ def ls(
             _runs_table(history)
         else:
             console.info(f"{remote} has no run history yet (only `ckpt run` writes one)")
+    elif overview is not None:
+        if rows:
+            console.info(
+                f"the remote also holds {console.plural(len(rows), 'snapshot')} of a "
+                "single-node run (--json lists them)"
+            )
     elif rows:
         _snapshot_table(rows)
+        if newest_found:
+            console.info(NOT_REHASHED)
     elif not ranks_doc:
         console.info(f"{remote} has no snapshots yet")
     elif rank is not None:
         console.info(f"rank {rank} has no snapshots in {remote}")
     return ExitCode.OK
+
+
+#: What "newest" rests on: a restore re-hashes every chunk it reads and falls
+#: back past a corrupt one, which a listing cannot see (issue 20).
+NOT_REHASHED = (
+    "newest: every chunk it names is in the store; none was re-hashed (`ckpt verify "
+    "--full` does; a restore skips a snapshot whose chunk is corrupt)"
+)
+
+
+def _world_table(w: Any, gens: list[Any], present: set[str]) -> list[str]:
+    """A multi-node remote on stdout: the steps complete on all ranks, newest
+    first, the first marked "newest" (what every rank restores); with no
+    complete step, each rank's newest snapshot whose chunks all exist (what
+    each restores on its own). Returns the columns printed."""
+    now = time.time()
+    if gens:
+        cols = ["step", "ranks", "time", "age", "files", "size", "state"]
+        table = [
+            [
+                str(g.step),
+                str(g.world_size),
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(g.created)),
+                _age(now - g.created),
+                str(sum(len(m.manifest.files) for m in g.members.values())),
+                console.fmt_bytes(sum(m.manifest.total_size for m in g.members.values())),
+                "newest" if i == 0 else "",
+            ]
+            for i, g in enumerate(gens)
+        ]
+        console.table(cols, table, right=("step", "ranks", "files", "size"))
+        return cols
+    cols = ["rank", "snapshots", "newest", "gen", "step", "time", "age", "files", "size"]
+    table = []
+    for stream, loaded in sorted(w.streams.items(), key=lambda kv: stream_rank(kv[0])):
+        if not stream:
+            continue  # the root: a single-node run's snapshots
+        whole = [
+            (ref, m)
+            for ref, m in loaded
+            if isinstance(m, Manifest) and m.chunk_digests() <= present
+        ]
+        row = [str(stream_rank(stream)), str(len(loaded))]
+        if whole:
+            ref, m = whole[0]
+            row += [
+                ref.id,
+                str(ref.generation),
+                "-" if m.step is None else str(m.step),
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.created)),
+                _age(now - m.created),
+                str(len(m.files)),
+                console.fmt_bytes(m.total_size),
+            ]
+        else:
+            row += ["none whole", *[""] * 6]
+        table.append(row)
+    console.table(cols, table, right=("rank", "snapshots", "gen", "step", "files", "size"))
+    return cols
 
 
 def _ls_row(c: Checked) -> dict[str, Any]:
@@ -310,7 +391,9 @@ def _runs_table(runs: list[dict[str, Any]]) -> None:
     shown = runs[-LS_RUNS:]
     more = len(runs) - len(shown)
     if more:
-        console.info(f"the newest {len(shown)} of {len(runs)} runs (--json for all)")
+        console.info(
+            f"the newest {len(shown)} of {console.plural(len(runs), 'run')} (--json for all)"
+        )
     table: list[list[str]] = []
     for r in shown:
         attempts = r["attempts"]
@@ -408,14 +491,26 @@ def commit(
     return ExitCode.OK
 
 
-def send_signal(socket_path: str | None) -> int:
+def send_signal(socket_path: str | None, directory: Path | None = None) -> int:
+    """Send the checkpoint signal through a supervisor's control socket: the
+    given one (--socket, or CKPT_SOCKET inside a supervised child), else the
+    running `ckpt run` of this user found in the registry `ckpt status`
+    reads (the one of `directory` when several run)."""
     if not socket_path:
-        raise ConfigError("no supervisor to signal: CKPT_SOCKET is not set (pass --socket)")
+        from ckpt_cli import control
+
+        problem = control.untrusted_registry()
+        if problem:
+            console.warn(f"{problem}: not read (give --socket)")
+        entries = [] if problem else control.registered()
+        socket_path = str(control.pick_run(entries, directory)["socket"])
     reply = request(socket_path, {"op": "signal"})
     if not reply.get("ok"):
         raise CkptError(f"signal not sent: {reply.get('error')}", exit_code=ExitCode.UNAVAILABLE)
-    pids = ", ".join(str(p) for p in reply.get("pids", []))
-    console.info(f"checkpoint signal sent to pid {pids}")
+    sent = [str(p) for p in reply.get("pids", [])]
+    console.info(
+        f"checkpoint signal sent to {'pid' if len(sent) == 1 else 'pids'} {', '.join(sent)}"
+    )
     return ExitCode.OK
 
 

@@ -1,5 +1,6 @@
 """Validated settings of `ckpt run`: where each one comes from, and helpers to
-resolve paths and remotes.
+resolve paths and remotes; where the other commands find their remote
+(`locate`: the same sources, in the same order, as `ckpt run`).
 
 Every option of `ckpt run` is one row of `OPTIONS`: its type, default, env var
 and key in a config file. `load` merges the four sources, highest first:
@@ -25,7 +26,7 @@ import os
 import re
 import signal
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,7 +34,7 @@ from ckpt._contract import ExitCode
 from ckpt_cli import events, policy, redact
 from ckpt_cli.errors import ConfigError
 from ckpt_cli.policy import Backoff, RetryOn
-from ckpt_cli.remote import is_local, local_path, parse_storage_options
+from ckpt_cli.remote import is_local, local_path, parse_storage_options, redact_url
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,12 +309,16 @@ def load(
     *,
     environ: Mapping[str, str] | None = None,
     cwd: Path | None = None,
+    names: Collection[str] | None = None,
 ) -> Settings:
     """Merge flags > env > file > defaults; ConfigError (one line, naming the
     source) for an unknown file key or a bad value from anywhere.
 
     flags: the options given on the command line, by parameter name, as typer
-    parsed them (--storage-option as its list of KEY=VALUE strings)."""
+    parsed them (--storage-option as its list of KEY=VALUE strings). names:
+    only these options are settled (the other commands read a few of ckpt
+    run's: `locate`); the file is still read whole, so an unknown key in it
+    is an error for every command."""
     environ = os.environ if environ is None else environ
     cwd = Path.cwd() if cwd is None else cwd
     redact.register_env(environ)  # before anything is printed or logged (the child's argv)
@@ -321,6 +326,8 @@ def load(
     from_file = _file_values(table, label) if label else {}
     values: dict[str, Setting] = {}
     for opt in OPTIONS:
+        if names is not None and opt.name not in names:
+            continue
         env = opt.env_var
         raw_env = environ.get(env, "") if env else ""
         if opt.name in flags:
@@ -394,6 +401,116 @@ def run_config(settings: Settings, *, need_command: bool = True) -> RunConfig:
         verbose=settings["verbose"],
         log_json=settings["log_json"],
     )
+
+
+# ---------------------------------------------------------------- the other commands' remote
+
+#: The source of a remote that no flag, env var or file names: the embedded
+#: store of --dir (what `ckpt run` uses when given none).
+EMBEDDED = "embedded"
+
+
+@dataclasses.dataclass(frozen=True)
+class Location:
+    """Where a command other than `ckpt run` works: the remote, where it
+    came from (a source of `Setting`, or EMBEDDED), the --dir it goes with,
+    and the storage options (flag > env > file, like the remote)."""
+
+    remote: str
+    source: str
+    dir: Path
+    storage_options: dict[str, Any]
+    settings: Settings
+
+    @property
+    def given(self) -> bool:
+        """Named on the command line (as an argument or --remote)."""
+        return self.source == FLAG
+
+    def describe(self) -> str:
+        """The line that says which remote a command uses."""
+        shown = redact_url(self.remote)
+        if self.source == EMBEDDED:
+            return f"remote: {shown} (the embedded store of --dir {self.dir})"
+        origin = "the command line" if self.given else self.source
+        return f"remote: {shown} (from {origin})"
+
+
+def locate(
+    flags: Mapping[str, Any],
+    *,
+    writer: bool = False,
+    names: Collection[str] = (),
+    environ: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> Location:
+    """The remote of `ckpt ls`, `show`, `diff`, `verify`, `gc`, `restore` and
+    `push`, found as `ckpt run` finds its own: flag (an argument counts as
+    one) > CKPT_REMOTE > ckpt.toml / [tool.ckpt] > the embedded store of
+    --dir (itself flag > CKPT_DIR > file > ./checkpoints). A writer (push)
+    creates the embedded store as `ckpt run` does; a reader takes it only if
+    it exists, so a command never reads a repository nobody named: with
+    nothing to go on, ConfigError names the three ways to name one. `names`:
+    other settings of `ckpt run` the command takes from the same sources."""
+    settings = load(
+        flags,
+        environ=environ,
+        cwd=cwd,
+        names=("dir", "remote", "storage_option", *names),
+    )
+    directory: Path = settings["dir"]
+    options: dict[str, Any] = settings["storage_option"]
+    remote: str | None = settings["remote"]
+    if remote is not None:
+        return Location(remote, settings.values["remote"].source, directory, options, settings)
+    store = default_remote(directory)
+    if not writer and not Path(store).is_dir():
+        raise ConfigError(
+            f"no remote is named, and --dir {directory} has no embedded store (`ckpt run` "
+            "without a remote makes one): name the remote as an argument or with --remote, "
+            'in CKPT_REMOTE, or as remote = "..." in ckpt.toml ([tool.ckpt] in pyproject.toml)'
+        )
+    return Location(store, EMBEDDED, directory, options, settings)
+
+
+#: A snapshot as a command line names it: a generation number or an id
+#: prefix of 4 to 8 hex digits (ids are 8).
+_SNAPSHOT_NAME = re.compile(r"^(?:[0-9]+|[0-9a-f]{4,8})$")
+
+
+def names_snapshot(text: str) -> bool:
+    """True if text reads as a snapshot (a generation or an id prefix)."""
+    return bool(_SNAPSHOT_NAME.match(text))
+
+
+def place(
+    command: str,
+    slots: Sequence[str],
+    values: Sequence[str],
+    *,
+    taken: Collection[str] = (),
+    required: Collection[str] = (),
+) -> dict[str, str]:
+    """Which positional argument is which. `slots` in their order (e.g.
+    ("remote", "dir") for `ckpt restore [REMOTE] [DIR]`), less those a flag
+    gave (`taken`: --remote, --dir). The required slots are filled first;
+    what is left fills the optional ones from the left, so `ckpt diff A B`
+    is A and B of the resolved remote, `ckpt diff REMOTE A B` names it, and
+    `ckpt restore REMOTE` restores REMOTE into --dir. Too many or too few
+    arguments: a usage error (2) naming the command's shape."""
+    open_slots = [s for s in slots if s not in taken]
+    needed = [s for s in open_slots if s in required]
+    optional = [s for s in open_slots if s not in required]
+    shape = " ".join(s.upper() if s in required else f"[{s.upper()}]" for s in open_slots)
+    if len(values) < len(needed) or len(values) > len(open_slots):
+        given = f" ({', '.join('--' + t for t in taken if t in slots)} given)" if taken else ""
+        raise ConfigError(
+            f"ckpt {command} takes {shape or 'no arguments'}{given}, not {len(values)} "
+            f"argument{'' if len(values) == 1 else 's'} (see `ckpt {command} --help`)",
+            exit_code=ExitCode.USAGE,
+        )
+    filled = set(needed) | set(optional[: len(values) - len(needed)])
+    return dict(zip([s for s in open_slots if s in filled], values, strict=True))
 
 
 def _source_label(settings: Settings, name: str) -> str:
@@ -573,8 +690,8 @@ def _file_values(table: Mapping[str, Any], label: str) -> dict[str, tuple[str, A
 def _settle_verbosity(values: dict[str, Setting]) -> None:
     """--quiet and --verbose together: the one from the higher source wins;
     from the same kind of source they contradict each other."""
-    quiet, verbose = values["quiet"], values["verbose"]
-    if not (quiet.value and verbose.value):
+    quiet, verbose = values.get("quiet"), values.get("verbose")
+    if quiet is None or verbose is None or not (quiet.value and verbose.value):
         return
     rank_q, rank_v = _rank(quiet.source), _rank(verbose.source)
     if rank_q == rank_v:

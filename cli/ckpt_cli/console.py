@@ -144,9 +144,11 @@ def title(text: str | None) -> None:
 
 
 class Progress:
-    """A progress bar on stderr (bytes, rate, ETA) for restore and push, on a
-    terminal only; off one, and under --quiet, it does nothing. `update(done,
-    total)` may be called from any thread, as often as it likes."""
+    """A long wait (a restore, a push, the final flush): on a terminal a
+    progress bar on stderr (bytes, rate, ETA); off one, the one line `what`
+    when it starts (the line that ends it is the caller's); nothing under
+    --quiet. `update(done, total)` may be called from any thread, as often
+    as it likes."""
 
     def __init__(self, what: str) -> None:
         self.what = what
@@ -154,7 +156,9 @@ class Progress:
         self._task: Any = None
 
     def __enter__(self) -> Progress:
-        if is_terminal() and not _quiet:
+        if not is_terminal():
+            info(self.what)
+        elif not _quiet:
             from rich.progress import (
                 BarColumn,
                 DownloadColumn,
@@ -269,6 +273,12 @@ def document(doc: Any) -> None:
     with _lock:
         sys.stdout.write(text + "\n")
         sys.stdout.flush()
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """A count as English says it: "1 file", "2 files", "0 files"; `many`
+    for a plural that is not word + "s" ("process", "processes")."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"
 
 
 def fmt_age(seconds: float) -> str:

@@ -40,6 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ckpt._contract import ExitCode
 from ckpt_cli import console, subtree
 from ckpt_cli.config import MAX_SECONDS, check_number
 from ckpt_cli.errors import CkptError, ConfigError
@@ -256,3 +257,30 @@ def _started(info: dict[str, Any]) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         return 0.0
     return float(value)
+
+
+def pick_run(entries: list[dict[str, Any]], directory: Path | None) -> dict[str, Any]:
+    """Which running supervisor a command from another shell means (`ckpt
+    signal`): the one of `directory` when given, else the only one running.
+    CkptError (69) when none is running, or none for that directory;
+    ConfigError (78) when several run and no directory says which."""
+    where = registry_dir()
+    dirs = ", ".join(str(e.get("dir")) for e in entries)
+    if directory is not None:
+        mine = [e for e in entries if str(e.get("dir")) == str(directory)]
+        if mine:
+            return mine[-1]  # the newest, should a stale entry of the same dir remain
+        running = f" (running: {dirs})" if entries else f" (registry {where})"
+        raise CkptError(
+            f"no ckpt run of this user on this machine protects --dir {directory}{running}",
+            exit_code=ExitCode.UNAVAILABLE,
+        )
+    if len(entries) == 1:
+        return entries[0]
+    if not entries:
+        raise CkptError(
+            f"no ckpt run is running for this user on this machine (registry {where}); "
+            "inside a supervised child CKPT_SOCKET names its own, --socket another",
+            exit_code=ExitCode.UNAVAILABLE,
+        )
+    raise ConfigError(f"{len(entries)} ckpt runs are running ({dirs}): say which with --dir")

@@ -44,10 +44,6 @@ def _names(refs: list[SnapshotRef]) -> str:
     return shown + more
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
-
-
 def _clock(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
@@ -77,7 +73,7 @@ def _require(repo: Repository | None, remote: str, wanted: str) -> Repository:
     return repo
 
 
-def show(remote: str, snapshot: str | None, as_json: bool, options: list[str]) -> int:
+def show(remote: str, snapshot: str | None, as_json: bool, options: dict[str, Any]) -> int:
     repo = open_existing(remote, options)
     if snapshot is not None:
         repo = _require(repo, remote, snapshot)
@@ -96,7 +92,7 @@ def show(remote: str, snapshot: str | None, as_json: bool, options: list[str]) -
         return ExitCode.OK
     console.info(
         f"snapshot {m.id} (generation {m.generation}) of {remote}: "
-        f"{_plural(len(m.files), 'file')}, {console.fmt_bytes(m.total_size)}, "
+        f"{console.plural(len(m.files), 'file')}, {console.fmt_bytes(m.total_size)}, "
         f"taken {_clock(m.created)} on {m.host or '?'}, attempt {m.attempt or '-'}"
     )
     _entries_table(m.entries)
@@ -112,7 +108,8 @@ def _newest_readable(repo: Repository, refs: list[SnapshotRef]) -> Manifest:
             continue
         return m
     raise DamagedError(
-        f"none of the {len(refs)} snapshots in {repo.display} has a readable manifest "
+        f"none of the {console.plural(len(refs), 'snapshot')} in {repo.display} has a readable "
+        "manifest "
         f"(see `ckpt verify {repo.display}`)"
     )
 
@@ -143,7 +140,7 @@ def _entries_table(entries: tuple[Entry, ...]) -> None:
     console.table(cols, table, right=("size", "chunks"))
 
 
-def diff(remote: str, a: str, b: str, as_json: bool, options: list[str]) -> int:
+def diff(remote: str, a: str, b: str, as_json: bool, options: dict[str, Any]) -> int:
     repo = _require(open_existing(remote, options), remote, a)
     ma, mb = load(repo, find(repo, a)), load(repo, find(repo, b))
     d = diff_manifests(ma, mb)
@@ -209,7 +206,9 @@ def _describe_change(x: Entry, y: Entry, what: list[str]) -> str:
 # ---------------------------------------------------------------- verify, gc
 
 
-def verify(remote: str, snapshot: str | None, full: bool, as_json: bool, options: list[str]) -> int:
+def verify(
+    remote: str, snapshot: str | None, full: bool, as_json: bool, options: dict[str, Any]
+) -> int:
     repo = open_existing(remote, options)
     if repo is None:
         if snapshot is not None:
@@ -222,7 +221,7 @@ def verify(remote: str, snapshot: str | None, full: bool, as_json: bool, options
     refs = [find(repo, snapshot)] if snapshot is not None else repo.all_snapshots()
 
     def started(chunks: int, size: int) -> None:
-        console.info(f"re-hashing {_plural(chunks, 'chunk')} ({console.fmt_bytes(size)})")
+        console.info(f"re-hashing {console.plural(chunks, 'chunk')} ({console.fmt_bytes(size)})")
 
     checks = check(repo, refs, full=full, on_start=started)
     damaged = checks.damaged
@@ -251,7 +250,7 @@ def verify(remote: str, snapshot: str | None, full: bool, as_json: bool, options
     elif damaged:
         rows = [[c.ref.id, str(c.ref.generation), c.summary()] for c in damaged]
         console.table(("id", "gen", "problem"), rows, right=("gen",))
-    checked = _plural(len(checks.snapshots), "snapshot")
+    checked = console.plural(len(checks.snapshots), "snapshot")
     if damaged:
         raise DamagedError(
             f"{len(damaged)} of {checked} in {remote} {'is' if len(damaged) == 1 else 'are'} "
@@ -259,7 +258,7 @@ def verify(remote: str, snapshot: str | None, full: bool, as_json: bool, options
             "skip them" + ("" if full else " (--full also re-hashes every chunk)")
         )
     hashed = (
-        f", {_plural(checks.chunks_hashed, 'chunk')} re-hashed "
+        f", {console.plural(checks.chunks_hashed, 'chunk')} re-hashed "
         f"({console.fmt_bytes(checks.bytes_hashed)})"
         if full
         else ", every chunk they name is present"
@@ -283,7 +282,7 @@ def _writer_lease(repo: Repository, owner: str) -> Iterator[None]:
         lease.release()
 
 
-def gc(remote: str, keep: int, dry_run: bool, as_json: bool, options: list[str]) -> int:
+def gc(remote: str, keep: int, dry_run: bool, as_json: bool, options: dict[str, Any]) -> int:
     repo = open_existing(remote, options)
     if repo is None:
         if as_json:
@@ -345,7 +344,7 @@ def gc(remote: str, keep: int, dry_run: bool, as_json: bool, options: list[str])
         return ExitCode.OK
     unsized = (
         f" + up to {console.fmt_bytes(plan.unsized * repo.chunk_size)} in "
-        f"{_plural(plan.unsized, 'chunk')} that no snapshot names"
+        f"{console.plural(plan.unsized, 'chunk')} that no snapshot names"
         if plan.unsized
         else ""
     )
@@ -354,9 +353,9 @@ def gc(remote: str, keep: int, dry_run: bool, as_json: bool, options: list[str])
         ("would drop", "delete", "free") if dry_run else ("dropped", "deleted", "freed")
     )
     console.info(
-        f"{drop} {_plural(len(plan.dropped), 'snapshot')}{dropped}, {delete} "
-        f"{_plural(deleted, 'chunk')} and {_plural(len(plan.temps), 'temp object')}, "
+        f"{drop} {console.plural(len(plan.dropped), 'snapshot')}{dropped}, {delete} "
+        f"{console.plural(deleted, 'chunk')} and {console.plural(len(plan.temps), 'temp object')}, "
         f"{free} {console.fmt_bytes(plan.known_bytes)}{unsized}; "
-        f"{_plural(len(plan.kept), 'snapshot')} kept in {remote}"
+        f"{console.plural(len(plan.kept), 'snapshot')} kept in {remote}"
     )
     return ExitCode.OK

@@ -14,7 +14,7 @@ import concurrent.futures as cf
 import dataclasses
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ckpt._contract import ExitCode
@@ -53,12 +53,14 @@ class DamagedError(CkptError):
 # ---------------------------------------------------------------- opening
 
 
-def open_existing(remote: str, options: list[str]) -> Repository | None:
+def open_existing(remote: str, options: list[str] | Mapping[str, Any]) -> Repository | None:
     """The repository at remote, or None if the location is empty (no object
     at all: no snapshot yet). RemoteError (69) if it does not exist (its bucket
     or its parent directory is missing); ConfigError (78) if it holds objects
-    but no ckpt.json."""
-    backend = open_backend(remote, parse_storage_options(options))
+    but no ckpt.json. options: storage options, parsed (config.locate) or as
+    -o KEY=VALUE strings."""
+    parsed = dict(options) if isinstance(options, Mapping) else parse_storage_options(options)
+    backend = open_backend(remote, parsed)
     if isinstance(backend, LocalBackend) and backend.root.is_file():
         raise ConfigError(f"remote {backend.root} is a file, not a directory (fix REMOTE)")
     repo = Repository.open(backend, create=False)

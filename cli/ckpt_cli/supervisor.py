@@ -38,7 +38,7 @@ from ckpt_cli.remote import open_backend, redact_url
 from ckpt_cli.repository import Repository, rank_stream
 from ckpt_cli.restore import ensure_dir, prepare_rank_dir, restore_into
 from ckpt_cli.snapshotter import TEMP_PATTERNS, SnapshotResult, Snapshotter
-from ckpt_cli.uploader import SnapshotWorker, unreadable_error
+from ckpt_cli.uploader import Request, SnapshotWorker, unreadable_error
 from ckpt_cli.watcher import Watcher
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -50,13 +50,16 @@ FORWARD_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 #: Written to the wake pipe by the preemption watcher (no signal is numbered 0).
 NOTICE_WAKE = 0
 #: After a preemption notice the child runs on (told to checkpoint, a snapshot
-#: under way) for the first half of the window, at least until RESERVE seconds
-#: are left; then it is stopped, and the rest goes to its grace and the flush.
+#: under way) for half the window, or less so that at least RESERVE seconds
+#: remain; then it is stopped, and the rest goes to its grace and the flush.
 NOTICE_SHARE = 0.5
 NOTICE_RESERVE = 10.0
 #: How long a stopped child may take during a notice window, at most: a third
 #: of what is left, so the final flush keeps the rest.
 NOTICE_GRACE_SHARE = 1 / 3
+#: A final flush that takes longer than this shows its progress (a bar on a
+#: terminal, one line off one).
+FLUSH_SHOWN = 1.0
 #: How long the first launch waits for the first answer of the metadata
 #: service (a machine already under notice launches nothing). Azure's first
 #: call may take minutes: the launch does not wait for that.
@@ -81,9 +84,12 @@ class Supervisor:
         self.child: Child | None = None
         self.restored_id = ""
         self.restored_step: int | None = None
+        #: What a kept --dir (newer than the newest snapshot) descends from.
+        self._descends_from: tuple[str, int | None] = ("", None)
         self.stop_signal: int | None = None
         self._stop_at = 0.0
         self._flush_abandoned = False
+        self._abandoned: tuple[Request, int] | None = None  # the final request, the signal
         self._lease_error: LeaseLostError | None = None
         self._wake_r = self._wake_w = -1
         self._wake_lock = threading.Lock()
@@ -239,6 +245,12 @@ class Supervisor:
         self.restored_id, self.restored_step = self._prepare(
             repo, snapshotter, restore_enabled=cfg.restore, snapshot=cfg.snapshot
         )
+        parent = snapshotter.parent
+        if not self.restored_id and cfg.restore and cfg.world_size == 1 and parent is not None:
+            # A --dir newer than the newest snapshot was kept (restore's rule):
+            # it descends from that snapshot, the parent of its next one, and
+            # the child is told so, as after a relaunch (CKPT_RESTORED).
+            self._descends_from = (parent.id, parent.step)
         ensure_dir(cfg.dir)
         if self.restored_id:
             ref = repo.find(self.restored_id)
@@ -339,6 +351,8 @@ class Supervisor:
             # too: it ends before the lease is released (a prune that overlapped
             # another writer's uploads could delete its chunks).
             worker.join(wait_limit(cfg.flush_timeout))  # --flush-timeout inf: no limit
+            if self._flush_abandoned:
+                flushed = self._after_abandon(worker)
             control.close()
             guardian.close()
             self._restore_signals(old_handlers)
@@ -429,8 +443,11 @@ class Supervisor:
                 return contract.ExitCode.PREEMPTED
             self.attempt += 1
             durable = worker.stats.last_durable
-            restored = durable.id if (durable and self.attempts) else self.restored_id
-            step = durable.step if (durable and self.attempts) else self.restored_step
+            restored, step = self.restored_id, self.restored_step
+            if not restored:
+                restored, step = self._descends_from
+            if durable and self.attempts:
+                restored, step = durable.id, durable.step
             if self.attempts and cfg.world_size > 1:
                 # Every rank relaunches from the same step: the newest one all
                 # ranks committed, not this rank's own newest state.
@@ -472,7 +489,9 @@ class Supervisor:
             self.events.emit("launch", attempt=self.attempt, pid=child.pid)
             ex = self._wait(child, watcher, worker)
             if left := child.stop_leftovers(min(cfg.grace, 10.0), self._exclude):
-                console.info(f"stopped {left} process(es) the child left behind")
+                console.info(
+                    f"stopped {console.plural(left, 'process', 'processes')} the child left behind"
+                )
             guardian.protect(0)
             elapsed = time.monotonic() - child.started
             self.attempts.append(Attempt(self.attempt, ex, elapsed))
@@ -504,9 +523,16 @@ class Supervisor:
                 return ex.status
             if decision is Decision.EXHAUSTED:
                 self.events.emit("give_up", status=ex.status, reason="retries spent (--retries)")
-                console.error(
-                    f"giving up: {ex.describe()} and all {cfg.retries} retries spent (--retries)"
+                spent = (
+                    "no retry allowed"
+                    if not cfg.retries
+                    else (
+                        "its one retry spent"
+                        if cfg.retries == 1
+                        else f"all {cfg.retries} retries spent"
+                    )
                 )
+                console.error(f"giving up: {ex.describe()} and {spent} (--retries)")
                 return ex.status
             retries_used += 1
             worker.request("exit")  # protect what the attempt left while we back off
@@ -756,12 +782,27 @@ class Supervisor:
     def _final_flush(self, worker: SnapshotWorker) -> bool:
         """Snapshot the final state and wait until it is durable, retrying until
         --flush-timeout. A first stop signal lets it finish (flushing is what a
-        stop asks for); a second one abandons the wait."""
+        stop asks for); a second one abandons it: no retry, no more waiting
+        here. The snapshot thread still ends what it has begun (an upload is
+        never cut short: the join after this bounds it), and `_after_abandon`
+        then says what became durable. A wait longer than FLUSH_SHOWN shows
+        its progress (`console.Progress`)."""
+        with contextlib.ExitStack() as shown:
+            return self._flush(worker, shown)
+
+    def _flush(self, worker: SnapshotWorker, shown: contextlib.ExitStack) -> bool:
         deadline = time.monotonic() + self.cfg.flush_timeout
+        show_at = time.monotonic() + FLUSH_SHOWN
+        bar: console.Progress | None = None
         pause = 0.5
         while True:
             req = worker.request("final")
             while not req.wait(0.05):
+                if bar is None and time.monotonic() >= show_at:
+                    bar = shown.enter_context(console.Progress(self._flush_line()))
+                live = worker.snapshotter.live
+                if bar is not None and live is not None:
+                    bar.update(live[0].bytes_read, live[2])
                 if self._notice_at:
                     # Past the notice's deadline the machine is gone; try a
                     # little beyond it anyway: the notice's clock is not ours.
@@ -781,7 +822,12 @@ class Supervisor:
                     first = self.stop_signal is None
                     if self._note_stop(sig):
                         self._flush_abandoned = True
-                        self._not_durable(worker, f"abandoned on {signal_name(sig)}")
+                        self._abandoned = (req, sig)
+                        console.warn(
+                            f"received {signal_name(sig)} again: the final flush is abandoned "
+                            "(no retry); an upload under way is let finish (at most "
+                            "--flush-timeout), then ckpt exits"
+                        )
                         return False
                     if first:
                         console.info(
@@ -802,6 +848,32 @@ class Supervisor:
                 return False
             time.sleep(pause)
             pause = min(pause * 2, 5.0)
+
+    def _flush_line(self) -> str:
+        timeout = self.cfg.flush_timeout
+        limit = (
+            "as long as it takes (--flush-timeout inf)"
+            if wait_limit(timeout) is None
+            else f"at most {timeout:g}s (--flush-timeout)"
+        )
+        return f"waiting for the final snapshot to be durable, {limit}"
+
+    def _after_abandon(self, worker: SnapshotWorker) -> bool:
+        """Once the snapshot thread has stopped: what the abandoned flush left
+        durable, said once. True if the final state is durable after all
+        (its upload was under way and finished)."""
+        if self._abandoned is None:
+            return False
+        req, sig = self._abandoned
+        if req.done and req.error is None:
+            m = req.manifest
+            if m is not None:
+                console.info(
+                    f"final state is durable as snapshot {m.id} (its upload was under way)"
+                )
+            return True
+        self._not_durable(worker, f"abandoned on {signal_name(sig)}")
+        return False
 
     def _not_durable(self, worker: SnapshotWorker, why: str) -> None:
         last = worker.stats.last_durable
@@ -888,7 +960,8 @@ class Supervisor:
                 f"the child has not installed a {name} handler (call ckpt.checkpoint() or "
                 f"ckpt.on_preemption() in the script); not sent, it would kill the child"
             )
-        console.info(f"sent {name} to the child (pid {', '.join(map(str, sent))}): checkpoint soon")
+        pids = f"{'pid' if len(sent) == 1 else 'pids'} {', '.join(map(str, sent))}"
+        console.info(f"sent {name} to the child ({pids}): checkpoint soon")
         return sent
 
     def _check_lease(self) -> None:
@@ -937,7 +1010,7 @@ class Supervisor:
             reason=m.reason,
         )
         console.info(
-            f"snapshot {m.id} (generation {m.generation}): {len(m.files)} files, "
+            f"snapshot {m.id} (generation {m.generation}): {console.plural(len(m.files), 'file')}, "
             f"{console.fmt_bytes(m.total_size)}, {console.fmt_bytes(result.new_bytes)} new, "
             f"{result.seconds:.1f}s"
         )
@@ -1016,7 +1089,8 @@ class Supervisor:
         last = stats.last_durable
         codes = ", ".join(a.exit.describe() for a in self.attempts) or "none"
         console.info(
-            f"done: {len(self.attempts)} attempt(s) ({codes}); {stats.snapshots} snapshot(s), "
+            f"done: {console.plural(len(self.attempts), 'attempt')} ({codes}); "
+            f"{console.plural(stats.snapshots, 'snapshot')}, "
             f"{console.fmt_bytes(stats.bytes_uploaded)} uploaded; newest durable snapshot: "
             f"{last.id if last else 'none'}"
         )

@@ -70,8 +70,9 @@ class ExitCode(enum.IntEnum):
     OK = 0
     #: A command line ckpt cannot parse (click's own convention).
     USAGE = 2
-    #: EX_DATAERR. `ckpt verify` (or show, diff) found damaged snapshots: an
-    #: unreadable manifest, a missing or corrupt chunk.
+    #: EX_DATAERR. `ckpt verify` found damaged snapshots (an unreadable
+    #: manifest, a missing or corrupt chunk); `show` and `diff` were asked
+    #: for a snapshot whose manifest does not parse.
     DAMAGED = 65
     #: The remote cannot be reached or is held by another writer: try again later.
     UNAVAILABLE = 69
