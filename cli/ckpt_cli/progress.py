@@ -159,6 +159,14 @@ def touched(directory: str, changed: Iterable[str]) -> bool:
     return any(p == directory or p.startswith(prefix) for p in changed)
 
 
+def _same_stat(le: Entryish, e: Entry | None) -> bool:
+    return (
+        e is not None
+        and e.type == "file"
+        and (le.size, le.mtime_ns, le.ino) == (e.size, e.mtime_ns, e.ino)
+    )
+
+
 class Judge:
     """Judges files for the snapshotter: the checks in force (`registry`),
     how it hashes (a chunk's digest, for comparing with a snapshot's chunks)."""
@@ -175,7 +183,8 @@ class Judge:
         self.root = root
         self.hash = hash
         self.chunk_size = chunk_size
-        #: Files held back as open rewriters at the last judgement: rule 6.
+        #: Open files with no earlier version, as the last judgement saw them
+        #: (writer_kind's rule 6).
         self.looks: dict[str, Look] = {}
 
     @property
@@ -194,9 +203,13 @@ class Judge:
         out = Judgement(checked=self.checked)
         before = {e.path: e for e in parent.entries} if parent else {}
         listed = dict(parent.unverified) if parent is not None and parent.verified is False else {}
-        reading = {le.path for le in to_read}
+        # Changed: not what the last snapshot holds. A file the stat cache
+        # does not vouch for (written within a second of a scan, or never
+        # read since it was held back) may still have the parent's stat.
+        changed_files = [le for le in to_read if not _same_stat(le, before.get(le.path))]
+        reading = {le.path for le in changed_files}
         again = [le for le in local if le.path in listed and le.path not in reading]
-        files = [le for le in (*to_read, *again) if le.type == "file"]
+        files = [le for le in (*changed_files, *again) if le.type == "file"]
         scan = auto.open_scan() if files and auto.open_scan is not None else None
         looks: dict[str, Look] = {}
         for le in files:
@@ -241,7 +254,10 @@ class Judge:
                 prefix = None
                 if prev is not None and size >= prev.size:
                     prefix = self._prefix_same(fd, prev)
-                since = self._since_look(fd, le.path, st) if prefix is None else None
+                since = None
+                if prefix is None:  # no earlier version to compare: compare looks
+                    since = self._since_look(fd, le.path, st)
+                    looks[le.path] = self._look(fd, st)
                 kind = openfiles.writer_kind(
                     le.path,
                     flags,
@@ -254,7 +270,6 @@ class Judge:
                     assert scan is not None
                     holders = openfiles.describe_holders(scan.files.get(le.path, ()))
                     out.in_progress[le.path] = f"open for writing by {holders}"
-                    looks[le.path] = self._look(fd, st)
                     return
             if kind.appender and not kind.checked:
                 out.appenders[le.path] = size

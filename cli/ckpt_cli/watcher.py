@@ -3,10 +3,14 @@
 Only events that can change what a snapshot contains count: created, modified,
 deleted, moved, closed-after-write. Opened and closed-without-write events (our
 own reads!) are ignored, and so are paths whose every component-to-be is a
-temp name. The callback gets the event type and the paths relative to the
-directory (the worker tells an appender's growth from activity, and a waited
-file's close is its cue). If the directory itself is replaced, ensure()
-re-arms the watch.
+temp name, and a directory's "modified" (watchdog adds one for the parent
+of every create, delete, move and close-after-write, which come with their
+own events: without it, an appender that closes after each line is not
+activity twice over). The callback gets the event type and the paths
+relative to the directory (the worker tells an appender's growth from
+activity, and a waited file's close is its cue); a kernel queue overflow
+("events_lost") is a change of unknown paths. If the directory itself is
+replaced, ensure() re-arms the watch.
 Imports: standard library, watchdog (lazily, at start()).
 """
 
@@ -54,13 +58,18 @@ class Watcher:
         return out
 
     def start(self) -> None:
-        from watchdog.events import FileSystemEventHandler
+        from watchdog import events
         from watchdog.observers import Observer
 
         watcher = self
 
-        class Handler(FileSystemEventHandler):
+        class Handler(events.FileSystemEventHandler):
             def on_any_event(self, event: Any) -> None:
+                if event.event_type == "events_lost":
+                    watcher.on_change("", ())
+                    return
+                if event.is_directory and event.event_type == "modified":
+                    return
                 paths = (os.fsdecode(event.src_path), os.fsdecode(getattr(event, "dest_path", "")))
                 rels = watcher.relevant_paths(event.event_type, paths)
                 if rels:
@@ -69,7 +78,18 @@ class Watcher:
         self._ino = os.stat(self.root).st_ino
         observer = Observer()
         observer.daemon = True
-        observer.schedule(Handler(), str(self.root), recursive=True)
+        wanted = [  # not opened / closed_no_write: ckpt's own reads make them
+            events.FileCreatedEvent,
+            events.DirCreatedEvent,
+            events.FileModifiedEvent,
+            events.FileDeletedEvent,
+            events.DirDeletedEvent,
+            events.FileMovedEvent,
+            events.DirMovedEvent,
+            events.FileClosedEvent,
+            events.EventsLostEvent,
+        ]
+        observer.schedule(Handler(), str(self.root), recursive=True, event_filter=wanted)
         observer.start()
         self._observer = observer
 
