@@ -179,6 +179,8 @@ class SnapshotResult:
     #: Held back: files (and directories) in progress -> why; nothing was
     #: read or written (an automatic snapshot only).
     waiting: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: Files in progress when it was judged, held back or taken anyway.
+    in_progress: dict[str, str] = dataclasses.field(default_factory=dict)
     #: Files judged appenders -> the size taken (their growth is no activity).
     appenders: dict[str, int] = dataclasses.field(default_factory=dict)
 
@@ -512,6 +514,7 @@ class Snapshotter:
         elif auto is not None and self.judge is not None:
             judged = self.judge.judge(local, to_read, parent, auto)
             result.appenders = dict(judged.appenders)
+            result.in_progress = dict(judged.in_progress)
             if judged.in_progress and not auto.take_anyway:
                 result.waiting = dict(judged.in_progress)
                 result.seconds = time.monotonic() - t0
@@ -568,10 +571,16 @@ class Snapshotter:
             parent is not None
             and len(ordered) == len(parent.entries)
             and all(a.same_content(b) for a, b in zip(ordered, parent.entries, strict=True))
-            # A snapshot taken unverified is written again once the same
-            # files are whole: what a restore prefers changed.
-            and (parent.verified is not False or verified is False)
-            and {p for p, _ in parent.unverified} == {p for p, _ in unverified}
+            # The same files as an unverified snapshot are written again once
+            # they are whole (what a restore prefers changed), or once other
+            # files are in progress; the same as a verified one never are.
+            and (
+                parent.verified is not False
+                or (
+                    verified is False
+                    and {p for p, _ in parent.unverified} == {p for p, _ in unverified}
+                )
+            )
         )
         for path, le_cached in new_cache.items():
             self.cache[path] = le_cached

@@ -109,8 +109,7 @@ class Supervisor:
         self.events = EventLog(getattr(cfg, "log_json", None), self.run_id)
         self._rate = 0.0  # bytes/s of the last snapshot that uploaded anything
         self._ended = False  # the final flush and the worker are done: no more reports
-        self._settled_after: float | None = None  # a snapshot gave up waiting after this long
-        self._said_unverified: set[tuple[str, str]] = set()  # carried files, said once
+        self._said_unverified: set[str] = set()  # files in progress said, once each
 
     # ------------------------------------------------------------ entry point
 
@@ -939,28 +938,25 @@ class Supervisor:
                 f"after {news.seconds:.0f}s)"
             )
         else:
-            self._settled_after = news.seconds
+            self._said_unverified |= set(news.files)
+            console.warn(
+                f"snapshot waited {news.seconds:.0f}s (--settle-timeout) and is taken anyway, "
+                f"unverified: {_files_in_progress(news.files, 5)} (a restore prefers the "
+                "newest verified snapshot)"
+            )
 
     def _report_unverified(self, m: Manifest) -> None:
-        """A snapshot taken with files in progress: each file and why, once
-        per file and reason (a torn file left as it is makes every later
-        snapshot unverified until it is rewritten or removed)."""
-        fresh = [(p, r) for p, r in m.unverified if (p, r) not in self._said_unverified]
-        self._said_unverified = set(m.unverified)
-        settled, self._settled_after = self._settled_after, None
-        if not fresh:
-            return
-        why = (
-            f"taken after waiting {settled:.0f}s (--settle-timeout)"
-            if settled is not None
-            else "taken with files in progress"
-        )
-        console.warn(
-            f"snapshot {m.id} is unverified, {why}: "
-            + "; ".join(f"{p} {r}" for p, r in fresh[:5])
-            + (f"; and {len(fresh) - 5} more" if len(fresh) > 5 else "")
-            + " (a restore prefers the newest verified snapshot)"
-        )
+        """A snapshot written with files in progress (the final one, or one
+        naming a torn file left as it is, which keeps every later snapshot
+        unverified until it is rewritten or removed): each file and why, once
+        per file."""
+        fresh = {p: r for p, r in m.unverified if p not in self._said_unverified}
+        self._said_unverified = {p for p, _ in m.unverified}
+        if fresh:
+            console.warn(
+                f"snapshot {m.id} is unverified: {_files_in_progress(fresh, 5)} "
+                "(a restore prefers the newest verified snapshot)"
+            )
 
     def _report_snapshot(self, result: SnapshotResult) -> None:
         new_links = [p for p in result.skipped_links if p not in self._warned_links]

@@ -545,11 +545,15 @@ class SnapshotWorker:
         now = self.clock()
         with self._cond:
             before = self._waiting
-        unverified = result.manifest is not None and bool(result.manifest.unverified)
         ran_out = (
-            took_anyway and unverified and before is not None and now >= before.since + self.settle
+            took_anyway
+            and bool(result.in_progress)
+            and before is not None
+            and now >= before.since + self.settle
         )
         waiting, news = wait_news(before, result.waiting, now, settled=ran_out)
+        if news is not None and news.kind == "settled":
+            news = dataclasses.replace(news, files=dict(result.in_progress))
         with self._cond:
             self._waiting = waiting
             if waiting is not None:
