@@ -78,6 +78,9 @@ class Auto:
 
     open_scan: Callable[[], OpenScan] | None = None
     take_anyway: bool = False
+    #: Only judge (the worker learns the appenders of a busy directory):
+    #: nothing is read or written.
+    probe: bool = False
 
 
 @dataclasses.dataclass

@@ -515,6 +515,8 @@ class Snapshotter:
             judged = self.judge.judge(local, to_read, parent, auto)
             result.appenders = dict(judged.appenders)
             result.in_progress = dict(judged.in_progress)
+            if auto.probe:
+                return result
             if judged.in_progress and not auto.take_anyway:
                 result.waiting = dict(judged.in_progress)
                 result.seconds = time.monotonic() - t0

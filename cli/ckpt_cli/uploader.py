@@ -10,7 +10,9 @@ WAIT_POLL seconds, up to `settle` seconds; then it takes the snapshot anyway,
 unverified. The final flush does not wait: the job is over, and what is in
 progress then stays so. The growth of a file judged an appender is no
 activity: it neither starts nor extends a quiet period (the appender's new
-bytes ride along with the next snapshot, a rescan's at the latest).
+bytes ride along with the next snapshot, a rescan's at the latest); a
+directory that stays busy is probed after PROBE_AFTER seconds to find its
+appenders.
 
 Runs on its own thread; the child is never blocked by it. Imports: standard
 library, `snapshotter`, `repository`, `errors`, `openfiles` (log names).
@@ -46,6 +48,11 @@ SETTLE = 120.0
 WAIT_POLL = 2.0
 #: A wait is reported (console, `ckpt status`) once it lasted this long.
 WAIT_SAY = 3.0
+#: A directory busy this long without a quiet period is judged once without
+#: a snapshot (a probe): the appenders it finds (one opened with O_APPEND
+#: under a name that is no log's) stop counting as activity. At least twice
+#: --debounce.
+PROBE_AFTER = 5.0
 #: Backoff after a failed snapshot: first delay and cap (seconds).
 RETRY_FIRST = 1.0
 RETRY_CAP = 30.0
@@ -186,6 +193,7 @@ class SnapshotWorker:
         #: Appenders judged by the last snapshot -> the size it took; a path
         #: with a log's name is watched the same way. Their growth is no activity.
         self._appending: dict[str, int] = {}
+        self._probed = False  # this busy spell was probed for appenders
         self.debounce = debounce
         self.rescan = rescan
         self.keep = keep
@@ -240,6 +248,7 @@ class SnapshotWorker:
                 self._try_at = now
             if not self._dirty:
                 self._dirty_since = now
+                self._probed = False
             self._dirty = True
             self._last_change = now
             self._cond.notify()
@@ -350,6 +359,12 @@ class SnapshotWorker:
                             self._dirty = False
                             return "change", []
                         waits.append(quiet_at - now)
+                        probe_at = self._dirty_since + max(PROBE_AFTER, 2 * self.debounce)
+                        if not self._probed and self.open_scan is not None:
+                            if now >= probe_at:
+                                self._probed = True
+                                return "probe", []
+                            waits.append(probe_at - now)
                     if now >= self._next_rescan:
                         return "rescan", []
                 else:
@@ -372,6 +387,8 @@ class SnapshotWorker:
             if not batch:
                 if held is not None:
                     self._commit(held)
+                elif reason == "probe":
+                    self._probe()
                 else:
                     self._take(reason, None)
                 continue
@@ -538,6 +555,17 @@ class SnapshotWorker:
             self.changed()  # something was mid-write: look again once it is quiet
         self.on_snapshot(result)
         return result, None
+
+    def _probe(self) -> None:
+        """Judge the busy directory without taking a snapshot, to learn its
+        appenders. Best effort: a failure changes nothing."""
+        try:
+            result = self.snapshotter.snapshot(
+                reason="probe", attempt=self.attempt(), auto=Auto(self.open_scan, probe=True)
+            )
+        except Exception:
+            return
+        self._appending = {**self._appending, **result.appenders}
 
     def _judged(self, result: SnapshotResult, took_anyway: bool) -> None:
         """After an automatic snapshot: the appenders it found, and the wait."""

@@ -304,16 +304,16 @@ def test_an_hf_checkpoint_paused_between_its_files_is_never_restored_half(
         assert (out / name / "trainer_state.json").is_file(), f"{name} is half a checkpoint"
 
 
-#: Appends a line to metrics.jsonl every 0.1 s (open all along, never
-#: closed) and saves model.pt atomically (temp + rename) every 0.5 s,
+#: Appends a line to LOG every 0.1 s (opened "a": O_APPEND, open all along,
+#: never closed) and saves model.pt atomically (temp + rename) every 0.5 s,
 #: versions 1 to SAVES; then goes on appending until `stop` or 50 s.
 APPENDER = r"""
 import json, os, sys, time
 from pathlib import Path
 
 d = Path(os.environ["CKPT_DIR"])
-ready, saves = Path(sys.argv[1]), int(sys.argv[2])
-log = open(d / "metrics.jsonl", "a", buffering=1)
+ready, saves, name = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+log = open(d / name, "a", buffering=1)
 start = time.monotonic()
 version = 0
 next_save = start
@@ -331,20 +331,23 @@ log.close()
 """
 
 
+@pytest.mark.parametrize("log_name", ["metrics.jsonl", "progress.txt"])
 def test_an_open_appender_does_not_hold_back_snapshots_of_other_files(
-    spawn: Callable[..., Running], tmp_path: Path, ckpt_dir: Path, remote: Path
+    spawn: Callable[..., Running], tmp_path: Path, ckpt_dir: Path, remote: Path, log_name: str
 ) -> None:
     """Regression (issue 16, "what goes wrong" 3): a metrics log appended
     every 0.1 s and never closed, beside model.pt saved atomically. While
     the appender keeps appending, snapshots holding new versions of model.pt
     appear (before: the directory never went quiet, and nothing was
     snapshotted before the 60 s ceiling, after the appender had stopped).
-    Each snapshot's metrics.jsonl is a prefix of the final log."""
+    Each snapshot's log is a prefix of the final log. A log's name
+    (metrics.jsonl) tells it at once; a name that is no log's
+    (progress.txt), its O_APPEND, once the busy directory is probed."""
     ready = tmp_path / "ready"
     ready.mkdir()
     script = tmp_path / "appender.py"
     script.write_text(APPENDER)
-    saves = 6
+    saves = 30  # one every 0.5 s: 15 s of saves
     ckpt = spawn(
         _args(
             ckpt_dir,
@@ -358,6 +361,7 @@ def test_an_open_appender_does_not_hold_back_snapshots_of_other_files(
             str(script),
             str(ready),
             str(saves),
+            log_name,
         )
     )
 
@@ -375,12 +379,12 @@ def test_an_open_appender_does_not_hold_back_snapshots_of_other_files(
     )
     (ready / "stop").write_text("")
     assert ckpt.wait() == 0, ckpt.stderr()
-    final = (ckpt_dir / "metrics.jsonl").read_bytes()
+    final = (ckpt_dir / log_name).read_bytes()
     out = tmp_path / "restored"
     restore_into(remote, out, cwd=tmp_path)
-    assert (out / "metrics.jsonl").read_bytes() == final
+    assert (out / log_name).read_bytes() == final
     for m in manifests(remote):
-        e = entry(m, "metrics.jsonl")
+        e = entry(m, log_name)
         assert e is None or e["size"] <= len(final)
         assert m.get("verified") is True, m.get("unverified")
 

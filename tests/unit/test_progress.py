@@ -435,3 +435,21 @@ def test_an_appender_growing_is_no_activity_but_a_shrink_is(
     write(root / "metrics.jsonl", b"")
     w.changed("modified", ["metrics.jsonl"])
     assert w.busy  # truncated: rewritten, not appended
+
+
+def test_a_probe_of_a_busy_directory_learns_its_appenders_and_writes_nothing(
+    local_repo: Repository, root: Path, make_snapshotter: MakeSnap, hold: Any
+) -> None:
+    s = snap(local_repo, root, make_snapshotter)
+    h = hold([("progress.txt", os.O_WRONLY | os.O_CREAT | os.O_APPEND)])
+    h.write("progress.txt", b"step 1\n")
+    w = worker_for(s, Clock(), [], settle=600.0)
+    w.open_scan = lambda: h.scan(root)
+    w.changed("modified", ["progress.txt"])
+    assert w.busy  # not known yet: activity
+    w._dirty = False
+    w._probe()
+    assert s.parent is None and local_repo.snapshots() == []
+    h.write("progress.txt", b"step 2\n")
+    w.changed("modified", ["progress.txt"])
+    assert not w.busy  # an appender now
