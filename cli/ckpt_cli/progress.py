@@ -35,7 +35,7 @@ from typing import Protocol
 
 from ckpt_cli import openfiles
 from ckpt_cli.format_checks import Verdict
-from ckpt_cli.formats import Registry
+from ckpt_cli.formats import FdSource, Registry
 from ckpt_cli.manifest import Entry, Manifest
 from ckpt_cli.openfiles import OpenScan
 
@@ -184,6 +184,7 @@ class Judge:
     ) -> None:
         self.registry = registry
         self.root = root
+        self._root = os.fspath(root)
         self.hash = hash
         self.chunk_size = chunk_size
         #: Open files with no earlier version, as the last judgement saw them
@@ -238,8 +239,9 @@ class Judge:
         out: Judgement,
         looks: dict[str, Look],
     ) -> None:
+        path = f"{self._root}/{le.path}"  # (no pathlib: ~40% of the cost per small file)
         try:
-            fd = os.open(self.root / le.path, OPEN_FLAGS)
+            fd = os.open(path, OPEN_FLAGS)
         except OSError:
             return  # gone, or unreadable: the read says which
         try:
@@ -277,7 +279,7 @@ class Judge:
             if kind.appender and not kind.checked:
                 out.appenders[le.path] = size
                 return
-            verdict = self.registry.check_file(self.root / le.path, rel=le.path, fd=fd, size=size)
+            verdict = self._check(path, le.path, fd, size)
             if verdict.ok is False:
                 out.in_progress[le.path] = check_reason(verdict)
                 return
@@ -287,6 +289,13 @@ class Judge:
                 out.appenders[le.path] = size
         finally:
             os.close(fd)
+
+    def _check(self, path: str, rel: str, fd: int, size: int) -> Verdict:
+        """Registry.check_file on a descriptor already judged a regular file."""
+        command = self.registry.command_for(rel)
+        if command is not None:
+            return command.run(path, rel=rel, fd=fd)
+        return self.registry.check_source(rel, FdSource(fd, size))
 
     def _read(self, fd: int, offset: int, length: int) -> bytes:
         parts = []
