@@ -11,7 +11,7 @@ of each one for `ckpt run --print-config`.
 
 Imports: standard library (tomllib lazily), the shim's contract, `policy`,
 `remote` (URL and storage-option helpers only), `redact`, `errors`, `events`
-(what --log-json accepts).
+(what --log-json accepts), `formats` (user checks).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from typing import Any, Literal
 from ckpt._contract import ExitCode
 from ckpt_cli import events, policy, redact
 from ckpt_cli.errors import ConfigError
+from ckpt_cli.formats import CommandCheck
 from ckpt_cli.policy import Backoff, RetryOn
 from ckpt_cli.remote import is_local, local_path, parse_storage_options, redact_url
 
@@ -66,6 +67,12 @@ class RunConfig:
     snapshots: str = "auto"  # "auto": on quiet periods until the first commit; "commit"
     checkpoint_signal: int = int(signal.SIGUSR1)
     preemption: str = "auto"  # auto | aws | gcp | azure | off (preemption.MODES)
+    #: How long an automatic snapshot waits for files in progress (seconds).
+    settle_timeout: float = 120.0
+    #: The built-in format checks are on (--no-format-checks turns them off).
+    format_checks: bool = True
+    #: The user's checks (--check GLOB=COMMAND, [checks]), first match wins.
+    checks: tuple[CommandCheck, ...] = ()
     quiet: bool = False  # errors only
     verbose: bool = False  # debug detail too
     log_json: Path | None = None  # also log JSON lines to this file
@@ -187,6 +194,31 @@ def parse_backoff(value: str) -> Backoff:
     return backoff
 
 
+def checks_from_flags(specs: list[str]) -> dict[str, str]:
+    """--check GLOB=COMMAND, repeated -> the [checks] table (a glob given
+    twice: the last one wins, as for any repeated flag)."""
+    table: dict[str, str] = {}
+    for spec in specs:
+        check = CommandCheck.parse(spec)  # one line naming --check if malformed
+        table[check.glob] = spec.partition("=")[2].strip()
+    return table
+
+
+def parse_checks(value: Any) -> dict[str, str | list[str]]:
+    """The [checks] table: GLOB = "command line" or ["argv", "list"]; every
+    program must exist now."""
+    if not isinstance(value, dict):
+        raise ConfigError("checks is not a table of GLOB = COMMAND")
+    for glob, command in value.items():
+        ok = isinstance(command, str) or (
+            isinstance(command, list) and all(isinstance(a, str) for a in command)
+        )
+        if not ok:
+            raise ConfigError(f"checks {glob!r}: the command is not a string or a list of strings")
+        CommandCheck.of(glob, command, flag="checks")
+    return dict(value)
+
+
 def parse_checkpoint_signal(value: str) -> int:
     try:
         return policy.parse_signal(value)
@@ -232,6 +264,9 @@ class Option:
     optional: bool = False
     #: A path: relative to the working directory (where the config file is).
     path: bool = False
+    #: A table's flag form (repeated strings) -> the table (default: KEY=VALUE
+    #: storage options).
+    from_flags: Callable[[list[str]], dict[str, Any]] | None = None
 
     @property
     def file_key(self) -> str:
@@ -273,6 +308,19 @@ OPTIONS: tuple[Option, ...] = (
     Option("concurrency", "int", 4, min=1, max=64),
     Option("io_timeout", "float", 120.0, min=1, max=MAX_SECONDS),
     Option("preemption", "str", "auto", parse=parse_preemption),
+    Option("settle_timeout", "float", 120.0, min=0, max=MAX_SECONDS),
+    Option("no_format_checks", "bool", False),
+    Option(
+        "check",
+        "table",
+        {},
+        env="CKPT_CHECKS",
+        key="checks",
+        aliases=("check",),
+        parse=parse_checks,
+        from_flags=checks_from_flags,
+    ),
+    Option("check_timeout", "float", 60.0, min=1, max=MAX_SECONDS),
     Option("quiet", "bool", False),
     Option("verbose", "bool", False),
     Option("log_json", "str", None, optional=True, parse=events.check_path, path=True),
@@ -397,6 +445,12 @@ def run_config(settings: Settings, *, need_command: bool = True) -> RunConfig:
         snapshots=settings["snapshots"],
         checkpoint_signal=settings["checkpoint_signal"],
         preemption=settings["preemption"],
+        settle_timeout=settings["settle_timeout"],
+        format_checks=not settings["no_format_checks"],
+        checks=tuple(
+            CommandCheck.of(glob, command, timeout=settings["check_timeout"], flag="checks")
+            for glob, command in settings["check"].items()
+        ),
         quiet=settings["quiet"],
         verbose=settings["verbose"],
         log_json=settings["log_json"],
@@ -576,6 +630,8 @@ def _setting(
 
 def _from_flag(opt: Option, value: Any) -> Any:
     if opt.kind == "table":
+        if opt.from_flags is not None:
+            return opt.from_flags(list(value or ()))
         options = parse_storage_options(list(value or ()))
         redact.register_options(options)  # known as secrets from now on (crash logs too)
         return options
@@ -592,7 +648,8 @@ def _from_env(opt: Option, raw: str, env: str) -> Any:
         except (ValueError, RecursionError):
             value = None
         if not isinstance(value, dict):
-            raise ConfigError(f"{env} is not a JSON object (e.g. {env}='{{\"anon\": true}}')")
+            example = '{"*.msgpack": "my-verify"}' if opt.from_flags else '{"anon": true}'
+            raise ConfigError(f"{env} is not a JSON object (e.g. {env}='{example}')")
         redact.register_options(value)
         return value
     if opt.kind == "list":

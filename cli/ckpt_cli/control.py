@@ -9,7 +9,10 @@
                                                 remote refused it, the error says so and
                                                 the commit is still uploaded later
     {"op": "commit", "wait": false}          -> {"ok": true, "pinned": true} once the
-                                                directory's content is pinned
+                                                directory's content is pinned and its
+                                                changed files pass their format checks
+                                             -> {"ok": false, "error": "model.pt fails
+                                                the zip check: ..."} (either wait)
     {"op": "hello", "pid": P, "signal": "SIGUSR1"}
                                              -> {"ok": true}: pid P handles the
                                                 checkpoint signal
@@ -23,8 +26,8 @@ type or out of range (`"timeout": "x"`, `1e400`, `"pid": 1.5`) is refused with
 a line longer than MAX_LINE is refused without being read whole (and the
 connection closed); an error of ckpt's own is a reply and one warning, never
 a traceback on the run's stderr.
-Imports: standard library, `uploader`, `subtree`, `errors`, `config`
-(check_number), `console`.
+Imports: standard library, `uploader`, `progress`, `subtree`, `errors`,
+`config` (check_number), `console`.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from ckpt._contract import ExitCode
 from ckpt_cli import console, subtree
 from ckpt_cli.config import MAX_SECONDS, check_number
 from ckpt_cli.errors import CkptError, ConfigError
+from ckpt_cli.progress import NotWholeError
 from ckpt_cli.uploader import SnapshotWorker
 
 MAX_LINE = 64 * 1024
@@ -148,6 +152,8 @@ class ControlServer:
                 timeout = check_number(timeout, f"timeout {timeout!r}", min=0, max=MAX_SECONDS)
             try:
                 req = self.worker.commit(step)
+            except NotWholeError as exc:  # a file fails its format check: said at once
+                return {"ok": False, "error": str(exc)}
             except OSError as exc:
                 return {"ok": False, "error": f"pinning the directory failed: {exc}"}
             if not wait:

@@ -284,6 +284,38 @@ def run(
             "azure, off.",
         ),
     ] = "auto",
+    settle_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            max=MAX_SECONDS,
+            help="Seconds an automatic snapshot waits for files in progress (open for writing "
+            "by the job, or failing their format check) before it is taken anyway, "
+            "marked unverified.",
+        ),
+    ] = 120.0,
+    no_format_checks: Annotated[
+        bool,
+        typer.Option(
+            "--no-format-checks",
+            help="Turn the built-in format checks off (zip, safetensors, HDF5, ...); --check "
+            "commands still run.",
+        ),
+    ] = False,
+    check: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="GLOB=COMMAND",
+            help="A check for files matching GLOB: COMMAND gets the file and exits 0 when it "
+            "is whole (repeatable; before the built-in checks).",
+        ),
+    ] = None,
+    check_timeout: Annotated[
+        float,
+        typer.Option(
+            min=1, max=MAX_SECONDS, help="Seconds a --check command may take (else: not whole)."
+        ),
+    ] = 60.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors.")] = False,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Debug detail too (what ckpt decides, and why).")

@@ -99,6 +99,18 @@ def describe(st: dict[str, Any]) -> list[str]:
         f"{_size(st, 'rate')}/s",
         f"  snapshots: {st.get('snapshots')}, {_size(st, 'bytes_uploaded')} uploaded",
     ]
+    waiting = st.get("waiting_for")
+    if isinstance(waiting, list) and waiting:
+        files = [w for w in waiting if isinstance(w, dict)]
+        shown = ", ".join(f"{w.get('path')} ({w.get('reason')})" for w in files[:3])
+        more = f" and {len(files) - 3} more" if len(files) > 3 else ""
+        seconds = _number(st, "waiting_seconds")
+        settle = _number(st, "settle_timeout")
+        lines.append(
+            f"  snapshot waits for: {shown}{more}; "
+            f"{console.fmt_age(seconds) if seconds is not None else '?'} so far"
+            + (f" (at most {settle:g}s, --settle-timeout)" if settle is not None else "")
+        )
     if st.get("last_error"):
         lines.append(f"  last error: {st['last_error']}")
     if st.get("preemption"):

@@ -24,21 +24,23 @@ from pathlib import Path
 from typing import Any
 
 from ckpt import _contract as contract
-from ckpt_cli import __version__, console, preemption, subtree
+from ckpt_cli import __version__, console, openfiles, preemption, subtree
 from ckpt_cli import control as control_registry
 from ckpt_cli.child import Child, Guardian, catches_signal, ckpt_executable
 from ckpt_cli.config import RunConfig, wait_limit
 from ckpt_cli.control import ControlServer
 from ckpt_cli.errors import CkptError, RemoteError, Stopped
 from ckpt_cli.events import EventLog
+from ckpt_cli.formats import Registry
 from ckpt_cli.history import RunHistory, attempts_before, load_runs
 from ckpt_cli.lease import Heartbeat, LeaseLostError
+from ckpt_cli.manifest import Manifest
 from ckpt_cli.policy import ChildExit, Decision, decide, signal_name
 from ckpt_cli.remote import open_backend, redact_url
 from ckpt_cli.repository import Repository, rank_stream
 from ckpt_cli.restore import ensure_dir, prepare_rank_dir, restore_into
 from ckpt_cli.snapshotter import TEMP_PATTERNS, SnapshotResult, Snapshotter
-from ckpt_cli.uploader import Request, SnapshotWorker, unreadable_error
+from ckpt_cli.uploader import Request, SnapshotWorker, WaitNews, unreadable_error
 from ckpt_cli.watcher import Watcher
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -113,6 +115,7 @@ class Supervisor:
         self.events = EventLog(getattr(cfg, "log_json", None), self.run_id)
         self._rate = 0.0  # bytes/s of the last snapshot that uploaded anything
         self._ended = False  # the final flush and the worker are done: no more reports
+        self._said_unverified: set[str] = set()  # files in progress said, once each
 
     # ------------------------------------------------------------ entry point
 
@@ -241,6 +244,7 @@ class Supervisor:
             rank=cfg.rank,
             world_size=cfg.world_size,
             lease_ttl=cfg.lease_timeout,
+            checks=Registry(cfg.checks, builtin=cfg.format_checks),
         )
         self.restored_id, self.restored_step = self._prepare(
             repo, snapshotter, restore_enabled=cfg.restore, snapshot=cfg.snapshot
@@ -276,6 +280,9 @@ class Supervisor:
                 "snapshot's retention removes them"
             ),
             commit_only=cfg.snapshots == "commit",
+            settle=cfg.settle_timeout,
+            open_scan=self._open_scan,
+            on_wait=self._report_wait,
         )
         runtime = Path(tempfile.mkdtemp(prefix="ckpt-"))
         if len(str(runtime)) > 90:  # AF_UNIX paths are limited to 107 bytes
@@ -972,6 +979,58 @@ class Supervisor:
         if self._beats is not None:
             self._beats.check()
 
+    def _open_scan(self) -> openfiles.OpenScan:
+        """(The snapshot thread, when a snapshot is about to be taken.) The
+        files below --dir the job's processes hold open for writing: every
+        process below ckpt and in the child's group, but ckpt's helpers."""
+        child = self.child
+        pgid = child.pgid if child is not None and child.exit is None else None
+        procs = subtree.live(os.getpid(), pgid=pgid, exclude=self._exclude)
+        return openfiles.scan([p.pid for p in procs], self.cfg.dir)
+
+    def _report_wait(self, news: WaitNews) -> None:
+        """A snapshot waits for files in progress (said once it waited a few
+        seconds, and again when what it waits for changes), no longer waits,
+        or gave up waiting (the snapshot's own report names the files)."""
+        if self._ended:
+            return
+        files = [{"path": p, "reason": r} for p, r in sorted(news.files.items())]
+        self.events.emit(
+            "snapshot_waiting", state=news.kind, files=files, seconds=round(news.seconds, 3)
+        )
+        if news.kind == "waiting":
+            last = self._worker.stats.last_durable if self._worker is not None else None
+            stays = f"snapshot {last.id} stays the newest" if last else "no snapshot yet"
+            console.info(
+                f"snapshot waits for {_files_in_progress(news.files)}: {stays} "
+                f"(at most {self.cfg.settle_timeout:g}s, --settle-timeout)"
+            )
+        elif news.kind == "done":
+            console.info(
+                f"snapshot no longer waits ({', '.join(sorted(news.files)[:3])} whole "
+                f"after {news.seconds:.0f}s)"
+            )
+        else:
+            self._said_unverified |= set(news.files)
+            console.warn(
+                f"snapshot waited {news.seconds:.0f}s (--settle-timeout) and is taken anyway, "
+                f"unverified: {_files_in_progress(news.files, 5)} (a restore prefers the "
+                "newest verified snapshot)"
+            )
+
+    def _report_unverified(self, m: Manifest) -> None:
+        """A snapshot written with files in progress (the final one, or one
+        naming a torn file left as it is, which keeps every later snapshot
+        unverified until it is rewritten or removed): each file and why, once
+        per file."""
+        fresh = {p: r for p, r in m.unverified if p not in self._said_unverified}
+        self._said_unverified = {p for p, _ in m.unverified}
+        if fresh:
+            console.warn(
+                f"snapshot {m.id} is unverified: {_files_in_progress(fresh, 5)} "
+                "(a restore prefers the newest verified snapshot)"
+            )
+
     def _report_snapshot(self, result: SnapshotResult) -> None:
         new_links = [p for p in result.skipped_links if p not in self._warned_links]
         if new_links:
@@ -993,6 +1052,11 @@ class Supervisor:
         m = result.manifest
         if m is None:
             parent = result.parent
+            if result.waiting:
+                console.debug(
+                    f"snapshot held back: {_files_in_progress(result.waiting)} in progress"
+                )
+                return
             console.debug(
                 f"nothing changed since snapshot {parent.id if parent else '(none)'}: no snapshot"
             )
@@ -1008,12 +1072,18 @@ class Supervisor:
             new_bytes=result.new_bytes,
             seconds=round(result.seconds, 3),
             reason=m.reason,
+            verified=m.verified,
+            unverified=[{"path": p, "reason": r} for p, r in m.unverified],
         )
         console.info(
             f"snapshot {m.id} (generation {m.generation}): {console.plural(len(m.files), 'file')}, "
             f"{console.fmt_bytes(m.total_size)}, {console.fmt_bytes(result.new_bytes)} new, "
             f"{result.seconds:.1f}s"
         )
+        if m.verified is False:
+            self._report_unverified(m)
+        else:
+            self._said_unverified.clear()
 
     def _report_error(self, message: str, retry_in: float) -> None:
         if self._ended:
@@ -1048,6 +1118,19 @@ class Supervisor:
             **self._backlog(worker),
             "last_error": stats.last_error,
             "preemption": self._notice.describe() if self._notice is not None else None,
+            **self._waiting_status(worker),
+        }
+
+    def _waiting_status(self, worker: SnapshotWorker) -> dict[str, Any]:
+        """What a snapshot held back for a few seconds waits for."""
+        waiting = worker.waiting
+        if waiting is None:
+            return {"waiting_for": None, "waiting_seconds": None}
+        seconds, files = waiting
+        return {
+            "waiting_for": [{"path": p, "reason": r} for p, r in sorted(files.items())],
+            "waiting_seconds": round(seconds, 1),
+            "settle_timeout": self.cfg.settle_timeout,
         }
 
     def _backlog(self, worker: SnapshotWorker) -> dict[str, Any]:
@@ -1078,6 +1161,10 @@ class Supervisor:
                     f"uploading {console.fmt_bytes(st['backlog_bytes'])} "
                     f"at {console.fmt_bytes(st['rate'])}/s"
                 )
+            if st["waiting_for"]:
+                names = [f["path"] for f in st["waiting_for"]]
+                shown = ", ".join(names[:2]) + (" ..." if len(names) > 2 else "")
+                parts.append(f"waiting for {shown} ({console.fmt_age(st['waiting_seconds'])})")
             if st["last_error"]:
                 parts.append("remote failing")
             if self._notice is not None:
@@ -1103,6 +1190,13 @@ class Supervisor:
                     for a in self.attempts
                 ],
             )
+
+
+def _files_in_progress(files: dict[str, str], limit: int = 3) -> str:
+    """'model.pt (open for writing by pid 12 (python)), ...' for a line."""
+    shown = [f"{p} ({files[p]})" for p in sorted(files)[:limit]]
+    more = f" and {len(files) - limit} more" if len(files) > limit else ""
+    return ", ".join(shown) + more
 
 
 def _record(signum: int, frame: object) -> None:
