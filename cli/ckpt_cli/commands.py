@@ -482,7 +482,13 @@ def commit(
         message["step"] = step
     reply = request(socket_path, message)
     if not reply.get("ok"):
-        raise CkptError(f"commit failed: {reply.get('error')}", exit_code=ExitCode.UNAVAILABLE)
+        # A file that is not whole or cannot be read (65: the data, not the
+        # remote) fails the same commit again; anything else may pass later.
+        refused = reply.get("retryable") is False
+        raise CkptError(
+            f"commit failed: {reply.get('error')}",
+            exit_code=ExitCode.DAMAGED if refused else ExitCode.UNAVAILABLE,
+        )
     if reply.get("snapshot"):
         tagged = "" if reply.get("step") is None else f" (step {reply['step']})"
         console.info(f"committed: snapshot {reply['snapshot']}{tagged} is durable")

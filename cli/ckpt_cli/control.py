@@ -12,7 +12,9 @@
                                                 directory's content is pinned and its
                                                 changed files pass their format checks
                                              -> {"ok": false, "error": "model.pt fails
-                                                the zip check: ..."} (either wait)
+                                                the zip check: ...", "retryable": false}
+                                                (either wait); retryable false: the
+                                                same commit can never succeed
     {"op": "hello", "pid": P, "signal": "SIGUSR1"}
                                              -> {"ok": true}: pid P handles the
                                                 checkpoint signal
@@ -153,7 +155,7 @@ class ControlServer:
             try:
                 req = self.worker.commit(step)
             except NotWholeError as exc:  # a file fails its format check: said at once
-                return {"ok": False, "error": str(exc)}
+                return {"ok": False, "error": str(exc), "retryable": False}
             except OSError as exc:
                 return {"ok": False, "error": f"pinning the directory failed: {exc}"}
             if not wait:
@@ -161,7 +163,7 @@ class ControlServer:
             if not req.wait(timeout):
                 return {"ok": False, "error": f"commit not durable within {timeout:g}s"}
             if req.error:
-                return {"ok": False, "error": req.error}
+                return {"ok": False, "error": req.error, "retryable": req.retryable}
             return {
                 "ok": True,
                 "snapshot": req.manifest.id if req.manifest else None,

@@ -470,7 +470,9 @@ class SnapshotWorker:
             return True
         pinned.close()
         self._commit_error = error
-        r.finish(result.newest if result else None, error)
+        # Not the remote's fault (a torn or unreadable file, a lost lease):
+        # asking again for the same moment cannot help.
+        r.finish(result.newest if result else None, error, retryable=error is None)
         return False
 
     def _held_request(self) -> Request | None:

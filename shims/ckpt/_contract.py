@@ -72,7 +72,8 @@ class ExitCode(enum.IntEnum):
     USAGE = 2
     #: EX_DATAERR. `ckpt verify` found damaged snapshots (an unreadable
     #: manifest, a missing or corrupt chunk); `show` and `diff` were asked
-    #: for a snapshot whose manifest does not parse.
+    #: for a snapshot whose manifest does not parse; `ckpt commit` was refused
+    #: because a file is not whole or cannot be read (the same commit fails again).
     DAMAGED = 65
     #: The remote cannot be reached or is held by another writer: try again later.
     UNAVAILABLE = 69

@@ -24,6 +24,8 @@ from typing import Any
 
 import pytest
 
+from ckpt._contract import ExitCode
+
 from ._util import (
     CKPT,
     PY,
@@ -556,3 +558,41 @@ def test_the_final_snapshot_of_a_torn_file_is_unverified(
     assert m["unverified"][0]["path"] == "model.pt"
     assert m["unverified"][0]["reason"].startswith("fails the zip check: ")
     assert "is unverified: model.pt (fails the zip check: " in res.stderr, res.stderr
+
+
+#: Writes model.pt torn, then runs `ckpt commit` from the shell (as a bash
+#: script would) and prints its exit status and stderr as one JSON line.
+TORN_SHELL_COMMIT = r"""
+import io, json, os, subprocess
+from pathlib import Path
+import torch
+
+d = Path(os.environ["CKPT_DIR"])
+buf = io.BytesIO()
+torch.save({"w": torch.zeros(10_000)}, buf)
+(d / "model.pt").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+res = subprocess.run([os.environ["CKPT_BIN"], "commit"], capture_output=True, text=True)
+print(json.dumps({"status": res.returncode, "stderr": res.stderr}), flush=True)
+"""
+
+
+def test_ckpt_commit_of_a_torn_file_is_a_data_error_not_retry_later(
+    tmp_path: Path, ckpt_dir: Path, remote: Path
+) -> None:
+    """`ckpt commit` from a shell script over a torn model.pt: one error line
+    naming the file and the check, exit 65 (the same commit fails again), not
+    69 (remote unavailable, retry later: a script that retries on 69 would
+    loop)."""
+    pytest.importorskip("torch")
+    script = tmp_path / "torn_shell_commit.py"
+    script.write_text(TORN_SHELL_COMMIT)
+    res = run_ckpt(
+        ["run", "--dir", str(ckpt_dir), "--remote", str(remote), "--", PY, str(script)],
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    (outcome,) = [json.loads(line) for line in res.stdout.splitlines()]
+    assert outcome["status"] == ExitCode.DAMAGED, outcome
+    (line,) = [x for x in outcome["stderr"].splitlines() if x.startswith("ckpt: error:")]
+    assert "model.pt fails the zip check" in line, line
