@@ -28,7 +28,7 @@ type or out of range (`"timeout": "x"`, `1e400`, `"pid": 1.5`) is refused with
 a line longer than MAX_LINE is refused without being read whole (and the
 connection closed); an error of ckpt's own is a reply and one warning, never
 a traceback on the run's stderr.
-Imports: standard library, `uploader`, `progress`, `subtree`, `errors`,
+Imports: standard library, `uploader`, `progress`, `snapshotter`, `subtree`, `errors`,
 `config` (check_number), `console`.
 """
 
@@ -50,6 +50,7 @@ from ckpt_cli import console, subtree
 from ckpt_cli.config import MAX_SECONDS, check_number
 from ckpt_cli.errors import CkptError, ConfigError
 from ckpt_cli.progress import NotWholeError
+from ckpt_cli.snapshotter import UnreadableError
 from ckpt_cli.uploader import SnapshotWorker
 
 MAX_LINE = 64 * 1024
@@ -154,7 +155,7 @@ class ControlServer:
                 timeout = check_number(timeout, f"timeout {timeout!r}", min=0, max=MAX_SECONDS)
             try:
                 req = self.worker.commit(step)
-            except NotWholeError as exc:  # a file fails its format check: said at once
+            except (NotWholeError, UnreadableError) as exc:  # the data: said at once
                 return {"ok": False, "error": str(exc), "retryable": False}
             except OSError as exc:
                 return {"ok": False, "error": f"pinning the directory failed: {exc}"}
