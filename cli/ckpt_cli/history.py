@@ -1,6 +1,8 @@
 """The run history kept in the repository: one small JSON object per `ckpt run`
 under runs/<run-id>.json, with the host, every attempt (its global number, when
-it started, how it ended) and the preemption notice if one came.
+it started and ended, how, what it started from), the preemption notice if one
+came, and the newest snapshots' capture times: the facts `costs` turns into
+the work each failure lost and the time each relaunch took.
 
 It is what makes CKPT_ATTEMPT and `ckpt ls` true across machines: a run on a
 replacement VM numbers its first attempt after every attempt recorded before it.
@@ -11,9 +13,11 @@ never hold up the child: the history is a log, not a source of truth for data,
 so a remote that does not answer delays it, and a write that fails is retried
 with the next change and reported once per streak of failures, whatever
 each failure's message (none while `close` waits: its caller says once
-whether the record is final).
+whether the record is final). While the run goes on the record is rewritten
+at least every ALIVE seconds (`seen`), so a run killed -9 left a bound on when
+it died.
 
-Imports: standard library, `errors`, `remote`, `manifest` (host name).
+Imports: standard library, `errors`, `remote`, `manifest`, `costs`.
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ import os
 import re
 import threading
 import time
+from collections.abc import Iterable, Sequence
 from typing import Any
 
+from ckpt_cli import costs
 from ckpt_cli.errors import RemoteError
-from ckpt_cli.manifest import host_name
+from ckpt_cli.manifest import Entry, host_name
 from ckpt_cli.remote import Backend, NotFound
 
 RUNS = "runs/"
@@ -36,6 +42,11 @@ VERSION = 1
 _KEY_RE = re.compile(r"^runs/([A-Za-z0-9_.-]{1,100})\.json$")
 #: Bytes a run record may have before it is taken for garbage.
 MAX_RECORD = 1 << 20
+#: Snapshots a record keeps (the newest): enough to draw a run's timeline
+#: after retention pruned their manifests, far below MAX_RECORD.
+MAX_SNAPSHOTS = 1000
+#: Seconds between rewrites of a running record (its `seen`) at most.
+ALIVE = 30.0
 
 
 def run_key(run_id: str) -> str:
@@ -95,6 +106,14 @@ def load_runs(backend: Backend, *, workers: int = 8) -> list[dict[str, Any]]:
     return sorted(found, key=lambda r: (r["started"], r["run"]))
 
 
+def changed_at(entries: Iterable[Entry], parent: Sequence[Entry] | None) -> float | None:
+    """The newest modification time (epoch seconds) of a file that entries
+    hold in a version parent did not (new content); None if there is none."""
+    old = {e.path: e.chunks for e in parent or () if e.type == "file"}
+    times = [e.mtime_ns for e in entries if e.type == "file" and old.get(e.path) != e.chunks]
+    return max(times) / 1e9 if times else None
+
+
 def attempts_before(runs: list[dict[str, Any]], exclude: str = "", rank: int = 0) -> int:
     """How many attempts the recorded runs (but `exclude`) of this rank made
     (records without a rank are single-node runs: rank 0)."""
@@ -107,10 +126,19 @@ class RunHistory:
     RETRY = 5.0
 
     def __init__(
-        self, backend: Backend, run_id: str, *, on_error: Any = None, rank: int | None = None
+        self,
+        backend: Backend,
+        run_id: str,
+        *,
+        on_error: Any = None,
+        rank: int | None = None,
+        earlier: Sequence[dict[str, Any]] = (),
     ) -> None:
         self.backend = backend
         self.key = run_key(run_id)
+        #: The records of the runs before this one (`load_runs`): a failed one
+        #: this run continues makes its first attempt a relaunch.
+        self.earlier = [r for r in earlier if r.get("run") != run_id]
         self.record: dict[str, Any] = {
             "format": FORMAT,
             "version": VERSION,
@@ -119,11 +147,15 @@ class RunHistory:
             "pid": os.getpid(),
             **({} if rank is None else {"rank": rank}),
             "started": time.time(),
+            "seen": time.time(),
             "ended": None,
             "attempts": [],
             "preemption": None,
             "exit_status": None,
             "outcome": None,
+            "snapshots": [],
+            "snapshots_dropped": 0,
+            "costs": None,
         }
         self._on_error = on_error
         self._cond = threading.Condition()
@@ -141,19 +173,78 @@ class RunHistory:
 
     # -- changes (any thread)
 
-    def attempt_started(self, number: int) -> None:
+    def attempt_started(self, number: int, resumed: str = "") -> None:
+        """resumed: the snapshot the child is told it starts from (CKPT_RESTORED)."""
         with self._cond:
             self.record["attempts"].append(
-                {"number": number, "started": time.time(), "seconds": None, "exit": None}
+                {
+                    "number": number,
+                    "started": time.time(),
+                    "seconds": None,
+                    "exit": None,
+                    "resumed": resumed,
+                }
             )
+            self._cost()
         self._changed()
 
-    def attempt_ended(self, number: int, status: int, describe: str, seconds: float) -> None:
+    def attempt_ended(
+        self,
+        number: int,
+        status: int,
+        describe: str,
+        seconds: float,
+        *,
+        ended: float | None = None,
+        outcome: str | None = None,
+    ) -> None:
+        """ended: when the child's exit was seen (epoch seconds); outcome: one
+        of costs.OUTCOMES (costs.attempt_outcome)."""
         with self._cond:
             for a in self.record["attempts"]:
                 if a["number"] == number:
                     a.update(seconds=round(seconds, 3), exit=describe, status=status)
+                    a.update(ended=time.time() if ended is None else ended, outcome=outcome)
+            self._cost()
         self._changed()
+
+    def snapshot_taken(
+        self, snapshot: str, attempt: int, captured: float, changed: float | None
+    ) -> None:
+        """A snapshot is durable: captured when ckpt began reading the
+        directory for it; changed, the newest modification of a file it
+        holds in a new version (`changed_at`). The newest MAX_SNAPSHOTS stay."""
+        with self._cond:
+            snaps = self.record["snapshots"]
+            snaps.append(
+                {
+                    "id": snapshot,
+                    "attempt": attempt,
+                    "captured": round(captured, 3),
+                    "changed": None if changed is None else round(changed, 3),
+                }
+            )
+            if len(snaps) > MAX_SNAPSHOTS:
+                self.record["snapshots_dropped"] += len(snaps) - MAX_SNAPSHOTS
+                del snaps[: len(snaps) - MAX_SNAPSHOTS]
+        self._changed()
+
+    def costs(self) -> dict[str, Any]:
+        """This run's totals (costs.RunCosts.totals) as of now."""
+        with self._cond:
+            self._cost()
+            return dict(self.record["costs"])
+
+    def _cost(self) -> None:
+        """Recompute the lost work and times to resume into the record (with
+        the lock held): what this run knows now; a later run may know more
+        (what it restored), and `ckpt ls` recomputes from every record."""
+        ledger = costs.Ledger([*self.earlier, self.record])
+        mine = ledger.runs[self.record["run"]]
+        for raw, a in zip(self.record["attempts"], mine.attempts, strict=True):
+            raw.update(lost_seconds=costs.fields(a)["lost_seconds"])
+            raw.update(resume_seconds=costs.fields(a)["resume_seconds"])
+        self.record["costs"] = mine.totals()
 
     def preempted(self, notice: dict[str, Any]) -> None:
         with self._cond:
@@ -163,6 +254,7 @@ class RunHistory:
     def finish(self, status: int, outcome: str) -> None:
         with self._cond:
             self.record.update(ended=time.time(), exit_status=status, outcome=outcome)
+            self._cost()
         self._changed()
 
     def _changed(self) -> None:
@@ -202,10 +294,12 @@ class RunHistory:
         while True:
             with self._cond:
                 while self._written >= self._version and not self._stopping:
-                    self._cond.wait()
+                    if not self._cond.wait(ALIVE) and not self._stopping:
+                        self._version += 1  # nothing changed for a while: say it lives
                 if self._written >= self._version or self._abandon:
                     return
                 version = self._version
+                self.record["seen"] = round(time.time(), 3)
                 data = json.dumps(self.record, indent=1, sort_keys=True).encode()
             try:
                 self.backend.write(self.key, data)
