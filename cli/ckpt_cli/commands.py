@@ -20,7 +20,7 @@ from typing import Any
 from ckpt._contract import ExitCode
 from ckpt_cli import config, console, costs
 from ckpt_cli.errors import CkptError, ConfigError
-from ckpt_cli.history import load_runs
+from ckpt_cli.history import annotate, load_runs
 from ckpt_cli.lease import DEFAULT_TTL, Heartbeat
 from ckpt_cli.manifest import Manifest
 from ckpt_cli.remote import open_backend
@@ -271,7 +271,7 @@ def ls(
             "remote": remote,
             "rehashed": False,  # chunks checked by one listing: see NOT_REHASHED
             "snapshots": rows,
-            "runs": costs.annotate(load_runs(repo.backend)),
+            "runs": annotate(load_runs(repo.backend)),
             **ranks_doc,
         }
         console.document(doc)

@@ -305,7 +305,7 @@ class Ledger:
             if a.resumed is None:
                 return ("unknown", (rc.run, a.number))
             return ("fresh", None) if a.resumed == "" else ("snap", a.resumed)
-        return ("unknown", (rc.run, None))
+        return ("loop", None)
 
     def _walk(
         self, a: AttemptCost, t: float, budget: float | None = None
@@ -330,7 +330,7 @@ class Ledger:
             if snap is None or found is None:
                 return root, offset, spans
             a, t = found, snap.moment
-        return ("unknown", None), offset, spans
+        return ("loop", None), offset, spans  # a crafted record: never the same root
 
     def _cost(self, rc: RunCosts, i: int, a: AttemptCost, lane: list[RunCosts]) -> None:
         if i > 0:
@@ -353,7 +353,7 @@ class Ledger:
         else:
             a.provisional = True
             root, offset = self._newest(lane)
-        if root == end_root:
+        if root == end_root and root[0] != "loop":
             a.lost = max(0.0, end_offset - offset)
             a.spans = self._walk(a, a.end, a.lost)[2]
 
@@ -398,34 +398,6 @@ def chain(ledger: Ledger, run: str, limit: int = 10) -> list[RunCosts]:
         out.append(rc)
         at = rc.continues
     return out[::-1]
-
-
-def annotate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The records as the JSON forms show them: every attempt with its
-    `outcome`, `lost_seconds` and `resume_seconds` as computed from all the
-    records, and the run's `costs` (failures, lost_seconds, resume_seconds)."""
-    ledger = Ledger(records)
-    out = []
-    for rec in records:
-        rc = ledger.runs.get(str(rec["run"]))
-        if rc is None:
-            out.append(rec)
-            continue
-        raws = [a for a in rec["attempts"] if isinstance(a, dict)]
-        attempts = [{**raw, **fields(a)} for raw, a in zip(raws, rc.attempts, strict=True)] + [
-            a for a in rec["attempts"] if not isinstance(a, dict)
-        ]
-        out.append({**rec, "attempts": attempts, "costs": rc.totals()})
-    return out
-
-
-def fields(a: AttemptCost) -> dict[str, Any]:
-    """An attempt's computed fields, as records and JSON forms carry them."""
-    return {
-        "outcome": a.outcome,
-        "lost_seconds": None if a.lost is None else round(a.lost, 3),
-        "resume_seconds": None if a.resume is None else round(a.resume, 3),
-    }
 
 
 def describe(totals: Mapping[str, Any]) -> str:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import math
 import os
 import re
 import threading
@@ -112,6 +113,52 @@ def changed_at(entries: Iterable[Entry], parent: Sequence[Entry] | None) -> floa
     old = {e.path: e.chunks for e in parent or () if e.type == "file"}
     times = [e.mtime_ns for e in entries if e.type == "file" and old.get(e.path) != e.chunks]
     return max(times) / 1e9 if times else None
+
+
+def annotate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records as the JSON forms show them: every attempt with its
+    `outcome`, `lost_seconds` and `resume_seconds` as computed from all the
+    records, and the run's `costs` (failures, lost_seconds, resume_seconds)."""
+    ledger = costs.Ledger(records)
+    out = []
+    for rec in records:
+        rc = ledger.runs.get(str(rec["run"]))
+        if rc is None:
+            out.append(rec)
+            continue
+        raws = [a for a in rec["attempts"] if isinstance(a, dict)]
+        attempts = [{**_finite(raw), **fields(a)} for raw, a in zip(raws, rc.attempts, strict=True)]
+        out.append({**_finite(rec), "attempts": attempts, "costs": rc.totals()})
+    return out
+
+
+def _finite(doc: Any) -> Any:
+    """A copy of doc (JSON values) with NaN and infinities as null: strict
+    JSON. Without recursion: a crafted record may nest as deep as the parser
+    let it."""
+    root: list[Any] = [doc]
+    stack: list[tuple[Any, Any]] = [(root, 0)]
+    while stack:
+        holder, key = stack.pop()
+        value = holder[key]
+        if isinstance(value, float) and not math.isfinite(value):
+            holder[key] = None
+        elif isinstance(value, dict):
+            holder[key] = mapping = dict(value)
+            stack.extend((mapping, k) for k in mapping)
+        elif isinstance(value, list):
+            holder[key] = items = list(value)
+            stack.extend((items, i) for i in range(len(items)))
+    return root[0]
+
+
+def fields(a: costs.AttemptCost) -> dict[str, Any]:
+    """An attempt's computed fields, as records and JSON forms carry them."""
+    return {
+        "outcome": a.outcome,
+        "lost_seconds": None if a.lost is None else round(a.lost, 3),
+        "resume_seconds": None if a.resume is None else round(a.resume, 3),
+    }
 
 
 def attempts_before(runs: list[dict[str, Any]], exclude: str = "", rank: int = 0) -> int:
@@ -242,8 +289,8 @@ class RunHistory:
         ledger = costs.Ledger([*self.earlier, self.record])
         mine = ledger.runs[self.record["run"]]
         for raw, a in zip(self.record["attempts"], mine.attempts, strict=True):
-            raw.update(lost_seconds=costs.fields(a)["lost_seconds"])
-            raw.update(resume_seconds=costs.fields(a)["resume_seconds"])
+            raw.update(lost_seconds=fields(a)["lost_seconds"])
+            raw.update(resume_seconds=fields(a)["resume_seconds"])
         self.record["costs"] = mine.totals()
 
     def preempted(self, notice: dict[str, Any]) -> None:

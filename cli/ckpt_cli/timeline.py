@@ -286,8 +286,8 @@ def terminal_lines(
     lines.append([(" " * LABEL, ""), ("".join(axis), "dim")])
     for r in runs:
         bar, marks, numbers = _lane(r, lay, cols, now)
-        lines.append([(r.run[: LABEL - 1].ljust(LABEL), "bold"), *bar])
-        lines.append([(f"on {r.host}"[: LABEL - 1].ljust(LABEL), "dim"), ("".join(numbers), "")])
+        lines.append([(_label(r.run), "bold"), *bar])
+        lines.append([(_label(f"on {r.host}"), "dim"), ("".join(numbers), "")])
         lines.append([(" " * LABEL, ""), *marks])
     lines.append(
         [

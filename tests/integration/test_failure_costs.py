@@ -14,7 +14,10 @@ an event, a scheduler's delay)."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from html.parser import HTMLParser
@@ -211,3 +214,105 @@ def test_lost_work_and_time_to_resume_of_two_failures_and_a_preemption(
 def _log_restored(log: list[dict[str, Any]], attempt: int) -> str:
     (restored,) = [e["restored"] for e in log if e["attempt"] == attempt and e["event"] == "start"]
     return str(restored)
+
+
+#: A record as ckpt wrote it before it recorded costs (no `ended`, `outcome`,
+#: `resumed` per attempt, no `snapshots`), its host carrying escapes and
+#: markup, as a crafted repository might.
+OLD = {
+    "format": "ckpt-run",
+    "version": 1,
+    "run": "20260101T000000-0a0a0a",
+    "host": "old\x1b]0;pwned\x07<b>[red]vm",
+    "pid": 7,
+    "started": 1767225600.0,
+    "ended": 1767225700.0,
+    "attempts": [
+        {
+            "number": 1,
+            "started": 1767225600.0,
+            "seconds": 40.0,
+            "exit": "exit code 75",
+            "status": 75,
+        },
+        {"number": 2, "started": 1767225650.0, "seconds": 50.0, "exit": "exit code 0", "status": 0},
+    ],
+    "preemption": None,
+    "exit_status": 0,
+    "outcome": "succeeded",
+}
+
+
+def test_an_old_record_is_listed_and_drawn_with_its_costs_unknown(
+    tmp_path: Path, remote: Path
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "state.txt").write_text("1")
+    ckpt_ok(["push", str(src), str(remote)], cwd=tmp_path)  # a repository, no run yet
+    (remote / "runs").mkdir()
+    (remote / "runs" / f"{OLD['run']}.json").write_text(json.dumps(OLD))
+
+    text = ckpt_ok(["ls", str(remote), "--runs"], cwd=tmp_path)
+    assert "1 failure, work lost unknown, time resuming unknown" in text.stdout, text.stdout
+    doc = json.loads(ckpt_ok(["ls", str(remote), "--json"], cwd=tmp_path).stdout)
+    (run,) = doc["runs"]
+    assert run["costs"] == {"failures": 1, "lost_seconds": None, "resume_seconds": None}
+    assert [a["outcome"] for a in run["attempts"]] == ["failed", "succeeded"]
+    shown = ckpt_ok(["timeline", str(remote)], cwd=tmp_path)
+    svg = ckpt_ok(["timeline", str(remote), "--out", str(tmp_path / "old.svg")], cwd=tmp_path)
+    for out in (text.stdout, text.stderr, shown.stdout, shown.stderr, svg.stdout, svg.stderr):
+        assert "\x1b" not in out and "\x07" not in out, out
+    assert "old\\x1b]0;pwned\\x07<b>[red]vm" in shown.stdout, shown.stdout
+    root = ET.parse(tmp_path / "old.svg").getroot()
+    words = " ".join(root.itertext())
+    assert "attempt 1:" in words and "attempt 2:" in words
+    assert "old\\x1b]0;pwned\\x07<b>[red]vm" in words  # escaped for XML, shown as text
+
+
+#: Logs like CHILD (with its pid), saves, then attempt 1 waits to be killed;
+#: a later attempt exits 0.
+WAITER = (
+    CHILD.split("    if n <= 2:", maxsplit=1)[0].replace(
+        '"t": time.time(),', '"t": time.time(), "pid": os.getpid(),'
+    )
+    + """
+    while n == 1:
+        time.sleep(0.05)
+    note("exit")
+"""
+)
+
+
+def test_a_run_killed_9_then_resumed_elsewhere_ends_at_its_last_sign_of_life(
+    spawn: Callable[..., Running], tmp_path: Path, ckpt_dir: Path, remote: Path
+) -> None:
+    """Run 1 saves, its save is durable, then ckpt and the child are killed
+    -9 (no end recorded). Run 2 restores it elsewhere: run 1's attempt is
+    `killed`, it ended between its save and the kill, so the work it lost
+    and run 2's time to resume lie within what the test saw."""
+    log = tmp_path / "child.log"
+    cmd = [*script(tmp_path, "waiter.py", WAITER), str(log)]
+    first = spawn([*run_args(ckpt_dir, remote), *cmd])
+    wait_for(lambda: _durable(remote, "state of attempt 1"), what="the save", proc=first)
+    wait_for(lambda: _runs(remote)[0]["snapshots"], what="the record of it", proc=first)
+    (child,) = {e["pid"] for e in _log(log)}
+    first.extra_pids.append(child)
+    killed_at = time.time()
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    os.kill(child, signal.SIGKILL)
+
+    second = run_ckpt([*run_args(tmp_path / "elsewhere", remote), *cmd], cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    saved, started = _at(_log(log), 1, "save"), _at(_log(log), 2, "start")
+    doc = json.loads(ckpt_ok(["ls", str(remote), "--json"], cwd=tmp_path).stdout)
+    before, after = doc["runs"]
+    (killed,) = before["attempts"]
+    (resumed,) = after["attempts"]
+    assert killed["outcome"] == "killed" and before["outcome"] is None
+    assert 0 <= killed["lost_seconds"] <= killed_at - saved + TOLERANCE, (killed, saved)
+    assert started - killed_at - TOLERANCE <= resumed["resume_seconds"], resumed
+    assert resumed["resume_seconds"] <= started - saved + TOLERANCE, (resumed, saved)
+    text = ckpt_ok(["ls", str(remote), "--runs"], cwd=tmp_path).stdout
+    assert "killed" in text.split("\n\n")[1], text
