@@ -510,9 +510,7 @@ def timeline(
     kind = None if out is None else timeline_file.kind_of(out.name)
     if out is not None:
         if kind is None:
-            raise ConfigError(
-                f"--out {out}: name a .html or .svg file (the format it is written in)"
-            )
+            raise ConfigError(f"--out {out}: name a .html or .svg file (the extension says which)")
         if not out.parent.is_dir():
             raise ConfigError(f"--out {out}: the directory {out.parent} does not exist")
         if out.is_dir():

@@ -61,9 +61,9 @@ def choose(
         [r for r in pool if r.run.startswith(run)] if len(run) >= 4 else []
     )
     if len(found) != 1:
-        what = "no recorded run" if not found else f"{len(found)} runs"
+        what = "no recorded run matches" if not found else f"{len(found)} runs match"
         raise ConfigError(
-            f"--run {console.clean(run)}: {what} match (give an id from `ckpt ls --runs`, "
+            f"--run {console.clean(run)}: {what} (give an id from `ckpt ls --runs`, "
             "or 4+ of its first characters)"
         )
     return ledger, costs.chain(ledger, found[0].run, MAX_RUNS)
@@ -112,8 +112,6 @@ class Layout:
             self.pieces.append(Piece(t0, t1, x, x + w, idle))
             x += w
         self.start = merged[0][0]
-        self.end = merged[-1][1]
-        self.width = width
         self.per_second = per_second
 
     def x(self, t: float) -> float:
@@ -252,6 +250,20 @@ COLUMNS = (
 # ---------------------------------------------------------------- the terminal
 
 LABEL = 24  # columns of the label beside each run
+#: The terminal chart's marks: glyph, colour, words, and the outcome an
+#: attempt must have had for it to be shown ("": always).
+LEGEND = (
+    ("█", BLUE, "attempt", ""),
+    ("▒", VERMILLION, "work lost", ""),
+    ("·", GREY, "resuming", ""),
+    ("▴", GREEN, "snapshot", ""),
+    ("!", ORANGE, "preemption notice", ""),
+    ("✗", VERMILLION, "failure", ""),
+    ("✗", ORANGE, "preempted", "preempted"),
+    ("✓", GREEN, "success", ""),
+    ("■", PURPLE, "stopped", "stopped"),
+    ("►", BLUE, "running", "running"),
+)
 
 
 def show(runs: list[costs.RunCosts], now: float, width: int) -> None:
@@ -264,9 +276,7 @@ def show(runs: list[costs.RunCosts], now: float, width: int) -> None:
 Segments = list[tuple[str, str]]
 
 
-def terminal_lines(
-    runs: list[costs.RunCosts], now: float, width: int
-) -> list[list[tuple[str, str]]]:
+def terminal_lines(runs: list[costs.RunCosts], now: float, width: int) -> list[Segments]:
     """The chart as lines of (text, style) segments."""
     cols = max(30, min(width, 200) - LABEL - 1)
     lay = Layout(runs, now, cols - 1, 3)
@@ -289,27 +299,12 @@ def terminal_lines(
         lines.append([(_label(r.run), "bold"), *bar])
         lines.append([(_label(f"on {r.host}"), "dim"), ("".join(numbers), "")])
         lines.append([(" " * LABEL, ""), *marks])
-    lines.append(
-        [
-            ("legend: ", "dim"),
-            ("█", BLUE),
-            (" running  ", ""),
-            ("▒", VERMILLION),
-            (" work lost  ", ""),
-            ("·", GREY),
-            (" resuming  ", ""),
-            ("▴", GREEN),
-            (" snapshot  ", ""),
-            ("!", ORANGE),
-            (" preemption notice  ", ""),
-            ("✗", VERMILLION),
-            (" failure  ", ""),
-            ("✗", ORANGE),
-            (" preempted  ", ""),
-            ("✓", GREEN),
-            (" success", ""),
-        ]
-    )
+    ended = {a.outcome or "running" for r in runs for a in r.attempts}
+    legend: Segments = [("legend: ", "dim")]
+    for glyph, style, words, only in LEGEND:
+        if not only or only in ended:
+            legend += [(glyph, style), (f" {words}  ", "")]
+    lines.append(legend)
     return lines
 
 
