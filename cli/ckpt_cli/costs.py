@@ -227,6 +227,12 @@ class Ledger:
         self._by_key: dict[tuple[str, int | None], AttemptCost] = {}
         self._single: dict[str, bool] = {}
         self._lanes: dict[int, list[RunCosts]] = {}
+        #: Per run: its newest snapshot of each attempt number.
+        self._last: dict[str, dict[int | None, str]] = {}
+        #: The run that followed each run (same rank, with attempts).
+        self._follower: dict[str, RunCosts] = {}
+        #: Where each attempt's start stands (see `_start`), by id().
+        self._starts: dict[int, tuple[tuple[str, Any], float]] = {}
         for rec in records:
             self._add(rec)
         for lane in self._lanes.values():
@@ -267,6 +273,7 @@ class Ledger:
         _moments(rc.snapshots, by_number)
         for s in rc.snapshots:
             self._snaps.setdefault(s.id, s)
+        self._last[run] = {s.attempt: s.id for s in rc.snapshots}
         self._lanes.setdefault(rc.rank, []).append(rc)
 
     def _link(self, lane: list[RunCosts]) -> None:
@@ -275,6 +282,7 @@ class Ledger:
         attempt without an end whose run was followed was killed."""
         active = [rc for rc in lane if rc.attempts]
         for before, after in itertools.pairwise(active):
+            self._follower[before.run] = after
             last = before.attempts[-1]
             if last.outcome is None:
                 last.outcome, last.end_seen = "killed", True
@@ -295,9 +303,9 @@ class Ledger:
             a = rc.attempts[i]
             if i > 0 and self._single[rc.run]:
                 before = rc.attempts[i - 1]
-                taken = [s for s in rc.snapshots if s.attempt == before.number]
-                if taken:
-                    return ("snap", taken[-1].id)
+                taken = self._last[rc.run].get(before.number)
+                if taken is not None:
+                    return ("snap", taken)
                 if rc.dropped and (not rc.snapshots or _before(before, rc.snapshots[0])):
                     return ("unknown", (rc.run, a.number))  # its snapshots were dropped
                 i -= 1
@@ -307,30 +315,66 @@ class Ledger:
             return ("fresh", None) if a.resumed == "" else ("snap", a.resumed)
         return ("loop", None)
 
-    def _walk(
-        self, a: AttemptCost, t: float, budget: float | None = None
-    ) -> tuple[tuple[str, Any], float, list[tuple[str, int | None, float, float]]]:
-        """The position of time t of attempt a: (root, offset) with offset the
-        training time since root (fresh, or the first state not known); and,
-        with budget, the stretches that make up its last `budget` seconds."""
-        offset = 0.0
+    def _start(self, a: AttemptCost) -> tuple[tuple[str, Any], float]:
+        """Where attempt a's start stands: (root, offset), offset the training
+        time since root (a fresh start, or the first state no record knows).
+        Each attempt's is worked out once: going back from state to state,
+        a long history is walked once, not once per failure."""
+        path: list[tuple[AttemptCost, float]] = []  # attempts and what their state adds
+        seen: set[int] = set()
+        cur = a
+        base: tuple[tuple[str, Any], float] | None = None
+        while id(cur) not in self._starts:
+            if id(cur) in seen or len(path) >= _WALK_LIMIT:
+                base = (("loop", None), 0.0)  # a crafted record: never the same root
+                break
+            seen.add(id(cur))
+            root = self._state(self.runs[cur.run], cur.index)
+            snap = self._snaps.get(root[1]) if root[0] == "snap" else None
+            owner = None if snap is None else self._by_key.get((snap.run, snap.attempt))
+            if snap is None or owner is None:
+                base = (root, 0.0)
+                break
+            if owner.start is None:
+                base = (("unknown", (owner.run, owner.number, snap.moment)), 0.0)
+                break
+            path.append((cur, max(snap.moment, owner.start) - owner.start))
+            cur = owner
+        if base is None:
+            base = self._starts[id(cur)]
+        else:
+            self._starts[id(cur)] = base
+        for att, adds in reversed(path):
+            base = (base[0], base[1] + adds) if base[0][0] != "loop" else base
+            self._starts[id(att)] = base
+        return self._starts[id(a)]
+
+    def _at(self, a: AttemptCost, t: float) -> tuple[tuple[str, Any], float]:
+        """Where time t of attempt a stands (see `_start`)."""
+        if a.start is None:
+            return ("unknown", (a.run, a.number, t)), 0.0
+        root, offset = self._start(a)
+        return root, offset + max(0.0, t - a.start)
+
+    def _spans(
+        self, a: AttemptCost, t: float, budget: float
+    ) -> list[tuple[str, int | None, float, float]]:
+        """The stretches of attempts (run, number, t0, t1) that make up the
+        last `budget` seconds of training before time t of attempt a."""
         spans: list[tuple[str, int | None, float, float]] = []
         for _ in range(_WALK_LIMIT):
-            if a.start is None:
-                return ("unknown", (a.run, a.number, t)), offset, spans
+            if a.start is None or budget <= 0:
+                break
             t = max(t, a.start)
-            if budget is not None and budget > offset:
-                spans.append((a.run, a.number, max(a.start, t - (budget - offset)), t))
-            offset += t - a.start
+            spans.append((a.run, a.number, max(a.start, t - budget), t))
+            budget -= t - a.start
             root = self._state(self.runs[a.run], a.index)
-            if root[0] != "snap":
-                return root, offset, spans
-            snap = self._snaps.get(root[1])
-            found = None if snap is None else self._by_key.get((snap.run, snap.attempt))
-            if snap is None or found is None:
-                return root, offset, spans
-            a, t = found, snap.moment
-        return ("loop", None), offset, spans  # a crafted record: never the same root
+            snap = self._snaps.get(root[1]) if root[0] == "snap" else None
+            owner = None if snap is None else self._by_key.get((snap.run, snap.attempt))
+            if snap is None or owner is None:
+                break
+            a, t = owner, snap.moment
+        return spans
 
     def _cost(self, rc: RunCosts, i: int, a: AttemptCost, lane: list[RunCosts]) -> None:
         if i > 0:
@@ -344,26 +388,26 @@ class Ledger:
             k.followed_by = a
         if not a.failure or a.end is None or not rc.recorded:
             return
-        end_root, end_offset, _ = self._walk(a, a.end)
-        nxt = self._next(rc, i, lane)
+        end_root, end_offset = self._at(a, a.end)
+        nxt = self._next(rc, i)
         if nxt is not None:
             if nxt.start is None:
                 return
-            root, offset, _ = self._walk(nxt, nxt.start)
+            root, offset = self._start(nxt)
         else:
             a.provisional = True
             root, offset = self._newest(lane)
         if root == end_root and root[0] != "loop":
             a.lost = max(0.0, end_offset - offset)
-            a.spans = self._walk(a, a.end, a.lost)[2]
+            a.spans = self._spans(a, a.end, a.lost)
 
-    def _next(self, rc: RunCosts, i: int, lane: list[RunCosts]) -> AttemptCost | None:
+    def _next(self, rc: RunCosts, i: int) -> AttemptCost | None:
         """The attempt after attempt i of rc: in rc, else the first of the
-        run that followed rc."""
+        run that continued rc."""
         if i + 1 < len(rc.attempts):
             return rc.attempts[i + 1]
-        later = [r for r in lane if r.started > rc.started and r.attempts]
-        return later[0].attempts[0] if later and later[0].continues == rc.run else None
+        after = self._follower.get(rc.run)
+        return after.attempts[0] if after is not None and after.continues == rc.run else None
 
     def _newest(self, lane: list[RunCosts]) -> tuple[tuple[str, Any], float]:
         """The position of what a new run would restore: the newest snapshot
@@ -374,8 +418,7 @@ class Ledger:
         owner = self._by_key.get((newest.run, newest.attempt))
         if owner is None:
             return ("snap", newest.id), 0.0
-        root, offset, _ = self._walk(owner, newest.moment)
-        return root, offset
+        return self._at(owner, newest.moment)
 
 
 def _before(a: AttemptCost, s: Snap) -> bool:

@@ -48,6 +48,9 @@ MAX_RECORD = 1 << 20
 MAX_SNAPSHOTS = 1000
 #: Seconds between rewrites of a running record (its `seen`) at most.
 ALIVE = 30.0
+#: Earlier runs a run reads to know what its failures cost as it goes: the
+#: one it may continue, and what that one restored (`ckpt ls` reads all).
+EARLIER = 5
 
 
 def run_key(run_id: str) -> str:
@@ -161,6 +164,11 @@ def fields(a: costs.AttemptCost) -> dict[str, Any]:
     }
 
 
+def _rank(record: dict[str, Any]) -> int:
+    rank = record.get("rank")
+    return rank if isinstance(rank, int) and not isinstance(rank, bool) else 0
+
+
 def attempts_before(runs: list[dict[str, Any]], exclude: str = "", rank: int = 0) -> int:
     """How many attempts the recorded runs (but `exclude`) of this rank made
     (records without a rank are single-node runs: rank 0)."""
@@ -183,9 +191,11 @@ class RunHistory:
     ) -> None:
         self.backend = backend
         self.key = run_key(run_id)
-        #: The records of the runs before this one (`load_runs`): a failed one
-        #: this run continues makes its first attempt a relaunch.
-        self.earlier = [r for r in earlier if r.get("run") != run_id]
+        #: The records of the runs before this one of its rank (`load_runs`),
+        #: the newest EARLIER that made attempts: a failed one this run
+        #: continues makes its first attempt a relaunch. (`ckpt ls` reads all.)
+        lane = [r for r in earlier if _rank(r) == (rank or 0) and r.get("run") != run_id]
+        self.earlier = [r for r in lane if r.get("attempts")][-EARLIER:]
         self.record: dict[str, Any] = {
             "format": FORMAT,
             "version": VERSION,
