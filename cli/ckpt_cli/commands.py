@@ -1,4 +1,4 @@
-"""The one-shot commands: restore, push, ls, commit, signal. Each returns an
+"""The one-shot commands: restore, push, ls, timeline, commit, signal. Each returns an
 exit status; a command's output (tables, --json) goes to stdout, ckpt's own
 lines through `console`. The commands that look after a repository (show,
 diff, verify, gc) are in `operate`.
@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from ckpt._contract import ExitCode
-from ckpt_cli import config, console
+from ckpt_cli import config, console, costs
 from ckpt_cli.errors import CkptError, ConfigError
-from ckpt_cli.history import load_runs
+from ckpt_cli.history import annotate, load_runs
 from ckpt_cli.lease import DEFAULT_TTL, Heartbeat
 from ckpt_cli.manifest import Manifest
 from ckpt_cli.remote import open_backend
@@ -271,7 +271,7 @@ def ls(
             "remote": remote,
             "rehashed": False,  # chunks checked by one listing: see NOT_REHASHED
             "snapshots": rows,
-            "runs": load_runs(repo.backend),
+            "runs": annotate(load_runs(repo.backend)),
             **ranks_doc,
         }
         console.document(doc)
@@ -388,6 +388,10 @@ LS_RUNS = 20
 
 
 def _runs_table(runs: list[dict[str, Any]]) -> None:
+    """One row per run, its costs in the last column; then, if any shown run
+    failed, one row per failure: when, how, the work lost, the time until
+    the next attempt started."""
+    ledger = costs.Ledger(runs)
     shown = runs[-LS_RUNS:]
     more = len(runs) - len(shown)
     if more:
@@ -395,6 +399,7 @@ def _runs_table(runs: list[dict[str, Any]]) -> None:
             f"the newest {len(shown)} of {console.plural(len(runs), 'run')} (--json for all)"
         )
     table: list[list[str]] = []
+    failures: list[list[str]] = []
     for r in shown:
         attempts = r["attempts"]
         numbers = [a.get("number") for a in attempts]
@@ -408,6 +413,7 @@ def _runs_table(runs: list[dict[str, Any]]) -> None:
         exits = ", ".join(str(a.get("exit") or "running?") for a in attempts) or "-"
         pre = r.get("preemption") or {}
         preempted = f"{pre.get('cloud', '?')} {pre.get('action', '')}".strip() if pre else ""
+        rc = ledger.runs[str(r["run"])]
         table.append(
             [
                 str(r["run"]),
@@ -417,10 +423,34 @@ def _runs_table(runs: list[dict[str, Any]]) -> None:
                 exits,
                 preempted,
                 str(r.get("outcome") or "running or killed"),
+                costs.describe(rc.totals()),
             ]
         )
-    cols = ("run", "host", "started", "attempts", "exits", "preemption", "outcome")
+        failures += [_failure_row(rc, a) for a in rc.attempts if a.failure]
+    cols = ("run", "host", "started", "attempts", "exits", "preemption", "outcome", "cost")
     console.table(cols, table)
+    if failures:
+        console.out([""])
+        console.table(
+            ("run", "attempt", "ended", "exit", "outcome", "work lost", "resumed after"),
+            failures,
+            right=("attempt", "work lost", "resumed after"),
+        )
+
+
+def _failure_row(rc: costs.RunCosts, a: costs.AttemptCost) -> list[str]:
+    """A failure: the work it lost, and how long until the next attempt
+    started ("-": none has yet). A killed run's end is its last sign of life."""
+    resumed = "-" if a.followed_by is None else _seconds(a.followed_by.resume)
+    lost = _seconds(a.lost)
+    ended = "?" if a.end is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(a.end))
+    if a.end_seen:
+        ended = f"after {ended}"
+    return [rc.run, str(a.number or "?"), ended, a.exit or "-", str(a.outcome), lost, resumed]
+
+
+def _seconds(value: float | None) -> str:
+    return "unknown" if value is None else costs.duration(value)
 
 
 def _snapshot_table(rows: list[dict[str, Any]]) -> None:
@@ -459,6 +489,57 @@ def _age(seconds: float) -> str:
         if seconds >= size:
             return f"{seconds / size:.0f}{unit} ago"
     return f"{seconds:.0f}s ago"
+
+
+# ---------------------------------------------------------------- timeline
+
+
+def timeline(
+    remote: str,
+    options: dict[str, Any],
+    *,
+    run: str | None = None,
+    out: Path | None = None,
+    rank: int | None = None,
+) -> int:
+    """Draw a run and the failed runs it continued: in the terminal, or as
+    one self-contained SVG or HTML file (`out`, by its extension)."""
+    from ckpt_cli import timeline as chart
+    from ckpt_cli import timeline_file
+
+    kind = None if out is None else timeline_file.kind_of(out.name)
+    if out is not None:
+        if kind is None:
+            raise ConfigError(f"--out {out}: name a .html or .svg file (the extension says which)")
+        if not out.parent.is_dir():
+            raise ConfigError(f"--out {out}: the directory {out.parent} does not exist")
+        if out.is_dir():
+            raise ConfigError(f"--out {out} is a directory: name a .html or .svg file in it")
+    repo = open_existing(remote, options)
+    records = load_runs(repo.backend) if repo is not None else []
+    if not records:
+        console.info(f"{remote} has no run history yet (only `ckpt run` writes one)")
+        return ExitCode.OK
+    _, runs = chart.choose(records, run, rank)
+    now = time.time()
+    if out is None or kind is None:
+        chart.show(runs, now, console.width())
+        return ExitCode.OK
+    text = timeline_file.render(runs, now, kind)
+    tmp = out.with_name(f".{out.name}.ckpt-{secrets.token_hex(4)}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise ConfigError(f"--out {out}: {exc.strerror or exc}") from None
+    attempts = sum(len(r.attempts) for r in runs)
+    console.info(
+        f"timeline of {console.plural(len(runs), 'run')} "
+        f"({console.plural(attempts, 'attempt')}) written to {out}"
+    )
+    return ExitCode.OK
 
 
 #: The largest step the control socket takes (a manifest's bound too).

@@ -302,3 +302,29 @@ def fmt_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def chart(lines: Iterable[Sequence[tuple[str, str]]], *, width: int | None = None) -> None:
+    """Styled lines (`ckpt timeline`) on stdout: each line is (text, style)
+    segments, every text cleaned and taken as plain text (never markup), a
+    style a rich style string; colours only on a terminal (and not with
+    NO_COLOR). One line stays one line (no wrapping)."""
+    rendered = []
+    for segments in lines:
+        line = Text(no_wrap=True, overflow="crop")
+        for text, style in segments:
+            line.append(clean(text), style=style or "")
+        rendered.append(line)
+    with _lock:
+        c = _Console(
+            soft_wrap=True, highlight=False, no_color="NO_COLOR" in os.environ, width=width
+        )
+        for line in rendered:
+            c.print(line)
+
+
+def width() -> int:
+    """The columns of the terminal stdout goes to (100 off a terminal)."""
+    import shutil
+
+    return shutil.get_terminal_size((100, 24)).columns if sys.stdout.isatty() else 100

@@ -68,7 +68,17 @@ EVENTS: dict[str, tuple[str, ...]] = {
     "preemption": ("cloud", "action", "deadline", "detail"),
     "stop": ("signal",),
     "give_up": ("status", "reason"),
-    "end": ("status", "outcome", "attempts", "snapshots", "bytes_uploaded", "last_snapshot"),
+    "end": (
+        "status",
+        "outcome",
+        "attempts",
+        "snapshots",
+        "bytes_uploaded",
+        "last_snapshot",
+        "failures",
+        "lost_seconds",
+        "resume_seconds",
+    ),
 }
 
 

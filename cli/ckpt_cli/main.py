@@ -583,6 +583,56 @@ def ls_cmd(
     raise typer.Exit(status[0])
 
 
+@app.command("timeline")
+def timeline_cmd(
+    remote_arg: RemoteArg = None,
+    run: Annotated[
+        str | None,
+        typer.Option(
+            "--run",
+            metavar="ID",
+            show_default=False,
+            help="The run to draw: its id or 4+ of its first characters (default: the newest).",
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            metavar="FILE",
+            show_default=False,
+            help="Write one self-contained .html or .svg file instead of drawing in the terminal.",
+        ),
+    ] = None,
+    remote: RemoteOpt = None,
+    dir: DirOpt = None,
+    storage_option: StorageOpt = None,
+    rank: Annotated[
+        int | None,
+        typer.Option(min=0, show_default=False, help="The newest run of this rank (multi-node)."),
+    ] = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Draw a run on a time axis: attempts as bars, snapshots as ticks, preemption
+    notices and failures as marks, the work each failure lost shaded, the time
+    to resume dotted; with the failed runs it continued (a preempted run before
+    its successor), and a table of the attempts. --out FILE writes it as one
+    HTML or SVG file to attach to a bug report (nothing in it is fetched).
+
+    Example: ckpt timeline (the newest run of the remote `ckpt run` uses here),
+    ckpt timeline s3://b/run --out timeline.html
+    """
+    console.configure(verbose=verbose)
+    with error_funnel() as status:
+        from ckpt_cli import commands
+
+        where = _reader("timeline", remote_arg, remote, dir, storage_option)
+        status[0] = commands.timeline(
+            where.remote, where.storage_options, run=run, out=out, rank=rank
+        )
+    raise typer.Exit(status[0])
+
+
 SnapshotOpt = Annotated[
     str | None,
     typer.Option(

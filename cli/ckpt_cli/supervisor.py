@@ -29,10 +29,11 @@ from ckpt_cli import control as control_registry
 from ckpt_cli.child import Child, Guardian, catches_signal, ckpt_executable
 from ckpt_cli.config import RunConfig, wait_limit
 from ckpt_cli.control import ControlServer
+from ckpt_cli.costs import attempt_outcome
 from ckpt_cli.errors import CkptError, RemoteError, Stopped
 from ckpt_cli.events import EventLog
 from ckpt_cli.formats import Registry
-from ckpt_cli.history import RunHistory, attempts_before, load_runs
+from ckpt_cli.history import RunHistory, attempts_before, changed_at, load_runs
 from ckpt_cli.lease import Heartbeat, LeaseLostError
 from ckpt_cli.manifest import Manifest
 from ckpt_cli.policy import ChildExit, Decision, decide, signal_name
@@ -66,6 +67,8 @@ FLUSH_SHOWN = 1.0
 #: service (a machine already under notice launches nothing). Azure's first
 #: call may take minutes: the launch does not wait for that.
 FIRST_POLL_WAIT = 3.0
+#: The `end` event's cost fields when the run ended before its history began.
+NO_COSTS = {"failures": None, "lost_seconds": None, "resume_seconds": None}
 
 
 @dataclasses.dataclass
@@ -139,6 +142,7 @@ class Supervisor:
                 snapshots=None,
                 bytes_uploaded=None,
                 last_snapshot=None,
+                **(self.history.costs() if self.history is not None else NO_COSTS),
             )
             raise
         finally:
@@ -228,10 +232,10 @@ class Supervisor:
 
     def _run_holding(self, repo: Repository) -> int:
         cfg = self.cfg
+        earlier: list[dict[str, Any]] = []
         try:
-            self.attempt = attempts_before(
-                load_runs(repo.backend), exclude=self.run_id, rank=cfg.rank
-            )
+            earlier = load_runs(repo.backend)
+            self.attempt = attempts_before(earlier, exclude=self.run_id, rank=cfg.rank)
         except RemoteError as exc:
             console.warn(f"run history not read ({exc}): CKPT_ATTEMPT counts this run only")
         snapshotter = Snapshotter(
@@ -310,6 +314,7 @@ class Supervisor:
             self.run_id,
             on_error=console.warn,
             rank=cfg.rank if cfg.world_size > 1 else None,
+            earlier=earlier,
         )
         history.start()
         try:
@@ -376,6 +381,7 @@ class Supervisor:
             snapshots=worker.stats.snapshots,
             bytes_uploaded=worker.stats.bytes_uploaded,
             last_snapshot=last.id if last else None,
+            **history.costs(),
         )
         self.events.close()
         history.finish(status, outcome)
@@ -486,7 +492,7 @@ class Supervisor:
                 "child env: "
                 + " ".join(f"{k}={v}" for k, v in sorted(env.items()) if k.startswith("CKPT_"))
             )
-            history.attempt_started(self.attempt)
+            history.attempt_started(self.attempt, resumed=restored)
             child = Child(cfg.command, env)
             self.child = child
             guardian.protect(child.pgid)
@@ -495,6 +501,7 @@ class Supervisor:
             )
             self.events.emit("launch", attempt=self.attempt, pid=child.pid)
             ex = self._wait(child, watcher, worker)
+            exited = time.time()
             if left := child.stop_leftovers(min(cfg.grace, 10.0), self._exclude):
                 console.info(
                     f"stopped {console.plural(left, 'process', 'processes')} the child left behind"
@@ -502,7 +509,16 @@ class Supervisor:
             guardian.protect(0)
             elapsed = time.monotonic() - child.started
             self.attempts.append(Attempt(self.attempt, ex, elapsed))
-            history.attempt_ended(self.attempt, ex.status, ex.describe(), elapsed)
+            history.attempt_ended(
+                self.attempt,
+                ex.status,
+                ex.describe(),
+                elapsed,
+                ended=exited,
+                outcome=attempt_outcome(
+                    ex.status, preempted=self._preempted(), stopped=self.stop_signal is not None
+                ),
+            )
             self.events.emit(
                 "exit",
                 attempt=self.attempt,
@@ -1063,6 +1079,9 @@ class Supervisor:
             return
         if result.new_bytes and result.seconds > 0:
             self._rate = result.new_bytes / result.seconds
+        if self.history is not None:  # its state is the moment ckpt began reading it
+            changed = changed_at(m.entries, result.parent.entries if result.parent else None)
+            self.history.snapshot_taken(m.id, m.attempt, time.time() - result.seconds, changed)
         self.events.emit(
             "snapshot",
             snapshot=m.id,
