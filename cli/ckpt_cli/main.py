@@ -100,6 +100,15 @@ def run(
     ] = None,
     storage_option: StorageOpt = None,
     retries: Annotated[int, typer.Option(min=0, help="Relaunches after recoverable exits.")] = 3,
+    crash_loop: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            metavar="N",
+            help="After N failures in a row right after a restore (no newer snapshot), mark "
+            "that snapshot suspect and relaunch on the one before it; 0: off.",
+        ),
+    ] = 2,
     retry_on: Annotated[
         str,
         typer.Option(
@@ -384,10 +393,15 @@ def ls_cmd(
     """List snapshots, newest first (or, with --runs, the runs that wrote them).
 
     Each row: id, generation, time, age, files, size, bytes new in it, attempt,
-    host and state. "newest" marks the snapshot `ckpt restore` and `ckpt run`
-    start from (the newest complete one); "damaged" ones (a manifest that does
-    not parse, chunks missing from the one listing of chunks/) are skipped by
-    them; `ckpt verify --full` also re-hashes chunks. There is no "kept" mark:
+    host, checks and state. checks: verified (no file was in progress when it
+    was taken), unverified (taken anyway after the settle timeout) or "-"
+    (taken before ckpt checked). "newest" marks the snapshot `ckpt restore`
+    and `ckpt run` start from (the newest complete one that is verified or
+    unchecked and not suspect); "damaged" ones (a manifest that does not
+    parse, chunks missing from the one listing of chunks/) are skipped by
+    them, unverified ones and those the crash-loop guard marked "suspect"
+    only used when nothing else can be (`ckpt unsuspect` clears a mark);
+    `ckpt verify --full` also re-hashes chunks. There is no "kept" mark:
     --keep is a flag of each writer (`ckpt run`, `push`), not stored, so every
     snapshot listed is one the last retention kept; `ckpt gc --keep N
     --dry-run` shows what N would drop. An empty location lists nothing (exit 0).
@@ -401,6 +415,25 @@ def ls_cmd(
         from ckpt_cli import commands
 
         status[0] = commands.ls(remote, json_out, storage_option or [], runs=runs, rank=rank)
+    raise typer.Exit(status[0])
+
+
+@app.command("unsuspect")
+def unsuspect_cmd(
+    remote: RemoteArg,
+    snapshot: Annotated[str, typer.Argument(help="Snapshot id, unique id prefix or generation.")],
+    storage_option: StorageOpt = None,
+) -> None:
+    """Clear the crash-loop guard's mark of a snapshot, so that `ckpt restore`
+    and `ckpt run` may pick it again (`ckpt ls` shows the marks). A
+    snapshot without a mark is left as it is.
+
+    Example: ckpt unsuspect s3://b/run 12
+    """
+    with error_funnel() as status:
+        from ckpt_cli import commands
+
+        status[0] = commands.unsuspect(remote, snapshot, storage_option or [])
     raise typer.Exit(status[0])
 
 
@@ -466,8 +499,10 @@ def verify_cmd(
     storage_option: StorageOpt = None,
 ) -> None:
     """Check that every manifest parses and every chunk it names exists (one
-    listing); --full also re-hashes every chunk. Damaged snapshots are listed
-    with what is wrong, and the exit status is 65.
+    listing), and that every stored file and checkpoint directory passes its
+    format check (reading only the chunks the check needs, each verified by
+    its hash); --full also re-hashes every chunk. Damaged snapshots are
+    listed with what is wrong, and the exit status is 65.
 
     Example: ckpt verify s3://b/run --full
     """
