@@ -330,12 +330,18 @@ def repair_dir(
     except OSError as exc:
         warn(f"could not look for torn files in {root}: {exc.strerror or exc}")
         return Repaired()
+    trusted = trusted_files(parent)
     torn, whole_dirs = find_torn(
         root,
         entries,
         registry=registry,
-        trusted=trusted_files(parent),
+        trusted=trusted,
         changed=changed_since(entries, parent),
+    )
+    looked = sum(1 for le in entries if (le.path, le.size, le.mtime_ns) not in trusted)
+    console.debug(
+        f"looked for torn files in {root}: {looked} of {len(entries)} entries checked, "
+        f"{len(torn)} torn{': ' + ', '.join(t.path for t in torn) if torn else ''}"
     )
     if not torn:
         return Repaired()
