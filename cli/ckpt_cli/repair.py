@@ -192,8 +192,7 @@ def candidates(repo: Repository) -> Iterator[tuple[SnapshotRef, Manifest]]:
 def _put_back(repo: Repository, root: Path, torn: Torn, m: Manifest, kept: Path) -> None:
     """Materialise torn.path from m into a staging dir inside root, move the
     torn one into kept, rename the whole one into place. Raises
-    (ChunkError, ManifestError, OSError) with the torn one still in place
-    unless the last rename failed (then it is in kept)."""
+    (ChunkError, ManifestError, OSError) with the torn one in place."""
     if torn.type == "dir":
         inside = f"{torn.path}/"
         entries = tuple(e for e in m.entries if e.path == torn.path or e.path.startswith(inside))
@@ -205,14 +204,23 @@ def _put_back(repo: Repository, root: Path, torn: Torn, m: Manifest, kept: Path)
         aside = kept / torn.path
         aside.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         here = root / torn.path
+        moved = False
         if torn.type == "file":
             try:
                 os.link(here, aside, follow_symlinks=False)  # both names: then one rename
             except OSError:
                 os.rename(here, aside)
+                moved = True
         else:
             os.rename(here, aside)
-        os.rename(staging / torn.path, here)
+            moved = True
+        try:
+            os.rename(staging / torn.path, here)
+        except OSError:
+            if moved:  # the torn one goes back where it was: nothing missing
+                with contextlib.suppress(OSError):
+                    os.rename(aside, here)
+            raise
     finally:
         remove_tree(staging)
 

@@ -896,13 +896,6 @@ def iter_manifests(repo: Repository) -> Iterator[tuple[SnapshotRef, Manifest | M
             yield ref, exc
 
 
-def pick_manifest(repo: Repository) -> Manifest | None:
-    """The snapshot a restore uses (`pick`), by its manifest (its chunks are
-    not checked): what `ckpt run` compares --dir with."""
-    found = pick(iter_manifests(repo), repo.suspect_keys())
-    return None if found is None else found[1]
-
-
 def newest_manifest(repo: Repository) -> Manifest | None:
     """The newest snapshot whose manifest loads (its chunks are not checked)."""
     for _ref, m in iter_manifests(repo):

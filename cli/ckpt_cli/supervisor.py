@@ -63,6 +63,9 @@ NOTICE_GRACE_SHARE = 1 / 3
 #: service (a machine already under notice launches nothing). Azure's first
 #: call may take minutes: the launch does not wait for that.
 FIRST_POLL_WAIT = 3.0
+#: Snapshots of this run the crash-loop guard remembers (the newest): a
+#: streak has no snapshot taken while its attempts ran, so it needs few.
+SNAPS_KEPT = 1000
 
 
 @dataclasses.dataclass
@@ -113,7 +116,8 @@ class Supervisor:
         #: by), the snapshot it rolled back to (the next launch's CKPT_RESTORED)
         #: and the rollbacks done (for the summary).
         self._guard = crashloop.Guard(cfg.crash_loop)
-        self._snaps: list[crashloop.Snap] = []
+        self._snaps: list[crashloop.Snap] = []  # the newest SNAPS_KEPT (any thread appends)
+        self._snaps_lock = threading.Lock()
         self._rolled_back: Manifest | None = None
         self._rollbacks: list[str] = []
 
@@ -535,7 +539,7 @@ class Supervisor:
                 exited=exited,
                 failed=True,
                 status=ex.describe(),
-                snaps=self._snaps,
+                snaps=self._taken(),
             )
             if loop is not None:
                 self._roll_back(repo, snapshotter, worker, watcher, loop)
@@ -595,6 +599,11 @@ class Supervisor:
         if not done.empty:
             self._report_repair(done)
 
+    def _taken(self) -> list[crashloop.Snap]:
+        """The snapshots this run took (the newest SNAPS_KEPT), oldest first."""
+        with self._snaps_lock:
+            return list(self._snaps)
+
     def _report_repair(self, done: Repaired) -> None:
         self.events.emit("repair", **done.event())
 
@@ -615,22 +624,27 @@ class Supervisor:
         req = worker.request("exit")
         req.wait(wait_limit(cfg.flush_timeout))
         ids = list(loop.suspect)
-        base = repo.find(ids[0])
-        made = req.manifest
-        # Made by this request: the newest this run took, and newer than S.
-        newest = self._snaps[-1].id if self._snaps else None
-        later = made is not None and base is not None and made.generation > base.generation
-        if made is not None and later and made.id not in ids and made.id == newest:
-            ids.append(made.id)
-        refs = [r for i in ids if (r := repo.find(i)) is not None and r.stream == repo.stream]
         failed = ", ".join(map(str, loop.attempts))
-        if base is None or base.stream != repo.stream:
-            console.warn(
-                f"crash loop: attempts {failed} failed right after a restore of snapshot "
-                f"{ids[0]}, which is gone from {repo.display}: nothing to roll back"
-            )
+        try:
+            base = repo.find(ids[0])
+            made = req.manifest
+            # Made by this request: the newest this run took, and newer than S.
+            taken = self._taken()
+            newest = taken[-1].id if taken else None
+            later = made is not None and base is not None and made.generation > base.generation
+            if made is not None and later and made.id not in ids and made.id == newest:
+                ids.append(made.id)
+            refs = [r for i in ids if (r := repo.find(i)) is not None and r.stream == repo.stream]
+            if base is None or base.stream != repo.stream:
+                console.warn(
+                    f"crash loop: attempts {failed} failed right after a restore of snapshot "
+                    f"{ids[0]}, which is gone from {repo.display}: nothing to roll back"
+                )
+                return
+            target = rollback_target(repo, base, {r.key for r in refs})
+        except RemoteError as exc:
+            console.warn(f"crash loop: attempts {failed} failed; no rollback ({exc})")
             return
-        target = rollback_target(repo, base, {r.key for r in refs})
         name = f"{base.id} (generation {base.generation})"
         if target is None:
             console.warn(
@@ -1068,7 +1082,9 @@ class Supervisor:
             return
         if result.new_bytes and result.seconds > 0:
             self._rate = result.new_bytes / result.seconds
-        self._snaps.append(crashloop.Snap(m.id, m.generation, m.created, m.reason))
+        with self._snaps_lock:
+            self._snaps.append(crashloop.Snap(m.id, m.generation, m.created, m.reason))
+            del self._snaps[:-SNAPS_KEPT]
         self.events.emit(
             "snapshot",
             snapshot=m.id,

@@ -207,11 +207,18 @@ def _same_weights(got_path: Path, ref: Any) -> None:
 
 
 def _no_torn_snapshot(remote: Path) -> None:
-    """No snapshot recorded a torn ckpt.pt (the run keeps every snapshot):
-    every version snapshotted has the size of a whole save (every save of
-    this state has one size)."""
-    sizes = {e["size"] for m in manifests(remote) if (e := entry(m, "ckpt.pt")) is not None}
-    assert len(sizes) == 1, f"snapshots hold ckpt.pt of sizes {sorted(sizes)}"
+    """No snapshot taken after a child's exit recorded a torn ckpt.pt (the
+    old binary's "exit" snapshot made the torn file the newest generation):
+    every version such a snapshot holds has the size of a whole save (every
+    save of this state has one size). The run keeps every snapshot. (Those
+    taken while a child writes in place are the snapshot side's: a file
+    being written is in progress.)"""
+    sizes = {
+        e["size"]
+        for m in manifests(remote)
+        if m["reason"] in ("exit", "final") and (e := entry(m, "ckpt.pt")) is not None
+    }
+    assert len(sizes) == 1, f"snapshots after exits hold ckpt.pt of sizes {sorted(sizes)}"
 
 
 def _repairs(events: Path) -> list[dict[str, Any]]:
