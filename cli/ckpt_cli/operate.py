@@ -277,7 +277,7 @@ def verify(remote: str, snapshot: str | None, full: bool, as_json: bool, options
         if torn:
             hints.append(
                 f"{_names([c.ref for c in torn])} hold files that fail their format check "
-                "and would restore them as stored (restore another with --snapshot ID)"
+                "(a restore gives them back as stored: restore another with --snapshot ID)"
             )
         raise DamagedError(
             f"{len(damaged)} of {checked} in {remote} {'is' if len(damaged) == 1 else 'are'} "

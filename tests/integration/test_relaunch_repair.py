@@ -24,6 +24,8 @@ from typing import Any
 
 import pytest
 
+from ckpt_cli import formats
+
 from ._util import Running, ckpt_ok, entry, manifests, pid_gone, run_args, script, wait_for
 
 torch = pytest.importorskip("torch")
@@ -218,16 +220,14 @@ def _no_torn_snapshot(remote: Path) -> None:
         for m in manifests(remote)
         if m["reason"] in ("exit", "final") and (e := entry(m, "ckpt.pt")) is not None
     }
-    assert len(sizes) == 1, f"snapshots after exits hold ckpt.pt of sizes {sorted(sizes)}"
+    assert len(sizes) <= 1, f"snapshots after exits hold ckpt.pt of sizes {sorted(sizes)}"
 
 
 def _repairs(events: Path) -> list[dict[str, Any]]:
-    """The `repair` events that put ckpt.pt back; their kept dirs hold the torn files."""
+    """The `repair` events that put ckpt.pt back (ckpt.pt alone each)."""
     found = [json.loads(line) for line in events.read_text().splitlines()]
     put_back = [e for e in found if e["event"] == "repair" and e["files"]]
     assert all([f["path"] for f in e["files"]] == ["ckpt.pt"] for e in put_back), put_back
-    kept = [Path(e["kept"]) / "ckpt.pt" for e in put_back]
-    assert all(p.is_file() for p in kept), "the torn files are kept, not deleted"
     return put_back
 
 
@@ -263,8 +263,11 @@ def test_relaunched_child_killed_mid_save_resumes_from_whole_checkpoint(tmp_path
     _check_resumes(_log(log), boundaries)
     _same_weights(final, ref)
     _no_torn_snapshot(remote)
-    # Every torn save (all boundaries but the last) was put back before a relaunch.
-    assert len(_repairs(events)) == boundaries
+    # Every torn save (all boundaries but the last) was put back before a
+    # relaunch, the torn file kept.
+    repairs = _repairs(events)
+    assert len(repairs) == boundaries
+    assert all((Path(e["kept"]) / "ckpt.pt").is_file() for e in repairs), "kept, not deleted"
 
 
 @pytest.mark.slow
@@ -315,7 +318,15 @@ def test_new_run_after_machine_died_mid_save_resumes_from_whole_checkpoint(
     _same_weights(final, ref)
     _no_torn_snapshot(remote)
     # Every torn save (all boundaries but the last) was put back at a start.
-    assert len(_repairs(events)) == boundaries
+    # Every torn save (all boundaries but the last) was put back at a start,
+    # or, when its mtime (the filesystem's coarse clock) fell before the
+    # snapshot taken a moment earlier, --dir was replaced by that snapshot:
+    # either way the torn file is kept, once, in a kept dir (inside --dir,
+    # or beside it holding the old --dir and the kept dirs in it).
+    repairs = _repairs(events)
+    kept = [p for p in tmp_path.glob("**/.*ckpt-kept-*/**/ckpt.pt") if p.is_file()]
+    torn = [p for p in set(kept) if formats.check_file(p).ok is False]
+    assert len(torn) == boundaries, (len(torn), len(repairs), sorted(map(str, kept)))
     restored = tmp_path / "restored"
     ckpt_ok(["restore", str(remote), str(restored)], cwd=tmp_path)
     assert torch.load(restored / "ckpt.pt")["step"] == total
