@@ -24,8 +24,15 @@ from ckpt_cli.history import annotate, load_runs
 from ckpt_cli.lease import DEFAULT_TTL, Heartbeat
 from ckpt_cli.manifest import Manifest
 from ckpt_cli.remote import open_backend
-from ckpt_cli.repo_tools import Checked, check, open_existing
-from ckpt_cli.repository import Repository, newest_manifest, rank_stream, stream_rank
+from ckpt_cli.repo_tools import Checked, check, find, open_existing
+from ckpt_cli.repository import (
+    Repository,
+    Suspect,
+    newest_manifest,
+    pick,
+    rank_stream,
+    stream_rank,
+)
 
 
 def _open(remote: str, options: dict[str, Any], *, create: bool) -> Repository | None:
@@ -259,13 +266,13 @@ def ls(
                 + ", ".join(f"rank {r}: {n}" for r, n in counts.items())
                 + ("" if rank is not None else " (ckpt ls --rank R lists one)")
             )
-    rows: list[dict[str, Any]] = []
-    newest_found = False
-    for c in check(repo, repo.snapshots()).snapshots:
-        row = _ls_row(c)
-        if c.ok and not newest_found:
-            row["state"], newest_found = "newest", True
-        rows.append(row)
+    checked = check(repo, repo.snapshots()).snapshots
+    suspect = repo.suspect_keys()
+    marks = {c.ref.key: repo.read_suspect(c.ref.key) for c in checked if c.ref.key in suspect}
+    chosen = pick(((c.ref, c.manifest) for c in checked if c.ok and c.manifest), suspect)
+    rows = [
+        _ls_row(c, marks.get(c.ref.key), chosen is not None and chosen[0] == c.ref) for c in checked
+    ]
     if as_json:
         doc = {
             "remote": remote,
@@ -290,7 +297,7 @@ def ls(
             )
     elif rows:
         _snapshot_table(rows)
-        if newest_found:
+        if chosen is not None:
             console.info(NOT_REHASHED)
     elif not ranks_doc:
         console.info(f"{remote} has no snapshots yet")
@@ -358,10 +365,15 @@ def _world_table(w: Any, gens: list[Any], present: set[str]) -> list[str]:
     return cols
 
 
-def _ls_row(c: Checked) -> dict[str, Any]:
+def _ls_row(c: Checked, mark: Suspect | None, restore: bool) -> dict[str, Any]:
     """One snapshot as `ckpt ls --json` shows it. ok: the manifest parses and
-    every chunk it names exists; state: newest (what a restore picks),
-    complete or damaged; error: what is wrong with a damaged one."""
+    every chunk it names exists; checks: verified (no file was in progress
+    when it was taken), unverified (taken anyway: `unverified` names the
+    files and why) or unchecked (written before ckpt checked); suspect: the
+    crash-loop guard's mark (why, time, host, run) or null; restore: the one
+    `ckpt restore` and `ckpt run` use (`repository.pick`); state: newest
+    (that one), complete, unverified, suspect or damaged; error: what is
+    wrong with a damaged one."""
     m = c.manifest
     row: dict[str, Any] = {"id": c.ref.id, "generation": c.ref.generation}
     if m is not None:
@@ -377,7 +389,27 @@ def _ls_row(c: Checked) -> dict[str, Any]:
             rank=m.rank,
             world_size=m.world_size,
         )
-    row.update(ok=c.ok, state="complete" if c.ok else "damaged")
+        row.update(
+            verified=m.verified,
+            checks={True: "verified", False: "unverified", None: "unchecked"}[m.verified],
+            unverified=[{"path": p, "reason": why} for p, why in m.unverified],
+        )
+    if not c.ok:
+        state = "damaged"
+    elif restore:
+        state = "newest"
+    elif mark is not None:
+        state = "suspect"
+    elif m is not None and m.verified is False:
+        state = "unverified"
+    else:
+        state = "complete"
+    row.update(
+        ok=c.ok,
+        state=state,
+        restore=restore,
+        suspect=mark.to_json() if mark is not None else None,
+    )
     if not c.ok:
         row["error"] = c.summary()
     return row
@@ -457,13 +489,13 @@ def _snapshot_table(rows: list[dict[str, Any]]) -> None:
     table: list[list[str]] = []
     steps = any(r.get("step") is not None for r in rows)
     cols = ("id", "gen", *(("step",) if steps else ()), "time", "age", "files", "size", "new")
-    cols += ("attempt", "host", "state")
+    cols += ("attempt", "host", "checks", "state")
     now = time.time()
     for r in rows:
-        state = r["state"] if r["ok"] else f"damaged: {r['error']}"
+        state = _state_text(r)
         step = [] if not steps else ["-" if r.get("step") is None else str(r["step"])]
         if "created" not in r:
-            table.append([r["id"], str(r["generation"]), *step, *[""] * 7, state])
+            table.append([r["id"], str(r["generation"]), *step, *[""] * 8, state])
             continue
         table.append(
             [
@@ -477,10 +509,27 @@ def _snapshot_table(rows: list[dict[str, Any]]) -> None:
                 console.fmt_bytes(r["new_bytes"]),
                 str(r["attempt"] or "-"),
                 str(r["host"]),
+                "-" if r["checks"] == "unchecked" else r["checks"],
                 "" if state == "complete" else state,
             ]
         )
     console.table(cols, table, right=("gen", "step", "files", "size", "new", "attempt"))
+
+
+def _state_text(r: dict[str, Any]) -> str:
+    """The state column: what a restore makes of the snapshot, and why."""
+    if not r["ok"]:
+        return f"damaged: {r['error']}"
+    mark = r.get("suspect")
+    if mark is not None:
+        at = mark.get("time")
+        when = f" at {time.strftime('%Y-%m-%d %H:%M', time.localtime(at))}" if at else ""
+        on = f" on {mark['host']}" if mark.get("host") else ""
+        detail = f"suspect: {mark['why']} (marked{on}{when})"
+        return f"newest, {detail}" if r["state"] == "newest" else detail
+    if r["state"] == "unverified":
+        return "unverified (a restore prefers a verified one)"
+    return str(r["state"])
 
 
 def _age(seconds: float) -> str:
@@ -539,6 +588,27 @@ def timeline(
         f"timeline of {console.plural(len(runs), 'run')} "
         f"({console.plural(attempts, 'attempt')}) written to {out}"
     )
+    return ExitCode.OK
+
+
+# ---------------------------------------------------------------- unsuspect
+
+
+def unsuspect(remote: str, snapshot: str, options: dict[str, Any]) -> int:
+    """Clear the crash-loop guard's mark of a snapshot: restores may pick it
+    again. A snapshot without a mark is left as it is (exit 0)."""
+    repo = open_existing(remote, options)
+    if repo is None:
+        raise ConfigError(f"no snapshot {snapshot!r} in {remote}: it is empty (see `ckpt ls`)")
+    ref = find(repo, snapshot)
+    name = f"snapshot {ref.id} (generation {ref.generation})"
+    if repo.clear_suspect(ref):
+        console.info(
+            f"cleared the suspect mark of {name} in {remote}: `ckpt restore` and `ckpt run` "
+            "may pick it again"
+        )
+    else:
+        console.info(f"{name} in {remote} is not marked suspect: nothing to clear")
     return ExitCode.OK
 
 

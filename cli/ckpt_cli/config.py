@@ -76,6 +76,8 @@ class RunConfig:
     quiet: bool = False  # errors only
     verbose: bool = False  # debug detail too
     log_json: Path | None = None  # also log JSON lines to this file
+    #: Failures in a row right after a restore that make it suspect (0: off).
+    crash_loop: int = 2
 
 
 def data_home() -> Path:
@@ -289,6 +291,7 @@ OPTIONS: tuple[Option, ...] = (
         aliases=("storage-option",),
     ),
     Option("retries", "int", 3, min=0),
+    Option("crash_loop", "int", 2, min=0),
     Option("retry_on", "str", policy.DEFAULT_RETRY_ON, parse=policy.parse_retry_on),
     Option("backoff", "str", "1:60", parse=parse_backoff),
     Option("grace", "float", 30.0, min=0, max=MAX_SECONDS),
@@ -454,6 +457,7 @@ def run_config(settings: Settings, *, need_command: bool = True) -> RunConfig:
         quiet=settings["quiet"],
         verbose=settings["verbose"],
         log_json=settings["log_json"],
+        crash_loop=settings["crash_loop"],
     )
 
 

@@ -47,6 +47,16 @@ VERSION = 1
 EVENTS: dict[str, tuple[str, ...]] = {
     "start": ("remote", "dir", "command", "host", "pid", "version"),
     "restore": ("snapshot", "generation", "files", "bytes", "seconds"),
+    "repair": ("files", "moved_aside", "left", "kept"),
+    "rollback": (
+        "snapshot",
+        "generation",
+        "marked",
+        "to",
+        "to_generation",
+        "attempts",
+        "statuses",
+    ),
     "fresh": ("reason",),
     "launch": ("attempt", "pid"),
     "exit": ("attempt", "status", "description", "seconds"),

@@ -308,6 +308,12 @@ class RunHistory:
             self.record["preemption"] = {**notice, "received": time.time()}
         self._changed()
 
+    def rolled_back(self, rollback: dict[str, Any]) -> None:
+        """The crash-loop guard rolled back (from, to, attempts)."""
+        with self._cond:
+            self.record.setdefault("rollbacks", []).append({**rollback, "time": time.time()})
+        self._changed()
+
     def finish(self, status: int, outcome: str) -> None:
         with self._cond:
             self.record.update(ended=time.time(), exit_status=status, outcome=outcome)

@@ -159,6 +159,15 @@ def run(
     ] = None,
     storage_option: StorageOpt = None,
     retries: Annotated[int, typer.Option(min=0, help="Relaunches after recoverable exits.")] = 3,
+    crash_loop: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            metavar="N",
+            help="After N failures in a row right after a restore (no newer snapshot), mark "
+            "that snapshot suspect and relaunch on the one before it; 0: off.",
+        ),
+    ] = 2,
     retry_on: Annotated[
         str,
         typer.Option(
@@ -558,15 +567,19 @@ def ls_cmd(
     """List snapshots, newest first (or, with --runs, the runs that wrote them).
 
     Each row: id, generation, time, age, files, size, bytes new in it, attempt,
-    host and state. "newest" marks the snapshot `ckpt restore` and `ckpt run`
-    start from (the newest complete one); "damaged" ones (a manifest that does
-    not parse, chunks missing from the one listing of chunks/) are skipped by
-    them. Chunks are not re-hashed here: `ckpt verify --full` re-hashes them,
-    and a restore skips a snapshot whose chunk turns out corrupt. There is no
-    "kept" mark: --keep is a flag of each writer (`ckpt run`, `push`), not
-    stored, so every snapshot listed is one the last retention kept; `ckpt gc
-    --keep N --dry-run` shows what N would drop. An empty location lists
-    nothing (exit 0).
+    host, checks and state. checks: verified (no file was in progress when it
+    was taken), unverified (taken anyway after the settle timeout) or "-"
+    (taken before ckpt checked). "newest" marks the snapshot `ckpt restore`
+    and `ckpt run` start from (the newest complete one that is verified or
+    unchecked and not suspect); "damaged" ones (a manifest that does not
+    parse, chunks missing from the one listing of chunks/) are skipped by
+    them, unverified ones and those the crash-loop guard marked "suspect"
+    only used when nothing else can be (`ckpt unsuspect` clears a mark).
+    Chunks are not re-hashed here: `ckpt verify --full` re-hashes them, and a
+    restore skips a snapshot whose chunk turns out corrupt. There is no "kept"
+    mark: --keep is a flag of each writer (`ckpt run`, `push`), not stored, so
+    every snapshot listed is one the last retention kept; `ckpt gc --keep N
+    --dry-run` shows what N would drop. An empty location lists nothing (exit 0).
 
     A multi-node job's remote: the steps complete on all ranks, with each
     rank's count; --rank R lists rank R's snapshots.
@@ -630,6 +643,44 @@ def timeline_cmd(
         status[0] = commands.timeline(
             where.remote, where.storage_options, run=run, out=out, rank=rank
         )
+    raise typer.Exit(status[0])
+
+
+@app.command("unsuspect")
+def unsuspect_cmd(
+    args: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="[REMOTE] SNAPSHOT",
+            show_default=False,
+            help="The remote, then the snapshot: id, unique id prefix (4+ characters) or "
+            "generation. " + WHICH_REMOTE,
+        ),
+    ],
+    remote: RemoteOpt = None,
+    dir: DirOpt = None,
+    storage_option: StorageOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Clear the crash-loop guard's mark of a snapshot, so that `ckpt restore`
+    and `ckpt run` may pick it again (`ckpt ls` shows the marks). A
+    snapshot without a mark is left as it is.
+
+    Example: ckpt unsuspect s3://b/run 12 (or `ckpt unsuspect 12`)
+    """
+    console.configure(verbose=verbose)
+    with error_funnel() as status:
+        from ckpt_cli import commands
+
+        placed = _place(
+            "unsuspect",
+            ("remote", "snapshot"),
+            args,
+            taken={"remote": remote},
+            required=("snapshot",),
+        )
+        where = _reader("unsuspect", placed.get("remote"), remote, dir, storage_option)
+        status[0] = commands.unsuspect(where.remote, placed["snapshot"], where.storage_options)
     raise typer.Exit(status[0])
 
 
@@ -739,8 +790,10 @@ def verify_cmd(
     verbose: VerboseOpt = False,
 ) -> None:
     """Check that every manifest parses and every chunk it names exists (one
-    listing); --full also re-hashes every chunk. Damaged snapshots are listed
-    with what is wrong, and the exit status is 65.
+    listing), and that every stored file and checkpoint directory passes its
+    format check (reading only the chunks the check needs, each verified by
+    its hash); --full also re-hashes every chunk. Damaged snapshots are
+    listed with what is wrong, and the exit status is 65.
 
     Example: ckpt verify s3://b/run --full (or `ckpt verify --full`)
     """

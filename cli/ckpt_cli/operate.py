@@ -64,6 +64,8 @@ def _meta(m: Manifest) -> dict[str, Any]:
         "files": len(m.files),
         "size": m.total_size,
         "new_bytes": m.new_bytes,
+        "verified": m.verified,
+        "unverified": [{"path": p, "reason": why} for p, why in m.unverified],
     }
 
 
@@ -77,7 +79,8 @@ def show(remote: str, snapshot: str | None, as_json: bool, options: dict[str, An
     repo = open_existing(remote, options)
     if snapshot is not None:
         repo = _require(repo, remote, snapshot)
-        m = load(repo, find(repo, snapshot))
+        ref = find(repo, snapshot)
+        m = load(repo, ref)
     else:
         refs = repo.snapshots() if repo is not None else []
         if repo is None or not refs:
@@ -86,27 +89,37 @@ def show(remote: str, snapshot: str | None, as_json: bool, options: dict[str, An
             else:
                 console.info(f"{remote} is empty: no snapshots yet")
             return ExitCode.OK
-        m = _newest_readable(repo, refs)
+        ref, m = _newest_readable(repo, refs)
+    mark = repo.read_suspect(ref.key)
     if as_json:
-        _emit_json({"remote": remote, "snapshot": _meta(m), "entries": _entries_json(m)})
+        meta = {**_meta(m), "suspect": mark.to_json() if mark is not None else None}
+        _emit_json({"remote": remote, "snapshot": meta, "entries": _entries_json(m)})
         return ExitCode.OK
+    checks = {True: "verified", False: "unverified", None: "taken before ckpt checked files"}
     console.info(
         f"snapshot {m.id} (generation {m.generation}) of {remote}: "
         f"{console.plural(len(m.files), 'file')}, {console.fmt_bytes(m.total_size)}, "
-        f"taken {_clock(m.created)} on {m.host or '?'}, attempt {m.attempt or '-'}"
+        f"taken {_clock(m.created)} on {m.host or '?'}, attempt {m.attempt or '-'}; "
+        f"{checks[m.verified]}"
     )
+    for path, why in m.unverified:
+        console.warn(f"{path} was in progress when this snapshot was taken: {why}")
+    if mark is not None:
+        console.warn(
+            f"marked suspect: {mark.why} (`ckpt unsuspect {remote} {m.id}` clears the mark)"
+        )
     _entries_table(m.entries)
     return ExitCode.OK
 
 
-def _newest_readable(repo: Repository, refs: list[SnapshotRef]) -> Manifest:
+def _newest_readable(repo: Repository, refs: list[SnapshotRef]) -> tuple[SnapshotRef, Manifest]:
     for ref in refs:
         try:
             m = load(repo, ref)
         except DamagedError as exc:
             console.warn(f"{exc}; showing an older one")
             continue
-        return m
+        return ref, m
     raise DamagedError(
         f"none of the {console.plural(len(refs), 'snapshot')} in {repo.display} has a readable "
         "manifest "
@@ -122,9 +135,10 @@ def _entries_table(entries: tuple[Entry, ...]) -> None:
     table: list[list[str]] = []
     for e in entries:
         if e.type == "symlink":
-            table.append([f"{e.path} -> {e.target}", "symlink", f"{e.mode:04o}", "", "", ""])
+            table.append([f"{e.path} -> {e.target}", "symlink", f"{e.mode:04o}", "", "", "", ""])
         elif e.type == "dir":
-            table.append([f"{e.path}/", "dir", f"{e.mode:04o}", "", "", _clock(e.mtime_ns / 1e9)])
+            modified = _clock(e.mtime_ns / 1e9)
+            table.append([f"{e.path}/", "dir", f"{e.mode:04o}", "", "", modified, e.check])
         else:
             table.append(
                 [
@@ -134,9 +148,10 @@ def _entries_table(entries: tuple[Entry, ...]) -> None:
                     console.fmt_bytes(e.size),
                     str(len(e.chunks)),
                     _clock(e.mtime_ns / 1e9),
+                    e.check,
                 ]
             )
-    cols = ("path", "type", "mode", "size", "chunks", "modified")
+    cols = ("path", "type", "mode", "size", "chunks", "modified", "check")
     console.table(cols, table, right=("size", "chunks"))
 
 
@@ -223,7 +238,7 @@ def verify(
     def started(chunks: int, size: int) -> None:
         console.info(f"re-hashing {console.plural(chunks, 'chunk')} ({console.fmt_bytes(size)})")
 
-    checks = check(repo, refs, full=full, on_start=started)
+    checks = check(repo, refs, full=full, formats=True, on_start=started)
     damaged = checks.damaged
     if as_json:
         doc: dict[str, Any] = {
@@ -244,7 +259,9 @@ def verify(
                 "referenced": checks.chunks_referenced,
                 "hashed": checks.chunks_hashed,
                 "bytes_hashed": checks.bytes_hashed,
+                "read_for_format_checks": checks.chunks_read,
             },
+            "files_checked": checks.files_checked,
         }
         _emit_json(doc)
     elif damaged:
@@ -252,10 +269,19 @@ def verify(
         console.table(("id", "gen", "problem"), rows, right=("gen",))
     checked = console.plural(len(checks.snapshots), "snapshot")
     if damaged:
+        torn = [c for c in damaged if all(p.kind == "format" for p in c.problems)]
+        hints = []
+        if len(torn) < len(damaged):
+            hints.append("`ckpt restore` and `ckpt run` skip those with missing or corrupt data")
+        if torn:
+            hints.append(
+                f"{_names([c.ref for c in torn])} hold files that fail their format check "
+                "(a restore gives them back as stored: restore another with --snapshot ID)"
+            )
         raise DamagedError(
             f"{len(damaged)} of {checked} in {remote} {'is' if len(damaged) == 1 else 'are'} "
-            f"damaged: {_names([c.ref for c in damaged])}; `ckpt restore` and `ckpt run` "
-            "skip them" + ("" if full else " (--full also re-hashes every chunk)")
+            f"damaged: {_names([c.ref for c in damaged])}; {'; '.join(hints)}"
+            + ("" if full else " (--full also re-hashes every chunk)")
         )
     hashed = (
         f", {console.plural(checks.chunks_hashed, 'chunk')} re-hashed "
@@ -263,7 +289,11 @@ def verify(
         if full
         else ", every chunk they name is present"
     )
-    console.info(f"verified {checked} in {remote}{hashed}: all complete")
+    formats = (
+        f", no file fails its format check ({console.plural(checks.files_checked, 'file version')} "
+        f"checked, {console.plural(checks.chunks_read, 'chunk')} read)"
+    )
+    console.info(f"verified {checked} in {remote}{hashed}{formats}: all complete")
     return ExitCode.OK
 
 

@@ -290,6 +290,9 @@ class Snapshotter:
         checks: Registry | None = None,
     ) -> None:
         self.repo = repo
+        #: The format checks in force (the run's built-in and --check ones);
+        #: None: no checks at all, as `ckpt push` snapshots.
+        self.checks = checks
         #: Judges changed files before they are read (None: no checks at all,
         #: as `ckpt push` snapshots).
         self.judge = (

@@ -24,22 +24,24 @@ from pathlib import Path
 from typing import Any
 
 from ckpt import _contract as contract
-from ckpt_cli import __version__, console, openfiles, preemption, subtree
+from ckpt_cli import __version__, console, crashloop, openfiles, preemption, subtree
 from ckpt_cli import control as control_registry
 from ckpt_cli.child import Child, Guardian, catches_signal, ckpt_executable
 from ckpt_cli.config import RunConfig, wait_limit
 from ckpt_cli.control import ControlServer
 from ckpt_cli.costs import attempt_outcome
-from ckpt_cli.errors import CkptError, RemoteError, Stopped
+from ckpt_cli.errors import CkptError, RemoteError, RestoreError, Stopped
 from ckpt_cli.events import EventLog
+from ckpt_cli.formats import DEFAULT as DEFAULT_CHECKS
 from ckpt_cli.formats import Registry
 from ckpt_cli.history import RunHistory, attempts_before, changed_at, load_runs
 from ckpt_cli.lease import Heartbeat, LeaseLostError
-from ckpt_cli.manifest import Manifest
+from ckpt_cli.manifest import Manifest, ManifestError
 from ckpt_cli.policy import ChildExit, Decision, decide, signal_name
 from ckpt_cli.remote import open_backend, redact_url
-from ckpt_cli.repository import Repository, rank_stream
-from ckpt_cli.restore import ensure_dir, prepare_rank_dir, restore_into
+from ckpt_cli.repair import Repaired, repair_dir
+from ckpt_cli.repository import Repository, SnapshotRef, rank_stream
+from ckpt_cli.restore import ensure_dir, prepare_rank_dir, restore_into, rollback_target
 from ckpt_cli.snapshotter import TEMP_PATTERNS, SnapshotResult, Snapshotter
 from ckpt_cli.uploader import Request, SnapshotWorker, WaitNews, unreadable_error
 from ckpt_cli.watcher import Watcher
@@ -69,6 +71,9 @@ FLUSH_SHOWN = 1.0
 FIRST_POLL_WAIT = 3.0
 #: The `end` event's cost fields when the run ended before its history began.
 NO_COSTS = {"failures": None, "lost_seconds": None, "resume_seconds": None}
+#: Snapshots of this run the crash-loop guard remembers (the newest): a
+#: streak has no snapshot taken while its attempts ran, so it needs few.
+SNAPS_KEPT = 1000
 
 
 @dataclasses.dataclass
@@ -119,6 +124,14 @@ class Supervisor:
         self._rate = 0.0  # bytes/s of the last snapshot that uploaded anything
         self._ended = False  # the final flush and the worker are done: no more reports
         self._said_unverified: set[str] = set()  # files in progress said, once each
+        #: The crash-loop guard, the snapshots this run took (what it judges
+        #: by), the snapshot it rolled back to (the next launch's CKPT_RESTORED)
+        #: and the rollbacks done (for the summary).
+        self._guard = crashloop.Guard(cfg.crash_loop)
+        self._snaps: list[crashloop.Snap] = []  # the newest SNAPS_KEPT (any thread appends)
+        self._snaps_lock = threading.Lock()
+        self._rolled_back: Manifest | None = None
+        self._rollbacks: list[str] = []
 
     # ------------------------------------------------------------ entry point
 
@@ -461,6 +474,9 @@ class Supervisor:
                 restored, step = self._descends_from
             if durable and self.attempts:
                 restored, step = durable.id, durable.step
+            if self._rolled_back is not None:  # the crash-loop guard restored this one
+                restored, step = self._rolled_back.id, self._rolled_back.step
+                self._rolled_back = None
             if self.attempts and cfg.world_size > 1:
                 # Every rank relaunches from the same step: the newest one all
                 # ranks committed, not this rank's own newest state.
@@ -493,6 +509,7 @@ class Supervisor:
                 + " ".join(f"{k}={v}" for k, v in sorted(env.items()) if k.startswith("CKPT_"))
             )
             history.attempt_started(self.attempt, resumed=restored)
+            launched = time.time()
             child = Child(cfg.command, env)
             self.child = child
             guardian.protect(child.pgid)
@@ -507,6 +524,11 @@ class Supervisor:
                     f"stopped {console.plural(left, 'process', 'processes')} the child left behind"
                 )
             guardian.protect(0)
+            if ex.status != 0:
+                # Before any snapshot of what it left, and before a relaunch:
+                # the files it left torn are put back from their newest whole
+                # version (the torn ones are kept, never deleted).
+                self._repair(repo, snapshotter)
             elapsed = time.monotonic() - child.started
             self.attempts.append(Attempt(self.attempt, ex, elapsed))
             history.attempt_ended(
@@ -558,7 +580,19 @@ class Supervisor:
                 console.error(f"giving up: {ex.describe()} and {spent} (--retries)")
                 return ex.status
             retries_used += 1
-            worker.request("exit")  # protect what the attempt left while we back off
+            loop = self._guard.ended(
+                attempt=self.attempt,
+                started_from=restored,
+                launched=launched,
+                exited=exited,
+                failed=True,
+                status=ex.describe(),
+                snaps=self._taken(),
+            )
+            if loop is not None:
+                self._roll_back(repo, snapshotter, worker, watcher, loop)
+            else:
+                worker.request("exit")  # protect what the attempt left while we back off
             delay = cfg.backoff.delay(retries_used, self.rng)
             self.events.emit(
                 "retry",
@@ -600,7 +634,133 @@ class Supervisor:
             restore_enabled=restore_enabled,
             snapshot=snapshot,
             concurrency=cfg.concurrency,
+            on_repair=self._report_repair,
         )
+
+    # ------------------------------------------------------------ after a failure
+
+    def _repair(self, repo: Repository, snapshotter: Snapshotter) -> None:
+        """Put back the files a failed attempt left torn (repair.repair_dir)."""
+        done = repair_dir(
+            repo,
+            self.cfg.dir,
+            self.patterns,
+            parent=snapshotter.parent,
+            warn=console.warn,
+            registry=snapshotter.checks or DEFAULT_CHECKS,
+        )
+        if not done.empty:
+            self._report_repair(done)
+
+    def _taken(self) -> list[crashloop.Snap]:
+        """The snapshots this run took (the newest SNAPS_KEPT), oldest first."""
+        with self._snaps_lock:
+            return list(self._snaps)
+
+    def _report_repair(self, done: Repaired) -> None:
+        self.events.emit("repair", **done.event())
+
+    def _roll_back(
+        self,
+        repo: Repository,
+        snapshotter: Snapshotter,
+        worker: SnapshotWorker,
+        watcher: Watcher,
+        loop: crashloop.Verdict,
+    ) -> None:
+        """The crash-loop guard fired: mark the snapshot the failing attempts
+        started from (and the snapshots their exits made) suspect, and
+        restore the snapshot before it for the next attempt."""
+        cfg = self.cfg
+        # What the failures left, snapshotted first: nothing local is lost,
+        # and the snapshot it makes is as suspect as the rest.
+        req = worker.request("exit")
+        req.wait(wait_limit(cfg.flush_timeout))
+        ids = list(loop.suspect)
+        failed = ", ".join(map(str, loop.attempts))
+        try:
+            base = repo.find(ids[0])
+            made = req.manifest
+            # Made by this request: the newest this run took, and newer than S.
+            taken = self._taken()
+            newest = taken[-1].id if taken else None
+            later = made is not None and base is not None and made.generation > base.generation
+            if made is not None and later and made.id not in ids and made.id == newest:
+                ids.append(made.id)
+            refs = [r for i in ids if (r := repo.find(i)) is not None and r.stream == repo.stream]
+            if base is None or base.stream != repo.stream:
+                console.warn(
+                    f"crash loop: attempts {failed} failed right after a restore of snapshot "
+                    f"{ids[0]}, which is gone from {repo.display}: nothing to roll back"
+                )
+                return
+            target = rollback_target(repo, base, {r.key for r in refs})
+        except RemoteError as exc:
+            console.warn(f"crash loop: attempts {failed} failed; no rollback ({exc})")
+            return
+        name = f"{base.id} (generation {base.generation})"
+        if target is None:
+            console.warn(
+                f"crash loop: attempts {failed} failed ({', '.join(loop.statuses)}) right after "
+                f"a restore of snapshot {name}, and no snapshot before it is left to roll "
+                "back to: relaunching on it"
+            )
+            return
+        statuses = ", ".join(loop.statuses)
+        why = f"crash loop: attempts {failed} failed ({statuses}) right after its restore"
+        for ref in refs:
+            try:
+                repo.mark_suspect(
+                    ref,
+                    why,
+                    run=self.run_id,
+                    attempts=list(loop.attempts),
+                    statuses=list(loop.statuses),
+                )
+            except RemoteError as exc:
+                console.warn(
+                    f"could not mark snapshot {ref.id} suspect in {repo.display} ({exc}); "
+                    "this run still treats it as suspect"
+                )
+        others = [r.id for r in refs[1:]]
+        also = f" (and {', '.join(others)}, taken after those failures)" if others else ""
+        console.warn(
+            f"CRASH LOOP: attempts {failed} failed ({', '.join(loop.statuses)}) right after "
+            f"a restore of snapshot {name}, before any newer snapshot: marked it suspect in "
+            f"{repo.display}{also}; rolling back to snapshot {target.id} (generation "
+            f"{target.generation}). `ckpt unsuspect {repo.display} {base.id}` clears the "
+            f"mark (--crash-loop {cfg.crash_loop}; 0 turns the guard off)"
+        )
+        self.events.emit(
+            "rollback",
+            snapshot=base.id,
+            generation=base.generation,
+            marked=[r.id for r in refs],
+            to=target.id,
+            to_generation=target.generation,
+            attempts=list(loop.attempts),
+            statuses=list(loop.statuses),
+        )
+        self._rollbacks.append(f"{base.id} -> {target.id}")
+        if self.history is not None:
+            self.history.rolled_back(
+                {"from": base.id, "to": target.id, "attempts": list(loop.attempts)}
+            )
+        if cfg.world_size > 1 and _step_of(repo, base) is not None:
+            return  # the relaunch restores the step before it on every rank (_prepare)
+        watcher.stop()
+        try:
+            held = restore_into(repo, snapshotter, None, cfg.concurrency)
+        except (RestoreError, RemoteError) as exc:
+            console.warn(
+                f"the rollback's restore failed ({exc}): relaunching on {cfg.dir} as it is"
+            )
+            return
+        finally:
+            ensure_dir(cfg.dir)
+            watcher.start()
+        if held and snapshotter.parent is not None and snapshotter.parent.id == held:
+            self._rolled_back = snapshotter.parent
 
     def _wait(self, child: Child, watcher: Watcher, worker: SnapshotWorker) -> ChildExit:
         cfg = self.cfg
@@ -1082,6 +1242,9 @@ class Supervisor:
         if self.history is not None:  # its state is the moment ckpt began reading it
             changed = changed_at(m.entries, result.parent.entries if result.parent else None)
             self.history.snapshot_taken(m.id, m.attempt, time.time() - result.seconds, changed)
+        with self._snaps_lock:
+            self._snaps.append(crashloop.Snap(m.id, m.generation, m.created, m.reason))
+            del self._snaps[:-SNAPS_KEPT]
         self.events.emit(
             "snapshot",
             snapshot=m.id,
@@ -1194,11 +1357,14 @@ class Supervisor:
         stats = worker.stats
         last = stats.last_durable
         codes = ", ".join(a.exit.describe() for a in self.attempts) or "none"
+        rolled = (
+            f"; rolled back {', '.join(self._rollbacks)} (crash loop)" if self._rollbacks else ""
+        )
         console.info(
             f"done: {console.plural(len(self.attempts), 'attempt')} ({codes}); "
             f"{console.plural(stats.snapshots, 'snapshot')}, "
             f"{console.fmt_bytes(stats.bytes_uploaded)} uploaded; newest durable snapshot: "
-            f"{last.id if last else 'none'}"
+            f"{last.id if last else 'none'}{rolled}"
         )
         if console.is_terminal() and self.attempts:
             console.summary(
@@ -1216,6 +1382,14 @@ def _files_in_progress(files: dict[str, str], limit: int = 3) -> str:
     shown = [f"{p} ({files[p]})" for p in sorted(files)[:limit]]
     more = f" and {len(files) - limit} more" if len(files) > limit else ""
     return ", ".join(shown) + more
+
+
+def _step_of(repo: Repository, ref: SnapshotRef) -> int | None:
+    """The training step a snapshot was committed with (None: none, or unreadable)."""
+    try:
+        return repo.load_cached(ref).step
+    except ManifestError:
+        return None
 
 
 def _record(signum: int, frame: object) -> None:
