@@ -367,7 +367,7 @@ def run(
         if print_config:
             typer.echo(config.describe(settings, cfg))
         else:
-            from ckpt_cli.supervisor import Supervisor
+            from ckpt_cli.run.supervisor import Supervisor
 
             status[0] = Supervisor(cfg).run()
     raise typer.Exit(status[0])

@@ -24,9 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from ckpt import _contract as contract
-from ckpt_cli import __version__, console, crashloop, openfiles, preemption, subtree
+from ckpt_cli import __version__, console, crashloop, openfiles, processes
 from ckpt_cli import control as control_registry
-from ckpt_cli.child import Child, Guardian, catches_signal, ckpt_executable
 from ckpt_cli.config import RunConfig, wait_limit
 from ckpt_cli.control import ControlServer
 from ckpt_cli.costs import attempt_outcome
@@ -42,6 +41,8 @@ from ckpt_cli.remote import open_backend, redact_url
 from ckpt_cli.repair import Repaired, repair_dir
 from ckpt_cli.repository import Repository, SnapshotRef, rank_stream
 from ckpt_cli.restore import ensure_dir, prepare_rank_dir, restore_into, rollback_target
+from ckpt_cli.run import preemption
+from ckpt_cli.run.child import Child, Guardian, catches_signal, ckpt_executable
 from ckpt_cli.snapshotter import TEMP_PATTERNS, SnapshotResult, Snapshotter
 from ckpt_cli.uploader import Request, SnapshotWorker, WaitNews, unreadable_error
 from ckpt_cli.watcher import Watcher
@@ -141,7 +142,7 @@ class Supervisor:
         that): orphans of the job are re-parented to it and reaped."""
         early = self._early_stop_handlers()
         # Where the kernel refuses (not Linux), orphans go to init as usual.
-        was_subreaper = subtree.is_subreaper() or not subtree.set_subreaper(True)
+        was_subreaper = processes.is_subreaper() or not processes.set_subreaper(True)
         try:
             return self._run_opened()
         except (CkptError, Stopped) as exc:
@@ -161,7 +162,7 @@ class Supervisor:
         finally:
             self.events.close()
             if not was_subreaper:
-                subtree.set_subreaper(False)
+                processes.set_subreaper(False)
             for sig, handler in early.items():
                 signal.signal(sig, handler)
 
@@ -1099,7 +1100,7 @@ class Supervisor:
         if signal.SIGCHLD in data:
             child = self.child
             running = {child.pid} if child is not None and child.exit is None else set()
-            subtree.reap(self._exclude | running)  # the child's own status is Child.poll's
+            processes.reap(self._exclude | running)  # the child's own status is Child.poll's
         return [s for s in data if s != signal.SIGCHLD]
 
     # ------------------------------------------------------------ background
@@ -1130,7 +1131,7 @@ class Supervisor:
         # A registered pid is signalled only while it is the child's: in its
         # group, or below ckpt in a session of its own (torchrun starts every
         # worker so); never a recycled pid of some other process.
-        ours = {p.pid for p in subtree.live(os.getpid(), pgid=child.pgid, exclude=self._exclude)}
+        ours = {p.pid for p in processes.live(os.getpid(), pgid=child.pgid, exclude=self._exclude)}
         sent = []
         for pid in sorted(targets & ours):
             try:
@@ -1161,7 +1162,7 @@ class Supervisor:
         process below ckpt and in the child's group, but ckpt's helpers."""
         child = self.child
         pgid = child.pgid if child is not None and child.exit is None else None
-        procs = subtree.live(os.getpid(), pgid=pgid, exclude=self._exclude)
+        procs = processes.live(os.getpid(), pgid=pgid, exclude=self._exclude)
         return openfiles.scan([p.pid for p in procs], self.cfg.dir)
 
     def _report_wait(self, news: WaitNews) -> None:
