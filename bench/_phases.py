@@ -37,7 +37,7 @@ CALLS = {
     "swap in": "ckpt_cli.restore:swap_in",
     "start the run history": "ckpt_cli.history:RunHistory.start",
     "start the child": "ckpt_cli.run.child:Child.__init__",
-    "final flush": "ckpt_cli.run.supervisor:Supervisor._final_flush",
+    "final flush": "ckpt_cli.run.flush:FinalFlush.run",
     "close the run history": "ckpt_cli.history:RunHistory.close",
     "release the lease": "ckpt_cli.lease:Lease.release",
 }

@@ -115,6 +115,12 @@ class Child:
         me = os.getpid()
         processes.send((p for p in processes.live(me, exclude=exclude) if p.pgid != self.pgid), sig)
 
+    def send(self, sig: int) -> None:
+        """sig to the direct child only (like tini without -g); a gone child
+        is not an error."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, sig)
+
     def stop_leftovers(self, grace: float, exclude: Collection[int] = ()) -> int:
         """After the child exited: SIGTERM to what is left of its group and of
         ckpt's subtree, SIGKILL after `grace`, then wait until every one is
