@@ -18,7 +18,6 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Protocol
 
 from ckpt import _contract as contract
-from ckpt_cli import console
 from ckpt_cli.config import RunConfig
 from ckpt_cli.costs import attempt_outcome
 from ckpt_cli.errors import CkptError
@@ -194,10 +193,7 @@ class AttemptLoop:
         self.attempt += 1
         restored, step = self._starts_from()
         env = self._env(restored, step)
-        console.debug(
-            "child env: "
-            + " ".join(f"{k}={v}" for k, v in sorted(env.items()) if k.startswith("CKPT_"))
-        )
+        self.reporter.child_env(env)
         self.on_launch()
         self.reporter.attempt_starting(self.attempt, restored)
         launched = self.clock.time()
@@ -209,10 +205,7 @@ class AttemptLoop:
         self._kill_at = None
         ex = self._wait(child)
         exited = self.clock.time()
-        if left := child.stop_leftovers(min(self.cfg.grace, 10.0), self.exclude):
-            console.info(
-                f"stopped {console.plural(left, 'process', 'processes')} the child left behind"
-            )
+        self.reporter.leftovers(child.stop_leftovers(min(self.cfg.grace, 10.0), self.exclude))
         self.protect(0)
         if ex.status != 0:
             self.between.repair()
@@ -287,10 +280,7 @@ class AttemptLoop:
         """SIGKILL once a stop's grace (--grace) ran out."""
         kill_at = self._kill_at
         if kill_at is not None and self.clock.monotonic() >= kill_at and child.poll() is None:
-            console.warn(
-                f"child still running after {signal_name(self.stops.signal or 0)} and its "
-                "grace period (--grace): SIGKILL"
-            )
+            self.reporter.grace_over(self.stops.signal)
             child.signal_all(signal.SIGKILL, self.exclude)
             self._kill_at = None
 
@@ -306,29 +296,23 @@ class AttemptLoop:
             try:
                 self.checkpoint()
             except CkptError as exc:
-                console.warn(f"received {signal_name(sig)}, not passed on: {exc}")
+                self.reporter.not_passed_on(sig, exc)
         elif sig in FORWARD_SIGNALS:
             child.send(sig)  # the direct child, like tini without -g
 
     def _on_stop(self, sig: int, child: Process) -> None:
         kind = self.stops.receive(sig, self.clock.monotonic())
         if kind is Stop.AFTER_NOTICE:
-            console.info(
-                f"received {signal_name(sig)} after the preemption notice: "
-                "the child is already being stopped"
-            )
+            self.reporter.after_notice_stop(sig, "the child is already being stopped")
         elif kind is Stop.FIRST:
             self.reporter.stop(sig)
             self._enter(State.STOPPING)
             child.signal_all(sig, self.exclude)
             grace = self._grace()
             self._kill_at = self.clock.monotonic() + grace
-            console.info(
-                f"received {signal_name(sig)}: forwarded to the child; "
-                f"SIGKILL in {grace:g}s unless it exits (--grace)"
-            )
+            self.reporter.forwarded(sig, grace)
         elif kind is Stop.SECOND:
-            console.warn(f"received {signal_name(sig)} again: killing the child now")
+            self.reporter.killing_now(sig)
             child.signal_all(signal.SIGKILL, self.exclude)
             self._kill_at = None
 
@@ -346,10 +330,7 @@ class AttemptLoop:
         child.signal_all(signal.SIGTERM, self.exclude)
         grace = self._grace()
         self._kill_at = self.clock.monotonic() + grace
-        console.warn(
-            f"preemption: stopping the child now (SIGTERM; SIGKILL in {grace:.0f}s) "
-            "so that its final state is durable before the machine goes away"
-        )
+        self.reporter.notice_stop(grace)
 
     # ------------------------------------------------------------ preemption
 
@@ -362,13 +343,11 @@ class AttemptLoop:
         try:
             self.checkpoint()
         except CkptError as exc:
-            console.info(f"{exc}; snapshotting what is on disk")
+            self.reporter.no_checkpoint(exc)
         self.between.snapshot_now()
         stop_in = window.stop_at - window.taken_at
         if self.stops.signal is None and stop_in >= 1:
-            console.info(
-                f"preemption: the child is stopped in {stop_in:.0f}s; no relaunch on this machine"
-            )
+            self.reporter.stop_planned(stop_in)
 
     def _note_notice(self, context: str = "") -> PreemptionWindow | None:
         """Take in a notice the watcher posted (once): its window on our
@@ -396,6 +375,6 @@ class AttemptLoop:
                 if sig in STOP_SIGNALS:
                     if self.stops.receive(sig, self.clock.monotonic()) is Stop.FIRST:
                         self.reporter.stop(sig)
-                    console.info(f"received {signal_name(sig)} while backing off: stopping")
+                    self.reporter.stopped_backing_off(sig)
                     return True
         return False

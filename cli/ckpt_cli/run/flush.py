@@ -133,17 +133,19 @@ class FinalFlush:
                 if window is not None:
                     deadline = window.flush_deadline(deadline)
                 if clock.monotonic() >= deadline:
-                    self._not_durable(f"not durable after {self.timeout:g}s (--flush-timeout)")
+                    self.reporter.not_durable(
+                        f"not durable after {self.timeout:g}s (--flush-timeout)"
+                    )
                     return False
                 if self._abandon(req):
                     return False
             if req.error is None:
                 m = req.manifest
                 if m is not None:
-                    console.info(f"final state is durable as snapshot {m.id}")
+                    self.reporter.durable(m.id)
                 return True
             if not req.retryable or self.lease_lost() or clock.monotonic() + pause >= deadline:
-                self._not_durable(f"failed: {req.error}")
+                self.reporter.not_durable(f"failed: {req.error}")
                 return False
             clock.sleep(pause)
             pause = min(pause * 2, 5.0)
@@ -159,25 +161,15 @@ class FinalFlush:
             if sig not in STOP_SIGNALS:
                 continue
             kind = self.stops.receive(sig, self.clock.monotonic())
-            name = signal_name(sig)
             if kind is Stop.AFTER_NOTICE:
-                console.info(
-                    f"received {name} after the preemption notice: finishing the final snapshot"
-                )
+                self.reporter.after_notice_stop(sig, "finishing the final snapshot")
             elif kind is Stop.SECOND:
                 self.abandoned = (req, sig)
-                console.warn(
-                    f"received {name} again: the final flush is abandoned "
-                    "(no retry); an upload under way is let finish (at most "
-                    "--flush-timeout), then ckpt exits"
-                )
+                self.reporter.flush_abandoned(sig)
                 return True
             elif kind is Stop.FIRST:
                 self.reporter.stop(sig)
-                console.info(
-                    f"received {name}: finishing the final snapshot "
-                    "first (a second signal abandons it)"
-                )
+                self.reporter.flush_stop(sig)
         return False
 
     def _line(self) -> str:
@@ -198,14 +190,7 @@ class FinalFlush:
         if req.done and req.error is None:
             m = req.manifest
             if m is not None:
-                console.info(
-                    f"final state is durable as snapshot {m.id} (its upload was under way)"
-                )
+                self.reporter.durable(m.id, under_way=True)
             return True
-        self._not_durable(f"abandoned on {signal_name(sig)}")
+        self.reporter.not_durable(f"abandoned on {signal_name(sig)}")
         return False
-
-    def _not_durable(self, why: str) -> None:
-        last = self.worker.stats.last_durable
-        newest = f"newest durable snapshot is {last.id}" if last else "nothing is durable yet"
-        console.error(f"final snapshot {why}; {newest}")

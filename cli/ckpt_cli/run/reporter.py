@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 from ckpt_cli import __version__, console
+from ckpt_cli.errors import CkptError
 from ckpt_cli.events import EventLog
 from ckpt_cli.history import RunHistory, changed_at
 from ckpt_cli.manifest import Manifest
@@ -83,6 +82,13 @@ class Reporter:
             )
         elif mode == "auto":
             console.debug("preemption: DMI data names no cloud here; nothing is polled")
+
+    def starts_from(self, restored: str, generation: int | None) -> None:
+        """The snapshot the run restored ("" for none: it starts fresh)."""
+        if restored:
+            self.events.emit("restore", snapshot=restored, generation=generation)
+        else:
+            self.events.emit("fresh", reason="nothing restored")
 
     def end(
         self, status: int, outcome: str, attempts: int, worker: SnapshotWorker | None = None
@@ -164,12 +170,104 @@ class Reporter:
         """The first stop signal (the notice's own stop counts as SIGTERM)."""
         self.events.emit("stop", signal=signal_name(sig))
 
+    # ------------------------------------------------------------ signals
+
+    def child_env(self, env: dict[str, str]) -> None:
+        console.debug(
+            "child env: "
+            + " ".join(f"{k}={v}" for k, v in sorted(env.items()) if k.startswith("CKPT_"))
+        )
+
+    def leftovers(self, left: int) -> None:
+        if left:
+            console.info(
+                f"stopped {console.plural(left, 'process', 'processes')} the child left behind"
+            )
+
+    def forwarded(self, sig: int, grace: float) -> None:
+        console.info(
+            f"received {signal_name(sig)}: forwarded to the child; "
+            f"SIGKILL in {grace:g}s unless it exits (--grace)"
+        )
+
+    def killing_now(self, sig: int) -> None:
+        console.warn(f"received {signal_name(sig)} again: killing the child now")
+
+    def grace_over(self, stop_signal: int | None) -> None:
+        console.warn(
+            f"child still running after {signal_name(stop_signal or 0)} and its "
+            "grace period (--grace): SIGKILL"
+        )
+
+    def after_notice_stop(self, sig: int, doing: str) -> None:
+        """The OS's stop after ckpt stopped the child for a notice."""
+        console.info(f"received {signal_name(sig)} after the preemption notice: {doing}")
+
+    def not_passed_on(self, sig: int, exc: CkptError) -> None:
+        console.warn(f"received {signal_name(sig)}, not passed on: {exc}")
+
+    def stopped_backing_off(self, sig: int) -> None:
+        console.info(f"received {signal_name(sig)} while backing off: stopping")
+
+    def no_checkpoint(self, exc: CkptError) -> None:
+        """A notice came and the child has no handler to checkpoint with."""
+        console.info(f"{exc}; snapshotting what is on disk")
+
+    def stop_planned(self, stop_in: float) -> None:
+        console.info(
+            f"preemption: the child is stopped in {stop_in:.0f}s; no relaunch on this machine"
+        )
+
+    def notice_stop(self, grace: float) -> None:
+        console.warn(
+            f"preemption: stopping the child now (SIGTERM; SIGKILL in {grace:.0f}s) "
+            "so that its final state is durable before the machine goes away"
+        )
+
+    # ------------------------------------------------------------ the final flush
+
+    def flush_stop(self, sig: int) -> None:
+        console.info(
+            f"received {signal_name(sig)}: finishing the final snapshot "
+            "first (a second signal abandons it)"
+        )
+
+    def flush_abandoned(self, sig: int) -> None:
+        console.warn(
+            f"received {signal_name(sig)} again: the final flush is abandoned "
+            "(no retry); an upload under way is let finish (at most "
+            "--flush-timeout), then ckpt exits"
+        )
+
+    def durable(self, snapshot: str, under_way: bool = False) -> None:
+        more = " (its upload was under way)" if under_way else ""
+        console.info(f"final state is durable as snapshot {snapshot}{more}")
+
+    def not_durable(self, why: str) -> None:
+        assert self.worker is not None
+        last = self.worker.stats.last_durable
+        newest = f"newest durable snapshot is {last.id}" if last else "nothing is durable yet"
+        console.error(f"final snapshot {why}; {newest}")
+
+    def outcome(self, warning: str, error: str) -> None:
+        """The line that says how the run ended (flush.outcome's)."""
+        if warning:
+            console.warn(warning)
+        if error:
+            console.error(error)
+
     def notice(self, notice: preemption.Notice, context: str) -> None:
         console.warn(f"preemption notice{context}: {notice.describe()}")
         record = dataclasses.asdict(notice)  # cloud, action, deadline, detail
         self.events.emit("preemption", **record)
         if self.history is not None:
             self.history.preempted(record)
+
+    def hibernation(self, notice: preemption.Notice) -> None:
+        console.warn(
+            f"preemption notice: {notice.describe()}: the job is frozen with the instance "
+            "and goes on when it resumes; checkpointing now in case it does not"
+        )
 
     def rolled_back(self, record: dict[str, Any]) -> None:
         """The crash-loop guard rolled back (recovery.Recovery)."""
@@ -323,82 +421,6 @@ class Reporter:
     def recovered(self, down_for: float) -> None:
         self.events.emit("remote_recovered", down_seconds=round(down_for, 3))
         console.info(f"remote answers again after {down_for:.0f}s; caught up")
-
-    # ------------------------------------------------------------ live status
-
-    def status(
-        self, *, attempt: int, child_pid: int | None, dir: str, remote: str, notice: str | None
-    ) -> dict[str, Any]:
-        worker = self.worker
-        assert worker is not None
-        stats = worker.stats
-        last = stats.last_durable
-        return {
-            "run": self.run_id,
-            "attempt": attempt,
-            "child_pid": child_pid,
-            "dir": dir,
-            "remote": remote,
-            "last_snapshot": last.id if last else None,
-            "last_snapshot_age": (time.time() - last.created) if last else None,
-            "snapshots": stats.snapshots,
-            "bytes_uploaded": stats.bytes_uploaded,
-            "pending": worker.busy,
-            **self._backlog(worker),
-            "last_error": stats.last_error,
-            "preemption": notice,
-            **self._waiting_status(worker),
-        }
-
-    def _waiting_status(self, worker: SnapshotWorker) -> dict[str, Any]:
-        """What a snapshot held back for a few seconds waits for."""
-        waiting = worker.waiting
-        if waiting is None:
-            return {"waiting_for": None, "waiting_seconds": None}
-        seconds, files = waiting
-        return {
-            "waiting_for": [{"path": p, "reason": r} for p, r in sorted(files.items())],
-            "waiting_seconds": round(seconds, 1),
-            "settle_timeout": self.settle_timeout,
-        }
-
-    def _backlog(self, worker: SnapshotWorker) -> dict[str, Any]:
-        """What the snapshot under way still has to read and upload, and how
-        fast it goes (else the last snapshot's rate)."""
-        live = worker.snapshotter.live
-        if live is None:
-            return {"backlog_files": 0, "backlog_bytes": 0, "rate": self.rate}
-        result, files, total, started = live
-        elapsed = time.monotonic() - started
-        return {
-            "backlog_files": max(0, files - result.files_read),
-            "backlog_bytes": max(0, total - result.bytes_read),
-            "rate": result.bytes_read / elapsed if elapsed > 0.5 else self.rate,
-        }
-
-    def title_loop(self, status: Callable[[], dict[str, Any]], stop: threading.Event) -> None:
-        """The live status, in the terminal's title (see console)."""
-        while not stop.wait(1.0):
-            st = status()
-            age = st["last_snapshot_age"]
-            parts = [f"ckpt: attempt {st['attempt']}"]
-            parts.append(
-                f"saved {console.fmt_age(age)} ago" if age is not None else "nothing saved yet"
-            )
-            if st["backlog_bytes"]:
-                parts.append(
-                    f"uploading {console.fmt_bytes(st['backlog_bytes'])} "
-                    f"at {console.fmt_bytes(st['rate'])}/s"
-                )
-            if st["waiting_for"]:
-                names = [f["path"] for f in st["waiting_for"]]
-                shown = ", ".join(names[:2]) + (" ..." if len(names) > 2 else "")
-                parts.append(f"waiting for {shown} ({console.fmt_age(st['waiting_seconds'])})")
-            if st["last_error"]:
-                parts.append("remote failing")
-            if st["preemption"] is not None:
-                parts.append("PREEMPTED")
-            console.title(" · ".join(parts))
 
 
 def files_in_progress(files: dict[str, str], limit: int = 3) -> str:

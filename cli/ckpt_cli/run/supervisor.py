@@ -32,7 +32,7 @@ from ckpt_cli.history import RunHistory, attempts_before, load_runs
 from ckpt_cli.remote import open_backend, redact_url
 from ckpt_cli.repository import Repository, rank_stream
 from ckpt_cli.restore import ensure_dir
-from ckpt_cli.run import preemption
+from ckpt_cli.run import live, preemption
 from ckpt_cli.run.attempts import AttemptLoop, Spawn
 from ckpt_cli.run.child import Child, Guardian
 from ckpt_cli.run.clock import Clock, SystemClock
@@ -173,13 +173,8 @@ class Supervisor:
             # the child is told so, as after a relaunch (CKPT_RESTORED).
             descends_from = (parent.id, parent.step)
         ensure_dir(cfg.dir)
-        if restored_id:
-            ref = repo.find(restored_id)
-            self.events.emit(
-                "restore", snapshot=restored_id, generation=ref.generation if ref else None
-            )
-        else:
-            self.events.emit("fresh", reason="nothing restored")
+        ref = repo.find(restored_id) if restored_id else None
+        self.reporter.starts_from(restored_id, ref.generation if ref else None)
         worker = self._worker_for(snapshotter)
         watcher = Watcher(cfg.dir, worker.changed, self.patterns)
         recovery = Recovery(
@@ -320,7 +315,7 @@ class Supervisor:
         )
         if console.is_terminal():
             threading.Thread(
-                target=self.reporter.title_loop,
+                target=live.title_loop,
                 args=(self._status, self._stop_watching),
                 name="ckpt-title",
                 daemon=True,
@@ -381,10 +376,7 @@ class Supervisor:
             display=repo.display,
             directory=str(self.cfg.dir),
         )
-        if out.warning:
-            console.warn(out.warning)
-        if out.error:
-            console.error(out.error)
+        self.reporter.outcome(out.warning, out.error)
         self.reporter.end(out.status, out.word, len(loop.attempts), recovery.worker)
         self.events.close()
         history.finish(out.status, out.word)
@@ -400,10 +392,7 @@ class Supervisor:
     def _hibernation(self, notice: preemption.Notice) -> None:
         """(The watcher's thread.) The job is frozen with the machine, not
         lost: ask for a checkpoint and a snapshot, in case it never resumes."""
-        console.warn(
-            f"preemption notice: {notice.describe()}: the job is frozen with the instance "
-            "and goes on when it resumes; checkpointing now in case it does not"
-        )
+        self.reporter.hibernation(notice)
         with contextlib.suppress(CkptError):
             self._send_checkpoint_signal()
         worker = self._worker
@@ -442,7 +431,12 @@ class Supervisor:
     def _status(self) -> dict[str, Any]:
         child = self.loop.child if self.loop is not None else None
         notice = self.board.notice
-        return self.reporter.status(
+        assert self._worker is not None
+        return live.status(
+            self._worker,
+            rate=self.reporter.rate,
+            settle_timeout=self.cfg.settle_timeout,
+            run=self.run_id,
             attempt=self.attempt,
             child_pid=child.pid if child is not None and child.exit is None else None,
             dir=str(self.cfg.dir),
