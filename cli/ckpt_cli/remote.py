@@ -256,10 +256,14 @@ def s3_options(
       the CPU of a restore, on the one thread that does all the network work.
     - a connection pool for `pool` requests at once (botocore keeps 10: more
       requests in flight would wait for a connection).
+    - no check of each call's parameters (`parameter_validation` false):
+      ckpt makes every call itself, and botocore's check refuses a chunk
+      buffer handed over as it is (`piecewise_puts`).
     """
     out = dict(options)
     config = dict(out.get("config_kwargs") or {})
     config.setdefault("max_pool_connections", max(_POOL_MIN, pool))
+    config.setdefault("parameter_validation", False)
     if checksum_options:
         for key, var in (
             ("request_checksum_calculation", "AWS_REQUEST_CHECKSUM_CALCULATION"),
@@ -272,6 +276,19 @@ def s3_options(
     config["s3"] = s3
     out["config_kwargs"] = config
     return out
+
+
+def piecewise_puts(options: dict[str, Any]) -> bool:
+    """Whether the S3 client these options open takes a put's body as
+    `_Pieces`: nothing in botocore reads the body before it is sent (no
+    request checksum, no payload signature, no parameter check), which
+    holds with ckpt's settings unless the user set one of them back."""
+    config = options.get("config_kwargs") or {}
+    return (
+        config.get("request_checksum_calculation") == "when_required"
+        and config.get("parameter_validation") is False
+        and (config.get("s3") or {}).get("payload_signing_enabled") is False
+    )
 
 
 def _botocore_has(option: str) -> bool:
@@ -564,8 +581,10 @@ class FsspecBackend:
         self.fs, self.root = self._connect_retrying()
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         self.atomic_put = protocol in _OBJECT_STORES
-        #: Its put sends a bytearray as it is (adlfs refuses one).
+        #: Its put sends a bytearray as it is (adlfs refuses one); S3 with
+        #: ckpt's client settings takes a chunk buffer piece by piece.
         self._bytearrays = urlsplit(url).scheme in _TAKE_BYTEARRAYS
+        self._piecewise = self._bytearrays and piecewise_puts(self._open_options())
         # How this implementation's put refuses to replace an existing object:
         # s3fs and gcsfs take mode="create" (If-None-Match / ifGenerationMatch=0),
         # adlfs overwrite=False; others cannot, and create_exclusive checks first.
@@ -578,17 +597,21 @@ class FsspecBackend:
             else None
         )
 
+    def _open_options(self) -> dict[str, Any]:
+        """The storage options the filesystem is opened with (`s3_options`)."""
+        if urlsplit(self.url).scheme not in ("s3", "s3a"):
+            return self.options
+        return s3_options(
+            self.options,
+            pool=self.concurrency + _POOL_SPARE,
+            env=dict(os.environ),
+            checksum_options=_botocore_has("request_checksum_calculation"),
+        )
+
     def _connect(self) -> tuple[Any, str]:
         import fsspec  # fsspec is imported in this module only
 
-        options = self.options
-        if urlsplit(self.url).scheme in ("s3", "s3a"):
-            options = s3_options(
-                options,
-                pool=self.concurrency + _POOL_SPARE,
-                env=dict(os.environ),
-                checksum_options=_botocore_has("request_checksum_calculation"),
-            )
+        options = self._open_options()
         try:
             fs, root = fsspec.core.url_to_fs(self.url, skip_instance_cache=True, **options)
         except ImportError as exc:
@@ -722,7 +745,11 @@ class FsspecBackend:
         """Whole or not at all. A memoryview is sent as it is where it is the
         whole of a bytearray (a chunk buffer: no copy), else copied once."""
         path = self._path(key)
-        body = _body(data, bytearrays=self._bytearrays)
+        body: Any = (
+            _Pieces(data)
+            if self._piecewise and isinstance(data, memoryview)
+            else _body(data, bytearrays=self._bytearrays)
+        )
 
         def go(fs: Any, kw: dict[str, Any]) -> None:
             if self.atomic_put:
@@ -829,8 +856,8 @@ class FsspecBackend:
 
 
 #: The largest piece a body is read in where the client cannot hand over
-#: the pieces it received.
-_PIECE = 1 << 20
+#: the pieces it received, and the piece a chunk is sent in.
+_PIECE = 256 * 1024
 
 
 def _body(data: bytes | memoryview, *, bytearrays: bool) -> bytes | bytearray:
@@ -848,6 +875,31 @@ def _body(data: bytes | memoryview, *, bytearrays: bool) -> bytes | bytearray:
     if isinstance(whole, bytearray) and data.contiguous and data.nbytes == len(whole):
         return whole
     return bytearray(data)
+
+
+class _Pieces:
+    """A chunk buffer as a put's body, sent _PIECE bytes at a time: aiohttp
+    writes each piece and waits until the socket took it, so nothing copies
+    the chunk (a bytearray body is copied whole by aiohttp's slice, and what
+    the socket did not take at once is copied again by asyncio's transport
+    on Python 3.11). Each request iterates it afresh (a retry sends it
+    again); s3fs's multipart upload slices it into parts."""
+
+    def __init__(self, view: memoryview) -> None:
+        self.view = view.cast("B") if view.format != "B" else view
+
+    def __len__(self) -> int:
+        return self.view.nbytes
+
+    def __getitem__(self, part: slice) -> _Pieces:
+        return _Pieces(self.view[part])
+
+    def __aiter__(self) -> Any:
+        return self._pieces()
+
+    async def _pieces(self) -> Any:
+        for start in range(0, len(self.view), _PIECE):
+            yield self.view[start : start + _PIECE]
 
 
 async def _read_async(fs: Any, path: str, sink: _Sink) -> int:

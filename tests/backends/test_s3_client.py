@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from ckpt_cli.remote import FsspecBackend, NotFound, open_backend, s3_options
+from ckpt_cli.remote import FsspecBackend, NotFound, open_backend, piecewise_puts, s3_options
 from stores import Store
 
 S3_KINDS = ["s3-moto", "s3-s3rver"]
@@ -78,15 +78,19 @@ def test_the_pool_follows_the_concurrency(s3: Store, concurrency: int) -> None:
 
 def test_s3_options_keep_what_the_user_set() -> None:
     """ckpt's client settings fill in only what neither the storage options
-    nor the AWS_* variables say; botocore before 1.36 gets no checksum keys."""
+    nor the AWS_* variables say; botocore before 1.36 gets no checksum keys.
+    A chunk goes out as it is (piecewise_puts) only where nothing in botocore
+    reads the body first."""
     env: dict[str, str] = {}
     mine = s3_options({}, pool=12, env=env, checksum_options=True)
     assert mine["config_kwargs"] == {
         "max_pool_connections": 12,
+        "parameter_validation": False,
         "request_checksum_calculation": "when_required",
         "response_checksum_validation": "when_required",
         "s3": {"payload_signing_enabled": False},
     }
+    assert piecewise_puts(mine)
     user = {
         "key": "k",
         "config_kwargs": {
@@ -101,9 +105,11 @@ def test_s3_options_keep_what_the_user_set() -> None:
     assert got["key"] == "k"
     assert got["config_kwargs"] == {
         "max_pool_connections": 3,
+        "parameter_validation": False,
         "request_checksum_calculation": "when_supported",
         "s3": {"payload_signing_enabled": True, "addressing_style": "path"},
     }
+    assert not piecewise_puts(got)
     assert user["config_kwargs"]["s3"] == {
         "payload_signing_enabled": True,
         "addressing_style": "path",
@@ -111,8 +117,10 @@ def test_s3_options_keep_what_the_user_set() -> None:
     old = s3_options({}, pool=4, env=env, checksum_options=False)
     assert old["config_kwargs"] == {
         "max_pool_connections": 10,
+        "parameter_validation": False,
         "s3": {"payload_signing_enabled": False},
     }
+    assert not piecewise_puts(old)
 
 
 def test_an_abandoned_read_writes_nothing_more() -> None:
