@@ -1,4 +1,4 @@
-"""The one-shot commands: restore, push, ls, commit, signal. Each returns an
+"""The one-shot commands: restore, push, ls, timeline, commit, signal. Each returns an
 exit status; a command's output (tables, --json) goes to stdout, ckpt's own
 lines through `console`. The commands that look after a repository (show,
 diff, verify, gc) are in `operate`.
@@ -18,18 +18,25 @@ from pathlib import Path
 from typing import Any
 
 from ckpt._contract import ExitCode
-from ckpt_cli import config, console
+from ckpt_cli import config, console, costs
 from ckpt_cli.errors import CkptError, ConfigError
-from ckpt_cli.history import load_runs
+from ckpt_cli.history import annotate, load_runs
 from ckpt_cli.lease import DEFAULT_TTL, Heartbeat
 from ckpt_cli.manifest import Manifest
-from ckpt_cli.remote import open_backend, parse_storage_options
-from ckpt_cli.repo_tools import Checked, check, open_existing
-from ckpt_cli.repository import Repository, newest_manifest, rank_stream, stream_rank
+from ckpt_cli.remote import open_backend
+from ckpt_cli.repo_tools import Checked, check, find, open_existing
+from ckpt_cli.repository import (
+    Repository,
+    Suspect,
+    newest_manifest,
+    pick,
+    rank_stream,
+    stream_rank,
+)
 
 
-def _open(remote: str, options: list[str], *, create: bool) -> Repository | None:
-    backend = open_backend(remote, parse_storage_options(options))
+def _open(remote: str, options: dict[str, Any], *, create: bool) -> Repository | None:
+    backend = open_backend(remote, options)
     return Repository.open(backend, create=create)
 
 
@@ -53,7 +60,7 @@ def restore(
     remote: str,
     dir: Path,
     snapshot: str | None,
-    options: list[str],
+    options: dict[str, Any],
     *,
     force: bool = False,
     rank: int | None = None,
@@ -105,7 +112,8 @@ def restore(
     m = done.manifest
     step = "" if m.step is None else f", step {m.step}"
     console.info(
-        f"restored snapshot {m.id} (generation {m.generation}{step}, {len(m.files)} files, "
+        f"restored snapshot {m.id} (generation {m.generation}{step}, "
+        f"{console.plural(len(m.files), 'file')}, "
         f"{console.fmt_bytes(m.total_size)}) into {target} in {done.seconds:.1f}s"
     )
     return ExitCode.OK
@@ -133,14 +141,14 @@ def _watching(snapshotter: Any, bar: console.Progress) -> Iterator[None]:
 
 
 def push(
-    dir: Path, remote: str, keep: int, options: list[str], *, allow_empty: bool = False
+    dir: Path, remote: str, keep: int, options: dict[str, Any], *, allow_empty: bool = False
 ) -> int:
     from ckpt_cli.kept import recover_interrupted
     from ckpt_cli.snapshotter import Snapshotter, UnreadableError
 
     source = config.resolve_dir(dir)
     if not source.is_dir():
-        raise ConfigError(f"{source} is not a directory (ckpt push DIR REMOTE)")
+        raise ConfigError(f"{source} is not a directory (ckpt push [DIR] [REMOTE], or --dir)")
     config.check_remote_outside(source, remote)
     config.check_lasting(remote, "ckpt push")
     recover_interrupted(source)  # a restore killed half-way is finished first
@@ -182,7 +190,8 @@ def push(
         console.info(f"nothing changed since snapshot {held}")
         return ExitCode.OK
     console.info(
-        f"pushed snapshot {m.id} (generation {m.generation}): {len(m.files)} files, "
+        f"pushed snapshot {m.id} (generation {m.generation}): "
+        f"{console.plural(len(m.files), 'file')}, "
         f"{console.fmt_bytes(m.total_size)}, {console.fmt_bytes(result.new_bytes)} new, "
         f"{result.seconds:.1f}s"
     )
@@ -200,7 +209,8 @@ def refuse_empty_push(
         return
     raise ConfigError(
         f"{source} is empty and the newest snapshot of {repo.display}, {newest.id}, holds "
-        f"{len(newest.files)} files: pushing it would make an empty snapshot the one every "
+        f"{console.plural(len(newest.files), 'file')}: pushing it would make an empty snapshot "
+        "the one every "
         f"restore picks, and --keep {keep} would drop older ones; pass --allow-empty if that "
         "is what you want"
     )
@@ -210,7 +220,12 @@ def refuse_empty_push(
 
 
 def ls(
-    remote: str, as_json: bool, options: list[str], *, runs: bool = False, rank: int | None = None
+    remote: str,
+    as_json: bool,
+    options: dict[str, Any],
+    *,
+    runs: bool = False,
+    rank: int | None = None,
 ) -> int:
     from ckpt_cli import world
 
@@ -222,9 +237,11 @@ def ls(
             console.info(f"{remote} is empty: no snapshots yet")
         return ExitCode.OK
     ranks_doc: dict[str, Any] = {}
+    overview: list[str] | None = None  # a multi-node remote's table, without --rank
     if rank is not None or repo.rank_snapshots():
         w = world.World(repo)
-        gens = w.generations(repo.present_chunks())
+        present = repo.present_chunks()
+        gens = w.generations(present)
         counts = {str(stream_rank(s)): len(loaded) for s, loaded in sorted(w.streams.items()) if s}
         ranks_doc = {
             "complete_steps": [g.step for g in gens],
@@ -233,11 +250,14 @@ def ls(
         }
         if rank is not None:
             repo.stream = rank_stream(rank, 2)
+        elif not as_json and not runs:
+            overview = _world_table(w, gens, present)
         if not as_json and not runs:
             if gens:
                 steps = ", ".join(str(g.step) for g in gens[:10])
                 console.info(
-                    f"steps complete on all {gens[0].world_size} ranks, newest first: {steps}"
+                    f"steps complete on all {console.plural(gens[0].world_size, 'rank')}, "
+                    f"newest first: {steps}"
                 )
             else:
                 console.info("no step is complete on all ranks (ckpt.commit(step=N) makes one)")
@@ -246,18 +266,19 @@ def ls(
                 + ", ".join(f"rank {r}: {n}" for r, n in counts.items())
                 + ("" if rank is not None else " (ckpt ls --rank R lists one)")
             )
-    rows: list[dict[str, Any]] = []
-    newest_found = False
-    for c in check(repo, repo.snapshots()).snapshots:
-        row = _ls_row(c)
-        if c.ok and not newest_found:
-            row["state"], newest_found = "newest", True
-        rows.append(row)
+    checked = check(repo, repo.snapshots()).snapshots
+    suspect = repo.suspect_keys()
+    marks = {c.ref.key: repo.read_suspect(c.ref.key) for c in checked if c.ref.key in suspect}
+    chosen = pick(((c.ref, c.manifest) for c in checked if c.ok and c.manifest), suspect)
+    rows = [
+        _ls_row(c, marks.get(c.ref.key), chosen is not None and chosen[0] == c.ref) for c in checked
+    ]
     if as_json:
         doc = {
             "remote": remote,
+            "rehashed": False,  # chunks checked by one listing: see NOT_REHASHED
             "snapshots": rows,
-            "runs": load_runs(repo.backend),
+            "runs": annotate(load_runs(repo.backend)),
             **ranks_doc,
         }
         console.document(doc)
@@ -268,8 +289,16 @@ def ls(
             _runs_table(history)
         else:
             console.info(f"{remote} has no run history yet (only `ckpt run` writes one)")
+    elif overview is not None:
+        if rows:
+            console.info(
+                f"the remote also holds {console.plural(len(rows), 'snapshot')} of a "
+                "single-node run (--json lists them)"
+            )
     elif rows:
         _snapshot_table(rows)
+        if chosen is not None:
+            console.info(NOT_REHASHED)
     elif not ranks_doc:
         console.info(f"{remote} has no snapshots yet")
     elif rank is not None:
@@ -277,10 +306,74 @@ def ls(
     return ExitCode.OK
 
 
-def _ls_row(c: Checked) -> dict[str, Any]:
+#: What "newest" rests on: a restore re-hashes every chunk it reads and falls
+#: back past a corrupt one, which a listing cannot see (issue 20).
+NOT_REHASHED = (
+    "newest: every chunk it names is in the store; none was re-hashed (`ckpt verify "
+    "--full` does; a restore skips a snapshot whose chunk is corrupt)"
+)
+
+
+def _world_table(w: Any, gens: list[Any], present: set[str]) -> list[str]:
+    """A multi-node remote on stdout: the steps complete on all ranks, newest
+    first, the first marked "newest" (what every rank restores); with no
+    complete step, each rank's newest snapshot whose chunks all exist (what
+    each restores on its own). Returns the columns printed."""
+    now = time.time()
+    if gens:
+        cols = ["step", "ranks", "time", "age", "files", "size", "state"]
+        table = [
+            [
+                str(g.step),
+                str(g.world_size),
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(g.created)),
+                _age(now - g.created),
+                str(sum(len(m.manifest.files) for m in g.members.values())),
+                console.fmt_bytes(sum(m.manifest.total_size for m in g.members.values())),
+                "newest" if i == 0 else "",
+            ]
+            for i, g in enumerate(gens)
+        ]
+        console.table(cols, table, right=("step", "ranks", "files", "size"))
+        return cols
+    cols = ["rank", "snapshots", "newest", "gen", "step", "time", "age", "files", "size"]
+    table = []
+    for stream, loaded in sorted(w.streams.items(), key=lambda kv: stream_rank(kv[0])):
+        if not stream:
+            continue  # the root: a single-node run's snapshots
+        whole = [
+            (ref, m)
+            for ref, m in loaded
+            if isinstance(m, Manifest) and m.chunk_digests() <= present
+        ]
+        row = [str(stream_rank(stream)), str(len(loaded))]
+        if whole:
+            ref, m = whole[0]
+            row += [
+                ref.id,
+                str(ref.generation),
+                "-" if m.step is None else str(m.step),
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.created)),
+                _age(now - m.created),
+                str(len(m.files)),
+                console.fmt_bytes(m.total_size),
+            ]
+        else:
+            row += ["none whole", *[""] * 6]
+        table.append(row)
+    console.table(cols, table, right=("rank", "snapshots", "gen", "step", "files", "size"))
+    return cols
+
+
+def _ls_row(c: Checked, mark: Suspect | None, restore: bool) -> dict[str, Any]:
     """One snapshot as `ckpt ls --json` shows it. ok: the manifest parses and
-    every chunk it names exists; state: newest (what a restore picks),
-    complete or damaged; error: what is wrong with a damaged one."""
+    every chunk it names exists; checks: verified (no file was in progress
+    when it was taken), unverified (taken anyway: `unverified` names the
+    files and why) or unchecked (written before ckpt checked); suspect: the
+    crash-loop guard's mark (why, time, host, run) or null; restore: the one
+    `ckpt restore` and `ckpt run` use (`repository.pick`); state: newest
+    (that one), complete, unverified, suspect or damaged; error: what is
+    wrong with a damaged one."""
     m = c.manifest
     row: dict[str, Any] = {"id": c.ref.id, "generation": c.ref.generation}
     if m is not None:
@@ -296,7 +389,27 @@ def _ls_row(c: Checked) -> dict[str, Any]:
             rank=m.rank,
             world_size=m.world_size,
         )
-    row.update(ok=c.ok, state="complete" if c.ok else "damaged")
+        row.update(
+            verified=m.verified,
+            checks={True: "verified", False: "unverified", None: "unchecked"}[m.verified],
+            unverified=[{"path": p, "reason": why} for p, why in m.unverified],
+        )
+    if not c.ok:
+        state = "damaged"
+    elif restore:
+        state = "newest"
+    elif mark is not None:
+        state = "suspect"
+    elif m is not None and m.verified is False:
+        state = "unverified"
+    else:
+        state = "complete"
+    row.update(
+        ok=c.ok,
+        state=state,
+        restore=restore,
+        suspect=mark.to_json() if mark is not None else None,
+    )
     if not c.ok:
         row["error"] = c.summary()
     return row
@@ -307,11 +420,18 @@ LS_RUNS = 20
 
 
 def _runs_table(runs: list[dict[str, Any]]) -> None:
+    """One row per run, its costs in the last column; then, if any shown run
+    failed, one row per failure: when, how, the work lost, the time until
+    the next attempt started."""
+    ledger = costs.Ledger(runs)
     shown = runs[-LS_RUNS:]
     more = len(runs) - len(shown)
     if more:
-        console.info(f"the newest {len(shown)} of {len(runs)} runs (--json for all)")
+        console.info(
+            f"the newest {len(shown)} of {console.plural(len(runs), 'run')} (--json for all)"
+        )
     table: list[list[str]] = []
+    failures: list[list[str]] = []
     for r in shown:
         attempts = r["attempts"]
         numbers = [a.get("number") for a in attempts]
@@ -325,6 +445,7 @@ def _runs_table(runs: list[dict[str, Any]]) -> None:
         exits = ", ".join(str(a.get("exit") or "running?") for a in attempts) or "-"
         pre = r.get("preemption") or {}
         preempted = f"{pre.get('cloud', '?')} {pre.get('action', '')}".strip() if pre else ""
+        rc = ledger.runs[str(r["run"])]
         table.append(
             [
                 str(r["run"]),
@@ -334,23 +455,47 @@ def _runs_table(runs: list[dict[str, Any]]) -> None:
                 exits,
                 preempted,
                 str(r.get("outcome") or "running or killed"),
+                costs.describe(rc.totals()),
             ]
         )
-    cols = ("run", "host", "started", "attempts", "exits", "preemption", "outcome")
+        failures += [_failure_row(rc, a) for a in rc.attempts if a.failure]
+    cols = ("run", "host", "started", "attempts", "exits", "preemption", "outcome", "cost")
     console.table(cols, table)
+    if failures:
+        console.out([""])
+        console.table(
+            ("run", "attempt", "ended", "exit", "outcome", "work lost", "resumed after"),
+            failures,
+            right=("attempt", "work lost", "resumed after"),
+        )
+
+
+def _failure_row(rc: costs.RunCosts, a: costs.AttemptCost) -> list[str]:
+    """A failure: the work it lost, and how long until the next attempt
+    started ("-": none has yet). A killed run's end is its last sign of life."""
+    resumed = "-" if a.followed_by is None else _seconds(a.followed_by.resume)
+    lost = _seconds(a.lost)
+    ended = "?" if a.end is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(a.end))
+    if a.end_seen:
+        ended = f"after {ended}"
+    return [rc.run, str(a.number or "?"), ended, a.exit or "-", str(a.outcome), lost, resumed]
+
+
+def _seconds(value: float | None) -> str:
+    return "unknown" if value is None else costs.duration(value)
 
 
 def _snapshot_table(rows: list[dict[str, Any]]) -> None:
     table: list[list[str]] = []
     steps = any(r.get("step") is not None for r in rows)
     cols = ("id", "gen", *(("step",) if steps else ()), "time", "age", "files", "size", "new")
-    cols += ("attempt", "host", "state")
+    cols += ("attempt", "host", "checks", "state")
     now = time.time()
     for r in rows:
-        state = r["state"] if r["ok"] else f"damaged: {r['error']}"
+        state = _state_text(r)
         step = [] if not steps else ["-" if r.get("step") is None else str(r["step"])]
         if "created" not in r:
-            table.append([r["id"], str(r["generation"]), *step, *[""] * 7, state])
+            table.append([r["id"], str(r["generation"]), *step, *[""] * 8, state])
             continue
         table.append(
             [
@@ -364,10 +509,27 @@ def _snapshot_table(rows: list[dict[str, Any]]) -> None:
                 console.fmt_bytes(r["new_bytes"]),
                 str(r["attempt"] or "-"),
                 str(r["host"]),
+                "-" if r["checks"] == "unchecked" else r["checks"],
                 "" if state == "complete" else state,
             ]
         )
     console.table(cols, table, right=("gen", "step", "files", "size", "new", "attempt"))
+
+
+def _state_text(r: dict[str, Any]) -> str:
+    """The state column: what a restore makes of the snapshot, and why."""
+    if not r["ok"]:
+        return f"damaged: {r['error']}"
+    mark = r.get("suspect")
+    if mark is not None:
+        at = mark.get("time")
+        when = f" at {time.strftime('%Y-%m-%d %H:%M', time.localtime(at))}" if at else ""
+        on = f" on {mark['host']}" if mark.get("host") else ""
+        detail = f"suspect: {mark['why']} (marked{on}{when})"
+        return f"newest, {detail}" if r["state"] == "newest" else detail
+    if r["state"] == "unverified":
+        return "unverified (a restore prefers a verified one)"
+    return str(r["state"])
 
 
 def _age(seconds: float) -> str:
@@ -376,6 +538,78 @@ def _age(seconds: float) -> str:
         if seconds >= size:
             return f"{seconds / size:.0f}{unit} ago"
     return f"{seconds:.0f}s ago"
+
+
+# ---------------------------------------------------------------- timeline
+
+
+def timeline(
+    remote: str,
+    options: dict[str, Any],
+    *,
+    run: str | None = None,
+    out: Path | None = None,
+    rank: int | None = None,
+) -> int:
+    """Draw a run and the failed runs it continued: in the terminal, or as
+    one self-contained SVG or HTML file (`out`, by its extension)."""
+    from ckpt_cli import timeline as chart
+    from ckpt_cli import timeline_file
+
+    kind = None if out is None else timeline_file.kind_of(out.name)
+    if out is not None:
+        if kind is None:
+            raise ConfigError(f"--out {out}: name a .html or .svg file (the extension says which)")
+        if not out.parent.is_dir():
+            raise ConfigError(f"--out {out}: the directory {out.parent} does not exist")
+        if out.is_dir():
+            raise ConfigError(f"--out {out} is a directory: name a .html or .svg file in it")
+    repo = open_existing(remote, options)
+    records = load_runs(repo.backend) if repo is not None else []
+    if not records:
+        console.info(f"{remote} has no run history yet (only `ckpt run` writes one)")
+        return ExitCode.OK
+    _, runs = chart.choose(records, run, rank)
+    now = time.time()
+    if out is None or kind is None:
+        chart.show(runs, now, console.width())
+        return ExitCode.OK
+    text = timeline_file.render(runs, now, kind)
+    tmp = out.with_name(f".{out.name}.ckpt-{secrets.token_hex(4)}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise ConfigError(f"--out {out}: {exc.strerror or exc}") from None
+    attempts = sum(len(r.attempts) for r in runs)
+    console.info(
+        f"timeline of {console.plural(len(runs), 'run')} "
+        f"({console.plural(attempts, 'attempt')}) written to {out}"
+    )
+    return ExitCode.OK
+
+
+# ---------------------------------------------------------------- unsuspect
+
+
+def unsuspect(remote: str, snapshot: str, options: dict[str, Any]) -> int:
+    """Clear the crash-loop guard's mark of a snapshot: restores may pick it
+    again. A snapshot without a mark is left as it is (exit 0)."""
+    repo = open_existing(remote, options)
+    if repo is None:
+        raise ConfigError(f"no snapshot {snapshot!r} in {remote}: it is empty (see `ckpt ls`)")
+    ref = find(repo, snapshot)
+    name = f"snapshot {ref.id} (generation {ref.generation})"
+    if repo.clear_suspect(ref):
+        console.info(
+            f"cleared the suspect mark of {name} in {remote}: `ckpt restore` and `ckpt run` "
+            "may pick it again"
+        )
+    else:
+        console.info(f"{name} in {remote} is not marked suspect: nothing to clear")
+    return ExitCode.OK
 
 
 #: The largest step the control socket takes (a manifest's bound too).
@@ -399,7 +633,13 @@ def commit(
         message["step"] = step
     reply = request(socket_path, message)
     if not reply.get("ok"):
-        raise CkptError(f"commit failed: {reply.get('error')}", exit_code=ExitCode.UNAVAILABLE)
+        # A file that is not whole or cannot be read (65: the data, not the
+        # remote) fails the same commit again; anything else may pass later.
+        refused = reply.get("retryable") is False
+        raise CkptError(
+            f"commit failed: {reply.get('error')}",
+            exit_code=ExitCode.DAMAGED if refused else ExitCode.UNAVAILABLE,
+        )
     if reply.get("snapshot"):
         tagged = "" if reply.get("step") is None else f" (step {reply['step']})"
         console.info(f"committed: snapshot {reply['snapshot']}{tagged} is durable")
@@ -408,14 +648,26 @@ def commit(
     return ExitCode.OK
 
 
-def send_signal(socket_path: str | None) -> int:
+def send_signal(socket_path: str | None, directory: Path | None = None) -> int:
+    """Send the checkpoint signal through a supervisor's control socket: the
+    given one (--socket, or CKPT_SOCKET inside a supervised child), else the
+    running `ckpt run` of this user found in the registry `ckpt status`
+    reads (the one of `directory` when several run)."""
     if not socket_path:
-        raise ConfigError("no supervisor to signal: CKPT_SOCKET is not set (pass --socket)")
+        from ckpt_cli import control
+
+        problem = control.untrusted_registry()
+        if problem:
+            console.warn(f"{problem}: not read (give --socket)")
+        entries = [] if problem else control.registered()
+        socket_path = str(control.pick_run(entries, directory)["socket"])
     reply = request(socket_path, {"op": "signal"})
     if not reply.get("ok"):
         raise CkptError(f"signal not sent: {reply.get('error')}", exit_code=ExitCode.UNAVAILABLE)
-    pids = ", ".join(str(p) for p in reply.get("pids", []))
-    console.info(f"checkpoint signal sent to pid {pids}")
+    sent = [str(p) for p in reply.get("pids", [])]
+    console.info(
+        f"checkpoint signal sent to {'pid' if len(sent) == 1 else 'pids'} {', '.join(sent)}"
+    )
     return ExitCode.OK
 
 

@@ -1,5 +1,6 @@
 """Validated settings of `ckpt run`: where each one comes from, and helpers to
-resolve paths and remotes.
+resolve paths and remotes; where the other commands find their remote
+(`locate`: the same sources, in the same order, as `ckpt run`).
 
 Every option of `ckpt run` is one row of `OPTIONS`: its type, default, env var
 and key in a config file. `load` merges the four sources, highest first:
@@ -10,7 +11,7 @@ of each one for `ckpt run --print-config`.
 
 Imports: standard library (tomllib lazily), the shim's contract, `policy`,
 `remote` (URL and storage-option helpers only), `redact`, `errors`, `events`
-(what --log-json accepts).
+(what --log-json accepts), `formats` (user checks).
 """
 
 from __future__ import annotations
@@ -25,15 +26,16 @@ import os
 import re
 import signal
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from ckpt._contract import ExitCode
 from ckpt_cli import events, policy, redact
 from ckpt_cli.errors import ConfigError
+from ckpt_cli.formats import CommandCheck
 from ckpt_cli.policy import Backoff, RetryOn
-from ckpt_cli.remote import is_local, local_path, parse_storage_options
+from ckpt_cli.remote import is_local, local_path, parse_storage_options, redact_url
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,9 +67,17 @@ class RunConfig:
     snapshots: str = "auto"  # "auto": on quiet periods until the first commit; "commit"
     checkpoint_signal: int = int(signal.SIGUSR1)
     preemption: str = "auto"  # auto | aws | gcp | azure | off (preemption.MODES)
+    #: How long an automatic snapshot waits for files in progress (seconds).
+    settle_timeout: float = 120.0
+    #: The built-in format checks are on (--no-format-checks turns them off).
+    format_checks: bool = True
+    #: The user's checks (--check GLOB=COMMAND, [checks]), first match wins.
+    checks: tuple[CommandCheck, ...] = ()
     quiet: bool = False  # errors only
     verbose: bool = False  # debug detail too
     log_json: Path | None = None  # also log JSON lines to this file
+    #: Failures in a row right after a restore that make it suspect (0: off).
+    crash_loop: int = 2
 
 
 def data_home() -> Path:
@@ -186,6 +196,31 @@ def parse_backoff(value: str) -> Backoff:
     return backoff
 
 
+def checks_from_flags(specs: list[str]) -> dict[str, str]:
+    """--check GLOB=COMMAND, repeated -> the [checks] table (a glob given
+    twice: the last one wins, as for any repeated flag)."""
+    table: dict[str, str] = {}
+    for spec in specs:
+        check = CommandCheck.parse(spec)  # one line naming --check if malformed
+        table[check.glob] = spec.partition("=")[2].strip()
+    return table
+
+
+def parse_checks(value: Any) -> dict[str, str | list[str]]:
+    """The [checks] table: GLOB = "command line" or ["argv", "list"]; every
+    program must exist now."""
+    if not isinstance(value, dict):
+        raise ConfigError("checks is not a table of GLOB = COMMAND")
+    for glob, command in value.items():
+        ok = isinstance(command, str) or (
+            isinstance(command, list) and all(isinstance(a, str) for a in command)
+        )
+        if not ok:
+            raise ConfigError(f"checks {glob!r}: the command is not a string or a list of strings")
+        CommandCheck.of(glob, command, flag="checks")
+    return dict(value)
+
+
 def parse_checkpoint_signal(value: str) -> int:
     try:
         return policy.parse_signal(value)
@@ -231,6 +266,9 @@ class Option:
     optional: bool = False
     #: A path: relative to the working directory (where the config file is).
     path: bool = False
+    #: A table's flag form (repeated strings) -> the table (default: KEY=VALUE
+    #: storage options).
+    from_flags: Callable[[list[str]], dict[str, Any]] | None = None
 
     @property
     def file_key(self) -> str:
@@ -253,6 +291,7 @@ OPTIONS: tuple[Option, ...] = (
         aliases=("storage-option",),
     ),
     Option("retries", "int", 3, min=0),
+    Option("crash_loop", "int", 2, min=0),
     Option("retry_on", "str", policy.DEFAULT_RETRY_ON, parse=policy.parse_retry_on),
     Option("backoff", "str", "1:60", parse=parse_backoff),
     Option("grace", "float", 30.0, min=0, max=MAX_SECONDS),
@@ -272,6 +311,19 @@ OPTIONS: tuple[Option, ...] = (
     Option("concurrency", "int", 4, min=1, max=64),
     Option("io_timeout", "float", 120.0, min=1, max=MAX_SECONDS),
     Option("preemption", "str", "auto", parse=parse_preemption),
+    Option("settle_timeout", "float", 120.0, min=0, max=MAX_SECONDS),
+    Option("no_format_checks", "bool", False),
+    Option(
+        "check",
+        "table",
+        {},
+        env="CKPT_CHECKS",
+        key="checks",
+        aliases=("check",),
+        parse=parse_checks,
+        from_flags=checks_from_flags,
+    ),
+    Option("check_timeout", "float", 60.0, min=1, max=MAX_SECONDS),
     Option("quiet", "bool", False),
     Option("verbose", "bool", False),
     Option("log_json", "str", None, optional=True, parse=events.check_path, path=True),
@@ -308,12 +360,16 @@ def load(
     *,
     environ: Mapping[str, str] | None = None,
     cwd: Path | None = None,
+    names: Collection[str] | None = None,
 ) -> Settings:
     """Merge flags > env > file > defaults; ConfigError (one line, naming the
     source) for an unknown file key or a bad value from anywhere.
 
     flags: the options given on the command line, by parameter name, as typer
-    parsed them (--storage-option as its list of KEY=VALUE strings)."""
+    parsed them (--storage-option as its list of KEY=VALUE strings). names:
+    only these options are settled (the other commands read a few of ckpt
+    run's: `locate`); the file is still read whole, so an unknown key in it
+    is an error for every command."""
     environ = os.environ if environ is None else environ
     cwd = Path.cwd() if cwd is None else cwd
     redact.register_env(environ)  # before anything is printed or logged (the child's argv)
@@ -321,6 +377,8 @@ def load(
     from_file = _file_values(table, label) if label else {}
     values: dict[str, Setting] = {}
     for opt in OPTIONS:
+        if names is not None and opt.name not in names:
+            continue
         env = opt.env_var
         raw_env = environ.get(env, "") if env else ""
         if opt.name in flags:
@@ -390,10 +448,127 @@ def run_config(settings: Settings, *, need_command: bool = True) -> RunConfig:
         snapshots=settings["snapshots"],
         checkpoint_signal=settings["checkpoint_signal"],
         preemption=settings["preemption"],
+        settle_timeout=settings["settle_timeout"],
+        format_checks=not settings["no_format_checks"],
+        checks=tuple(
+            CommandCheck.of(glob, command, timeout=settings["check_timeout"], flag="checks")
+            for glob, command in settings["check"].items()
+        ),
         quiet=settings["quiet"],
         verbose=settings["verbose"],
         log_json=settings["log_json"],
+        crash_loop=settings["crash_loop"],
     )
+
+
+# ---------------------------------------------------------------- the other commands' remote
+
+#: The source of a remote that no flag, env var or file names: the embedded
+#: store of --dir (what `ckpt run` uses when given none).
+EMBEDDED = "embedded"
+
+
+@dataclasses.dataclass(frozen=True)
+class Location:
+    """Where a command other than `ckpt run` works: the remote, where it
+    came from (a source of `Setting`, or EMBEDDED), the --dir it goes with,
+    and the storage options (flag > env > file, like the remote)."""
+
+    remote: str
+    source: str
+    dir: Path
+    storage_options: dict[str, Any]
+    settings: Settings
+
+    @property
+    def given(self) -> bool:
+        """Named on the command line (as an argument or --remote)."""
+        return self.source == FLAG
+
+    def describe(self) -> str:
+        """The line that says which remote a command uses."""
+        shown = redact_url(self.remote)
+        if self.source == EMBEDDED:
+            return f"remote: {shown} (the embedded store of --dir {self.dir})"
+        origin = "the command line" if self.given else self.source
+        return f"remote: {shown} (from {origin})"
+
+
+def locate(
+    flags: Mapping[str, Any],
+    *,
+    writer: bool = False,
+    names: Collection[str] = (),
+    environ: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> Location:
+    """The remote of `ckpt ls`, `show`, `diff`, `verify`, `gc`, `restore` and
+    `push`, found as `ckpt run` finds its own: flag (an argument counts as
+    one) > CKPT_REMOTE > ckpt.toml / [tool.ckpt] > the embedded store of
+    --dir (itself flag > CKPT_DIR > file > ./checkpoints). A writer (push)
+    creates the embedded store as `ckpt run` does; a reader takes it only if
+    it exists, so a command never reads a repository nobody named: with
+    nothing to go on, ConfigError names the three ways to name one. `names`:
+    other settings of `ckpt run` the command takes from the same sources."""
+    settings = load(
+        flags,
+        environ=environ,
+        cwd=cwd,
+        names=("dir", "remote", "storage_option", *names),
+    )
+    directory: Path = settings["dir"]
+    options: dict[str, Any] = settings["storage_option"]
+    remote: str | None = settings["remote"]
+    if remote is not None:
+        return Location(remote, settings.values["remote"].source, directory, options, settings)
+    store = default_remote(directory)
+    if not writer and not Path(store).is_dir():
+        raise ConfigError(
+            f"no remote is named, and --dir {directory} has no embedded store (`ckpt run` "
+            "without a remote makes one): name the remote as an argument or with --remote, "
+            'in CKPT_REMOTE, or as remote = "..." in ckpt.toml ([tool.ckpt] in pyproject.toml)'
+        )
+    return Location(store, EMBEDDED, directory, options, settings)
+
+
+#: A snapshot as a command line names it: a generation number or an id
+#: prefix of 4 to 8 hex digits (ids are 8).
+_SNAPSHOT_NAME = re.compile(r"^(?:[0-9]+|[0-9a-f]{4,8})$")
+
+
+def names_snapshot(text: str) -> bool:
+    """True if text reads as a snapshot (a generation or an id prefix)."""
+    return bool(_SNAPSHOT_NAME.match(text))
+
+
+def place(
+    command: str,
+    slots: Sequence[str],
+    values: Sequence[str],
+    *,
+    taken: Collection[str] = (),
+    required: Collection[str] = (),
+) -> dict[str, str]:
+    """Which positional argument is which. `slots` in their order (e.g.
+    ("remote", "dir") for `ckpt restore [REMOTE] [DIR]`), less those a flag
+    gave (`taken`: --remote, --dir). The required slots are filled first;
+    what is left fills the optional ones from the left, so `ckpt diff A B`
+    is A and B of the resolved remote, `ckpt diff REMOTE A B` names it, and
+    `ckpt restore REMOTE` restores REMOTE into --dir. Too many or too few
+    arguments: a usage error (2) naming the command's shape."""
+    open_slots = [s for s in slots if s not in taken]
+    needed = [s for s in open_slots if s in required]
+    optional = [s for s in open_slots if s not in required]
+    shape = " ".join(s.upper() if s in required else f"[{s.upper()}]" for s in open_slots)
+    if len(values) < len(needed) or len(values) > len(open_slots):
+        given = f" ({', '.join('--' + t for t in taken if t in slots)} given)" if taken else ""
+        raise ConfigError(
+            f"ckpt {command} takes {shape or 'no arguments'}{given}, not {len(values)} "
+            f"argument{'' if len(values) == 1 else 's'} (see `ckpt {command} --help`)",
+            exit_code=ExitCode.USAGE,
+        )
+    filled = set(needed) | set(optional[: len(values) - len(needed)])
+    return dict(zip([s for s in open_slots if s in filled], values, strict=True))
 
 
 def _source_label(settings: Settings, name: str) -> str:
@@ -459,6 +634,8 @@ def _setting(
 
 def _from_flag(opt: Option, value: Any) -> Any:
     if opt.kind == "table":
+        if opt.from_flags is not None:
+            return opt.from_flags(list(value or ()))
         options = parse_storage_options(list(value or ()))
         redact.register_options(options)  # known as secrets from now on (crash logs too)
         return options
@@ -472,10 +649,11 @@ def _from_env(opt: Option, raw: str, env: str) -> Any:
     if opt.kind == "table":  # may hold secrets: never echo it
         try:
             value = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             value = None
         if not isinstance(value, dict):
-            raise ConfigError(f"{env} is not a JSON object (e.g. {env}='{{\"anon\": true}}')")
+            example = '{"*.msgpack": "my-verify"}' if opt.from_flags else '{"anon": true}'
+            raise ConfigError(f"{env} is not a JSON object (e.g. {env}='{example}')")
         redact.register_options(value)
         return value
     if opt.kind == "list":
@@ -573,8 +751,8 @@ def _file_values(table: Mapping[str, Any], label: str) -> dict[str, tuple[str, A
 def _settle_verbosity(values: dict[str, Setting]) -> None:
     """--quiet and --verbose together: the one from the higher source wins;
     from the same kind of source they contradict each other."""
-    quiet, verbose = values["quiet"], values["verbose"]
-    if not (quiet.value and verbose.value):
+    quiet, verbose = values.get("quiet"), values.get("verbose")
+    if quiet is None or verbose is None or not (quiet.value and verbose.value):
         return
     rank_q, rank_v = _rank(quiet.source), _rank(verbose.source)
     if rank_q == rank_v:

@@ -144,9 +144,11 @@ def title(text: str | None) -> None:
 
 
 class Progress:
-    """A progress bar on stderr (bytes, rate, ETA) for restore and push, on a
-    terminal only; off one, and under --quiet, it does nothing. `update(done,
-    total)` may be called from any thread, as often as it likes."""
+    """A long wait (a restore, a push, the final flush): on a terminal a
+    progress bar on stderr (bytes, rate, ETA); off one, the one line `what`
+    when it starts (the line that ends it is the caller's); nothing under
+    --quiet. `update(done, total)` may be called from any thread, as often
+    as it likes."""
 
     def __init__(self, what: str) -> None:
         self.what = what
@@ -154,7 +156,9 @@ class Progress:
         self._task: Any = None
 
     def __enter__(self) -> Progress:
-        if is_terminal() and not _quiet:
+        if not is_terminal():
+            info(self.what)
+        elif not _quiet:
             from rich.progress import (
                 BarColumn,
                 DownloadColumn,
@@ -271,6 +275,12 @@ def document(doc: Any) -> None:
         sys.stdout.flush()
 
 
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """A count as English says it: "1 file", "2 files", "0 files"; `many`
+    for a plural that is not word + "s" ("process", "processes")."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"
+
+
 def fmt_age(seconds: float) -> str:
     """12s, 4m05s, 3h02m, 2d04h."""
     seconds = max(0.0, seconds)
@@ -292,3 +302,29 @@ def fmt_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def chart(lines: Iterable[Sequence[tuple[str, str]]], *, width: int | None = None) -> None:
+    """Styled lines (`ckpt timeline`) on stdout: each line is (text, style)
+    segments, every text cleaned and taken as plain text (never markup), a
+    style a rich style string; colours only on a terminal (and not with
+    NO_COLOR). One line stays one line (no wrapping)."""
+    rendered = []
+    for segments in lines:
+        line = Text(no_wrap=True, overflow="crop")
+        for text, style in segments:
+            line.append(clean(text), style=style or "")
+        rendered.append(line)
+    with _lock:
+        c = _Console(
+            soft_wrap=True, highlight=False, no_color="NO_COLOR" in os.environ, width=width
+        )
+        for line in rendered:
+            c.print(line)
+
+
+def width() -> int:
+    """The columns of the terminal stdout goes to (100 off a terminal)."""
+    import shutil
+
+    return shutil.get_terminal_size((100, 24)).columns if sys.stdout.isatty() else 100

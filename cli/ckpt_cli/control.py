@@ -9,7 +9,12 @@
                                                 remote refused it, the error says so and
                                                 the commit is still uploaded later
     {"op": "commit", "wait": false}          -> {"ok": true, "pinned": true} once the
-                                                directory's content is pinned
+                                                directory's content is pinned and its
+                                                changed files pass their format checks
+                                             -> {"ok": false, "error": "model.pt fails
+                                                the zip check: ...", "retryable": false}
+                                                (either wait); retryable false: the
+                                                same commit can never succeed
     {"op": "hello", "pid": P, "signal": "SIGUSR1"}
                                              -> {"ok": true}: pid P handles the
                                                 checkpoint signal
@@ -23,8 +28,8 @@ type or out of range (`"timeout": "x"`, `1e400`, `"pid": 1.5`) is refused with
 a line longer than MAX_LINE is refused without being read whole (and the
 connection closed); an error of ckpt's own is a reply and one warning, never
 a traceback on the run's stderr.
-Imports: standard library, `uploader`, `subtree`, `errors`, `config`
-(check_number), `console`.
+Imports: standard library, `uploader`, `progress`, `snapshotter`, `subtree`, `errors`,
+`config` (check_number), `console`.
 """
 
 from __future__ import annotations
@@ -40,9 +45,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ckpt._contract import ExitCode
 from ckpt_cli import console, subtree
 from ckpt_cli.config import MAX_SECONDS, check_number
 from ckpt_cli.errors import CkptError, ConfigError
+from ckpt_cli.progress import NotWholeError
+from ckpt_cli.snapshotter import UnreadableError
 from ckpt_cli.uploader import SnapshotWorker
 
 MAX_LINE = 64 * 1024
@@ -147,6 +155,8 @@ class ControlServer:
                 timeout = check_number(timeout, f"timeout {timeout!r}", min=0, max=MAX_SECONDS)
             try:
                 req = self.worker.commit(step)
+            except (NotWholeError, UnreadableError) as exc:  # the data: said at once
+                return {"ok": False, "error": str(exc), "retryable": False}
             except OSError as exc:
                 return {"ok": False, "error": f"pinning the directory failed: {exc}"}
             if not wait:
@@ -154,7 +164,7 @@ class ControlServer:
             if not req.wait(timeout):
                 return {"ok": False, "error": f"commit not durable within {timeout:g}s"}
             if req.error:
-                return {"ok": False, "error": req.error}
+                return {"ok": False, "error": req.error, "retryable": req.retryable}
             return {
                 "ok": True,
                 "snapshot": req.manifest.id if req.manifest else None,
@@ -241,7 +251,7 @@ def registered() -> list[dict[str, Any]]:
         try:
             info = json.loads(path.read_text())
             pid = int(info["pid"])
-        except (OSError, ValueError, KeyError, TypeError, OverflowError):
+        except (OSError, ValueError, KeyError, TypeError, OverflowError, RecursionError):
             continue
         if not subtree.pid_alive(pid) or not Path(str(info.get("socket", ""))).exists():
             with contextlib.suppress(OSError):
@@ -256,3 +266,30 @@ def _started(info: dict[str, Any]) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         return 0.0
     return float(value)
+
+
+def pick_run(entries: list[dict[str, Any]], directory: Path | None) -> dict[str, Any]:
+    """Which running supervisor a command from another shell means (`ckpt
+    signal`): the one of `directory` when given, else the only one running.
+    CkptError (69) when none is running, or none for that directory;
+    ConfigError (78) when several run and no directory says which."""
+    where = registry_dir()
+    dirs = ", ".join(str(e.get("dir")) for e in entries)
+    if directory is not None:
+        mine = [e for e in entries if str(e.get("dir")) == str(directory)]
+        if mine:
+            return mine[-1]  # the newest, should a stale entry of the same dir remain
+        running = f" (running: {dirs})" if entries else f" (registry {where})"
+        raise CkptError(
+            f"no ckpt run of this user on this machine protects --dir {directory}{running}",
+            exit_code=ExitCode.UNAVAILABLE,
+        )
+    if len(entries) == 1:
+        return entries[0]
+    if not entries:
+        raise CkptError(
+            f"no ckpt run is running for this user on this machine (registry {where}); "
+            "inside a supervised child CKPT_SOCKET names its own, --socket another",
+            exit_code=ExitCode.UNAVAILABLE,
+        )
+    raise ConfigError(f"{len(entries)} ckpt runs are running ({dirs}): say which with --dir")

@@ -243,8 +243,8 @@ class Lease:
             doc = json.loads(self.backend.read(self.key))
         except NotFound:
             return None
-        except ValueError:
-            return {}  # garbage: treated as stale
+        except (ValueError, RecursionError):
+            return {}  # garbage (or nested deeper than the parser's stack): stale
         return doc if isinstance(doc, dict) else {}
 
     def judge(self, doc: dict[str, Any]) -> Verdict:

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from ckpt._contract import ExitCode
 from ckpt_cli import __version__, console
-from ckpt_cli.errors import error_funnel, stdout_closed
+from ckpt_cli.errors import ConfigError, error_funnel, stdout_closed
+
+if TYPE_CHECKING:  # config loads every option's parser: imported by the commands
+    from ckpt_cli.config import Location
 
 #: config.MAX_SECONDS, the most seconds a duration option takes (a test
 #: checks that the flags' ranges are the config table's); not imported from
@@ -30,11 +33,35 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-RemoteArg = Annotated[
-    str,
-    typer.Argument(
-        help="Repository URL: a path, file://, s3://, gs://, az://, sftp://, memory://."
+#: Where the other commands find their remote when none is named: the same
+#: sources as `ckpt run` (config.locate), said in every command's help.
+WHICH_REMOTE = (
+    "REMOTE: a path, file://, s3://, gs://, az://, sftp://, memory://; default: --remote, "
+    "else CKPT_REMOTE, else remote in ckpt.toml ([tool.ckpt] in pyproject.toml), else the "
+    "embedded store of --dir (what `ckpt run` uses when given no remote)."
+)
+RemoteOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--remote",
+        metavar="URL",
+        show_default=False,
+        help="Repository URL, as the REMOTE argument gives it (env CKPT_REMOTE, ckpt.toml).",
     ),
+]
+DirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--dir",
+        "-d",
+        metavar="DIR",
+        show_default=False,
+        help="Checkpoint directory, whose embedded store is the remote when none is named "
+        "(env CKPT_DIR, ckpt.toml; default ./checkpoints).",
+    ),
+]
+VerboseOpt = Annotated[
+    bool, typer.Option("--verbose", "-v", help="Say which remote is used, also off a terminal.")
 ]
 StorageOpt = Annotated[
     list[str] | None,
@@ -77,6 +104,38 @@ def _from_command_line(ctx: typer.Context) -> dict[str, Any]:
     }
 
 
+def _locate(
+    flags: dict[str, Any], *, writer: bool = False, names: tuple[str, ...] = ()
+) -> Location:
+    """The remote (config.Location) of a command other than `ckpt run`, from
+    the flags given (None: not given) and the sources `ckpt run` reads; said
+    on a terminal when it was not named on the command line, and with
+    --verbose (a debug line) always. Never on stdout, which may be JSON."""
+    from ckpt_cli import config
+
+    given = {k: v for k, v in flags.items() if v is not None and v != []}
+    where = config.locate(given, writer=writer, names=names)
+    if not where.given and console.is_terminal():
+        console.info(where.describe())
+    else:
+        console.debug(where.describe())
+    return where
+
+
+def _place(
+    command: str,
+    slots: tuple[str, ...],
+    values: list[str] | None,
+    *,
+    taken: dict[str, object],
+    required: tuple[str, ...] = (),
+) -> dict[str, str]:
+    from ckpt_cli import config
+
+    flags = tuple(name for name, value in taken.items() if value is not None)
+    return config.place(command, slots, values or [], taken=flags, required=required)
+
+
 @app.command(context_settings={"allow_interspersed_args": False})
 def run(
     ctx: typer.Context,
@@ -100,6 +159,15 @@ def run(
     ] = None,
     storage_option: StorageOpt = None,
     retries: Annotated[int, typer.Option(min=0, help="Relaunches after recoverable exits.")] = 3,
+    crash_loop: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            metavar="N",
+            help="After N failures in a row right after a restore (no newer snapshot), mark "
+            "that snapshot suspect and relaunch on the one before it; 0: off.",
+        ),
+    ] = 2,
     retry_on: Annotated[
         str,
         typer.Option(
@@ -225,6 +293,38 @@ def run(
             "azure, off.",
         ),
     ] = "auto",
+    settle_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            max=MAX_SECONDS,
+            help="Seconds an automatic snapshot waits for files in progress (open for writing "
+            "by the job, or failing their format check) before it is taken anyway, "
+            "marked unverified.",
+        ),
+    ] = 120.0,
+    no_format_checks: Annotated[
+        bool,
+        typer.Option(
+            "--no-format-checks",
+            help="Turn the built-in format checks off (zip, safetensors, HDF5, ...); --check "
+            "commands still run.",
+        ),
+    ] = False,
+    check: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="GLOB=COMMAND",
+            help="A check for files matching GLOB: COMMAND gets the file and exits 0 when it "
+            "is whole (repeatable; before the built-in checks).",
+        ),
+    ] = None,
+    check_timeout: Annotated[
+        float,
+        typer.Option(
+            min=1, max=MAX_SECONDS, help="Seconds a --check command may take (else: not whole)."
+        ),
+    ] = 60.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors.")] = False,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Debug detail too (what ckpt decides, and why).")
@@ -275,10 +375,22 @@ def run(
 
 @app.command("restore")
 def restore_cmd(
-    remote: RemoteArg,
-    dir: Annotated[Path, typer.Argument(help="Directory to restore into.")],
+    args: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="[REMOTE] [DIR]",
+            show_default=False,
+            help="The remote, then the directory to restore into (default: --dir). " + WHICH_REMOTE,
+        ),
+    ] = None,
+    remote: RemoteOpt = None,
+    dir: DirOpt = None,
     snapshot: Annotated[
-        str | None, typer.Option(help="Snapshot id or generation (default: the newest usable one).")
+        str | None,
+        typer.Option(
+            help="Snapshot id, unique id prefix (4+ characters) or generation (default: the "
+            "newest usable one)."
+        ),
     ] = None,
     force: Annotated[
         bool,
@@ -286,6 +398,7 @@ def restore_cmd(
     ] = False,
     storage_option: StorageOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    verbose: VerboseOpt = False,
     rank: Annotated[
         int | None,
         typer.Option(
@@ -307,21 +420,32 @@ def restore_cmd(
 ) -> None:
     """Restore a snapshot into DIR (verified, swapped in atomically).
 
-    A DIR that is not empty is refused without --force; with it, DIR keeps its
-    old contents until the whole snapshot is in place, then one rename swaps
-    them; files in no restorable snapshot are moved aside, never deleted.
+    With no arguments, the remote `ckpt run` would use is restored into
+    --dir (./checkpoints). A DIR that is not empty is refused without
+    --force; with it, DIR keeps its old contents until the whole snapshot is
+    in place, then one rename swaps them; files in no restorable snapshot
+    are moved aside, never deleted.
 
-    Example: ckpt restore s3://b/run ./checkpoints --snapshot 12 --force
+    Example: ckpt restore s3://b/run ./checkpoints --snapshot 12 --force (or, after a
+    `ckpt run` in this directory, plain `ckpt restore`)
     """
-    console.configure(quiet=quiet)
+    console.configure(quiet=quiet, verbose=verbose)
     with error_funnel() as status:
         from ckpt_cli import commands
 
+        placed = _place("restore", ("remote", "dir"), args, taken={"remote": remote, "dir": dir})
+        where = _locate(
+            {
+                "remote": placed.get("remote", remote),
+                "dir": placed.get("dir", dir),
+                "storage_option": storage_option,
+            }
+        )
         status[0] = commands.restore(
-            remote,
-            dir,
+            where.remote,
+            where.dir,
             snapshot,
-            storage_option or [],
+            where.storage_options,
             force=force,
             rank=rank,
             world_size=world_size,
@@ -332,11 +456,28 @@ def restore_cmd(
 
 @app.command()
 def push(
-    dir: Annotated[Path, typer.Argument(help="Directory to snapshot.")],
-    remote: RemoteArg,
-    keep: Annotated[int, typer.Option(min=1, help="Snapshots kept in the remote.")] = 3,
+    args: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="[DIR] [REMOTE]",
+            show_default=False,
+            help="The directory to snapshot (default: --dir), then the remote. " + WHICH_REMOTE,
+        ),
+    ] = None,
+    remote: RemoteOpt = None,
+    dir: DirOpt = None,
+    keep: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            show_default=False,
+            help="Restorable snapshots kept in the remote; older ones are deleted "
+            "(env CKPT_KEEP, ckpt.toml; default 3, as for ckpt run).",
+        ),
+    ] = None,
     storage_option: StorageOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    verbose: VerboseOpt = False,
     allow_empty: Annotated[
         bool,
         typer.Option(
@@ -345,24 +486,63 @@ def push(
         ),
     ] = False,
 ) -> None:
-    """Take one snapshot of DIR now (same code path as `ckpt run`).
+    """Take one snapshot of DIR now (same code path as `ckpt run`), then keep
+    the newest --keep restorable snapshots (3) and delete older ones.
 
-    An empty DIR over a remote whose newest snapshot holds files is refused
-    without --allow-empty.
+    With no arguments, --dir (./checkpoints) goes to the remote `ckpt run`
+    would use (its embedded store when none is named). An empty DIR over a
+    remote whose newest snapshot holds files is refused without
+    --allow-empty.
 
-    Example: ckpt push ./checkpoints s3://b/run
+    Example: ckpt push ./checkpoints s3://b/run (or plain `ckpt push`)
     """
-    console.configure(quiet=quiet)
+    console.configure(quiet=quiet, verbose=verbose)
     with error_funnel() as status:
         from ckpt_cli import commands
 
-        status[0] = commands.push(dir, remote, keep, storage_option or [], allow_empty=allow_empty)
+        placed = _place("push", ("dir", "remote"), args, taken={"dir": dir, "remote": remote})
+        where = _locate(
+            {
+                "dir": placed.get("dir", dir),
+                "remote": placed.get("remote", remote),
+                "storage_option": storage_option,
+                "keep": keep,
+            },
+            writer=True,
+            names=("keep",),
+        )
+        status[0] = commands.push(
+            where.dir,
+            where.remote,
+            where.settings["keep"],
+            where.storage_options,
+            allow_empty=allow_empty,
+        )
     raise typer.Exit(status[0])
+
+
+#: The REMOTE argument of the reading commands (optional: see WHICH_REMOTE).
+RemoteArg = Annotated[
+    str | None, typer.Argument(metavar="[REMOTE]", show_default=False, help=WHICH_REMOTE)
+]
+
+
+def _reader(
+    command: str,
+    remote_arg: str | None,
+    remote: str | None,
+    dir: Path | None,
+    storage_option: list[str] | None,
+) -> Location:
+    """The Location of a command whose only positional argument is REMOTE."""
+    if remote_arg is not None and remote is not None:
+        _place(command, ("remote",), [remote_arg], taken={"remote": remote})
+    return _locate({"remote": remote_arg or remote, "dir": dir, "storage_option": storage_option})
 
 
 @app.command("ls")
 def ls_cmd(
-    remote: RemoteArg,
+    remote_arg: RemoteArg = None,
     json_out: Annotated[
         bool,
         typer.Option("--json", help="One JSON document on stdout (snapshots and runs)."),
@@ -373,6 +553,8 @@ def ls_cmd(
             "--runs", help="List the run history (hosts, attempts, exits, preemptions) instead."
         ),
     ] = False,
+    remote: RemoteOpt = None,
+    dir: DirOpt = None,
     storage_option: StorageOpt = None,
     rank: Annotated[
         int | None,
@@ -380,34 +562,133 @@ def ls_cmd(
             min=0, show_default=False, help="List this rank's snapshots (a multi-node job's)."
         ),
     ] = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """List snapshots, newest first (or, with --runs, the runs that wrote them).
 
     Each row: id, generation, time, age, files, size, bytes new in it, attempt,
-    host and state. "newest" marks the snapshot `ckpt restore` and `ckpt run`
-    start from (the newest complete one); "damaged" ones (a manifest that does
-    not parse, chunks missing from the one listing of chunks/) are skipped by
-    them; `ckpt verify --full` also re-hashes chunks. There is no "kept" mark:
-    --keep is a flag of each writer (`ckpt run`, `push`), not stored, so every
-    snapshot listed is one the last retention kept; `ckpt gc --keep N
+    host, checks and state. checks: verified (no file was in progress when it
+    was taken), unverified (taken anyway after the settle timeout) or "-"
+    (taken before ckpt checked). "newest" marks the snapshot `ckpt restore`
+    and `ckpt run` start from (the newest complete one that is verified or
+    unchecked and not suspect); "damaged" ones (a manifest that does not
+    parse, chunks missing from the one listing of chunks/) are skipped by
+    them, unverified ones and those the crash-loop guard marked "suspect"
+    only used when nothing else can be (`ckpt unsuspect` clears a mark).
+    Chunks are not re-hashed here: `ckpt verify --full` re-hashes them, and a
+    restore skips a snapshot whose chunk turns out corrupt. There is no "kept"
+    mark: --keep is a flag of each writer (`ckpt run`, `push`), not stored, so
+    every snapshot listed is one the last retention kept; `ckpt gc --keep N
     --dry-run` shows what N would drop. An empty location lists nothing (exit 0).
 
-    A multi-node job's remote: the steps complete on all ranks and each
-    rank's count are listed; --rank R lists rank R's snapshots.
+    A multi-node job's remote: the steps complete on all ranks, with each
+    rank's count; --rank R lists rank R's snapshots.
 
-    Example: ckpt ls s3://b/run
+    Example: ckpt ls s3://b/run (or, after a `ckpt run` in this directory, plain
+    `ckpt ls`; `ckpt ls --dir ck` for its --dir ck)
     """
+    console.configure(verbose=verbose)
     with error_funnel() as status:
         from ckpt_cli import commands
 
-        status[0] = commands.ls(remote, json_out, storage_option or [], runs=runs, rank=rank)
+        where = _reader("ls", remote_arg, remote, dir, storage_option)
+        status[0] = commands.ls(where.remote, json_out, where.storage_options, runs=runs, rank=rank)
+    raise typer.Exit(status[0])
+
+
+@app.command("timeline")
+def timeline_cmd(
+    remote_arg: RemoteArg = None,
+    run: Annotated[
+        str | None,
+        typer.Option(
+            "--run",
+            metavar="ID",
+            show_default=False,
+            help="The run to draw: its id or 4+ of its first characters (default: the newest).",
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            metavar="FILE",
+            show_default=False,
+            help="Write one self-contained .html or .svg file instead of drawing in the terminal.",
+        ),
+    ] = None,
+    remote: RemoteOpt = None,
+    dir: DirOpt = None,
+    storage_option: StorageOpt = None,
+    rank: Annotated[
+        int | None,
+        typer.Option(min=0, show_default=False, help="The newest run of this rank (multi-node)."),
+    ] = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Draw a run on a time axis: attempts as bars, snapshots as ticks, preemption
+    notices and failures as marks, the work each failure lost shaded, the time
+    to resume dotted; with the failed runs it continued (a preempted run before
+    its successor), and a table of the attempts. --out FILE writes it as one
+    HTML or SVG file to attach to a bug report (nothing in it is fetched).
+
+    Example: ckpt timeline (the newest run of the remote `ckpt run` uses here),
+    ckpt timeline s3://b/run --out timeline.html
+    """
+    console.configure(verbose=verbose)
+    with error_funnel() as status:
+        from ckpt_cli import commands
+
+        where = _reader("timeline", remote_arg, remote, dir, storage_option)
+        status[0] = commands.timeline(
+            where.remote, where.storage_options, run=run, out=out, rank=rank
+        )
+    raise typer.Exit(status[0])
+
+
+@app.command("unsuspect")
+def unsuspect_cmd(
+    args: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="[REMOTE] SNAPSHOT",
+            show_default=False,
+            help="The remote, then the snapshot: id, unique id prefix (4+ characters) or "
+            "generation. " + WHICH_REMOTE,
+        ),
+    ],
+    remote: RemoteOpt = None,
+    dir: DirOpt = None,
+    storage_option: StorageOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Clear the crash-loop guard's mark of a snapshot, so that `ckpt restore`
+    and `ckpt run` may pick it again (`ckpt ls` shows the marks). A
+    snapshot without a mark is left as it is.
+
+    Example: ckpt unsuspect s3://b/run 12 (or `ckpt unsuspect 12`)
+    """
+    console.configure(verbose=verbose)
+    with error_funnel() as status:
+        from ckpt_cli import commands
+
+        placed = _place(
+            "unsuspect",
+            ("remote", "snapshot"),
+            args,
+            taken={"remote": remote},
+            required=("snapshot",),
+        )
+        where = _reader("unsuspect", placed.get("remote"), remote, dir, storage_option)
+        status[0] = commands.unsuspect(where.remote, placed["snapshot"], where.storage_options)
     raise typer.Exit(status[0])
 
 
 SnapshotOpt = Annotated[
     str | None,
     typer.Option(
-        "--snapshot", help="Snapshot id, unique id prefix or generation (default: every one)."
+        "--snapshot",
+        help="Snapshot id, unique id prefix (4+ characters) or generation (default: every one).",
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")]
@@ -415,81 +696,131 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON document on stdo
 
 @app.command("show")
 def show_cmd(
-    remote: RemoteArg,
-    snapshot: Annotated[
-        str | None,
-        typer.Argument(help="Snapshot id, unique id prefix or generation (default: the newest)."),
+    args: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="[REMOTE] [SNAPSHOT]",
+            show_default=False,
+            help="The remote, then the snapshot: id, unique id prefix (4+ characters) or "
+            "generation (default: the newest). One argument that reads as a snapshot "
+            "(digits, or 4 to 8 hex digits) and is no path here is the snapshot. " + WHICH_REMOTE,
+        ),
     ] = None,
     json_out: JsonOpt = False,
+    remote: RemoteOpt = None,
+    dir: DirOpt = None,
     storage_option: StorageOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """List the files of one snapshot: path, type, mode, size, chunks, mtime.
 
-    Example: ckpt show s3://b/run 12
+    Example: ckpt show s3://b/run 12 (or `ckpt show 12` of the remote found as
+    `ckpt run` finds it)
     """
+    console.configure(verbose=verbose)
     with error_funnel() as status:
-        from ckpt_cli import operate
+        from ckpt_cli import config, operate
 
-        status[0] = operate.show(remote, snapshot, json_out, storage_option or [])
+        values = args or []
+        if len(values) == 1 and remote is None and config.names_snapshot(values[0]):
+            if Path(values[0]).exists():
+                raise ConfigError(
+                    f"{values[0]!r} names a snapshot and a path here: say `ckpt show --remote "
+                    f"{values[0]}` for the path, or `ckpt show REMOTE {values[0]}`",
+                    exit_code=ExitCode.USAGE,
+                )
+            placed = {"snapshot": values[0]}
+        else:
+            placed = _place("show", ("remote", "snapshot"), values, taken={"remote": remote})
+        where = _reader("show", placed.get("remote"), remote, dir, storage_option)
+        status[0] = operate.show(
+            where.remote, placed.get("snapshot"), json_out, where.storage_options
+        )
     raise typer.Exit(status[0])
 
 
 @app.command("diff")
 def diff_cmd(
-    remote: RemoteArg,
-    a: Annotated[str, typer.Argument(metavar="A", help="The older snapshot (id or generation).")],
-    b: Annotated[str, typer.Argument(metavar="B", help="The newer snapshot (id or generation).")],
+    args: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="[REMOTE] A B",
+            show_default=False,
+            help="The remote, then the older snapshot A and the newer B (id, unique id "
+            "prefix of 4+ characters, or generation). " + WHICH_REMOTE,
+        ),
+    ],
     json_out: JsonOpt = False,
+    remote: RemoteOpt = None,
+    dir: DirOpt = None,
     storage_option: StorageOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Show what changed from snapshot A to B: files added, removed and changed
     (content, size, mode, symlink target; not mtimes).
 
-    Example: ckpt diff s3://b/run 11 12
+    Example: ckpt diff s3://b/run 11 12 (or `ckpt diff 11 12`)
     """
+    console.configure(verbose=verbose)
     with error_funnel() as status:
         from ckpt_cli import operate
 
-        status[0] = operate.diff(remote, a, b, json_out, storage_option or [])
+        placed = _place(
+            "diff", ("remote", "a", "b"), args, taken={"remote": remote}, required=("a", "b")
+        )
+        where = _reader("diff", placed.get("remote"), remote, dir, storage_option)
+        status[0] = operate.diff(
+            where.remote, placed["a"], placed["b"], json_out, where.storage_options
+        )
     raise typer.Exit(status[0])
 
 
 @app.command("verify")
 def verify_cmd(
-    remote: RemoteArg,
+    remote_arg: RemoteArg = None,
     snapshot: SnapshotOpt = None,
     full: Annotated[
         bool,
         typer.Option("--full", help="Also read and re-hash every chunk (a few at a time)."),
     ] = False,
     json_out: JsonOpt = False,
+    remote: RemoteOpt = None,
+    dir: DirOpt = None,
     storage_option: StorageOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Check that every manifest parses and every chunk it names exists (one
-    listing); --full also re-hashes every chunk. Damaged snapshots are listed
-    with what is wrong, and the exit status is 65.
+    listing), and that every stored file and checkpoint directory passes its
+    format check (reading only the chunks the check needs, each verified by
+    its hash); --full also re-hashes every chunk. Damaged snapshots are
+    listed with what is wrong, and the exit status is 65.
 
-    Example: ckpt verify s3://b/run --full
+    Example: ckpt verify s3://b/run --full (or `ckpt verify --full`)
     """
+    console.configure(verbose=verbose)
     with error_funnel() as status:
         from ckpt_cli import operate
 
-        status[0] = operate.verify(remote, snapshot, full, json_out, storage_option or [])
+        where = _reader("verify", remote_arg, remote, dir, storage_option)
+        status[0] = operate.verify(where.remote, snapshot, full, json_out, where.storage_options)
     raise typer.Exit(status[0])
 
 
 @app.command("gc")
 def gc_cmd(
-    remote: RemoteArg,
     keep: Annotated[
         int,
         typer.Option(min=1, show_default=False, help="Restorable snapshots to keep, newest first."),
     ],
+    remote_arg: RemoteArg = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Say what would be deleted; change nothing.")
     ] = False,
     json_out: JsonOpt = False,
+    remote: RemoteOpt = None,
+    dir: DirOpt = None,
     storage_option: StorageOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Keep the newest --keep restorable snapshots (and damaged ones newer
     than them, for inspection; a damaged one never counts), delete the
@@ -499,12 +830,14 @@ def gc_cmd(
     --dry-run runs the same code without deleting and needs no lease. The
     run history (runs/) is kept.
 
-    Example: ckpt gc s3://b/run --keep 2 --dry-run
+    Example: ckpt gc s3://b/run --keep 2 --dry-run (or `ckpt gc --keep 2 --dry-run`)
     """
+    console.configure(verbose=verbose)
     with error_funnel() as status:
         from ckpt_cli import operate
 
-        status[0] = operate.gc(remote, keep, dry_run, json_out, storage_option or [])
+        where = _reader("gc", remote_arg, remote, dir, storage_option)
+        status[0] = operate.gc(where.remote, keep, dry_run, json_out, where.storage_options)
     raise typer.Exit(status[0])
 
 
@@ -541,17 +874,37 @@ def commit(
 def signal_cmd(
     socket: Annotated[
         str | None,
-        typer.Option(envvar="CKPT_SOCKET", help="Control socket of the running supervisor."),
+        typer.Option(
+            envvar="CKPT_SOCKET",
+            help="Control socket of the supervisor (inside its child: CKPT_SOCKET; default: "
+            "the running `ckpt run` of this user on this machine).",
+        ),
+    ] = None,
+    dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--dir",
+            "-d",
+            metavar="DIR",
+            show_default=False,
+            help="When several `ckpt run` are running: the one protecting DIR (env CKPT_DIR, "
+            "ckpt.toml).",
+        ),
     ] = None,
 ) -> None:
     """Tell the supervised script to checkpoint soon (sends --checkpoint-signal).
 
-    Example: ckpt signal --socket /tmp/ckpt-abc123/control.sock
+    Example (from another shell): ckpt signal --dir ./checkpoints
     """
     with error_funnel() as status:
-        from ckpt_cli import commands
+        from ckpt_cli import commands, config
 
-        status[0] = commands.send_signal(socket)
+        directory = None
+        if not socket:
+            settings = config.load({"dir": dir} if dir is not None else {}, names=("dir",))
+            if settings.values["dir"].source != config.DEFAULT:
+                directory = settings["dir"]
+        status[0] = commands.send_signal(socket, directory)
     raise typer.Exit(status[0])
 
 

@@ -34,12 +34,20 @@ Evidence, strongest first:
 5. Not compared (no earlier version, or not read yet) and the name is a
    log's (`events.out.tfevents.*`, *.log, *.jsonl, *.ndjson, *.csv, *.tsv,
    *.out, *.err): appender.
-6. Otherwise: rewriter (open for writing: in progress; closed: an ordinary
+6. No earlier version, but ckpt looked at the file before (a snapshot it
+   held back a few seconds ago), and since then the file only grew and the
+   bytes it looked at then (the first and the last 64 KiB of that size) are
+   unchanged (since_look): appender.
+7. Otherwise: rewriter (open for writing: in progress; closed: an ordinary
    change, which counts as activity).
 O_TRUNC is not evidence: the kernel drops it from a descriptor's flags after
-open(), so /proc never shows it; rule 1 sees its effect. A misjudged
-appender costs what ckpt does today (the file is taken as it is); a
-misjudged rewriter holds snapshots back until the settle timeout.
+open(), so /proc never shows it; rule 1 sees its effect. A save in progress
+also only grows (torch.save writes front to back), so an appender by rules
+4 and 6, evidence from bytes alone (`WriterKind.checked`), still gets its
+format check: a recognised format that fails it is a save in progress, not
+a log. A misjudged appender of an unrecognised format costs what ckpt did
+before it knew of writers (the file is taken as it is); a misjudged
+rewriter holds snapshots back until the settle timeout.
 
 The prefix hook (for the snapshotter): whether the previous snapshot's bytes
 of a file are unchanged is known only while reading it, from chunk digests:
@@ -252,10 +260,30 @@ class Role(enum.Enum):
 class WriterKind:
     role: Role
     reason: str
+    #: An appender by bytes alone (rules 4 and 6): its format check still
+    #: decides, as a save in progress only grows too.
+    checked: bool = False
 
     @property
     def appender(self) -> bool:
         return self.role is Role.APPENDER
+
+
+def describe_holders(holders: Sequence[Holder], proc: str = "/proc") -> str:
+    """'pid 123 (python)', or 'pids 123 (python), 124 (torchrun)': who holds
+    a file open for writing, for a line a user reads (the command name is
+    the kernel's comm, at most 15 bytes)."""
+    pids = sorted({h.pid for h in holders})
+    named = []
+    for pid in pids[:3]:
+        try:
+            with open(f"{proc}/{pid}/comm", "rb") as f:
+                comm = f.read(64).decode("utf-8", "replace").strip()
+        except OSError:
+            comm = ""
+        named.append(f"{pid} ({comm})" if comm else str(pid))
+    more = f" and {len(pids) - 3} more" if len(pids) > 3 else ""
+    return f"pid{'s' if len(pids) > 1 else ''} {', '.join(named)}{more}"
 
 
 def is_log_name(name: str) -> bool:
@@ -270,6 +298,7 @@ def writer_kind(
     size: int,
     prev_size: int | None,
     prefix_unchanged: bool | None,
+    since_look: bool | None = None,
 ) -> WriterKind:
     """Appender or rewriter (the rule in the module docstring).
 
@@ -277,17 +306,23 @@ def writer_kind(
     process of the job holds it open for writing; size: its size now;
     prev_size: its size in the last snapshot (None: not in it);
     prefix_unchanged: whether those prev_size bytes are unchanged (None:
-    not known, e.g. not read yet)."""
+    not known, e.g. not read yet); since_look: whether the file only grew,
+    the bytes ckpt read at its last look unchanged, since that look (None:
+    no look, or not compared; False: it shrank or they changed)."""
     if prev_size is not None and size < prev_size:
         return WriterKind(Role.REWRITER, f"shrank from {prev_size} to {size} bytes")
     if prefix_unchanged is False:
         return WriterKind(Role.REWRITER, "rewrote bytes the last snapshot holds")
+    if since_look is False:
+        return WriterKind(Role.REWRITER, "rewritten since ckpt last looked")
     if flags is not None and flags & os.O_APPEND:
         return WriterKind(Role.APPENDER, "open with O_APPEND")
     if prefix_unchanged and prev_size is not None:
-        return WriterKind(Role.APPENDER, "only grew since the last snapshot")
+        return WriterKind(Role.APPENDER, "only grew since the last snapshot", checked=True)
     if prefix_unchanged is None and is_log_name(name):
         return WriterKind(Role.APPENDER, "a log, by its name")
+    if prefix_unchanged is None and since_look:
+        return WriterKind(Role.APPENDER, "only grew since ckpt last looked", checked=True)
     return WriterKind(Role.REWRITER, "open for writing" if flags is not None else "changed")
 
 

@@ -44,10 +44,6 @@ def _names(refs: list[SnapshotRef]) -> str:
     return shown + more
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
-
-
 def _clock(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
@@ -68,6 +64,8 @@ def _meta(m: Manifest) -> dict[str, Any]:
         "files": len(m.files),
         "size": m.total_size,
         "new_bytes": m.new_bytes,
+        "verified": m.verified,
+        "unverified": [{"path": p, "reason": why} for p, why in m.unverified],
     }
 
 
@@ -77,11 +75,12 @@ def _require(repo: Repository | None, remote: str, wanted: str) -> Repository:
     return repo
 
 
-def show(remote: str, snapshot: str | None, as_json: bool, options: list[str]) -> int:
+def show(remote: str, snapshot: str | None, as_json: bool, options: dict[str, Any]) -> int:
     repo = open_existing(remote, options)
     if snapshot is not None:
         repo = _require(repo, remote, snapshot)
-        m = load(repo, find(repo, snapshot))
+        ref = find(repo, snapshot)
+        m = load(repo, ref)
     else:
         refs = repo.snapshots() if repo is not None else []
         if repo is None or not refs:
@@ -90,29 +89,40 @@ def show(remote: str, snapshot: str | None, as_json: bool, options: list[str]) -
             else:
                 console.info(f"{remote} is empty: no snapshots yet")
             return ExitCode.OK
-        m = _newest_readable(repo, refs)
+        ref, m = _newest_readable(repo, refs)
+    mark = repo.read_suspect(ref.key)
     if as_json:
-        _emit_json({"remote": remote, "snapshot": _meta(m), "entries": _entries_json(m)})
+        meta = {**_meta(m), "suspect": mark.to_json() if mark is not None else None}
+        _emit_json({"remote": remote, "snapshot": meta, "entries": _entries_json(m)})
         return ExitCode.OK
+    checks = {True: "verified", False: "unverified", None: "taken before ckpt checked files"}
     console.info(
         f"snapshot {m.id} (generation {m.generation}) of {remote}: "
-        f"{_plural(len(m.files), 'file')}, {console.fmt_bytes(m.total_size)}, "
-        f"taken {_clock(m.created)} on {m.host or '?'}, attempt {m.attempt or '-'}"
+        f"{console.plural(len(m.files), 'file')}, {console.fmt_bytes(m.total_size)}, "
+        f"taken {_clock(m.created)} on {m.host or '?'}, attempt {m.attempt or '-'}; "
+        f"{checks[m.verified]}"
     )
+    for path, why in m.unverified:
+        console.warn(f"{path} was in progress when this snapshot was taken: {why}")
+    if mark is not None:
+        console.warn(
+            f"marked suspect: {mark.why} (`ckpt unsuspect {remote} {m.id}` clears the mark)"
+        )
     _entries_table(m.entries)
     return ExitCode.OK
 
 
-def _newest_readable(repo: Repository, refs: list[SnapshotRef]) -> Manifest:
+def _newest_readable(repo: Repository, refs: list[SnapshotRef]) -> tuple[SnapshotRef, Manifest]:
     for ref in refs:
         try:
             m = load(repo, ref)
         except DamagedError as exc:
             console.warn(f"{exc}; showing an older one")
             continue
-        return m
+        return ref, m
     raise DamagedError(
-        f"none of the {len(refs)} snapshots in {repo.display} has a readable manifest "
+        f"none of the {console.plural(len(refs), 'snapshot')} in {repo.display} has a readable "
+        "manifest "
         f"(see `ckpt verify {repo.display}`)"
     )
 
@@ -125,9 +135,10 @@ def _entries_table(entries: tuple[Entry, ...]) -> None:
     table: list[list[str]] = []
     for e in entries:
         if e.type == "symlink":
-            table.append([f"{e.path} -> {e.target}", "symlink", f"{e.mode:04o}", "", "", ""])
+            table.append([f"{e.path} -> {e.target}", "symlink", f"{e.mode:04o}", "", "", "", ""])
         elif e.type == "dir":
-            table.append([f"{e.path}/", "dir", f"{e.mode:04o}", "", "", _clock(e.mtime_ns / 1e9)])
+            modified = _clock(e.mtime_ns / 1e9)
+            table.append([f"{e.path}/", "dir", f"{e.mode:04o}", "", "", modified, e.check])
         else:
             table.append(
                 [
@@ -137,13 +148,14 @@ def _entries_table(entries: tuple[Entry, ...]) -> None:
                     console.fmt_bytes(e.size),
                     str(len(e.chunks)),
                     _clock(e.mtime_ns / 1e9),
+                    e.check,
                 ]
             )
-    cols = ("path", "type", "mode", "size", "chunks", "modified")
+    cols = ("path", "type", "mode", "size", "chunks", "modified", "check")
     console.table(cols, table, right=("size", "chunks"))
 
 
-def diff(remote: str, a: str, b: str, as_json: bool, options: list[str]) -> int:
+def diff(remote: str, a: str, b: str, as_json: bool, options: dict[str, Any]) -> int:
     repo = _require(open_existing(remote, options), remote, a)
     ma, mb = load(repo, find(repo, a)), load(repo, find(repo, b))
     d = diff_manifests(ma, mb)
@@ -209,7 +221,9 @@ def _describe_change(x: Entry, y: Entry, what: list[str]) -> str:
 # ---------------------------------------------------------------- verify, gc
 
 
-def verify(remote: str, snapshot: str | None, full: bool, as_json: bool, options: list[str]) -> int:
+def verify(
+    remote: str, snapshot: str | None, full: bool, as_json: bool, options: dict[str, Any]
+) -> int:
     repo = open_existing(remote, options)
     if repo is None:
         if snapshot is not None:
@@ -222,9 +236,9 @@ def verify(remote: str, snapshot: str | None, full: bool, as_json: bool, options
     refs = [find(repo, snapshot)] if snapshot is not None else repo.all_snapshots()
 
     def started(chunks: int, size: int) -> None:
-        console.info(f"re-hashing {_plural(chunks, 'chunk')} ({console.fmt_bytes(size)})")
+        console.info(f"re-hashing {console.plural(chunks, 'chunk')} ({console.fmt_bytes(size)})")
 
-    checks = check(repo, refs, full=full, on_start=started)
+    checks = check(repo, refs, full=full, formats=True, on_start=started)
     damaged = checks.damaged
     if as_json:
         doc: dict[str, Any] = {
@@ -245,26 +259,41 @@ def verify(remote: str, snapshot: str | None, full: bool, as_json: bool, options
                 "referenced": checks.chunks_referenced,
                 "hashed": checks.chunks_hashed,
                 "bytes_hashed": checks.bytes_hashed,
+                "read_for_format_checks": checks.chunks_read,
             },
+            "files_checked": checks.files_checked,
         }
         _emit_json(doc)
     elif damaged:
         rows = [[c.ref.id, str(c.ref.generation), c.summary()] for c in damaged]
         console.table(("id", "gen", "problem"), rows, right=("gen",))
-    checked = _plural(len(checks.snapshots), "snapshot")
+    checked = console.plural(len(checks.snapshots), "snapshot")
     if damaged:
+        torn = [c for c in damaged if all(p.kind == "format" for p in c.problems)]
+        hints = []
+        if len(torn) < len(damaged):
+            hints.append("`ckpt restore` and `ckpt run` skip those with missing or corrupt data")
+        if torn:
+            hints.append(
+                f"{_names([c.ref for c in torn])} hold files that fail their format check "
+                "(a restore gives them back as stored: restore another with --snapshot ID)"
+            )
         raise DamagedError(
             f"{len(damaged)} of {checked} in {remote} {'is' if len(damaged) == 1 else 'are'} "
-            f"damaged: {_names([c.ref for c in damaged])}; `ckpt restore` and `ckpt run` "
-            "skip them" + ("" if full else " (--full also re-hashes every chunk)")
+            f"damaged: {_names([c.ref for c in damaged])}; {'; '.join(hints)}"
+            + ("" if full else " (--full also re-hashes every chunk)")
         )
     hashed = (
-        f", {_plural(checks.chunks_hashed, 'chunk')} re-hashed "
+        f", {console.plural(checks.chunks_hashed, 'chunk')} re-hashed "
         f"({console.fmt_bytes(checks.bytes_hashed)})"
         if full
         else ", every chunk they name is present"
     )
-    console.info(f"verified {checked} in {remote}{hashed}: all complete")
+    formats = (
+        f", no file fails its format check ({console.plural(checks.files_checked, 'file version')} "
+        f"checked, {console.plural(checks.chunks_read, 'chunk')} read)"
+    )
+    console.info(f"verified {checked} in {remote}{hashed}{formats}: all complete")
     return ExitCode.OK
 
 
@@ -283,7 +312,7 @@ def _writer_lease(repo: Repository, owner: str) -> Iterator[None]:
         lease.release()
 
 
-def gc(remote: str, keep: int, dry_run: bool, as_json: bool, options: list[str]) -> int:
+def gc(remote: str, keep: int, dry_run: bool, as_json: bool, options: dict[str, Any]) -> int:
     repo = open_existing(remote, options)
     if repo is None:
         if as_json:
@@ -345,7 +374,7 @@ def gc(remote: str, keep: int, dry_run: bool, as_json: bool, options: list[str])
         return ExitCode.OK
     unsized = (
         f" + up to {console.fmt_bytes(plan.unsized * repo.chunk_size)} in "
-        f"{_plural(plan.unsized, 'chunk')} that no snapshot names"
+        f"{console.plural(plan.unsized, 'chunk')} that no snapshot names"
         if plan.unsized
         else ""
     )
@@ -354,9 +383,9 @@ def gc(remote: str, keep: int, dry_run: bool, as_json: bool, options: list[str])
         ("would drop", "delete", "free") if dry_run else ("dropped", "deleted", "freed")
     )
     console.info(
-        f"{drop} {_plural(len(plan.dropped), 'snapshot')}{dropped}, {delete} "
-        f"{_plural(deleted, 'chunk')} and {_plural(len(plan.temps), 'temp object')}, "
+        f"{drop} {console.plural(len(plan.dropped), 'snapshot')}{dropped}, {delete} "
+        f"{console.plural(deleted, 'chunk')} and {console.plural(len(plan.temps), 'temp object')}, "
         f"{free} {console.fmt_bytes(plan.known_bytes)}{unsized}; "
-        f"{_plural(len(plan.kept), 'snapshot')} kept in {remote}"
+        f"{console.plural(len(plan.kept), 'snapshot')} kept in {remote}"
     )
     return ExitCode.OK

@@ -265,7 +265,7 @@ class AwsPoller(Poller):
                 action = str(doc["action"])
                 when = str(doc["time"])
                 deadline = float(calendar.timegm(time.strptime(when, "%Y-%m-%dT%H:%M:%SZ")))
-            except (ValueError, KeyError, TypeError) as exc:
+            except (ValueError, KeyError, TypeError, RecursionError) as exc:
                 raise self._unexpected(self.ACTION_PATH, status, body) from exc
             return Notice("aws", action, deadline, f"spot instance-action at {when}")
         raise MetadataError(f"aws metadata {self.ACTION_PATH}: every token refused (HTTP 401)")
@@ -366,6 +366,6 @@ class AzurePoller(Poller):
                     f", not before {not_before}" if not_before else ""
                 )
                 return Notice("azure", kind, deadline, detail)
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise self._unexpected(self.EVENTS_PATH, status, body) from exc
         return None

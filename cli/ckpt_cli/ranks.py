@@ -132,7 +132,8 @@ def detect(
     r, w = found_rank[0], found_world[0]
     if not 1 <= w <= MAX_WORLD:
         raise ConfigError(
-            f"world size {w} (from {found_world[1]}) must be 1 or more (--world-size)"
+            f"world size {w} (from {found_world[1]}) must be between 1 and {MAX_WORLD} "
+            "(--world-size)"
         )
     if not 0 <= r < w:
         raise ConfigError(

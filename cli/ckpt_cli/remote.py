@@ -141,7 +141,7 @@ def parse_storage_options(items: list[str]) -> dict[str, Any]:
         value: Any
         try:
             value = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             value = raw
         target = options
         *parents, leaf = key.strip().split(".")
@@ -532,15 +532,29 @@ class LocalBackend:
             raise RemoteError(f"moving {src} to {dst} on {self.display} failed: {exc}") from None
 
     def list(self, prefix: str, *, temp: bool = False) -> list[str]:
+        """Regular files only (an object is a file: a FIFO or a link planted
+        in the store is no object), walked without recursion (os.walk of
+        Python 3.11 recurses once per level: a planted tree 1,100 levels
+        deep was a RecursionError)."""
         base = self._path(prefix)
         keys: list[str] = []
-        try:
-            for dirpath, _dirs, files in os.walk(base):
-                rel = os.path.relpath(dirpath, self.root)
-                rel = "" if rel == "." else rel.replace(os.sep, "/") + "/"
-                keys.extend(rel + name for name in files if bool(_TEMP_RE.match(name)) == temp)
-        except OSError as exc:
-            raise RemoteError(f"listing {prefix} on {self.display} failed: {exc}") from None
+        stack = [(str(base), os.path.relpath(base, self.root))]
+        while stack:
+            directory, rel = stack.pop()
+            rel = "" if rel == "." else rel.replace(os.sep, "/") + "/"
+            try:
+                with os.scandir(directory) as it:
+                    for e in it:
+                        if e.is_dir(follow_symlinks=False):
+                            stack.append((e.path, rel + e.name))
+                        elif e.is_file(follow_symlinks=False) and (
+                            bool(_TEMP_RE.match(e.name)) == temp
+                        ):
+                            keys.append(rel + e.name)
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # nothing under prefix, or a directory removed meanwhile
+            except OSError as exc:
+                raise RemoteError(f"listing {prefix} on {self.display} failed: {exc}") from None
         return keys
 
 

@@ -14,7 +14,7 @@ import concurrent.futures as cf
 import dataclasses
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ckpt._contract import ExitCode
@@ -53,12 +53,14 @@ class DamagedError(CkptError):
 # ---------------------------------------------------------------- opening
 
 
-def open_existing(remote: str, options: list[str]) -> Repository | None:
+def open_existing(remote: str, options: list[str] | Mapping[str, Any]) -> Repository | None:
     """The repository at remote, or None if the location is empty (no object
     at all: no snapshot yet). RemoteError (69) if it does not exist (its bucket
     or its parent directory is missing); ConfigError (78) if it holds objects
-    but no ckpt.json."""
-    backend = open_backend(remote, parse_storage_options(options))
+    but no ckpt.json. options: storage options, parsed (config.locate) or as
+    -o KEY=VALUE strings."""
+    parsed = dict(options) if isinstance(options, Mapping) else parse_storage_options(options)
+    backend = open_backend(remote, parsed)
     if isinstance(backend, LocalBackend) and backend.root.is_file():
         raise ConfigError(f"remote {backend.root} is a file, not a directory (fix REMOTE)")
     repo = Repository.open(backend, create=False)
@@ -163,17 +165,67 @@ def load(repo: Repository, ref: SnapshotRef) -> Manifest:
         ) from None
 
 
+# ---------------------------------------------------------------- stored files
+
+
+class ChunkSource:
+    """A file of a stored snapshot as a `formats` Source: read() fetches only
+    the chunks that cover the range asked for, each verified by its hash
+    (ChunkError if one is missing or corrupt), and keeps the last few."""
+
+    def __init__(self, repo: Repository, entry: Entry, chunk_size: int, keep: int = 3) -> None:
+        self.repo = repo
+        self.entry = entry
+        self.chunk_size = chunk_size
+        self._keep = max(1, keep)
+        self._cache: dict[int, bytes] = {}
+        #: Indexes of the chunks read (what a check needed).
+        self.read_chunks: list[int] = []
+
+    @property
+    def size(self) -> int:
+        return self.entry.size
+
+    def _chunk(self, i: int) -> bytes:
+        data = self._cache.get(i)
+        if data is None:
+            length = min(self.chunk_size, self.entry.size - i * self.chunk_size)
+            data = self.repo.get_chunk(self.entry.chunks[i], length)
+            self.read_chunks.append(i)
+            if len(self._cache) >= self._keep:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[i] = data
+        return data
+
+    def read(self, offset: int, length: int) -> bytes:
+        end = min(self.entry.size, offset + max(0, length))
+        if offset >= end:
+            return b""
+        step = self.chunk_size
+        parts = []
+        for i in range(offset // step, (end - 1) // step + 1):
+            data = self._chunk(i)
+            lo = max(offset, i * step) - i * step
+            hi = min(end, (i + 1) * step) - i * step
+            parts.append(data[lo:hi])
+        return b"".join(parts)
+
+
 # ---------------------------------------------------------------- checking
 
 
 @dataclasses.dataclass
 class Problem:
-    kind: str  # "manifest" | "missing_chunk" | "corrupt_chunk"
+    kind: str  # "manifest" | "missing_chunk" | "corrupt_chunk" | "format"
     detail: str
     chunk: str | None = None
+    path: str | None = None  # "format": the file or directory that fails its check
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "chunk": self.chunk, "detail": self.detail}
+        out = {"kind": self.kind, "chunk": self.chunk, "detail": self.detail}
+        if self.path is not None:
+            out["path"] = self.path
+        return out
 
 
 @dataclasses.dataclass
@@ -199,6 +251,11 @@ class Checked:
                 count = f"{len(bad)} chunk{'s' if len(bad) != 1 else ''}"
                 parts.append(f"{count} {word} ({names}{more})")
         parts += [f"manifest {p.detail}" for p in self.problems if p.kind == "manifest"]
+        torn = [p for p in self.problems if p.kind == "format"]
+        if torn:
+            more = f" and {len(torn) - SHOWN} more" if len(torn) > SHOWN else ""
+            shown = "; ".join(p.detail for p in torn[:SHOWN])
+            parts.append(f"fails its format check: {shown}{more}")
         return "; ".join(parts)
 
 
@@ -209,6 +266,9 @@ class Checks:
     chunks_referenced: int
     chunks_hashed: int = 0
     bytes_hashed: int = 0
+    #: Format checks (`ckpt verify`): file versions checked, chunks read for it.
+    files_checked: int = 0
+    chunks_read: int = 0
 
     @property
     def damaged(self) -> list[Checked]:
@@ -220,6 +280,7 @@ def check(
     refs: list[SnapshotRef],
     *,
     full: bool = False,
+    formats: bool = False,
     workers: int = VERIFY_WORKERS,
     on_start: Callable[[int, int], None] | None = None,
 ) -> Checks:
@@ -227,7 +288,11 @@ def check(
     exists (one listing of chunks/, made after the manifests were read: chunks
     are written before their manifest). With full, every such chunk is also
     read and re-hashed, `workers` at a time (memory: one chunk per worker).
-    A snapshot pruned meanwhile by a writer's retention is left out."""
+    With formats, every file and checkpoint directory of a snapshot whose
+    chunks are all there is checked again by its format (`format_checks`),
+    reading only the chunks the check needs, each verified by its hash; a
+    file version shared by several snapshots is checked once. A snapshot
+    pruned meanwhile by a writer's retention is left out."""
     checked: list[Checked] = []
     for ref in refs:
         try:
@@ -269,6 +334,8 @@ def check(
                     c.problems.append(bad)
         result.chunks_hashed = len(todo)
         result.bytes_hashed = sum(sizes[d] for d in todo)
+    if formats:
+        _check_formats(repo, checked, result)
     # A manifest that a writer's retention deleted while we looked may have
     # lost its chunks too: that is pruning, not damage.
     for c in list(checked):
@@ -278,6 +345,47 @@ def check(
             except NotFound:
                 checked.remove(c)
     return result
+
+
+def _check_formats(repo: Repository, checked: list[Checked], result: Checks) -> None:
+    """The format checks of `check(formats=True)`, appended as problems."""
+    from ckpt_cli.formats import DEFAULT
+
+    # A file version (its name and chunks) -> what is wrong with it, if anything.
+    found: dict[tuple[str, tuple[str, ...]], Problem | None] = {}
+    for c in checked:
+        m = c.manifest
+        if m is None or not c.ok:
+            continue  # damaged already: its chunks cannot all be read
+        for e in m.files:
+            key = (e.path.rsplit("/", 1)[-1], e.chunks)
+            if key not in found:
+                found[key] = _check_stored(repo, m, e, result)
+            problem = found[key]
+            if problem is not None and problem.kind == "format":  # its detail: the reason
+                problem = Problem("format", f"{e.path}: {problem.detail}", path=e.path)
+            if problem is not None:
+                c.problems.append(problem)
+        for rel, v in DEFAULT.check_tree(m.entries).items():
+            if v.ok is False:
+                c.problems.append(Problem("format", f"{rel}/: {v.reason}", path=rel))
+
+
+def _check_stored(repo: Repository, m: Manifest, e: Entry, result: Checks) -> Problem | None:
+    """One stored file's format check: what is wrong (a format problem's
+    detail is the check's reason), or None."""
+    from ckpt_cli.formats import DEFAULT
+
+    source = ChunkSource(repo, e, m.chunk_size)
+    try:
+        v = DEFAULT.check_source(e.path, source)
+    except ChunkError as exc:
+        kind = "missing_chunk" if "missing" in str(exc) else "corrupt_chunk"
+        return Problem(kind, str(exc).replace(exc.digest[:12], exc.digest, 1), exc.digest)
+    finally:
+        result.files_checked += 1
+        result.chunks_read += len(source.read_chunks)
+    return Problem("format", v.reason) if v.ok is False else None
 
 
 def _rehash(
@@ -357,4 +465,6 @@ def entry_json(e: Entry) -> dict[str, Any]:
         out.update(size=e.size, chunks=len(e.chunks), mtime_ns=e.mtime_ns)
     elif e.type == "symlink":
         out["target"] = e.target
+    if e.type != "symlink":
+        out["check"] = e.check  # the format check it passed when taken; "" none applied
     return out

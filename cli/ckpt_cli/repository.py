@@ -9,12 +9,16 @@ manifests, a single-writer lease, retention and garbage collection.
     ranks/<r>/snapshots/, ranks/<r>/lease.json
                                    rank r's own stream and lease (multi-node runs)
     gc/<seq:010d>-<id>.json        a multi-rank GC round; trash/<h[:2]>/<h> its chunks
+    suspect/<snapshot key>         a crash-loop mark on that snapshot (why, when,
+                                   host); the snapshot itself is untouched
 
 Ordering: chunks before the manifest that names them; "latest" is derived by
 listing snapshots/; GC deletes old manifests first, then chunks no kept
 manifest names. Retention counts restorable snapshots only (`retained`): a
-damaged one never displaces a whole one. The manifest format is in
-`manifest`, the lease in `lease`.
+damaged or suspect one never displaces a whole one, nor an unverified one
+a verified one. Which snapshot a restore uses: `restore_tier` (verified or
+older than checks first, then unverified, then suspect; newest first in
+each). The manifest format is in `manifest`, the lease in `lease`.
 Imports: standard library, `remote` (never fsspec itself), `manifest`, `lease`.
 """
 
@@ -26,7 +30,8 @@ import json
 import re
 import secrets
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+import time
+from collections.abc import Collection, Iterable, Iterator, Sequence
 
 from ckpt_cli.errors import ConfigError
 from ckpt_cli.lease import LEASE_KEY, Lease
@@ -42,6 +47,7 @@ from ckpt_cli.manifest import (
     Manifest,
     ManifestError,
     hasher,
+    host_name,
 )
 from ckpt_cli.remote import Backend, NotFound
 
@@ -159,22 +165,130 @@ class GcPlan:
         return sum(1 for n in self.chunks.values() if n is None)
 
 
+#: How retention counts a snapshot (`snapshot_kind`): a verified (or
+#: older than checks) restorable one counts; an unverified one is restorable
+#: but counts only as a last resort; a damaged or suspect one is not restorable.
+WHOLE, UNVERIFIED, NOT_RESTORABLE = "whole", "unverified", "not restorable"
+
+
+def snapshot_kind(m: Manifest | ManifestError, restorable: bool, suspect: bool) -> str:
+    """How retention counts one snapshot (see `retained`)."""
+    if isinstance(m, ManifestError) or not restorable or suspect:
+        return NOT_RESTORABLE
+    return UNVERIFIED if m.verified is False else WHOLE
+
+
 def retained(
-    snapshots: Sequence[tuple[SnapshotRef, bool]], keep: int
+    snapshots: Sequence[tuple[SnapshotRef, bool | str]], keep: int
 ) -> tuple[list[SnapshotRef], list[SnapshotRef]]:
-    """Retention's rule over one stream, newest first, each with whether it is
-    restorable: (kept, dropped). A snapshot is kept while fewer than `keep`
-    restorable ones are newer than it: the `keep` newest restorable ones, and
-    every damaged one newer than the oldest of those (kept for inspection,
-    never counted). So a damaged snapshot never displaces a whole one, and no
-    snapshot is dropped that "the `keep` newest" would have kept."""
+    """Retention's rule over one stream, newest first, each with how it
+    counts (`snapshot_kind`; True is WHOLE, False NOT_RESTORABLE): (kept,
+    dropped). A snapshot is kept while fewer than `keep` whole ones are newer
+    than it: the `keep` newest whole ones, every damaged or suspect one newer
+    than the oldest of those (kept for inspection, never counted), and of the
+    unverified ones among them the `keep` newest. So neither a damaged nor an
+    unverified snapshot displaces a verified one (the one a restore picks),
+    unverified ones never pile up, and no snapshot is dropped that "the
+    `keep` newest" would have kept."""
     kept: list[SnapshotRef] = []
     dropped: list[SnapshotRef] = []
-    whole = 0
-    for ref, ok in snapshots:
-        (kept if whole < keep else dropped).append(ref)
-        whole += ok
+    whole = unverified = 0
+    for ref, how in snapshots:
+        kind = how if isinstance(how, str) else WHOLE if how else NOT_RESTORABLE
+        keep_it = whole < keep and (kind != UNVERIFIED or unverified < keep)
+        (kept if keep_it else dropped).append(ref)
+        whole += kind == WHOLE
+        unverified += kind == UNVERIFIED
     return kept, dropped
+
+
+#: Which snapshots a restore tries first (`restore_tier`): verified ones and
+#: those written before ckpt checked, then unverified ones (taken while a
+#: file was in progress), then suspect ones (marked by the crash-loop guard);
+#: newest first within each.
+PREFERRED, UNVERIFIED_TIER, SUSPECT_TIER = 0, 1, 2
+
+
+def restore_tier(m: Manifest, suspect: bool) -> int:
+    if suspect:
+        return SUSPECT_TIER
+    return UNVERIFIED_TIER if m.verified is False else PREFERRED
+
+
+def pick(
+    loaded: Iterable[tuple[SnapshotRef, Manifest | ManifestError]], suspect: Collection[str]
+) -> tuple[SnapshotRef, Manifest] | None:
+    """The snapshot a restore uses, of `loaded` (newest first; damaged ones
+    are passed over): the first preferred one, else the best of the others
+    by tier. Reads `loaded` only as far as that first preferred one."""
+    best: tuple[int, SnapshotRef, Manifest] | None = None
+    for ref, m in loaded:
+        if isinstance(m, ManifestError):
+            continue
+        tier = restore_tier(m, ref.key in suspect)
+        if tier == PREFERRED:
+            return ref, m
+        if best is None or tier < best[0]:
+            best = (tier, ref, m)
+    return None if best is None else (best[1], best[2])
+
+
+def unverified_note(m: Manifest, shown: int = 3) -> str:
+    """The files an unverified snapshot took while in progress, and why."""
+    items = [f"{p} ({why})" for p, why in m.unverified[:shown]]
+    more = f" and {len(m.unverified) - shown} more" if len(m.unverified) > shown else ""
+    return ", ".join(items) + more if items else "no file named"
+
+
+# ---------------------------------------------------------------- suspect marks
+
+SUSPECT = "suspect/"
+SUSPECT_FORMAT = "ckpt-suspect"
+#: Bytes a mark may have before it is taken for garbage.
+MAX_MARK = 64 * 1024
+
+
+def suspect_key(snapshot_key: str) -> str:
+    """Where the mark of the snapshot at `snapshot_key` lives."""
+    return f"{SUSPECT}{snapshot_key}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Suspect:
+    """A crash-loop mark: why, when and where it was set."""
+
+    key: str  # the snapshot's key
+    why: str
+    time: float | None = None
+    host: str = ""
+    run: str = ""
+
+    def to_json(self) -> dict[str, object]:
+        return {"why": self.why, "time": self.time, "host": self.host, "run": self.run}
+
+
+def parse_suspect(snapshot_key: str, raw: bytes) -> Suspect:
+    """A mark as written by mark_suspect; one that does not parse still
+    marks its snapshot (its object's name says which)."""
+    unreadable = Suspect(snapshot_key, "marked suspect (its mark does not parse)")
+    if len(raw) > MAX_MARK:
+        return unreadable
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError):
+        return unreadable
+    if not isinstance(doc, dict) or doc.get("format") != SUSPECT_FORMAT:
+        return unreadable
+    when = doc.get("time")
+    if isinstance(when, bool) or not isinstance(when, int | float) or not 0 <= when <= 1e11:
+        when = None
+    return Suspect(
+        snapshot_key,
+        str(doc.get("why", ""))[:500] or "marked suspect",
+        None if when is None else float(when),
+        str(doc.get("host", ""))[:255],
+        str(doc.get("run", ""))[:100],
+    )
 
 
 def chunk_sizes(manifest: Manifest) -> dict[str, int]:
@@ -214,6 +328,10 @@ class Repository:
         self._inflight: dict[str, threading.Event] = {}
         self._distrusted: set[str] = set()
         self._lock = threading.Lock()
+        #: Snapshot keys marked suspect, as last listed (None: not yet), and
+        #: those this process marked (counted even if writing the mark failed).
+        self._suspect: set[str] | None = None
+        self._marked: set[str] = set()
 
     @property
     def borrows_buffers(self) -> bool:
@@ -491,6 +609,77 @@ class Repository:
             if self._known is not None:
                 self._known.add(digest)
 
+    # -- suspect marks (the crash-loop guard)
+
+    def suspect_keys(self, *, cached: bool = False) -> set[str]:
+        """The keys of every snapshot marked suspect (any stream), by one
+        listing of suspect/; cached: the last listing if there was one (the
+        snapshot thread's retention: marks are only ever set by the writer)."""
+        with self._lock:
+            if cached and self._suspect is not None:
+                return self._suspect | self._marked
+        found = set()
+        for key in self.backend.list(SUSPECT):
+            snapshot_key = key[len(SUSPECT) :]
+            if snapshot_ref(snapshot_key) is not None:
+                found.add(snapshot_key)
+        with self._lock:
+            self._suspect = found
+            return found | self._marked
+
+    def read_suspect(self, snapshot_key: str) -> Suspect | None:
+        """The mark of a snapshot, None if it has none."""
+        try:
+            raw = self.backend.read(suspect_key(snapshot_key))
+        except NotFound:
+            with self._lock:
+                marked = snapshot_key in self._marked
+            return Suspect(snapshot_key, "marked suspect by this run") if marked else None
+        return parse_suspect(snapshot_key, raw)
+
+    def mark_suspect(self, ref: SnapshotRef, why: str, **details: object) -> None:
+        """Mark a snapshot suspect (a small object; the snapshot is untouched).
+        It counts as suspect in this process even if the write fails
+        (RemoteError is raised then)."""
+        with self._lock:
+            self._marked.add(ref.key)
+        doc = {
+            "format": SUSPECT_FORMAT,
+            "version": 1,
+            "snapshot": ref.id,
+            "generation": ref.generation,
+            "stream": ref.stream,
+            "why": why,
+            "time": time.time(),
+            "host": host_name(),
+            **details,
+        }
+        self.backend.write(suspect_key(ref.key), json.dumps(doc, indent=1).encode())
+
+    def clear_suspect(self, ref: SnapshotRef) -> bool:
+        """Remove a snapshot's mark; False if it had none."""
+        key = suspect_key(ref.key)
+        try:
+            self.backend.read(key)
+        except NotFound:
+            return False
+        self.backend.delete(key)
+        with self._lock:
+            self._marked.discard(ref.key)
+            if self._suspect is not None:
+                self._suspect.discard(ref.key)
+        return True
+
+    def drop_marks(self, dropped: Iterable[SnapshotRef], suspect: Collection[str]) -> None:
+        """Retention dropped these snapshots: their marks go too."""
+        for ref in dropped:
+            if ref.key in suspect:
+                self.backend.delete(suspect_key(ref.key))
+                with self._lock:
+                    self._marked.discard(ref.key)
+                    if self._suspect is not None:
+                        self._suspect.discard(ref.key)
+
     # -- retention
 
     def judge(
@@ -532,8 +721,10 @@ class Repository:
 
     def gc(self, keep: int, *, sweep: bool = True) -> GcReport:
         """Retention of the single-node stream: keep the newest `keep`
-        restorable snapshots and every damaged one newer than them (`retained`);
-        delete older manifests, then chunks no remaining manifest names. Only
+        restorable (verified, not suspect) snapshots and every damaged,
+        suspect or unverified one newer than them (`retained`); delete older
+        manifests and their suspect marks, then chunks no remaining manifest
+        names. Only
         the lease holder may call this; it runs between snapshots, so no
         upload of this writer is in flight.
 
@@ -549,7 +740,9 @@ class Repository:
         present = listed | self.trash_chunks() if listed is not None else None
         loaded = self._loaded(refs)
         whole = self.judge(loaded, present)
-        kept, dropped = retained([(r, whole[r.key]) for r in refs], keep)
+        suspect = self.suspect_keys(cached=not sweep)
+        kinds = [(r, snapshot_kind(m, whole[r.key], r.key in suspect)) for r, m in loaded]
+        kept, dropped = retained(kinds, keep)
         if not dropped and not sweep:
             return GcReport([], 0, [r.key for r in kept])
         referenced = self.rank_chunks()
@@ -566,6 +759,7 @@ class Repository:
         for ref in dropped:
             self.backend.delete(ref.key)
         self.forget_manifests(r.key for r in dropped)
+        self.drop_marks(dropped, suspect)
         if listed is not None:
             candidates = listed
             # Half-written chunks of a writer killed mid-upload (local disks and

@@ -9,11 +9,16 @@ finished, never left half done). What a restore replaces and no restorable
 snapshot holds (files in no snapshot, excluded or newer ones) is moved aside
 into a kept dir, never deleted; the restored --dir keeps its mode.
 
-Candidates are tried newest first: a damaged one (bad manifest, missing or
-corrupt chunk, unsafe path) is skipped with a warning naming it, and the
-previous one is used. A local failure (disk full, permissions) stops the
-restore with the target untouched. Imports: standard library, `repository`,
-`kept` (what a restore replaces; recovery after a kill).
+Candidates are tried newest first, verified ones (and those written before
+ckpt checked files) before unverified ones, suspect ones last
+(`repository.restore_tier`); those passed over are named with why. A
+damaged one (bad manifest, missing or corrupt chunk, unsafe path) is
+skipped with a warning naming it, and the previous one is used. A local
+failure (disk full, permissions) stops the restore with the target
+untouched. A --dir used as it is has its torn files put back first
+(`repair`, imported when needed: it imports this module). Imports: standard
+library, `repository`, `kept` (what a restore replaces; recovery after a
+kill).
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ import secrets
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ckpt._fs import (
     MARKER,
@@ -55,14 +61,21 @@ from ckpt_cli.kept import (
 from ckpt_cli.manifest import Entry, Manifest, ManifestError
 from ckpt_cli.repo_tools import DamagedError
 from ckpt_cli.repository import (
+    PREFERRED,
     Buffers,
     ChunkError,
     Repository,
     SnapshotRef,
     iter_manifests,
     newest_manifest,
+    pick,
+    restore_tier,
+    unverified_note,
 )
 from ckpt_cli.snapshotter import MAX_OPEN_FILES, LocalEntry, Snapshotter, scan
+
+if TYPE_CHECKING:
+    from ckpt_cli.repair import Repaired
 
 
 @dataclasses.dataclass
@@ -156,15 +169,19 @@ def restore(
 ) -> Restored | None:
     """Restore the newest usable snapshot (or exactly `snapshot`) into target.
 
-    None when the remote has no snapshot. RestoreError when snapshots exist but
-    none can be restored, or the local disk fails; target is untouched then.
+    Usable, in order (`repository.restore_tier`): a verified snapshot (or one
+    written before ckpt checked), newest first; else an unverified one,
+    with a warning naming its files; else a suspect one. The ones passed
+    over are named (warn) with why. None when the remote has no snapshot.
+    RestoreError when snapshots exist but none can be restored, or the local
+    disk fails; target is untouched then.
     """
     t0 = time.monotonic()
     if target.exists() and not target.is_dir():
         raise ConfigError(f"{target} is not a directory (--dir)")
     target.parent.mkdir(parents=True, exist_ok=True)
     recover_interrupted(target)
-    ref_given = ref
+    exact = ref is not None or snapshot is not None
     if ref is not None:  # exactly this one (a rank's part of a global generation)
         candidates = [ref]
     elif snapshot is not None:
@@ -181,23 +198,27 @@ def restore(
         candidates = repo.snapshots()
     if not candidates:
         return None
+    suspect = repo.suspect_keys()
     skipped: list[str] = []
-    for ref in candidates:  # noqa: PLR1704 - the loop variable is the one tried
+    passed: list[tuple[int, SnapshotRef, Manifest]] = []  # not preferred: tried last
+    for cand, loaded in _preferred_first(repo, candidates, suspect, exact, passed):
+        manifest = loaded if isinstance(loaded, Manifest) else None
         try:
-            manifest = repo.load(ref)
-            _check_reserved(manifest)
+            if not isinstance(loaded, Manifest):
+                raise loaded
+            _check_reserved(loaded)
             _restore_one(
-                repo, manifest, target, concurrency=concurrency, progress=progress, warn=warn
+                repo, loaded, target, concurrency=concurrency, progress=progress, warn=warn
             )
         except (ManifestError, ChunkError) as exc:
-            if isinstance(exc, ChunkError):
+            if isinstance(exc, ChunkError) and manifest is not None:
                 # Only the first bad chunk is known: distrust every chunk of this
                 # snapshot so the next upload of that content replaces them.
                 for digest in manifest.chunk_digests():
                     repo.forget_chunk(digest)
-            reason = f"snapshot {_name(ref)} {exc}"
+            reason = f"snapshot {_name(cand)} {exc}"
             skipped.append(reason)
-            if ref_given is not None:  # a rank's part of a step: no other will do
+            if ref is not None:  # a rank's part of a step: no other will do
                 raise RestoreError(f"{reason}; {target} is untouched") from None
             if snapshot is not None:  # asked for by name: damaged, no retry mends it
                 raise DamagedError(f"{reason}; {target} is untouched") from None
@@ -205,19 +226,85 @@ def restore(
             continue
         except OSError as exc:
             message = (
-                f"restoring snapshot {_name(ref)} into {target} failed: {exc.strerror or exc} "
-                f"({exc.filename or target}); {target} is untouched"
+                f"restoring snapshot {_name(cand)} into {target} failed: "
+                f"{exc.strerror or exc} ({exc.filename or target}); {target} is untouched"
             )
             if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
                 # Not a passing failure: a --dir ckpt cannot write (fix the command line).
                 raise ConfigError(f"{message} (--dir)") from None
             raise RestoreError(message) from None
-        for digest in manifest.chunk_digests():
+        for digest in loaded.chunk_digests():
             repo.trust_chunk(digest)  # just verified byte for byte
-        return Restored(manifest, time.monotonic() - t0, skipped)
+        _say_passed(repo, cand, loaded, passed, suspect, exact, skipped, warn)
+        return Restored(loaded, time.monotonic() - t0, skipped)
     raise RestoreError(
         f"none of the {len(candidates)} snapshots in {repo.display} could be restored "
         f"(newest problem: {skipped[0]}); {target} is untouched"
+    )
+
+
+def _preferred_first(
+    repo: Repository,
+    candidates: list[SnapshotRef],
+    suspect: set[str],
+    exact: bool,
+    passed: list[tuple[int, SnapshotRef, Manifest]],
+) -> Iterator[tuple[SnapshotRef, Manifest | ManifestError]]:
+    """The candidates to try, loaded (or the error that makes one damaged),
+    in restore order (`restore_tier`): the preferred ones as they come
+    (newest first), then those passed over (collected in `passed`), best
+    tier first. An exact candidate (asked for) is tried whatever its tier."""
+    for cand in candidates:
+        try:
+            manifest = repo.load(cand)
+        except ManifestError as exc:
+            yield cand, exc
+            continue
+        tier = restore_tier(manifest, cand.key in suspect)
+        if exact or tier == PREFERRED:
+            yield cand, manifest
+        else:
+            passed.append((tier, cand, manifest))
+    for _tier, cand, manifest in sorted(passed, key=lambda t: t[0]):  # stable: newest first
+        yield cand, manifest
+
+
+def _say_passed(
+    repo: Repository,
+    restored: SnapshotRef,
+    manifest: Manifest,
+    passed: list[tuple[int, SnapshotRef, Manifest]],
+    suspect: set[str],
+    exact: bool,
+    skipped: list[str],
+    warn: Callable[[str], None],
+) -> None:
+    """Name the newer snapshots a restore passed over (not tried: of a worse
+    tier than the one restored), and why; warn when what it restored is
+    itself unverified or suspect."""
+    tier = restore_tier(manifest, restored.key in suspect)
+    for other, cand, m in passed:
+        if other > tier and cand.generation > restored.generation:
+            reason = f"snapshot {_name(cand)} skipped: {_why_not(repo, cand, m, suspect)}"
+            skipped.append(reason)
+            warn(reason)
+    if tier == PREFERRED:
+        return
+    how = "as asked" if exact else "as no verified one could be restored"
+    warn(
+        f"restoring snapshot {_name(restored)} {how}, although it is "
+        f"{_why_not(repo, restored, manifest, suspect)}"
+    )
+
+
+def _why_not(repo: Repository, ref: SnapshotRef, m: Manifest, suspect: set[str]) -> str:
+    """Why a restore does not prefer a snapshot, in a phrase."""
+    if ref.key in suspect:
+        mark = repo.read_suspect(ref.key)
+        why = mark.why if mark is not None else "marked suspect"
+        return f"marked suspect ({why}; `ckpt unsuspect {repo.display} {ref.id}` clears the mark)"
+    return (
+        f"unverified: taken while files were in progress, which may be torn: {unverified_note(m)}"
     )
 
 
@@ -408,24 +495,27 @@ def prepare_dir(
     restore_enabled: bool = True,
     snapshot: str | None = None,
     concurrency: int = 4,
+    on_repair: Callable[[Repaired], None] | None = None,
 ) -> str:
     """Decide what the child starts from; return the id it holds ('' if none).
 
     The rule: an explicit --snapshot is always restored. An empty or missing
-    --dir gets the newest usable snapshot. A non-empty --dir that holds the
-    newest snapshot already is used as it is. A non-empty --dir with a file
-    modified after the newest snapshot was taken is kept (it is newer: a
-    previous run on this machine got further than its last upload) and
-    uploaded as the next snapshot. Otherwise --dir is older and is replaced.
+    --dir gets the snapshot a restore picks (`repository.pick`: the newest
+    verified one). A non-empty --dir that holds that snapshot already is
+    used as it is. A non-empty --dir with a file modified after the newest
+    snapshot was taken is kept (it is newer: a previous run on this machine
+    got further than its last upload) and uploaded as the next snapshot.
+    Otherwise (it holds another snapshot, or is older) --dir is replaced. A
+    --dir that is kept has its torn files put back first (`repair`), each
+    from the newest snapshot that holds it whole.
     """
     directory = snapshotter.root
     recover_interrupted(directory)
     remind_kept(directory)
-    newest = newest_manifest(repo)
     if not restore_enabled:
         console.info(f"--no-restore: starting from {directory} as it is")
         ensure_dir(directory)
-        snapshotter.adopt(newest, trust_local=False)
+        snapshotter.adopt(newest_manifest(repo), trust_local=False)
         return ""
     if snapshot is not None:
         return restore_into(repo, snapshotter, snapshot, concurrency)
@@ -436,23 +526,36 @@ def prepare_dir(
             ensure_dir(directory)
             return ""
         return restore_into(repo, snapshotter, None, concurrency)
-    if newest is None:
-        if repo.snapshots():
+    loaded = list(iter_manifests(repo))
+    manifests = [m for _ref, m in loaded if isinstance(m, Manifest)]
+    newest = manifests[0] if manifests else None
+    chosen = pick(loaded, repo.suspect_keys())
+    if newest is None or chosen is None:
+        if loaded:
             console.warn(f"no snapshot in {repo.display} is readable; keeping {directory} as it is")
         else:
             console.info(f"remote has no snapshot yet: {directory} is uploaded as the first")
         return ""
-    if _holds(local, newest):
-        console.info(f"{directory} already holds snapshot {newest.id}: nothing to restore")
-        snapshotter.adopt(newest, trust_local=True)
-        return newest.id
-    # Holding an older snapshot exactly is proof of age that needs no clock
-    # (the time test below compares this machine's clock with the writer's).
-    for _ref, m in iter_manifests(repo):
-        if isinstance(m, Manifest) and m.generation < newest.generation and _holds(local, m):
+    picked = chosen[1]
+    if _holds(local, picked):
+        console.info(f"{directory} already holds snapshot {picked.id}: nothing to restore")
+        _repair(repo, snapshotter, picked, on_repair)
+        snapshotter.adopt(picked, trust_local=True)
+        return picked.id
+    # Holding another snapshot exactly is proof of what it is that needs no
+    # clock (the time test below compares this machine's clock with the
+    # writer's): an older one, or one a restore does not pick (unverified,
+    # suspect), is replaced by the one it picks.
+    for m in manifests:
+        if m.id != picked.id and _holds(local, m):
+            why = (
+                f"older than {picked.id} (generation {picked.generation})"
+                if m.generation < picked.generation
+                else f"which a restore does not pick ({_not_picked(repo, m)})"
+            )
             console.info(
-                f"{directory} holds snapshot {m.id} (generation {m.generation}), older than "
-                f"{newest.id} (generation {newest.generation}): replacing it{_ASIDE}"
+                f"{directory} holds snapshot {m.id} (generation {m.generation}), {why}: "
+                f"replacing it{_ASIDE}"
             )
             return restore_into(repo, snapshotter, None, concurrency)
     newest_local = max(e.mtime_ns for e in local) / 1e9
@@ -462,10 +565,49 @@ def prepare_dir(
             f"{newest.id} ({_clock(newest.created)}): keeping the local state, which "
             "becomes the next snapshot (restore the remote one with --snapshot ID)"
         )
+        _repair(repo, snapshotter, newest, on_repair)
         snapshotter.adopt(newest, trust_local=False)
         return ""
     console.info(f"{directory} is older than snapshot {newest.id}: replacing it{_ASIDE}")
     return restore_into(repo, snapshotter, None, concurrency)
+
+
+def rollback_target(repo: Repository, base: SnapshotRef, marking: set[str]) -> Manifest | None:
+    """The snapshot a crash-loop rollback from `base` restores: the one a
+    restore picks among this stream's snapshots older than base, none of
+    them suspect (counting `marking`, the keys about to be marked); None if
+    there is none."""
+    suspect = repo.suspect_keys() | marking
+    older = ((ref, m) for ref, m in iter_manifests(repo) if ref.generation < base.generation)
+    found = pick(older, suspect)
+    if found is None or found[0].key in suspect:
+        return None
+    return found[1]
+
+
+def _not_picked(repo: Repository, m: Manifest) -> str:
+    return "suspect" if repo.stream + m.key in repo.suspect_keys(cached=True) else "unverified"
+
+
+def _repair(
+    repo: Repository,
+    snapshotter: Snapshotter,
+    parent: Manifest | None,
+    on_repair: Callable[[Repaired], None] | None,
+) -> None:
+    """Put back the torn files of a --dir that is used as it is."""
+    from ckpt_cli.formats import DEFAULT
+    from ckpt_cli.repair import repair_dir
+
+    done = repair_dir(
+        repo,
+        snapshotter.root,
+        snapshotter.patterns,
+        parent=parent,
+        registry=snapshotter.checks or DEFAULT,  # the run's: its --check commands too
+    )
+    if not done.empty and on_repair is not None:
+        on_repair(done)
 
 
 #: What every "replacing it" line adds: the rule that nothing is lost.
@@ -503,6 +645,7 @@ def prepare_rank_dir(
     restore_enabled: bool = True,
     snapshot: str | None = None,
     concurrency: int = 4,
+    on_repair: Callable[[Repaired], None] | None = None,
 ) -> tuple[str, int | None]:
     """What the child starts from, on one node or as a rank of several:
     (the snapshot id --dir holds, its step). A single node in a repository
@@ -523,17 +666,19 @@ def prepare_rank_dir(
             restore_enabled=restore_enabled,
             snapshot=snapshot,
             concurrency=concurrency,
+            on_repair=on_repair,
         )
         return _with_step(snapshotter, held)
     recover_interrupted(directory)
     remind_kept(directory)
     choice = world.choose(repo, rank, world_size, allow_change=allow_change)
     if choice is None:
-        return prepare_dir(repo, snapshotter, concurrency=concurrency), None
+        return prepare_dir(repo, snapshotter, concurrency=concurrency, on_repair=on_repair), None
     if not choice.consistent:
         console.warn(choice.note)
         if choice.ref is not None and choice.ref.stream == repo.stream:
-            return _with_step(snapshotter, prepare_dir(repo, snapshotter, concurrency=concurrency))
+            held = prepare_dir(repo, snapshotter, concurrency=concurrency, on_repair=on_repair)
+            return _with_step(snapshotter, held)
     m, ref = choice.manifest, choice.ref
     if m is None or ref is None:
         console.info(f"{choice.note}: starting from {directory} as it is")

@@ -10,7 +10,14 @@ cannot open or read (its mode, an I/O error) is never taken for one that
 changed or vanished: it is named with the reason (`SnapshotResult.unreadable`),
 and a commit or a strict snapshot (`ckpt push`) that needs it fails
 (UnreadableError) instead of leaving it out.
-Imports: standard library, `repository`.
+
+With format checks in force (`checks`, the run's registry), what changed is
+judged before it is read (`progress`): an automatic snapshot (`auto`) with a
+file in progress is held back (`SnapshotResult.waiting`, nothing read or
+written) unless it is taken anyway, then recorded `verified=False` with the
+files and why; a commit fails (NotWholeError) at its pin on a file failing
+its check. Each entry records the check it passed (`Entry.check`).
+Imports: standard library, `repository`, `progress`, `formats`.
 """
 
 from __future__ import annotations
@@ -32,8 +39,12 @@ from pathlib import Path
 
 from ckpt import _contract as contract
 from ckpt_cli import world
+from ckpt_cli.formats import Registry
 from ckpt_cli.manifest import Entry, Manifest, host_name, link_escapes
+from ckpt_cli.progress import Auto, Judge, Judgement, NotWholeError, Stat
 from ckpt_cli.repository import Buffers, Repository
+
+__all__ = ["Auto", "NotWholeError"]  # re-exported: the worker and control catch them
 
 #: Names that are never snapshotted: one definition, shared with the shim.
 TEMP_PATTERNS = contract.TEMP_PATTERNS
@@ -148,6 +159,7 @@ class Cached:
     mtime_ns: int
     ino: int
     chunks: tuple[str, ...]
+    check: str = ""  # the format check its content passed
 
 
 @dataclasses.dataclass
@@ -164,6 +176,13 @@ class SnapshotResult:
     unreadable: dict[str, str] = dataclasses.field(default_factory=dict)
     skipped_links: list[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
+    #: Held back: files (and directories) in progress -> why; nothing was
+    #: read or written (an automatic snapshot only).
+    waiting: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: Files in progress when it was judged, held back or taken anyway.
+    in_progress: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: Files judged appenders -> the size taken (their growth is no activity).
+    appenders: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def newest(self) -> Manifest | None:
@@ -243,6 +262,8 @@ class Pinned:
     skipped_links: list[str]
     #: The training step the commit was tagged with (`commit(step=)`).
     step: int | None = None
+    #: The check each checked file or directory passed; None: not checked.
+    checks: dict[str, str] | None = None
 
     def close(self) -> None:
         for fd, _st in self.fds.values():
@@ -266,8 +287,19 @@ class Snapshotter:
         rank: int = 0,
         world_size: int = 1,
         lease_ttl: float = 60.0,
+        checks: Registry | None = None,
     ) -> None:
         self.repo = repo
+        #: The format checks in force (the run's built-in and --check ones);
+        #: None: no checks at all, as `ckpt push` snapshots.
+        self.checks = checks
+        #: Judges changed files before they are read (None: no checks at all,
+        #: as `ckpt push` snapshots).
+        self.judge = (
+            Judge(checks, root, hash=repo.hash, chunk_size=repo.chunk_size)
+            if checks is not None
+            else None
+        )
         #: This stream's rank of world_size (0 of 1: a single node); see `world`.
         self.rank = rank
         self.world_size = world_size
@@ -319,7 +351,9 @@ class Snapshotter:
             # A chunk gone from the remote (deleted or pruned behind our back)
             # must be read and uploaded again, not named by the next snapshot.
             if all(self.repo.has_chunk(c) for c in e.chunks):
-                self.cache[local.path] = Cached(local.size, local.mtime_ns, local.ino, e.chunks)
+                self.cache[local.path] = Cached(
+                    local.size, local.mtime_ns, local.ino, e.chunks, e.check
+                )
 
     def scan_root(self, skipped: list[str] | None = None) -> list[LocalEntry]:
         """scan(), with a directory that cannot be listed (its mode, an I/O
@@ -336,11 +370,26 @@ class Snapshotter:
                 f"{rel}/" if rel != "." else str(self.root), _reason(exc)
             ) from None
 
-    def pin(self) -> Pinned:
+    def changed_since_cache(self, entries: Iterable[LocalEntry]) -> list[str]:
+        """Files whose stat differs from the stat cache: what changed since the
+        last snapshot (safe from another thread: lookups only)."""
+        out = []
+        for le in entries:
+            if le.type != "file":
+                continue
+            c = self.cache.get(le.path)
+            if not c or (c.size, c.mtime_ns, c.ino) != (le.size, le.mtime_ns, le.ino):
+                out.append(le.path)
+        return out
+
+    def pin(self, *, check: bool = False) -> Pinned:
         """Scan now and hold every regular file open (see Pinned). Safe to call
         from another thread while a snapshot runs: it only reads. A file that
         cannot be opened (but for having vanished) raises UnreadableError: a
-        commit without it would not be the directory's state."""
+        commit without it would not be the directory's state. With check (a
+        commit) and checks in force, the files that changed since the last
+        snapshot and the directories are checked on the pin: NotWholeError
+        names the first that fails, and nothing is pinned."""
         skipped: list[str] = []
         entries = self.scan_root(skipped) if self.root.is_dir() else []
         fds: dict[str, tuple[int, os.stat_result]] = {}
@@ -367,7 +416,16 @@ class Snapshotter:
         except BaseException:
             Pinned(kept, fds, skipped).close()
             raise
-        return Pinned(kept, fds, skipped)
+        pinned = Pinned(kept, fds, skipped)
+        if check and self.judge is not None:
+            try:
+                pinned.checks = self.judge.check_pinned(
+                    kept, fds, self.changed_since_cache(kept), self.parent
+                )
+            except BaseException:
+                pinned.close()
+                raise
+        return pinned
 
     def snapshot(
         self,
@@ -377,6 +435,7 @@ class Snapshotter:
         keep: int | None = None,
         pinned: Pinned | None = None,
         strict: bool = False,
+        auto: Auto | None = None,
     ) -> SnapshotResult:
         """Snapshot the directory as it is now, or as it was when `pinned` was
         taken: then a file changed in place since raises TornCommitError
@@ -387,9 +446,13 @@ class Snapshotter:
         The pin is closed once the snapshot is written or can never be
         (TornCommitError, UnreadableError); after any other failure (the
         remote) it stays open, so the same moment can be snapshotted again,
-        and the caller closes it when it gives up."""
+        and the caller closes it when it gives up.
+
+        auto (an automatic snapshot, with checks in force): files in progress
+        hold it back (result.waiting; nothing is read or written) unless
+        auto.take_anyway, which writes it unverified."""
         try:
-            result = self._snapshot(reason, attempt, keep, pinned, strict)
+            result = self._snapshot(reason, attempt, keep, pinned, strict, auto)
         except (TornCommitError, UnreadableError):
             if pinned is not None:
                 pinned.close()
@@ -401,7 +464,13 @@ class Snapshotter:
         return result
 
     def _snapshot(
-        self, reason: str, attempt: int, keep: int | None, pinned: Pinned | None, strict: bool
+        self,
+        reason: str,
+        attempt: int,
+        keep: int | None,
+        pinned: Pinned | None,
+        strict: bool,
+        auto: Auto | None,
     ) -> SnapshotResult:
         t0 = time.monotonic()
         scan_ns = time.time_ns()
@@ -425,7 +494,14 @@ class Snapshotter:
                 c = self.cache.get(le.path)
                 if c and (c.size, c.mtime_ns, c.ino) == (le.size, le.mtime_ns, le.ino):
                     entries[le.path] = Entry(
-                        le.path, "file", le.mode, le.size, le.mtime_ns, c.chunks, ino=le.ino
+                        le.path,
+                        "file",
+                        le.mode,
+                        le.size,
+                        le.mtime_ns,
+                        c.chunks,
+                        ino=le.ino,
+                        check=c.check,
                     )
                 else:
                     to_read.append(le)
@@ -434,17 +510,48 @@ class Snapshotter:
             else:
                 entries[le.path] = Entry(le.path, "symlink", le.mode, target=le.target)
 
+        judged: Judgement | None = None
+        checks: dict[str, str] = {}
+        if pinned is not None and pinned.checks is not None:
+            checks = pinned.checks
+        elif auto is not None and self.judge is not None:
+            judged = self.judge.judge(local, to_read, parent, auto)
+            result.appenders = dict(judged.appenders)
+            result.in_progress = dict(judged.in_progress)
+            if auto.probe:
+                return result
+            if judged.in_progress and not auto.take_anyway:
+                result.waiting = dict(judged.in_progress)
+                result.seconds = time.monotonic() - t0
+                return result  # held back: nothing read, nothing written
+            checks = judged.checks
+        for path, check in checks.items():
+            e = entries.get(path)
+            if e is not None and e.type == "dir":
+                entries[path] = dataclasses.replace(e, check=check)
+
         new_cache: dict[str, Cached] = {}
         fds = pinned.fds if pinned is not None else None
+        expect = judged.expect if judged is not None else None
         self.live = (result, len(to_read), sum(le.size for le in to_read), time.monotonic())
-        with contextlib.closing(self._read_files(to_read, result, fds)) as outcomes:
+        with contextlib.closing(
+            self._read_files(to_read, result, fds, expect, result.appenders)
+        ) as outcomes:
             for le, outcome in outcomes:
                 if isinstance(outcome, tuple):
+                    check = checks.get(le.path, "")
                     entries[le.path] = Entry(
-                        le.path, "file", le.mode, le.size, le.mtime_ns, outcome, ino=le.ino
+                        le.path,
+                        "file",
+                        le.mode,
+                        le.size,
+                        le.mtime_ns,
+                        outcome,
+                        ino=le.ino,
+                        check=check,
                     )
                     if scan_ns - le.mtime_ns >= RACY_NS:
-                        new_cache[le.path] = Cached(le.size, le.mtime_ns, le.ino, outcome)
+                        new_cache[le.path] = Cached(le.size, le.mtime_ns, le.ino, outcome, check)
                     continue
                 if isinstance(outcome, str):
                     if pinned is not None or strict:
@@ -464,10 +571,21 @@ class Snapshotter:
         _drop_orphans(entries)
 
         ordered = tuple(entries[p] for p in sorted(entries))
+        verified, unverified = self._verified(judged, pinned)
         unchanged = (
             parent is not None
             and len(ordered) == len(parent.entries)
             and all(a.same_content(b) for a, b in zip(ordered, parent.entries, strict=True))
+            # The same files as an unverified snapshot are written again once
+            # they are whole (what a restore prefers changed), or once other
+            # files are in progress; the same as a verified one never are.
+            and (
+                parent.verified is not False
+                or (
+                    verified is False
+                    and {p for p, _ in parent.unverified} == {p for p, _ in unverified}
+                )
+            )
         )
         for path, le_cached in new_cache.items():
             self.cache[path] = le_cached
@@ -502,6 +620,8 @@ class Snapshotter:
             rank=self.rank,
             world_size=self.world_size,
             gc_seen=self.gc_seen,
+            verified=verified,
+            unverified=unverified,
         )
         self.repo.write_manifest(manifest)
         self.parent = manifest
@@ -510,6 +630,17 @@ class Snapshotter:
             self.prune(keep)
         result.seconds = time.monotonic() - t0
         return result
+
+    def _verified(
+        self, judged: Judgement | None, pinned: Pinned | None
+    ) -> tuple[bool | None, tuple[tuple[str, str], ...]]:
+        """The manifest's verified and unverified (of what is in it)."""
+        if judged is not None:
+            listed = judged.unverified
+            return judged.verified(), tuple((p, listed[p]) for p in sorted(listed))
+        if pinned is not None and pinned.checks is not None and self.judge is not None:
+            return (True if self.judge.checked else None), ()
+        return None, ()
 
     def prune(self, keep: int) -> None:
         """Retention: keep the newest `keep` snapshots, delete what only older
@@ -529,12 +660,19 @@ class Snapshotter:
         files: list[LocalEntry],
         result: SnapshotResult,
         pinned: dict[str, tuple[int, os.stat_result]] | None = None,
+        expect: dict[str, Stat] | None = None,
+        growing: dict[str, int] | None = None,
     ) -> Generator[_Outcome, None, None]:
         """Yield (file, chunk digests), (file, None) if it changed while read,
         or (file, why) if it could not be read, in no particular order.
         Chunks of many files are in flight at once; descriptors stay bounded.
         Files of one chunk or less go to the pool in batches, each read whole
-        by one task (see SMALL_BATCH_FILES)."""
+        by one task (see SMALL_BATCH_FILES).
+
+        expect: the stat each file had when it was judged; one that differs
+        at the read changed since (None). growing: appenders -> the size
+        judged: that prefix is read, and the file may grow meanwhile."""
+        rules = _Rules(expect or {}, growing or {})
         pending: collections.deque[_Big | cf.Future[list[_Outcome]]] = collections.deque()
         open_big = 0
         chunk = self.repo.chunk_size
@@ -544,7 +682,7 @@ class Snapshotter:
         def submit_batch() -> None:
             nonlocal batch, batch_bytes
             self._slots.acquire()
-            pending.append(self._pool.submit(self._small_task, batch, pinned, result))
+            pending.append(self._pool.submit(self._small_task, batch, pinned, result, rules))
             batch, batch_bytes = [], 0
 
         def pop_head() -> Iterable[_Outcome]:
@@ -552,7 +690,7 @@ class Snapshotter:
             head = pending.popleft()
             if isinstance(head, _Big):
                 open_big -= 1
-                return [self._finish(head, result)]
+                return [self._finish(head, result, rules)]
             return head.result()
 
         def head_done() -> bool:
@@ -563,13 +701,13 @@ class Snapshotter:
 
         try:
             for le in files:
-                if le.size <= chunk:
+                if rules.size(le) <= chunk:
                     batch.append(le)
                     batch_bytes += le.size
                     if len(batch) >= SMALL_BATCH_FILES or batch_bytes >= chunk:
                         submit_batch()
                 else:
-                    big = self._submit_big(le, result, pinned)
+                    big = self._submit_big(le, result, pinned, rules)
                     if isinstance(big, _Big):
                         pending.append(big)
                         open_big += 1
@@ -619,6 +757,7 @@ class Snapshotter:
         le: LocalEntry,
         result: SnapshotResult,
         pinned: dict[str, tuple[int, os.stat_result]] | None,
+        rules: _Rules,
     ) -> _Big | _Outcome:
         try:
             opened = self._open(le, pinned)
@@ -627,10 +766,12 @@ class Snapshotter:
         if opened is None:
             return le, None
         fd, st = opened
-        size = st.st_size
-        big = _Big(
-            dataclasses.replace(le, size=size, mtime_ns=st.st_mtime_ns, ino=st.st_ino), fd, st, []
-        )
+        taken = rules.take(le.path, st)
+        if taken is None:
+            os.close(fd)
+            return le, None
+        size, mtime_ns = taken
+        big = _Big(dataclasses.replace(le, size=size, mtime_ns=mtime_ns, ino=st.st_ino), fd, st, [])
         chunk = self.repo.chunk_size
         for offset in range(0, size, chunk):
             self._slots.acquire()
@@ -664,12 +805,18 @@ class Snapshotter:
         finally:
             self._slots.release()
 
-    def _finish(self, big: _Big, result: SnapshotResult) -> _Outcome:
+    def _finish(self, big: _Big, result: SnapshotResult, rules: _Rules) -> _Outcome:
         le, fd, before = big.entry, big.fd, big.st
         try:
             cf.wait(big.futures)  # none may read fd once it is closed
             digests = tuple(f.result() for f in big.futures)
             after = os.fstat(fd)
+            if le.path in rules.growing:  # an appender: its prefix is taken
+                os.close(fd)
+                fd = -1
+                with self._stats_lock:
+                    result.files_read += 1
+                return le, (digests if after.st_size >= le.size else None)
             grew = os.pread(fd, 1, before.st_size) != b""
         except _Changed:
             return le, None
@@ -678,7 +825,8 @@ class Snapshotter:
         except OSError as exc:  # the fstat or pread above: the local file
             return le, _reason(exc)
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
         with self._stats_lock:
             result.files_read += 1
         if grew or (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
@@ -690,12 +838,13 @@ class Snapshotter:
         batch: list[LocalEntry],
         pinned: dict[str, tuple[int, os.stat_result]] | None,
         result: SnapshotResult,
+        rules: _Rules,
     ) -> list[_Outcome]:
         """Read, hash and put whole files of at most one chunk, one after the
         other, through one buffer."""
         try:
             with self._buffers.view(self.repo.chunk_size) as buf:
-                return [self._read_small(le, buf, pinned, result) for le in batch]
+                return [self._read_small(le, buf, pinned, result, rules) for le in batch]
         finally:
             self._slots.release()
 
@@ -705,6 +854,7 @@ class Snapshotter:
         buf: memoryview,
         pinned: dict[str, tuple[int, os.stat_result]] | None,
         result: SnapshotResult,
+        rules: _Rules,
     ) -> _Outcome:
         try:
             opened = self._open(le, pinned)
@@ -713,15 +863,20 @@ class Snapshotter:
         if opened is None:
             return le, None
         fd, before = opened
+        appender = le.path in rules.growing
         try:
-            size = before.st_size
+            taken = rules.take(le.path, before)
+            if taken is None:
+                return le, None  # changed since it was judged
+            size, mtime_ns = taken
             if size > len(buf):
                 return le, None  # grew past a chunk since the scan: read it next time
             # One byte more than the size, where the buffer has room: a file
-            # that grew meanwhile shows as a longer read.
+            # that grew meanwhile shows as a longer read (an appender's
+            # prefix alone is read: it may grow).
             try:
-                got = os.preadv(fd, [buf[: size + 1]], 0)
-                longer = size == len(buf) and os.pread(fd, 1, size) != b""
+                got = os.preadv(fd, [buf[: size + (0 if appender else 1)]], 0)
+                longer = not appender and size == len(buf) and os.pread(fd, 1, size) != b""
             except OSError as exc:
                 return le, _reason(exc)
             if got != size or longer:
@@ -743,12 +898,40 @@ class Snapshotter:
             if sent:
                 result.new_bytes += size
                 result.new_chunks += 1
-        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+        if appender:
+            if after.st_size < size:
+                return le, None
+        elif (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
             return le, None
         return (
-            dataclasses.replace(le, size=size, mtime_ns=before.st_mtime_ns, ino=before.st_ino),
+            dataclasses.replace(le, size=size, mtime_ns=mtime_ns, ino=before.st_ino),
             digests,
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rules:
+    """What a read must find (see _read_files)."""
+
+    expect: dict[str, Stat]
+    growing: dict[str, int]
+
+    def size(self, le: LocalEntry) -> int:
+        judged = self.expect.get(le.path)
+        return judged[0] if judged is not None else le.size
+
+    def take(self, path: str, st: os.stat_result) -> tuple[int, int] | None:
+        """(size, mtime_ns) to read and record of the file whose descriptor
+        has stat st; None if it changed since it was judged."""
+        judged = self.expect.get(path)
+        if judged is None:
+            return st.st_size, st.st_mtime_ns
+        size, mtime_ns, ino = judged
+        if path in self.growing:  # an appender: the prefix judged, if it is still there
+            ok = st.st_ino == ino and st.st_size >= size
+        else:
+            ok = (st.st_size, st.st_mtime_ns, st.st_ino) == judged
+        return (size, mtime_ns) if ok else None
 
 
 def _drop_orphans(entries: dict[str, Entry]) -> None:

@@ -72,6 +72,15 @@ def _size(st: dict[str, Any], key: str) -> str:
     return "?" if value is None and st.get(key) is not None else console.fmt_bytes(value or 0)
 
 
+def _count(st: dict[str, Any], key: str, word: str) -> str:
+    """A count from a reply, in English ("1 file", "3 files"); "?" if it is
+    not a whole number."""
+    value = _number(st, key)
+    if value is None or not value.is_integer():
+        return f"? {word}s" if st.get(key) is not None else f"0 {word}s"
+    return console.plural(int(value), word)
+
+
 def describe(st: dict[str, Any]) -> list[str]:
     """The lines of one run (the command's output; console.out cleans each,
     so a line break inside a field stays inside its line)."""
@@ -86,10 +95,22 @@ def describe(st: dict[str, Any]) -> list[str]:
         f"run {st.get('run')}: {st.get('dir')} -> {st.get('remote')}",
         f"  child: {'pid ' + str(child) if child else 'not running'}, attempt {st.get('attempt')}",
         f"  newest durable snapshot: {saved}",
-        f"  upload backlog: {_size(st, 'backlog_bytes')} in "
-        f"{st.get('backlog_files') or 0} file(s); {_size(st, 'rate')}/s",
+        f"  upload backlog: {_size(st, 'backlog_bytes')} in {_count(st, 'backlog_files', 'file')}; "
+        f"{_size(st, 'rate')}/s",
         f"  snapshots: {st.get('snapshots')}, {_size(st, 'bytes_uploaded')} uploaded",
     ]
+    waiting = st.get("waiting_for")
+    if isinstance(waiting, list) and waiting:
+        files = [w for w in waiting if isinstance(w, dict)]
+        shown = ", ".join(f"{w.get('path')} ({w.get('reason')})" for w in files[:3])
+        more = f" and {len(files) - 3} more" if len(files) > 3 else ""
+        seconds = _number(st, "waiting_seconds")
+        settle = _number(st, "settle_timeout")
+        lines.append(
+            f"  snapshot waits for: {shown}{more}; "
+            f"{console.fmt_age(seconds) if seconds is not None else '?'} so far"
+            + (f" (at most {settle:g}s, --settle-timeout)" if settle is not None else "")
+        )
     if st.get("last_error"):
         lines.append(f"  last error: {st['last_error']}")
     if st.get("preemption"):

@@ -24,21 +24,26 @@ from pathlib import Path
 from typing import Any
 
 from ckpt import _contract as contract
-from ckpt_cli import __version__, console, preemption, subtree
+from ckpt_cli import __version__, console, crashloop, openfiles, preemption, subtree
 from ckpt_cli import control as control_registry
 from ckpt_cli.child import Child, Guardian, catches_signal, ckpt_executable
 from ckpt_cli.config import RunConfig, wait_limit
 from ckpt_cli.control import ControlServer
-from ckpt_cli.errors import CkptError, RemoteError, Stopped
+from ckpt_cli.costs import attempt_outcome
+from ckpt_cli.errors import CkptError, RemoteError, RestoreError, Stopped
 from ckpt_cli.events import EventLog
-from ckpt_cli.history import RunHistory, attempts_before, load_runs
+from ckpt_cli.formats import DEFAULT as DEFAULT_CHECKS
+from ckpt_cli.formats import Registry
+from ckpt_cli.history import RunHistory, attempts_before, changed_at, load_runs
 from ckpt_cli.lease import Heartbeat, LeaseLostError
+from ckpt_cli.manifest import Manifest, ManifestError
 from ckpt_cli.policy import ChildExit, Decision, decide, signal_name
 from ckpt_cli.remote import open_backend, redact_url
-from ckpt_cli.repository import Repository, rank_stream
-from ckpt_cli.restore import ensure_dir, prepare_rank_dir, restore_into
+from ckpt_cli.repair import Repaired, repair_dir
+from ckpt_cli.repository import Repository, SnapshotRef, rank_stream
+from ckpt_cli.restore import ensure_dir, prepare_rank_dir, restore_into, rollback_target
 from ckpt_cli.snapshotter import TEMP_PATTERNS, SnapshotResult, Snapshotter
-from ckpt_cli.uploader import SnapshotWorker, unreadable_error
+from ckpt_cli.uploader import Request, SnapshotWorker, WaitNews, unreadable_error
 from ckpt_cli.watcher import Watcher
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -50,17 +55,25 @@ FORWARD_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 #: Written to the wake pipe by the preemption watcher (no signal is numbered 0).
 NOTICE_WAKE = 0
 #: After a preemption notice the child runs on (told to checkpoint, a snapshot
-#: under way) for the first half of the window, at least until RESERVE seconds
-#: are left; then it is stopped, and the rest goes to its grace and the flush.
+#: under way) for half the window, or less so that at least RESERVE seconds
+#: remain; then it is stopped, and the rest goes to its grace and the flush.
 NOTICE_SHARE = 0.5
 NOTICE_RESERVE = 10.0
 #: How long a stopped child may take during a notice window, at most: a third
 #: of what is left, so the final flush keeps the rest.
 NOTICE_GRACE_SHARE = 1 / 3
+#: A final flush that takes longer than this shows its progress (a bar on a
+#: terminal, one line off one).
+FLUSH_SHOWN = 1.0
 #: How long the first launch waits for the first answer of the metadata
 #: service (a machine already under notice launches nothing). Azure's first
 #: call may take minutes: the launch does not wait for that.
 FIRST_POLL_WAIT = 3.0
+#: The `end` event's cost fields when the run ended before its history began.
+NO_COSTS = {"failures": None, "lost_seconds": None, "resume_seconds": None}
+#: Snapshots of this run the crash-loop guard remembers (the newest): a
+#: streak has no snapshot taken while its attempts ran, so it needs few.
+SNAPS_KEPT = 1000
 
 
 @dataclasses.dataclass
@@ -81,9 +94,12 @@ class Supervisor:
         self.child: Child | None = None
         self.restored_id = ""
         self.restored_step: int | None = None
+        #: What a kept --dir (newer than the newest snapshot) descends from.
+        self._descends_from: tuple[str, int | None] = ("", None)
         self.stop_signal: int | None = None
         self._stop_at = 0.0
         self._flush_abandoned = False
+        self._abandoned: tuple[Request, int] | None = None  # the final request, the signal
         self._lease_error: LeaseLostError | None = None
         self._wake_r = self._wake_w = -1
         self._wake_lock = threading.Lock()
@@ -107,6 +123,15 @@ class Supervisor:
         self.events = EventLog(getattr(cfg, "log_json", None), self.run_id)
         self._rate = 0.0  # bytes/s of the last snapshot that uploaded anything
         self._ended = False  # the final flush and the worker are done: no more reports
+        self._said_unverified: set[str] = set()  # files in progress said, once each
+        #: The crash-loop guard, the snapshots this run took (what it judges
+        #: by), the snapshot it rolled back to (the next launch's CKPT_RESTORED)
+        #: and the rollbacks done (for the summary).
+        self._guard = crashloop.Guard(cfg.crash_loop)
+        self._snaps: list[crashloop.Snap] = []  # the newest SNAPS_KEPT (any thread appends)
+        self._snaps_lock = threading.Lock()
+        self._rolled_back: Manifest | None = None
+        self._rollbacks: list[str] = []
 
     # ------------------------------------------------------------ entry point
 
@@ -130,6 +155,7 @@ class Supervisor:
                 snapshots=None,
                 bytes_uploaded=None,
                 last_snapshot=None,
+                **(self.history.costs() if self.history is not None else NO_COSTS),
             )
             raise
         finally:
@@ -219,10 +245,10 @@ class Supervisor:
 
     def _run_holding(self, repo: Repository) -> int:
         cfg = self.cfg
+        earlier: list[dict[str, Any]] = []
         try:
-            self.attempt = attempts_before(
-                load_runs(repo.backend), exclude=self.run_id, rank=cfg.rank
-            )
+            earlier = load_runs(repo.backend)
+            self.attempt = attempts_before(earlier, exclude=self.run_id, rank=cfg.rank)
         except RemoteError as exc:
             console.warn(f"run history not read ({exc}): CKPT_ATTEMPT counts this run only")
         snapshotter = Snapshotter(
@@ -235,10 +261,17 @@ class Supervisor:
             rank=cfg.rank,
             world_size=cfg.world_size,
             lease_ttl=cfg.lease_timeout,
+            checks=Registry(cfg.checks, builtin=cfg.format_checks),
         )
         self.restored_id, self.restored_step = self._prepare(
             repo, snapshotter, restore_enabled=cfg.restore, snapshot=cfg.snapshot
         )
+        parent = snapshotter.parent
+        if not self.restored_id and cfg.restore and cfg.world_size == 1 and parent is not None:
+            # A --dir newer than the newest snapshot was kept (restore's rule):
+            # it descends from that snapshot, the parent of its next one, and
+            # the child is told so, as after a relaunch (CKPT_RESTORED).
+            self._descends_from = (parent.id, parent.step)
         ensure_dir(cfg.dir)
         if self.restored_id:
             ref = repo.find(self.restored_id)
@@ -264,6 +297,9 @@ class Supervisor:
                 "snapshot's retention removes them"
             ),
             commit_only=cfg.snapshots == "commit",
+            settle=cfg.settle_timeout,
+            open_scan=self._open_scan,
+            on_wait=self._report_wait,
         )
         runtime = Path(tempfile.mkdtemp(prefix="ckpt-"))
         if len(str(runtime)) > 90:  # AF_UNIX paths are limited to 107 bytes
@@ -291,6 +327,7 @@ class Supervisor:
             self.run_id,
             on_error=console.warn,
             rank=cfg.rank if cfg.world_size > 1 else None,
+            earlier=earlier,
         )
         history.start()
         try:
@@ -339,6 +376,8 @@ class Supervisor:
             # too: it ends before the lease is released (a prune that overlapped
             # another writer's uploads could delete its chunks).
             worker.join(wait_limit(cfg.flush_timeout))  # --flush-timeout inf: no limit
+            if self._flush_abandoned:
+                flushed = self._after_abandon(worker)
             control.close()
             guardian.close()
             self._restore_signals(old_handlers)
@@ -355,6 +394,7 @@ class Supervisor:
             snapshots=worker.stats.snapshots,
             bytes_uploaded=worker.stats.bytes_uploaded,
             last_snapshot=last.id if last else None,
+            **history.costs(),
         )
         self.events.close()
         history.finish(status, outcome)
@@ -429,8 +469,14 @@ class Supervisor:
                 return contract.ExitCode.PREEMPTED
             self.attempt += 1
             durable = worker.stats.last_durable
-            restored = durable.id if (durable and self.attempts) else self.restored_id
-            step = durable.step if (durable and self.attempts) else self.restored_step
+            restored, step = self.restored_id, self.restored_step
+            if not restored:
+                restored, step = self._descends_from
+            if durable and self.attempts:
+                restored, step = durable.id, durable.step
+            if self._rolled_back is not None:  # the crash-loop guard restored this one
+                restored, step = self._rolled_back.id, self._rolled_back.step
+                self._rolled_back = None
             if self.attempts and cfg.world_size > 1:
                 # Every rank relaunches from the same step: the newest one all
                 # ranks committed, not this rank's own newest state.
@@ -462,7 +508,8 @@ class Supervisor:
                 "child env: "
                 + " ".join(f"{k}={v}" for k, v in sorted(env.items()) if k.startswith("CKPT_"))
             )
-            history.attempt_started(self.attempt)
+            history.attempt_started(self.attempt, resumed=restored)
+            launched = time.time()
             child = Child(cfg.command, env)
             self.child = child
             guardian.protect(child.pgid)
@@ -471,12 +518,29 @@ class Supervisor:
             )
             self.events.emit("launch", attempt=self.attempt, pid=child.pid)
             ex = self._wait(child, watcher, worker)
+            exited = time.time()
             if left := child.stop_leftovers(min(cfg.grace, 10.0), self._exclude):
-                console.info(f"stopped {left} process(es) the child left behind")
+                console.info(
+                    f"stopped {console.plural(left, 'process', 'processes')} the child left behind"
+                )
             guardian.protect(0)
+            if ex.status != 0:
+                # Before any snapshot of what it left, and before a relaunch:
+                # the files it left torn are put back from their newest whole
+                # version (the torn ones are kept, never deleted).
+                self._repair(repo, snapshotter)
             elapsed = time.monotonic() - child.started
             self.attempts.append(Attempt(self.attempt, ex, elapsed))
-            history.attempt_ended(self.attempt, ex.status, ex.describe(), elapsed)
+            history.attempt_ended(
+                self.attempt,
+                ex.status,
+                ex.describe(),
+                elapsed,
+                ended=exited,
+                outcome=attempt_outcome(
+                    ex.status, preempted=self._preempted(), stopped=self.stop_signal is not None
+                ),
+            )
             self.events.emit(
                 "exit",
                 attempt=self.attempt,
@@ -504,12 +568,31 @@ class Supervisor:
                 return ex.status
             if decision is Decision.EXHAUSTED:
                 self.events.emit("give_up", status=ex.status, reason="retries spent (--retries)")
-                console.error(
-                    f"giving up: {ex.describe()} and all {cfg.retries} retries spent (--retries)"
+                spent = (
+                    "no retry allowed"
+                    if not cfg.retries
+                    else (
+                        "its one retry spent"
+                        if cfg.retries == 1
+                        else f"all {cfg.retries} retries spent"
+                    )
                 )
+                console.error(f"giving up: {ex.describe()} and {spent} (--retries)")
                 return ex.status
             retries_used += 1
-            worker.request("exit")  # protect what the attempt left while we back off
+            loop = self._guard.ended(
+                attempt=self.attempt,
+                started_from=restored,
+                launched=launched,
+                exited=exited,
+                failed=True,
+                status=ex.describe(),
+                snaps=self._taken(),
+            )
+            if loop is not None:
+                self._roll_back(repo, snapshotter, worker, watcher, loop)
+            else:
+                worker.request("exit")  # protect what the attempt left while we back off
             delay = cfg.backoff.delay(retries_used, self.rng)
             self.events.emit(
                 "retry",
@@ -551,7 +634,133 @@ class Supervisor:
             restore_enabled=restore_enabled,
             snapshot=snapshot,
             concurrency=cfg.concurrency,
+            on_repair=self._report_repair,
         )
+
+    # ------------------------------------------------------------ after a failure
+
+    def _repair(self, repo: Repository, snapshotter: Snapshotter) -> None:
+        """Put back the files a failed attempt left torn (repair.repair_dir)."""
+        done = repair_dir(
+            repo,
+            self.cfg.dir,
+            self.patterns,
+            parent=snapshotter.parent,
+            warn=console.warn,
+            registry=snapshotter.checks or DEFAULT_CHECKS,
+        )
+        if not done.empty:
+            self._report_repair(done)
+
+    def _taken(self) -> list[crashloop.Snap]:
+        """The snapshots this run took (the newest SNAPS_KEPT), oldest first."""
+        with self._snaps_lock:
+            return list(self._snaps)
+
+    def _report_repair(self, done: Repaired) -> None:
+        self.events.emit("repair", **done.event())
+
+    def _roll_back(
+        self,
+        repo: Repository,
+        snapshotter: Snapshotter,
+        worker: SnapshotWorker,
+        watcher: Watcher,
+        loop: crashloop.Verdict,
+    ) -> None:
+        """The crash-loop guard fired: mark the snapshot the failing attempts
+        started from (and the snapshots their exits made) suspect, and
+        restore the snapshot before it for the next attempt."""
+        cfg = self.cfg
+        # What the failures left, snapshotted first: nothing local is lost,
+        # and the snapshot it makes is as suspect as the rest.
+        req = worker.request("exit")
+        req.wait(wait_limit(cfg.flush_timeout))
+        ids = list(loop.suspect)
+        failed = ", ".join(map(str, loop.attempts))
+        try:
+            base = repo.find(ids[0])
+            made = req.manifest
+            # Made by this request: the newest this run took, and newer than S.
+            taken = self._taken()
+            newest = taken[-1].id if taken else None
+            later = made is not None and base is not None and made.generation > base.generation
+            if made is not None and later and made.id not in ids and made.id == newest:
+                ids.append(made.id)
+            refs = [r for i in ids if (r := repo.find(i)) is not None and r.stream == repo.stream]
+            if base is None or base.stream != repo.stream:
+                console.warn(
+                    f"crash loop: attempts {failed} failed right after a restore of snapshot "
+                    f"{ids[0]}, which is gone from {repo.display}: nothing to roll back"
+                )
+                return
+            target = rollback_target(repo, base, {r.key for r in refs})
+        except RemoteError as exc:
+            console.warn(f"crash loop: attempts {failed} failed; no rollback ({exc})")
+            return
+        name = f"{base.id} (generation {base.generation})"
+        if target is None:
+            console.warn(
+                f"crash loop: attempts {failed} failed ({', '.join(loop.statuses)}) right after "
+                f"a restore of snapshot {name}, and no snapshot before it is left to roll "
+                "back to: relaunching on it"
+            )
+            return
+        statuses = ", ".join(loop.statuses)
+        why = f"crash loop: attempts {failed} failed ({statuses}) right after its restore"
+        for ref in refs:
+            try:
+                repo.mark_suspect(
+                    ref,
+                    why,
+                    run=self.run_id,
+                    attempts=list(loop.attempts),
+                    statuses=list(loop.statuses),
+                )
+            except RemoteError as exc:
+                console.warn(
+                    f"could not mark snapshot {ref.id} suspect in {repo.display} ({exc}); "
+                    "this run still treats it as suspect"
+                )
+        others = [r.id for r in refs[1:]]
+        also = f" (and {', '.join(others)}, taken after those failures)" if others else ""
+        console.warn(
+            f"CRASH LOOP: attempts {failed} failed ({', '.join(loop.statuses)}) right after "
+            f"a restore of snapshot {name}, before any newer snapshot: marked it suspect in "
+            f"{repo.display}{also}; rolling back to snapshot {target.id} (generation "
+            f"{target.generation}). `ckpt unsuspect {repo.display} {base.id}` clears the "
+            f"mark (--crash-loop {cfg.crash_loop}; 0 turns the guard off)"
+        )
+        self.events.emit(
+            "rollback",
+            snapshot=base.id,
+            generation=base.generation,
+            marked=[r.id for r in refs],
+            to=target.id,
+            to_generation=target.generation,
+            attempts=list(loop.attempts),
+            statuses=list(loop.statuses),
+        )
+        self._rollbacks.append(f"{base.id} -> {target.id}")
+        if self.history is not None:
+            self.history.rolled_back(
+                {"from": base.id, "to": target.id, "attempts": list(loop.attempts)}
+            )
+        if cfg.world_size > 1 and _step_of(repo, base) is not None:
+            return  # the relaunch restores the step before it on every rank (_prepare)
+        watcher.stop()
+        try:
+            held = restore_into(repo, snapshotter, None, cfg.concurrency)
+        except (RestoreError, RemoteError) as exc:
+            console.warn(
+                f"the rollback's restore failed ({exc}): relaunching on {cfg.dir} as it is"
+            )
+            return
+        finally:
+            ensure_dir(cfg.dir)
+            watcher.start()
+        if held and snapshotter.parent is not None and snapshotter.parent.id == held:
+            self._rolled_back = snapshotter.parent
 
     def _wait(self, child: Child, watcher: Watcher, worker: SnapshotWorker) -> ChildExit:
         cfg = self.cfg
@@ -756,12 +965,27 @@ class Supervisor:
     def _final_flush(self, worker: SnapshotWorker) -> bool:
         """Snapshot the final state and wait until it is durable, retrying until
         --flush-timeout. A first stop signal lets it finish (flushing is what a
-        stop asks for); a second one abandons the wait."""
+        stop asks for); a second one abandons it: no retry, no more waiting
+        here. The snapshot thread still ends what it has begun (an upload is
+        never cut short: the join after this bounds it), and `_after_abandon`
+        then says what became durable. A wait longer than FLUSH_SHOWN shows
+        its progress (`console.Progress`)."""
+        with contextlib.ExitStack() as shown:
+            return self._flush(worker, shown)
+
+    def _flush(self, worker: SnapshotWorker, shown: contextlib.ExitStack) -> bool:
         deadline = time.monotonic() + self.cfg.flush_timeout
+        show_at = time.monotonic() + FLUSH_SHOWN
+        bar: console.Progress | None = None
         pause = 0.5
         while True:
             req = worker.request("final")
             while not req.wait(0.05):
+                if bar is None and time.monotonic() >= show_at:
+                    bar = shown.enter_context(console.Progress(self._flush_line()))
+                live = worker.snapshotter.live
+                if bar is not None and live is not None:
+                    bar.update(live[0].bytes_read, live[2])
                 if self._notice_at:
                     # Past the notice's deadline the machine is gone; try a
                     # little beyond it anyway: the notice's clock is not ours.
@@ -781,7 +1005,12 @@ class Supervisor:
                     first = self.stop_signal is None
                     if self._note_stop(sig):
                         self._flush_abandoned = True
-                        self._not_durable(worker, f"abandoned on {signal_name(sig)}")
+                        self._abandoned = (req, sig)
+                        console.warn(
+                            f"received {signal_name(sig)} again: the final flush is abandoned "
+                            "(no retry); an upload under way is let finish (at most "
+                            "--flush-timeout), then ckpt exits"
+                        )
                         return False
                     if first:
                         console.info(
@@ -802,6 +1031,32 @@ class Supervisor:
                 return False
             time.sleep(pause)
             pause = min(pause * 2, 5.0)
+
+    def _flush_line(self) -> str:
+        timeout = self.cfg.flush_timeout
+        limit = (
+            "as long as it takes (--flush-timeout inf)"
+            if wait_limit(timeout) is None
+            else f"at most {timeout:g}s (--flush-timeout)"
+        )
+        return f"waiting for the final snapshot to be durable, {limit}"
+
+    def _after_abandon(self, worker: SnapshotWorker) -> bool:
+        """Once the snapshot thread has stopped: what the abandoned flush left
+        durable, said once. True if the final state is durable after all
+        (its upload was under way and finished)."""
+        if self._abandoned is None:
+            return False
+        req, sig = self._abandoned
+        if req.done and req.error is None:
+            m = req.manifest
+            if m is not None:
+                console.info(
+                    f"final state is durable as snapshot {m.id} (its upload was under way)"
+                )
+            return True
+        self._not_durable(worker, f"abandoned on {signal_name(sig)}")
+        return False
 
     def _not_durable(self, worker: SnapshotWorker, why: str) -> None:
         last = worker.stats.last_durable
@@ -888,7 +1143,8 @@ class Supervisor:
                 f"the child has not installed a {name} handler (call ckpt.checkpoint() or "
                 f"ckpt.on_preemption() in the script); not sent, it would kill the child"
             )
-        console.info(f"sent {name} to the child (pid {', '.join(map(str, sent))}): checkpoint soon")
+        pids = f"{'pid' if len(sent) == 1 else 'pids'} {', '.join(map(str, sent))}"
+        console.info(f"sent {name} to the child ({pids}): checkpoint soon")
         return sent
 
     def _check_lease(self) -> None:
@@ -898,6 +1154,58 @@ class Supervisor:
             raise self._lease_error
         if self._beats is not None:
             self._beats.check()
+
+    def _open_scan(self) -> openfiles.OpenScan:
+        """(The snapshot thread, when a snapshot is about to be taken.) The
+        files below --dir the job's processes hold open for writing: every
+        process below ckpt and in the child's group, but ckpt's helpers."""
+        child = self.child
+        pgid = child.pgid if child is not None and child.exit is None else None
+        procs = subtree.live(os.getpid(), pgid=pgid, exclude=self._exclude)
+        return openfiles.scan([p.pid for p in procs], self.cfg.dir)
+
+    def _report_wait(self, news: WaitNews) -> None:
+        """A snapshot waits for files in progress (said once it waited a few
+        seconds, and again when what it waits for changes), no longer waits,
+        or gave up waiting (the snapshot's own report names the files)."""
+        if self._ended:
+            return
+        files = [{"path": p, "reason": r} for p, r in sorted(news.files.items())]
+        self.events.emit(
+            "snapshot_waiting", state=news.kind, files=files, seconds=round(news.seconds, 3)
+        )
+        if news.kind == "waiting":
+            last = self._worker.stats.last_durable if self._worker is not None else None
+            stays = f"snapshot {last.id} stays the newest" if last else "no snapshot yet"
+            console.info(
+                f"snapshot waits for {_files_in_progress(news.files)}: {stays} "
+                f"(at most {self.cfg.settle_timeout:g}s, --settle-timeout)"
+            )
+        elif news.kind == "done":
+            console.info(
+                f"snapshot no longer waits ({', '.join(sorted(news.files)[:3])} whole "
+                f"after {news.seconds:.0f}s)"
+            )
+        else:
+            self._said_unverified |= set(news.files)
+            console.warn(
+                f"snapshot waited {news.seconds:.0f}s (--settle-timeout) and is taken anyway, "
+                f"unverified: {_files_in_progress(news.files, 5)} (a restore prefers the "
+                "newest verified snapshot)"
+            )
+
+    def _report_unverified(self, m: Manifest) -> None:
+        """A snapshot written with files in progress (the final one, or one
+        naming a torn file left as it is, which keeps every later snapshot
+        unverified until it is rewritten or removed): each file and why, once
+        per file."""
+        fresh = {p: r for p, r in m.unverified if p not in self._said_unverified}
+        self._said_unverified = {p for p, _ in m.unverified}
+        if fresh:
+            console.warn(
+                f"snapshot {m.id} is unverified: {_files_in_progress(fresh, 5)} "
+                "(a restore prefers the newest verified snapshot)"
+            )
 
     def _report_snapshot(self, result: SnapshotResult) -> None:
         new_links = [p for p in result.skipped_links if p not in self._warned_links]
@@ -920,12 +1228,23 @@ class Supervisor:
         m = result.manifest
         if m is None:
             parent = result.parent
+            if result.waiting:
+                console.debug(
+                    f"snapshot held back: {_files_in_progress(result.waiting)} in progress"
+                )
+                return
             console.debug(
                 f"nothing changed since snapshot {parent.id if parent else '(none)'}: no snapshot"
             )
             return
         if result.new_bytes and result.seconds > 0:
             self._rate = result.new_bytes / result.seconds
+        if self.history is not None:  # its state is the moment ckpt began reading it
+            changed = changed_at(m.entries, result.parent.entries if result.parent else None)
+            self.history.snapshot_taken(m.id, m.attempt, time.time() - result.seconds, changed)
+        with self._snaps_lock:
+            self._snaps.append(crashloop.Snap(m.id, m.generation, m.created, m.reason))
+            del self._snaps[:-SNAPS_KEPT]
         self.events.emit(
             "snapshot",
             snapshot=m.id,
@@ -935,12 +1254,18 @@ class Supervisor:
             new_bytes=result.new_bytes,
             seconds=round(result.seconds, 3),
             reason=m.reason,
+            verified=m.verified,
+            unverified=[{"path": p, "reason": r} for p, r in m.unverified],
         )
         console.info(
-            f"snapshot {m.id} (generation {m.generation}): {len(m.files)} files, "
+            f"snapshot {m.id} (generation {m.generation}): {console.plural(len(m.files), 'file')}, "
             f"{console.fmt_bytes(m.total_size)}, {console.fmt_bytes(result.new_bytes)} new, "
             f"{result.seconds:.1f}s"
         )
+        if m.verified is False:
+            self._report_unverified(m)
+        else:
+            self._said_unverified.clear()
 
     def _report_error(self, message: str, retry_in: float) -> None:
         if self._ended:
@@ -975,6 +1300,19 @@ class Supervisor:
             **self._backlog(worker),
             "last_error": stats.last_error,
             "preemption": self._notice.describe() if self._notice is not None else None,
+            **self._waiting_status(worker),
+        }
+
+    def _waiting_status(self, worker: SnapshotWorker) -> dict[str, Any]:
+        """What a snapshot held back for a few seconds waits for."""
+        waiting = worker.waiting
+        if waiting is None:
+            return {"waiting_for": None, "waiting_seconds": None}
+        seconds, files = waiting
+        return {
+            "waiting_for": [{"path": p, "reason": r} for p, r in sorted(files.items())],
+            "waiting_seconds": round(seconds, 1),
+            "settle_timeout": self.cfg.settle_timeout,
         }
 
     def _backlog(self, worker: SnapshotWorker) -> dict[str, Any]:
@@ -1005,6 +1343,10 @@ class Supervisor:
                     f"uploading {console.fmt_bytes(st['backlog_bytes'])} "
                     f"at {console.fmt_bytes(st['rate'])}/s"
                 )
+            if st["waiting_for"]:
+                names = [f["path"] for f in st["waiting_for"]]
+                shown = ", ".join(names[:2]) + (" ..." if len(names) > 2 else "")
+                parts.append(f"waiting for {shown} ({console.fmt_age(st['waiting_seconds'])})")
             if st["last_error"]:
                 parts.append("remote failing")
             if self._notice is not None:
@@ -1015,10 +1357,14 @@ class Supervisor:
         stats = worker.stats
         last = stats.last_durable
         codes = ", ".join(a.exit.describe() for a in self.attempts) or "none"
+        rolled = (
+            f"; rolled back {', '.join(self._rollbacks)} (crash loop)" if self._rollbacks else ""
+        )
         console.info(
-            f"done: {len(self.attempts)} attempt(s) ({codes}); {stats.snapshots} snapshot(s), "
+            f"done: {console.plural(len(self.attempts), 'attempt')} ({codes}); "
+            f"{console.plural(stats.snapshots, 'snapshot')}, "
             f"{console.fmt_bytes(stats.bytes_uploaded)} uploaded; newest durable snapshot: "
-            f"{last.id if last else 'none'}"
+            f"{last.id if last else 'none'}{rolled}"
         )
         if console.is_terminal() and self.attempts:
             console.summary(
@@ -1029,6 +1375,21 @@ class Supervisor:
                     for a in self.attempts
                 ],
             )
+
+
+def _files_in_progress(files: dict[str, str], limit: int = 3) -> str:
+    """'model.pt (open for writing by pid 12 (python)), ...' for a line."""
+    shown = [f"{p} ({files[p]})" for p in sorted(files)[:limit]]
+    more = f" and {len(files) - limit} more" if len(files) > limit else ""
+    return ", ".join(shown) + more
+
+
+def _step_of(repo: Repository, ref: SnapshotRef) -> int | None:
+    """The training step a snapshot was committed with (None: none, or unreadable)."""
+    try:
+        return repo.load_cached(ref).step
+    except ManifestError:
+        return None
 
 
 def _record(signum: int, frame: object) -> None:

@@ -2,20 +2,36 @@
 retry with backoff when the remote fails, and answer explicit requests
 (commit, final flush) once their snapshot is durable.
 
+The snapshot rule (`--snapshots auto`, with checks): a snapshot is taken only
+of a state in which no file is in progress (`progress`). While one is, the
+previous snapshot stays the newest and the worker tries again when a waited
+file is closed (a watchdog "closed" event), at the next change, and every
+WAIT_POLL seconds, up to `settle` seconds; then it takes the snapshot anyway,
+unverified. The final flush does not wait: the job is over, and what is in
+progress then stays so. The growth of a file judged an appender is no
+activity: it neither starts nor extends a quiet period (the appender's new
+bytes ride along with the next snapshot, a rescan's at the latest); a
+directory that stays busy is probed after PROBE_AFTER seconds to find its
+appenders.
+
 Runs on its own thread; the child is never blocked by it. Imports: standard
-library, `snapshotter`, `repository`, `errors`.
+library, `snapshotter`, `repository`, `errors`, `openfiles` (log names).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from ckpt_cli.lease import LeaseLostError
 from ckpt_cli.manifest import Manifest
+from ckpt_cli.openfiles import OpenScan, is_log_name
 from ckpt_cli.snapshotter import (
+    Auto,
+    NotWholeError,
     Pinned,
     SnapshotResult,
     Snapshotter,
@@ -25,6 +41,18 @@ from ckpt_cli.snapshotter import (
 
 #: A directory that never goes quiet is still snapshotted this often (seconds).
 MAX_DELAY = 60.0
+#: --settle-timeout's default: how long a snapshot waits for files in progress.
+SETTLE = 120.0
+#: While a snapshot waits, it is tried again at least this often (seconds): a
+#: close event can be coalesced, or lost with a kernel queue overflow.
+WAIT_POLL = 2.0
+#: A wait is reported (console, `ckpt status`) once it lasted this long.
+WAIT_SAY = 3.0
+#: A directory busy this long without a quiet period is judged once without
+#: a snapshot (a probe): the appenders it finds (one opened with O_APPEND
+#: under a name that is no log's) stop counting as activity. At least twice
+#: --debounce.
+PROBE_AFTER = 5.0
 #: Backoff after a failed snapshot: first delay and cap (seconds).
 RETRY_FIRST = 1.0
 RETRY_CAP = 30.0
@@ -79,6 +107,47 @@ class Stats:
     superseded: int = 0  # commits replaced by a newer one while the remote was down
 
 
+@dataclasses.dataclass(frozen=True)
+class Waiting:
+    """A snapshot held back by files in progress."""
+
+    since: float  # the worker's clock when the wait began
+    files: dict[str, str]  # path -> why it is in progress
+    said: bool = False  # reported (it lasted WAIT_SAY)
+
+
+@dataclasses.dataclass(frozen=True)
+class WaitNews:
+    """What the console says about a wait: `kind` is "waiting" (it lasted
+    WAIT_SAY, or what it waits for changed since it was said), "done" (a
+    reported wait ended: the files are whole) or "settled" (the settle
+    timeout ran out: the snapshot was taken anyway, unverified)."""
+
+    kind: str
+    files: dict[str, str]
+    seconds: float
+
+
+def wait_news(
+    before: Waiting | None, files: dict[str, str], now: float, *, settled: bool = False
+) -> tuple[Waiting | None, WaitNews | None]:
+    """The wait after a try that found `files` in progress (empty: none), or
+    that was taken anyway because the wait ran out (settled), and what to say
+    about it, if anything: a pure decision."""
+    if settled and before is not None:
+        return None, WaitNews("settled", before.files, now - before.since)
+    if not files or settled:
+        if before is not None and before.said:
+            return None, WaitNews("done", before.files, now - before.since)
+        return None, None
+    since = before.since if before is not None else now
+    said = before.said if before is not None else False
+    changed = before is None or set(before.files) != set(files)
+    if now - since >= WAIT_SAY and (not said or changed):
+        return Waiting(since, files, True), WaitNews("waiting", files, now - since)
+    return Waiting(since, files, said), None
+
+
 def unreadable_error(files: Mapping[str, str], snapshot: str = "the snapshot") -> str:
     """Why `snapshot` is not the directory's state although it was written:
     files ckpt could not read (path -> why) are in it at their version of an
@@ -109,8 +178,22 @@ class SnapshotWorker:
         on_prune_error: Callable[[str], None] = lambda _message: None,
         commit_only: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        settle: float = SETTLE,
+        open_scan: Callable[[], OpenScan] | None = None,
+        on_wait: Callable[[WaitNews], None] = lambda _news: None,
     ) -> None:
         self.snapshotter = snapshotter
+        #: --settle-timeout: how long a snapshot waits for files in progress.
+        self.settle = settle
+        #: The job's files open for writing (supervisor: a /proc scan of the job).
+        self.open_scan = open_scan
+        self.on_wait = on_wait
+        self._waiting: Waiting | None = None
+        self._try_at = 0.0  # the next try while waiting
+        #: Appenders judged by the last snapshot -> the size it took; a path
+        #: with a log's name is watched the same way. Their growth is no activity.
+        self._appending: dict[str, int] = {}
+        self._probed = False  # this busy spell was probed for appenders
         self.debounce = debounce
         self.rescan = rescan
         self.keep = keep
@@ -151,14 +234,50 @@ class SnapshotWorker:
     def start(self) -> None:
         self._thread.start()
 
-    def changed(self) -> None:
+    def changed(self, event: str = "", paths: Sequence[str] = ()) -> None:
+        """Something changed in the directory (event and relative paths, from
+        the watcher; none: unknown, e.g. a replaced directory). An appender
+        that grew is no activity; a waited-for file closed after writing is
+        the cue to try again at once."""
         now = self.clock()
+        if paths and event in ("modified", "closed") and all(map(self._grew, paths)):
+            return
         with self._cond:
+            waiting = self._waiting
+            if waiting is not None and event == "closed" and any(p in waiting.files for p in paths):
+                self._try_at = now
             if not self._dirty:
                 self._dirty_since = now
+                self._probed = False
             self._dirty = True
             self._last_change = now
             self._cond.notify()
+
+    def _grew(self, rel: str) -> bool:
+        """An appender (or a file with a log's name) that did not shrink since
+        it was last seen; one stat."""
+        last = self._appending.get(rel)
+        if last is None and not is_log_name(rel):
+            return False
+        try:
+            size = os.stat(self.snapshotter.root / rel, follow_symlinks=False).st_size
+        except OSError:
+            return False
+        if last is not None and size < last:
+            return False
+        self._appending[rel] = size
+        return True
+
+    @property
+    def waiting(self) -> tuple[float, dict[str, str]] | None:
+        """(seconds waited, files in progress and why) of a snapshot held back
+        for WAIT_SAY or longer, else None (for `ckpt status`)."""
+        with self._cond:
+            w = self._waiting
+            if w is None or self.commit_only:
+                return None
+            waited = self.clock() - w.since
+            return (waited, dict(w.files)) if waited >= WAIT_SAY else None
 
     def request(self, reason: str) -> Request:
         """Snapshot soon (coalesced with other plain requests); in commit-only
@@ -168,8 +287,10 @@ class SnapshotWorker:
     def commit(self, step: int | None = None) -> Request:
         """Pin the directory now (in the caller's thread) and queue its snapshot,
         tagged with the training `step` if given. The first commit switches the
-        worker to commit-only mode."""
-        pinned = self.snapshotter.pin()
+        worker to commit-only mode. A file failing its format check raises
+        NotWholeError (checked at the pin, so a commit that does not wait
+        hears it too), and the mode stays as it was."""
+        pinned = self.snapshotter.pin(check=True)
         pinned.step = step
         with self._cond:
             if not self.commit_only:
@@ -220,9 +341,15 @@ class SnapshotWorker:
                     return "commit", []
                 if self.commit_only:  # file events and rescans make no snapshot now
                     self._dirty = False
+                    self._waiting = None
                     self._cond.wait(None if self._held is None else max(0.01, self._retry_at - now))
                     continue
                 waits = [self._next_rescan - now]
+                if now >= self._retry_at and self._waiting is not None:
+                    if now >= self._try_at:
+                        self._dirty = False
+                        return "change", []
+                    waits.append(self._try_at - now)
                 if now >= self._retry_at:
                     if self._dirty:
                         quiet_at = min(
@@ -232,6 +359,12 @@ class SnapshotWorker:
                             self._dirty = False
                             return "change", []
                         waits.append(quiet_at - now)
+                        probe_at = self._dirty_since + max(PROBE_AFTER, 2 * self.debounce)
+                        if not self._probed and self.open_scan is not None:
+                            if now >= probe_at:
+                                self._probed = True
+                                return "probe", []
+                            waits.append(probe_at - now)
                     if now >= self._next_rescan:
                         return "rescan", []
                 else:
@@ -254,6 +387,8 @@ class SnapshotWorker:
             if not batch:
                 if held is not None:
                     self._commit(held)
+                elif reason == "probe":
+                    self._probe()
                 else:
                     self._take(reason, None)
                 continue
@@ -286,7 +421,10 @@ class SnapshotWorker:
                     for r in plain:
                         r.finish(self.stats.last_durable, error, retryable=False)
                     continue
-                result, error = self._take(plain[-1].reason, None)
+                # The final flush does not wait: the job is over, and what is
+                # in progress now stays so.
+                final = any(r.reason == "final" for r in plain)
+                result, error = self._take(plain[-1].reason, None, take_anyway=final)
                 missing = None
                 if result is not None and result.unreadable:
                     newest = result.newest
@@ -332,7 +470,9 @@ class SnapshotWorker:
             return True
         pinned.close()
         self._commit_error = error
-        r.finish(result.newest if result else None, error)
+        # Not the remote's fault (a torn or unreadable file, a lost lease):
+        # asking again for the same moment cannot help.
+        r.finish(result.newest if result else None, error, retryable=error is None)
         return False
 
     def _held_request(self) -> Request | None:
@@ -354,20 +494,33 @@ class SnapshotWorker:
         held.followers = []
         self.stats.superseded += 1
 
-    def _take(self, reason: str, pinned: Pinned | None) -> tuple[SnapshotResult | None, str | None]:
+    def _take(
+        self, reason: str, pinned: Pinned | None, *, take_anyway: bool = False
+    ) -> tuple[SnapshotResult | None, str | None]:
         """One snapshot; failures are reported, backed off and returned.
-        self._transient tells whether trying the same again later may work."""
+        self._transient tells whether trying the same again later may work.
+        An automatic one (not pinned) may be held back by files in progress
+        (result.waiting): then the wait goes on, and the previous snapshot
+        stays the newest."""
         self._transient = False
         if self._lease_lost:
             return None, self._lease_lost
+        auto = None
+        if pinned is None:
+            now = self.clock()
+            waiting = self._waiting
+            settled = waiting is not None and now >= waiting.since + self.settle
+            auto = Auto(self.open_scan, take_anyway or settled or self.settle <= 0)
         try:
-            result = self.snapshotter.snapshot(reason=reason, attempt=self.attempt(), pinned=pinned)
+            result = self.snapshotter.snapshot(
+                reason=reason, attempt=self.attempt(), pinned=pinned, auto=auto
+            )
         except LeaseLostError as exc:
             self._lease_lost = str(exc)
             self.stats.last_error = str(exc)
             self.on_error(str(exc), 0.0)
             return None, str(exc)
-        except (TornCommitError, UnreadableError) as exc:
+        except (TornCommitError, UnreadableError, NotWholeError) as exc:
             self.stats.last_error = str(exc)
             self.on_error(str(exc), 0.0)
             return None, str(exc)
@@ -388,6 +541,8 @@ class SnapshotWorker:
             return None, message
         self._failures = 0
         self.stats.last_error = None
+        if auto is not None:
+            self._judged(result, auto.take_anyway)
         if self.stats.failing_since is not None:
             down_for = time.time() - self.stats.failing_since
             self.stats.failing_since = None
@@ -402,6 +557,40 @@ class SnapshotWorker:
             self.changed()  # something was mid-write: look again once it is quiet
         self.on_snapshot(result)
         return result, None
+
+    def _probe(self) -> None:
+        """Judge the busy directory without taking a snapshot, to learn its
+        appenders. Best effort: a failure changes nothing."""
+        try:
+            result = self.snapshotter.snapshot(
+                reason="probe", attempt=self.attempt(), auto=Auto(self.open_scan, probe=True)
+            )
+        except Exception:
+            return
+        self._appending = {**self._appending, **result.appenders}
+
+    def _judged(self, result: SnapshotResult, took_anyway: bool) -> None:
+        """After an automatic snapshot: the appenders it found, and the wait."""
+        self._appending = dict(result.appenders)
+        now = self.clock()
+        with self._cond:
+            before = self._waiting
+        ran_out = (
+            took_anyway
+            and bool(result.in_progress)
+            and before is not None
+            and now >= before.since + self.settle
+        )
+        waiting, news = wait_news(before, result.waiting, now, settled=ran_out)
+        if news is not None and news.kind == "settled":
+            news = dataclasses.replace(news, files=dict(result.in_progress))
+        with self._cond:
+            self._waiting = waiting
+            if waiting is not None:
+                deadline = waiting.since + self.settle
+                self._try_at = min(now + WAIT_POLL, max(now, deadline))
+        if news is not None:
+            self.on_wait(news)
 
     def _prune(self) -> None:
         """Retention on this thread, between snapshots: it never races this

@@ -50,6 +50,7 @@ from ckpt_cli.repository import (
     chunk_sizes,
     rank_stream,
     retained,
+    snapshot_kind,
     snapshot_ref,
     stream_rank,
     trash_key,
@@ -88,9 +89,13 @@ class World:
     """Every stream of a repository with its manifests, loaded once: the
     rank streams under ranks/ and the single-node stream (rank 0 of 1)."""
 
-    def __init__(self, repo: Repository) -> None:
+    def __init__(self, repo: Repository, *, cached: bool = False) -> None:
         self.repo = repo
         self.streams: dict[str, list[tuple[SnapshotRef, Manifest | ManifestError]]] = {}
+        #: Snapshot keys the crash-loop guard marked suspect: never restored
+        #: as part of a step, never counted by retention (cached: the last
+        #: listing, for retention on the snapshot thread).
+        self.suspect = repo.suspect_keys(cached=cached)
         listing: dict[str, list[SnapshotRef]] = {"": repo.snapshots("")}
         for rank, refs in repo.rank_snapshots().items():
             listing[rank_stream(rank, 2)] = refs
@@ -120,8 +125,12 @@ class World:
                     if isinstance(m, Manifest):
                         yield ref, m
 
-    def newest(self, stream: str) -> Manifest | None:
-        return next((m for _ref, m in self.manifests(stream)), None)
+    def newest(self, stream: str, *, usable: bool = False) -> Manifest | None:
+        """The newest manifest of a stream (usable: that is not suspect)."""
+        return next(
+            (m for r, m in self.manifests(stream) if not (usable and r.key in self.suspect)),
+            None,
+        )
 
     def newest_overall(self) -> Manifest | None:
         return max((m for _r, m in self.manifests()), key=lambda m: m.created, default=None)
@@ -137,7 +146,8 @@ class World:
         """Complete steps, newest (highest step) first. With `present` (the
         chunks in the store), a step whose chunks are not all there is not
         complete; with `whole` (Repository.judge), one whose part of some
-        rank is not restorable."""
+        rank is not restorable. A step with a part marked suspect is not
+        complete: every rank goes back to the step before it."""
         groups: dict[tuple[int, int], dict[int, Member]] = {}
         for loaded in self.streams.values():
             for ref, m in loaded:
@@ -156,6 +166,8 @@ class World:
             ):
                 continue
             if whole is not None and not all(whole[mem.ref.key] for mem in members.values()):
+                continue
+            if any(mem.ref.key in self.suspect for mem in members.values()):
                 continue
             out.append(Generation(step, w, members))
         out.sort(key=lambda g: (g.step, g.created), reverse=True)
@@ -225,11 +237,16 @@ def choose(
         # hold older snapshots of other worlds; they are not what it had last).
         stream = rank_stream(rank, old)
         found = next(
-            ((r, m) for r, m in world.manifests(stream) if m.world_size == old), (None, None)
+            (
+                (r, m)
+                for r, m in world.manifests(stream)
+                if m.world_size == old and r.key not in world.suspect
+            ),
+            (None, None),
         )
         ref, own = found
     else:
-        own = world.newest(rank_stream(rank, world_size))
+        own = world.newest(rank_stream(rank, world_size), usable=True)
         ref = next((r for r, m in world.manifests(rank_stream(rank, world_size)) if m is own), None)
     if own is None:
         return Choice(None, None, None, world_size == 1, f"rank {rank} has no snapshot yet")
@@ -329,10 +346,11 @@ def retention(
 ) -> tuple[list[SnapshotRef], list[SnapshotRef]]:
     """(kept, dropped) refs of the rank streams, given which snapshots are
     restorable (`whole`, Repository.judge): the `keep` newest complete steps
-    (every rank's part of each restorable); of each rank everything from its
-    manifest of the oldest kept step on; each rank's newest. Without complete
-    steps, each rank by the single-node rule (`retained`): its `keep` newest
-    restorable snapshots and the damaged ones newer than them. The
+    (every rank's part of each restorable, none suspect); of each rank
+    everything from its manifest of the oldest kept step on; each rank's
+    newest. Without complete steps, each rank by the single-node rule
+    (`retained`): its `keep` newest restorable snapshots and the damaged,
+    suspect and unverified ones newer than them. The
     single-node stream is its own run's to prune, never touched here."""
     gens = world.generations(whole=whole)[:keep]
     kept: list[SnapshotRef] = []
@@ -343,7 +361,11 @@ def retention(
         rank = stream_rank(stream)
         cutoffs = [g.members[rank].ref.generation for g in gens if rank in g.members]
         if not cutoffs:
-            k, d = retained([(ref, whole[ref.key]) for ref, _m in loaded], keep)
+            kinds = [
+                (ref, snapshot_kind(m, whole[ref.key], ref.key in world.suspect))
+                for ref, m in loaded
+            ]
+            k, d = retained(kinds, keep)
             kept += k
             dropped += d
             continue
@@ -386,7 +408,7 @@ def prune(
     judged, by the ordering rule). live: the ranks taken to hold their lease
     (None: read the leases)."""
     report = PruneReport()
-    world = World(repo)
+    world = World(repo, cached=not sweep)
     listed = repo.list_chunks() if sweep else None
     present = listed | repo.trash_chunks() if listed is not None else None
     whole = repo.judge(
@@ -440,6 +462,7 @@ def prune(
         repo.backend.delete(ref.key)
         report.dropped.append(ref.key)
     repo.forget_manifests(report.dropped)
+    repo.drop_marks(dropped, world.suspect)
     if listed is not None:
         candidates |= listed
     # Chunks waiting in an open round are not taken again.

@@ -162,7 +162,9 @@ class Checkpoint:
 
         wait=True returns the snapshot id once it is durable in the remote;
         wait=False returns once the content is pinned (later writes through
-        temp + rename do not change it). Raises CommitError with the reason.
+        temp + rename do not change it) and the files changed since the last
+        snapshot passed their format checks. Raises CommitError with the
+        reason, e.g. "model.pt fails the zip check: ...", either way.
         Outside `ckpt run` it is a no-op returning None (one warning)."""
         if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
             raise ValueError(f"step must be a whole number >= 0, not {step!r}")
@@ -254,7 +256,7 @@ def _parses(marker: Path) -> bool:
     """The completion marker exists and is whole JSON (HF writes it in place)."""
     try:
         json.loads(marker.read_bytes())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return True
 

@@ -57,6 +57,7 @@ TEMP_PATTERNS: tuple[str, ...] = (
     "*~",
     ".#*",
     "*.orbax-checkpoint-tmp-*",
+    "*.orbax-checkpoint-tmp",  # orbax >= 0.11 names a step's temp dir so, no suffix
     "tmp-checkpoint-*",
     ".ckpt-*",
     ".*.ckpt-restore-*",
@@ -69,8 +70,10 @@ class ExitCode(enum.IntEnum):
     OK = 0
     #: A command line ckpt cannot parse (click's own convention).
     USAGE = 2
-    #: EX_DATAERR. `ckpt verify` (or show, diff) found damaged snapshots: an
-    #: unreadable manifest, a missing or corrupt chunk.
+    #: EX_DATAERR. `ckpt verify` found damaged snapshots (an unreadable
+    #: manifest, a missing or corrupt chunk); `show` and `diff` were asked
+    #: for a snapshot whose manifest does not parse; `ckpt commit` was refused
+    #: because a file is not whole or cannot be read (the same commit fails again).
     DAMAGED = 65
     #: The remote cannot be reached or is held by another writer: try again later.
     UNAVAILABLE = 69

@@ -12,6 +12,10 @@ from typing import Any
 
 from ckpt._contract import ENV_SOCKET
 
+#: The longest reply read (a status document is a few KiB): a socket that
+#: streams without end is refused instead of filling memory.
+MAX_REPLY = 1 << 20
+
 
 class CommitError(RuntimeError):
     """The supervisor could not make the checkpoint durable (the reason is the message)."""
@@ -41,11 +45,13 @@ def request(
                 if not more:
                     break
                 data += more
+                if len(data) > MAX_REPLY:
+                    raise CommitError(f"control socket {path} sent more than {MAX_REPLY} bytes")
     except OSError as exc:
         raise CommitError(f"control socket {path}: {exc}") from None
     try:
         reply = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise CommitError(f"control socket {path} closed without a reply") from None
     if not isinstance(reply, dict):
         raise CommitError(f"control socket {path} sent {reply!r}")

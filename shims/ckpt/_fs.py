@@ -184,7 +184,7 @@ def read_marker(directory: Path) -> dict[str, str] | None:
         os.close(fd)
     try:
         doc = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
     if not isinstance(doc, dict):
         return {}

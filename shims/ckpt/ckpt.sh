@@ -75,7 +75,8 @@ _ckpt_resolve_dir() {
 _ckpt_is_temp() {
     case $1 in
     *.tmp | *.tmp.* | *.temp | *.partial | *.part | *.swp | *~ | .#* | \
-        *.orbax-checkpoint-tmp-* | tmp-checkpoint-* | .ckpt-* | .*.ckpt-restore-*)
+        *.orbax-checkpoint-tmp-* | *.orbax-checkpoint-tmp | tmp-checkpoint-* | .ckpt-* | \
+        .*.ckpt-restore-*)
         return 0
         ;;
     esac

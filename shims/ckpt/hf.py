@@ -41,7 +41,7 @@ def _complete(d: Path) -> bool:
     """checkpoint-N is whole when its trainer_state.json (written last) parses."""
     try:
         state = json.loads((d / TRAINER_STATE).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return isinstance(state, dict) and "global_step" in state
 

@@ -448,7 +448,7 @@ def test_remote_down_during_the_final_flush_warns_once_about_the_run_history(
     lines = err.splitlines()
     # "final snapshot not durable after 4s" or "final snapshot failed: ..."
     (gave_up,) = [i for i, line in enumerate(lines) if "error: final snapshot" in line]
-    after = [line for line in lines[gave_up:] if "snapshot failed" in line]
+    after = [line for line in lines[gave_up + 1 :] if "snapshot failed" in line]
     assert not after, "the worker's failures repeated after the flush gave up:\n" + err
     assert "Traceback" not in err, err
     record("bad values", 1, what="remote down: run history warnings")

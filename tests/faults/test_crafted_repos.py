@@ -190,9 +190,10 @@ def test_a_crafted_snapshot_is_skipped_and_reported(
     warned = warnings(res.stderr)
     assert len(warned) == 1 and bad in warned[0], res.stderr
 
-    check = ckpt(["verify", str(remote), "--full"], cwd=tmp_path, timeout=HANG)
-    assert check.returncode == DAMAGED, check.stderr
-    assert bad in one_error(check, str(remote))
+    for full in (["--full"], []):  # the listing alone must see it too (not --full)
+        check = ckpt(["verify", str(remote), *full], cwd=tmp_path, timeout=HANG)
+        assert check.returncode == DAMAGED, (full, check.stderr)
+        assert bad in one_error(check, str(remote))
     show = ckpt(["show", str(remote)], cwd=tmp_path, timeout=HANG)
     assert show.returncode == 0, show.stderr
     if not case.startswith("a chunk that is"):  # a bad manifest: show skips it
@@ -322,3 +323,54 @@ def test_a_gc_round_naming_a_path_outside_deletes_nothing_there(tmp_path: Path) 
     assert victim.read_text() == "not ckpt's"
     assert kept <= {p for p in remote.rglob("*") if p.is_file()}
     record(KIND, 1, case="a GC round naming ../../victim.txt")
+
+
+def test_records_nested_100000_deep_are_garbage_not_crashes(remote: Path, tmp_path: Path) -> None:
+    """Injected: lease.json and a run record runs/x.json that are JSON arrays
+    nested 100,000 deep (the parser's stack overflows: RecursionError, not
+    ValueError), and `-o k=[[[[...` as a storage option. Asserted: the lease
+    is garbage (stale: taken over), the record is skipped, the option is a
+    string; `ckpt run` restores, runs and ends 0, `ckpt ls --runs` lists
+    nothing crafted; no crash (70)."""
+    deep = "[" * 100_000
+    (remote / "lease.json").write_text(deep)
+    (remote / "runs").mkdir(exist_ok=True)
+    (remote / "runs" / "20260101T000000-deadbe.json").write_text(deep)
+    child = write_script(tmp_path / "child.py", "print('ran')\n")
+    args = ["--dir", str(tmp_path / "ck"), "--remote", str(remote), "-o", f"k={deep}"]
+    res = ckpt(["run", *args, "--", PY, str(child)], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr
+    assert tree(tmp_path / "ck") == _as_tree(NEW)
+    res = ckpt(["ls", str(remote), "--runs", "--json"], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    runs = json.loads(res.stdout)["runs"]
+    assert [r["run"] for r in runs if r["run"].startswith("20260101")] == []
+    record(KIND, 3, case="lease, run record and storage option nested 100,000 deep")
+
+
+def test_a_chunk_store_1100_directories_deep_is_listed(remote: Path, tmp_path: Path) -> None:
+    """Injected: a tree 1,100 directories deep planted under chunks/ (the
+    local listing walked it with os.walk, which recurses in Python 3.11).
+    Asserted: `ckpt verify`, `ckpt push` and `ckpt gc --dry-run` end without
+    a crash; verify finds every snapshot complete."""
+    deep = remote / "chunks" / "zz"
+    level = deep
+    for _ in range(1100):  # os.makedirs recurses once per level too
+        level = level / "d"
+        level.mkdir(parents=level.parent == deep)
+    try:
+        res = ckpt(["verify", str(remote)], cwd=tmp_path)
+        assert res.returncode == 0, res.stderr
+        src = tmp_path / "src"
+        src.mkdir()
+        (src / "state.txt").write_bytes(b"a third state\n")
+        res = ckpt(["push", str(src), str(remote), "--keep", "5"], cwd=tmp_path)
+        assert res.returncode == 0, res.stderr
+        res = ckpt(["gc", str(remote), "--keep", "5", "--dry-run"], cwd=tmp_path)
+        assert res.returncode == 0, res.stderr
+    finally:
+        from ckpt._fs import remove_tree
+
+        remove_tree(deep)  # pytest's own cleanup of tmp dirs recurses too
+    record(KIND, 1, case="a chunk store 1,100 directories deep")

@@ -11,20 +11,28 @@ back chunk by chunk, and the newest is restored with `ckpt restore`.
   each file is written to a temp name in pieces, fsynced, and renamed. Asserted:
   every file of every snapshot is whole (its header's sha256 matches), no temp
   name is ever in a snapshot, and the newest snapshot is the final version.
-- In-place writer (level 3: "a file that changes while it is read is not
-  committed in that snapshot; it keeps its previous version"): each file is
-  opened with "wb" (truncated) and written in pieces with small sleeps. So
-  every file of every snapshot must be a content the file really had on disk
-  at one moment: empty, or the first bytes of ONE version (a kill may stop a
-  write anywhere) -- never a mix of chunks of two versions, never bytes that
-  were not there. The newest snapshot must be the final version (a file
-  skipped while it changed is picked up by a later snapshot).
+- In-place writer of an unrecognised format (level 3, best effort: "a file
+  that changes while it is read is not committed in that snapshot; it keeps
+  its previous version"): each file is opened with "wb" (truncated) and
+  written in pieces with small sleeps. So every file of every snapshot must
+  be a content the file really had on disk at one moment: empty, or the
+  first bytes of ONE version (a kill may stop a write anywhere) -- never a
+  mix of chunks of two versions, never bytes that were not there. The newest
+  snapshot must be the final version (a file skipped while it changed is
+  picked up by a later snapshot).
+- In-place writer of a recognised format (level 3 with checks: a file open
+  for writing or failing its check is in progress and never enters an
+  automatic snapshot): the same writer, its files numpy .npy arrays (the
+  same bytes behind an npy header). Every file of every snapshot is ONE
+  WHOLE version, also after the kills that tear a file and leave it closed
+  (only the npy check can tell), and every snapshot is verified.
 
 The seed is in every assertion message; CKPT_FAULT_SEED=<seed> replays it.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import random
@@ -68,14 +76,29 @@ SIZES = {"w1.bin": CHUNK + 4 * BLOCK, "w2.bin": 6 * BLOCK}
 #: Bytes per write() call of the writers.
 PIECE = 2 * BLOCK
 
-#: argv: ready dir, log, seed, sizes (JSON), final attempt, mode ("atomic" or
-#: "inplace"). Announces itself in <ready dir>/attempt-N.json, then writes new
-#: versions of every file (attempt N writes versions N*1000+1, N*1000+2, ...)
-#: until killed; the final attempt writes one version and exits 0.
+#: The in-place writer's files as numpy arrays (mode "npy"): a recognised format.
+NPY_SIZES = {"w1.npy": SIZES["w1.bin"], "w2.npy": SIZES["w2.bin"]}
+#: Bytes of the npy header put before a file's content in mode "npy".
+NPY_HEAD = 128
+
+
+def npy_head(size: int) -> bytes:
+    """A version 1.0 .npy header for `size` bytes of uint8, NPY_HEAD long."""
+    text = "{'descr': '|u1', 'fortran_order': False, 'shape': (" + str(size) + ",), }"
+    text = text.ljust(NPY_HEAD - 10 - 1) + "\n"
+    return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text.encode("latin-1")
+
+
+#: argv: ready dir, log, seed, sizes (JSON), final attempt, mode ("atomic",
+#: "inplace" or "npy": in place, behind an npy header). Announces itself in
+#: <ready dir>/attempt-N.json, then writes new versions of every file (attempt
+#: N writes versions N*1000+1, N*1000+2, ...) until killed; the final attempt
+#: writes one version and exits 0.
 WRITER = (
     "from __future__ import annotations\n"
     + PRELUDE
-    + f"PIECE = {PIECE}\n"
+    + f"PIECE = {PIECE}\nNPY_HEAD = {NPY_HEAD}\n"
+    + inspect.getsource(npy_head)
     + """
 import json, os, random, sys, time
 from pathlib import Path
@@ -94,6 +117,8 @@ def log(line):
 
 def write(name, v):
     data = content(seed, name, v, sizes[name])
+    if mode == "npy":
+        data = npy_head(len(data)) + data
     log(f"open {name} {v}")
     if mode == "atomic":
         path = d / f"{name}.tmp.{attempt}"  # a temp name: never snapshotted
@@ -105,7 +130,7 @@ def write(name, v):
         for off in range(4096, len(data), PIECE):
             f.write(data[off : off + PIECE])
             f.flush()
-            if mode == "inplace":
+            if mode != "atomic":
                 time.sleep(0.002)
         if mode == "atomic":
             os.fsync(f.fileno())
@@ -156,6 +181,7 @@ def _run_with_kills(
     remote: Path,
     mode: str,
     seed: int,
+    sizes: dict[str, int] = SIZES,
 ) -> tuple[Running, list[str], Path]:
     """Run the writer under ckpt, kill -9 it KILLS times at seeded moments, let
     the last attempt finish; returns ckpt, how each kill was placed, the log."""
@@ -188,7 +214,7 @@ def _run_with_kills(
             str(ready_dir),
             str(log),
             str(seed),
-            json.dumps(SIZES),
+            json.dumps(sizes),
             str(KILLS + 1),
             mode,
         ]
@@ -221,7 +247,9 @@ def _run_with_kills(
         if mode == "atomic":
             mid = any(ckpt_dir.glob(f"*.tmp.{attempt}"))
         else:
-            mid = log.read_text().splitlines()[-1].startswith("open")
+            # (A kill before the first write leaves no log: between writes.)
+            done = log.read_text().splitlines() if log.exists() else []
+            mid = bool(done) and done[-1].startswith("open")
         placed.append("mid-write" if mid else "between writes")
     assert ckpt.wait() == 0, ckpt.stderr() + repro(SEED, mode=mode)
     stderr = ckpt.stderr()
@@ -308,3 +336,44 @@ def test_kill_9_of_an_in_place_writer_gives_only_contents_that_were_on_disk(
     )
     for kind in sorted(set(placed)):
         record(f"child kill -9 {kind} (in-place writer)", placed.count(kind))
+
+
+def test_kill_9_of_an_in_place_writer_of_a_recognised_format_gives_whole_versions(
+    spawn: Callable[..., Running], tmp_path: Path, ckpt_dir: Path, remote: Path
+) -> None:
+    """Injected: KILLS x kill -9 of a child rewriting .npy files in place
+    (truncate, then pieces with small sleeps; about half of the kills while a
+    write is under way, leaving a torn file closed). Asserted (level 3 with
+    checks): every file of every snapshot is one whole version, every
+    snapshot is verified; the newest snapshot (and `ckpt restore`) is the
+    final version."""
+    seed = SEED + 2
+    _ckpt, placed, log = _run_with_kills(spawn, tmp_path, ckpt_dir, remote, "npy", seed, NPY_SIZES)
+    where = repro(SEED, mode="npy", kills=placed)
+
+    files = _snapshot_files(remote)
+    assert files, f"no snapshot at all{where}"
+    for snap, path, data in files:
+        assert path in NPY_SIZES, f"snapshot {snap} holds {path}{where}"
+        body = data[NPY_HEAD:]
+        assert data[:NPY_HEAD] == npy_head(NPY_SIZES[path]), (
+            f"snapshot {snap}: {path} is torn: {len(data)} bytes{where}"
+        )
+        try:
+            name, _v = verify_whole(body)
+        except ValueError as exc:
+            raise AssertionError(f"snapshot {snap}: {path} is torn: {exc}{where}") from None
+        assert name == path, f"snapshot {snap}: {path} holds {name}'s content{where}"
+    for m in manifests(remote):
+        assert m.get("verified") is True, f"snapshot {m['id']}: {m.get('unverified')}{where}"
+
+    final = _final_versions(log)
+    out = tmp_path / "restored"
+    restore_into(remote, out, cwd=tmp_path)
+    got = read_tree(out)
+    assert got == {
+        name: npy_head(NPY_SIZES[name]) + content(str(seed), name, v, NPY_SIZES[name])
+        for name, v in final.items()
+    }, f"the newest snapshot is not the final version {final}{where}"
+    for kind in sorted(set(placed)):
+        record(f"child kill -9 {kind} (in-place writer, recognised format)", placed.count(kind))

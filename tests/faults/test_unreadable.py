@@ -135,6 +135,7 @@ def test_a_commit_fails_naming_a_file_it_cannot_read(tmp_path: Path, remote: Pat
         f"snapshots: {[sorted(_paths(m)) for m in manifests(remote)]}"
     )
     assert "optim.pt" in bad["stderr"] and "Permission denied" in bad["stderr"], bad
+    assert bad["rc"] == 65, bad  # the same commit fails again: not 69, "retry later"
     assert out["readable again"]["rc"] == 0, out["readable again"]
     written = manifests(remote)
     assert len(written) == 2, [sorted(_paths(m)) for m in written]

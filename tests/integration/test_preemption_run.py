@@ -383,7 +383,8 @@ def test_ckpt_attempt_and_ls_continue_across_runs(
     assert doc["snapshots"][0]["attempt"] == 3
     text = run_ckpt(["ls", str(remote), "--runs"], cwd=tmp_path)
     assert text.returncode == 0, text.stderr
-    rows = [line.split() for line in text.stdout.splitlines()[1:]]
+    runs_table = text.stdout.split("\n\n")[0]  # then a table of the failures
+    rows = [line.split() for line in runs_table.splitlines()[1:]]
     assert [(r[0], r[4]) for r in rows] == [(runs[0]["run"], "1-2"), (runs[1]["run"], "3")]
 
 

@@ -656,3 +656,99 @@ def test_every_duration_but_the_flush_timeout_has_a_finite_maximum() -> None:
         if opt.kind == "float":
             expected = None if opt.name == "flush_timeout" else config.MAX_SECONDS
             assert opt.max == expected, opt.name
+
+
+# ---------------------------------------------------------------- the other commands' remote
+
+
+def test_locate_follows_run_s_precedence(tmp_path: Path) -> None:
+    ck = tmp_path / "ck"
+    store = Path(default_remote(Path(os.path.realpath(ck))))
+    env = {"CKPT_REMOTE": "s3://env/r", "CKPT_DIR": str(ck)}
+    (tmp_path / "ckpt.toml").write_text('remote = "s3://file/r"\n')
+    where = config.locate({"remote": "s3://flag/r"}, environ=env, cwd=tmp_path)
+    assert (where.remote, where.source, where.given) == ("s3://flag/r", "flag", True)
+    where = config.locate({}, environ=env, cwd=tmp_path)
+    assert (where.remote, where.source) == ("s3://env/r", "env CKPT_REMOTE")
+    assert where.describe() == "remote: s3://env/r (from env CKPT_REMOTE)"
+    where = config.locate({}, environ={"CKPT_DIR": str(ck)}, cwd=tmp_path)
+    assert (where.remote, where.source) == ("s3://file/r", "ckpt.toml")
+    (tmp_path / "ckpt.toml").unlink()
+    with pytest.raises(ConfigError) as err:  # a reader: no store, no guess
+        config.locate({}, environ={"CKPT_DIR": str(ck)}, cwd=tmp_path)
+    assert err.value.exit_code == ExitCode.CONFIG
+    for way in ("--remote", "CKPT_REMOTE", "ckpt.toml"):
+        assert way in str(err.value)
+    where = config.locate({}, environ={"CKPT_DIR": str(ck)}, cwd=tmp_path, writer=True)
+    assert (where.remote, where.source, where.dir) == (str(store), config.EMBEDDED, ck)
+    store.mkdir(parents=True)
+    assert config.locate({}, environ={"CKPT_DIR": str(ck)}, cwd=tmp_path).remote == str(store)
+
+
+def test_locate_reads_storage_options_and_only_the_settings_it_needs(tmp_path: Path) -> None:
+    (tmp_path / "ckpt.toml").write_text(
+        'remote = "s3://b/r"\nretries = "not checked by ls"\nkeep = 5\n'
+        "[storage_options]\nanon = true\n"
+    )
+    where = config.locate({}, environ={}, cwd=tmp_path, names=("keep",))
+    assert where.storage_options == {"anon": True}
+    assert where.settings["keep"] == 5
+    (tmp_path / "ckpt.toml").write_text('remote = "s3://b/r"\nretires = 3\n')
+    with pytest.raises(ConfigError, match="unknown key 'retires'"):
+        config.locate({}, environ={}, cwd=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("slots", "values", "taken", "required", "placed"),
+    [
+        (("remote", "a", "b"), ["1", "2"], (), ("a", "b"), {"a": "1", "b": "2"}),
+        (
+            ("remote", "a", "b"),
+            ["r", "1", "2"],
+            (),
+            ("a", "b"),
+            {"remote": "r", "a": "1", "b": "2"},
+        ),
+        (("remote", "dir"), [], (), (), {}),
+        (("remote", "dir"), ["r"], (), (), {"remote": "r"}),
+        (("remote", "dir"), ["d"], ("remote",), (), {"dir": "d"}),
+        (("dir", "remote"), ["d", "r"], (), (), {"dir": "d", "remote": "r"}),
+        (("dir", "remote"), ["r"], ("dir",), (), {"remote": "r"}),
+    ],
+)
+def test_place_fills_required_slots_first_then_from_the_left(
+    slots: tuple[str, ...],
+    values: list[str],
+    taken: tuple[str, ...],
+    required: tuple[str, ...],
+    placed: dict[str, str],
+) -> None:
+    assert config.place("x", slots, values, taken=taken, required=required) == placed
+
+
+@pytest.mark.parametrize(
+    ("slots", "values", "taken", "required"),
+    [
+        (("remote", "a", "b"), ["1"], (), ("a", "b")),
+        (("remote", "a", "b"), ["r", "1", "2"], ("remote",), ("a", "b")),
+        (("remote", "dir"), ["r", "d"], ("dir",), ()),
+        (("remote",), ["r", "s"], (), ()),
+    ],
+)
+def test_place_refuses_too_many_or_too_few(
+    slots: tuple[str, ...], values: list[str], taken: tuple[str, ...], required: tuple[str, ...]
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        config.place("x", slots, values, taken=taken, required=required)
+    assert err.value.exit_code == ExitCode.USAGE
+    assert "ckpt x --help" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "snapshot"),
+    [("12", True), ("0", True), ("ab12", True), ("ab12cd34", True), ("abc", False),
+     ("ab12cd34e", False), ("./12", False), ("remote", False), ("s3://b/r", False),
+     ("AB12", False)],
+)  # fmt: skip
+def test_names_snapshot(text: str, snapshot: bool) -> None:
+    assert config.names_snapshot(text) is snapshot

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
+from ckpt_cli import history
 from ckpt_cli.errors import RemoteError
 from ckpt_cli.history import (
     FORMAT,
@@ -16,10 +18,12 @@ from ckpt_cli.history import (
     VERSION,
     RunHistory,
     attempts_before,
+    changed_at,
     load_runs,
     parse_record,
     run_key,
 )
+from ckpt_cli.manifest import Entry
 from ckpt_cli.remote import LocalBackend
 
 
@@ -139,3 +143,99 @@ def test_close_gives_up_after_its_timeout_when_the_remote_stays_down(tmp_path: P
     h._thread.join(timeout=5)
     assert not h._thread.is_alive(), "the writer stops once close gave up"
     assert load_runs(backend) == []
+
+
+# ---------------------------------------------------------------- what failures cost
+
+
+def test_a_record_carries_the_facts_and_what_they_cost(backend: LocalBackend) -> None:
+    """Attempt 1 saved at t0+2 (the snapshot after its exit says so), failed
+    at t0+5; attempt 2 started 3 s later: 3 s lost, 3 s resuming."""
+    h = RunHistory(backend, "run-c")
+    h.start()
+    t0 = round(time.time()) - 100.0  # whole seconds: the record rounds to ms
+    h.attempt_started(1, resumed="")
+    h.record["attempts"][0]["started"] = t0  # as if launched then
+    h.snapshot_taken("s1", 1, captured=t0 + 5.5, changed=t0 + 2)
+    h.attempt_ended(1, 75, "exit code 75", 5.0, ended=t0 + 5, outcome="failed")
+    h.attempt_started(2, resumed="s1")
+    h.record["attempts"][1]["started"] = t0 + 8
+    h.attempt_ended(2, 0, "exit code 0", 1.0, ended=t0 + 9, outcome="succeeded")
+    assert h.costs() == {"failures": 1, "lost_seconds": 3.0, "resume_seconds": 3.0}
+    h.finish(0, "succeeded")
+    assert h.close(timeout=10)
+    (run,) = load_runs(backend)
+    one, two = run["attempts"]
+    assert (one["outcome"], one["lost_seconds"], one["resumed"]) == ("failed", 3.0, "")
+    assert (two["resume_seconds"], two["resumed"]) == (3.0, "s1")
+    assert run["snapshots"] == [{"id": "s1", "attempt": 1, "captured": t0 + 5.5, "changed": t0 + 2}]
+    assert run["costs"]["failures"] == 1 and run["seen"] >= run["ended"] - 1
+
+
+def test_a_run_that_follows_a_failed_one_counts_its_first_relaunch(backend: LocalBackend) -> None:
+    earlier = {
+        "format": FORMAT,
+        "version": VERSION,
+        "run": "before",
+        "started": 10.0,
+        "ended": 60.0,
+        "outcome": "preempted",
+        "attempts": [
+            {"number": 1, "started": 10.0, "ended": 50.0, "outcome": "preempted", "resumed": ""}
+        ],
+        "snapshots": [{"id": "s1", "attempt": 1, "captured": 40.0, "changed": None}],
+    }
+    h = RunHistory(backend, "after", earlier=[earlier])
+    h.attempt_started(2, resumed="s1")
+    (a,) = h.record["attempts"]
+    assert a["resume_seconds"] == pytest.approx(time.time() - 50.0, abs=5)
+    assert h.costs()["failures"] == 0
+
+
+def test_the_record_keeps_the_newest_snapshots(
+    backend: LocalBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(history, "MAX_SNAPSHOTS", 3)
+    h = RunHistory(backend, "run-s")
+    for i in range(5):
+        h.snapshot_taken(f"s{i}", 1, captured=100.0 + i, changed=None)
+    assert [s["id"] for s in h.record["snapshots"]] == ["s2", "s3", "s4"]
+    assert h.record["snapshots_dropped"] == 2
+
+
+def test_a_running_record_is_rewritten_while_nothing_changes(
+    backend: LocalBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`seen`: the last sign of life a run killed -9 leaves."""
+    monkeypatch.setattr(history, "ALIVE", 0.05)
+    h = RunHistory(backend, "run-alive")
+    h.start()
+    h.attempt_started(1)
+    first = None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        runs = load_runs(backend)
+        if runs and first is None:
+            first = runs[0]["seen"]
+        elif runs and runs[0]["seen"] > first:
+            break
+        time.sleep(0.02)
+    else:
+        pytest.fail("the record's seen was never refreshed")
+    h.finish(0, "succeeded")
+    assert h.close(timeout=10)
+
+
+def test_changed_at_is_the_newest_mtime_of_new_content() -> None:
+    old = [
+        Entry("a", "file", size=1, mtime_ns=5 * 10**9, chunks=("x",)),
+        Entry("b", "file", size=1, mtime_ns=6 * 10**9, chunks=("y",)),
+    ]
+    same_content_touched = Entry("a", "file", size=1, mtime_ns=50 * 10**9, chunks=("x",))
+    rewritten = Entry("b", "file", size=1, mtime_ns=7 * 10**9, chunks=("z",))
+    new = Entry("c", "file", size=1, mtime_ns=8 * 10**9, chunks=("w",))
+    assert changed_at([same_content_touched, rewritten], old) == 7.0
+    assert changed_at([same_content_touched, rewritten, new], old) == 8.0
+    assert changed_at([same_content_touched, old[1]], old) is None
+    assert changed_at([Entry("d", "dir", mtime_ns=9 * 10**9)], None) is None
+    assert changed_at(old, None) == 6.0

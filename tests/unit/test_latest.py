@@ -66,6 +66,7 @@ TEMP_NAMES = [
     "epoch-99.pt~",
     ".#epoch-99.pt",
     "epoch-99.orbax-checkpoint-tmp-1234",
+    "epoch-99.orbax-checkpoint-tmp",
     "tmp-checkpoint-99",
 ]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -24,7 +25,11 @@ from ckpt_cli.repository import (
     SnapshotRef,
     chunk_key,
     iter_manifests,
+    parse_suspect,
+    pick,
+    restore_tier,
     retained,
+    snapshot_kind,
 )
 
 from .helpers import CHUNK, DelegatingBackend
@@ -719,3 +724,84 @@ def test_a_backend_without_borrowed_buffers_gets_a_copy(local_repo: Repository) 
     buf = bytearray(b"abc")
     repo.put_chunk(hash_bytes(b"abc"), memoryview(buf))
     assert kept == [b"abc"] and isinstance(kept[0], bytes)
+
+
+# ---------------------------------------------------------------- verified, suspect
+
+
+def _refs(n: int) -> list[SnapshotRef]:
+    """n snapshots, newest first (generation n down to 1)."""
+    return [SnapshotRef(g, f"{g:08x}", f"snapshots/{g:010d}-{g:08x}.json") for g in range(n, 0, -1)]
+
+
+def test_retained_never_counts_unverified_or_suspect_snapshots() -> None:
+    refs = _refs(6)
+    kinds = ["unverified", "not restorable", "whole", "unverified", "whole", "whole"]
+    kept, dropped = retained(list(zip(refs, kinds, strict=True)), 1)
+    # The newest whole one (gen 4) and every one newer than it: a suspect or
+    # unverified newest never displaces the verified one a restore picks.
+    assert [r.generation for r in kept] == [6, 5, 4]
+    assert [r.generation for r in dropped] == [3, 2, 1]
+    # Unverified ones newer than the counted ones: only the `keep` newest.
+    many = ["unverified"] * 5 + ["whole"]
+    kept, _dropped = retained(list(zip(refs, many, strict=True)), 2)
+    assert [r.generation for r in kept] == [6, 5, 1]
+
+
+def test_snapshot_kind_and_restore_tier() -> None:
+    m = _manifest(1, "00000001")
+    unverified = dataclasses.replace(m, verified=False)
+    assert snapshot_kind(m, True, False) == "whole"
+    assert snapshot_kind(dataclasses.replace(m, verified=True), True, False) == "whole"
+    assert snapshot_kind(unverified, True, False) == "unverified"
+    assert snapshot_kind(m, True, True) == "not restorable"
+    assert snapshot_kind(m, False, False) == "not restorable"
+    assert [restore_tier(m, False), restore_tier(unverified, False), restore_tier(m, True)] == [
+        0,
+        1,
+        2,
+    ]
+
+
+def test_pick_prefers_verified_then_unverified_then_suspect() -> None:
+    refs = _refs(3)
+    base = [_manifest(r.generation, r.id) for r in refs]
+    u = dataclasses.replace(base[0], verified=False)
+    loaded = [(refs[0], u), (refs[1], base[1]), (refs[2], base[2])]
+    assert pick(loaded, set()) == (refs[1], base[1])
+    assert pick(loaded, {refs[1].key}) == (refs[2], base[2])
+    assert pick(loaded, {refs[1].key, refs[2].key}) == (refs[0], u)  # the last resort
+    only_suspect = [(refs[1], base[1])]
+    assert pick(only_suspect, {refs[1].key}) == (refs[1], base[1])
+    assert pick([], set()) is None
+
+
+def test_suspect_marks_round_trip_and_are_dropped_with_their_snapshot(repo: Repository) -> None:
+    m1 = _commit(repo, 1, "00000001", {"a": b"1"}, created=1.0)
+    m2 = _commit(repo, 2, "00000002", {"a": b"2"}, created=2.0)
+    ref1, ref2 = repo.snapshots()[1], repo.snapshots()[0]
+    assert repo.suspect_keys() == set()
+    repo.mark_suspect(ref2, "crash loop: attempts 1, 2 failed", run="r1")
+    assert repo.suspect_keys() == {ref2.key}
+    mark = repo.read_suspect(ref2.key)
+    assert mark is not None and mark.why.startswith("crash loop") and mark.run == "r1"
+    assert repo.read_suspect(ref1.key) is None
+    # Retention: the suspect newest does not count, the one before it stays.
+    repo.gc(1)
+    assert [r.id for r in repo.snapshots()] == [m2.id, m1.id]
+    assert repo.clear_suspect(ref2) and not repo.clear_suspect(ref2)
+    assert repo.suspect_keys() == set()
+    repo.mark_suspect(ref1, "old")
+    _commit(repo, 3, "00000003", {"a": b"3"}, created=3.0)
+    repo.gc(1)
+    assert [r.generation for r in repo.snapshots()] == [3]
+    assert repo.suspect_keys() == set(), "the mark of a dropped snapshot goes with it"
+
+
+def test_a_mark_that_does_not_parse_still_marks() -> None:
+    key = "snapshots/0000000001-00000001.json"
+    assert parse_suspect(key, b"garbage").why.startswith("marked suspect")
+    doc = {"format": "ckpt-suspect", "why": "x", "time": float("inf"), "host": "h"}
+    got = parse_suspect(key, json.dumps(doc).encode())
+    assert (got.why, got.time, got.host) == ("x", None, "h")
+    assert parse_suspect(key, b"[" * 100_000).why.startswith("marked suspect")
