@@ -19,11 +19,11 @@ from typing import Any
 
 from ckpt._contract import ExitCode
 from ckpt_cli import config, console, costs
+from ckpt_cli.backends import open_backend
 from ckpt_cli.errors import CkptError, ConfigError
 from ckpt_cli.history import annotate, load_runs
 from ckpt_cli.lease import DEFAULT_TTL, Heartbeat
 from ckpt_cli.manifest import Manifest
-from ckpt_cli.remote import open_backend
 from ckpt_cli.repo_tools import Checked, check, find, open_existing
 from ckpt_cli.repository import (
     Repository,

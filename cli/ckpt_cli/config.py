@@ -32,10 +32,10 @@ from typing import Any, Literal
 
 from ckpt._contract import ExitCode
 from ckpt_cli import events, policy, redact
+from ckpt_cli.backends.urls import is_local, local_path, parse_storage_options, redact_url
 from ckpt_cli.errors import ConfigError
 from ckpt_cli.formats import CommandCheck
 from ckpt_cli.policy import Backoff, RetryOn
-from ckpt_cli.remote import is_local, local_path, parse_storage_options, redact_url
 
 
 @dataclasses.dataclass(frozen=True)

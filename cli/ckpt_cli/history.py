@@ -17,7 +17,7 @@ whether the record is final). While the run goes on the record is rewritten
 at least every ALIVE seconds (`seen`), so a run killed -9 left a bound on when
 it died.
 
-Imports: standard library, `errors`, `remote`, `manifest`, `costs`.
+Imports: standard library, `errors`, `backends`, `manifest`, `costs`.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ckpt_cli import costs
+from ckpt_cli.backends import Backend, NotFound
 from ckpt_cli.errors import RemoteError
 from ckpt_cli.manifest import Entry, host_name
-from ckpt_cli.remote import Backend, NotFound
 
 RUNS = "runs/"
 FORMAT = "ckpt-run"

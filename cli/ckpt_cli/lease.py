@@ -16,7 +16,7 @@ heartbeat time only on the clock of the machine that wrote it, so:
   process has seen it unchanged for the holder's ttl, measured on its own
   monotonic clock. Every beat changes the document (the counter), so a live
   holder shows whatever the clocks of the two machines say.
-Imports: standard library, `remote`, `errors`, `manifest`, `subtree`.
+Imports: standard library, `backends`, `errors`, `manifest`, `subtree`.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from types import TracebackType
 from typing import Any, Literal
 
 from ckpt_cli import subtree
+from ckpt_cli.backends import Backend, NotFound
 from ckpt_cli.errors import LeaseHeldError, RemoteError
 from ckpt_cli.manifest import host_name
-from ckpt_cli.remote import Backend, NotFound
 
 LEASE_KEY = "lease.json"
 #: The ttl of a lease when nothing says otherwise (`ckpt push`, `ckpt gc`).

@@ -4,7 +4,7 @@ missing, or something that is not a repository), which snapshots are complete,
 full verification by re-hashing, and the difference between two snapshots.
 Nothing here prints or deletes.
 
-Imports: standard library, `remote` (its backend classes; never fsspec itself),
+Imports: standard library, `backends` (its backend classes; never fsspec itself),
 `repository`, `manifest`, `errors`.
 """
 
@@ -18,16 +18,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ckpt._contract import ExitCode
+from ckpt_cli.backends import Backend, NotFound, open_backend
+from ckpt_cli.backends.fsspec import FsspecBackend
+from ckpt_cli.backends.local import LocalBackend
+from ckpt_cli.backends.urls import parse_storage_options
 from ckpt_cli.errors import CkptError, ConfigError, RemoteError
 from ckpt_cli.manifest import Entry, Manifest, ManifestError
-from ckpt_cli.remote import (
-    Backend,
-    FsspecBackend,
-    LocalBackend,
-    NotFound,
-    open_backend,
-    parse_storage_options,
-)
 from ckpt_cli.repository import (
     CONFIG_KEY,
     ChunkError,
@@ -36,7 +32,7 @@ from ckpt_cli.repository import (
     chunk_sizes,
 )
 
-#: Names of half-written objects (a killed writer's), as `remote` writes them.
+#: Names of half-written objects (a killed writer's), as `backends` writes them.
 _TEMP_NAME = re.compile(r"^\.[^/]*\.tmp-[0-9a-f]+$")
 #: Chunks re-hashed at once by `verify --full` (memory: this many chunks).
 VERIFY_WORKERS = 4

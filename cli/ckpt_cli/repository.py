@@ -19,7 +19,7 @@ damaged or suspect one never displaces a whole one, nor an unverified one
 a verified one. Which snapshot a restore uses: `restore_tier` (verified or
 older than checks first, then unverified, then suspect; newest first in
 each). The manifest format is in `manifest`, the lease in `lease`.
-Imports: standard library, `remote` (never fsspec itself), `manifest`, `lease`.
+Imports: standard library, `backends` (never fsspec itself), `manifest`, `lease`.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Collection, Iterable, Iterator, Sequence
 
+from ckpt_cli.backends import Backend, NotFound
 from ckpt_cli.errors import ConfigError
 from ckpt_cli.lease import LEASE_KEY, Lease
 from ckpt_cli.manifest import (
@@ -49,7 +50,6 @@ from ckpt_cli.manifest import (
     hasher,
     host_name,
 )
-from ckpt_cli.remote import Backend, NotFound
 
 DEFAULT_CHUNK_SIZE = 8 * 1024 * 1024
 CONFIG_KEY = "ckpt.json"

@@ -26,6 +26,8 @@ from typing import Any
 from ckpt import _contract as contract
 from ckpt_cli import __version__, console, crashloop, openfiles, preemption, subtree
 from ckpt_cli import control as control_registry
+from ckpt_cli.backends import open_backend
+from ckpt_cli.backends.urls import redact_url
 from ckpt_cli.child import Child, Guardian, catches_signal, ckpt_executable
 from ckpt_cli.config import RunConfig, wait_limit
 from ckpt_cli.control import ControlServer
@@ -38,7 +40,6 @@ from ckpt_cli.history import RunHistory, attempts_before, changed_at, load_runs
 from ckpt_cli.lease import Heartbeat, LeaseLostError
 from ckpt_cli.manifest import Manifest, ManifestError
 from ckpt_cli.policy import ChildExit, Decision, decide, signal_name
-from ckpt_cli.remote import open_backend, redact_url
 from ckpt_cli.repair import Repaired, repair_dir
 from ckpt_cli.repository import Repository, SnapshotRef, rank_stream
 from ckpt_cli.restore import ensure_dir, prepare_rank_dir, restore_into, rollback_target

@@ -2,7 +2,7 @@
 
 Each test gets a fresh, empty `store` (tests/stores.py) and runs once per kind:
 memory, file, S3 (moto and s3rver), Azure (Azurite), GCS (emulator) and SFTP
-(sshd). It exercises ckpt_cli.remote.open_backend and what is built on it: the
+(sshd). It exercises ckpt_cli.backends.open_backend and what is built on it: the
 Repository, the lease, snapshot + restore, and GC. Objects stay few and small:
 the GCS emulator slows down as objects accumulate.
 """
@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from ckpt_cli.backends import Backend, NotFound, open_backend
+from ckpt_cli.backends.urls import parse_storage_options
 from ckpt_cli.errors import LeaseHeldError
 from ckpt_cli.lease import LEASE_KEY
 from ckpt_cli.manifest import Entry, Manifest, ManifestError, hash_bytes
-from ckpt_cli.remote import Backend, NotFound, open_backend, parse_storage_options
 from ckpt_cli.repository import (
     CONFIG_KEY,
     DEFAULT_CHUNK_SIZE,

@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from ckpt_cli.remote import FsspecBackend, NotFound, open_backend, piecewise_puts, s3_options
+from ckpt_cli.backends import NotFound, open_backend
+from ckpt_cli.backends.fsspec import FsspecBackend, piecewise_puts, s3_options
 from stores import Store
 
 S3_KINDS = ["s3-moto", "s3-s3rver"]
@@ -127,7 +128,7 @@ def test_an_abandoned_read_writes_nothing_more() -> None:
     """What read_into's tries write through: once a try is over (it timed
     out, and may still run on the event loop), nothing more lands in the
     caller's view; a piece that would pass the view's end is refused."""
-    from ckpt_cli.remote import _Sink
+    from ckpt_cli.backends.fsspec import _Sink
 
     buf = bytearray(8)
     sink = _Sink(memoryview(buf))

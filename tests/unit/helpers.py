@@ -6,7 +6,7 @@ import os
 import random
 from pathlib import Path
 
-from ckpt_cli.remote import Backend
+from ckpt_cli.backends import Backend
 
 #: A small chunk size so multi-chunk files stay tiny.
 CHUNK = 4096

@@ -12,10 +12,10 @@ import time
 
 import pytest
 
+from ckpt_cli.backends import Backend, NotFound
 from ckpt_cli.errors import ConfigError, LeaseHeldError
 from ckpt_cli.lease import LEASE_KEY, Lease, LeaseLostError, boot_id, here
 from ckpt_cli.manifest import FORMAT_VERSION, Entry, Manifest, hash_bytes
-from ckpt_cli.remote import Backend, NotFound
 from ckpt_cli.repository import (
     CONFIG_KEY,
     DEFAULT_CHUNK_SIZE,

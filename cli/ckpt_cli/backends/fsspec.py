@@ -1,60 +1,33 @@
-"""Storage backends behind one narrow interface; the ONLY module that imports fsspec.
-
-A backend stores opaque byte objects under '/'-separated keys relative to the
-remote's root. Contract of every method:
-
-- read(key) -> bytes                 NotFound if absent; RemoteError otherwise
-- read_into(key, view) -> int        optional (ask with getattr): the object read
-                                     straight into view, its size returned
-- write(key, data)                   whole object or nothing visible under key
-- create_exclusive(key, data) -> bool  False if key already exists (atomic on
-                                     local disks, check-then-put elsewhere)
-- delete(key)                        absent is not an error
-- list(prefix) -> list[str]          every key below prefix, recursively
-- display                            the URL without credentials, for messages
-- borrows_buffers                    optional, True where write(key, view) has
-                                     finished with view when it returns
-
-Local paths and file:// URLs use the operating system directly (atomic rename,
-O_EXCL); everything else goes through fsspec (s3, gs, az, sftp, memory, ...).
-Network calls are bounded by a timeout and retried a few times with jittered
-backoff before RemoteError; messages never carry credentials (`redact`).
-"""
+"""The backend of every store fsspec reaches (s3, gs, az, sftp, memory, ...);
+the ONLY module that imports fsspec. Network calls are bounded by a timeout
+and retried a few times with jittered backoff before RemoteError."""
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import inspect
-import itertools
-import json
 import os
 import random
-import re
 import secrets
-import stat
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any, Protocol, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from ckpt_cli import redact
+from ckpt_cli.backends import DEFAULT_CONCURRENCY, NotFound
+from ckpt_cli.backends import TEMP_RE as _TEMP_RE
+from ckpt_cli.backends.urls import OBJECT_STORES as _OBJECT_STORES
+from ckpt_cli.backends.urls import redact_url
 from ckpt_cli.errors import ConfigError, RemoteError
 
 T = TypeVar("T")
 
-#: fsspec protocols whose put is atomic (an object appears whole or not at all).
-_OBJECT_STORES = frozenset(
-    {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "memory", "oss", "r2"}
-)
 #: How backend-level retries space themselves: attempts, first delay, cap.
 _RETRY_ATTEMPTS = 4
 _RETRY_FIRST = 0.2
 _RETRY_CAP = 3.0
-#: Every network call gives up after this long (seconds; CKPT_IO_TIMEOUT).
-DEFAULT_IO_TIMEOUT = 120.0
 #: Words in an exception that mean the credentials were rejected or expired.
 _AUTH_MARKERS = (
     "ExpiredToken",
@@ -81,10 +54,6 @@ _EXTRAS = {
     "sftp": "ssh",
     "ssh": "ssh",
 }
-#: Schemes whose URL must name a bucket, container or host (s3://BUCKET/prefix).
-_NEEDS_BUCKET = frozenset(_OBJECT_STORES - {"memory"}) | {"sftp", "ssh"}
-#: Names of half-written local objects; never listed as keys.
-_TEMP_RE = re.compile(r"^\.[^/]*\.tmp-[0-9a-f]+$")
 #: Schemes whose fsspec put takes a bytearray (the conformance suite writes
 #: one to each): a chunk buffer goes out without a copy.
 _TAKE_BYTEARRAYS = frozenset({"s3", "s3a", "gs", "gcs", "sftp", "ssh", "memory"})
@@ -92,129 +61,6 @@ _TAKE_BYTEARRAYS = frozenset({"s3", "s3a", "gs", "gcs", "sftp", "ssh", "memory"}
 #: heartbeat, listings, manifests); botocore's own default is 10.
 _POOL_SPARE = 4
 _POOL_MIN = 10
-#: Transfers a filesystem is opened for when its user does not say (`ckpt ls`).
-DEFAULT_CONCURRENCY = 4
-
-
-class NotFound(Exception):
-    """The object does not exist."""
-
-
-class Backend(Protocol):
-    display: str
-
-    def read(self, key: str) -> bytes: ...
-    def write(self, key: str, data: bytes) -> None: ...
-    def create_exclusive(self, key: str, data: bytes) -> bool: ...
-    def delete(self, key: str) -> None: ...
-    def rename(self, src: str, dst: str) -> None:
-        """Move an object (server-side where the store can); NotFound if src
-        is missing; dst is replaced."""
-        ...
-
-    def list(self, prefix: str, *, temp: bool = False) -> list[str]:
-        """Keys under prefix; with temp, only the temp names of writes that
-        never finished (a killed writer's), which are otherwise hidden."""
-        ...
-
-
-def redact_url(url: str) -> str:
-    """Drop user:password@ from a URL so it can be printed."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    user = f"{parts.username}@" if parts.username and not parts.password else ""
-    return urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))
-
-
-def parse_storage_options(items: list[str]) -> dict[str, Any]:
-    """KEY=VALUE pairs -> fsspec kwargs. VALUE is JSON when it parses (true, 3,
-    {"a": 1}), else a string; dotted keys nest (client_kwargs.endpoint_url=...)."""
-    options: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"storage option {item!r} is not KEY=VALUE (--storage-option)")
-        value: Any
-        try:
-            value = json.loads(raw)
-        except (ValueError, RecursionError):
-            value = raw
-        target = options
-        *parents, leaf = key.strip().split(".")
-        for part in parents:
-            nested = target.setdefault(part, {})
-            if not isinstance(nested, dict):
-                raise ConfigError(f"storage option {key!r} conflicts with an earlier one")
-            target = nested
-        target[leaf] = value
-    return options
-
-
-def is_local(url: str) -> bool:
-    scheme = urlsplit(url).scheme
-    return scheme in ("", "file", "local") or (len(scheme) == 1 and os.name == "nt")
-
-
-def local_path(url: str) -> Path:
-    """The filesystem path of a local URL (no scheme, file://, local://);
-    ConfigError for an empty one or a file:// URL that names another host."""
-    if not url.strip():
-        raise ConfigError("empty remote URL (--remote / CKPT_REMOTE)")
-    if "://" in url:
-        parts = urlsplit(url)
-        if parts.netloc not in ("", "localhost"):
-            raise ConfigError(
-                f"remote {url} names the host {parts.netloc!r}: a {parts.scheme}:// URL is a "
-                f"path on this machine, {parts.scheme}:///absolute/path (--remote)"
-            )
-        url = url.split("://", 1)[1].removeprefix(parts.netloc)
-    return Path(url).expanduser().absolute()
-
-
-def open_backend(
-    url: str,
-    storage_options: dict[str, Any] | None = None,
-    *,
-    io_timeout: float | None = None,
-    concurrency: int = DEFAULT_CONCURRENCY,
-) -> Backend:
-    """Open the store at url; ConfigError for a malformed URL or a missing extra.
-    io_timeout bounds every network call (default: $CKPT_IO_TIMEOUT or 120 s);
-    concurrency is how many transfers the caller runs at once (S3's
-    connection pool is sized for them)."""
-    if not url.strip():
-        raise ConfigError("empty remote URL (--remote / CKPT_REMOTE)")
-    redact.register_env()
-    redact.register_options(storage_options or {})
-    parts = urlsplit(url)
-    if parts.password:
-        redact.register(parts.password)
-    if is_local(url):
-        return LocalBackend(local_path(url))
-    if parts.scheme in _NEEDS_BUCKET and not parts.netloc:
-        what = "host" if parts.scheme in ("sftp", "ssh") else "bucket"
-        raise ConfigError(
-            f"remote {url} names no {what}: {parts.scheme}://{what.upper()}/PATH (--remote)"
-        )
-    timeout = io_timeout if io_timeout is not None else io_timeout_from_env()
-    return FsspecBackend(url, storage_options or {}, io_timeout=timeout, concurrency=concurrency)
-
-
-def io_timeout_from_env() -> float:
-    raw = os.environ.get("CKPT_IO_TIMEOUT", "").strip()
-    if not raw:
-        return DEFAULT_IO_TIMEOUT
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise ConfigError(f"CKPT_IO_TIMEOUT={raw!r} is not a positive number of seconds")
-    return value
 
 
 def _pause(delay: float) -> float:
@@ -323,239 +169,6 @@ class _Sink:
     def close(self) -> None:
         with self._lock:
             self._open = False
-
-
-class LocalBackend:
-    """A directory on a local (or network-mounted) filesystem.
-
-    Modes: ckpt creates the root 0700; every directory and object below it
-    is no wider than the root (a root made 0750 by its owner gets 0750 dirs
-    and 0640 objects), and the umask narrows both further."""
-
-    #: create_exclusive cannot race: the kernel refuses the second link.
-    exclusive_create = True
-    #: write() has written a view out when it returns: the caller may reuse it.
-    borrows_buffers = True
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.display = str(root)
-        self._root = str(root)
-        #: Directories known to exist: not made again for every chunk.
-        self._dirs: set[str] = set()
-        #: Temp names: a random part per backend and a counter (one getrandom
-        #: per process, not per write).
-        self._tmp_prefix = secrets.token_hex(4)
-        self._tmp_seq = itertools.count()
-        #: (dir mode, object mode), from the root's mode once it exists.
-        self._modes: tuple[int, int] | None = None
-
-    def _root_modes(self) -> tuple[int, int]:
-        """Make the root if missing (0700; its parents as mkdir -p does) and
-        return the modes of what goes below it."""
-        if self._modes is None:
-            try:
-                st = os.stat(self._root)
-            except FileNotFoundError:
-                os.makedirs(os.path.dirname(self._root) or ".", exist_ok=True)
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(self._root, 0o700)
-                st = os.stat(self._root)
-            root = st.st_mode & 0o777
-            self._modes = (root | 0o700, root & 0o666 | 0o600)
-        return self._modes
-
-    def _makedirs(self, path: str) -> None:
-        """Every missing directory from the root down to path, no wider than the root."""
-        dir_mode, _ = self._root_modes()
-        rel = os.path.relpath(path, self._root)
-        here = self._root
-        if rel != ".":
-            for part in rel.split(os.sep):
-                here = os.path.join(here, part)
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(here, dir_mode)
-
-    def _path(self, key: str) -> Path:
-        return self.root / key
-
-    def _tmp_for(self, path: str) -> str:
-        """The temp name a write to path goes through (matches _TEMP_RE)."""
-        parent, name = path.rsplit("/", 1)
-        return f"{parent}/.{name}.tmp-{self._tmp_prefix}{next(self._tmp_seq):x}"
-
-    def _open_object(self, key: str) -> int:
-        """A read descriptor on the object at key. Only a regular file is an
-        object: a directory, FIFO, socket or device where an object should be
-        is NotFound (one planted in a repository must neither hang the
-        reader, as opening a FIFO would, nor be read). O_NONBLOCK: opening a
-        FIFO that appears between the check and the open does not block."""
-        path = self._path(key)
-        try:
-            if not stat.S_ISREG(os.stat(path).st_mode):
-                raise NotFound(key)
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            raise NotFound(key) from None
-        except OSError as exc:
-            raise RemoteError(f"reading {key} from {self.display} failed: {exc}") from None
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise NotFound(key)
-            os.set_blocking(fd, True)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
-
-    def read(self, key: str) -> bytes:
-        fd = self._open_object(key)
-        try:
-            with os.fdopen(fd, "rb", closefd=False) as f:
-                return f.read()
-        except OSError as exc:
-            raise RemoteError(f"reading {key} from {self.display} failed: {exc}") from None
-        finally:
-            os.close(fd)
-
-    def read_into(self, key: str, view: memoryview) -> int:
-        """Read the object into view; return the object's size (view holds its
-        first len(view) bytes; a size that differs means the caller's view is
-        not the whole object)."""
-        fd = self._open_object(key)
-        try:
-            size = os.fstat(fd).st_size
-            done = 0
-            while done < min(size, len(view)):
-                n = os.preadv(fd, [view[done:]], done)
-                if n <= 0:
-                    return done  # shrank while read: reported as that size
-                done += n
-            return size
-        except OSError as exc:
-            raise RemoteError(f"reading {key} from {self.display} failed: {exc}") from None
-        finally:
-            os.close(fd)
-
-    def write(self, key: str, data: bytes | memoryview) -> None:
-        """Whole or not at all (temp name, then rename). A memoryview is
-        written out before this returns: the caller may reuse its buffer."""
-        path = f"{self._root}/{key}"
-        parent = path.rsplit("/", 1)[0]
-        tmp = self._tmp_for(path)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            if parent not in self._dirs:
-                self._makedirs(parent)
-                self._dirs.add(parent)
-            mode = self._root_modes()[1]
-            try:
-                fd = os.open(tmp, flags, mode)
-            except FileNotFoundError:  # removed behind our back: make it again
-                self._makedirs(parent)
-                fd = os.open(tmp, flags, mode)
-            try:
-                view = memoryview(data)
-                while view:  # a nearly full disk takes part of it, then raises
-                    n = os.write(fd, view)
-                    if n <= 0:
-                        raise OSError(errno.EIO, "write made no progress")
-                    view = view[n:]
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise RemoteError(f"writing {key} to {self.display} failed: {exc}") from None
-
-    def create_exclusive(self, key: str, data: bytes) -> bool:
-        """Write a temp object whole, then hard-link it to key (which fails if
-        key exists): a full disk or a crash never leaves a half-written object
-        under key. Filesystems without hard links get O_EXCL on key itself."""
-        path = self._path(key)
-        tmp = Path(self._tmp_for(str(path)))
-        try:
-            self._makedirs(str(path.parent))
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-            with os.fdopen(os.open(tmp, flags, self._root_modes()[1]), "wb") as f:
-                f.write(data)
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.ENOSYS) or not tmp.exists():
-                raise RemoteError(f"creating {key} on {self.display} failed: {exc}") from None
-            return self._create_excl_in_place(key, path, data)
-        finally:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-        return True
-
-    def _create_excl_in_place(self, key: str, path: Path, data: bytes) -> bool:
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self._root_modes()[1])
-        except FileExistsError:
-            return False
-        except OSError as exc:
-            raise RemoteError(f"creating {key} on {self.display} failed: {exc}") from None
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                path.unlink()  # ours: never leave it half-written
-            raise RemoteError(f"creating {key} on {self.display} failed: {exc}") from None
-        return True
-
-    def delete(self, key: str) -> None:
-        try:
-            self._path(key).unlink()
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise RemoteError(f"deleting {key} from {self.display} failed: {exc}") from None
-
-    def rename(self, src: str, dst: str) -> None:
-        path = f"{self._root}/{dst}"
-        parent = path.rsplit("/", 1)[0]
-        try:
-            if parent not in self._dirs:
-                self._makedirs(parent)
-                self._dirs.add(parent)
-            os.replace(f"{self._root}/{src}", path)
-        except FileNotFoundError:
-            if not os.path.exists(f"{self._root}/{src}"):
-                raise NotFound(src) from None
-            raise RemoteError(f"moving {src} to {dst} on {self.display} failed") from None
-        except OSError as exc:
-            raise RemoteError(f"moving {src} to {dst} on {self.display} failed: {exc}") from None
-
-    def list(self, prefix: str, *, temp: bool = False) -> list[str]:
-        """Regular files only (an object is a file: a FIFO or a link planted
-        in the store is no object), walked without recursion (os.walk of
-        Python 3.11 recurses once per level: a planted tree 1,100 levels
-        deep was a RecursionError)."""
-        base = self._path(prefix)
-        keys: list[str] = []
-        stack = [(str(base), os.path.relpath(base, self.root))]
-        while stack:
-            directory, rel = stack.pop()
-            rel = "" if rel == "." else rel.replace(os.sep, "/") + "/"
-            try:
-                with os.scandir(directory) as it:
-                    for e in it:
-                        if e.is_dir(follow_symlinks=False):
-                            stack.append((e.path, rel + e.name))
-                        elif e.is_file(follow_symlinks=False) and (
-                            bool(_TEMP_RE.match(e.name)) == temp
-                        ):
-                            keys.append(rel + e.name)
-            except (FileNotFoundError, NotADirectoryError):
-                continue  # nothing under prefix, or a directory removed meanwhile
-            except OSError as exc:
-                raise RemoteError(f"listing {prefix} on {self.display} failed: {exc}") from None
-        return keys
 
 
 class FsspecBackend:
