@@ -261,7 +261,7 @@ class Lease:
         # does.
         if backend.create_exclusive(self.key, self._doc()):
             took_over = None
-            confirm = 0.0 if getattr(backend, "exclusive_create", False) else CONFIRM_CREATE
+            confirm = 0.0 if backend.exclusive_create else CONFIRM_CREATE
         else:
             took_over, confirm = self._claim(on_wait)
         if confirm:  # wait out a racing writer's put, then see whose lease it is

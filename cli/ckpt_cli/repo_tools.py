@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
-import os
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from ckpt._contract import ExitCode
 from ckpt_cli.backends import Backend, NotFound, open_backend
-from ckpt_cli.backends.fsspec import FsspecBackend
-from ckpt_cli.backends.local import LocalBackend
 from ckpt_cli.backends.urls import parse_storage_options
 from ckpt_cli.errors import CkptError, ConfigError, RemoteError
 from ckpt_cli.manifest import Entry, Manifest, ManifestError
@@ -57,8 +54,6 @@ def open_existing(remote: str, options: list[str] | Mapping[str, Any]) -> Reposi
     -o KEY=VALUE strings."""
     parsed = dict(options) if isinstance(options, Mapping) else parse_storage_options(options)
     backend = open_backend(remote, parsed)
-    if isinstance(backend, LocalBackend) and backend.root.is_file():
-        raise ConfigError(f"remote {backend.root} is a file, not a directory (fix REMOTE)")
     repo = Repository.open(backend, create=False)
     if repo is None:
         _check_empty(backend)
@@ -68,12 +63,7 @@ def open_existing(remote: str, options: list[str] | Mapping[str, Any]) -> Reposi
 def _check_empty(backend: Backend) -> None:
     """Return if the location exists (or could: its container does) and holds
     nothing; raise with one line otherwise."""
-    if isinstance(backend, LocalBackend):
-        names = _local_names(backend)
-    elif isinstance(backend, FsspecBackend):
-        names = _fsspec_names(backend)
-    else:  # another Backend (tests): trust a listing
-        names = backend.list("")
+    names = backend.names()
     if not names:
         return
     hint = ""
@@ -89,54 +79,6 @@ def _check_empty(backend: Backend) -> None:
         f"but has no {CONFIG_KEY}: it is not a ckpt repository (REMOTE is the prefix that "
         f"holds {CONFIG_KEY}{hint})"
     )
-
-
-def _local_names(backend: LocalBackend) -> list[str]:
-    root = backend.root
-    try:
-        return [n for n in os.listdir(root) if not _TEMP_NAME.match(n)]
-    except FileNotFoundError:
-        parent = root.parent
-        if parent.is_dir():
-            return []  # an empty repository: the first writer creates the directory
-        raise RemoteError(
-            f"remote {root} does not exist, nor does its parent directory {parent} "
-            "(create it, or fix REMOTE)"
-        ) from None
-    except NotADirectoryError:
-        raise ConfigError(f"remote {root} is a file, not a directory (fix REMOTE)") from None
-    except OSError as exc:
-        raise RemoteError(f"listing {root} failed: {exc.strerror or exc}") from None
-
-
-def _fsspec_names(backend: FsspecBackend) -> list[str]:
-    """One level below the root; for a root that does not exist, whether its
-    bucket (object stores) or parent directory (sftp, ...) does."""
-    root = backend.root
-    if backend.atomic_put:  # object stores: BUCKET/prefix (memory:// has no buckets)
-        container = "" if root.startswith("/") else root.split("/", 1)[0]
-    else:  # a filesystem: the parent directory
-        container = root.rsplit("/", 1)[0] if "/" in root.strip("/") else ""
-
-    def go(fs: Any, kw: dict[str, Any]) -> list[str] | None:
-        try:
-            found = fs.ls(root, detail=False, **kw)
-        except (FileNotFoundError, NotADirectoryError):
-            found = []
-        names = [str(n).rstrip("/").rsplit("/", 1)[-1] for n in found]
-        names = [n for n in names if n and not _TEMP_NAME.match(n)]
-        if names or not container:
-            return names
-        return [] if fs.exists(container, **kw) else None
-
-    names = backend._call("listing the remote", go)
-    if names is None:
-        what = "bucket or container" if backend.atomic_put else "parent directory"
-        raise RemoteError(
-            f"remote {backend.display} does not exist: the {what} {container!r} is missing "
-            "(create it, or fix REMOTE)"
-        )
-    return names
 
 
 def find(repo: Repository, wanted: str) -> SnapshotRef:

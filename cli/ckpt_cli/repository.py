@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Collection, Iterable, Iterator, Sequence
 
-from ckpt_cli.backends import Backend, NotFound
+from ckpt_cli.backends import Backend, NotFound, read_whole_into
 from ckpt_cli.errors import ConfigError
 from ckpt_cli.lease import LEASE_KEY, Lease
 from ckpt_cli.manifest import (
@@ -340,7 +340,7 @@ class Repository:
         directory, fsspec's stores: their `borrows_buffers`). Other backends
         (and test doubles) may keep what they are given: put_chunk hands them
         a copy, and a caller with bytes of its own passes those (no copy)."""
-        return bool(getattr(self.backend, "borrows_buffers", False))
+        return self.backend.borrows_buffers
 
     @property
     def display(self) -> str:
@@ -554,7 +554,7 @@ class Repository:
 
     def get_chunk(self, digest: str, expected_size: int | None = None) -> bytes:
         """Read and verify a chunk; ChunkError if missing, short or corrupt."""
-        if expected_size is not None and hasattr(self.backend, "read_into"):
+        if expected_size is not None and self.backend.reads_into:
             # Never more than the expected size in memory (a planted object
             # may be of any size); other backends read the object whole.
             buf = bytearray(expected_size)
@@ -578,10 +578,10 @@ class Repository:
         ChunkError if missing, of another size or corrupt. A backend that can
         (`read_into`: a local directory, fsspec's stores) reads straight into
         view: no allocation per chunk, never more than view in memory."""
-        read_into = getattr(self.backend, "read_into", None)
-        if read_into is None:
+        if not self.backend.reads_into:
             view[:] = self.get_chunk(digest, len(view))
             return
+        read_into = self.backend.read_into
         try:
             size = read_into(chunk_key(digest), view)
         except NotFound:
@@ -812,6 +812,11 @@ class Recorder:
     if it had (an overlay): a dry run goes through the very code of the real
     one and records what that would delete."""
 
+    #: Nothing asked of it but reads, deletes and listings: the plain paths.
+    exclusive_create = False
+    borrows_buffers = False
+    reads_into = False
+
     def __init__(self, backend: Backend, *, dry_run: bool) -> None:
         self.inner = backend
         self.display = backend.display
@@ -844,6 +849,9 @@ class Recorder:
         if key in self._gone:
             raise NotFound(key)
         return self.inner.read(key)
+
+    def read_into(self, key: str, view: memoryview) -> int:
+        return read_whole_into(self, key, view)
 
     def write(self, key: str, data: bytes) -> None:
         if not self.dry_run:
@@ -878,6 +886,9 @@ class Recorder:
             self._new[dst] = self._new.pop(src, src)
         self._gone.add(src)
         self._gone.discard(dst)
+
+    def names(self) -> list[str]:
+        return self.inner.names()
 
     def list(self, prefix: str, *, temp: bool = False) -> list[str]:
         keys = self.inner.list(prefix, temp=temp)

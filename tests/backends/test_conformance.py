@@ -134,6 +134,15 @@ def test_list(backend: Backend) -> None:
     assert backend.list("a/missing/") == []
 
 
+def test_names(backend: Backend) -> None:
+    """What a location holds one level down (a location `ckpt ls` finds no
+    repository in): nothing while it is empty, then its objects' top names."""
+    assert backend.names() == []
+    for key in ("a/1", "a/b/2", "top"):
+        backend.write(key, b"x")
+    assert sorted(backend.names()) == ["a", "top"]
+
+
 def test_delete(backend: Backend) -> None:
     backend.write("d/one", b"1")
     backend.write("d/two", b"2")

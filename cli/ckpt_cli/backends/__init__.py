@@ -5,16 +5,25 @@ A backend stores opaque byte objects under '/'-separated keys relative to the
 remote's root. Contract of every method:
 
 - read(key) -> bytes                 NotFound if absent; RemoteError otherwise
-- read_into(key, view) -> int        optional (ask with getattr): the object read
-                                     straight into view, its size returned
+- read_into(key, view) -> int        the object read into view, its size
+                                     returned (called where `reads_into`)
 - write(key, data)                   whole object or nothing visible under key
-- create_exclusive(key, data) -> bool  False if key already exists (atomic on
-                                     local disks, check-then-put elsewhere)
+- create_exclusive(key, data) -> bool  False if key already exists
 - delete(key)                        absent is not an error
+- rename(src, dst)                   NotFound if src is missing; dst replaced
 - list(prefix) -> list[str]          every key below prefix, recursively
+- names() -> list[str]               what the location holds, one level down
 - display                            the URL without credentials, for messages
-- borrows_buffers                    optional, True where write(key, view) has
-                                     finished with view when it returns
+
+and of every capability, which callers ask instead of a backend's class:
+
+- exclusive_create   create_exclusive cannot race (a local disk's hard link
+                     or O_EXCL); False: a check, then a put, that a racing
+                     writer may still overwrite
+- borrows_buffers    write(key, view) has finished with view when it returns:
+                     the caller may reuse the buffer
+- reads_into         read_into reads straight into the caller's view, never
+                     the whole object first where the store can help it
 
 Local paths and file:// URLs use the operating system directly (atomic rename,
 O_EXCL: `backends.local`); everything else goes through fsspec (s3, gs, az,
@@ -49,7 +58,28 @@ class NotFound(Exception):
 class Backend(Protocol):
     display: str
 
+    @property
+    def exclusive_create(self) -> bool:
+        """create_exclusive cannot race (see the module's docstring)."""
+        ...
+
+    @property
+    def borrows_buffers(self) -> bool:
+        """write(key, view) has finished with view when it returns."""
+        ...
+
+    @property
+    def reads_into(self) -> bool:
+        """read_into reads straight into the caller's view."""
+        ...
+
     def read(self, key: str) -> bytes: ...
+    def read_into(self, key: str, view: memoryview) -> int:
+        """Read the object at key into view and return its size: where that
+        is len(view), view holds the object; otherwise what view holds is
+        undefined (nothing is written beyond it). NotFound if absent."""
+        ...
+
     def write(self, key: str, data: bytes) -> None: ...
     def create_exclusive(self, key: str, data: bytes) -> bool: ...
     def delete(self, key: str) -> None: ...
@@ -58,10 +88,26 @@ class Backend(Protocol):
         is missing; dst is replaced."""
         ...
 
+    def names(self) -> list[str]:
+        """The names one level below the root, temp names left out: [] where
+        the location does not exist but could (its bucket, container or
+        parent directory does); RemoteError where it cannot, ConfigError
+        where it is a file."""
+        ...
+
     def list(self, prefix: str, *, temp: bool = False) -> list[str]:
         """Keys under prefix; with temp, only the temp names of writes that
         never finished (a killed writer's), which are otherwise hidden."""
         ...
+
+
+def read_whole_into(backend: Backend, key: str, view: memoryview) -> int:
+    """read_into for a backend that reads no better: the object, then a copy
+    into view where it is view's size; its size either way."""
+    data = backend.read(key)
+    if len(data) == len(view):
+        view[:] = data
+    return len(data)
 
 
 def open_backend(

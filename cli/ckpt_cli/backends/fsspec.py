@@ -188,6 +188,10 @@ class FsspecBackend:
     #: hand it a view of a buffer it reuses. Not after it raised: a put that
     #: timed out may still be sending from it (never reuse such a buffer).
     borrows_buffers = True
+    #: create_exclusive checks, then puts: a racing writer may still win.
+    exclusive_create = False
+    #: read_into streams an S3 body into the view; other stores copy it in.
+    reads_into = True
 
     def __init__(
         self,
@@ -452,6 +456,35 @@ class FsspecBackend:
                 raise NotFound(src) from None
 
         self._call(f"moving {src} to {dst}", go)
+
+    def names(self) -> list[str]:
+        """One level below the root; for a root that does not exist, whether
+        its bucket (object stores) or parent directory (sftp, ...) does."""
+        root = self.root
+        if self.atomic_put:  # object stores: BUCKET/prefix (memory:// has no buckets)
+            container = "" if root.startswith("/") else root.split("/", 1)[0]
+        else:  # a filesystem: the parent directory
+            container = root.rsplit("/", 1)[0] if "/" in root.strip("/") else ""
+
+        def go(fs: Any, kw: dict[str, Any]) -> list[str] | None:
+            try:
+                found = fs.ls(root, detail=False, **kw)
+            except (FileNotFoundError, NotADirectoryError):
+                found = []
+            names = [str(n).rstrip("/").rsplit("/", 1)[-1] for n in found]
+            names = [n for n in names if n and not _TEMP_RE.match(n)]
+            if names or not container:
+                return names
+            return [] if fs.exists(container, **kw) else None
+
+        names = self._call("listing the remote", go)
+        if names is None:
+            what = "bucket or container" if self.atomic_put else "parent directory"
+            raise RemoteError(
+                f"remote {self.display} does not exist: the {what} {container!r} is missing "
+                "(create it, or fix REMOTE)"
+            )
+        return names
 
     def list(self, prefix: str, *, temp: bool = False) -> list[str]:
         base = self._path(prefix).rstrip("/")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ckpt_cli.backends import TEMP_RE as _TEMP_RE
 from ckpt_cli.backends import NotFound
-from ckpt_cli.errors import RemoteError
+from ckpt_cli.errors import ConfigError, RemoteError
 
 
 class LocalBackend:
@@ -27,6 +27,8 @@ class LocalBackend:
     exclusive_create = True
     #: write() has written a view out when it returns: the caller may reuse it.
     borrows_buffers = True
+    #: read_into reads the file straight into the view (no allocation per chunk).
+    reads_into = True
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -221,6 +223,23 @@ class LocalBackend:
             raise RemoteError(f"moving {src} to {dst} on {self.display} failed") from None
         except OSError as exc:
             raise RemoteError(f"moving {src} to {dst} on {self.display} failed: {exc}") from None
+
+    def names(self) -> list[str]:
+        root = self.root
+        try:
+            return [n for n in os.listdir(root) if not _TEMP_RE.match(n)]
+        except FileNotFoundError:
+            parent = root.parent
+            if parent.is_dir():
+                return []  # an empty repository: the first writer creates the directory
+            raise RemoteError(
+                f"remote {root} does not exist, nor does its parent directory {parent} "
+                "(create it, or fix REMOTE)"
+            ) from None
+        except NotADirectoryError:
+            raise ConfigError(f"remote {root} is a file, not a directory (fix REMOTE)") from None
+        except OSError as exc:
+            raise RemoteError(f"listing {root} failed: {exc.strerror or exc}") from None
 
     def list(self, prefix: str, *, temp: bool = False) -> list[str]:
         """Regular files only (an object is a file: a FIFO or a link planted
