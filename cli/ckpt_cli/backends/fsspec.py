@@ -1,16 +1,18 @@
 """The backend of every store fsspec reaches (s3, gs, az, sftp, memory, ...);
-the ONLY module that imports fsspec. Network calls are bounded by a timeout
-and retried a few times with jittered backoff before RemoteError."""
+the ONLY module that imports fsspec.
+
+`FsspecStore` makes one try per call, bounded by the io timeout;
+`FsspecBackend`, what open_backend returns, is that store behind
+`RetryingBackend` (jittered backoff, a new connection after an
+authentication failure and before the last try, one RemoteError line)."""
 
 from __future__ import annotations
 
 import contextlib
 import inspect
 import os
-import random
 import secrets
 import threading
-import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -18,30 +20,13 @@ from urllib.parse import urlsplit
 from ckpt_cli import redact
 from ckpt_cli.backends import DEFAULT_CONCURRENCY, NotFound
 from ckpt_cli.backends import TEMP_RE as _TEMP_RE
+from ckpt_cli.backends.retry import RetryingBackend, connect_retrying, describe, is_auth_error
 from ckpt_cli.backends.urls import OBJECT_STORES as _OBJECT_STORES
 from ckpt_cli.backends.urls import redact_url
 from ckpt_cli.errors import ConfigError, RemoteError
 
 T = TypeVar("T")
 
-#: How backend-level retries space themselves: attempts, first delay, cap.
-_RETRY_ATTEMPTS = 4
-_RETRY_FIRST = 0.2
-_RETRY_CAP = 3.0
-#: Words in an exception that mean the credentials were rejected or expired.
-_AUTH_MARKERS = (
-    "ExpiredToken",
-    "InvalidAccessKeyId",
-    "SignatureDoesNotMatch",
-    "InvalidToken",
-    "RequestExpired",
-    "AuthenticationFailed",
-    "AuthorizationFailure",
-    "InvalidAuthenticationInfo",
-    "ClientAuthenticationError",
-    "Unauthorized",
-    "Forbidden",
-)
 #: The pip extra that brings each scheme's fsspec implementation.
 _EXTRAS = {
     "s3": "s3",
@@ -61,28 +46,6 @@ _TAKE_BYTEARRAYS = frozenset({"s3", "s3a", "gs", "gcs", "sftp", "ssh", "memory"}
 #: heartbeat, listings, manifests); botocore's own default is 10.
 _POOL_SPARE = 4
 _POOL_MIN = 10
-
-
-def _pause(delay: float) -> float:
-    """Sleep between half and all of delay (jitter); return the next delay."""
-    time.sleep(delay * (0.5 + random.random() / 2))
-    return min(delay * 2, _RETRY_CAP)
-
-
-def _describe(exc: BaseException, io_timeout: float) -> str:
-    if isinstance(exc, TimeoutError):  # fsspec's FSTimeoutError is one
-        return f"no answer within {io_timeout:g}s (--io-timeout / CKPT_IO_TIMEOUT)"
-    text = str(exc).strip().splitlines()
-    first = text[0] if text else ""
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-
-
-def _is_auth_error(exc: BaseException) -> bool:
-    """Credentials rejected or expired: worth one retry with credentials read again."""
-    if isinstance(exc, PermissionError):
-        return True
-    text = f"{type(exc).__name__} {exc}"
-    return any(marker in text for marker in _AUTH_MARKERS)
 
 
 def s3_options(
@@ -171,17 +134,18 @@ class _Sink:
             self._open = False
 
 
-class FsspecBackend:
-    """Any fsspec filesystem: object stores put atomically; others write a temp
-    object and rename it.
+class FsspecStore:
+    """Any fsspec filesystem, one try per call: object stores put atomically;
+    others write a temp object and rename it.
 
     Every call is bounded by io_timeout (async implementations: s3fs, gcsfs,
-    adlfs, sshfs) and retried with jittered exponential backoff. The
-    filesystem is built afresh, bypassing fsspec's instance cache, after an
-    authentication failure and before the last try of any failing call, so
-    rotated or refreshed credentials (env vars, credential files, tokens) are
-    read again instead of failing for good, and broken connection pools are
-    dropped.
+    adlfs, sshfs). `reconnect` builds the filesystem afresh, bypassing
+    fsspec's instance cache, so rotated or refreshed credentials (env vars,
+    credential files, tokens) are read again and broken connection pools
+    are dropped (`RetryingBackend` asks for it).
+
+    What a call raises: NotFound; RemoteError (a missing bucket: final);
+    anything else is the filesystem's own exception, a failed try.
     """
 
     #: write() has finished with its data when it returns, so a caller may
@@ -209,7 +173,7 @@ class FsspecBackend:
         self.concurrency = max(1, concurrency)
         self._lock = threading.Lock()
         self.reconnects = 0
-        self.fs, self.root = self._connect_retrying()
+        self.fs, self.root = self._connect()
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         self.atomic_put = protocol in _OBJECT_STORES
         #: Its put sends a bytearray as it is (adlfs refuses one); S3 with
@@ -259,26 +223,18 @@ class FsspecBackend:
                 f"(--remote / --storage-option): {redact.scrub(str(exc))}"
             ) from None
         except Exception as exc:  # sshfs connects here: refused, rejected key, timeout
-            hint = "check the credentials" if _is_auth_error(exc) else "is it reachable?"
+            hint = "check the credentials" if is_auth_error(exc) else "is it reachable?"
             raise RemoteError(
                 f"remote {self.display} could not be opened ({hint}): "
-                f"{redact.scrub(_describe(exc, self.io_timeout))}"
+                f"{redact.scrub(describe(exc, self.io_timeout))}"
             ) from None
         return fs, root.rstrip("/")
 
-    def _connect_retrying(self) -> tuple[Any, str]:
-        """_connect with the same retries as any call (sshfs connects at once)."""
-        delay = _RETRY_FIRST
-        for attempt in range(1, _RETRY_ATTEMPTS + 1):
-            try:
-                return self._connect()
-            except RemoteError as exc:
-                if attempt == _RETRY_ATTEMPTS or "credentials" in str(exc):
-                    raise
-            delay = _pause(delay)
-        raise AssertionError("unreachable")
+    @property
+    def connection(self) -> object:
+        return self.fs
 
-    def _reconnect(self, stale: Any) -> None:
+    def reconnect(self, stale: object) -> None:
         """Replace the filesystem unless another thread already did."""
         with self._lock:
             if self.fs is not stale:
@@ -289,34 +245,15 @@ class FsspecBackend:
                 return  # keep the old one; the call's own error is reported
             self.reconnects += 1
 
-    def _call(self, what: str, op: Callable[[Any, dict[str, Any]], T]) -> T:
-        """op(fs, kwargs) with retries; kwargs carry the timeout for async
-        filesystems. NotFound and FileNotFoundError pass through untouched."""
-        delay = _RETRY_FIRST
-        for attempt in range(1, _RETRY_ATTEMPTS + 1):
-            fs = self.fs
-            kwargs: dict[str, Any] = {"timeout": self.io_timeout} if fs.async_impl else {}
-            try:
-                return op(fs, kwargs)
-            except (NotFound, FileNotFoundError):
-                raise
-            except Exception as exc:
-                auth = _is_auth_error(exc)
-                # Rejected credentials get one retry with credentials read again.
-                if attempt == _RETRY_ATTEMPTS or (auth and attempt >= 2):
-                    hint = " (check the credentials)" if auth else ""
-                    raise RemoteError(
-                        redact.scrub(
-                            f"{what} on {self.display} failed after {attempt} "
-                            f"{'try' if attempt == 1 else 'tries'}{hint}: "
-                            f"{_describe(exc, self.io_timeout)}"
-                        )
-                    ) from None
-                if auth or attempt == _RETRY_ATTEMPTS - 1:
-                    self._reconnect(fs)
-                if not auth:
-                    delay = _pause(delay)
-        raise AssertionError("unreachable")
+    @property
+    def conditional_put(self) -> bool:
+        """The put itself refuses to replace an object (`put_new`)."""
+        return self.atomic_put and self._create_kw is not None
+
+    def _once(self, op: Callable[[Any, dict[str, Any]], T]) -> T:
+        """op(fs, kwargs), kwargs carrying the timeout for async filesystems."""
+        fs = self.fs
+        return op(fs, {"timeout": self.io_timeout} if fs.async_impl else {})
 
     def _path(self, key: str) -> str:
         return f"{self.root}/{key}" if self.root else key
@@ -337,15 +274,15 @@ class FsspecBackend:
                 raise NotFound(key) from None
             return data
 
-        return self._call(f"reading {key}", go)
+        return self._once(go)
 
     def read_into(self, key: str, view: memoryview) -> int:
         """Read the object at key into view and return its size: where that is
         len(view), view holds the object; otherwise view is not the object's
         size (nothing is written beyond view; what it holds is undefined).
-        NotFound if absent; RemoteError after the retries, each try bounded
-        by io_timeout. When this returns or raises, nothing writes into view
-        any more (a try that timed out is cut off: `_Sink`).
+        NotFound if absent; one try, bounded by io_timeout. When this returns
+        or raises, nothing writes into view any more (a try that timed out is
+        cut off: `_Sink`, so the next try has view to itself).
 
         S3 streams the body into view as it arrives: no request for the size
         first, no bytes object of the whole chunk joined and copied again, no
@@ -370,7 +307,7 @@ class FsspecBackend:
             finally:
                 sink.close()
 
-        return self._call(f"reading {key}", go)
+        return self._once(go)
 
     def write(self, key: str, data: bytes | memoryview) -> None:
         """Whole or not at all. A memoryview is sent as it is where it is the
@@ -399,7 +336,7 @@ class FsspecBackend:
                 raise
 
         try:
-            self._call(f"writing {key}", go)
+            self._once(go)
         except FileNotFoundError:
             raise self._missing_container(f"writing {key}") from None
 
@@ -412,10 +349,14 @@ class FsspecBackend:
             return False
         except NotFound:
             pass
-        create_kw = self._create_kw
-        if not (self.atomic_put and create_kw is not None):
+        if not self.conditional_put:
             self.write(key, data)
             return True
+        return self.put_new(key, data)
+
+    def put_new(self, key: str, data: bytes) -> bool:
+        """The conditional put (where `conditional_put`): False if key exists."""
+        create_kw = self._create_kw or {}
         path = self._path(key)
 
         def go(fs: Any, kw: dict[str, Any]) -> bool:
@@ -430,7 +371,7 @@ class FsspecBackend:
             return True
 
         try:
-            return self._call(f"creating {key}", go)
+            return self._once(go)
         except FileNotFoundError:
             raise self._missing_container(f"creating {key}") from None
 
@@ -441,7 +382,7 @@ class FsspecBackend:
             with contextlib.suppress(FileNotFoundError):
                 fs.rm_file(path, **kw)
 
-        self._call(f"deleting {key}", go)
+        self._once(go)
 
     def rename(self, src: str, dst: str) -> None:
         """fsspec's mv: a server-side copy and a delete on object stores."""
@@ -455,7 +396,7 @@ class FsspecBackend:
             except FileNotFoundError:
                 raise NotFound(src) from None
 
-        self._call(f"moving {src} to {dst}", go)
+        self._once(go)
 
     def names(self) -> list[str]:
         """One level below the root; for a root that does not exist, whether
@@ -477,7 +418,7 @@ class FsspecBackend:
                 return names
             return [] if fs.exists(container, **kw) else None
 
-        names = self._call("listing the remote", go)
+        names = self._once(go)
         if names is None:
             what = "bucket or container" if self.atomic_put else "parent directory"
             raise RemoteError(
@@ -512,7 +453,45 @@ class FsspecBackend:
                     keys.append(rel)
             return keys
 
-        return self._call(f"listing {prefix}", go)
+        return self._once(go)
+
+
+class FsspecBackend(RetryingBackend):
+    """What open_backend returns for a URL that is not local: an
+    `FsspecStore` behind `RetryingBackend`, connected with the same tries
+    as any call (sshfs connects at once)."""
+
+    def __init__(
+        self,
+        url: str,
+        storage_options: dict[str, Any],
+        *,
+        io_timeout: float,
+        concurrency: int = DEFAULT_CONCURRENCY,
+    ) -> None:
+        self.store = connect_retrying(
+            lambda: FsspecStore(
+                url, storage_options, io_timeout=io_timeout, concurrency=concurrency
+            )
+        )
+        super().__init__(self.store, io_timeout=io_timeout)
+
+    @property
+    def fs(self) -> Any:
+        """The fsspec filesystem the calls use now."""
+        return self.store.fs
+
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        """The store's check, then put, each part with its own tries."""
+        try:
+            self.read(key)
+            return False
+        except NotFound:
+            pass
+        if not self.store.conditional_put:
+            self.write(key, data)
+            return True
+        return self._retry(f"creating {key}", lambda: self.store.put_new(key, data))
 
 
 #: The largest piece a body is read in where the client cannot hand over
