@@ -24,7 +24,7 @@ from ckpt_cli.errors import CkptError, ConfigError
 from ckpt_cli.history import annotate, load_runs
 from ckpt_cli.lease import DEFAULT_TTL, Heartbeat
 from ckpt_cli.manifest import Manifest
-from ckpt_cli.repo_tools import Checked, check, find, open_existing
+from ckpt_cli.repo_tools import find, open_existing
 from ckpt_cli.repository import (
     Repository,
     Suspect,
@@ -33,6 +33,7 @@ from ckpt_cli.repository import (
     rank_stream,
     stream_rank,
 )
+from ckpt_cli.verify import Checked, check
 
 
 def _open(remote: str, options: dict[str, Any], *, create: bool) -> Repository | None:

@@ -16,19 +16,14 @@ from typing import Any
 
 from ckpt._contract import ExitCode
 from ckpt_cli import console
+from ckpt_cli.diff import diff as diff_manifests
+from ckpt_cli.diff import entry_json
 from ckpt_cli.errors import CkptError, ConfigError
 from ckpt_cli.lease import DEFAULT_TTL, Heartbeat
 from ckpt_cli.manifest import Entry, Manifest
-from ckpt_cli.repo_tools import (
-    DamagedError,
-    check,
-    entry_json,
-    find,
-    load,
-    open_existing,
-)
-from ckpt_cli.repo_tools import diff as diff_manifests
+from ckpt_cli.repo_tools import DamagedError, find, load, open_existing
 from ckpt_cli.repository import Repository, SnapshotRef
+from ckpt_cli.verify import check
 
 #: Ids named in one line before "and N more (--json for all)".
 NAMED = 10

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from ckpt_cli import repair
 from ckpt_cli.formats import DEFAULT
-from ckpt_cli.repo_tools import ChunkSource
 from ckpt_cli.repository import Repository
 from ckpt_cli.snapshotter import Snapshotter, scan
+from ckpt_cli.verify import ChunkSource
 
 from .helpers import CHUNK, data
 
