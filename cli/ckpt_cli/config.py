@@ -804,3 +804,16 @@ def _toml_escape(ch: str) -> str:
 
 def _toml_key(key: str) -> str:
     return key if _BARE_KEY.match(key) else _toml(key)
+
+
+def env_io_timeout(environ: Mapping[str, str] | None = None) -> float:
+    """--io-timeout where no setting of `ckpt run` gives it (the operating
+    commands open their remote with it): CKPT_IO_TIMEOUT, judged by the very
+    check `ckpt run` applies to it, else the option's default."""
+    opt = next(o for o in OPTIONS if o.name == "io_timeout")
+    env = opt.env_var or ""
+    raw = (os.environ if environ is None else environ).get(env, "")
+    if not raw.strip():
+        return float(opt.default)
+    value = _from_env(opt, raw, env)
+    return float(check_number(value, f"{env}={raw!r}", min=opt.min, max=opt.max))

@@ -34,7 +34,6 @@ backoff before RemoteError; messages never carry credentials (`redact`).
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -43,8 +42,6 @@ from ckpt_cli import redact
 from ckpt_cli.backends.urls import NEEDS_BUCKET, is_local, local_path
 from ckpt_cli.errors import ConfigError
 
-#: Every network call gives up after this long (seconds; CKPT_IO_TIMEOUT).
-DEFAULT_IO_TIMEOUT = 120.0
 #: Names of half-written local objects; never listed as keys.
 TEMP_RE = re.compile(r"^\.[^/]*\.tmp-[0-9a-f]+$")
 #: Transfers a filesystem is opened for when its user does not say (`ckpt ls`).
@@ -118,7 +115,8 @@ def open_backend(
     concurrency: int = DEFAULT_CONCURRENCY,
 ) -> Backend:
     """Open the store at url; ConfigError for a malformed URL or a missing extra.
-    io_timeout bounds every network call (default: $CKPT_IO_TIMEOUT or 120 s);
+    io_timeout bounds every network call (default: CKPT_IO_TIMEOUT or 120 s,
+    as `config.env_io_timeout` reads and checks it);
     concurrency is how many transfers the caller runs at once (S3's
     connection pool is sized for them)."""
     if not url.strip():
@@ -137,20 +135,12 @@ def open_backend(
         raise ConfigError(
             f"remote {url} names no {what}: {parts.scheme}://{what.upper()}/PATH (--remote)"
         )
-    timeout = io_timeout if io_timeout is not None else io_timeout_from_env()
+    if io_timeout is None:
+        # CKPT_IO_TIMEOUT has one reading and one check, config's (the same
+        # as `ckpt run`'s); imported here, at the one call that needs it.
+        from ckpt_cli.config import env_io_timeout
+
+        io_timeout = env_io_timeout()
     from ckpt_cli.backends.fsspec import FsspecBackend
 
-    return FsspecBackend(url, storage_options or {}, io_timeout=timeout, concurrency=concurrency)
-
-
-def io_timeout_from_env() -> float:
-    raw = os.environ.get("CKPT_IO_TIMEOUT", "").strip()
-    if not raw:
-        return DEFAULT_IO_TIMEOUT
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise ConfigError(f"CKPT_IO_TIMEOUT={raw!r} is not a positive number of seconds")
-    return value
+    return FsspecBackend(url, storage_options or {}, io_timeout=io_timeout, concurrency=concurrency)
