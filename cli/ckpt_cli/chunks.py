@@ -3,7 +3,6 @@ chunks/<h[:2]>/<h> (trash/ holds those a multi-rank GC round took out), and
 the chunk room of a Repository: which chunks are known to exist, one upload
 of a chunk however many threads put it, and reads verified by the name.
 
-Imports: standard library, `backends`, `manifest`.
 """
 
 from __future__ import annotations

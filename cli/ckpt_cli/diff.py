@@ -1,7 +1,6 @@
 """The difference between two snapshots, path by path (`ckpt diff`), and an
 entry as the operating commands show it in --json.
 
-Imports: standard library, `manifest`.
 """
 
 from __future__ import annotations

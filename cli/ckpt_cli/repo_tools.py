@@ -4,7 +4,6 @@ something that is not a repository), a snapshot by the name a user gives
 it, and its manifest or one line saying it is damaged. Nothing here prints
 or deletes. Checking snapshots is in `verify`, comparing two in `diff`.
 
-Imports: standard library, `backends`, `repository`, `manifest`, `errors`.
 """
 
 from __future__ import annotations

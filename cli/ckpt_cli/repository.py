@@ -17,8 +17,6 @@ listing snapshots/. A Repository is the one object callers hold; its rooms:
 `chunks` (chunks/ and trash/), `snapshots` (names, by listing), `suspect`
 (the crash-loop guard's marks), `retention` (judging, retention, GC). The
 manifest format is in `manifest`, the lease in `lease`.
-Imports: standard library, `backends` (never fsspec itself), `manifest`,
-`lease`, `chunks`, `snapshots`, `suspect`, `retention`.
 """
 
 from __future__ import annotations

@@ -9,8 +9,6 @@ verified one. Which snapshot a restore uses: `restore_tier` (verified or
 older than checks first, then unverified, then suspect; newest first in
 each).
 
-Imports: standard library, `manifest`, `chunks`, `snapshots`
-(`repository` for its type only).
 """
 
 from __future__ import annotations

@@ -2,7 +2,6 @@
 (loading a manifest is another matter: `repository`). The root stream is a
 single-node run's; ranks/<r>/ holds rank r's stream in a run of several.
 
-Imports: standard library, `backends`, `manifest`.
 """
 
 from __future__ import annotations

@@ -2,7 +2,6 @@
 when and where a snapshot was marked; the snapshot itself is untouched. A
 restore tries a suspect snapshot last (`retention.restore_tier`).
 
-Imports: standard library, `backends`, `manifest`, `snapshots`.
 """
 
 from __future__ import annotations

@@ -4,8 +4,6 @@ and each file checked again by its format, read through its chunks
 (`ChunkSource`, which repair reads a stored file through too). Nothing here
 prints or deletes.
 
-Imports: standard library, `backends` (NotFound), `repository`, `manifest`,
-`formats` (lazily, for the format checks).
 """
 
 from __future__ import annotations

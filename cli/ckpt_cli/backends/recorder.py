@@ -1,7 +1,6 @@
 """A recording backend for one collection (`ckpt gc`): restic's dry-run is a
 wrapper around the backend, and so is this one.
 
-Imports: standard library, `backends`.
 """
 
 from __future__ import annotations
