@@ -4,12 +4,16 @@ A backend stores opaque byte objects under '/'-separated keys relative to the
 remote's root. Contract of every method:
 
 - read(key) -> bytes                 NotFound if absent; RemoteError otherwise
+- read_into(key, view) -> int        optional (ask with getattr): the object read
+                                     straight into view, its size returned
 - write(key, data)                   whole object or nothing visible under key
 - create_exclusive(key, data) -> bool  False if key already exists (atomic on
                                      local disks, check-then-put elsewhere)
 - delete(key)                        absent is not an error
 - list(prefix) -> list[str]          every key below prefix, recursively
 - display                            the URL without credentials, for messages
+- borrows_buffers                    optional, True where write(key, view) has
+                                     finished with view when it returns
 
 Local paths and file:// URLs use the operating system directly (atomic rename,
 O_EXCL); everything else goes through fsspec (s3, gs, az, sftp, memory, ...).
@@ -81,6 +85,15 @@ _EXTRAS = {
 _NEEDS_BUCKET = frozenset(_OBJECT_STORES - {"memory"}) | {"sftp", "ssh"}
 #: Names of half-written local objects; never listed as keys.
 _TEMP_RE = re.compile(r"^\.[^/]*\.tmp-[0-9a-f]+$")
+#: Schemes whose fsspec put takes a bytearray (the conformance suite writes
+#: one to each): a chunk buffer goes out without a copy.
+_TAKE_BYTEARRAYS = frozenset({"s3", "s3a", "gs", "gcs", "sftp", "ssh", "memory"})
+#: S3 clients keep this many connections beside the chunk transfers (lease
+#: heartbeat, listings, manifests); botocore's own default is 10.
+_POOL_SPARE = 4
+_POOL_MIN = 10
+#: Transfers a filesystem is opened for when its user does not say (`ckpt ls`).
+DEFAULT_CONCURRENCY = 4
 
 
 class NotFound(Exception):
@@ -163,10 +176,16 @@ def local_path(url: str) -> Path:
 
 
 def open_backend(
-    url: str, storage_options: dict[str, Any] | None = None, *, io_timeout: float | None = None
+    url: str,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    io_timeout: float | None = None,
+    concurrency: int = DEFAULT_CONCURRENCY,
 ) -> Backend:
     """Open the store at url; ConfigError for a malformed URL or a missing extra.
-    io_timeout bounds every network call (default: $CKPT_IO_TIMEOUT or 120 s)."""
+    io_timeout bounds every network call (default: $CKPT_IO_TIMEOUT or 120 s);
+    concurrency is how many transfers the caller runs at once (S3's
+    connection pool is sized for them)."""
     if not url.strip():
         raise ConfigError("empty remote URL (--remote / CKPT_REMOTE)")
     redact.register_env()
@@ -182,7 +201,7 @@ def open_backend(
             f"remote {url} names no {what}: {parts.scheme}://{what.upper()}/PATH (--remote)"
         )
     timeout = io_timeout if io_timeout is not None else io_timeout_from_env()
-    return FsspecBackend(url, storage_options or {}, io_timeout=timeout)
+    return FsspecBackend(url, storage_options or {}, io_timeout=timeout, concurrency=concurrency)
 
 
 def io_timeout_from_env() -> float:
@@ -220,6 +239,92 @@ def _is_auth_error(exc: BaseException) -> bool:
     return any(marker in text for marker in _AUTH_MARKERS)
 
 
+def s3_options(
+    options: dict[str, Any], *, pool: int, env: dict[str, str], checksum_options: bool
+) -> dict[str, Any]:
+    """The storage options ckpt opens an S3 filesystem (s3fs) with: the
+    user's, and where the user set nothing (a `config_kwargs` key, or the
+    AWS_* variable that sets it), ckpt's client settings:
+
+    - no CRC32/MD5 of every body sent or received (`request_checksum_calculation`
+      and `response_checksum_validation` "when_required", botocore >= 1.36:
+      `checksum_options`) and no SHA-256 of every payload for its signature
+      (`s3.payload_signing_enabled` false; botocore signs payloads on plain
+      http, and over https once no checksum is sent). Every chunk is named by
+      its BLAKE3 hash and verified by it on every read, so a chunk damaged on
+      the way or at rest is found all the same; those hashes cost a quarter of
+      the CPU of a restore, on the one thread that does all the network work.
+    - a connection pool for `pool` requests at once (botocore keeps 10: more
+      requests in flight would wait for a connection).
+    - no check of each call's parameters (`parameter_validation` false):
+      ckpt makes every call itself, and botocore's check refuses a chunk
+      buffer handed over as it is (`piecewise_puts`).
+    """
+    out = dict(options)
+    config = dict(out.get("config_kwargs") or {})
+    config.setdefault("max_pool_connections", max(_POOL_MIN, pool))
+    config.setdefault("parameter_validation", False)
+    if checksum_options:
+        for key, var in (
+            ("request_checksum_calculation", "AWS_REQUEST_CHECKSUM_CALCULATION"),
+            ("response_checksum_validation", "AWS_RESPONSE_CHECKSUM_VALIDATION"),
+        ):
+            if not env.get(var):
+                config.setdefault(key, "when_required")
+    s3 = dict(config.get("s3") or {})
+    s3.setdefault("payload_signing_enabled", False)
+    config["s3"] = s3
+    out["config_kwargs"] = config
+    return out
+
+
+def piecewise_puts(options: dict[str, Any]) -> bool:
+    """Whether the S3 client these options open takes a put's body as
+    `_Pieces`: nothing in botocore reads the body before it is sent (no
+    request checksum, no payload signature, no parameter check), which
+    holds with ckpt's settings unless the user set one of them back."""
+    config = options.get("config_kwargs") or {}
+    return (
+        config.get("request_checksum_calculation") == "when_required"
+        and config.get("parameter_validation") is False
+        and (config.get("s3") or {}).get("payload_signing_enabled") is False
+    )
+
+
+def _botocore_has(option: str) -> bool:
+    """Whether this botocore's client Config takes `option`."""
+    try:
+        from botocore.config import Config  # type: ignore[import-untyped]
+    except ImportError:
+        return False
+    return option in getattr(Config, "OPTION_DEFAULTS", {})
+
+
+class _Sink:
+    """Where one read attempt puts its bytes: the caller's view, until the
+    attempt is over. An attempt that timed out may still run on the event
+    loop; once `close` returns, nothing more is written into the view (the
+    next attempt, or the next chunk, has it to itself)."""
+
+    def __init__(self, view: memoryview) -> None:
+        self.view = view
+        self._lock = threading.Lock()
+        self._open = True
+
+    def put(self, offset: int, data: bytes) -> bool:
+        """Copy data to view[offset:]; False (nothing copied) if it does not
+        fit or the sink is closed."""
+        with self._lock:
+            if not self._open or offset + len(data) > len(self.view):
+                return False
+            self.view[offset : offset + len(data)] = data
+            return True
+
+    def close(self) -> None:
+        with self._lock:
+            self._open = False
+
+
 class LocalBackend:
     """A directory on a local (or network-mounted) filesystem.
 
@@ -229,6 +334,8 @@ class LocalBackend:
 
     #: create_exclusive cannot race: the kernel refuses the second link.
     exclusive_create = True
+    #: write() has written a view out when it returns: the caller may reuse it.
+    borrows_buffers = True
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -464,16 +571,34 @@ class FsspecBackend:
     dropped.
     """
 
-    def __init__(self, url: str, storage_options: dict[str, Any], *, io_timeout: float) -> None:
+    #: write() has finished with its data when it returns, so a caller may
+    #: hand it a view of a buffer it reuses. Not after it raised: a put that
+    #: timed out may still be sending from it (never reuse such a buffer).
+    borrows_buffers = True
+
+    def __init__(
+        self,
+        url: str,
+        storage_options: dict[str, Any],
+        *,
+        io_timeout: float,
+        concurrency: int = DEFAULT_CONCURRENCY,
+    ) -> None:
         self.url = url
         self.options = dict(storage_options)
         self.display = redact_url(url)
         self.io_timeout = io_timeout
+        #: Transfers its users run at once: S3's connection pool is sized for them.
+        self.concurrency = max(1, concurrency)
         self._lock = threading.Lock()
         self.reconnects = 0
         self.fs, self.root = self._connect_retrying()
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         self.atomic_put = protocol in _OBJECT_STORES
+        #: Its put sends a bytearray as it is (adlfs refuses one); S3 with
+        #: ckpt's client settings takes a chunk buffer piece by piece.
+        self._bytearrays = urlsplit(url).scheme in _TAKE_BYTEARRAYS
+        self._piecewise = self._bytearrays and piecewise_puts(self._open_options())
         # How this implementation's put refuses to replace an existing object:
         # s3fs and gcsfs take mode="create" (If-None-Match / ifGenerationMatch=0),
         # adlfs overwrite=False; others cannot, and create_exclusive checks first.
@@ -486,11 +611,23 @@ class FsspecBackend:
             else None
         )
 
-    def _connect(self) -> tuple[Any, str]:
-        import fsspec  # the one import of fsspec in ckpt
+    def _open_options(self) -> dict[str, Any]:
+        """The storage options the filesystem is opened with (`s3_options`)."""
+        if urlsplit(self.url).scheme not in ("s3", "s3a"):
+            return self.options
+        return s3_options(
+            self.options,
+            pool=self.concurrency + _POOL_SPARE,
+            env=dict(os.environ),
+            checksum_options=_botocore_has("request_checksum_calculation"),
+        )
 
+    def _connect(self) -> tuple[Any, str]:
+        import fsspec  # fsspec is imported in this module only
+
+        options = self._open_options()
         try:
-            fs, root = fsspec.core.url_to_fs(self.url, skip_instance_cache=True, **self.options)
+            fs, root = fsspec.core.url_to_fs(self.url, skip_instance_cache=True, **options)
         except ImportError as exc:
             scheme = urlsplit(self.url).scheme
             extra = _EXTRAS.get(scheme, "")
@@ -585,18 +722,58 @@ class FsspecBackend:
 
         return self._call(f"reading {key}", go)
 
-    def write(self, key: str, data: bytes) -> None:
+    def read_into(self, key: str, view: memoryview) -> int:
+        """Read the object at key into view and return its size: where that is
+        len(view), view holds the object; otherwise view is not the object's
+        size (nothing is written beyond view; what it holds is undefined).
+        NotFound if absent; RemoteError after the retries, each try bounded
+        by io_timeout. When this returns or raises, nothing writes into view
+        any more (a try that timed out is cut off: `_Sink`).
+
+        S3 streams the body into view as it arrives: no request for the size
+        first, no bytes object of the whole chunk joined and copied again, no
+        checksum of it on the event loop (its caller verifies the chunk by
+        its name). Other stores read the object, then copy it into view."""
         path = self._path(key)
+
+        def go(fs: Any, kw: dict[str, Any]) -> int:
+            sink = _Sink(view)
+            try:
+                if fs.async_impl:
+                    from fsspec.asyn import sync
+
+                    size: int = sync(fs.loop, _read_async, fs, path, sink, **kw)
+                    return size
+                data = fs.cat_file(path)
+                if len(data) == len(view):
+                    sink.put(0, data)
+                return len(data)
+            except (FileNotFoundError, IsADirectoryError):
+                raise NotFound(key) from None
+            finally:
+                sink.close()
+
+        return self._call(f"reading {key}", go)
+
+    def write(self, key: str, data: bytes | memoryview) -> None:
+        """Whole or not at all. A memoryview is sent as it is where it is the
+        whole of a bytearray (a chunk buffer: no copy), else copied once."""
+        path = self._path(key)
+        body: Any = (
+            _Pieces(data)
+            if self._piecewise and isinstance(data, memoryview)
+            else _body(data, bytearrays=self._bytearrays)
+        )
 
         def go(fs: Any, kw: dict[str, Any]) -> None:
             if self.atomic_put:
-                fs.pipe_file(path, data, **kw)
+                fs.pipe_file(path, body, **kw)
                 return
             parent, name = path.rsplit("/", 1) if "/" in path else ("", path)
             if parent:
                 fs.makedirs(parent, exist_ok=True)
             tmp = f"{parent}/.{name}.tmp-{secrets.token_hex(4)}" if parent else f".{name}.tmp"
-            fs.pipe_file(tmp, data, **kw)
+            fs.pipe_file(tmp, body, **kw)
             try:
                 fs.mv(tmp, path, **kw)
             except Exception:
@@ -690,6 +867,103 @@ class FsspecBackend:
             return keys
 
         return self._call(f"listing {prefix}", go)
+
+
+#: The largest piece a body is read in where the client cannot hand over
+#: the pieces it received, and the piece a chunk is sent in.
+_PIECE = 256 * 1024
+
+
+def _body(data: bytes | memoryview, *, bytearrays: bool) -> bytes | bytearray:
+    """What a put hands the filesystem: bytes as they are; a memoryview as the
+    bytearray it is the whole of (a chunk buffer), else copied into one, where
+    the filesystem takes bytearrays, else copied into bytes. botocore takes
+    bytes and bytearrays, not memoryviews, and sends a bytearray as it is;
+    bytes it wraps in a BytesIO, which aiohttp copies again, and announces
+    with `Expect: 100-continue` (a round trip more)."""
+    if not isinstance(data, memoryview):
+        return data
+    if not bytearrays:
+        return bytes(data)
+    whole = data.obj
+    if isinstance(whole, bytearray) and data.contiguous and data.nbytes == len(whole):
+        return whole
+    return bytearray(data)
+
+
+class _Pieces:
+    """A chunk buffer as a put's body, sent _PIECE bytes at a time: aiohttp
+    writes each piece and waits until the socket took it, so nothing copies
+    the chunk (a bytearray body is copied whole by aiohttp's slice, and what
+    the socket did not take at once is copied again by asyncio's transport
+    on Python 3.11). Each request iterates it afresh (a retry sends it
+    again); s3fs's multipart upload slices it into parts."""
+
+    def __init__(self, view: memoryview) -> None:
+        self.view = view.cast("B") if view.format != "B" else view
+
+    def __len__(self) -> int:
+        return self.view.nbytes
+
+    def __getitem__(self, part: slice) -> _Pieces:
+        return _Pieces(self.view[part])
+
+    def __aiter__(self) -> Any:
+        return self._pieces()
+
+    async def _pieces(self) -> Any:
+        for start in range(0, len(self.view), _PIECE):
+            yield self.view[start : start + _PIECE]
+
+
+async def _read_async(fs: Any, path: str, sink: _Sink) -> int:
+    """read_into's work on the filesystem's event loop: the object's size."""
+    call_s3 = getattr(fs, "_call_s3", None)
+    if call_s3 is None:  # gcsfs, adlfs, sshfs: the object, then a copy
+        data: bytes = await fs._cat_file(path)
+        if len(data) == len(sink.view):
+            sink.put(0, data)
+        return len(data)
+    bucket, key, version = fs.split_path(path)
+    extra = {"VersionId": version} if version else {}
+    resp = await call_s3("get_object", Bucket=bucket, Key=key, **extra)
+    body = resp["Body"]
+    try:
+        size = int(resp.get("ContentLength", -1))
+        if size != len(sink.view):
+            return size  # not this chunk's size: the caller says so
+        piece = _pieces(body)
+        done = 0
+        while done <= size:
+            data = await piece()
+            if not data:
+                break
+            if not sink.put(done, data):
+                return done + len(data)  # more than it said, or the caller left
+            done += len(data)
+        if done != size:  # a body cut short: worth another try
+            raise ConnectionError(f"the body of {key} ended after {done} of {size} bytes")
+        return size
+    finally:
+        body.close()
+
+
+def _pieces(body: Any) -> Callable[[], Any]:
+    """An awaitable source of a response body's pieces: aiohttp's own, as it
+    received them (StreamReader.readchunk, nothing joined), else reads of up
+    to _PIECE bytes (another HTTP client under aiobotocore)."""
+    try:
+        readchunk = body.raw_stream.content.readchunk
+    except Exception:
+        readchunk = None
+    if readchunk is None:
+        return lambda: body.read(_PIECE)
+
+    async def piece() -> bytes:
+        data: bytes = (await readchunk())[0]
+        return data
+
+    return piece
 
 
 def _parameters(fn: Any) -> frozenset[str]:

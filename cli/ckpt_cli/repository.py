@@ -49,7 +49,7 @@ from ckpt_cli.manifest import (
     hasher,
     host_name,
 )
-from ckpt_cli.remote import Backend, LocalBackend, NotFound
+from ckpt_cli.remote import Backend, NotFound
 
 DEFAULT_CHUNK_SIZE = 8 * 1024 * 1024
 CONFIG_KEY = "ckpt.json"
@@ -100,16 +100,22 @@ class Buffers:
 
     @contextlib.contextmanager
     def view(self, length: int) -> Iterator[memoryview]:
-        """A writable view of `length` bytes, returned to the pool after."""
+        """A writable view of `length` bytes, returned to the pool after,
+        unless the block raised: a transfer that timed out may still be
+        reading from it or writing into it (a put still sending, a get
+        abandoned), so that buffer is left to the garbage collector and never
+        handed out again."""
         with self._lock:
             buf = self._free.pop() if self._free else bytearray(self.size)
         view = memoryview(buf)[:length]
         try:
             yield view
-        finally:
+        except BaseException:
             view.release()
-            with self._lock:
-                self._free.append(buf)
+            raise
+        view.release()
+        with self._lock:
+            self._free.append(buf)
 
 
 def chunk_key(digest: str) -> str:
@@ -329,11 +335,12 @@ class Repository:
 
     @property
     def borrows_buffers(self) -> bool:
-        """put_chunk may be given a view of a buffer the caller reuses: a
-        local directory writes it out before returning. Other backends (and
-        test doubles) may keep what they are given: put_chunk hands them a
-        copy, and a caller with bytes of its own passes those (no copy)."""
-        return isinstance(self.backend, LocalBackend)
+        """put_chunk may be given a view of a buffer the caller reuses: the
+        backend has finished with it when its write returns (a local
+        directory, fsspec's stores: their `borrows_buffers`). Other backends
+        (and test doubles) may keep what they are given: put_chunk hands them
+        a copy, and a caller with bytes of its own passes those (no copy)."""
+        return bool(getattr(self.backend, "borrows_buffers", False))
 
     @property
     def display(self) -> str:
@@ -547,7 +554,7 @@ class Repository:
 
     def get_chunk(self, digest: str, expected_size: int | None = None) -> bytes:
         """Read and verify a chunk; ChunkError if missing, short or corrupt."""
-        if expected_size is not None and isinstance(self.backend, LocalBackend):
+        if expected_size is not None and hasattr(self.backend, "read_into"):
             # Never more than the expected size in memory (a planted object
             # may be of any size); other backends read the object whole.
             buf = bytearray(expected_size)
@@ -568,16 +575,18 @@ class Repository:
 
     def read_chunk_into(self, digest: str, view: memoryview) -> None:
         """Fill view (the chunk's expected size) with the chunk and verify it;
-        ChunkError if missing, of another size or corrupt. A local directory
-        reads straight into view (no allocation per chunk)."""
-        if not isinstance(self.backend, LocalBackend):
+        ChunkError if missing, of another size or corrupt. A backend that can
+        (`read_into`: a local directory, fsspec's stores) reads straight into
+        view: no allocation per chunk, never more than view in memory."""
+        read_into = getattr(self.backend, "read_into", None)
+        if read_into is None:
             view[:] = self.get_chunk(digest, len(view))
             return
         try:
-            size = self.backend.read_into(chunk_key(digest), view)
+            size = read_into(chunk_key(digest), view)
         except NotFound:
             try:
-                size = self.backend.read_into(trash_key(digest), view)
+                size = read_into(trash_key(digest), view)
             except NotFound:
                 raise ChunkError(digest, "is missing") from None
         if size != len(view):

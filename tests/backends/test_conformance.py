@@ -176,6 +176,39 @@ def test_full_size_chunk_round_trip(backend: Backend) -> None:
     assert backend.read("big") == payload
 
 
+def test_write_views_of_a_reused_buffer(backend: Backend) -> None:
+    """A view of a whole chunk buffer, and of part of one, arrive byte for
+    byte; the buffer is changed after each write returns (as the chunk pool
+    reuses it), which must not change what was stored."""
+    buf = bytearray(data(8, 3 * 1024 * 1024))
+    first = bytes(buf)
+    backend.write("v/whole", memoryview(buf))
+    buf[:] = data(9, len(buf))
+    backend.write("v/part", memoryview(buf)[:5000])
+    part = bytes(buf[:5000])
+    buf[:] = bytes(len(buf))
+    assert backend.read("v/whole") == first
+    assert backend.read("v/part") == part
+
+
+def test_read_into(backend: Backend) -> None:
+    """Where a backend reads straight into a buffer: the object's size, the
+    bytes in the view, nothing beyond it; NotFound for an absent object."""
+    read_into = getattr(backend, "read_into", None)
+    if read_into is None:
+        pytest.skip("this backend has no read_into")
+    payload = data(10, 200_000)
+    backend.write("r/obj", payload)
+    buf = bytearray(len(payload) + 8)
+    assert read_into("r/obj", memoryview(buf)[: len(payload)]) == len(payload)
+    assert bytes(buf[: len(payload)]) == payload and buf[-8:] == bytes(8)
+    short = bytearray(1000 + 8)
+    assert read_into("r/obj", memoryview(short)[:1000]) == len(payload)
+    assert short[1000:] == bytes(8), "nothing written past the view"
+    with pytest.raises(NotFound):
+        read_into("r/absent", memoryview(bytearray(10)))
+
+
 # ---------------------------------------------------------------- repository
 
 

@@ -19,6 +19,7 @@ from ckpt_cli.remote import Backend, NotFound
 from ckpt_cli.repository import (
     CONFIG_KEY,
     DEFAULT_CHUNK_SIZE,
+    Buffers,
     ChunkError,
     Repository,
     SnapshotRef,
@@ -689,6 +690,40 @@ def test_lease_racing_acquires_have_one_winner(repo: Repository) -> None:
     assert sorted(outcomes) == ["held"] + ["refused"] * 7
     (winner,) = [lease for lease in leases if lease.held]
     assert _lease_owner(repo) == winner.owner
+
+
+def test_a_buffer_is_reused_unless_its_transfer_raised() -> None:
+    """A buffer comes back to the pool after its block; after a block that
+    raised (a put that timed out may still be sending from it, a get
+    abandoned mid-body may still be writing into it) it is never handed out
+    again."""
+    pool = Buffers(64)
+    with pool.view(64) as v:
+        first = v.obj
+    with pool.view(10) as v:
+        assert v.obj is first and len(v) == 10
+    with pytest.raises(TimeoutError), pool.view(64) as v:
+        assert v.obj is first
+        raise TimeoutError("no answer")
+    with pool.view(64) as v:
+        assert v.obj is not first, "the buffer of the failed transfer is not reused"
+
+
+def test_a_backend_without_borrowed_buffers_gets_a_copy(local_repo: Repository) -> None:
+    """put_chunk asks the backend (its borrows_buffers), not its class: a
+    test double without it keeps what it is given, so it gets bytes."""
+    kept: list[object] = []
+
+    class Keeping(DelegatingBackend):
+        def write(self, key: str, data: bytes) -> None:
+            kept.append(data)
+            self.inner.write(key, bytes(data))
+
+    repo = Repository(Keeping(local_repo.backend), local_repo.chunk_size)
+    assert local_repo.borrows_buffers and not repo.borrows_buffers
+    buf = bytearray(b"abc")
+    repo.put_chunk(hash_bytes(b"abc"), memoryview(buf))
+    assert kept == [b"abc"] and isinstance(kept[0], bytes)
 
 
 # ---------------------------------------------------------------- verified, suspect
