@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 
 from ckpt._contract import ExitCode
 from ckpt_cli import __version__, console
-from ckpt_cli.errors import ConfigError, error_funnel, stdout_closed
-
-if TYPE_CHECKING:  # config loads every option's parser: imported by the commands
-    from ckpt_cli.config import Location
+from ckpt_cli.errors import error_funnel, stdout_closed
 
 #: config.MAX_SECONDS, the most seconds a duration option takes (a test
 #: checks that the flags' ranges are the config table's); not imported from
@@ -102,38 +99,6 @@ def _from_command_line(ctx: typer.Context) -> dict[str, Any]:
         and (source := ctx.get_parameter_source(name)) is not None
         and source.name == "COMMANDLINE"
     }
-
-
-def _locate(
-    flags: dict[str, Any], *, writer: bool = False, names: tuple[str, ...] = ()
-) -> Location:
-    """The remote (config.Location) of a command other than `ckpt run`, from
-    the flags given (None: not given) and the sources `ckpt run` reads; said
-    on a terminal when it was not named on the command line, and with
-    --verbose (a debug line) always. Never on stdout, which may be JSON."""
-    from ckpt_cli import config
-
-    given = {k: v for k, v in flags.items() if v is not None and v != []}
-    where = config.locate(given, writer=writer, names=names)
-    if not where.given and console.is_terminal():
-        console.info(where.describe())
-    else:
-        console.debug(where.describe())
-    return where
-
-
-def _place(
-    command: str,
-    slots: tuple[str, ...],
-    values: list[str] | None,
-    *,
-    taken: dict[str, object],
-    required: tuple[str, ...] = (),
-) -> dict[str, str]:
-    from ckpt_cli import config
-
-    flags = tuple(name for name, value in taken.items() if value is not None)
-    return config.place(command, slots, values or [], taken=flags, required=required)
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
@@ -357,19 +322,9 @@ def run(
     """
     console.configure(quiet=quiet, verbose=verbose)  # until config files are read
     with error_funnel() as status:
-        from ckpt_cli import config
+        from ckpt_cli.commands import run as run_command
 
-        settings = config.load(_from_command_line(ctx))
-        console.configure(quiet=settings["quiet"], verbose=settings["verbose"])
-        for note in settings.notes:
-            console.info(note)
-        cfg = config.run_config(settings, need_command=not print_config)
-        if print_config:
-            typer.echo(config.describe(settings, cfg))
-        else:
-            from ckpt_cli.supervisor import Supervisor
-
-            status[0] = Supervisor(cfg).run()
+        status[0] = run_command.main(_from_command_line(ctx), print_config=print_config)
     raise typer.Exit(status[0])
 
 
@@ -431,22 +386,15 @@ def restore_cmd(
     """
     console.configure(quiet=quiet, verbose=verbose)
     with error_funnel() as status:
-        from ckpt_cli import commands
+        from ckpt_cli.commands import restore
 
-        placed = _place("restore", ("remote", "dir"), args, taken={"remote": remote, "dir": dir})
-        where = _locate(
-            {
-                "remote": placed.get("remote", remote),
-                "dir": placed.get("dir", dir),
-                "storage_option": storage_option,
-            }
-        )
-        status[0] = commands.restore(
-            where.remote,
-            where.dir,
-            snapshot,
-            where.storage_options,
+        status[0] = restore.main(
+            args,
+            remote=remote,
+            dir=dir,
+            snapshot=snapshot,
             force=force,
+            storage_option=storage_option,
             rank=rank,
             world_size=world_size,
             allow_world_change=allow_world_change,
@@ -498,24 +446,14 @@ def push(
     """
     console.configure(quiet=quiet, verbose=verbose)
     with error_funnel() as status:
-        from ckpt_cli import commands
+        from ckpt_cli.commands import push
 
-        placed = _place("push", ("dir", "remote"), args, taken={"dir": dir, "remote": remote})
-        where = _locate(
-            {
-                "dir": placed.get("dir", dir),
-                "remote": placed.get("remote", remote),
-                "storage_option": storage_option,
-                "keep": keep,
-            },
-            writer=True,
-            names=("keep",),
-        )
-        status[0] = commands.push(
-            where.dir,
-            where.remote,
-            where.settings["keep"],
-            where.storage_options,
+        status[0] = push.main(
+            args,
+            remote=remote,
+            dir=dir,
+            keep=keep,
+            storage_option=storage_option,
             allow_empty=allow_empty,
         )
     raise typer.Exit(status[0])
@@ -525,19 +463,6 @@ def push(
 RemoteArg = Annotated[
     str | None, typer.Argument(metavar="[REMOTE]", show_default=False, help=WHICH_REMOTE)
 ]
-
-
-def _reader(
-    command: str,
-    remote_arg: str | None,
-    remote: str | None,
-    dir: Path | None,
-    storage_option: list[str] | None,
-) -> Location:
-    """The Location of a command whose only positional argument is REMOTE."""
-    if remote_arg is not None and remote is not None:
-        _place(command, ("remote",), [remote_arg], taken={"remote": remote})
-    return _locate({"remote": remote_arg or remote, "dir": dir, "storage_option": storage_option})
 
 
 @app.command("ls")
@@ -589,10 +514,17 @@ def ls_cmd(
     """
     console.configure(verbose=verbose)
     with error_funnel() as status:
-        from ckpt_cli import commands
+        from ckpt_cli.commands import ls
 
-        where = _reader("ls", remote_arg, remote, dir, storage_option)
-        status[0] = commands.ls(where.remote, json_out, where.storage_options, runs=runs, rank=rank)
+        status[0] = ls.main(
+            remote_arg,
+            json_out=json_out,
+            runs=runs,
+            remote=remote,
+            dir=dir,
+            storage_option=storage_option,
+            rank=rank,
+        )
     raise typer.Exit(status[0])
 
 
@@ -637,11 +569,16 @@ def timeline_cmd(
     """
     console.configure(verbose=verbose)
     with error_funnel() as status:
-        from ckpt_cli import commands
+        from ckpt_cli.commands import timeline
 
-        where = _reader("timeline", remote_arg, remote, dir, storage_option)
-        status[0] = commands.timeline(
-            where.remote, where.storage_options, run=run, out=out, rank=rank
+        status[0] = timeline.main(
+            remote_arg,
+            run=run,
+            out=out,
+            remote=remote,
+            dir=dir,
+            storage_option=storage_option,
+            rank=rank,
         )
     raise typer.Exit(status[0])
 
@@ -670,17 +607,9 @@ def unsuspect_cmd(
     """
     console.configure(verbose=verbose)
     with error_funnel() as status:
-        from ckpt_cli import commands
+        from ckpt_cli.commands import unsuspect
 
-        placed = _place(
-            "unsuspect",
-            ("remote", "snapshot"),
-            args,
-            taken={"remote": remote},
-            required=("snapshot",),
-        )
-        where = _reader("unsuspect", placed.get("remote"), remote, dir, storage_option)
-        status[0] = commands.unsuspect(where.remote, placed["snapshot"], where.storage_options)
+        status[0] = unsuspect.main(args, remote=remote, dir=dir, storage_option=storage_option)
     raise typer.Exit(status[0])
 
 
@@ -719,22 +648,10 @@ def show_cmd(
     """
     console.configure(verbose=verbose)
     with error_funnel() as status:
-        from ckpt_cli import config, operate
+        from ckpt_cli.commands import show
 
-        values = args or []
-        if len(values) == 1 and remote is None and config.names_snapshot(values[0]):
-            if Path(values[0]).exists():
-                raise ConfigError(
-                    f"{values[0]!r} names a snapshot and a path here: say `ckpt show --remote "
-                    f"{values[0]}` for the path, or `ckpt show REMOTE {values[0]}`",
-                    exit_code=ExitCode.USAGE,
-                )
-            placed = {"snapshot": values[0]}
-        else:
-            placed = _place("show", ("remote", "snapshot"), values, taken={"remote": remote})
-        where = _reader("show", placed.get("remote"), remote, dir, storage_option)
-        status[0] = operate.show(
-            where.remote, placed.get("snapshot"), json_out, where.storage_options
+        status[0] = show.main(
+            args, json_out=json_out, remote=remote, dir=dir, storage_option=storage_option
         )
     raise typer.Exit(status[0])
 
@@ -763,14 +680,10 @@ def diff_cmd(
     """
     console.configure(verbose=verbose)
     with error_funnel() as status:
-        from ckpt_cli import operate
+        from ckpt_cli.commands import diff
 
-        placed = _place(
-            "diff", ("remote", "a", "b"), args, taken={"remote": remote}, required=("a", "b")
-        )
-        where = _reader("diff", placed.get("remote"), remote, dir, storage_option)
-        status[0] = operate.diff(
-            where.remote, placed["a"], placed["b"], json_out, where.storage_options
+        status[0] = diff.main(
+            args, json_out=json_out, remote=remote, dir=dir, storage_option=storage_option
         )
     raise typer.Exit(status[0])
 
@@ -799,10 +712,17 @@ def verify_cmd(
     """
     console.configure(verbose=verbose)
     with error_funnel() as status:
-        from ckpt_cli import operate
+        from ckpt_cli.commands import verify
 
-        where = _reader("verify", remote_arg, remote, dir, storage_option)
-        status[0] = operate.verify(where.remote, snapshot, full, json_out, where.storage_options)
+        status[0] = verify.main(
+            remote_arg,
+            snapshot=snapshot,
+            full=full,
+            json_out=json_out,
+            remote=remote,
+            dir=dir,
+            storage_option=storage_option,
+        )
     raise typer.Exit(status[0])
 
 
@@ -834,10 +754,17 @@ def gc_cmd(
     """
     console.configure(verbose=verbose)
     with error_funnel() as status:
-        from ckpt_cli import operate
+        from ckpt_cli.commands import gc
 
-        where = _reader("gc", remote_arg, remote, dir, storage_option)
-        status[0] = operate.gc(where.remote, keep, dry_run, json_out, where.storage_options)
+        status[0] = gc.main(
+            remote_arg,
+            keep=keep,
+            dry_run=dry_run,
+            json_out=json_out,
+            remote=remote,
+            dir=dir,
+            storage_option=storage_option,
+        )
     raise typer.Exit(status[0])
 
 
@@ -864,9 +791,9 @@ def commit(
     Example (inside a script run by ckpt run): ckpt commit --step 1200
     """
     with error_funnel() as status:
-        from ckpt_cli import commands
+        from ckpt_cli.commands import commit as command
 
-        status[0] = commands.commit(socket, not no_wait, timeout, step)
+        status[0] = command.commit(socket, not no_wait, timeout, step)
     raise typer.Exit(status[0])
 
 
@@ -897,14 +824,9 @@ def signal_cmd(
     Example (from another shell): ckpt signal --dir ./checkpoints
     """
     with error_funnel() as status:
-        from ckpt_cli import commands, config
+        from ckpt_cli.commands import signal
 
-        directory = None
-        if not socket:
-            settings = config.load({"dir": dir} if dir is not None else {}, names=("dir",))
-            if settings.values["dir"].source != config.DEFAULT:
-                directory = settings["dir"]
-        status[0] = commands.send_signal(socket, directory)
+        status[0] = signal.main(socket, dir)
     raise typer.Exit(status[0])
 
 
@@ -917,12 +839,9 @@ def shell_shim(
     Example (in a bash training script): source "$(ckpt shell-shim --path)"
     """
     with error_funnel() as status:
-        from ckpt import SHELL_SHIM
+        from ckpt_cli.commands import shell_shim as command
 
-        if path:
-            typer.echo(str(SHELL_SHIM))
-        else:
-            typer.echo(SHELL_SHIM.read_text(), nl=False)
+        status[0] = command.main(path)
     raise typer.Exit(status[0])
 
 
@@ -944,9 +863,9 @@ def status_cmd(
     Example (from another shell): ckpt status
     """
     with error_funnel() as status:
-        from ckpt_cli import status_cmd as impl
+        from ckpt_cli.commands import status as command
 
-        status[0] = impl.status(socket, json_out)
+        status[0] = command.status(socket, json_out)
     raise typer.Exit(status[0])
 
 

@@ -25,7 +25,7 @@ import pytest
 from ckpt._contract import TEMP_PATTERNS
 
 REPO = Path(__file__).resolve().parents[2]
-SOURCES = sorted((REPO / "cli" / "ckpt_cli").glob("*.py"))
+SOURCES = sorted((REPO / "cli" / "ckpt_cli").rglob("*.py"))
 DOCS = [REPO / "README.md", *sorted((REPO / "examples").glob("*/README.md"))]
 #: What console puts before a message: the prefix, then the level's word.
 LEVELS = re.compile(r"^ckpt: (?:(?:warning|error|debug):(?: |$))?")
