@@ -6,19 +6,15 @@ tables) are imported by the commands that need them, not at start-up.
 from __future__ import annotations
 
 import importlib
+import inspect
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from ckpt._contract import ExitCode
-from ckpt_cli import __version__, console
+from ckpt_cli import __version__, console, options
 from ckpt_cli.errors import error_funnel, stdout_closed
-
-#: config.MAX_SECONDS, the most seconds a duration option takes (a test
-#: checks that the flags' ranges are the config table's); not imported from
-#: config, which would load every command's modules at start-up.
-MAX_SECONDS = 30 * 86400.0
 
 app = typer.Typer(
     name="ckpt",
@@ -101,216 +97,7 @@ def _from_command_line(ctx: typer.Context) -> dict[str, Any]:
     }
 
 
-@app.command(context_settings={"allow_interspersed_args": False})
-def run(
-    ctx: typer.Context,
-    command: Annotated[
-        list[str] | None,
-        typer.Argument(
-            help="The command to supervise, after -- (or `command = [...]` in ckpt.toml).",
-            show_default=False,
-        ),
-    ] = None,
-    dir: Annotated[
-        Path, typer.Option("--dir", "-d", help="Checkpoint directory to protect.")
-    ] = Path("checkpoints"),
-    remote: Annotated[
-        str | None,
-        typer.Option(
-            show_default=False,
-            help="Repository URL (s3://bucket/prefix, gs://, az://, sftp://, a path). "
-            "Default: an embedded local store under ~/.local/share/ckpt.",
-        ),
-    ] = None,
-    storage_option: StorageOpt = None,
-    retries: Annotated[int, typer.Option(min=0, help="Relaunches after recoverable exits.")] = 3,
-    crash_loop: Annotated[
-        int,
-        typer.Option(
-            min=0,
-            metavar="N",
-            help="After N failures in a row right after a restore (no newer snapshot), mark "
-            "that snapshot suspect and relaunch on the one before it; 0: off.",
-        ),
-    ] = 2,
-    retry_on: Annotated[
-        str,
-        typer.Option(
-            help="Exit codes and signal names that are recoverable; 'signals' = death by any "
-            "signal but SIGINT; 'any'; 'none'."
-        ),
-    ] = "75,signals",
-    backoff: Annotated[
-        str,
-        typer.Option(
-            metavar="INITIAL[:MAX]",
-            help="Seconds before a relaunch: doubles each retry, with jitter, capped.",
-        ),
-    ] = "1:60",
-    grace: Annotated[
-        float,
-        typer.Option(
-            min=0,
-            max=MAX_SECONDS,
-            help="Seconds between forwarding SIGTERM/SIGINT/SIGHUP and SIGKILL.",
-        ),
-    ] = 30.0,
-    debounce: Annotated[
-        float,
-        typer.Option(
-            min=0, max=MAX_SECONDS, help="Quiet seconds after the last change before a snapshot."
-        ),
-    ] = 2.0,
-    rescan: Annotated[
-        float,
-        typer.Option(
-            min=1,
-            max=MAX_SECONDS,
-            help="Seconds between safety-net rescans when no event arrives.",
-        ),
-    ] = 30.0,
-    keep: Annotated[int, typer.Option(min=1, help="Snapshots kept in the remote.")] = 3,
-    no_restore: Annotated[
-        bool, typer.Option("--no-restore", help="Start from --dir as it is.")
-    ] = False,
-    snapshot: Annotated[
-        str | None,
-        typer.Option(help="Restore this snapshot (id or generation) instead of the newest."),
-    ] = None,
-    flush_timeout: Annotated[
-        float,
-        typer.Option(
-            min=0,
-            help="Seconds to wait for the final snapshot to be durable (inf: as long as it takes).",
-        ),
-    ] = 120.0,
-    lease_timeout: Annotated[
-        float,
-        typer.Option(
-            min=5,
-            max=MAX_SECONDS,
-            help="Seconds without heartbeat after which another writer's lease is taken over.",
-        ),
-    ] = 60.0,
-    rank: Annotated[
-        int | None,
-        typer.Option(
-            min=0,
-            show_default=False,
-            help="This node's rank in a multi-node job (default: from torchrun, SLURM, "
-            "a Kubernetes Indexed Job or SkyPilot; else 0 of 1).",
-        ),
-    ] = None,
-    world_size: Annotated[
-        int | None,
-        typer.Option(
-            min=1,
-            show_default=False,
-            help="How many nodes the job has, each with its own ckpt run (default: detected "
-            "like --rank).",
-        ),
-    ] = None,
-    allow_world_change: Annotated[
-        bool,
-        typer.Option(
-            "--allow-world-change",
-            help="Restore what a job with another --world-size wrote: rank r gets old rank "
-            "r's files; ranks beyond the old world start empty.",
-        ),
-    ] = False,
-    exclude: Annotated[
-        list[str] | None,
-        typer.Option(
-            metavar="GLOB",
-            help="File or directory names never snapshotted (repeatable), on top of temp names.",
-        ),
-    ] = None,
-    snapshots: Annotated[
-        str,
-        typer.Option(
-            help="auto: snapshot on quiet periods until the child's first commit, then "
-            "only on commits; commit: only on commits (ckpt commit, ckpt.commit()).",
-        ),
-    ] = "auto",
-    checkpoint_signal: Annotated[
-        str,
-        typer.Option(
-            help="Signal that tells the child to checkpoint soon (`ckpt signal`, "
-            "preemption notices); sent only to a child that installed a handler.",
-        ),
-    ] = "SIGUSR1",
-    concurrency: Annotated[
-        int, typer.Option(min=1, max=64, help="Chunks read, hashed and uploaded at once.")
-    ] = 4,
-    io_timeout: Annotated[
-        float,
-        typer.Option(
-            min=1,
-            max=MAX_SECONDS,
-            help="Seconds any one call to the remote may take before it is retried.",
-        ),
-    ] = 120.0,
-    preemption: Annotated[
-        str,
-        typer.Option(
-            help="Watch for the cloud's preemption notice: auto (only on a machine whose "
-            "DMI data names AWS, GCP or Azure; nothing is sent elsewhere), aws, gcp, "
-            "azure, off.",
-        ),
-    ] = "auto",
-    settle_timeout: Annotated[
-        float,
-        typer.Option(
-            min=0,
-            max=MAX_SECONDS,
-            help="Seconds an automatic snapshot waits for files in progress (open for writing "
-            "by the job, or failing their format check) before it is taken anyway, "
-            "marked unverified.",
-        ),
-    ] = 120.0,
-    no_format_checks: Annotated[
-        bool,
-        typer.Option(
-            "--no-format-checks",
-            help="Turn the built-in format checks off (zip, safetensors, HDF5, ...); --check "
-            "commands still run.",
-        ),
-    ] = False,
-    check: Annotated[
-        list[str] | None,
-        typer.Option(
-            metavar="GLOB=COMMAND",
-            help="A check for files matching GLOB: COMMAND gets the file and exits 0 when it "
-            "is whole (repeatable; before the built-in checks).",
-        ),
-    ] = None,
-    check_timeout: Annotated[
-        float,
-        typer.Option(
-            min=1, max=MAX_SECONDS, help="Seconds a --check command may take (else: not whole)."
-        ),
-    ] = 60.0,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors.")] = False,
-    verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help="Debug detail too (what ckpt decides, and why).")
-    ] = False,
-    log_json: Annotated[
-        Path | None,
-        typer.Option(
-            metavar="FILE",
-            show_default=False,
-            help="Also write ckpt's events to FILE, one JSON object per line.",
-        ),
-    ] = None,
-    print_config: Annotated[
-        bool,
-        typer.Option(
-            "--print-config",
-            help="Print every option's value and where it came from (as ckpt.toml lines); "
-            "run nothing.",
-        ),
-    ] = False,
-) -> None:
+def run(ctx: typer.Context, **given: Any) -> None:
     """Run COMMAND under supervision: restore --dir, snapshot it as it changes,
     restart COMMAND on recoverable exits.
 
@@ -320,12 +107,68 @@ def run(
 
     Example: ckpt run --retries 3 --dir ./checkpoints --remote s3://b/run -- python train.py
     """
-    console.configure(quiet=quiet, verbose=verbose)  # until config files are read
+    console.configure(quiet=given["quiet"], verbose=given["verbose"])  # until files are read
     with error_funnel() as status:
         from ckpt_cli.commands import run as run_command
 
-        status[0] = run_command.main(_from_command_line(ctx), print_config=print_config)
+        status[0] = run_command.main(_from_command_line(ctx), print_config=given["print_config"])
     raise typer.Exit(status[0])
+
+
+def _parameter(opt: options.Option) -> inspect.Parameter:
+    """The typer parameter of one declared option of `ckpt run`."""
+    python_type: Any = {"int": int, "float": float, "bool": bool, "str": str}.get(opt.kind)
+    default = opt.default
+    if opt.path:
+        python_type = Path
+        default = None if default is None else Path(default)
+    if opt.kind in ("list", "table"):
+        python_type, default = list[str] | None, None  # repeated; None: not given
+    elif opt.optional:
+        python_type = python_type | None
+    info: Any = (
+        typer.Argument(help=opt.help, show_default=opt.show_default)
+        if opt.argument
+        else typer.Option(
+            *opt.flag_names,
+            help=opt.help,
+            metavar=opt.metavar,
+            show_default=opt.show_default,
+            min=opt.min,
+            max=opt.max,
+        )
+    )
+    return inspect.Parameter(
+        opt.name,
+        inspect.Parameter.KEYWORD_ONLY,
+        default=default,
+        annotation=Annotated[python_type, info],
+    )
+
+
+#: `ckpt run` takes the declared options (options.DECLARED), the command
+#: first, and --print-config, which only the command line gives.
+run.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [
+        inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
+        *(_parameter(opt) for opt in options.DECLARED if opt.argument),
+        *(_parameter(opt) for opt in options.DECLARED if not opt.argument),
+        inspect.Parameter(
+            "print_config",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=False,
+            annotation=Annotated[
+                bool,
+                typer.Option(
+                    "--print-config",
+                    help="Print every option's value and where it came from (as ckpt.toml "
+                    "lines); run nothing.",
+                ),
+            ],
+        ),
+    ]
+)
+app.command(context_settings={"allow_interspersed_args": False})(run)
 
 
 @app.command("restore")
