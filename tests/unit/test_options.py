@@ -1,5 +1,5 @@
 """The one declaration of `ckpt run`'s options (options.DECLARED) and what is
-derived from it: the README's table of options says the same flags, env vars
+derived from it: the table of docs/options.md says the same flags, env vars
 and defaults; RunConfig's defaults are the declared ones, parsed."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 
 from ckpt_cli import config, options
 
-OPTIONS_DOC = Path(__file__).resolve().parents[2] / "README.md"
+OPTIONS_DOC = Path(__file__).resolve().parents[2] / "docs" / "options.md"
 
 
 def _cells(row: str) -> list[str]:
@@ -20,7 +20,7 @@ def _cells(row: str) -> list[str]:
 
 
 def documented() -> dict[str, tuple[tuple[str, ...], str, str]]:
-    """The README's table of options: long flag -> (flag names, env, default)."""
+    """The table of docs/options.md: long flag -> (flag names, env, default)."""
     text = OPTIONS_DOC.read_text()
     table = text.split("| flag | env | default | meaning |\n|---|---|---|---|\n", 1)[1]
     rows: dict[str, tuple[tuple[str, ...], str, str]] = {}
