@@ -97,3 +97,15 @@ def test_the_link_check_sees_a_broken_file_and_a_broken_anchor(tmp_path: Path) -
         "other.md#nowhere: no heading #nowhere in other.md",
         "#there: no heading #there in doc.md",
     ]
+
+
+@pytest.mark.parametrize("index", ["README.md", "docs/README.md"])
+def test_every_page_of_docs_is_linked_from_the_indexes(index: str) -> None:
+    doc = REPO / index
+    linked = {
+        (doc.parent / target.partition("#")[0]).resolve()
+        for target in LINK.findall(prose(doc.read_text()))
+        if not re.match(r"^[a-z][a-z0-9+.-]*:", target)
+    }
+    pages = {p.resolve() for p in (REPO / "docs").glob("*.md")} - {doc.resolve()}
+    assert not pages - linked, f"{index} does not link to: {sorted(p.name for p in pages - linked)}"
