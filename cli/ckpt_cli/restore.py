@@ -16,9 +16,7 @@ damaged one (bad manifest, missing or corrupt chunk, unsafe path) is
 skipped with a warning naming it, and the previous one is used. A local
 failure (disk full, permissions) stops the restore with the target
 untouched. A --dir used as it is has its torn files put back first
-(`repair`, imported when needed: it imports this module). Imports: standard
-library, `repository`, `kept` (what a restore replaces; recovery after a
-kill).
+(`repair`, imported when needed: it imports this module).
 """
 
 from __future__ import annotations

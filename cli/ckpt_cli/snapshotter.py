@@ -17,7 +17,6 @@ file in progress is held back (`SnapshotResult.waiting`, nothing read or
 written) unless it is taken anyway, then recorded `verified=False` with the
 files and why; a commit fails (NotWholeError) at its pin on a file failing
 its check. Each entry records the check it passed (`Entry.check`).
-Imports: standard library, `repository`, `progress`, `formats`.
 """
 
 from __future__ import annotations

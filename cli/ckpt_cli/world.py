@@ -22,7 +22,6 @@ another rank's upload. No coordinator: the repository is the only shared state.
   of duplicacy, with the lease standing in for "this rank is still writing".
 - `ckpt gc` (`collect`) prunes every stream of a stopped job through a
   `Recorder`, so its dry run is the same code and says what the run does.
-Imports: standard library, `repository`, `manifest`, `lease`, `remote`.
 """
 
 from __future__ import annotations
