@@ -5,8 +5,12 @@ tables) are imported by the commands that need them, not at start-up.
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import inspect
+import os
+import sys
+import threading
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -744,4 +748,22 @@ def main() -> int:
     except typer.Abort:
         console.error("Interrupted")
         return ExitCode.SIGINT
-    return status if isinstance(status, int) else 0
+    return leave(status if isinstance(status, int) else 0)
+
+
+def leave(status: int) -> int:
+    """Exit with status at once, skipping the interpreter's teardown (module
+    by module, every object freed: 0.05-0.3 s of a short command's time,
+    findings item 4) once nothing is left to do: output flushed, the atexit
+    functions run, no other non-daemon thread alive. Otherwise return status
+    for the usual exit."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        return status  # a closed stream: the usual exit reports it
+    main = threading.main_thread()
+    if any(t is not main and not t.daemon and t.is_alive() for t in threading.enumerate()):
+        return status
+    atexit._run_exitfuncs()
+    os._exit(status)

@@ -188,7 +188,10 @@ DECLARED: tuple[Option, ...] = (
         "lease_timeout",
         "float",
         60.0,
-        help="Seconds without heartbeat after which another writer's lease is taken over.",
+        help=(
+            "Heartbeat timeout of this run's writer lease: a contender takes over a lease "
+            "only after watching it unchanged this long (at once if its holder is provably gone)."
+        ),
         min=5,
         max=MAX_SECONDS,
     ),
