@@ -16,7 +16,6 @@ each failure's message (none while `close` waits: its caller says once
 whether the record is final). While the run goes on the record is rewritten
 at least every ALIVE seconds (`seen`), so a run killed -9 left a bound on when
 it died.
-
 """
 
 from __future__ import annotations

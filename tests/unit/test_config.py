@@ -616,7 +616,7 @@ def test_describe_masks_secrets(tmp_path: Path) -> None:
 
 
 def test_the_readme_example_is_a_valid_ckpt_toml(tmp_path: Path) -> None:
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    readme = (Path(__file__).parents[2] / "docs" / "options.md").read_text()
     example = readme.split("```toml\n# ckpt.toml\n", 1)[1].split("```", 1)[0]
     settings = _load(tmp_path, toml=example)
     assert settings["retries"] == 5 and settings["command"] == ["python", "train.py"]
