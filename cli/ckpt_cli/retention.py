@@ -56,14 +56,18 @@ class GcPlan:
 
 #: How retention counts a snapshot (`snapshot_kind`): a verified (or
 #: older than checks) restorable one counts; an unverified one is restorable
-#: but counts only as a last resort; a damaged or suspect one is not restorable.
-WHOLE, UNVERIFIED, NOT_RESTORABLE = "whole", "unverified", "not restorable"
+#: but counts only as a last resort; an empty one (directories at most) is
+#: restorable but never counts, so it never displaces one that holds files;
+#: a damaged or suspect one is not restorable.
+WHOLE, UNVERIFIED, EMPTY, NOT_RESTORABLE = "whole", "unverified", "empty", "not restorable"
 
 
 def snapshot_kind(m: Manifest | ManifestError, restorable: bool, suspect: bool) -> str:
     """How retention counts one snapshot (see `retained`)."""
     if isinstance(m, ManifestError) or not restorable or suspect:
         return NOT_RESTORABLE
+    if all(e.type == "dir" for e in m.entries):
+        return EMPTY
     return UNVERIFIED if m.verified is False else WHOLE
 
 
@@ -75,19 +79,23 @@ def retained(
     dropped). A snapshot is kept while fewer than `keep` whole ones are newer
     than it: the `keep` newest whole ones, every damaged or suspect one newer
     than the oldest of those (kept for inspection, never counted), and of the
-    unverified ones among them the `keep` newest. So neither a damaged nor an
-    unverified snapshot displaces a verified one (the one a restore picks),
-    unverified ones never pile up, and no snapshot is dropped that "the
-    `keep` newest" would have kept."""
+    unverified and of the empty ones among them the `keep` newest of each. So
+    neither a damaged nor an unverified snapshot displaces a verified one (the
+    one a restore picks), an empty one (a run started with --no-restore on
+    an empty --dir, a push --allow-empty) never displaces one with files,
+    neither kind piles up, and no snapshot is dropped that "the `keep`
+    newest" would have kept."""
     kept: list[SnapshotRef] = []
     dropped: list[SnapshotRef] = []
-    whole = unverified = 0
+    whole = 0
+    capped = {UNVERIFIED: 0, EMPTY: 0}
     for ref, how in snapshots:
         kind = how if isinstance(how, str) else WHOLE if how else NOT_RESTORABLE
-        keep_it = whole < keep and (kind != UNVERIFIED or unverified < keep)
+        keep_it = whole < keep and capped.get(kind, 0) < keep
         (kept if keep_it else dropped).append(ref)
         whole += kind == WHOLE
-        unverified += kind == UNVERIFIED
+        if kind in capped:
+            capped[kind] += 1
     return kept, dropped
 
 

@@ -748,8 +748,22 @@ def test_retained_never_counts_unverified_or_suspect_snapshots() -> None:
     assert [r.generation for r in kept] == [6, 5, 1]
 
 
+def test_an_empty_snapshot_never_displaces_one_with_files() -> None:
+    """`ckpt run --no-restore` on an empty --dir, or a push --allow-empty:
+    the empty snapshot is kept (the newest state) but never counted, so
+    the one with files stays; empty ones do not pile up either."""
+    refs = _refs(4)
+    kinds = ["empty", "empty", "empty", "whole"]
+    kept, dropped = retained(list(zip(refs, kinds, strict=True)), 1)
+    assert [r.generation for r in kept] == [4, 1]
+    assert [r.generation for r in dropped] == [3, 2]
+    dirs_only = _manifest(2, "00000002", (Entry("d", "dir", 0o755, mtime_ns=5),))
+    assert snapshot_kind(dirs_only, True, False) == "empty"
+    assert snapshot_kind(_manifest(1, "00000001"), True, False) == "empty"
+
+
 def test_snapshot_kind_and_restore_tier() -> None:
-    m = _manifest(1, "00000001")
+    m = _manifest(1, "00000001", (Entry("f", "file", 0o644, 0, 1),))
     unverified = dataclasses.replace(m, verified=False)
     assert snapshot_kind(m, True, False) == "whole"
     assert snapshot_kind(dataclasses.replace(m, verified=True), True, False) == "whole"

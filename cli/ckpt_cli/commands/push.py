@@ -72,7 +72,7 @@ def push(
         with beats:
             newest = newest_manifest(repo)
             if not allow_empty:
-                refuse_empty_push(snapshotter.scan_root(), newest, source, repo, keep)
+                refuse_empty_push(snapshotter.scan_root(), newest, source, repo)
             snapshotter.adopt(newest, trust_local=False)
             with console.Progress(f"pushing {source}") as bar, _watching(snapshotter, bar):
                 result = snapshotter.snapshot(reason="push", keep=keep, strict=True)
@@ -109,10 +109,11 @@ def push(
 
 
 def refuse_empty_push(
-    local: list[Any], newest: Manifest | None, source: Path, repo: Repository, keep: int
+    local: list[Any], newest: Manifest | None, source: Path, repo: Repository
 ) -> None:
-    """An empty DIR over a history with data would become the newest snapshot
-    (what every restore picks) and let --keep drop the ones with data."""
+    """An empty DIR over a history with data would become the newest snapshot,
+    what every restore picks (retention keeps the ones with data: an empty
+    snapshot never counts toward --keep)."""
     if any(e.type != "dir" for e in local) or newest is None:
         return
     if all(e.type == "dir" for e in newest.entries):
@@ -120,9 +121,8 @@ def refuse_empty_push(
     raise ConfigError(
         f"{source} is empty and the newest snapshot of {repo.display}, {newest.id}, holds "
         f"{console.plural(len(newest.files), 'file')}: pushing it would make an empty snapshot "
-        "the one every "
-        f"restore picks, and --keep {keep} would drop older ones; pass --allow-empty if that "
-        "is what you want"
+        "the one every restore picks (the snapshots with files stay); pass --allow-empty if "
+        "that is what you want"
     )
 
 
