@@ -26,7 +26,7 @@ from typing import Any  # noqa: E402
 
 #: label -> "module:qualified name", in the order of a `ckpt run`.
 CALLS = {
-    "open the remote": "ckpt_cli.remote:open_backend",
+    "open the remote": "ckpt_cli.backends:open_backend",
     "read ckpt.json": "ckpt_cli.repository:Repository.open",
     "take the lease": "ckpt_cli.lease:Lease.acquire",
     "read the run history": "ckpt_cli.history:load_runs",

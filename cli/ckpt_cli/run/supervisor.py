@@ -23,13 +23,14 @@ from typing import Any
 from ckpt import _contract as contract
 from ckpt_cli import console, openfiles, processes
 from ckpt_cli import control as control_registry
+from ckpt_cli.backends import open_backend
+from ckpt_cli.backends.urls import redact_url
 from ckpt_cli.config import RunConfig, wait_limit
 from ckpt_cli.control import ControlServer
 from ckpt_cli.errors import CkptError, RemoteError, Stopped
 from ckpt_cli.events import EventLog
 from ckpt_cli.formats import Registry
 from ckpt_cli.history import RunHistory, attempts_before, load_runs
-from ckpt_cli.remote import open_backend, redact_url
 from ckpt_cli.repository import Repository, rank_stream
 from ckpt_cli.restore import ensure_dir
 from ckpt_cli.run import live, preemption
