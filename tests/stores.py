@@ -85,7 +85,7 @@ from typing import Any
 
 import pytest
 
-from ckpt_cli import subtree
+from ckpt_cli import processes as subtree
 
 #: Set before anything can import gcsfs / google-auth / botocore.
 _SAFETY_ENV = {

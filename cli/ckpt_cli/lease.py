@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, Literal
 
-from ckpt_cli import subtree
+from ckpt_cli import processes as subtree
 from ckpt_cli.backends import Backend, NotFound
 from ckpt_cli.errors import LeaseHeldError, RemoteError
 from ckpt_cli.manifest import host_name

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from ckpt_cli import subtree
+from ckpt_cli import processes as subtree
 from ckpt_cli.backends import Backend, NotFound, open_backend
 from ckpt_cli.errors import LeaseHeldError
 from ckpt_cli.lease import (

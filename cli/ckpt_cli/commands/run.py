@@ -22,6 +22,6 @@ def main(flags: dict[str, Any], *, print_config: bool) -> int:
     if print_config:
         typer.echo(config.describe(settings, cfg))
         return 0
-    from ckpt_cli.supervisor import Supervisor
+    from ckpt_cli.run.supervisor import Supervisor
 
     return Supervisor(cfg).run()
