@@ -28,7 +28,7 @@ type or out of range (`"timeout": "x"`, `1e400`, `"pid": 1.5`) is refused with
 a line longer than MAX_LINE is refused without being read whole (and the
 connection closed); an error of ckpt's own is a reply and one warning, never
 a traceback on the run's stderr.
-Imports: standard library, `uploader`, `progress`, `snapshotter`, `subtree`, `errors`,
+Imports: standard library, `worker`, `progress`, `snapshotter`, `subtree`, `errors`,
 `config` (check_number), `console`.
 """
 
@@ -51,7 +51,7 @@ from ckpt_cli.config import MAX_SECONDS, check_number
 from ckpt_cli.errors import CkptError, ConfigError
 from ckpt_cli.progress import NotWholeError
 from ckpt_cli.snapshotter import UnreadableError
-from ckpt_cli.uploader import SnapshotWorker
+from ckpt_cli.worker import SnapshotWorker
 
 MAX_LINE = 64 * 1024
 #: The largest pid Linux hands out (PID_MAX_LIMIT, 2**22).

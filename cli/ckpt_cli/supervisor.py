@@ -43,8 +43,8 @@ from ckpt_cli.repair import Repaired, repair_dir
 from ckpt_cli.repository import Repository, SnapshotRef, rank_stream
 from ckpt_cli.restore import ensure_dir, prepare_rank_dir, restore_into, rollback_target
 from ckpt_cli.snapshotter import TEMP_PATTERNS, SnapshotResult, Snapshotter
-from ckpt_cli.uploader import Request, SnapshotWorker, WaitNews, unreadable_error
 from ckpt_cli.watcher import Watcher
+from ckpt_cli.worker import Request, SnapshotWorker, WaitNews, unreadable_error
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 #: A stop signal this soon after the first is the same stop delivered twice

@@ -30,7 +30,7 @@ from ckpt_cli.formats import CommandCheck, Registry
 from ckpt_cli.progress import Auto, NotWholeError, check_reason
 from ckpt_cli.repository import Repository
 from ckpt_cli.snapshotter import SnapshotResult, Snapshotter
-from ckpt_cli.uploader import WAIT_SAY, Waiting, wait_news
+from ckpt_cli.worker import WAIT_SAY, Waiting, wait_news
 
 from .helpers import CHUNK, data, write
 
@@ -365,7 +365,7 @@ class Clock:
 
 
 def worker_for(s: Snapshotter, clock: Clock, news: list[Any], settle: float) -> Any:
-    from ckpt_cli.uploader import SnapshotWorker
+    from ckpt_cli.worker import SnapshotWorker
 
     return SnapshotWorker(
         s,

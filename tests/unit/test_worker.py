@@ -16,7 +16,7 @@ from ckpt_cli.lease import LeaseLostError
 from ckpt_cli.remote import LocalBackend, open_backend
 from ckpt_cli.repository import Repository
 from ckpt_cli.snapshotter import SnapshotResult, Snapshotter, UnreadableError
-from ckpt_cli.uploader import SnapshotWorker
+from ckpt_cli.worker import SnapshotWorker
 
 from .helpers import CHUNK, OLD_NS, DelegatingBackend, data, write
 
