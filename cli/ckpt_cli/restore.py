@@ -16,9 +16,12 @@ damaged one (bad manifest, missing or corrupt chunk, unsafe path) is
 skipped with a warning naming it, and the previous one is used. A local
 failure (disk full, permissions) stops the restore with the target
 untouched. A --dir used as it is has its torn files put back first
-(`repair`, imported when needed: it imports this module). Imports: standard
-library, `repository`, `kept` (what a restore replaces; recovery after a
-kill).
+(`repair`, imported when needed: it imports this module).
+
+What the child starts from is decided by `start_plan` (a pure function of
+--dir's scan, the snapshots and the options); `prepare_dir` and
+`prepare_rank_dir` gather those values, print the plan's lines and carry
+it out (`carry_out`): restore, repair, create, adopt the parent.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import secrets
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -353,20 +356,7 @@ def _materialise(
     concurrency: int,
     progress: Callable[[int, int], None] | None,
 ) -> None:
-    made = {""}
-
-    def makedirs(rel: str) -> None:
-        """mkdir -p dest/rel without recursion (Path.mkdir(parents=True)
-        recurses once per missing level; a manifest may be 1,000 deep)."""
-        missing = []
-        while rel not in made:
-            missing.append(rel)
-            rel = rel.rpartition("/")[0]
-        for d in reversed(missing):
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(dest / d)
-            made.add(d)
-
+    makedirs = _Dirs(dest).make
     dirs = [e for e in manifest.entries if e.type == "dir"]
     for e in dirs:
         makedirs(e.path)
@@ -421,13 +411,8 @@ def _materialise(
                 # what runs in parallel.
                 group = []
                 for e in files[start : start + width]:
-                    path = dest / e.path
                     makedirs(e.path.rpartition("/")[0])
-                    fd = os.open(
-                        path,
-                        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                        0o600,
-                    )
+                    fd = os.open(dest / e.path, _CREATE, 0o600)
                     futures: list[cf.Future[None]] = []
                     pending.append((e, fd, futures))
                     group.append((e, fd, futures, threading.Lock()))
@@ -449,10 +434,47 @@ def _materialise(
             while pending:
                 finish(*pending.popleft())
         finally:
-            for _e, fd, futures in pending:  # an error: let the in-flight chunks land
-                cf.wait(futures)
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            _abandon(pending)  # an error: let the in-flight chunks land
+    _links_and_dirs(manifest, dest, makedirs, dirs)
+
+
+def _abandon(pending: Iterable[tuple[Entry, int, list[cf.Future[None]]]]) -> None:
+    """Files left unfinished by an error: wait for their chunks, close them."""
+    for _e, fd, futures in pending:
+        cf.wait(futures)
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+#: How a restored file is created: new, never through a link.
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class _Dirs:
+    """The directories made under dest so far."""
+
+    def __init__(self, dest: Path) -> None:
+        self.dest = dest
+        self.made = {""}
+
+    def make(self, rel: str) -> None:
+        """mkdir -p dest/rel without recursion (Path.mkdir(parents=True)
+        recurses once per missing level; a manifest may be 1,000 deep)."""
+        missing = []
+        while rel not in self.made:
+            missing.append(rel)
+            rel = rel.rpartition("/")[0]
+        for d in reversed(missing):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(self.dest / d)
+            self.made.add(d)
+
+
+def _links_and_dirs(
+    manifest: Manifest, dest: Path, makedirs: Callable[[str], None], dirs: list[Entry]
+) -> None:
+    """After the files: the symlinks, then each directory's mode and mtime,
+    deepest first (its own entries no longer change it)."""
     for e in manifest.entries:
         if e.type == "symlink":
             makedirs(e.path.rpartition("/")[0])
