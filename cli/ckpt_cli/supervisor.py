@@ -220,9 +220,9 @@ class Supervisor:
         self._start_preemption_watch()
         try:
             backend = open_backend(cfg.remote, cfg.storage_options, io_timeout=cfg.io_timeout)
-            repo = Repository.open(backend, create=True)
+            stream = rank_stream(cfg.rank, cfg.world_size)
+            repo = Repository.open(backend, create=True, stream=stream)
             assert repo is not None
-            repo.stream = rank_stream(cfg.rank, cfg.world_size)
             if cfg.world_size > 1:
                 pruner = "this rank prunes" if cfg.rank == 0 else "rank 0 prunes"
                 console.info(
