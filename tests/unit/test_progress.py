@@ -343,7 +343,7 @@ def test_wait_news_says_a_wait_once_it_lasted_and_when_it_changes() -> None:
 
 
 def test_check_reason_reads_after_a_file_name() -> None:
-    from ckpt_cli.format_checks import Verdict
+    from ckpt_cli.formats.checks import Verdict
 
     assert check_reason(Verdict(False, "zip", "zip: no end record")) == (
         "fails the zip check: no end record"

@@ -22,7 +22,7 @@ checked without running any of their code. What is verified, exactly:
   a prefix that happens to end in 0x2e passes. (The last frame of a
   protocol 4+ pickle cannot be relied on: after a large bytes or str
   payload the final opcodes are written unframed.)
-Imports: standard library, `format_checks`.
+Imports: standard library, `formats.checks`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import pickletools
 import struct
 from typing import Any
 
-from ckpt_cli.format_checks import STOP, Source, Torn, Unchecked, exact
+from ckpt_cli.formats.checks import STOP, Source, Torn, Unchecked, exact
 
 PICKLE_CAP = 64 << 20
 #: The legacy pickles are parsed from this many bytes first (x8 until they fit).

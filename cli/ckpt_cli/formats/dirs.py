@@ -24,7 +24,7 @@ since the last snapshot), no file is read.
   (optimizer.pt rewritten in an existing checkpoint-N/ without a new
   trainer_state.json, .distcp files without a new .metadata: a save in
   progress over an older one).
-Imports: standard library, `format_checks`.
+Imports: standard library, `formats.checks`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from __future__ import annotations
 import re
 from collections.abc import Collection, Mapping
 
-from ckpt_cli.format_checks import UNRECOGNISED, Verdict
+from ckpt_cli.formats.checks import UNRECOGNISED, Verdict
 
 _HF_DIR = re.compile(r"checkpoint-\d+")
 _HF_OWN = re.compile(
