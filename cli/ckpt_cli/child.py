@@ -7,8 +7,7 @@ the supervisor: a line "PGID" names the group to protect, "0" clears it. When
 the pipe reaches end of file (the supervisor is gone, however it died), the
 guardian sends SIGKILL to the group it holds. PR_SET_PDEATHSIG would only
 cover the direct child, not what it spawned. Processes that left the group
-(setsid) are reached through `subtree` while ckpt lives. Imports: standard
-library and `subtree`.
+(setsid) are reached through `subtree` while ckpt lives.
 """
 
 from __future__ import annotations

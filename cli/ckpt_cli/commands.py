@@ -3,7 +3,6 @@ exit status; a command's output (tables, --json) goes to stdout, ckpt's own
 lines through `console`. The commands that look after a repository (show,
 diff, verify, gc) are in `operate`.
 
-Imports: the storage modules, `repo_tools`, `console` (tables, --json documents).
 """
 
 from __future__ import annotations

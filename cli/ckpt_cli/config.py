@@ -9,9 +9,6 @@ directory, else `[tool.ckpt]` in its `pyproject.toml`) > default, validates
 every value with the same parsers whatever its source, and records the source
 of each one for `ckpt run --print-config`.
 
-Imports: standard library (tomllib lazily), the shim's contract, `policy`,
-`remote` (URL and storage-option helpers only), `redact`, `errors`, `events`
-(what --log-json accepts), `formats` (user checks).
 """
 
 from __future__ import annotations

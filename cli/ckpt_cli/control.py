@@ -28,8 +28,6 @@ type or out of range (`"timeout": "x"`, `1e400`, `"pid": 1.5`) is refused with
 a line longer than MAX_LINE is refused without being read whole (and the
 connection closed); an error of ckpt's own is a reply and one warning, never
 a traceback on the run's stderr.
-Imports: standard library, `worker`, `progress`, `snapshotter`, `subtree`, `errors`,
-`config` (check_number), `console`.
 """
 
 from __future__ import annotations

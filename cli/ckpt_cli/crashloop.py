@@ -14,8 +14,7 @@ before S. An attempt that succeeded, or that a snapshot shows got
 somewhere, ends the streak; so does an attempt that started from no
 snapshot (nothing to blame).
 
-Pure: the supervisor feeds it attempts and acts on its answer. Imports:
-standard library only.
+Pure: the supervisor feeds it attempts and acts on its answer.
 """
 
 from __future__ import annotations

@@ -1,7 +1,4 @@
-"""Expected errors and the one funnel that turns any exception into what the user sees.
-
-Imports: standard library, the shim's contract, and `console` for printing.
-"""
+"""Expected errors and the one funnel that turns any exception into what the user sees."""
 
 from __future__ import annotations
 

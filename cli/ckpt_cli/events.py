@@ -21,7 +21,6 @@ exceptions), or a file of another user. A file that cannot be written once
 the run is under way is reported once and then left alone: the log never
 stops the run.
 
-Imports: standard library, `console`, `errors`, `redact`.
 """
 
 from __future__ import annotations

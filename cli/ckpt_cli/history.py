@@ -17,7 +17,6 @@ whether the record is final). While the run goes on the record is rewritten
 at least every ALIVE seconds (`seen`), so a run killed -9 left a bound on when
 it died.
 
-Imports: standard library, `errors`, `remote`, `manifest`, `costs`.
 """
 
 from __future__ import annotations

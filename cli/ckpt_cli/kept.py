@@ -5,7 +5,7 @@ restore replaces go to a kept dir (beside --dir, or inside it for a restore
 in place), less the files and links a restorable snapshot holds at the same
 path, size and mtime. Recovery after a kill puts back or keeps what was
 moved aside and finishes a move in place, touching only this user's real
-directories. Imports: standard library, the shim's `_fs`, `repository`.
+directories.
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ heartbeat time only on the clock of the machine that wrote it, so:
   process has seen it unchanged for the holder's ttl, measured on its own
   monotonic clock. Every beat changes the document (the counter), so a live
   holder shows whatever the clocks of the two machines say.
-Imports: standard library, `remote`, `errors`, `manifest`, `subtree`.
 """
 
 from __future__ import annotations

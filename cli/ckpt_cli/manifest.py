@@ -2,8 +2,7 @@
 that make an untrusted manifest safe to restore (relative, normalised paths that
 stay inside the target and that this system can name; no duplicates; nothing
 below a file or link; no symlink that leads out; sizes that match their chunk
-lists; every number bounded), and the chunk hashes. Imports: standard library,
-and blake3 (the hash of new repositories).
+lists; every number bounded), and the chunk hashes.
 """
 
 from __future__ import annotations

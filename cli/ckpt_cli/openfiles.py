@@ -92,7 +92,6 @@ Wiring, for an automatic snapshot (the integrator's part):
    writer_kind was appender and whose size has not shrunk (one stat) do
    not restart the quiet period. A writer killed mid-save closes its file
    too: only the format check can tell that file is torn.
-Imports: standard library, `subtree`.
 """
 
 from __future__ import annotations

@@ -3,7 +3,6 @@ diff (two snapshots), verify (every manifest and chunk), gc (prune and
 collect, under the writer lease). Each returns an exit status; tables and
 --json go to stdout, ckpt's own lines through `console`.
 
-Imports: `repo_tools`, `repository`, `lease`, `console` (tables, --json documents).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Restart policy: which child exits are retried, and how long to back off.
 
-Pure functions and small frozen dataclasses; no I/O. Imports: standard library.
+Pure functions and small frozen dataclasses; no I/O.
 """
 
 from __future__ import annotations

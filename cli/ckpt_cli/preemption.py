@@ -16,7 +16,6 @@ tests use fake metadata servers on 127.0.0.1.
   Azure  GET /metadata/scheduledevents (Metadata: true): a "Preempt" (or
          "Terminate") event for this VM, NotBefore at least 30 s ahead.
 
-Imports: standard library and `errors`.
 """
 
 from __future__ import annotations

@@ -21,7 +21,6 @@ unverified and it is still not whole, it is *carried*: listed again, so a
 snapshot is called verified only if every file in it was whole when taken.
 A commit (pinned) is judged by the checks alone, the files the script holds
 open included: the script said "now".
-Imports: standard library, `formats`, `openfiles`, `manifest`.
 """
 
 from __future__ import annotations

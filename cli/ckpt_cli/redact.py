@@ -8,7 +8,6 @@ connection string that ends up in an exception message (some storage
 libraries echo their arguments) is never shown or written. `printable`
 escapes control characters, so a file name, a manifest field or a socket
 reply cannot move the cursor, recolour or retitle the user's terminal.
-Imports: standard library only.
 """
 
 from __future__ import annotations

@@ -22,8 +22,7 @@ snapshot: the stored bytes pass the file's check, read through
 directory, the snapshot's entries pass the directory's check.
 
 `find_torn` and `plan` decide; `apply` acts; `repair_dir` does the three and
-says what it did. Imports: standard library, `formats`, `repository`,
-`manifest`, `repo_tools`, `restore` (materialise), `kept`, `console`.
+says what it did.
 """
 
 from __future__ import annotations

@@ -4,8 +4,6 @@ missing, or something that is not a repository), which snapshots are complete,
 full verification by re-hashing, and the difference between two snapshots.
 Nothing here prints or deletes.
 
-Imports: standard library, `remote` (its backend classes; never fsspec itself),
-`repository`, `manifest`, `errors`.
 """
 
 from __future__ import annotations

@@ -19,7 +19,6 @@ damaged or suspect one never displaces a whole one, nor an unverified one
 a verified one. Which snapshot a restore uses: `restore_tier` (verified or
 older than checks first, then unverified, then suspect; newest first in
 each). The manifest format is in `manifest`, the lease in `lease`.
-Imports: standard library, `remote` (never fsspec itself), `manifest`, `lease`.
 """
 
 from __future__ import annotations

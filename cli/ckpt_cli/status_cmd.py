@@ -6,8 +6,6 @@ only that one. A registry dir that is not this user's own and private is
 not read (another user could plant entries there that point at their own
 sockets). Every field of a reply is printed cleaned (`console`), and a
 number that is not one is shown as "?": a reply is text from outside.
-Imports: standard library, the shim's `_control` client, `console`,
-`control`, `errors`.
 """
 
 from __future__ import annotations

@@ -8,7 +8,6 @@ init. `reap` collects those orphans' exit statuses so no zombie piles up, and
 `live` finds every process below ckpt, also those that left the child's group,
 so a stop reaches all of them. Linux only (prctl, /proc); elsewhere the
 subreaper is off and `live` sees nothing, which leaves the group as the unit.
-Imports: standard library only.
 """
 
 from __future__ import annotations

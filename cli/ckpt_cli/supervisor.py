@@ -2,8 +2,7 @@
 recoverable exits, forward signals, flush at the end.
 
 Signal handlers only record: every handled signal is written to a self-pipe by
-`signal.set_wakeup_fd`, and the loop reads it. Imports: every other ckpt_cli
-module but `main`; fsspec and watchdog only through `remote` and `watcher`.
+`signal.set_wakeup_fd`, and the loop reads it.
 """
 
 from __future__ import annotations

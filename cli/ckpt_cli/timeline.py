@@ -5,8 +5,7 @@ to resume as a dotted stretch. This module chooses the runs, lays them out
 labelled) and draws them in the terminal; `timeline_file` writes the same
 layout as one self-contained SVG or HTML file.
 
-Pure but for `show`, which prints through `console`. Imports: `costs`,
-`console`, `errors`.
+Pure but for `show`, which prints through `console`.
 """
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ Every string from the repository (run ids, host names, exit descriptions)
 is cleaned like a terminal line (`console.clean`: control characters
 escaped, secrets scrubbed) and then escaped for XML/HTML.
 
-Imports: `timeline`, `costs`, `console`.
 """
 
 from __future__ import annotations

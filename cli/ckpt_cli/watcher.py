@@ -11,7 +11,6 @@ relative to the directory (the worker tells an appender's growth from
 activity, and a waited file's close is its cue); a kernel queue overflow
 ("events_lost") is a change of unknown paths. If the directory itself is
 replaced, ensure() re-arms the watch.
-Imports: standard library, watchdog (lazily, at start()).
 """
 
 from __future__ import annotations

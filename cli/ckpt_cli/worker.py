@@ -14,8 +14,7 @@ bytes ride along with the next snapshot, a rescan's at the latest); a
 directory that stays busy is probed after PROBE_AFTER seconds to find its
 appenders.
 
-Runs on its own thread; the child is never blocked by it. Imports: standard
-library, `snapshotter`, `repository`, `errors`, `openfiles` (log names).
+Runs on its own thread; the child is never blocked by it.
 """
 
 from __future__ import annotations

@@ -62,8 +62,6 @@ no exit within the timeout (its process group is then killed) = not whole.
 The program must exist when the check is parsed (ConfigError otherwise).
 `Registry(builtin=False)` turns the built-in checks off (for a flag such as
 --no-format-checks); user checks still run.
-Imports: standard library, `formats.checks`, `formats.pickles`, `formats.dirs`,
-`errors`.
 """
 
 from __future__ import annotations

@@ -29,7 +29,6 @@ not understood). What each check verifies, exactly:
   (the library sets the flag while a writer has it open). Not verified:
   the object tree.
 - JSON (up to JSON_CAP): parses (a leading UTF-8 BOM allowed).
-Imports: standard library (and `formats.pickles`, lazily: npy object arrays).
 """
 
 from __future__ import annotations

@@ -24,7 +24,6 @@ since the last snapshot), no file is read.
   (optimizer.pt rewritten in an existing checkpoint-N/ without a new
   trainer_state.json, .distcp files without a new .metadata: a save in
   progress over an older one).
-Imports: standard library, `formats.checks`.
 """
 
 from __future__ import annotations

@@ -22,7 +22,6 @@ checked without running any of their code. What is verified, exactly:
   a prefix that happens to end in 0x2e passes. (The last frame of a
   protocol 4+ pickle cannot be relied on: after a large bytes or str
   payload the final opcodes are written unframed.)
-Imports: standard library, `formats.checks`.
 """
 
 from __future__ import annotations
