@@ -26,7 +26,7 @@ from typing import Any  # noqa: E402
 
 #: label -> "module:qualified name", in the order of a `ckpt run`.
 CALLS = {
-    "open the remote": "ckpt_cli.remote:open_backend",
+    "open the remote": "ckpt_cli.backends:open_backend",
     "read ckpt.json": "ckpt_cli.repository:Repository.open",
     "take the lease": "ckpt_cli.lease:Lease.acquire",
     "read the run history": "ckpt_cli.history:load_runs",
@@ -36,13 +36,13 @@ CALLS = {
     "transfer": "ckpt_cli.restore:materialise",
     "swap in": "ckpt_cli.restore:swap_in",
     "start the run history": "ckpt_cli.history:RunHistory.start",
-    "start the child": "ckpt_cli.child:Child.__init__",
-    "final flush": "ckpt_cli.supervisor:Supervisor._final_flush",
+    "start the child": "ckpt_cli.run.child:Child.__init__",
+    "final flush": "ckpt_cli.run.flush:FinalFlush.run",
     "close the run history": "ckpt_cli.history:RunHistory.close",
     "release the lease": "ckpt_cli.lease:Lease.release",
 }
 #: What `ckpt run` imports after ckpt_cli.main (lazily, in the command).
-LAZY = ("ckpt_cli.supervisor", "ckpt_cli.restore", "ckpt_cli.history", "ckpt_cli.lease")
+LAZY = ("ckpt_cli.run.supervisor", "ckpt_cli.restore", "ckpt_cli.history", "ckpt_cli.lease")
 
 calls: list[list[Any]] = []
 record: dict[str, Any] = {"t0": T0, "calls": calls, "missing": []}

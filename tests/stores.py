@@ -28,7 +28,7 @@ Fixtures (imported into tests/conftest.py, so every test can use them):
   outside pytest (bench/) use `start_service(kind, workdir)` instead.
 
 A `Store` gives the same configuration three ways: `storage_options` for
-`ckpt_cli.remote.open_backend(store.url, store.storage_options)` in-process,
+`ckpt_cli.backends.open_backend(store.url, store.storage_options)` in-process,
 `cli_options` (`-o KEY=VALUE` flags for the `ckpt` binary), and `env` (what a
 user would export so `ckpt ... --remote URL` works without any -o flag). Secrets
 that appear in env or cli_options are listed in `store.secrets`, so a test can
@@ -85,7 +85,7 @@ from typing import Any
 
 import pytest
 
-from ckpt_cli import subtree
+from ckpt_cli import processes as subtree
 
 #: Set before anything can import gcsfs / google-auth / botocore.
 _SAFETY_ENV = {
@@ -375,8 +375,8 @@ class Store:
     secrets: list[str]  # every secret string in env / cli_options
 
     def backend(self) -> Any:
-        """ckpt's Backend for this store (ckpt_cli.remote.open_backend)."""
-        from ckpt_cli.remote import open_backend
+        """ckpt's Backend for this store (ckpt_cli.backends.open_backend)."""
+        from ckpt_cli.backends import open_backend
 
         return open_backend(self.url, self.storage_options)
 

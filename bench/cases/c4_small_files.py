@@ -144,7 +144,7 @@ def run(b: Bench) -> Case:
 
 def _in_process(b: Bench, src, repo_dir, generated: float, runs: int) -> tuple[list[float], float]:
     """(seconds of each no-change snapshot(), seconds of the first snapshot)."""
-    from ckpt_cli.remote import open_backend
+    from ckpt_cli.backends import open_backend
     from ckpt_cli.repository import Repository
     from ckpt_cli.snapshotter import Snapshotter
 

@@ -2,13 +2,13 @@
 resolve paths and remotes; where the other commands find their remote
 (`locate`: the same sources, in the same order, as `ckpt run`).
 
-Every option of `ckpt run` is one row of `OPTIONS`: its type, default, env var
-and key in a config file. `load` merges the four sources, highest first:
+Every option of `ckpt run` is declared once in `options` (type, default,
+flags, env var, key in a config file); `OPTIONS` is that declaration with
+each option's parser added. `load` merges the four sources, highest first:
 flag > env var (`CKPT_<NAME>`) > config file (`ckpt.toml` in the working
 directory, else `[tool.ckpt]` in its `pyproject.toml`) > default, validates
 every value with the same parsers whatever its source, and records the source
 of each one for `ckpt run --print-config`.
-
 """
 
 from __future__ import annotations
@@ -21,60 +21,18 @@ import json
 import math
 import os
 import re
-import signal
 import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from ckpt._contract import ExitCode
-from ckpt_cli import events, policy, redact
+from ckpt_cli import events, options, policy, redact
+from ckpt_cli.backends.urls import is_local, local_path, parse_storage_options, redact_url
 from ckpt_cli.errors import ConfigError
 from ckpt_cli.formats import CommandCheck
+from ckpt_cli.options import DECLARED, Option
 from ckpt_cli.policy import Backoff, RetryOn
-from ckpt_cli.remote import is_local, local_path, parse_storage_options, redact_url
-
-
-@dataclasses.dataclass(frozen=True)
-class RunConfig:
-    command: list[str]
-    dir: Path
-    remote: str
-    storage_options: dict[str, Any]
-    remote_is_default: bool = False
-    retries: int = 3
-    retry_on: RetryOn = dataclasses.field(default_factory=RetryOn)
-    backoff: Backoff = dataclasses.field(default_factory=Backoff)
-    grace: float = 30.0
-    debounce: float = 2.0
-    rescan: float = 30.0
-    keep: int = 3
-    restore: bool = True
-    snapshot: str | None = None
-    flush_timeout: float = 120.0
-    lease_timeout: float = 60.0
-    #: Which node of how many (ranks.detect): 0 of 1 is a single node.
-    rank: int = 0
-    world_size: int = 1
-    identity_source: str = "one node"
-    allow_world_change: bool = False
-    excludes: tuple[str, ...] = ()
-    concurrency: int = 4
-    io_timeout: float = 120.0
-    snapshots: str = "auto"  # "auto": on quiet periods until the first commit; "commit"
-    checkpoint_signal: int = int(signal.SIGUSR1)
-    preemption: str = "auto"  # auto | aws | gcp | azure | off (preemption.MODES)
-    #: How long an automatic snapshot waits for files in progress (seconds).
-    settle_timeout: float = 120.0
-    #: The built-in format checks are on (--no-format-checks turns them off).
-    format_checks: bool = True
-    #: The user's checks (--check GLOB=COMMAND, [checks]), first match wins.
-    checks: tuple[CommandCheck, ...] = ()
-    quiet: bool = False  # errors only
-    verbose: bool = False  # debug detail too
-    log_json: Path | None = None  # also log JSON lines to this file
-    #: Failures in a row right after a restore that make it suspect (0: off).
-    crash_loop: int = 2
 
 
 def data_home() -> Path:
@@ -140,11 +98,8 @@ def parse_snapshots(value: str) -> str:
     return value
 
 
-#: The most seconds any duration option takes (30 days): beyond any sensible
-#: value, and far within what a wait accepts (threading's waits raise
-#: OverflowError past ~292 years, so `--grace 1e12` or `inf` crashed a stop).
-#: --flush-timeout alone may be `inf`: wait as long as it takes.
-MAX_SECONDS = 30 * 86400.0
+#: The most seconds any duration option takes (options.MAX_SECONDS).
+MAX_SECONDS = options.MAX_SECONDS
 
 
 def check_number(
@@ -229,7 +184,6 @@ def parse_checkpoint_signal(value: str) -> int:
 
 # ---------------------------------------------------------------- the options of `ckpt run`
 
-Kind = Literal["int", "float", "bool", "str", "list", "table"]
 #: What a config file must hold for each kind, for error messages.
 _EXPECTED = {
     "int": "an integer",
@@ -243,92 +197,95 @@ _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 
 
-@dataclasses.dataclass(frozen=True)
-class Option:
-    """One setting of `ckpt run`. `name` is the parameter of main.run; the
-    config-file key is the long flag without `--` (dashes or underscores)."""
-
-    name: str
-    kind: Kind
-    default: Any
-    env: str | None = ""  # "" -> CKPT_<NAME>; None -> no env var
-    key: str = ""  # "" -> name with dashes
-    aliases: tuple[str, ...] = ()
-    min: float | None = None
-    max: float | None = None
-    #: Validates a value and turns it into what RunConfig holds (ConfigError if bad).
-    parse: Callable[[Any], Any] | None = None
-    #: An empty string in a file means "not set" (as --print-config prints it);
-    #: an empty env var is "not set" for every option.
-    optional: bool = False
-    #: A path: relative to the working directory (where the config file is).
-    path: bool = False
-    #: A table's flag form (repeated strings) -> the table (default: KEY=VALUE
-    #: storage options).
-    from_flags: Callable[[list[str]], dict[str, Any]] | None = None
-
-    @property
-    def file_key(self) -> str:
-        return self.key or self.name.replace("_", "-")
-
-    @property
-    def env_var(self) -> str | None:
-        return f"CKPT_{self.name.upper()}" if self.env == "" else self.env
-
-
-OPTIONS: tuple[Option, ...] = (
-    Option("dir", "str", "checkpoints", parse=resolve_dir, path=True),
-    Option("remote", "str", None, optional=True),
-    Option(
-        "storage_option",
-        "table",
-        {},
-        env="CKPT_STORAGE_OPTIONS",
-        key="storage-options",
-        aliases=("storage-option",),
-    ),
-    Option("retries", "int", 3, min=0),
-    Option("crash_loop", "int", 2, min=0),
-    Option("retry_on", "str", policy.DEFAULT_RETRY_ON, parse=policy.parse_retry_on),
-    Option("backoff", "str", "1:60", parse=parse_backoff),
-    Option("grace", "float", 30.0, min=0, max=MAX_SECONDS),
-    Option("debounce", "float", 2.0, min=0, max=MAX_SECONDS),
-    Option("rescan", "float", 30.0, min=1, max=MAX_SECONDS),
-    Option("keep", "int", 3, min=1),
-    Option("no_restore", "bool", False),
-    Option("snapshot", "str", None, optional=True),
-    Option("flush_timeout", "float", 120.0, min=0),  # inf: wait as long as it takes
-    Option("lease_timeout", "float", 60.0, min=5, max=MAX_SECONDS),
-    Option("rank", "int", None, optional=True, min=0),
-    Option("world_size", "int", None, optional=True, min=1),
-    Option("allow_world_change", "bool", False),
-    Option("exclude", "list", [], aliases=("excludes",)),
-    Option("snapshots", "str", "auto", parse=parse_snapshots),
-    Option("checkpoint_signal", "str", "SIGUSR1", parse=parse_checkpoint_signal),
-    Option("concurrency", "int", 4, min=1, max=64),
-    Option("io_timeout", "float", 120.0, min=1, max=MAX_SECONDS),
-    Option("preemption", "str", "auto", parse=parse_preemption),
-    Option("settle_timeout", "float", 120.0, min=0, max=MAX_SECONDS),
-    Option("no_format_checks", "bool", False),
-    Option(
-        "check",
-        "table",
-        {},
-        env="CKPT_CHECKS",
-        key="checks",
-        aliases=("check",),
-        parse=parse_checks,
-        from_flags=checks_from_flags,
-    ),
-    Option("check_timeout", "float", 60.0, min=1, max=MAX_SECONDS),
-    Option("quiet", "bool", False),
-    Option("verbose", "bool", False),
-    Option("log_json", "str", None, optional=True, parse=events.check_path, path=True),
-    # The command after `--`; a file may give it as a list (no env var).
-    Option("command", "list", [], env=None, optional=True),
+#: What validates each value and turns it into what RunConfig holds (the
+#: options without one are checked by kind and range alone).
+_PARSE: dict[str, Callable[[Any], Any]] = {
+    "dir": resolve_dir,
+    "retry_on": policy.parse_retry_on,
+    "backoff": parse_backoff,
+    "snapshots": parse_snapshots,
+    "checkpoint_signal": parse_checkpoint_signal,
+    "preemption": parse_preemption,
+    "check": parse_checks,
+    "log_json": events.check_path,
+}
+#: The declared options (options.DECLARED) with their parsers: the one table
+#: that flags, env vars and config files are read and checked by.
+OPTIONS: tuple[Option, ...] = tuple(
+    dataclasses.replace(
+        opt,
+        parse=_PARSE.get(opt.name),
+        from_flags=checks_from_flags if opt.name == "check" else None,
+    )
+    for opt in DECLARED
 )
 BY_NAME = {opt.name: opt for opt in OPTIONS}
 _BY_KEY = {k: opt for opt in OPTIONS for k in (opt.file_key, *opt.aliases)}
+
+
+#: Every option's default as RunConfig holds it, parsed; a path's stays as
+#: declared (`load` resolves it against the working directory).
+DEFAULTS: dict[str, Any] = {
+    opt.name: opt.parse(opt.default)
+    if opt.parse and opt.default is not None and not opt.path
+    else opt.default
+    for opt in OPTIONS
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """What `ckpt run` runs with: the settings, parsed. A field named like an
+    option takes its value (run_config) and its default from the declaration."""
+
+    command: list[str]
+    dir: Path
+    remote: str
+    storage_options: dict[str, Any]
+    remote_is_default: bool = False
+    retries: int = DEFAULTS["retries"]
+    retry_on: RetryOn = DEFAULTS["retry_on"]
+    backoff: Backoff = DEFAULTS["backoff"]
+    grace: float = DEFAULTS["grace"]
+    debounce: float = DEFAULTS["debounce"]
+    rescan: float = DEFAULTS["rescan"]
+    keep: int = DEFAULTS["keep"]
+    restore: bool = not DEFAULTS["no_restore"]
+    snapshot: str | None = DEFAULTS["snapshot"]
+    flush_timeout: float = DEFAULTS["flush_timeout"]
+    lease_timeout: float = DEFAULTS["lease_timeout"]
+    #: Which node of how many (ranks.detect): 0 of 1 is a single node.
+    rank: int = 0
+    world_size: int = 1
+    identity_source: str = "one node"
+    allow_world_change: bool = DEFAULTS["allow_world_change"]
+    excludes: tuple[str, ...] = tuple(DEFAULTS["exclude"])
+    concurrency: int = DEFAULTS["concurrency"]
+    io_timeout: float = DEFAULTS["io_timeout"]
+    snapshots: str = DEFAULTS["snapshots"]  # "auto": on quiet periods until the first commit
+    checkpoint_signal: int = DEFAULTS["checkpoint_signal"]
+    preemption: str = DEFAULTS["preemption"]  # auto | aws | gcp | azure | off
+    #: How long an automatic snapshot waits for files in progress (seconds).
+    settle_timeout: float = DEFAULTS["settle_timeout"]
+    #: The built-in format checks are on (--no-format-checks turns them off).
+    format_checks: bool = not DEFAULTS["no_format_checks"]
+    #: The user's checks (--check GLOB=COMMAND, [checks]), first match wins.
+    checks: tuple[CommandCheck, ...] = ()
+    quiet: bool = DEFAULTS["quiet"]  # errors only
+    verbose: bool = DEFAULTS["verbose"]  # debug detail too
+    log_json: Path | None = DEFAULTS["log_json"]  # also log JSON lines to this file
+    #: Failures in a row right after a restore that make it suspect (0: off).
+    crash_loop: int = DEFAULTS["crash_loop"]
+
+
+#: The fields of RunConfig that take the value of the option of their name;
+#: run_config sets the others (the remote, the rank, the command) itself.
+_AS_SET = tuple(
+    f.name
+    for f in dataclasses.fields(RunConfig)
+    if f.name in BY_NAME and f.name not in ("remote", "rank", "world_size", "command")
+)
+
 
 #: Sources, highest precedence first (print-config shows these words).
 FLAG, DEFAULT = "flag", "default"
@@ -419,42 +376,21 @@ def run_config(settings: Settings, *, need_command: bool = True) -> RunConfig:
         world_source=_source_label(settings, "world_size"),
     )
     return RunConfig(
+        **{name: settings[name] for name in _AS_SET},
         rank=identity.rank,
         world_size=identity.world_size,
         identity_source=identity.describe(),
-        allow_world_change=settings["allow_world_change"],
         command=list(command),
-        dir=directory,
         remote=url,
         storage_options=settings["storage_option"],
         remote_is_default=remote is None,
-        retries=settings["retries"],
-        retry_on=settings["retry_on"],
-        backoff=settings["backoff"],
-        grace=settings["grace"],
-        debounce=settings["debounce"],
-        rescan=settings["rescan"],
-        keep=settings["keep"],
         restore=not settings["no_restore"],
-        snapshot=settings["snapshot"],
-        flush_timeout=settings["flush_timeout"],
-        lease_timeout=settings["lease_timeout"],
         excludes=tuple(settings["exclude"]),
-        concurrency=settings["concurrency"],
-        io_timeout=settings["io_timeout"],
-        snapshots=settings["snapshots"],
-        checkpoint_signal=settings["checkpoint_signal"],
-        preemption=settings["preemption"],
-        settle_timeout=settings["settle_timeout"],
         format_checks=not settings["no_format_checks"],
         checks=tuple(
             CommandCheck.of(glob, command, timeout=settings["check_timeout"], flag="checks")
             for glob, command in settings["check"].items()
         ),
-        quiet=settings["quiet"],
-        verbose=settings["verbose"],
-        log_json=settings["log_json"],
-        crash_loop=settings["crash_loop"],
     )
 
 
@@ -801,3 +737,16 @@ def _toml_escape(ch: str) -> str:
 
 def _toml_key(key: str) -> str:
     return key if _BARE_KEY.match(key) else _toml(key)
+
+
+def env_io_timeout(environ: Mapping[str, str] | None = None) -> float:
+    """--io-timeout where no setting of `ckpt run` gives it (the operating
+    commands open their remote with it): CKPT_IO_TIMEOUT, judged by the very
+    check `ckpt run` applies to it, else the option's default."""
+    opt = next(o for o in OPTIONS if o.name == "io_timeout")
+    env = opt.env_var or ""
+    raw = (os.environ if environ is None else environ).get(env, "")
+    if not raw.strip():
+        return float(opt.default)
+    value = _from_env(opt, raw, env)
+    return float(check_number(value, f"{env}={raw!r}", min=opt.min, max=opt.max))

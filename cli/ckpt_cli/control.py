@@ -44,7 +44,8 @@ from pathlib import Path
 from typing import Any
 
 from ckpt._contract import ExitCode
-from ckpt_cli import console, subtree
+from ckpt_cli import console
+from ckpt_cli import processes as subtree
 from ckpt_cli.config import MAX_SECONDS, check_number
 from ckpt_cli.errors import CkptError, ConfigError
 from ckpt_cli.progress import NotWholeError

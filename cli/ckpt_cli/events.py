@@ -20,7 +20,6 @@ write; /dev/stdout, /dev/stderr and /dev/fd/N, ckpt's own streams, are the
 exceptions), or a file of another user. A file that cannot be written once
 the run is under way is reported once and then left alone: the log never
 stops the run.
-
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ each failure's message (none while `close` waits: its caller says once
 whether the record is final). While the run goes on the record is rewritten
 at least every ALIVE seconds (`seen`), so a run killed -9 left a bound on when
 it died.
-
 """
 
 from __future__ import annotations
@@ -32,9 +31,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ckpt_cli import costs
+from ckpt_cli.backends import Backend, NotFound
 from ckpt_cli.errors import RemoteError
 from ckpt_cli.manifest import Entry, host_name
-from ckpt_cli.remote import Backend, NotFound
 
 RUNS = "runs/"
 FORMAT = "ckpt-run"

@@ -31,10 +31,10 @@ from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, Literal
 
-from ckpt_cli import subtree
+from ckpt_cli import processes as subtree
+from ckpt_cli.backends import Backend, NotFound
 from ckpt_cli.errors import LeaseHeldError, RemoteError
 from ckpt_cli.manifest import host_name
-from ckpt_cli.remote import Backend, NotFound
 
 LEASE_KEY = "lease.json"
 #: The ttl of a lease when nothing says otherwise (`ckpt push`, `ckpt gc`).
@@ -237,7 +237,9 @@ class Lease:
             allow_nan=False,
         ).encode()
 
-    def _read(self) -> dict[str, Any] | None:
+    def read(self) -> dict[str, Any] | None:
+        """The lease as stored now: None if there is none, {} if it is not a
+        lease document (garbage: stale), else its fields."""
         try:
             doc = json.loads(self.backend.read(self.key))
         except NotFound:
@@ -260,12 +262,12 @@ class Lease:
         # does.
         if backend.create_exclusive(self.key, self._doc()):
             took_over = None
-            confirm = 0.0 if getattr(backend, "exclusive_create", False) else CONFIRM_CREATE
+            confirm = 0.0 if backend.exclusive_create else CONFIRM_CREATE
         else:
             took_over, confirm = self._claim(on_wait)
         if confirm:  # wait out a racing writer's put, then see whose lease it is
             self._sleep(confirm)
-            doc = self._read()
+            doc = self.read()
             if not doc or doc.get("owner") != self.owner:
                 raise LeaseHeldError(
                     f"remote {self.where} was claimed by another ckpt at the same moment; "
@@ -277,7 +279,7 @@ class Lease:
     def _claim(self, on_wait: Callable[[str], None]) -> tuple[str | None, float]:
         """Claim an existing lease: why the old one was taken over (None: it
         is ours), and how long to wait before reading the claim back."""
-        doc = self._read()
+        doc = self.read()
         if doc is not None and doc.get("owner") == self.owner:
             return None, CONFIRM_CREATE
         if doc is None:
@@ -296,7 +298,7 @@ class Lease:
             if changed and now is None:  # released meanwhile: create it anew
                 if self.backend.create_exclusive(self.key, self._doc()):
                     return "it was released", CONFIRM_CREATE
-                now = self._read() or doc
+                now = self.read() or doc
             if changed:
                 raise self._held_by(
                     now or doc,
@@ -314,7 +316,7 @@ class Lease:
         began = self._clock()
         while True:
             self._sleep(min(_poll(ttl), max(0.0, ttl - (self._clock() - began))))
-            now = self._read()
+            now = self.read()
             if now != doc:
                 return True, now
             if self._clock() - began >= ttl:
@@ -337,7 +339,7 @@ class Lease:
         """Whether a writer holds this lease, from one look and what this
         process saw of it before: a lease that needs watching (see `judge`)
         is live until this process has seen it unchanged for its ttl."""
-        doc = self._read()
+        doc = self.read()
         if doc is None:
             return False
         verdict = self.judge(doc)
@@ -359,7 +361,7 @@ class Lease:
 
     def heartbeat(self) -> None:
         """Refresh; LeaseLostError if another writer owns the lease now."""
-        doc = self._read()
+        doc = self.read()
         if doc is None:
             # Gone: another writer took it over and released it (or it was
             # deleted by hand). Writing it again would resurrect a writer whose
@@ -382,7 +384,7 @@ class Lease:
             return
         self.held = False
         with contextlib.suppress(RemoteError):
-            doc = self._read()
+            doc = self.read()
             if doc is not None and doc.get("owner") == self.owner:
                 self.backend.delete(self.key)
 
@@ -402,7 +404,7 @@ def live_leases(
     live: list[Lease] = []
     watched: list[tuple[Lease, dict[str, Any], float]] = []
     for lease in leases:
-        doc = lease._read()
+        doc = lease.read()
         if doc is None:
             continue
         verdict = lease.judge(doc)
@@ -423,7 +425,7 @@ def live_leases(
         sleep(_poll(longest))
         still = []
         for lease, doc, ttl in watched:
-            now = lease._read()
+            now = lease.read()
             if now != doc:
                 if now is not None:  # it beat (or another writer holds it now)
                     live.append(lease)

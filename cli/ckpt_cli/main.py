@@ -5,23 +5,20 @@ tables) are imported by the commands that need them, not at start-up.
 
 from __future__ import annotations
 
+import atexit
 import importlib
+import inspect
+import os
+import sys
+import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 
 from ckpt._contract import ExitCode
-from ckpt_cli import __version__, console
-from ckpt_cli.errors import ConfigError, error_funnel, stdout_closed
-
-if TYPE_CHECKING:  # config loads every option's parser: imported by the commands
-    from ckpt_cli.config import Location
-
-#: config.MAX_SECONDS, the most seconds a duration option takes (a test
-#: checks that the flags' ranges are the config table's); not imported from
-#: config, which would load every command's modules at start-up.
-MAX_SECONDS = 30 * 86400.0
+from ckpt_cli import __version__, console, options
+from ckpt_cli.errors import error_funnel, stdout_closed
 
 app = typer.Typer(
     name="ckpt",
@@ -104,248 +101,7 @@ def _from_command_line(ctx: typer.Context) -> dict[str, Any]:
     }
 
 
-def _locate(
-    flags: dict[str, Any], *, writer: bool = False, names: tuple[str, ...] = ()
-) -> Location:
-    """The remote (config.Location) of a command other than `ckpt run`, from
-    the flags given (None: not given) and the sources `ckpt run` reads; said
-    on a terminal when it was not named on the command line, and with
-    --verbose (a debug line) always. Never on stdout, which may be JSON."""
-    from ckpt_cli import config
-
-    given = {k: v for k, v in flags.items() if v is not None and v != []}
-    where = config.locate(given, writer=writer, names=names)
-    if not where.given and console.is_terminal():
-        console.info(where.describe())
-    else:
-        console.debug(where.describe())
-    return where
-
-
-def _place(
-    command: str,
-    slots: tuple[str, ...],
-    values: list[str] | None,
-    *,
-    taken: dict[str, object],
-    required: tuple[str, ...] = (),
-) -> dict[str, str]:
-    from ckpt_cli import config
-
-    flags = tuple(name for name, value in taken.items() if value is not None)
-    return config.place(command, slots, values or [], taken=flags, required=required)
-
-
-@app.command(context_settings={"allow_interspersed_args": False})
-def run(
-    ctx: typer.Context,
-    command: Annotated[
-        list[str] | None,
-        typer.Argument(
-            help="The command to supervise, after -- (or `command = [...]` in ckpt.toml).",
-            show_default=False,
-        ),
-    ] = None,
-    dir: Annotated[
-        Path, typer.Option("--dir", "-d", help="Checkpoint directory to protect.")
-    ] = Path("checkpoints"),
-    remote: Annotated[
-        str | None,
-        typer.Option(
-            show_default=False,
-            help="Repository URL (s3://bucket/prefix, gs://, az://, sftp://, a path). "
-            "Default: an embedded local store under ~/.local/share/ckpt.",
-        ),
-    ] = None,
-    storage_option: StorageOpt = None,
-    retries: Annotated[int, typer.Option(min=0, help="Relaunches after recoverable exits.")] = 3,
-    crash_loop: Annotated[
-        int,
-        typer.Option(
-            min=0,
-            metavar="N",
-            help="After N failures in a row right after a restore (no newer snapshot), mark "
-            "that snapshot suspect and relaunch on the one before it; 0: off.",
-        ),
-    ] = 2,
-    retry_on: Annotated[
-        str,
-        typer.Option(
-            help="Exit codes and signal names that are recoverable; 'signals' = death by any "
-            "signal but SIGINT; 'any'; 'none'."
-        ),
-    ] = "75,signals",
-    backoff: Annotated[
-        str,
-        typer.Option(
-            metavar="INITIAL[:MAX]",
-            help="Seconds before a relaunch: doubles each retry, with jitter, capped.",
-        ),
-    ] = "1:60",
-    grace: Annotated[
-        float,
-        typer.Option(
-            min=0,
-            max=MAX_SECONDS,
-            help="Seconds between forwarding SIGTERM/SIGINT/SIGHUP and SIGKILL.",
-        ),
-    ] = 30.0,
-    debounce: Annotated[
-        float,
-        typer.Option(
-            min=0, max=MAX_SECONDS, help="Quiet seconds after the last change before a snapshot."
-        ),
-    ] = 2.0,
-    rescan: Annotated[
-        float,
-        typer.Option(
-            min=1,
-            max=MAX_SECONDS,
-            help="Seconds between safety-net rescans when no event arrives.",
-        ),
-    ] = 30.0,
-    keep: Annotated[int, typer.Option(min=1, help="Snapshots kept in the remote.")] = 3,
-    no_restore: Annotated[
-        bool, typer.Option("--no-restore", help="Start from --dir as it is.")
-    ] = False,
-    snapshot: Annotated[
-        str | None,
-        typer.Option(help="Restore this snapshot (id or generation) instead of the newest."),
-    ] = None,
-    flush_timeout: Annotated[
-        float,
-        typer.Option(
-            min=0,
-            help="Seconds to wait for the final snapshot to be durable (inf: as long as it takes).",
-        ),
-    ] = 120.0,
-    lease_timeout: Annotated[
-        float,
-        typer.Option(
-            min=5,
-            max=MAX_SECONDS,
-            help="Seconds without heartbeat after which another writer's lease is taken over.",
-        ),
-    ] = 60.0,
-    rank: Annotated[
-        int | None,
-        typer.Option(
-            min=0,
-            show_default=False,
-            help="This node's rank in a multi-node job (default: from torchrun, SLURM, "
-            "a Kubernetes Indexed Job or SkyPilot; else 0 of 1).",
-        ),
-    ] = None,
-    world_size: Annotated[
-        int | None,
-        typer.Option(
-            min=1,
-            show_default=False,
-            help="How many nodes the job has, each with its own ckpt run (default: detected "
-            "like --rank).",
-        ),
-    ] = None,
-    allow_world_change: Annotated[
-        bool,
-        typer.Option(
-            "--allow-world-change",
-            help="Restore what a job with another --world-size wrote: rank r gets old rank "
-            "r's files; ranks beyond the old world start empty.",
-        ),
-    ] = False,
-    exclude: Annotated[
-        list[str] | None,
-        typer.Option(
-            metavar="GLOB",
-            help="File or directory names never snapshotted (repeatable), on top of temp names.",
-        ),
-    ] = None,
-    snapshots: Annotated[
-        str,
-        typer.Option(
-            help="auto: snapshot on quiet periods until the child's first commit, then "
-            "only on commits; commit: only on commits (ckpt commit, ckpt.commit()).",
-        ),
-    ] = "auto",
-    checkpoint_signal: Annotated[
-        str,
-        typer.Option(
-            help="Signal that tells the child to checkpoint soon (`ckpt signal`, "
-            "preemption notices); sent only to a child that installed a handler.",
-        ),
-    ] = "SIGUSR1",
-    concurrency: Annotated[
-        int, typer.Option(min=1, max=64, help="Chunks read, hashed and uploaded at once.")
-    ] = 4,
-    io_timeout: Annotated[
-        float,
-        typer.Option(
-            min=1,
-            max=MAX_SECONDS,
-            help="Seconds any one call to the remote may take before it is retried.",
-        ),
-    ] = 120.0,
-    preemption: Annotated[
-        str,
-        typer.Option(
-            help="Watch for the cloud's preemption notice: auto (only on a machine whose "
-            "DMI data names AWS, GCP or Azure; nothing is sent elsewhere), aws, gcp, "
-            "azure, off.",
-        ),
-    ] = "auto",
-    settle_timeout: Annotated[
-        float,
-        typer.Option(
-            min=0,
-            max=MAX_SECONDS,
-            help="Seconds an automatic snapshot waits for files in progress (open for writing "
-            "by the job, or failing their format check) before it is taken anyway, "
-            "marked unverified.",
-        ),
-    ] = 120.0,
-    no_format_checks: Annotated[
-        bool,
-        typer.Option(
-            "--no-format-checks",
-            help="Turn the built-in format checks off (zip, safetensors, HDF5, ...); --check "
-            "commands still run.",
-        ),
-    ] = False,
-    check: Annotated[
-        list[str] | None,
-        typer.Option(
-            metavar="GLOB=COMMAND",
-            help="A check for files matching GLOB: COMMAND gets the file and exits 0 when it "
-            "is whole (repeatable; before the built-in checks).",
-        ),
-    ] = None,
-    check_timeout: Annotated[
-        float,
-        typer.Option(
-            min=1, max=MAX_SECONDS, help="Seconds a --check command may take (else: not whole)."
-        ),
-    ] = 60.0,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors.")] = False,
-    verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help="Debug detail too (what ckpt decides, and why).")
-    ] = False,
-    log_json: Annotated[
-        Path | None,
-        typer.Option(
-            metavar="FILE",
-            show_default=False,
-            help="Also write ckpt's events to FILE, one JSON object per line.",
-        ),
-    ] = None,
-    print_config: Annotated[
-        bool,
-        typer.Option(
-            "--print-config",
-            help="Print every option's value and where it came from (as ckpt.toml lines); "
-            "run nothing.",
-        ),
-    ] = False,
-) -> None:
+def run(ctx: typer.Context, **given: Any) -> None:
     """Run COMMAND under supervision: restore --dir, snapshot it as it changes,
     restart COMMAND on recoverable exits.
 
@@ -355,22 +111,68 @@ def run(
 
     Example: ckpt run --retries 3 --dir ./checkpoints --remote s3://b/run -- python train.py
     """
-    console.configure(quiet=quiet, verbose=verbose)  # until config files are read
+    console.configure(quiet=given["quiet"], verbose=given["verbose"])  # until files are read
     with error_funnel() as status:
-        from ckpt_cli import config
+        from ckpt_cli.commands import run as run_command
 
-        settings = config.load(_from_command_line(ctx))
-        console.configure(quiet=settings["quiet"], verbose=settings["verbose"])
-        for note in settings.notes:
-            console.info(note)
-        cfg = config.run_config(settings, need_command=not print_config)
-        if print_config:
-            typer.echo(config.describe(settings, cfg))
-        else:
-            from ckpt_cli.supervisor import Supervisor
-
-            status[0] = Supervisor(cfg).run()
+        status[0] = run_command.main(_from_command_line(ctx), print_config=given["print_config"])
     raise typer.Exit(status[0])
+
+
+def _parameter(opt: options.Option) -> inspect.Parameter:
+    """The typer parameter of one declared option of `ckpt run`."""
+    python_type: Any = {"int": int, "float": float, "bool": bool, "str": str}.get(opt.kind)
+    default = opt.default
+    if opt.path:
+        python_type = Path
+        default = None if default is None else Path(default)
+    if opt.kind in ("list", "table"):
+        python_type, default = list[str] | None, None  # repeated; None: not given
+    elif opt.optional:
+        python_type = python_type | None
+    info: Any = (
+        typer.Argument(help=opt.help, show_default=opt.show_default)
+        if opt.argument
+        else typer.Option(
+            *opt.flag_names,
+            help=opt.help,
+            metavar=opt.metavar,
+            show_default=opt.show_default,
+            min=opt.min,
+            max=opt.max,
+        )
+    )
+    return inspect.Parameter(
+        opt.name,
+        inspect.Parameter.KEYWORD_ONLY,
+        default=default,
+        annotation=Annotated[python_type, info],
+    )
+
+
+#: `ckpt run` takes the declared options (options.DECLARED), the command
+#: first, and --print-config, which only the command line gives.
+run.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [
+        inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
+        *(_parameter(opt) for opt in options.DECLARED if opt.argument),
+        *(_parameter(opt) for opt in options.DECLARED if not opt.argument),
+        inspect.Parameter(
+            "print_config",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=False,
+            annotation=Annotated[
+                bool,
+                typer.Option(
+                    "--print-config",
+                    help="Print every option's value and where it came from (as ckpt.toml "
+                    "lines); run nothing.",
+                ),
+            ],
+        ),
+    ]
+)
+app.command(context_settings={"allow_interspersed_args": False})(run)
 
 
 @app.command("restore")
@@ -431,22 +233,15 @@ def restore_cmd(
     """
     console.configure(quiet=quiet, verbose=verbose)
     with error_funnel() as status:
-        from ckpt_cli import commands
+        from ckpt_cli.commands import restore
 
-        placed = _place("restore", ("remote", "dir"), args, taken={"remote": remote, "dir": dir})
-        where = _locate(
-            {
-                "remote": placed.get("remote", remote),
-                "dir": placed.get("dir", dir),
-                "storage_option": storage_option,
-            }
-        )
-        status[0] = commands.restore(
-            where.remote,
-            where.dir,
-            snapshot,
-            where.storage_options,
+        status[0] = restore.main(
+            args,
+            remote=remote,
+            dir=dir,
+            snapshot=snapshot,
             force=force,
+            storage_option=storage_option,
             rank=rank,
             world_size=world_size,
             allow_world_change=allow_world_change,
@@ -498,24 +293,14 @@ def push(
     """
     console.configure(quiet=quiet, verbose=verbose)
     with error_funnel() as status:
-        from ckpt_cli import commands
+        from ckpt_cli.commands import push
 
-        placed = _place("push", ("dir", "remote"), args, taken={"dir": dir, "remote": remote})
-        where = _locate(
-            {
-                "dir": placed.get("dir", dir),
-                "remote": placed.get("remote", remote),
-                "storage_option": storage_option,
-                "keep": keep,
-            },
-            writer=True,
-            names=("keep",),
-        )
-        status[0] = commands.push(
-            where.dir,
-            where.remote,
-            where.settings["keep"],
-            where.storage_options,
+        status[0] = push.main(
+            args,
+            remote=remote,
+            dir=dir,
+            keep=keep,
+            storage_option=storage_option,
             allow_empty=allow_empty,
         )
     raise typer.Exit(status[0])
@@ -525,19 +310,6 @@ def push(
 RemoteArg = Annotated[
     str | None, typer.Argument(metavar="[REMOTE]", show_default=False, help=WHICH_REMOTE)
 ]
-
-
-def _reader(
-    command: str,
-    remote_arg: str | None,
-    remote: str | None,
-    dir: Path | None,
-    storage_option: list[str] | None,
-) -> Location:
-    """The Location of a command whose only positional argument is REMOTE."""
-    if remote_arg is not None and remote is not None:
-        _place(command, ("remote",), [remote_arg], taken={"remote": remote})
-    return _locate({"remote": remote_arg or remote, "dir": dir, "storage_option": storage_option})
 
 
 @app.command("ls")
@@ -589,10 +361,17 @@ def ls_cmd(
     """
     console.configure(verbose=verbose)
     with error_funnel() as status:
-        from ckpt_cli import commands
+        from ckpt_cli.commands import ls
 
-        where = _reader("ls", remote_arg, remote, dir, storage_option)
-        status[0] = commands.ls(where.remote, json_out, where.storage_options, runs=runs, rank=rank)
+        status[0] = ls.main(
+            remote_arg,
+            json_out=json_out,
+            runs=runs,
+            remote=remote,
+            dir=dir,
+            storage_option=storage_option,
+            rank=rank,
+        )
     raise typer.Exit(status[0])
 
 
@@ -637,11 +416,16 @@ def timeline_cmd(
     """
     console.configure(verbose=verbose)
     with error_funnel() as status:
-        from ckpt_cli import commands
+        from ckpt_cli.commands import timeline
 
-        where = _reader("timeline", remote_arg, remote, dir, storage_option)
-        status[0] = commands.timeline(
-            where.remote, where.storage_options, run=run, out=out, rank=rank
+        status[0] = timeline.main(
+            remote_arg,
+            run=run,
+            out=out,
+            remote=remote,
+            dir=dir,
+            storage_option=storage_option,
+            rank=rank,
         )
     raise typer.Exit(status[0])
 
@@ -670,17 +454,9 @@ def unsuspect_cmd(
     """
     console.configure(verbose=verbose)
     with error_funnel() as status:
-        from ckpt_cli import commands
+        from ckpt_cli.commands import unsuspect
 
-        placed = _place(
-            "unsuspect",
-            ("remote", "snapshot"),
-            args,
-            taken={"remote": remote},
-            required=("snapshot",),
-        )
-        where = _reader("unsuspect", placed.get("remote"), remote, dir, storage_option)
-        status[0] = commands.unsuspect(where.remote, placed["snapshot"], where.storage_options)
+        status[0] = unsuspect.main(args, remote=remote, dir=dir, storage_option=storage_option)
     raise typer.Exit(status[0])
 
 
@@ -719,22 +495,10 @@ def show_cmd(
     """
     console.configure(verbose=verbose)
     with error_funnel() as status:
-        from ckpt_cli import config, operate
+        from ckpt_cli.commands import show
 
-        values = args or []
-        if len(values) == 1 and remote is None and config.names_snapshot(values[0]):
-            if Path(values[0]).exists():
-                raise ConfigError(
-                    f"{values[0]!r} names a snapshot and a path here: say `ckpt show --remote "
-                    f"{values[0]}` for the path, or `ckpt show REMOTE {values[0]}`",
-                    exit_code=ExitCode.USAGE,
-                )
-            placed = {"snapshot": values[0]}
-        else:
-            placed = _place("show", ("remote", "snapshot"), values, taken={"remote": remote})
-        where = _reader("show", placed.get("remote"), remote, dir, storage_option)
-        status[0] = operate.show(
-            where.remote, placed.get("snapshot"), json_out, where.storage_options
+        status[0] = show.main(
+            args, json_out=json_out, remote=remote, dir=dir, storage_option=storage_option
         )
     raise typer.Exit(status[0])
 
@@ -763,14 +527,10 @@ def diff_cmd(
     """
     console.configure(verbose=verbose)
     with error_funnel() as status:
-        from ckpt_cli import operate
+        from ckpt_cli.commands import diff
 
-        placed = _place(
-            "diff", ("remote", "a", "b"), args, taken={"remote": remote}, required=("a", "b")
-        )
-        where = _reader("diff", placed.get("remote"), remote, dir, storage_option)
-        status[0] = operate.diff(
-            where.remote, placed["a"], placed["b"], json_out, where.storage_options
+        status[0] = diff.main(
+            args, json_out=json_out, remote=remote, dir=dir, storage_option=storage_option
         )
     raise typer.Exit(status[0])
 
@@ -799,10 +559,17 @@ def verify_cmd(
     """
     console.configure(verbose=verbose)
     with error_funnel() as status:
-        from ckpt_cli import operate
+        from ckpt_cli.commands import verify
 
-        where = _reader("verify", remote_arg, remote, dir, storage_option)
-        status[0] = operate.verify(where.remote, snapshot, full, json_out, where.storage_options)
+        status[0] = verify.main(
+            remote_arg,
+            snapshot=snapshot,
+            full=full,
+            json_out=json_out,
+            remote=remote,
+            dir=dir,
+            storage_option=storage_option,
+        )
     raise typer.Exit(status[0])
 
 
@@ -834,10 +601,17 @@ def gc_cmd(
     """
     console.configure(verbose=verbose)
     with error_funnel() as status:
-        from ckpt_cli import operate
+        from ckpt_cli.commands import gc
 
-        where = _reader("gc", remote_arg, remote, dir, storage_option)
-        status[0] = operate.gc(where.remote, keep, dry_run, json_out, where.storage_options)
+        status[0] = gc.main(
+            remote_arg,
+            keep=keep,
+            dry_run=dry_run,
+            json_out=json_out,
+            remote=remote,
+            dir=dir,
+            storage_option=storage_option,
+        )
     raise typer.Exit(status[0])
 
 
@@ -864,9 +638,9 @@ def commit(
     Example (inside a script run by ckpt run): ckpt commit --step 1200
     """
     with error_funnel() as status:
-        from ckpt_cli import commands
+        from ckpt_cli.commands import commit as command
 
-        status[0] = commands.commit(socket, not no_wait, timeout, step)
+        status[0] = command.commit(socket, not no_wait, timeout, step)
     raise typer.Exit(status[0])
 
 
@@ -897,14 +671,9 @@ def signal_cmd(
     Example (from another shell): ckpt signal --dir ./checkpoints
     """
     with error_funnel() as status:
-        from ckpt_cli import commands, config
+        from ckpt_cli.commands import signal
 
-        directory = None
-        if not socket:
-            settings = config.load({"dir": dir} if dir is not None else {}, names=("dir",))
-            if settings.values["dir"].source != config.DEFAULT:
-                directory = settings["dir"]
-        status[0] = commands.send_signal(socket, directory)
+        status[0] = signal.main(socket, dir)
     raise typer.Exit(status[0])
 
 
@@ -917,12 +686,9 @@ def shell_shim(
     Example (in a bash training script): source "$(ckpt shell-shim --path)"
     """
     with error_funnel() as status:
-        from ckpt import SHELL_SHIM
+        from ckpt_cli.commands import shell_shim as command
 
-        if path:
-            typer.echo(str(SHELL_SHIM))
-        else:
-            typer.echo(SHELL_SHIM.read_text(), nl=False)
+        status[0] = command.main(path)
     raise typer.Exit(status[0])
 
 
@@ -944,9 +710,9 @@ def status_cmd(
     Example (from another shell): ckpt status
     """
     with error_funnel() as status:
-        from ckpt_cli import status_cmd as impl
+        from ckpt_cli.commands import status as command
 
-        status[0] = impl.status(socket, json_out)
+        status[0] = command.status(socket, json_out)
     raise typer.Exit(status[0])
 
 
@@ -982,4 +748,22 @@ def main() -> int:
     except typer.Abort:
         console.error("Interrupted")
         return ExitCode.SIGINT
-    return status if isinstance(status, int) else 0
+    return leave(status if isinstance(status, int) else 0)
+
+
+def leave(status: int) -> int:
+    """Exit with status at once, skipping the interpreter's teardown (module
+    by module, every object freed: 0.05-0.3 s of a short command's time,
+    findings item 4) once nothing is left to do: output flushed, the atexit
+    functions run, no other non-daemon thread alive. Otherwise return status
+    for the usual exit."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        return status  # a closed stream: the usual exit reports it
+    main = threading.main_thread()
+    if any(t is not main and not t.daemon and t.is_alive() for t in threading.enumerate()):
+        return status
+    atexit._run_exitfuncs()
+    os._exit(status)

@@ -103,7 +103,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ckpt_cli import subtree
+from ckpt_cli import processes as subtree
 
 O_ACCMODE = 0o3
 #: Descriptors looked at in one scan, and its seconds, at the most: beyond

@@ -41,10 +41,10 @@ from ckpt_cli.errors import RemoteError
 from ckpt_cli.formats import DEFAULT, Registry
 from ckpt_cli.kept import RESTORE_PREFIX, kept_name
 from ckpt_cli.manifest import Manifest, ManifestError
-from ckpt_cli.repo_tools import ChunkSource
 from ckpt_cli.repository import ChunkError, Repository, SnapshotRef
 from ckpt_cli.restore import materialise
 from ckpt_cli.snapshotter import TEMP_PATTERNS, LocalEntry, scan
+from ckpt_cli.verify import ChunkSource
 
 
 @dataclasses.dataclass(frozen=True)

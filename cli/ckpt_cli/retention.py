@@ -1,95 +1,254 @@
-"""What a writer's stream keeps, and what each of its snapshots records of
-its world: the policies injected into a `Snapshotter`.
+"""Retention and judging: which snapshots are restorable, which a restore
+tries first, which retention keeps (pure rules over names and manifests),
+and the single-node stream's garbage collection that acts on them.
 
-One node (`LatestRestorable`): after a snapshot, the newest `keep`
-restorable snapshots are kept (`Repository.gc`). A rank of several
-(`RankRounds`): only rank 0 prunes, every stream, by complete steps, with
-GC rounds that no rank's upload can race (`world.prune`); before each
-snapshot every rank reads the rounds it has not seen (`SeeRounds`, the
-pre-snapshot hook) and its manifest records the newest (`Stamp.gc_seen`).
-`for_world` builds the pair a rank of a world of `world_size` uses.
+Ordering: GC deletes old manifests first, then chunks no kept manifest
+names. Retention counts restorable snapshots only (`retained`): a damaged
+or suspect one never displaces a whole one, nor an unverified one a
+verified one. Which snapshot a restore uses: `restore_tier` (verified or
+older than checks first, then unverified, then suspect; newest first in
+each).
+
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Collection, Iterable, Sequence
+from typing import TYPE_CHECKING
 
-from ckpt_cli import console, world
-from ckpt_cli.repository import Repository
+from ckpt_cli.chunks import CHUNKS, chunk_key
+from ckpt_cli.manifest import Manifest, ManifestError
+from ckpt_cli.snapshots import SnapshotRef
 
-
-@dataclasses.dataclass(frozen=True)
-class Stamp:
-    """What a manifest records of the world its writer is in: this stream's
-    rank of world_size (0 of 1: a single node), and the newest GC round seen."""
-
-    rank: int = 0
-    world_size: int = 1
-    gc_seen: int = 0
-
-
-class Retention(Protocol):
-    """Retention of a stream, run by its writer between snapshots."""
-
-    def prune(self, repo: Repository, keep: int, *, sweep: bool) -> None:
-        """Keep the newest `keep` snapshots by the policy's rule; sweep: also
-        take the chunks no manifest names (the first prune of a process)."""
-        ...
-
-
-#: The pre-snapshot hook: run before a snapshot looks up any chunk; returns
-#: what its manifest records of the world (a Stamp).
-PreSnapshot = Callable[[Repository], Stamp]
-
-
-@dataclasses.dataclass(frozen=True)
-class LatestRestorable:
-    """One node: the newest `keep` restorable snapshots (Repository.gc)."""
-
-    def prune(self, repo: Repository, keep: int, *, sweep: bool) -> None:
-        repo.gc(keep, sweep=sweep)
-
-
-@dataclasses.dataclass(frozen=True)
-class RankRounds:
-    """A rank of several: rank 0 prunes every rank's stream by complete steps
-    with GC rounds (world.prune); the other ranks prune nothing. ttl: other
-    ranks' leases are live within it."""
-
-    rank: int
-    ttl: float
-
-    def prune(self, repo: Repository, keep: int, *, sweep: bool) -> None:
-        if self.rank != 0:  # only rank 0 prunes a multi-rank repository
-            return
-        report = world.prune(repo, keep, me=self.rank, ttl=self.ttl, sweep=sweep)
-        console.debug(world.describe(report))
-
-
-def single_node(_repo: Repository) -> Stamp:
-    """One node's pre-snapshot hook: nothing to read; rank 0 of 1."""
-    return Stamp()
+if TYPE_CHECKING:
+    from ckpt_cli.repository import Repository
 
 
 @dataclasses.dataclass
-class SeeRounds:
-    """A rank's pre-snapshot hook: forget the chunks of GC rounds not seen yet
-    (world.see_rounds) and stamp the manifest with the newest one seen."""
-
-    rank: int
-    world_size: int
-    seen: int = 0
-
-    def __call__(self, repo: Repository) -> Stamp:
-        self.seen = world.see_rounds(repo, self.seen)
-        return Stamp(self.rank, self.world_size, self.seen)
+class GcReport:
+    deleted_snapshots: list[str]
+    deleted_chunks: int
+    kept: list[str]
 
 
-def for_world(rank: int, world_size: int, lease_ttl: float) -> tuple[Retention, PreSnapshot]:
-    """The retention policy and pre-snapshot hook of rank `rank` of a world
-    of `world_size` (1: a single node)."""
-    if world_size == 1:
-        return LatestRestorable(), single_node
-    return RankRounds(rank, lease_ttl), SeeRounds(rank, world_size)
+@dataclasses.dataclass
+class GcPlan:
+    """What a collection (`world.collect`) deleted, or would delete in a dry run."""
+
+    kept: list[SnapshotRef]
+    dropped: list[SnapshotRef]
+    #: Chunks deleted -> their size where a manifest says it; None for chunks
+    #: no manifest names at all (a killed upload's).
+    chunks: dict[str, int | None]
+    #: Half-written objects of killed writers.
+    temps: list[str]
+
+    @property
+    def known_bytes(self) -> int:
+        return sum(n for n in self.chunks.values() if n is not None)
+
+    @property
+    def unsized(self) -> int:
+        return sum(1 for n in self.chunks.values() if n is None)
+
+
+#: How retention counts a snapshot (`snapshot_kind`): a verified (or
+#: older than checks) restorable one counts; an unverified one is restorable
+#: but counts only as a last resort; an empty one (directories at most) is
+#: restorable but never counts, so it never displaces one that holds files;
+#: a damaged or suspect one is not restorable.
+WHOLE, UNVERIFIED, EMPTY, NOT_RESTORABLE = "whole", "unverified", "empty", "not restorable"
+
+
+def snapshot_kind(m: Manifest | ManifestError, restorable: bool, suspect: bool) -> str:
+    """How retention counts one snapshot (see `retained`)."""
+    if isinstance(m, ManifestError) or not restorable or suspect:
+        return NOT_RESTORABLE
+    if all(e.type == "dir" for e in m.entries):
+        return EMPTY
+    return UNVERIFIED if m.verified is False else WHOLE
+
+
+def retained(
+    snapshots: Sequence[tuple[SnapshotRef, bool | str]], keep: int
+) -> tuple[list[SnapshotRef], list[SnapshotRef]]:
+    """Retention's rule over one stream, newest first, each with how it
+    counts (`snapshot_kind`; True is WHOLE, False NOT_RESTORABLE): (kept,
+    dropped). A snapshot is kept while fewer than `keep` whole ones are newer
+    than it: the `keep` newest whole ones, every damaged or suspect one newer
+    than the oldest of those (kept for inspection, never counted), and of the
+    unverified and of the empty ones among them the `keep` newest of each. So
+    neither a damaged nor an unverified snapshot displaces a verified one (the
+    one a restore picks), an empty one (a run started with --no-restore on
+    an empty --dir, a push --allow-empty) never displaces one with files,
+    neither kind piles up, and no snapshot is dropped that "the `keep`
+    newest" would have kept."""
+    kept: list[SnapshotRef] = []
+    dropped: list[SnapshotRef] = []
+    whole = 0
+    capped = {UNVERIFIED: 0, EMPTY: 0}
+    for ref, how in snapshots:
+        kind = how if isinstance(how, str) else WHOLE if how else NOT_RESTORABLE
+        keep_it = whole < keep and capped.get(kind, 0) < keep
+        (kept if keep_it else dropped).append(ref)
+        whole += kind == WHOLE
+        if kind in capped:
+            capped[kind] += 1
+    return kept, dropped
+
+
+#: Which snapshots a restore tries first (`restore_tier`): verified ones and
+#: those written before ckpt checked, then unverified ones (taken while a
+#: file was in progress), then suspect ones (marked by the crash-loop guard);
+#: newest first within each.
+PREFERRED, UNVERIFIED_TIER, SUSPECT_TIER = 0, 1, 2
+
+
+def restore_tier(m: Manifest, suspect: bool) -> int:
+    if suspect:
+        return SUSPECT_TIER
+    return UNVERIFIED_TIER if m.verified is False else PREFERRED
+
+
+def pick(
+    loaded: Iterable[tuple[SnapshotRef, Manifest | ManifestError]], suspect: Collection[str]
+) -> tuple[SnapshotRef, Manifest] | None:
+    """The snapshot a restore uses, of `loaded` (newest first; damaged ones
+    are passed over): the first preferred one, else the best of the others
+    by tier. Reads `loaded` only as far as that first preferred one."""
+    best: tuple[int, SnapshotRef, Manifest] | None = None
+    for ref, m in loaded:
+        if isinstance(m, ManifestError):
+            continue
+        tier = restore_tier(m, ref.key in suspect)
+        if tier == PREFERRED:
+            return ref, m
+        if best is None or tier < best[0]:
+            best = (tier, ref, m)
+    return None if best is None else (best[1], best[2])
+
+
+def unverified_note(m: Manifest, shown: int = 3) -> str:
+    """The files an unverified snapshot took while in progress, and why."""
+    items = [f"{p} ({why})" for p, why in m.unverified[:shown]]
+    more = f" and {len(m.unverified) - shown} more" if len(m.unverified) > shown else ""
+    return ", ".join(items) + more if items else "no file named"
+
+
+class Verdicts:
+    """Whether each snapshot (by key) is restorable, as last judged."""
+
+    def __init__(self) -> None:
+        self._verdicts: dict[str, bool] = {}
+
+    def forget(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            self._verdicts.pop(key, None)
+
+    def judge(
+        self,
+        loaded: Iterable[tuple[SnapshotRef, Manifest | ManifestError]],
+        present: set[str] | None = None,
+    ) -> dict[str, bool]:
+        """Whether each snapshot can be restored (key -> bool): its manifest
+        parses and every chunk it names is in the store.
+
+        With `present` (one listing of chunks/ and trash/), every snapshot is
+        judged by it. Without, a snapshot judged before keeps its verdict and
+        one first seen now is whole if it parses: a writer writes a manifest
+        after every chunk it names, and retention never deletes a chunk a
+        kept manifest names, so only a chunk deleted behind ckpt's back since
+        could be missing (the next listing finds that). This is what keeps
+        retention on the snapshot thread free of a listing per snapshot."""
+        out: dict[str, bool] = {}
+        for ref, m in loaded:
+            if isinstance(m, ManifestError):
+                verdict = False
+            elif present is not None:
+                verdict = m.chunk_digests() <= present
+            else:
+                verdict = self._verdicts.get(ref.key, True)
+            out[ref.key] = self._verdicts[ref.key] = verdict
+        return out
+
+
+def load_all(
+    repo: Repository, refs: list[SnapshotRef]
+) -> list[tuple[SnapshotRef, Manifest | ManifestError]]:
+    """Each snapshot's manifest (read once per process), or its error."""
+    out: list[tuple[SnapshotRef, Manifest | ManifestError]] = []
+    for ref in refs:
+        try:
+            out.append((ref, repo.load_cached(ref)))
+        except ManifestError as exc:
+            out.append((ref, exc))
+    return out
+
+
+def gc(repo: Repository, keep: int, *, sweep: bool = True) -> GcReport:
+    """Retention of the single-node stream: keep the newest `keep`
+    restorable (verified, not suspect) snapshots and every damaged,
+    suspect or unverified one newer than them (`retained`); delete older
+    manifests and their suspect marks, then chunks no remaining manifest
+    names. Only
+    the lease holder may call this; it runs between snapshots, so no
+    upload of this writer is in flight.
+
+    sweep=True lists every chunk (chunks/ and trash/), judges every
+    snapshot by that listing, and deletes all unreferenced chunks (also
+    orphans of uploads that crashed before their manifest); sweep=False
+    lists nothing (see judge) and only considers the chunks the dropped
+    manifests named."""
+    if repo.stream:
+        raise ValueError("gc() prunes the single-node stream; ranks prune with world.prune")
+    refs = repo.snapshots()
+    listed = repo.chunks.listed() if sweep else None
+    present = listed | repo.chunks.trash() if listed is not None else None
+    loaded = load_all(repo, refs)
+    whole = repo.judge(loaded, present)
+    suspect = repo.marks.keys(cached=not sweep)
+    kinds = [(r, snapshot_kind(m, whole[r.key], r.key in suspect)) for r, m in loaded]
+    kept, dropped = retained(kinds, keep)
+    if not dropped and not sweep:
+        return GcReport([], 0, [r.key for r in kept])
+    referenced = rank_chunks(repo)
+    candidates: set[str] = set()
+    dropped_keys = {r.key for r in dropped}
+    for ref, m in loaded:
+        if isinstance(m, ManifestError):
+            continue  # a damaged manifest names nothing we could read
+        if ref.key in dropped_keys:
+            if listed is None:
+                candidates |= m.chunk_digests()
+        else:
+            referenced |= m.chunk_digests()
+    for ref in dropped:
+        repo.backend.delete(ref.key)
+    repo.forget_manifests(r.key for r in dropped)
+    repo.marks.drop(dropped, suspect)
+    if listed is not None:
+        candidates = listed
+        # Half-written chunks of a writer killed mid-upload (local disks and
+        # SFTP write to a temp name first). Only the lease holder sweeps, on
+        # its snapshot thread between snapshots: none of them is its own.
+        for key in repo.backend.list(CHUNKS, temp=True):
+            repo.backend.delete(key)
+    deleted = 0
+    for digest in sorted(candidates - referenced):
+        repo.backend.delete(chunk_key(digest))
+        repo.chunks.forget(digest)
+        deleted += 1
+    return GcReport([r.key for r in dropped], deleted, [r.key for r in kept])
+
+
+def rank_chunks(repo: Repository) -> set[str]:
+    """Every chunk a rank stream's manifest names: the single-node stream's
+    retention never deletes them (a repository a multi-node run wrote too)."""
+    out: set[str] = set()
+    for refs in repo.rank_snapshots().values():
+        for ref in refs:
+            with contextlib.suppress(ManifestError):
+                out |= repo.load_cached(ref).chunk_digests()
+    return out

@@ -19,7 +19,7 @@ files and why; a commit fails (NotWholeError) at its pin on a file failing
 its check. Each entry records the check it passed (`Entry.check`).
 Reading the changed files is `reader`'s; the scan is `dirscan`'s. What
 the stream keeps and what a manifest records of its world are injected
-policies (`retention`): one node, or a rank of several.
+policies (`retention_policy`): one node, or a rank of several.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from ckpt_cli.reader import (
     reason,
 )
 from ckpt_cli.repository import Repository
-from ckpt_cli.retention import PreSnapshot, Retention, Stamp, for_world
+from ckpt_cli.retention_policy import PreSnapshot, Retention, Stamp, for_world
 
 __all__ = [  # re-exported: the worker and control catch the first two; restore scans
     "MAX_OPEN_FILES",

@@ -6,7 +6,6 @@ image; system fonts only.
 Every string from the repository (run ids, host names, exit descriptions)
 is cleaned like a terminal line (`console.clean`: control characters
 escaped, secrets scrubbed) and then escaped for XML/HTML.
-
 """
 
 from __future__ import annotations

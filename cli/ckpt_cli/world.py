@@ -35,10 +35,10 @@ import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 
+from ckpt_cli.backends import NotFound
 from ckpt_cli.errors import ConfigError
 from ckpt_cli.lease import Lease, live_leases
 from ckpt_cli.manifest import HASH_RE, SNAPSHOTS, Manifest, ManifestError
-from ckpt_cli.remote import NotFound
 from ckpt_cli.repository import (
     CHUNKS,
     RANKS,

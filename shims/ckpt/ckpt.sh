@@ -127,6 +127,26 @@ ckpt_commit() {
     "${CKPT_BIN:-ckpt}" commit "$@"
 }
 
+# A new file beside $1, to be renamed over it: created by mktemp (a name no
+# one can guess, never an existing file or a link), with $1's permission
+# bits when $1 exists (special bits dropped), else the umask's default; so
+# an atomic rewrite never makes a private file readable by others. Prints
+# its path.
+_ckpt_temp_beside() {
+    local target=$1 tmp mode
+    tmp=$(mktemp "${target%/*}/.${target##*/}.tmp.XXXXXXXX") || return 1
+    if [[ -f "$target" && ! -L "$target" ]]; then
+        mode=$(stat -c %a -- "$target") && mode=$(printf '%o' $((8#$mode & 8#777)))
+    else
+        mode=$(printf '%o' $((8#666 & ~8#$(umask))))
+    fi
+    if ! chmod -- "$mode" "$tmp"; then
+        rm -f -- "$tmp"
+        return 1
+    fi
+    printf '%s\n' "$tmp"
+}
+
 ckpt_save() {
     if [[ $# -lt 1 || $# -gt 2 ]]; then
         _ckpt_error "usage: ckpt_save SRC [NAME]"
@@ -150,7 +170,7 @@ ckpt_save() {
     _ckpt_resolve_dir
     target="$_ckpt_d/$name"
     mkdir -p -- "${target%/*}" || return 1
-    tmp="${target%/*}/.${target##*/}.$$.${RANDOM}.tmp"
+    tmp=$(_ckpt_temp_beside "$target") || return 1
     if ! cp -- "$src" "$tmp" || ! mv -fT -- "$tmp" "$target"; then
         rm -f -- "$tmp"
         return 1
@@ -162,7 +182,7 @@ ckpt_write() {
     local _ckpt_d tmp
     _ckpt_resolve_dir
     mkdir -p -- "$_ckpt_d" || return 1
-    tmp="$_ckpt_d/.payload.$$.${RANDOM}.tmp"
+    tmp=$(_ckpt_temp_beside "$_ckpt_d/payload") || return 1
     if ! cat >"$tmp" || ! mv -fT -- "$tmp" "$_ckpt_d/payload"; then
         rm -f -- "$tmp"
         return 1

@@ -31,6 +31,7 @@ import keras
 import ckpt
 from ckpt._adapter import CommittingCallback, Stamp, fingerprint
 from ckpt._checkpoint import is_temp
+from ckpt._fs import create_beside
 
 __all__ = ["CkptCallback", "resume_path"]
 
@@ -122,10 +123,13 @@ class CkptCallback(CommittingCallback, keras.callbacks.Callback):  # type: ignor
     def _save_preempted(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         final = self.directory / self.filename
-        # ".NAME.tmp.keras": a temp name (never snapshotted) with the suffix keras wants
+        # ".NAME.tmp.RANDOM.keras": a temp name (never snapshotted) with the suffix keras wants
         suffix = ".weights.h5" if self.filename.endswith(".weights.h5") else ".keras"
-        tmp = self.directory / f".{self.filename}.tmp{suffix}"
+        tmp = self.directory / f".{self.filename}.tmp.{os.urandom(8).hex()}{suffix}"
         try:
+            # Made first (never through a link, never an existing file, the
+            # mode of the file it replaces); keras then rewrites it.
+            os.close(create_beside(tmp, final))
             if suffix == ".keras":
                 self.model.save(str(tmp))
             else:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import ckpt
+from ckpt._fs import create_beside
 
 __all__ = ["load", "path", "save"]
 
@@ -54,9 +55,12 @@ def save(
 
     target = path(name)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
     try:
-        torch.save(obj, tmp, **torch_save_kwargs)
+        # Never through a link, never an existing file; target's mode if it
+        # exists, so a private checkpoint stays private when rewritten.
+        with os.fdopen(create_beside(tmp, target), "wb") as f:
+            torch.save(obj, f, **torch_save_kwargs)
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -2,7 +2,7 @@
 
 Each test gets a fresh, empty `store` (tests/stores.py) and runs once per kind:
 memory, file, S3 (moto and s3rver), Azure (Azurite), GCS (emulator) and SFTP
-(sshd). It exercises ckpt_cli.remote.open_backend and what is built on it: the
+(sshd). It exercises ckpt_cli.backends.open_backend and what is built on it: the
 Repository, the lease, snapshot + restore, and GC. Objects stay few and small:
 the GCS emulator slows down as objects accumulate.
 """
@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from ckpt_cli.backends import Backend, NotFound, open_backend
+from ckpt_cli.backends.urls import parse_storage_options
 from ckpt_cli.errors import LeaseHeldError
 from ckpt_cli.lease import LEASE_KEY
 from ckpt_cli.manifest import Entry, Manifest, ManifestError, hash_bytes
-from ckpt_cli.remote import Backend, NotFound, open_backend, parse_storage_options
 from ckpt_cli.repository import (
     CONFIG_KEY,
     DEFAULT_CHUNK_SIZE,
@@ -133,6 +134,15 @@ def test_list(backend: Backend) -> None:
     assert backend.list("a/missing/") == []
 
 
+def test_names(backend: Backend) -> None:
+    """What a location holds one level down (a location `ckpt ls` finds no
+    repository in): nothing while it is empty, then its objects' top names."""
+    assert backend.names() == []
+    for key in ("a/1", "a/b/2", "top"):
+        backend.write(key, b"x")
+    assert sorted(backend.names()) == ["a", "top"]
+
+
 def test_delete(backend: Backend) -> None:
     backend.write("d/one", b"1")
     backend.write("d/two", b"2")
@@ -174,6 +184,39 @@ def test_full_size_chunk_round_trip(backend: Backend) -> None:
     payload = data(7, DEFAULT_CHUNK_SIZE)
     backend.write("big", payload)
     assert backend.read("big") == payload
+
+
+def test_write_views_of_a_reused_buffer(backend: Backend) -> None:
+    """A view of a whole chunk buffer, and of part of one, arrive byte for
+    byte; the buffer is changed after each write returns (as the chunk pool
+    reuses it), which must not change what was stored."""
+    buf = bytearray(data(8, 3 * 1024 * 1024))
+    first = bytes(buf)
+    backend.write("v/whole", memoryview(buf))
+    buf[:] = data(9, len(buf))
+    backend.write("v/part", memoryview(buf)[:5000])
+    part = bytes(buf[:5000])
+    buf[:] = bytes(len(buf))
+    assert backend.read("v/whole") == first
+    assert backend.read("v/part") == part
+
+
+def test_read_into(backend: Backend) -> None:
+    """Where a backend reads straight into a buffer: the object's size, the
+    bytes in the view, nothing beyond it; NotFound for an absent object."""
+    read_into = getattr(backend, "read_into", None)
+    if read_into is None:
+        pytest.skip("this backend has no read_into")
+    payload = data(10, 200_000)
+    backend.write("r/obj", payload)
+    buf = bytearray(len(payload) + 8)
+    assert read_into("r/obj", memoryview(buf)[: len(payload)]) == len(payload)
+    assert bytes(buf[: len(payload)]) == payload and buf[-8:] == bytes(8)
+    short = bytearray(1000 + 8)
+    assert read_into("r/obj", memoryview(short)[:1000]) == len(payload)
+    assert short[1000:] == bytes(8), "nothing written past the view"
+    with pytest.raises(NotFound):
+        read_into("r/absent", memoryview(bytearray(10)))
 
 
 # ---------------------------------------------------------------- repository

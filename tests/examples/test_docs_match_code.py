@@ -1,7 +1,7 @@
 """The docs say what the code does, where a test can compare them without
 running anything:
 
-- Every line of ckpt's output the README or an example's README quotes
+- Every line of ckpt's output the README, docs/ or an example's README quotes
   (a `ckpt: ...` span in backticks, or a `ckpt: ...` line of a transcript
   in a code block) is one the code can print: it matches a message
   template of cli/ckpt_cli (its f-strings and string constants, each
@@ -9,7 +9,7 @@ running anything:
   or the rest of a line as a final `...`; any other word must be the
   code's own. (A paraphrase is not a quote: quote, or say it in your words
   without backticks.)
-- The README's list of temp names is `TEMP_PATTERNS` of shims/ckpt/_contract.py,
+- The list of temp names in docs/consistency.md is `TEMP_PATTERNS` of shims/ckpt/_contract.py,
   in its order.
 """
 
@@ -25,8 +25,12 @@ import pytest
 from ckpt._contract import TEMP_PATTERNS
 
 REPO = Path(__file__).resolve().parents[2]
-SOURCES = sorted((REPO / "cli" / "ckpt_cli").glob("*.py"))
-DOCS = [REPO / "README.md", *sorted((REPO / "examples").glob("*/README.md"))]
+SOURCES = sorted((REPO / "cli" / "ckpt_cli").rglob("*.py"))
+DOCS = [
+    REPO / "README.md",
+    *sorted((REPO / "docs").glob("*.md")),
+    *sorted((REPO / "examples").glob("*/README.md")),
+]
 #: What console puts before a message: the prefix, then the level's word.
 LEVELS = re.compile(r"^ckpt: (?:(?:warning|error|debug):(?: |$))?")
 #: A value inside a template (any text, maybe none).
@@ -156,7 +160,7 @@ def test_the_quote_check_tells_a_real_line_from_an_invented_one() -> None:
 
 
 def test_the_readme_lists_the_temp_names_of_the_contract() -> None:
-    readme = " ".join((REPO / "README.md").read_text().split())
+    readme = " ".join((REPO / "docs" / "consistency.md").read_text().split())
     match = re.search(r"Temp names are never snapshotted(.*?)\.(?: |$)", readme)
     assert match, "the README's sentence listing the temp names is gone"
     names = re.sub(r"\([^()]*\)", "", match.group(1))  # remarks in parentheses

@@ -257,6 +257,42 @@ def test_torch_save_failure_leaves_the_previous_file(tmp_path: Path) -> None:
     assert [p.name for p in (ck / "sub").iterdir()] == ["state.pt"], "temp file left behind"
 
 
+#: Rewrites a private state.pt under a permissive umask.
+TORCH_PRIVATE_SAVE = """
+import os, warnings
+import ckpt.torch
+warnings.simplefilter("ignore")  # not under ckpt run: commit() only warns
+os.umask(0o022)
+ckpt.torch.save({"step": 1}, "state.pt")
+os.chmod(ckpt.torch.path("state.pt"), 0o600)
+ckpt.torch.save({"step": 2}, "state.pt")
+mode = os.stat(ckpt.torch.path("state.pt")).st_mode & 0o7777
+print(oct(mode), ckpt.torch.load("state.pt")["step"])
+ckpt.torch.save({"step": 3}, "fresh.pt")
+print(oct(os.stat(ckpt.torch.path("fresh.pt")).st_mode & 0o7777))
+"""
+
+
+def test_torch_save_keeps_a_private_checkpoint_private(tmp_path: Path) -> None:
+    """The temp file that is renamed over state.pt gets state.pt's mode, not
+    the umask's default: a 0600 checkpoint rewritten stays 0600 (it used to
+    become 0644, readable by everyone on the machine)."""
+    pytest.importorskip("torch")
+    ck = tmp_path / "ck"
+    proc = subprocess.run(
+        [PY, "-c", TORCH_PRIVATE_SAVE],
+        cwd=tmp_path,
+        env={**os.environ, "CKPT_DIR": str(ck)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["0o600 2", "0o644"], proc.stdout
+    assert sorted(p.name for p in ck.iterdir()) == ["fresh.pt", "state.pt"]
+
+
 def test_torch_path_stays_inside_the_checkpoint_dir() -> None:
     pytest.importorskip("torch")
     import ckpt.torch

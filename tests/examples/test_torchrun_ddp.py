@@ -58,7 +58,7 @@ from typing import Any
 
 import pytest
 
-from ckpt_cli import subtree
+from ckpt_cli import processes as subtree
 
 pytest.importorskip("torch", reason="the example trains with PyTorch (CPU)")
 

@@ -37,7 +37,7 @@ from typing import Any
 import pytest
 
 from ckpt._contract import ExitCode
-from ckpt_cli import subtree
+from ckpt_cli import processes as subtree
 from ckpt_cli.lease import boot_id
 from ckpt_cli.manifest import host_name
 from faults._proc import read_announce

@@ -177,7 +177,8 @@ def test_push_of_an_empty_dir_over_a_history_needs_allow_empty(tmp_path: Path) -
     """Injected: `ckpt push EMPTY REPO --keep 1` over a remote whose newest
     snapshot holds files. Asserted: 78, one line naming --allow-empty, every
     object of the remote unchanged and still restorable; with --allow-empty
-    the empty snapshot is pushed (the user asked for it)."""
+    the empty snapshot is pushed (the user asked for it) and is the newest,
+    but it does not count toward --keep: the snapshot with files stays."""
     remote = _remote_with(tmp_path, SNAP)
     before = tree(remote)
     empty = tmp_path / "empty"
@@ -192,8 +193,36 @@ def test_push_of_an_empty_dir_over_a_history_needs_allow_empty(tmp_path: Path) -
     assert _files(tmp_path / "back") == SNAP
 
     _ok(ckpt(["push", str(empty), str(remote), "--keep", "1", "--allow-empty"], cwd=tmp_path))
-    assert [len(m["entries"]) for m in manifests(remote)] == [0]
+    by_generation = sorted(manifests(remote), key=lambda m: m["generation"])
+    assert [len(m["entries"]) > 0 for m in by_generation] == [True, False]
+    old = by_generation[0]["id"]
+    _ok(ckpt(["restore", str(remote), str(tmp_path / "old"), "--snapshot", old], cwd=tmp_path))
+    assert _files(tmp_path / "old") == SNAP
     record(KIND, 1, case="push of an empty dir")
+
+
+def test_a_run_on_an_empty_dir_with_no_restore_keeps_the_snapshot_with_files(
+    tmp_path: Path,
+) -> None:
+    """Injected: `ckpt run --no-restore --keep 1` on an empty --dir over a
+    remote whose only snapshot holds files, the child writing nothing.
+    Asserted: the run snapshots the empty dir (the truth, what a restore now
+    picks), and the snapshot with files is still there and restores byte for
+    byte: an empty snapshot never counts toward --keep (it used to drop the
+    only copy of the files)."""
+    remote = _remote_with(tmp_path, SNAP)
+    (old,) = [m["id"] for m in manifests(remote)]
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    args = ["run", "--no-restore", "--keep", "1", "--dir", str(ck), "--remote", str(remote)]
+    _ok(ckpt([*args, "--", PY, "-c", "pass"], cwd=tmp_path))
+    _ok(ckpt([*args, "--", PY, "-c", "pass"], cwd=tmp_path))  # and again: no pile-up
+    by_generation = sorted(manifests(remote), key=lambda m: m["generation"])
+    assert by_generation[0]["id"] == old
+    assert [len(m["entries"]) > 0 for m in by_generation] == [True, False]
+    _ok(ckpt(["restore", str(remote), str(tmp_path / "back"), "--snapshot", old], cwd=tmp_path))
+    assert _files(tmp_path / "back") == SNAP
+    record(KIND, 1, case="run --no-restore on an empty dir")
 
 
 # ---------------------------------------------------------------- item 4: mount points

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ckpt_cli import subtree
+from ckpt_cli import processes as subtree
 
 try:  # tests/conftest.py, imported by pytest as the top-level module `conftest`
     from conftest import CKPT, run_ckpt, write_script

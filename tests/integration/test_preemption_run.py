@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from ckpt import ExitCode
-from ckpt_cli.supervisor import ECHO_WINDOW
+from ckpt_cli.run.signals import ECHO_WINDOW
 from metadata import MetadataServer
 
 from ._util import (

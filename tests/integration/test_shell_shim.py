@@ -607,3 +607,45 @@ def test_ckpt_save_refuses_what_it_cannot_save_and_leaves_no_temp_file(tmp_path:
     ]
     assert sorted(os.listdir(ck)) == ["ok.bin"]
     assert not (tmp_path / "escape.bin").exists()
+
+
+def test_ckpt_save_and_write_keep_a_private_file_private(tmp_path: Path) -> None:
+    """The temp file renamed over the target is made by mktemp (no name
+    another user can guess and plant a link at) and gets the target's
+    permission bits: a 0600 file rewritten from a 0644 source under umask
+    022 stays 0600 (cp used to give the temp the source's 0644). A new file
+    gets the umask's default; special bits are never carried over."""
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "model.bin").write_text("old")
+    (ck / "model.bin").chmod(0o600)
+    (ck / "payload").write_text("old")
+    (ck / "payload").chmod(0o640)
+    (ck / "tool.bin").write_text("old")
+    (ck / "tool.bin").chmod(0o4755)
+    src = tmp_path / "src.bin"
+    src.write_text("new")
+    src.chmod(0o644)
+    res = _bash(
+        """
+        umask 022
+        ckpt_save src.bin model.bin
+        ckpt_save src.bin tool.bin
+        ckpt_save src.bin fresh.bin
+        echo "state 2" | ckpt_write
+        """,
+        cwd=tmp_path,
+        env={"CKPT_DIR": str(ck)},
+    )
+    assert res.returncode == 0, res.stderr
+    modes = {p.name: oct(p.stat().st_mode & 0o7777) for p in ck.iterdir()}
+    assert modes == {
+        "model.bin": "0o600",
+        "payload": "0o640",
+        "tool.bin": "0o755",
+        "fresh.bin": "0o644",
+    }
+    assert (ck / "model.bin").read_text() == "new"
+    assert (ck / "payload").read_text() == "state 2\n"
+    shim = SHIM.read_text()
+    assert "$RANDOM" not in shim and "mktemp" in shim

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_cli.supervisor import ECHO_WINDOW
+from ckpt_cli.run.signals import ECHO_WINDOW
 
 from ._util import (
     Running,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_cli import subtree
+from ckpt_cli import processes as subtree
 
 from ._util import Running, pid_gone, read_tree, restore_into, run_args, wait_for
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from ckpt._contract import ExitCode
-from ckpt_cli.supervisor import ECHO_WINDOW
+from ckpt_cli.run.signals import ECHO_WINDOW
 
 from ._util import (
     PY,

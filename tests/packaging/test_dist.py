@@ -59,7 +59,7 @@ SDIST_FILES = (
     *("shims/ckpt/__init__.py", "shims/ckpt/py.typed", "shims/ckpt/ckpt.sh"),
     *("tests/conftest.py", "tests/install.sh", "tests/servers/package-lock.json"),
 )
-SDIST_FOLDERS = ("examples", "bench", "tests/packaging", "tests/integration")
+SDIST_FOLDERS = ("examples", "bench", "docs", "tests/packaging", "tests/integration")
 #: Written into the checkout by whatever else runs meanwhile (pytest, ruff,
 #: mypy, other xdist workers), never by the build: not counted as its leftovers.
 CACHES = ("__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache")

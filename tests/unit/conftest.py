@@ -9,7 +9,7 @@ from uuid import uuid4
 
 import pytest
 
-from ckpt_cli.remote import Backend, open_backend
+from ckpt_cli.backends import Backend, open_backend
 from ckpt_cli.repository import Repository
 from ckpt_cli.snapshotter import Snapshotter
 

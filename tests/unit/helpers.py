@@ -6,7 +6,7 @@ import os
 import random
 from pathlib import Path
 
-from ckpt_cli.remote import Backend
+from ckpt_cli.backends import Backend, read_whole_into
 
 #: A small chunk size so multi-chunk files stay tiny.
 CHUNK = 4096
@@ -47,7 +47,13 @@ def tree(root: Path) -> dict[str, tuple[object, ...]]:
 
 
 class DelegatingBackend:
-    """A backend that passes every call to `inner`; tests override what they observe."""
+    """A backend that passes every call to `inner`; tests override what they observe.
+    It claims no capability: the plain paths (a copy for every put, reads
+    whole, a confirmed create)."""
+
+    exclusive_create = False
+    borrows_buffers = False
+    reads_into = False
 
     def __init__(self, inner: Backend) -> None:
         self.inner = inner
@@ -55,6 +61,9 @@ class DelegatingBackend:
 
     def read(self, key: str) -> bytes:
         return self.inner.read(key)
+
+    def read_into(self, key: str, view: memoryview) -> int:
+        return read_whole_into(self, key, view)
 
     def write(self, key: str, data: bytes) -> None:
         self.inner.write(key, data)
@@ -67,6 +76,9 @@ class DelegatingBackend:
 
     def rename(self, src: str, dst: str) -> None:
         self.inner.rename(src, dst)
+
+    def names(self) -> list[str]:
+        return self.inner.names()
 
     def list(self, prefix: str, *, temp: bool = False) -> list[str]:
         return self.inner.list(prefix, temp=temp)

@@ -13,10 +13,10 @@ import pytest
 
 from ckpt._contract import ExitCode
 from ckpt_cli import config, redact
+from ckpt_cli.backends.urls import parse_storage_options
 from ckpt_cli.config import check_remote_outside, default_remote, resolve_dir
 from ckpt_cli.errors import ConfigError
 from ckpt_cli.policy import parse_backoff, parse_retry_on
-from ckpt_cli.remote import parse_storage_options
 
 # ---------------------------------------------------------------- resolve_dir
 
@@ -242,7 +242,7 @@ def test_storage_options_conflict() -> None:
     ],
 )
 def test_redact_url_hides_passwords(url: str, shown: str) -> None:
-    from ckpt_cli.remote import redact_url
+    from ckpt_cli.backends.urls import redact_url
 
     assert redact_url(url) == shown
     assert "hunter2" not in redact_url(url)
@@ -616,7 +616,7 @@ def test_describe_masks_secrets(tmp_path: Path) -> None:
 
 
 def test_the_readme_example_is_a_valid_ckpt_toml(tmp_path: Path) -> None:
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    readme = (Path(__file__).parents[2] / "docs" / "options.md").read_text()
     example = readme.split("```toml\n# ckpt.toml\n", 1)[1].split("```", 1)[0]
     settings = _load(tmp_path, toml=example)
     assert settings["retries"] == 5 and settings["command"] == ["python", "train.py"]

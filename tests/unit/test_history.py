@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from ckpt_cli import history
+from ckpt_cli.backends.local import LocalBackend
 from ckpt_cli.errors import RemoteError
 from ckpt_cli.history import (
     FORMAT,
@@ -24,7 +25,6 @@ from ckpt_cli.history import (
     run_key,
 )
 from ckpt_cli.manifest import Entry
-from ckpt_cli.remote import LocalBackend
 
 
 @pytest.fixture

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from ckpt_cli import subtree
+from ckpt_cli import processes as subtree
+from ckpt_cli.backends import Backend, NotFound, open_backend
 from ckpt_cli.errors import LeaseHeldError
 from ckpt_cli.lease import (
     LEASE_KEY,
@@ -27,7 +28,6 @@ from ckpt_cli.lease import (
     live_leases,
     sane_ttl,
 )
-from ckpt_cli.remote import Backend, NotFound, open_backend
 
 HERE = Place(host="node-a", boot="boot-1", pidns="pid:[4026531836]", timens="time:[4026531834]")
 NOW = 1_000_000.0

@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from ckpt_cli import openfiles, subtree
+from ckpt_cli import openfiles
+from ckpt_cli import processes as subtree
 from ckpt_cli.openfiles import Role, prefix_kept, writer_kind
 
 pytestmark = pytest.mark.skipif(not subtree.HAVE_PROC, reason="needs Linux /proc")

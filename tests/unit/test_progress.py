@@ -25,7 +25,8 @@ from typing import Any
 
 import pytest
 
-from ckpt_cli import openfiles, subtree
+from ckpt_cli import openfiles
+from ckpt_cli import processes as subtree
 from ckpt_cli.formats import CommandCheck, Registry
 from ckpt_cli.progress import Auto, NotWholeError, check_reason
 from ckpt_cli.repository import Repository

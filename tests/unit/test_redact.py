@@ -8,8 +8,9 @@ from collections.abc import Iterator
 import pytest
 
 from ckpt_cli import console, redact
+from ckpt_cli.backends import open_backend
+from ckpt_cli.backends.urls import redact_url
 from ckpt_cli.errors import write_crash_log
-from ckpt_cli.remote import open_backend, redact_url
 
 CONN = (
     "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from ckpt_cli import repair
 from ckpt_cli.formats import DEFAULT
-from ckpt_cli.repo_tools import ChunkSource
 from ckpt_cli.repository import Repository
 from ckpt_cli.snapshotter import Snapshotter, scan
+from ckpt_cli.verify import ChunkSource
 
 from .helpers import CHUNK, data
 
@@ -134,6 +134,6 @@ def test_torn_dirs_first_and_their_whole_siblings(tmp_path: Path) -> None:
 
 
 def _backend(tmp_path: Path):  # type: ignore[no-untyped-def]
-    from ckpt_cli.remote import open_backend
+    from ckpt_cli.backends import open_backend
 
     return open_backend(str(tmp_path / "empty-remote"))

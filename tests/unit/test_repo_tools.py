@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 
 from ckpt_cli import world
+from ckpt_cli.backends import Backend, open_backend
+from ckpt_cli.diff import diff
 from ckpt_cli.errors import ConfigError, RemoteError
 from ckpt_cli.manifest import Entry, Manifest, hash_bytes
-from ckpt_cli.remote import Backend, open_backend
-from ckpt_cli.repo_tools import check, diff, open_existing
+from ckpt_cli.repo_tools import open_existing
 from ckpt_cli.repository import CHUNKS, CONFIG_KEY, Repository, chunk_key
+from ckpt_cli.verify import check
 
 from .helpers import CHUNK, DelegatingBackend
 

@@ -12,13 +12,14 @@ import time
 
 import pytest
 
+from ckpt_cli.backends import Backend, NotFound
 from ckpt_cli.errors import ConfigError, LeaseHeldError
 from ckpt_cli.lease import LEASE_KEY, Lease, LeaseLostError, boot_id, here
 from ckpt_cli.manifest import FORMAT_VERSION, Entry, Manifest, hash_bytes
-from ckpt_cli.remote import Backend, NotFound
 from ckpt_cli.repository import (
     CONFIG_KEY,
     DEFAULT_CHUNK_SIZE,
+    Buffers,
     ChunkError,
     Repository,
     SnapshotRef,
@@ -691,6 +692,40 @@ def test_lease_racing_acquires_have_one_winner(repo: Repository) -> None:
     assert _lease_owner(repo) == winner.owner
 
 
+def test_a_buffer_is_reused_unless_its_transfer_raised() -> None:
+    """A buffer comes back to the pool after its block; after a block that
+    raised (a put that timed out may still be sending from it, a get
+    abandoned mid-body may still be writing into it) it is never handed out
+    again."""
+    pool = Buffers(64)
+    with pool.view(64) as v:
+        first = v.obj
+    with pool.view(10) as v:
+        assert v.obj is first and len(v) == 10
+    with pytest.raises(TimeoutError), pool.view(64) as v:
+        assert v.obj is first
+        raise TimeoutError("no answer")
+    with pool.view(64) as v:
+        assert v.obj is not first, "the buffer of the failed transfer is not reused"
+
+
+def test_a_backend_without_borrowed_buffers_gets_a_copy(local_repo: Repository) -> None:
+    """put_chunk asks the backend (its borrows_buffers), not its class: a
+    test double without it keeps what it is given, so it gets bytes."""
+    kept: list[object] = []
+
+    class Keeping(DelegatingBackend):
+        def write(self, key: str, data: bytes) -> None:
+            kept.append(data)
+            self.inner.write(key, bytes(data))
+
+    repo = Repository(Keeping(local_repo.backend), local_repo.chunk_size)
+    assert local_repo.borrows_buffers and not repo.borrows_buffers
+    buf = bytearray(b"abc")
+    repo.put_chunk(hash_bytes(b"abc"), memoryview(buf))
+    assert kept == [b"abc"] and isinstance(kept[0], bytes)
+
+
 # ---------------------------------------------------------------- verified, suspect
 
 
@@ -713,8 +748,22 @@ def test_retained_never_counts_unverified_or_suspect_snapshots() -> None:
     assert [r.generation for r in kept] == [6, 5, 1]
 
 
+def test_an_empty_snapshot_never_displaces_one_with_files() -> None:
+    """`ckpt run --no-restore` on an empty --dir, or a push --allow-empty:
+    the empty snapshot is kept (the newest state) but never counted, so
+    the one with files stays; empty ones do not pile up either."""
+    refs = _refs(4)
+    kinds = ["empty", "empty", "empty", "whole"]
+    kept, dropped = retained(list(zip(refs, kinds, strict=True)), 1)
+    assert [r.generation for r in kept] == [4, 1]
+    assert [r.generation for r in dropped] == [3, 2]
+    dirs_only = _manifest(2, "00000002", (Entry("d", "dir", 0o755, mtime_ns=5),))
+    assert snapshot_kind(dirs_only, True, False) == "empty"
+    assert snapshot_kind(_manifest(1, "00000001"), True, False) == "empty"
+
+
 def test_snapshot_kind_and_restore_tier() -> None:
-    m = _manifest(1, "00000001")
+    m = _manifest(1, "00000001", (Entry("f", "file", 0o644, 0, 1),))
     unverified = dataclasses.replace(m, verified=False)
     assert snapshot_kind(m, True, False) == "whole"
     assert snapshot_kind(dataclasses.replace(m, verified=True), True, False) == "whole"

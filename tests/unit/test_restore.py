@@ -13,10 +13,10 @@ import pytest
 
 import ckpt._fs as ckpt_fs
 from ckpt_cli import restore as restore_mod
+from ckpt_cli.backends import open_backend
 from ckpt_cli.errors import ConfigError, RestoreError
 from ckpt_cli.kept import recover_interrupted
 from ckpt_cli.manifest import Entry, Manifest, hash_bytes
-from ckpt_cli.remote import open_backend
 from ckpt_cli.repo_tools import DamagedError
 from ckpt_cli.repository import Repository, chunk_key
 from ckpt_cli.restore import restore

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from ckpt_cli import snapshotter
+from ckpt_cli.backends import open_backend
 from ckpt_cli.manifest import Manifest, hash_bytes
-from ckpt_cli.remote import open_backend
 from ckpt_cli.repository import Repository
 from ckpt_cli.restore import restore
 from ckpt_cli.snapshotter import Snapshotter, UnreadableError, scan

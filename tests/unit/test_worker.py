@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from ckpt_cli.backends import open_backend
+from ckpt_cli.backends.local import LocalBackend
 from ckpt_cli.errors import RemoteError
 from ckpt_cli.lease import LeaseLostError
-from ckpt_cli.remote import LocalBackend, open_backend
 from ckpt_cli.repository import Repository
 from ckpt_cli.snapshotter import SnapshotResult, Snapshotter, UnreadableError
 from ckpt_cli.worker import SnapshotWorker

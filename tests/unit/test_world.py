@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from ckpt_cli import world
+from ckpt_cli.backends import Backend, NotFound
 from ckpt_cli.errors import ConfigError
 from ckpt_cli.manifest import Manifest, ManifestError
-from ckpt_cli.remote import Backend, NotFound
 from ckpt_cli.repository import Repository, chunk_key, rank_stream, trash_key
 from ckpt_cli.snapshotter import Snapshotter
 

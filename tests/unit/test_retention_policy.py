@@ -1,13 +1,14 @@
-"""retention: the policies a Snapshotter is given, one node or a rank of several."""
+"""retention_policy: the policies a Snapshotter is given, one node or a rank of several."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ckpt_cli import world
 from ckpt_cli.remote import open_backend
+
+from ckpt_cli import world
 from ckpt_cli.repository import Repository, rank_stream
-from ckpt_cli.retention import (
+from ckpt_cli.retention_policy import (
     LatestRestorable,
     RankRounds,
     SeeRounds,

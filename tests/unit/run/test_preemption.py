@@ -1,4 +1,4 @@
-"""Preemption pollers (ckpt_cli.preemption) against fake metadata services.
+"""Preemption pollers (ckpt_cli.run.preemption) against fake metadata services.
 
 Every poller here talks to the fake AWS / GCP / Azure services of
 tests/metadata.py on 127.0.0.1. An autouse guard makes any attempt to resolve a
@@ -26,9 +26,16 @@ from typing import Any
 
 import pytest
 
-from ckpt_cli import preemption
 from ckpt_cli.errors import ConfigError
-from ckpt_cli.preemption import ENV_METADATA_URL, MetadataError, Notice, Poller, detect, poller_for
+from ckpt_cli.run import preemption
+from ckpt_cli.run.preemption import (
+    ENV_METADATA_URL,
+    MetadataError,
+    Notice,
+    Poller,
+    detect,
+    poller_for,
+)
 from metadata import (  # tests/ is on sys.path, as for `stores`
     AWS_ACTION_PATH,
     AWS_TOKEN_PATH,

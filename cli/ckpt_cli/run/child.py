@@ -7,7 +7,7 @@ the supervisor: a line "PGID" names the group to protect, "0" clears it. When
 the pipe reaches end of file (the supervisor is gone, however it died), the
 guardian sends SIGKILL to the group it holds. PR_SET_PDEATHSIG would only
 cover the direct child, not what it spawned. Processes that left the group
-(setsid) are reached through `subtree` while ckpt lives.
+(setsid) are reached through `processes` while ckpt lives.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import time
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
-from ckpt_cli import subtree
+from ckpt_cli import processes
 from ckpt_cli.errors import ConfigError
 from ckpt_cli.policy import ChildExit
 
@@ -112,7 +112,13 @@ class Child:
         (a daemon that left the group), but those in exclude and below them."""
         signal_group(self.pgid, sig)
         me = os.getpid()
-        subtree.send((p for p in subtree.live(me, exclude=exclude) if p.pgid != self.pgid), sig)
+        processes.send((p for p in processes.live(me, exclude=exclude) if p.pgid != self.pgid), sig)
+
+    def send(self, sig: int) -> None:
+        """sig to the direct child only (like tini without -g); a gone child
+        is not an error."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, sig)
 
     def stop_leftovers(self, grace: float, exclude: Collection[int] = ()) -> int:
         """After the child exited: SIGTERM to what is left of its group and of
@@ -124,18 +130,18 @@ class Child:
             if not left:
                 break
             signal_group(self.pgid, sig)
-            subtree.send(left, sig)
+            processes.send(left, sig)
             deadline = time.monotonic() + wait
             while (left := self._leftovers(exclude)) and time.monotonic() < deadline:
                 time.sleep(0.05)
         return count
 
-    def _leftovers(self, exclude: Collection[int]) -> list[subtree.Proc]:
-        subtree.reap(exclude)
-        if subtree.HAVE_PROC:
-            return subtree.live(os.getpid(), pgid=self.pgid, exclude=exclude)
+    def _leftovers(self, exclude: Collection[int]) -> list[processes.Proc]:
+        processes.reap(exclude)
+        if processes.HAVE_PROC:
+            return processes.live(os.getpid(), pgid=self.pgid, exclude=exclude)
         alive = group_alive(self.pgid)  # no /proc: the group is all we can see
-        return [subtree.Proc(self.pgid, os.getpid(), self.pgid, "S")] if alive else []
+        return [processes.Proc(self.pgid, os.getpid(), self.pgid, "S")] if alive else []
 
 
 def catches_signal(pid: int, sig: int) -> bool:

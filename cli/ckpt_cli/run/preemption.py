@@ -15,7 +15,6 @@ tests use fake metadata servers on 127.0.0.1.
          with wait_for_change: TRUE about 30 s before the VM stops.
   Azure  GET /metadata/scheduledevents (Metadata: true): a "Preempt" (or
          "Terminate") event for this VM, NotBefore at least 30 s ahead.
-
 """
 
 from __future__ import annotations

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_cli import subtree
+from ckpt_cli import processes
 
-pytestmark = pytest.mark.skipif(not subtree.HAVE_PROC, reason="needs Linux /proc")
+pytestmark = pytest.mark.skipif(not processes.HAVE_PROC, reason="needs Linux /proc")
 
 
 @pytest.fixture
@@ -44,7 +44,7 @@ def test_a_command_name_with_parentheses_and_spaces_is_parsed(
     odd.symlink_to(sleep)
     p = subprocess.Popen([str(odd), "30"])
     procs.append(p)
-    got = subtree.read_proc(p.pid)
+    got = processes.read_proc(p.pid)
     assert got is not None
     assert (got.pid, got.ppid, got.pgid) == (p.pid, os.getpid(), os.getpgid(p.pid))
     assert got.state in "RS"
@@ -56,13 +56,13 @@ def test_live_finds_grandchildren_and_leaves_out_an_excluded_branch(
     kept = subprocess.Popen(["sh", "-c", "sleep 30 & wait"])
     skipped = subprocess.Popen(["sh", "-c", "sleep 31 & wait"])
     procs += [kept, skipped]
-    _until(lambda: len(subtree.children(kept.pid)) == 1, "kept's grandchild")
-    _until(lambda: len(subtree.children(skipped.pid)) == 1, "skipped's grandchild")
-    found = {p.pid for p in subtree.live(os.getpid(), exclude={skipped.pid})}
+    _until(lambda: len(processes.children(kept.pid)) == 1, "kept's grandchild")
+    _until(lambda: len(processes.children(skipped.pid)) == 1, "skipped's grandchild")
+    found = {p.pid for p in processes.live(os.getpid(), exclude={skipped.pid})}
     assert kept.pid in found
-    assert subtree.children(kept.pid)[0].pid in found
+    assert processes.children(kept.pid)[0].pid in found
     assert skipped.pid not in found
-    assert subtree.children(skipped.pid)[0].pid not in found
+    assert processes.children(skipped.pid)[0].pid not in found
 
 
 def test_live_includes_group_members_that_are_not_descendants(
@@ -75,14 +75,14 @@ def test_live_includes_group_members_that_are_not_descendants(
     try:
 
         def orphans() -> list[int]:
-            group = [p for p in subtree.processes() if p.pgid == leader.pid]
+            group = [p for p in processes.processes() if p.pgid == leader.pid]
             return [p.pid for p in group if leader.pid not in (p.pid, p.ppid)]
 
         _until(orphans, "the orphaned group member")
-        found = {p.pid for p in subtree.live(leader.pid, pgid=leader.pid)}
+        found = {p.pid for p in processes.live(leader.pid, pgid=leader.pid)}
         assert leader.pid in found
         assert set(orphans()) <= found
-        assert not set(orphans()) & {p.pid for p in subtree.live(leader.pid)}
+        assert not set(orphans()) & {p.pid for p in processes.live(leader.pid)}
     finally:
         os.killpg(leader.pid, signal.SIGKILL)
 
@@ -94,38 +94,38 @@ def test_reap_collects_zombies_but_not_the_ones_kept(
     theirs = subprocess.Popen(["true"])
 
     def zombie(pid: int) -> bool:
-        got = subtree.read_proc(pid)
+        got = processes.read_proc(pid)
         return got is not None and got.state == "Z"
 
     for p in (mine, theirs):
         _until(lambda p=p: zombie(p.pid), "exit")  # type: ignore[misc]
-    reaped = subtree.reap(keep={theirs.pid})
+    reaped = processes.reap(keep={theirs.pid})
     assert mine.pid in reaped
     assert theirs.pid not in reaped
-    assert subtree.read_proc(mine.pid) is None
+    assert processes.read_proc(mine.pid) is None
     assert theirs.wait(5) == 0  # its owner still gets its status
 
 
 def test_subreaper_can_be_set_and_cleared() -> None:
-    before = subtree.is_subreaper()
+    before = processes.is_subreaper()
     try:
-        assert subtree.set_subreaper(True)
-        assert subtree.is_subreaper()
-        assert subtree.set_subreaper(False)
-        assert not subtree.is_subreaper()
+        assert processes.set_subreaper(True)
+        assert processes.is_subreaper()
+        assert processes.set_subreaper(False)
+        assert not processes.is_subreaper()
     finally:
-        subtree.set_subreaper(before)
+        processes.set_subreaper(before)
 
 
 def test_start_time_names_one_process(procs: list[subprocess.Popen[bytes]]) -> None:
     """A pid is reused; a pid and its start time are not."""
     p = subprocess.Popen(["sleep", "30"])
     procs.append(p)
-    mine, its = subtree.start_time(os.getpid()), subtree.start_time(p.pid)
+    mine, its = processes.start_time(os.getpid()), processes.start_time(p.pid)
     assert mine is not None and its is not None and its >= mine
-    assert subtree.start_time("self") == mine
-    assert subtree.start_time(2**22 + 12345) is None
-    assert subtree.proc_is_ours()
+    assert processes.start_time("self") == mine
+    assert processes.start_time(2**22 + 12345) is None
+    assert processes.proc_is_ours()
 
 
 def _unshare() -> str:
@@ -144,9 +144,9 @@ def test_a_proc_of_another_pid_namespace_is_not_read(proc: str) -> None:
     it (the child's process group stays the unit)."""
     flags = ["--mount-proc"] if proc == "its own /proc" else []
     code = (
-        "import os; from ckpt_cli import subtree; "
-        "print(subtree.proc_is_ours(), subtree.HAVE_PROC, "
-        "len(subtree.live(os.getpid())), len(subtree.processes()) > 0)"
+        "import os; from ckpt_cli import processes; "
+        "print(processes.proc_is_ours(), processes.HAVE_PROC, "
+        "len(processes.live(os.getpid())), len(processes.processes()) > 0)"
     )
     out = subprocess.run(
         [_unshare(), "--pid", "--fork", *flags, sys.executable, "-c", code],

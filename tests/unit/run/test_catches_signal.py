@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from ckpt_cli.child import catches_signal
+from ckpt_cli.run.child import catches_signal
 
 WITH_HANDLER = (
     "import signal, sys, time\n"

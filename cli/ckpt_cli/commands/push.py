@@ -1,0 +1,156 @@
+"""`ckpt push`: one snapshot of DIR now (the code path of `ckpt run`), then
+retention by --keep, under the writer lease.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ckpt._contract import ExitCode
+from ckpt_cli import config, console
+from ckpt_cli.backends import open_backend
+from ckpt_cli.commands.where import locate, place
+from ckpt_cli.errors import ConfigError
+from ckpt_cli.lease import DEFAULT_TTL, Heartbeat
+from ckpt_cli.manifest import Manifest
+from ckpt_cli.repository import (
+    Repository,
+    newest_manifest,
+)
+
+
+def _open(remote: str, options: dict[str, Any], *, create: bool) -> Repository | None:
+    backend = open_backend(remote, options)
+    return Repository.open(backend, create=create)
+
+
+@contextlib.contextmanager
+def _watching(snapshotter: Any, bar: console.Progress) -> Iterator[None]:
+    """Feed the bar from the snapshot under way (bytes read and uploaded)."""
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(0.1):
+            live = snapshotter.live
+            if live is not None:
+                result, _files, total, _started = live
+                bar.update(result.bytes_read, total)
+
+    t = threading.Thread(target=poll, name="ckpt-progress", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()
+
+
+def push(
+    dir: Path, remote: str, keep: int, options: dict[str, Any], *, allow_empty: bool = False
+) -> int:
+    from ckpt_cli.kept import recover_interrupted
+    from ckpt_cli.snapshotter import Snapshotter, UnreadableError
+
+    source = config.resolve_dir(dir)
+    if not source.is_dir():
+        raise ConfigError(f"{source} is not a directory (ckpt push [DIR] [REMOTE], or --dir)")
+    config.check_remote_outside(source, remote)
+    config.check_lasting(remote, "ckpt push")
+    recover_interrupted(source)  # a restore killed half-way is finished first
+    repo = _open(remote, options, create=True)
+    assert repo is not None
+    lease = repo.lease(f"push-{secrets.token_hex(4)}", ttl=DEFAULT_TTL)
+    lease.acquire(on_wait=console.info)
+    beats = Heartbeat(lease, on_error=console.warn)  # a long push is not a dead one
+    snapshotter = Snapshotter(repo, source, run="push", may_write=beats.check)
+    try:
+        with beats:
+            newest = newest_manifest(repo)
+            if not allow_empty:
+                refuse_empty_push(snapshotter.scan_root(), newest, source, repo)
+            snapshotter.adopt(newest, trust_local=False)
+            with console.Progress(f"pushing {source}") as bar, _watching(snapshotter, bar):
+                result = snapshotter.snapshot(reason="push", keep=keep, strict=True)
+    except UnreadableError as exc:  # a push is the whole directory or nothing
+        raise ConfigError(
+            f"cannot read {exc.path} in {source} ({exc.reason}): nothing pushed; make it "
+            "readable by ckpt, or move it out of the directory"
+        ) from None
+    finally:
+        snapshotter.close()
+        lease.release()
+    if result.skipped_links:
+        console.warn(
+            "symlinks that lead out of the directory are not snapshotted: "
+            + ", ".join(result.skipped_links[:5])
+        )
+    if result.unstable:
+        console.warn(
+            "changed while being read, kept at their previous version: "
+            + ", ".join(result.unstable[:5])
+        )
+    m = result.manifest
+    if m is None:
+        held = result.parent.id if result.parent else "none"
+        console.info(f"nothing changed since snapshot {held}")
+        return ExitCode.OK
+    console.info(
+        f"pushed snapshot {m.id} (generation {m.generation}): "
+        f"{console.plural(len(m.files), 'file')}, "
+        f"{console.fmt_bytes(m.total_size)}, {console.fmt_bytes(result.new_bytes)} new, "
+        f"{result.seconds:.1f}s"
+    )
+    return ExitCode.OK
+
+
+def refuse_empty_push(
+    local: list[Any], newest: Manifest | None, source: Path, repo: Repository
+) -> None:
+    """An empty DIR over a history with data would become the newest snapshot,
+    what every restore picks (retention keeps the ones with data: an empty
+    snapshot never counts toward --keep)."""
+    if any(e.type != "dir" for e in local) or newest is None:
+        return
+    if all(e.type == "dir" for e in newest.entries):
+        return
+    raise ConfigError(
+        f"{source} is empty and the newest snapshot of {repo.display}, {newest.id}, holds "
+        f"{console.plural(len(newest.files), 'file')}: pushing it would make an empty snapshot "
+        "the one every restore picks (the snapshots with files stay); pass --allow-empty if "
+        "that is what you want"
+    )
+
+
+def main(
+    args: list[str] | None,
+    *,
+    remote: str | None,
+    dir: Path | None,
+    keep: int | None,
+    storage_option: list[str] | None,
+    allow_empty: bool,
+) -> int:
+    """`ckpt push [DIR] [REMOTE]`."""
+    placed = place("push", ("dir", "remote"), args, taken={"dir": dir, "remote": remote})
+    where = locate(
+        {
+            "dir": placed.get("dir", dir),
+            "remote": placed.get("remote", remote),
+            "storage_option": storage_option,
+            "keep": keep,
+        },
+        writer=True,
+        names=("keep",),
+    )
+    return push(
+        where.dir,
+        where.remote,
+        where.settings["keep"],
+        where.storage_options,
+        allow_empty=allow_empty,
+    )

@@ -1,0 +1,139 @@
+"""The S3 backend's transfer contract, in-process against the test-suite's
+servers (moto, and s3rver, which checks every signature): `read_into` fills
+exactly the caller's view or reports the object's size, a write of a chunk
+buffer arrives whole, and the client ckpt opens has a connection pool for the
+transfers its caller runs and no body checksums (what goes over the wire is
+in test_s3_wire.py).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+
+from ckpt_cli.backends import NotFound, open_backend
+from ckpt_cli.backends.fsspec import FsspecBackend, piecewise_puts, s3_options
+from stores import Store
+
+S3_KINDS = ["s3-moto", "s3-s3rver"]
+
+
+@pytest.fixture(params=S3_KINDS)
+def s3(request: pytest.FixtureRequest, store_of: Any) -> Store:
+    store: Store = store_of(request.param)
+    return store
+
+
+def test_read_into_fills_a_view_of_the_object_size(s3: Store) -> None:
+    backend = open_backend(s3.url, s3.storage_options)
+    payload = os.urandom(3 * 1024 * 1024 + 5)
+    backend.write("chunks/ab/x", payload)
+    buf = bytearray(len(payload) + 16)
+    buf[-16:] = b"\xee" * 16
+    read_into = backend.read_into  # type: ignore[attr-defined]
+    assert read_into("chunks/ab/x", memoryview(buf)[: len(payload)]) == len(payload)
+    assert bytes(buf[: len(payload)]) == payload
+    assert buf[-16:] == b"\xee" * 16, "nothing written beyond the view"
+
+
+def test_read_into_a_view_of_the_wrong_size_reports_the_size(s3: Store) -> None:
+    """A chunk read into a buffer of another size is the caller's error to
+    raise (ChunkError): read_into returns the object's size and never writes
+    past the view, for a longer object as for a shorter one."""
+    backend = open_backend(s3.url, s3.storage_options)
+    payload = os.urandom(100_000)
+    backend.write("chunks/cd/y", payload)
+    read_into = backend.read_into  # type: ignore[attr-defined]
+    for length in (len(payload) - 1, len(payload) + 1, 10):
+        buf = bytearray(length + 8)
+        assert read_into("chunks/cd/y", memoryview(buf)[:length]) == len(payload)
+        assert buf[length:] == bytes(8), f"nothing past a view of {length}"
+    with pytest.raises(NotFound):
+        read_into("chunks/cd/absent", memoryview(bytearray(10)))
+
+
+def test_write_of_a_chunk_buffer_view_sends_it_whole(s3: Store) -> None:
+    """A view of the whole of a bytearray (a chunk buffer) goes out without a
+    copy; a view of part of one is copied; both arrive byte for byte."""
+    backend = open_backend(s3.url, s3.storage_options)
+    buf = bytearray(os.urandom(2 * 1024 * 1024))
+    backend.write("chunks/ef/whole", memoryview(buf))
+    backend.write("chunks/ef/part", memoryview(buf)[:1000])
+    assert backend.read("chunks/ef/whole") == bytes(buf)
+    assert backend.read("chunks/ef/part") == bytes(buf[:1000])
+
+
+@pytest.mark.parametrize("concurrency", [1, 8, 32])
+def test_the_pool_follows_the_concurrency(s3: Store, concurrency: int) -> None:
+    backend = open_backend(s3.url, s3.storage_options, concurrency=concurrency)
+    assert isinstance(backend, FsspecBackend)
+    backend.write("probe", b"x")  # the client exists after the first call
+    config = backend.fs.s3.meta.config
+    assert config.max_pool_connections == max(10, concurrency + 4)
+    assert config.request_checksum_calculation == "when_required"
+    assert config.response_checksum_validation == "when_required"
+    assert config.s3["payload_signing_enabled"] is False
+
+
+def test_s3_options_keep_what_the_user_set() -> None:
+    """ckpt's client settings fill in only what neither the storage options
+    nor the AWS_* variables say; botocore before 1.36 gets no checksum keys.
+    A chunk goes out as it is (piecewise_puts) only where nothing in botocore
+    reads the body first."""
+    env: dict[str, str] = {}
+    mine = s3_options({}, pool=12, env=env, checksum_options=True)
+    assert mine["config_kwargs"] == {
+        "max_pool_connections": 12,
+        "parameter_validation": False,
+        "request_checksum_calculation": "when_required",
+        "response_checksum_validation": "when_required",
+        "s3": {"payload_signing_enabled": False},
+    }
+    assert piecewise_puts(mine)
+    user = {
+        "key": "k",
+        "config_kwargs": {
+            "max_pool_connections": 3,
+            "request_checksum_calculation": "when_supported",
+            "s3": {"payload_signing_enabled": True, "addressing_style": "path"},
+        },
+    }
+    got = s3_options(
+        user, pool=12, env={"AWS_RESPONSE_CHECKSUM_VALIDATION": "x"}, checksum_options=True
+    )
+    assert got["key"] == "k"
+    assert got["config_kwargs"] == {
+        "max_pool_connections": 3,
+        "parameter_validation": False,
+        "request_checksum_calculation": "when_supported",
+        "s3": {"payload_signing_enabled": True, "addressing_style": "path"},
+    }
+    assert not piecewise_puts(got)
+    assert user["config_kwargs"]["s3"] == {
+        "payload_signing_enabled": True,
+        "addressing_style": "path",
+    }
+    old = s3_options({}, pool=4, env=env, checksum_options=False)
+    assert old["config_kwargs"] == {
+        "max_pool_connections": 10,
+        "parameter_validation": False,
+        "s3": {"payload_signing_enabled": False},
+    }
+    assert not piecewise_puts(old)
+
+
+def test_an_abandoned_read_writes_nothing_more() -> None:
+    """What read_into's tries write through: once a try is over (it timed
+    out, and may still run on the event loop), nothing more lands in the
+    caller's view; a piece that would pass the view's end is refused."""
+    from ckpt_cli.backends.fsspec import _Sink
+
+    buf = bytearray(8)
+    sink = _Sink(memoryview(buf))
+    assert sink.put(0, b"abcd") is True
+    assert sink.put(6, b"xyz") is False, "past the end"
+    sink.close()
+    assert sink.put(4, b"efgh") is False
+    assert bytes(buf) == b"abcd" + bytes(4)

@@ -1,0 +1,217 @@
+"""How chunks travel to and from an S3 server, seen on the wire: the real
+binary behind a recording proxy in front of the test-suite's servers (moto,
+and s3rver, which checks every signature).
+
+- a restore gets each chunk with one GET (no HEAD for its size first) and
+  does not ask the server for its checksum (the chunk's BLAKE3 name is
+  checked instead);
+- a push sends each chunk once, as it is: no CRC32 of it, no SHA-256 of the
+  payload for the signature, no `Expect: 100-continue` round trip;
+- a chunk GET that stalls mid-body beyond --io-timeout is abandoned and
+  retried, and the restore is whole.
+
+The backend's own contract for `read_into` and the S3 client it opens
+(pool size, checksum settings) is tested in-process in test_s3_client.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import http.server
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import run_ckpt
+from stores import _SAFETY_ENV as SAFETY_ENV
+from stores import Store
+
+pytestmark = pytest.mark.slow
+
+S3_KINDS = ["s3-moto", "s3-s3rver"]
+#: Two files: one of two chunks (8 MiB + a tail), one of a single chunk.
+FILES = {"weights.bin": 9 * 1024 * 1024 + 321, "sub/opt.bin": 1024 * 1024 + 7}
+
+
+class _Recorder(http.server.ThreadingHTTPServer):
+    """A reverse proxy that records every request (method, path, headers)
+    and forwards it untouched; with `stall` set, the first GET of a chunk
+    sends half its body, then nothing for `stall` seconds, then drops the
+    connection (a peer that stops answering mid-transfer)."""
+
+    daemon_threads = True
+
+    def __init__(self, upstream_port: int, *, stall: float = 0.0) -> None:
+        super().__init__(("127.0.0.1", 0), _RecorderHandler)
+        self.upstream_port = upstream_port
+        self.stall = stall
+        self.stalled: list[str] = []
+        self.seen: list[tuple[str, str, dict[str, str]]] = []
+        self.lock = threading.Lock()
+
+    @property
+    def port(self) -> int:
+        port: int = self.server_address[1]
+        return port
+
+    def chunk_requests(self, method: str) -> list[tuple[str, dict[str, str]]]:
+        with self.lock:
+            return [(p, h) for m, p, h in self.seen if m == method and "/chunks/" in p]
+
+    def should_stall(self, method: str, path: str) -> bool:
+        with self.lock:
+            if self.stall and method == "GET" and "/chunks/" in path and not self.stalled:
+                self.stalled.append(path)
+                return True
+            return False
+
+
+class _RecorderHandler(http.server.BaseHTTPRequestHandler):
+    server: _Recorder
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _handle(self) -> None:
+        path = self.path.split("?", 1)[0]
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        with self.server.lock:
+            self.server.seen.append((self.command, path, headers))
+        length = int(self.headers.get("Content-Length") or 0)
+        if headers.get("expect", "").lower() == "100-continue":
+            self.send_response_only(100)
+            self.end_headers()
+        body = self.rfile.read(length) if length else b""
+        conn = http.client.HTTPConnection("127.0.0.1", self.server.upstream_port, timeout=60)
+        forward = {
+            k: v for k, v in self.headers.items() if k.lower() not in ("connection", "expect")
+        }
+        conn.request(self.command, self.path, body=body, headers=forward)
+        resp = conn.getresponse()
+        data = resp.read()
+        conn.close()
+        stall = self.server.should_stall(self.command, path)
+        self.send_response(resp.status, resp.reason)
+        for k, v in resp.getheaders():
+            if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        if stall:
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            time.sleep(self.server.stall)
+            self.close_connection = True
+            return
+        self.wfile.write(data)
+
+    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+
+@contextlib.contextmanager
+def _proxy(store: Store, *, stall: float = 0.0) -> Iterator[_Recorder]:
+    assert store.server is not None
+    proxy = _Recorder(store.server.port, stall=stall)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        yield proxy
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+
+
+def _env(store: Store, proxy: _Recorder, timeout: str = "30") -> dict[str, str]:
+    return {
+        **SAFETY_ENV,
+        **store.env,
+        "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{proxy.port}",
+        "CKPT_IO_TIMEOUT": timeout,
+    }
+
+
+def _source(root: Path) -> dict[str, bytes]:
+    made = {}
+    for i, (name, size) in enumerate(sorted(FILES.items())):
+        data = hashlib.sha256(str(i).encode()).digest() * (size // 32 + 1)
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data[:size])
+        made[name] = data[:size]
+    return made
+
+
+def _push(store: Store, tmp_path: Path, env: dict[str, str]) -> dict[str, bytes]:
+    made = _source(tmp_path / "src")
+    res = run_ckpt(["push", str(tmp_path / "src"), store.url], cwd=tmp_path, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    return made
+
+
+def _restored(tmp_path: Path, made: dict[str, bytes]) -> None:
+    for name, data in made.items():
+        assert (tmp_path / "out" / name).read_bytes() == data, name
+
+
+@pytest.mark.parametrize("kind", S3_KINDS)
+def test_push_sends_each_chunk_as_it_is(kind: str, store_of: Any, tmp_path: Path) -> None:
+    """No CRC32 header, no SHA-256 of the payload, no 100-continue: the chunk
+    is named by its BLAKE3 hash, which every read checks (s3rver checks the
+    signature, so an unsigned payload is accepted by a signing server)."""
+    store: Store = store_of(kind)
+    with _proxy(store) as proxy:
+        _push(store, tmp_path, _env(store, proxy))
+        puts = proxy.chunk_requests("PUT")
+    assert len(puts) == 3, [p for p, _ in puts]  # 2 + 1 chunks, each sent once
+    for path, headers in puts:
+        assert headers.get("x-amz-content-sha256") == "UNSIGNED-PAYLOAD", (path, headers)
+        assert not [h for h in headers if h.startswith("x-amz-checksum")], (path, headers)
+        assert "content-md5" not in headers, (path, headers)
+        assert "expect" not in headers, (path, headers.get("content-length"))
+
+
+@pytest.mark.parametrize("kind", S3_KINDS)
+def test_restore_gets_each_chunk_with_one_request(kind: str, store_of: Any, tmp_path: Path) -> None:
+    store: Store = store_of(kind)
+    with _proxy(store) as proxy:
+        env = _env(store, proxy)
+        made = _push(store, tmp_path, env)
+        res = run_ckpt(
+            ["restore", store.url, str(tmp_path / "out")], cwd=tmp_path, env=env, timeout=300
+        )
+        assert res.returncode == 0, res.stderr
+        gets, heads = proxy.chunk_requests("GET"), proxy.chunk_requests("HEAD")
+    _restored(tmp_path, made)
+    assert heads == [], "no request for a chunk's size before its GET"
+    assert sorted(p for p, _ in gets) == sorted({p for p, _ in gets}), "each chunk got once"
+    assert len(gets) == 3
+    for path, headers in gets:
+        assert "x-amz-checksum-mode" not in headers, (path, headers)
+
+
+def test_a_chunk_get_that_stalls_mid_body_is_retried(store_of: Any, tmp_path: Path) -> None:
+    """--io-timeout bounds the streamed read too: the stalled GET is cut off
+    (nothing it still delivers lands in the chunk's buffer) and the chunk is
+    got again; the restore is byte for byte."""
+    store: Store = store_of("s3-moto")
+    with _proxy(store, stall=6.0) as proxy:
+        env = _env(store, proxy, timeout="2")
+        made = _push(store, tmp_path, env)
+        res = run_ckpt(
+            ["restore", store.url, str(tmp_path / "out")], cwd=tmp_path, env=env, timeout=300
+        )
+        gets = proxy.chunk_requests("GET")
+        stalled = list(proxy.stalled)
+    assert res.returncode == 0, res.stderr
+    _restored(tmp_path, made)
+    assert len(stalled) == 1
+    assert [p for p, _ in gets].count(stalled[0]) == 2, "the stalled chunk was got again"
+    assert "Traceback" not in res.stderr
