@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ckpt_cli.remote import open_backend
-
 from ckpt_cli import world
+from ckpt_cli.backends import open_backend
 from ckpt_cli.repository import Repository, rank_stream
 from ckpt_cli.retention_policy import (
     LatestRestorable,
