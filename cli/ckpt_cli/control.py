@@ -50,7 +50,7 @@ from ckpt_cli.config import MAX_SECONDS, check_number
 from ckpt_cli.errors import CkptError, ConfigError
 from ckpt_cli.progress import NotWholeError
 from ckpt_cli.snapshotter import UnreadableError
-from ckpt_cli.uploader import SnapshotWorker
+from ckpt_cli.worker import SnapshotWorker
 
 MAX_LINE = 64 * 1024
 #: The largest pid Linux hands out (PID_MAX_LIMIT, 2**22).

@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Protocol
 
 from ckpt_cli import openfiles
-from ckpt_cli.format_checks import Verdict
 from ckpt_cli.formats import FdSource, Registry
+from ckpt_cli.formats.checks import Verdict
 from ckpt_cli.manifest import Entry, Manifest
 from ckpt_cli.openfiles import OpenScan
 

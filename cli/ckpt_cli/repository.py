@@ -147,8 +147,9 @@ class Repository:
         return self.backend.display
 
     @classmethod
-    def open(cls, backend: Backend, *, create: bool) -> Repository | None:
-        """Open the repository; None if there is none and create is False."""
+    def open(cls, backend: Backend, *, create: bool, stream: str = "") -> Repository | None:
+        """Open the repository (reading and writing `stream`); None if there
+        is none and create is False."""
         try:
             raw = backend.read(CONFIG_KEY)
         except NotFound:
@@ -203,7 +204,7 @@ class Repository:
                 f"repository {backend.display} has a bad chunk_size {str(chunk_size)[:40]} "
                 f"(1 to {MAX_CHUNK_SIZE} bytes); use another --remote"
             )
-        return cls(backend, chunk_size, hash_name)
+        return cls(backend, chunk_size, hash_name, stream=stream)
 
     # -- snapshots (names: `snapshots`)
 

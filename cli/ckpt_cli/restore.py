@@ -17,6 +17,11 @@ skipped with a warning naming it, and the previous one is used. A local
 failure (disk full, permissions) stops the restore with the target
 untouched. A --dir used as it is has its torn files put back first
 (`repair`, imported when needed: it imports this module).
+
+What the child starts from is decided by `start_plan` (a pure function of
+--dir's scan, the snapshots and the options); `prepare_dir` and
+`prepare_rank_dir` gather those values, print the plan's lines and carry
+it out (`carry_out`): restore, repair, create, adopt the parent.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import secrets
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -71,6 +76,7 @@ from ckpt_cli.repository import (
     unverified_note,
 )
 from ckpt_cli.snapshotter import MAX_OPEN_FILES, LocalEntry, Snapshotter, scan
+from ckpt_cli.start_plan import Start, StartPlan, has_data, plan_rank_start, plan_start
 
 if TYPE_CHECKING:
     from ckpt_cli.repair import Repaired
@@ -350,20 +356,7 @@ def _materialise(
     concurrency: int,
     progress: Callable[[int, int], None] | None,
 ) -> None:
-    made = {""}
-
-    def makedirs(rel: str) -> None:
-        """mkdir -p dest/rel without recursion (Path.mkdir(parents=True)
-        recurses once per missing level; a manifest may be 1,000 deep)."""
-        missing = []
-        while rel not in made:
-            missing.append(rel)
-            rel = rel.rpartition("/")[0]
-        for d in reversed(missing):
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(dest / d)
-            made.add(d)
-
+    makedirs = _Dirs(dest).make
     dirs = [e for e in manifest.entries if e.type == "dir"]
     for e in dirs:
         makedirs(e.path)
@@ -418,13 +411,8 @@ def _materialise(
                 # what runs in parallel.
                 group = []
                 for e in files[start : start + width]:
-                    path = dest / e.path
                     makedirs(e.path.rpartition("/")[0])
-                    fd = os.open(
-                        path,
-                        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                        0o600,
-                    )
+                    fd = os.open(dest / e.path, _CREATE, 0o600)
                     futures: list[cf.Future[None]] = []
                     pending.append((e, fd, futures))
                     group.append((e, fd, futures, threading.Lock()))
@@ -446,10 +434,47 @@ def _materialise(
             while pending:
                 finish(*pending.popleft())
         finally:
-            for _e, fd, futures in pending:  # an error: let the in-flight chunks land
-                cf.wait(futures)
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            _abandon(pending)  # an error: let the in-flight chunks land
+    _links_and_dirs(manifest, dest, makedirs, dirs)
+
+
+def _abandon(pending: Iterable[tuple[Entry, int, list[cf.Future[None]]]]) -> None:
+    """Files left unfinished by an error: wait for their chunks, close them."""
+    for _e, fd, futures in pending:
+        cf.wait(futures)
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+#: How a restored file is created: new, never through a link.
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class _Dirs:
+    """The directories made under dest so far."""
+
+    def __init__(self, dest: Path) -> None:
+        self.dest = dest
+        self.made = {""}
+
+    def make(self, rel: str) -> None:
+        """mkdir -p dest/rel without recursion (Path.mkdir(parents=True)
+        recurses once per missing level; a manifest may be 1,000 deep)."""
+        missing = []
+        while rel not in self.made:
+            missing.append(rel)
+            rel = rel.rpartition("/")[0]
+        for d in reversed(missing):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(self.dest / d)
+            self.made.add(d)
+
+
+def _links_and_dirs(
+    manifest: Manifest, dest: Path, makedirs: Callable[[str], None], dirs: list[Entry]
+) -> None:
+    """After the files: the symlinks, then each directory's mode and mtime,
+    deepest first (its own entries no longer change it)."""
     for e in manifest.entries:
         if e.type == "symlink":
             makedirs(e.path.rpartition("/")[0])
@@ -495,79 +520,84 @@ def prepare_dir(
     concurrency: int = 4,
     on_repair: Callable[[Repaired], None] | None = None,
 ) -> str:
-    """Decide what the child starts from; return the id it holds ('' if none).
-
-    The rule: an explicit --snapshot is always restored. An empty or missing
-    --dir gets the snapshot a restore picks (`repository.pick`: the newest
-    verified one). A non-empty --dir that holds that snapshot already is
-    used as it is. A non-empty --dir with a file modified after the newest
-    snapshot was taken is kept (it is newer: a previous run on this machine
-    got further than its last upload) and uploaded as the next snapshot.
-    Otherwise (it holds another snapshot, or is older) --dir is replaced. A
-    --dir that is kept has its torn files put back first (`repair`), each
-    from the newest snapshot that holds it whole.
-    """
+    """Decide what the child starts from (`start_plan.plan_start`, the
+    rule), say why, and carry it out; return the id --dir holds ('' if none).
+    Reads only what the rule needs: --dir's scan and the snapshots when
+    --dir has data, whether there is one when it has none."""
     directory = snapshotter.root
     recover_interrupted(directory)
     remind_kept(directory)
-    if not restore_enabled:
-        console.info(f"--no-restore: starting from {directory} as it is")
-        ensure_dir(directory)
-        snapshotter.adopt(newest_manifest(repo), trust_local=False)
-        return ""
-    if snapshot is not None:
-        return restore_into(repo, snapshotter, snapshot, concurrency)
-    local = scan(directory, snapshotter.patterns) if directory.exists() else []
-    if not _has_data(local):
-        if not repo.snapshots():
-            console.info(f"remote has no snapshot yet: starting fresh in {directory}")
-            ensure_dir(directory)
-            return ""
-        return restore_into(repo, snapshotter, None, concurrency)
-    loaded = list(iter_manifests(repo))
-    manifests = [m for _ref, m in loaded if isinstance(m, Manifest)]
-    newest = manifests[0] if manifests else None
-    chosen = pick(loaded, repo.suspect_keys())
-    if newest is None or chosen is None:
-        if loaded:
-            console.warn(f"no snapshot in {repo.display} is readable; keeping {directory} as it is")
+    local: list[LocalEntry] = []
+    loaded: list[tuple[SnapshotRef, Manifest | ManifestError]] = []
+    suspect: set[str] = set()
+    any_snapshot = None
+    if restore_enabled and snapshot is None:
+        local = scan(directory, snapshotter.patterns) if directory.exists() else []
+        if has_data(local):
+            loaded = list(iter_manifests(repo))
+            suspect = repo.suspect_keys()
         else:
-            console.info(f"remote has no snapshot yet: {directory} is uploaded as the first")
-        return ""
-    picked = chosen[1]
-    if _holds(local, picked):
-        console.info(f"{directory} already holds snapshot {picked.id}: nothing to restore")
-        _repair(repo, snapshotter, picked, on_repair)
-        snapshotter.adopt(picked, trust_local=True)
-        return picked.id
-    # Holding another snapshot exactly is proof of what it is that needs no
-    # clock (the time test below compares this machine's clock with the
-    # writer's): an older one, or one a restore does not pick (unverified,
-    # suspect), is replaced by the one it picks.
-    for m in manifests:
-        if m.id != picked.id and _holds(local, m):
-            why = (
-                f"older than {picked.id} (generation {picked.generation})"
-                if m.generation < picked.generation
-                else f"which a restore does not pick ({_not_picked(repo, m)})"
-            )
-            console.info(
-                f"{directory} holds snapshot {m.id} (generation {m.generation}), {why}: "
-                f"replacing it{_ASIDE}"
-            )
-            return restore_into(repo, snapshotter, None, concurrency)
-    newest_local = max(e.mtime_ns for e in local) / 1e9
-    if newest_local > newest.created:
-        console.warn(
-            f"{directory} was modified at {_clock(newest_local)}, after the newest snapshot "
-            f"{newest.id} ({_clock(newest.created)}): keeping the local state, which "
-            "becomes the next snapshot (restore the remote one with --snapshot ID)"
+            any_snapshot = bool(repo.snapshots())
+    plan = plan_start(
+        directory,
+        local,
+        loaded,
+        suspect=suspect,
+        stream=repo.stream,
+        display=repo.display,
+        restore_enabled=restore_enabled,
+        snapshot=snapshot,
+        any_snapshot=any_snapshot,
+    )
+    say(plan)
+    held, _step = carry_out(plan, repo, snapshotter, concurrency=concurrency, on_repair=on_repair)
+    return held
+
+
+def say(plan: StartPlan) -> None:
+    """Print a plan's notes, in order."""
+    for note in plan.notes:
+        (console.warn if note.warn else console.info)(note.text)
+
+
+def carry_out(
+    plan: StartPlan,
+    repo: Repository,
+    snapshotter: Snapshotter,
+    *,
+    concurrency: int = 4,
+    on_repair: Callable[[Repaired], None] | None = None,
+    newest: Callable[[Repository], Manifest | None] = newest_manifest,
+) -> tuple[str, int | None]:
+    """Act on a plan (its notes already said): restore, repair, create --dir,
+    make the snapshotter's parent what --dir descends from (`newest`: the
+    stream's newest snapshot, for a plan that adopts it). Returns (the
+    snapshot id --dir holds, '' if none; its step, for a rank's restore)."""
+    directory = snapshotter.root
+    if plan.start is Start.RESTORE and plan.ref is not None:
+        done = restore(repo, directory, warn=console.warn, concurrency=concurrency, ref=plan.ref)
+        assert done is not None
+        m = done.manifest
+        console.info(
+            f"restored snapshot {m.id} (step {m.step}, {len(m.files)} files, "
+            f"{console.fmt_bytes(m.total_size)}) into {directory} in {done.seconds:.1f}s"
         )
-        _repair(repo, snapshotter, newest, on_repair)
-        snapshotter.adopt(newest, trust_local=False)
-        return ""
-    console.info(f"{directory} is older than snapshot {newest.id}: replacing it{_ASIDE}")
-    return restore_into(repo, snapshotter, None, concurrency)
+        snapshotter.adopt(m, trust_local=True)
+        return m.id, m.step
+    if plan.start is Start.RESTORE:
+        return restore_into(repo, snapshotter, plan.snapshot, concurrency), None
+    if plan.start in (Start.USE, Start.KEEP):
+        if plan.repair:
+            _repair(repo, snapshotter, plan.parent, on_repair)
+        snapshotter.adopt(plan.parent, trust_local=plan.start is Start.USE)
+        if plan.start is Start.USE and plan.parent is not None:
+            return plan.parent.id, plan.parent.step
+        return "", None
+    if plan.create:
+        ensure_dir(directory)
+    if plan.adopt_newest:
+        snapshotter.adopt(newest(repo), trust_local=False)
+    return "", None
 
 
 def rollback_target(repo: Repository, base: SnapshotRef, marking: set[str]) -> Manifest | None:
@@ -581,10 +611,6 @@ def rollback_target(repo: Repository, base: SnapshotRef, marking: set[str]) -> M
     if found is None or found[0].key in suspect:
         return None
     return found[1]
-
-
-def _not_picked(repo: Repository, m: Manifest) -> str:
-    return "suspect" if repo.stream + m.key in repo.suspect_keys(cached=True) else "unverified"
 
 
 def _repair(
@@ -606,25 +632,6 @@ def _repair(
     )
     if not done.empty and on_repair is not None:
         on_repair(done)
-
-
-#: What every "replacing it" line adds: the rule that nothing is lost.
-_ASIDE = " (files in no restorable snapshot are moved aside, never deleted)"
-
-
-def _has_data(local: list[LocalEntry]) -> bool:
-    """A file or link: a dir of empty dirs (a fresh volume's lost+found) holds nothing."""
-    return any(e.type != "dir" for e in local)
-
-
-def _holds(local: list[LocalEntry], manifest: Manifest) -> bool:
-    """The scanned directory has exactly the manifest's files, by size and mtime."""
-    local_files = {e.path: e for e in local if e.type == "file"}
-    snap_files = {e.path: e for e in manifest.files}
-    return local_files.keys() == snap_files.keys() and all(
-        (le.size, le.mtime_ns) == (snap_files[p].size, snap_files[p].mtime_ns)
-        for p, le in local_files.items()
-    )
 
 
 def _with_step(snapshotter: Snapshotter, held: str) -> tuple[str, int | None]:
@@ -653,8 +660,8 @@ def prepare_rank_dir(
     of the newest step every rank committed (a consistent cut: a --dir that
     got further is replaced, the other ranks restore that step too). Without
     them, each rank is a single node of its own (prepare_dir), and the console
-    says that this is not a consistent cut. A world of another size is refused
-    unless allow_change (world.choose)."""
+    says that this is not a consistent cut (`start_plan.plan_rank_start`). A
+    world of another size is refused unless allow_change (world.choose)."""
     directory = snapshotter.root
     single = world_size == 1 and not repo.rank_snapshots()
     if single or not restore_enabled or snapshot is not None:
@@ -670,39 +677,21 @@ def prepare_rank_dir(
     recover_interrupted(directory)
     remind_kept(directory)
     choice = world.choose(repo, rank, world_size, allow_change=allow_change)
-    if choice is None:
-        return prepare_dir(repo, snapshotter, concurrency=concurrency, on_repair=on_repair), None
-    if not choice.consistent:
-        console.warn(choice.note)
-        if choice.ref is not None and choice.ref.stream == repo.stream:
-            held = prepare_dir(repo, snapshotter, concurrency=concurrency, on_repair=on_repair)
-            return _with_step(snapshotter, held)
-    m, ref = choice.manifest, choice.ref
-    if m is None or ref is None:
-        console.info(f"{choice.note}: starting from {directory} as it is")
-        ensure_dir(directory)
-        snapshotter.adopt(world.World(repo).newest(repo.stream), trust_local=False)
-        return "", None
-    if choice.consistent:
-        console.info(f"restoring rank {rank}'s snapshot {m.id} of {choice.note}")
-    local = scan(directory, snapshotter.patterns) if directory.is_dir() else []
-    if _holds(local, m):
-        console.info(f"{directory} already holds snapshot {m.id}: nothing to restore")
-        snapshotter.adopt(m, trust_local=True)
-        return m.id, m.step
-    if local:
-        console.info(
-            f"{directory} differs from snapshot {m.id}: replacing it, so that every rank "
-            f"starts from the same step{_ASIDE}"
-        )
-    done = restore(repo, directory, warn=console.warn, concurrency=concurrency, ref=ref)
-    assert done is not None
-    console.info(
-        f"restored snapshot {m.id} (step {m.step}, {len(m.files)} files, "
-        f"{console.fmt_bytes(m.total_size)}) into {directory} in {done.seconds:.1f}s"
+    wanted = choice is not None and choice.manifest is not None
+    local = scan(directory, snapshotter.patterns) if wanted and directory.is_dir() else []
+    plan = plan_rank_start(directory, choice, local, rank=rank, stream=repo.stream)
+    say(plan)
+    if plan.start is Start.SINGLE:
+        held = prepare_dir(repo, snapshotter, concurrency=concurrency, on_repair=on_repair)
+        return _with_step(snapshotter, held)
+    return carry_out(
+        plan, repo, snapshotter, concurrency=concurrency, on_repair=on_repair, newest=_stream_newest
     )
-    snapshotter.adopt(done.manifest, trust_local=True)
-    return m.id, m.step
+
+
+def _stream_newest(repo: Repository) -> Manifest | None:
+    """The newest snapshot of this rank's stream, as the world reads it."""
+    return world.World(repo).newest(repo.stream)
 
 
 def ensure_dir(directory: Path) -> None:
@@ -734,7 +723,3 @@ def restore_into(
     )
     snapshotter.adopt(m, trust_local=True)
     return m.id
-
-
-def _clock(ts: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))

@@ -17,139 +17,49 @@ file in progress is held back (`SnapshotResult.waiting`, nothing read or
 written) unless it is taken anyway, then recorded `verified=False` with the
 files and why; a commit fails (NotWholeError) at its pin on a file failing
 its check. Each entry records the check it passed (`Entry.check`).
+Reading the changed files is `reader`'s; the scan is `dirscan`'s. What
+the stream keeps and what a manifest records of its world are injected
+policies (`retention_policy`): one node, or a rank of several.
 """
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures as cf
 import contextlib
 import dataclasses
-import errno
-import fnmatch
-import functools
 import os
-import re
 import stat
-import threading
 import time
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from ckpt import _contract as contract
-from ckpt_cli import world
+from ckpt_cli.dirscan import TEMP_PATTERNS, LocalEntry, is_ignored, scan
 from ckpt_cli.formats import Registry
-from ckpt_cli.manifest import Entry, Manifest, host_name, link_escapes
+from ckpt_cli.manifest import Entry, Manifest, host_name
 from ckpt_cli.progress import Auto, Judge, Judgement, NotWholeError, Stat
-from ckpt_cli.repository import Buffers, Repository
+from ckpt_cli.reader import (
+    MAX_OPEN_FILES,
+    OPEN_FLAGS,
+    OWN_FAILURE,
+    ChunkReader,
+    open_error,
+    reason,
+)
+from ckpt_cli.repository import Repository
+from ckpt_cli.retention_policy import PreSnapshot, Retention, Stamp, for_world
 
-__all__ = ["Auto", "NotWholeError"]  # re-exported: the worker and control catch them
+__all__ = [  # re-exported: the worker and control catch the first two; restore scans
+    "MAX_OPEN_FILES",
+    "TEMP_PATTERNS",
+    "Auto",
+    "LocalEntry",
+    "NotWholeError",
+    "is_ignored",
+    "scan",
+]
 
-#: Names that are never snapshotted: one definition, shared with the shim.
-TEMP_PATTERNS = contract.TEMP_PATTERNS
 #: A file modified this close to the scan may change again within the same
 #: mtime tick: it is not trusted from the stat cache next time (racy-git rule).
 RACY_NS = 1_000_000_000
-#: Files being read at once (open descriptors) at the most.
-MAX_OPEN_FILES = 64
-#: How files are opened for reading: never through a symlink, and without
-#: blocking (a FIFO put in a file's place since the scan must not hang a snapshot).
-OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-#: Errors opening a file scanned a moment ago that mean it is no longer there
-#: as a file (deleted, replaced by a link, a parent replaced), or busy (a lease
-#: of another process): it changed, and the next snapshot looks again. Running
-#: out of descriptors or memory is ckpt's own failure and raised as it is;
-#: every other error means ckpt cannot read the file.
-VANISHED = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EAGAIN})
-OWN_FAILURE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
-#: Files of one chunk or less go to the pool this many (or a chunk's worth of
-#: bytes) to a task: a future and a semaphore round per small file cost more
-#: than reading it (bench/ case 4: 10,000 files of 1-64 KiB).
-SMALL_BATCH_FILES = 64
-
-
-def is_ignored(name: str, patterns: Iterable[str]) -> bool:
-    return _matcher(tuple(patterns))(name) is not None
-
-
-@functools.lru_cache(maxsize=16)
-def _matcher(patterns: tuple[str, ...]) -> Callable[[str], re.Match[str] | None]:
-    """All patterns as one compiled regex: a scan tests every name against
-    every pattern, and one match call per name is 20x faster than fnmatch per
-    pattern (bench/ case 4: 10,000 files, 13 temp patterns)."""
-    if not patterns:
-        return lambda _name: None
-    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns)).match
-
-
-@dataclasses.dataclass(frozen=True)
-class LocalEntry:
-    path: str
-    type: str
-    mode: int
-    size: int
-    mtime_ns: int
-    ino: int
-    target: str = ""
-
-
-def scan(
-    root: Path, patterns: Iterable[str] = TEMP_PATTERNS, skipped: list[str] | None = None
-) -> list[LocalEntry]:
-    """Every file, directory and symlink below root (not following links), sorted.
-
-    An absolute symlink into root is recorded as the equivalent relative one;
-    links that lead outside root are left out (and their paths appended to
-    `skipped`): restore would refuse them."""
-    ignored = _matcher(tuple(patterns))
-    root_str = str(root)
-    out: list[LocalEntry] = []
-
-    # Directories still to read: a stack, not recursion (a tree any number
-    # of levels deep is scanned; Python's stack ends at 1000 frames).
-    todo = [(root_str, "")]
-    while todo:
-        directory, rel = todo.pop()
-        try:
-            it = os.scandir(directory)
-        except FileNotFoundError:
-            continue
-        with it:
-            for d in it:
-                if ignored(d.name):
-                    continue
-                path = f"{rel}{d.name}"
-                try:
-                    st = d.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                mode = stat.S_IMODE(st.st_mode)
-                if stat.S_ISDIR(st.st_mode):
-                    out.append(LocalEntry(path, "dir", mode, 0, st.st_mtime_ns, st.st_ino))
-                    todo.append((d.path, path + "/"))
-                elif stat.S_ISREG(st.st_mode):
-                    out.append(
-                        LocalEntry(path, "file", mode, st.st_size, st.st_mtime_ns, st.st_ino)
-                    )
-                elif stat.S_ISLNK(st.st_mode):
-                    try:
-                        target = os.readlink(d.path)
-                    except OSError:
-                        continue
-                    norm = os.path.normpath(target)
-                    if norm == root_str or norm.startswith(root_str + "/"):
-                        target = os.path.relpath(norm, os.path.dirname(d.path))
-                    out.append(LocalEntry(path, "symlink", mode, 0, 0, st.st_ino, target))
-                # sockets, fifos and devices are not checkpoint data
-
-    links = {e.path: e.target for e in out if e.type == "symlink"}
-    escaping = {p for p, t in links.items() if link_escapes(p, t, links)}
-    if escaping:  # restore refuses links that lead outside: never record one
-        out = [e for e in out if e.path not in escaping]
-        if skipped is not None:
-            skipped.extend(sorted(escaping))
-    out.sort(key=lambda e: e.path)
-    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,47 +97,6 @@ class SnapshotResult:
     def newest(self) -> Manifest | None:
         """The snapshot that now holds the directory's committed state."""
         return self.manifest or self.parent
-
-
-#: A file's chunk digests; None: it changed while read; a str: why it could
-#: not be read.
-_Outcome = tuple["LocalEntry", tuple[str, ...] | str | None]
-
-
-@dataclasses.dataclass
-class _Big:
-    """A file of several chunks being read: its chunks are separate tasks."""
-
-    entry: LocalEntry
-    fd: int
-    st: os.stat_result
-    futures: list[cf.Future[str]]
-
-
-class _Changed(Exception):
-    """The file changed while it was being read."""
-
-
-class _Unreadable(Exception):
-    """Reading the file failed (not the remote): the reason."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-def _reason(exc: OSError) -> str:
-    return exc.strerror or type(exc).__name__
-
-
-def _open_error(exc: OSError) -> str | None:
-    """An error opening a scanned file: None if the file vanished or changed,
-    else why it cannot be read; ckpt's own failures are raised."""
-    if exc.errno in VANISHED:
-        return None
-    if exc.errno in OWN_FAILURE:
-        raise exc
-    return _reason(exc)
 
 
 class TornCommitError(RuntimeError):
@@ -283,11 +152,17 @@ class Snapshotter:
         patterns: Iterable[str] = TEMP_PATTERNS,
         concurrency: int = 4,
         may_write: Callable[[], None] = lambda: None,
+        checks: Registry | None = None,
+        retention: Retention | None = None,
+        before_snapshot: PreSnapshot | None = None,
         rank: int = 0,
         world_size: int = 1,
         lease_ttl: float = 60.0,
-        checks: Registry | None = None,
     ) -> None:
+        """retention: what the stream keeps (`prune`); before_snapshot: the
+        hook run before each snapshot, whose Stamp the manifest records.
+        Without them, those of rank `rank` of a world of `world_size`
+        (`retention.for_world`; 0 of 1: a single node)."""
         self.repo = repo
         #: The format checks in force (the run's built-in and --check ones);
         #: None: no checks at all, as `ckpt push` snapshots.
@@ -299,12 +174,11 @@ class Snapshotter:
             if checks is not None
             else None
         )
-        #: This stream's rank of world_size (0 of 1: a single node); see `world`.
-        self.rank = rank
-        self.world_size = world_size
-        self.lease_ttl = lease_ttl  # other ranks' leases are live within it
-        #: The newest multi-rank GC round this writer has read (world.see_rounds).
-        self.gc_seen = 0
+        default_retention, default_hook = for_world(rank, world_size, lease_ttl)
+        self.retention = retention or default_retention
+        self.before_snapshot = before_snapshot or default_hook
+        #: What the last snapshot recorded of its world (before_snapshot's).
+        self.stamp = Stamp()
         self.root = root
         self.run = run
         self.patterns = tuple(patterns)
@@ -312,17 +186,19 @@ class Snapshotter:
         self.may_write = may_write  # raises if this writer lost its lease
         self.parent: Manifest | None = None
         self.cache: dict[str, Cached] = {}
-        self._pool = cf.ThreadPoolExecutor(self.concurrency, thread_name_prefix="ckpt-chunk")
-        self._slots = threading.BoundedSemaphore(self.concurrency + 2)
-        self._buffers = Buffers(repo.chunk_size)
-        self._stats_lock = threading.Lock()
+        self._reader = ChunkReader(repo, root, self.concurrency)
         #: The snapshot being read now: (its result so far, files and bytes it
         #: has to read, monotonic start), for `ckpt status`; None between them.
         self.live: tuple[SnapshotResult, int, int, float] | None = None
         self._swept = False
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._reader.close()
+
+    @property
+    def gc_seen(self) -> int:
+        """The newest multi-rank GC round this writer has read (world.see_rounds)."""
+        return self.stamp.gc_seen
 
     def adopt(self, manifest: Manifest | None, *, trust_local: bool) -> None:
         """Make `manifest` the parent. With trust_local (the directory was just
@@ -366,7 +242,7 @@ class Snapshotter:
             where = os.fsdecode(exc.filename) if exc.filename else str(self.root)
             rel = os.path.relpath(where, self.root) if where.startswith(str(self.root)) else where
             raise UnreadableError(
-                f"{rel}/" if rel != "." else str(self.root), _reason(exc)
+                f"{rel}/" if rel != "." else str(self.root), reason(exc)
             ) from None
 
     def changed_since_cache(self, entries: Iterable[LocalEntry]) -> list[str]:
@@ -399,7 +275,7 @@ class Snapshotter:
                     try:
                         fd = os.open(self.root / le.path, OPEN_FLAGS)
                     except OSError as exc:
-                        why = _open_error(exc)
+                        why = open_error(exc)
                         if why is None:
                             continue  # deleted since the scan: not part of this moment
                         raise UnreadableError(le.path, why) from None
@@ -475,8 +351,7 @@ class Snapshotter:
         scan_ns = time.time_ns()
         parent = self.parent
         step = pinned.step if pinned is not None else None
-        if self.world_size > 1:  # before any chunk is looked up in the cache
-            self.gc_seen = world.see_rounds(self.repo, self.gc_seen)
+        self.stamp = self.before_snapshot(self.repo)  # before any chunk is looked up
         result = SnapshotResult(None, parent)
         if pinned is not None:
             local = pinned.entries
@@ -485,29 +360,7 @@ class Snapshotter:
             return result  # a missing directory is not an empty state: nothing to record
         else:
             local = self.scan_root(result.skipped_links)
-        parent_entries = {e.path: e for e in parent.entries} if parent else {}
-        entries: dict[str, Entry] = {}
-        to_read: list[LocalEntry] = []
-        for le in local:
-            if le.type == "file":
-                c = self.cache.get(le.path)
-                if c and (c.size, c.mtime_ns, c.ino) == (le.size, le.mtime_ns, le.ino):
-                    entries[le.path] = Entry(
-                        le.path,
-                        "file",
-                        le.mode,
-                        le.size,
-                        le.mtime_ns,
-                        c.chunks,
-                        ino=le.ino,
-                        check=c.check,
-                    )
-                else:
-                    to_read.append(le)
-            elif le.type == "dir":
-                entries[le.path] = Entry(le.path, "dir", le.mode, mtime_ns=le.mtime_ns)
-            else:
-                entries[le.path] = Entry(le.path, "symlink", le.mode, target=le.target)
+        entries, to_read = _from_cache(self.cache, local)
 
         judged: Judgement | None = None
         checks: dict[str, str] = {}
@@ -529,12 +382,88 @@ class Snapshotter:
             if e is not None and e.type == "dir":
                 entries[path] = dataclasses.replace(e, check=check)
 
+        expect = judged.expect if judged is not None else None
+        new_cache = self._read(to_read, entries, result, pinned, strict, checks, expect, scan_ns)
+        _drop_orphans(entries)
+
+        ordered = tuple(entries[p] for p in sorted(entries))
+        verified, unverified = _verified(self.judge, judged, pinned)
+        unchanged = _unchanged(parent, ordered, verified, unverified, step)
+        for path, le_cached in new_cache.items():
+            self.cache[path] = le_cached
+        for path in list(self.cache):
+            if path not in entries:
+                del self.cache[path]
+        if unchanged or (parent is None and not ordered and step is None):
+            result.seconds = time.monotonic() - t0
+            return result
+
+        self.may_write()
+        manifest = self._new_manifest(ordered, attempt, reason, result, step, verified, unverified)
+        self.repo.write_manifest(manifest)
+        self.parent = manifest
+        result.manifest = manifest
+        if keep is not None:
+            self.prune(keep)
+        result.seconds = time.monotonic() - t0
+        return result
+
+    def _new_manifest(
+        self,
+        ordered: tuple[Entry, ...],
+        attempt: int,
+        reason: str,
+        result: SnapshotResult,
+        step: int | None,
+        verified: bool | None,
+        unverified: tuple[tuple[str, str], ...],
+    ) -> Manifest:
+        """The next snapshot of this stream, a child of the parent."""
+        parent = self.parent
+        return Manifest(
+            id=self.repo.new_id(),
+            generation=self.repo.next_generation(),
+            entries=ordered,
+            chunk_size=self.repo.chunk_size,
+            hash=self.repo.hash_name,
+            created=time.time(),
+            parent=parent.id if parent else None,
+            host=host_name(),
+            source=str(self.root),
+            run=self.run,
+            attempt=attempt,
+            reason=reason,
+            new_bytes=result.new_bytes,
+            new_chunks=result.new_chunks,
+            step=step,
+            rank=self.stamp.rank,
+            world_size=self.stamp.world_size,
+            gc_seen=self.stamp.gc_seen,
+            verified=verified,
+            unverified=unverified,
+        )
+
+    def _read(
+        self,
+        to_read: list[LocalEntry],
+        entries: dict[str, Entry],
+        result: SnapshotResult,
+        pinned: Pinned | None,
+        strict: bool,
+        checks: dict[str, str],
+        expect: dict[str, Stat] | None,
+        scan_ns: int,
+    ) -> dict[str, Cached]:
+        """Read the changed files into entries (one that changed while read,
+        or cannot be read, keeps its parent's version); the stat cache of
+        what was read."""
+        parent = self.parent
+        parent_entries = {e.path: e for e in parent.entries} if parent else {}
         new_cache: dict[str, Cached] = {}
         fds = pinned.fds if pinned is not None else None
-        expect = judged.expect if judged is not None else None
         self.live = (result, len(to_read), sum(le.size for le in to_read), time.monotonic())
         with contextlib.closing(
-            self._read_files(to_read, result, fds, expect, result.appenders)
+            self._reader.read_files(to_read, result, fds, expect, result.appenders)
         ) as outcomes:
             for le, outcome in outcomes:
                 if isinstance(outcome, tuple):
@@ -567,370 +496,82 @@ class Snapshotter:
                 old = parent_entries.get(le.path)
                 if old is not None and old.type == "file":
                     entries[le.path] = old
-        _drop_orphans(entries)
-
-        ordered = tuple(entries[p] for p in sorted(entries))
-        verified, unverified = self._verified(judged, pinned)
-        unchanged = (
-            parent is not None
-            and len(ordered) == len(parent.entries)
-            and all(a.same_content(b) for a, b in zip(ordered, parent.entries, strict=True))
-            # The same files as an unverified snapshot are written again once
-            # they are whole (what a restore prefers changed), or once other
-            # files are in progress; the same as a verified one never are.
-            and (
-                parent.verified is not False
-                or (
-                    verified is False
-                    and {p for p, _ in parent.unverified} == {p for p, _ in unverified}
-                )
-            )
-        )
-        for path, le_cached in new_cache.items():
-            self.cache[path] = le_cached
-        for path in list(self.cache):
-            if path not in entries:
-                del self.cache[path]
-        # A commit with a new step is written even when nothing changed: the
-        # step is what makes the rank's part of a global generation.
-        if unchanged and step is not None and (parent is None or parent.step != step):
-            unchanged = False
-        if unchanged or (parent is None and not ordered and step is None):
-            result.seconds = time.monotonic() - t0
-            return result
-
-        self.may_write()
-        manifest = Manifest(
-            id=self.repo.new_id(),
-            generation=self.repo.next_generation(),
-            entries=ordered,
-            chunk_size=self.repo.chunk_size,
-            hash=self.repo.hash_name,
-            created=time.time(),
-            parent=parent.id if parent else None,
-            host=host_name(),
-            source=str(self.root),
-            run=self.run,
-            attempt=attempt,
-            reason=reason,
-            new_bytes=result.new_bytes,
-            new_chunks=result.new_chunks,
-            step=step,
-            rank=self.rank,
-            world_size=self.world_size,
-            gc_seen=self.gc_seen,
-            verified=verified,
-            unverified=unverified,
-        )
-        self.repo.write_manifest(manifest)
-        self.parent = manifest
-        result.manifest = manifest
-        if keep is not None:
-            self.prune(keep)
-        result.seconds = time.monotonic() - t0
-        return result
-
-    def _verified(
-        self, judged: Judgement | None, pinned: Pinned | None
-    ) -> tuple[bool | None, tuple[tuple[str, str], ...]]:
-        """The manifest's verified and unverified (of what is in it)."""
-        if judged is not None:
-            listed = judged.unverified
-            return judged.verified(), tuple((p, listed[p]) for p in sorted(listed))
-        if pinned is not None and pinned.checks is not None and self.judge is not None:
-            return (True if self.judge.checked else None), ()
-        return None, ()
+        return new_cache
 
     def prune(self, keep: int) -> None:
         """Retention: keep the newest `keep` snapshots, delete what only older
         ones name. The first prune of a process sweeps the whole chunk store
         (orphans of a crashed upload); later ones only look at what they drop."""
         self.may_write()
-        if self.world_size == 1:
-            self.repo.gc(keep, sweep=not self._swept)
-        elif self.rank == 0:  # only rank 0 prunes a multi-rank repository
-            world.prune(self.repo, keep, me=self.rank, ttl=self.lease_ttl, sweep=not self._swept)
+        self.retention.prune(self.repo, keep, sweep=not self._swept)
         self._swept = True
 
-    # -- reading
 
-    def _read_files(
-        self,
-        files: list[LocalEntry],
-        result: SnapshotResult,
-        pinned: dict[str, tuple[int, os.stat_result]] | None = None,
-        expect: dict[str, Stat] | None = None,
-        growing: dict[str, int] | None = None,
-    ) -> Generator[_Outcome, None, None]:
-        """Yield (file, chunk digests), (file, None) if it changed while read,
-        or (file, why) if it could not be read, in no particular order.
-        Chunks of many files are in flight at once; descriptors stay bounded.
-        Files of one chunk or less go to the pool in batches, each read whole
-        by one task (see SMALL_BATCH_FILES).
-
-        expect: the stat each file had when it was judged; one that differs
-        at the read changed since (None). growing: appenders -> the size
-        judged: that prefix is read, and the file may grow meanwhile."""
-        rules = _Rules(expect or {}, growing or {})
-        pending: collections.deque[_Big | cf.Future[list[_Outcome]]] = collections.deque()
-        open_big = 0
-        chunk = self.repo.chunk_size
-        batch: list[LocalEntry] = []
-        batch_bytes = 0
-
-        def submit_batch() -> None:
-            nonlocal batch, batch_bytes
-            self._slots.acquire()
-            pending.append(self._pool.submit(self._small_task, batch, pinned, result, rules))
-            batch, batch_bytes = [], 0
-
-        def pop_head() -> Iterable[_Outcome]:
-            nonlocal open_big
-            head = pending.popleft()
-            if isinstance(head, _Big):
-                open_big -= 1
-                return [self._finish(head, result, rules)]
-            return head.result()
-
-        def head_done() -> bool:
-            head = pending[0]
-            if isinstance(head, _Big):
-                return all(f.done() for f in head.futures)
-            return head.done()
-
-        try:
-            for le in files:
-                if rules.size(le) <= chunk:
-                    batch.append(le)
-                    batch_bytes += le.size
-                    if len(batch) >= SMALL_BATCH_FILES or batch_bytes >= chunk:
-                        submit_batch()
-                else:
-                    big = self._submit_big(le, result, pinned, rules)
-                    if isinstance(big, _Big):
-                        pending.append(big)
-                        open_big += 1
-                    else:
-                        yield big
-                while pending and (open_big > MAX_OPEN_FILES or head_done()):
-                    yield from pop_head()
-            if batch:
-                submit_batch()
-            while pending:
-                yield from pop_head()
-        finally:
-            for item in pending:
-                if isinstance(item, _Big):
-                    cf.wait(item.futures)
-                    os.close(item.fd)
-                else:
-                    cf.wait([item])
-
-    def _open(
-        self, le: LocalEntry, pinned: dict[str, tuple[int, os.stat_result]] | None
-    ) -> tuple[int, os.stat_result] | None:
-        """A descriptor on the file and its stat; None if it is gone or no
-        longer a regular file; _Unreadable if it cannot be opened. A pinned
-        file is read through a duplicate of its pin (closed after), so the pin
-        survives a failed upload; its stat is the one taken at pin time, so a
-        change in place since shows."""
-        if pinned is not None and le.path in pinned:
-            pinned_fd, st = pinned[le.path]
-            fd = os.dup(pinned_fd)
+def _from_cache(
+    cache: dict[str, Cached], local: list[LocalEntry]
+) -> tuple[dict[str, Entry], list[LocalEntry]]:
+    """The entries known without reading (directories, links, files the
+    stat cache vouches for) and the files to read."""
+    entries: dict[str, Entry] = {}
+    to_read: list[LocalEntry] = []
+    for le in local:
+        if le.type == "file":
+            c = cache.get(le.path)
+            if c and (c.size, c.mtime_ns, c.ino) == (le.size, le.mtime_ns, le.ino):
+                entries[le.path] = Entry(
+                    le.path,
+                    "file",
+                    le.mode,
+                    le.size,
+                    le.mtime_ns,
+                    c.chunks,
+                    ino=le.ino,
+                    check=c.check,
+                )
+            else:
+                to_read.append(le)
+        elif le.type == "dir":
+            entries[le.path] = Entry(le.path, "dir", le.mode, mtime_ns=le.mtime_ns)
         else:
-            try:
-                fd = os.open(self.root / le.path, OPEN_FLAGS)
-            except OSError as exc:
-                why = _open_error(exc)
-                if why is None:
-                    return None  # vanished or replaced by a link since the scan
-                raise _Unreadable(why) from None
-            st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            os.close(fd)
-            return None
-        return fd, st
-
-    def _submit_big(
-        self,
-        le: LocalEntry,
-        result: SnapshotResult,
-        pinned: dict[str, tuple[int, os.stat_result]] | None,
-        rules: _Rules,
-    ) -> _Big | _Outcome:
-        try:
-            opened = self._open(le, pinned)
-        except _Unreadable as exc:
-            return le, exc.reason
-        if opened is None:
-            return le, None
-        fd, st = opened
-        taken = rules.take(le.path, st)
-        if taken is None:
-            os.close(fd)
-            return le, None
-        size, mtime_ns = taken
-        big = _Big(dataclasses.replace(le, size=size, mtime_ns=mtime_ns, ino=st.st_ino), fd, st, [])
-        chunk = self.repo.chunk_size
-        for offset in range(0, size, chunk):
-            self._slots.acquire()
-            big.futures.append(
-                self._pool.submit(self._chunk_task, fd, offset, min(chunk, size - offset), result)
-            )
-        return big
-
-    def _chunk_task(self, fd: int, offset: int, length: int, result: SnapshotResult) -> str:
-        try:
-            with self._buffers.view(length) as view:
-                try:
-                    got = os.preadv(fd, [view], offset)
-                except OSError as exc:
-                    raise _Unreadable(_reason(exc)) from None
-                if got != length:
-                    raise _Changed
-                digest = self.repo.hash(view)
-                if self.repo.borrows_buffers:
-                    sent = self.repo.put_chunk(digest, view)
-                else:  # the buffer goes back to the pool while the copy uploads
-                    payload = bytes(view)
-            if not self.repo.borrows_buffers:
-                sent = self.repo.put_chunk(digest, payload)
-            with self._stats_lock:
-                result.bytes_read += length
-                if sent:
-                    result.new_bytes += length
-                    result.new_chunks += 1
-            return digest
-        finally:
-            self._slots.release()
-
-    def _finish(self, big: _Big, result: SnapshotResult, rules: _Rules) -> _Outcome:
-        le, fd, before = big.entry, big.fd, big.st
-        try:
-            cf.wait(big.futures)  # none may read fd once it is closed
-            digests = tuple(f.result() for f in big.futures)
-            after = os.fstat(fd)
-            if le.path in rules.growing:  # an appender: its prefix is taken
-                os.close(fd)
-                fd = -1
-                with self._stats_lock:
-                    result.files_read += 1
-                return le, (digests if after.st_size >= le.size else None)
-            grew = os.pread(fd, 1, before.st_size) != b""
-        except _Changed:
-            return le, None
-        except _Unreadable as exc:
-            return le, exc.reason
-        except OSError as exc:  # the fstat or pread above: the local file
-            return le, _reason(exc)
-        finally:
-            if fd >= 0:
-                os.close(fd)
-        with self._stats_lock:
-            result.files_read += 1
-        if grew or (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
-            return le, None
-        return le, digests
-
-    def _small_task(
-        self,
-        batch: list[LocalEntry],
-        pinned: dict[str, tuple[int, os.stat_result]] | None,
-        result: SnapshotResult,
-        rules: _Rules,
-    ) -> list[_Outcome]:
-        """Read, hash and put whole files of at most one chunk, one after the
-        other, through one buffer."""
-        try:
-            with self._buffers.view(self.repo.chunk_size) as buf:
-                return [self._read_small(le, buf, pinned, result, rules) for le in batch]
-        finally:
-            self._slots.release()
-
-    def _read_small(
-        self,
-        le: LocalEntry,
-        buf: memoryview,
-        pinned: dict[str, tuple[int, os.stat_result]] | None,
-        result: SnapshotResult,
-        rules: _Rules,
-    ) -> _Outcome:
-        try:
-            opened = self._open(le, pinned)
-        except _Unreadable as exc:
-            return le, exc.reason
-        if opened is None:
-            return le, None
-        fd, before = opened
-        appender = le.path in rules.growing
-        try:
-            taken = rules.take(le.path, before)
-            if taken is None:
-                return le, None  # changed since it was judged
-            size, mtime_ns = taken
-            if size > len(buf):
-                return le, None  # grew past a chunk since the scan: read it next time
-            # One byte more than the size, where the buffer has room: a file
-            # that grew meanwhile shows as a longer read (an appender's
-            # prefix alone is read: it may grow).
-            try:
-                got = os.preadv(fd, [buf[: size + (0 if appender else 1)]], 0)
-                longer = not appender and size == len(buf) and os.pread(fd, 1, size) != b""
-            except OSError as exc:
-                return le, _reason(exc)
-            if got != size or longer:
-                return le, None
-            view = buf[:size]
-            digests: tuple[str, ...] = ()
-            sent = False
-            if size:
-                digest = self.repo.hash(view)
-                sent = self.repo.put_chunk(digest, view)
-                digests = (digest,)
-            view.release()
-            after = os.fstat(fd)
-        finally:
-            os.close(fd)
-        with self._stats_lock:
-            result.files_read += 1
-            result.bytes_read += size
-            if sent:
-                result.new_bytes += size
-                result.new_chunks += 1
-        if appender:
-            if after.st_size < size:
-                return le, None
-        elif (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
-            return le, None
-        return (
-            dataclasses.replace(le, size=size, mtime_ns=mtime_ns, ino=before.st_ino),
-            digests,
-        )
+            entries[le.path] = Entry(le.path, "symlink", le.mode, target=le.target)
+    return entries, to_read
 
 
-@dataclasses.dataclass(frozen=True)
-class _Rules:
-    """What a read must find (see _read_files)."""
+def _verified(
+    judge: Judge | None, judged: Judgement | None, pinned: Pinned | None
+) -> tuple[bool | None, tuple[tuple[str, str], ...]]:
+    """The manifest's verified and unverified (of what is in it)."""
+    if judged is not None:
+        listed = judged.unverified
+        return judged.verified(), tuple((p, listed[p]) for p in sorted(listed))
+    if pinned is not None and pinned.checks is not None and judge is not None:
+        return (True if judge.checked else None), ()
+    return None, ()
 
-    expect: dict[str, Stat]
-    growing: dict[str, int]
 
-    def size(self, le: LocalEntry) -> int:
-        judged = self.expect.get(le.path)
-        return judged[0] if judged is not None else le.size
-
-    def take(self, path: str, st: os.stat_result) -> tuple[int, int] | None:
-        """(size, mtime_ns) to read and record of the file whose descriptor
-        has stat st; None if it changed since it was judged."""
-        judged = self.expect.get(path)
-        if judged is None:
-            return st.st_size, st.st_mtime_ns
-        size, mtime_ns, ino = judged
-        if path in self.growing:  # an appender: the prefix judged, if it is still there
-            ok = st.st_ino == ino and st.st_size >= size
-        else:
-            ok = (st.st_size, st.st_mtime_ns, st.st_ino) == judged
-        return (size, mtime_ns) if ok else None
+def _unchanged(
+    parent: Manifest | None,
+    ordered: tuple[Entry, ...],
+    verified: bool | None,
+    unverified: tuple[tuple[str, str], ...],
+    step: int | None,
+) -> bool:
+    """Nothing to write: the entries are the parent's, and so is what a
+    restore prefers (verified or not) and the commit's step."""
+    if parent is None or len(ordered) != len(parent.entries):
+        return False
+    if not all(a.same_content(b) for a, b in zip(ordered, parent.entries, strict=True)):
+        return False
+    # The same files as an unverified snapshot are written again once they
+    # are whole (what a restore prefers changed), or once other files are in
+    # progress; the same as a verified one never are.
+    if parent.verified is False and not (
+        verified is False and {p for p, _ in parent.unverified} == {p for p, _ in unverified}
+    ):
+        return False
+    # A commit with a new step is written even when nothing changed: the
+    # step is what makes the rank's part of a global generation.
+    return step is None or parent.step == step
 
 
 def _drop_orphans(entries: dict[str, Entry]) -> None:

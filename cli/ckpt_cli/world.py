@@ -22,6 +22,8 @@ another rank's upload. No coordinator: the repository is the only shared state.
   of duplicacy, with the lease standing in for "this rank is still writing".
 - `ckpt gc` (`collect`) prunes every stream of a stopped job through a
   `Recorder`, so its dry run is the same code and says what the run does.
+Nothing here prints: what a prune did is returned (`PruneReport`,
+`describe`), and callers say it.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 
-from ckpt_cli import console
 from ckpt_cli.backends import NotFound
 from ckpt_cli.errors import ConfigError
 from ckpt_cli.lease import Lease, live_leases
@@ -338,6 +339,18 @@ class PruneReport:
     deleted: int = 0
     restored: int = 0
     waiting: list[int] = dataclasses.field(default_factory=list)  # rounds not ready
+    kept: int = 0  # snapshots kept
+    steps: list[int] = dataclasses.field(default_factory=list)  # complete steps kept
+
+
+def describe(report: PruneReport) -> str:
+    """What rank 0's prune did, in one (debug) line."""
+    return (
+        f"retention (rank 0): steps kept {report.steps or 'none (auto mode)'}, "
+        f"{report.kept} snapshots kept, {len(report.dropped)} dropped; "
+        f"GC rounds: {report.trashed} chunks to trash/, {report.deleted} deleted, "
+        f"{report.restored} put back, rounds waiting for a rank: {report.waiting or 'none'}"
+    )
 
 
 def retention(
@@ -391,6 +404,19 @@ def live_ranks(
     return {int(m.group(1)) for p in live if (m := _LEASE_RE.match(p.key))}
 
 
+def _empty_trash(repo: Repository, r: Round, referenced: set[str], report: PruneReport) -> None:
+    """Finish round r's chunks: put back those a manifest names, delete the rest."""
+    for digest in r.chunks:
+        if digest in referenced:
+            with contextlib.suppress(NotFound):
+                repo.backend.rename(trash_key(digest), chunk_key(digest))
+                report.restored += 1
+            repo.forget_chunk(digest)  # known again only once seen in a listing
+        else:
+            repo.backend.delete(trash_key(digest))
+            report.deleted += 1
+
+
 def prune(
     repo: Repository,
     keep: int,
@@ -414,7 +440,7 @@ def prune(
         [(ref, m) for stream, loaded in world.streams.items() if stream for ref, m in loaded],
         present,
     )
-    _kept, dropped = retention(world, keep, whole)
+    kept, dropped = retention(world, keep, whole)
     dropped_keys = {r.key for r in dropped}
     referenced: set[str] = set()
     for ref, m in world.manifests():
@@ -436,15 +462,7 @@ def prune(
         if behind:
             report.waiting.append(r.seq)
             continue
-        for digest in r.chunks:
-            if digest in referenced:
-                with contextlib.suppress(NotFound):
-                    repo.backend.rename(trash_key(digest), chunk_key(digest))
-                    report.restored += 1
-                repo.forget_chunk(digest)  # known again only once seen in a listing
-            else:
-                repo.backend.delete(trash_key(digest))
-                report.deleted += 1
+        _empty_trash(repo, r, referenced, report)
         done = {"seq": r.seq, "created": r.created, "finished": time.time(), "done": True}
         repo.backend.write(r.key, json.dumps({**done, "chunks": []}).encode())
         last_done = max(last_done, r.seq)
@@ -479,13 +497,8 @@ def prune(
             with contextlib.suppress(NotFound):
                 repo.backend.rename(chunk_key(digest), trash_key(digest))
                 report.trashed += 1
-    steps = [g.step for g in world.generations(whole=whole)[:keep]]
-    console.debug(
-        f"retention (rank 0): steps kept {steps or 'none (auto mode)'}, "
-        f"{len(_kept)} snapshots kept, {len(report.dropped)} dropped; "
-        f"GC rounds: {report.trashed} chunks to trash/, {report.deleted} deleted, "
-        f"{report.restored} put back, rounds waiting for a rank: {report.waiting or 'none'}"
-    )
+    report.steps = [g.step for g in world.generations(whole=whole)[:keep]]
+    report.kept = len(kept)
     return report
 
 

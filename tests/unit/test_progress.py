@@ -31,7 +31,7 @@ from ckpt_cli.formats import CommandCheck, Registry
 from ckpt_cli.progress import Auto, NotWholeError, check_reason
 from ckpt_cli.repository import Repository
 from ckpt_cli.snapshotter import SnapshotResult, Snapshotter
-from ckpt_cli.uploader import WAIT_SAY, Waiting, wait_news
+from ckpt_cli.worker import WAIT_SAY, Waiting, wait_news
 
 from .helpers import CHUNK, data, write
 
@@ -344,7 +344,7 @@ def test_wait_news_says_a_wait_once_it_lasted_and_when_it_changes() -> None:
 
 
 def test_check_reason_reads_after_a_file_name() -> None:
-    from ckpt_cli.format_checks import Verdict
+    from ckpt_cli.formats.checks import Verdict
 
     assert check_reason(Verdict(False, "zip", "zip: no end record")) == (
         "fails the zip check: no end record"
@@ -366,7 +366,7 @@ class Clock:
 
 
 def worker_for(s: Snapshotter, clock: Clock, news: list[Any], settle: float) -> Any:
-    from ckpt_cli.uploader import SnapshotWorker
+    from ckpt_cli.worker import SnapshotWorker
 
     return SnapshotWorker(
         s,

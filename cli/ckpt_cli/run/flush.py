@@ -17,7 +17,7 @@ from ckpt_cli.run.clock import Clock
 from ckpt_cli.run.reporter import Reporter
 from ckpt_cli.run.signals import NOTICE_WAKE, STOP_SIGNALS, Stop, StopState
 from ckpt_cli.run.window import NoticeBoard
-from ckpt_cli.uploader import Request, SnapshotWorker
+from ckpt_cli.worker import Request, SnapshotWorker
 
 #: A final flush that takes longer than this shows its progress (a bar on a
 #: terminal, one line off one).

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ckpt_cli import console
-from ckpt_cli.uploader import SnapshotWorker
+from ckpt_cli.worker import SnapshotWorker
 
 
 def status(

@@ -19,8 +19,8 @@ from ckpt_cli.repair import Repaired, repair_dir
 from ckpt_cli.repository import Repository, SnapshotRef
 from ckpt_cli.restore import ensure_dir, prepare_rank_dir, restore_into, rollback_target
 from ckpt_cli.snapshotter import Snapshotter
-from ckpt_cli.uploader import Request, SnapshotWorker
 from ckpt_cli.watcher import Watcher
+from ckpt_cli.worker import Request, SnapshotWorker
 
 #: Snapshots of this run the crash-loop guard remembers (the newest): a
 #: streak has no snapshot taken while its attempts ran, so it needs few.

@@ -18,7 +18,7 @@ from ckpt_cli.policy import ChildExit, Decision, signal_name
 from ckpt_cli.repair import Repaired
 from ckpt_cli.run import preemption
 from ckpt_cli.snapshotter import SnapshotResult
-from ckpt_cli.uploader import SnapshotWorker, WaitNews, unreadable_error
+from ckpt_cli.worker import SnapshotWorker, WaitNews, unreadable_error
 
 #: The `end` event's cost fields when the run ended before its history began.
 NO_COSTS = {"failures": None, "lost_seconds": None, "resume_seconds": None}

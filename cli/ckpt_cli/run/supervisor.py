@@ -51,8 +51,8 @@ from ckpt_cli.run.signals import (
 )
 from ckpt_cli.run.window import NoticeBoard
 from ckpt_cli.snapshotter import TEMP_PATTERNS, SnapshotResult, Snapshotter
-from ckpt_cli.uploader import SnapshotWorker
 from ckpt_cli.watcher import Watcher
+from ckpt_cli.worker import SnapshotWorker
 
 #: How long the first launch waits for the first answer of the metadata
 #: service (a machine already under notice launches nothing). Azure's first
@@ -449,9 +449,8 @@ class Supervisor:
 def _open_repository(cfg: RunConfig) -> Repository:
     """The repository of --remote, this rank's stream of it."""
     backend = open_backend(cfg.remote, cfg.storage_options, io_timeout=cfg.io_timeout)
-    repo = Repository.open(backend, create=True)
+    repo = Repository.open(backend, create=True, stream=rank_stream(cfg.rank, cfg.world_size))
     assert repo is not None
-    repo.stream = rank_stream(cfg.rank, cfg.world_size)
     if cfg.world_size > 1:
         pruner = "this rank prunes" if cfg.rank == 0 else "rank 0 prunes"
         console.info(

@@ -24,6 +24,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 from ckpt_cli.lease import LeaseLostError
 from ckpt_cli.manifest import Manifest
@@ -90,6 +91,15 @@ class Request:
     def wait(self, timeout: float | None = None) -> bool:
         return self._done.wait(timeout)
 
+    def superseded_by(self, new: Request) -> None:
+        """This held commit was never uploaded; new is a later moment of the
+        same directory. The flushes waiting on it get new's outcome, and its
+        pin is released."""
+        if self.pinned is not None:
+            self.pinned.close()
+        new.followers.extend(self.followers)
+        self.followers = []
+
     @property
     def done(self) -> bool:
         return self._done.is_set()
@@ -104,6 +114,26 @@ class Stats:
     last_error: str | None = None
     failing_since: float | None = None  # time.time() of the first failure in a row
     superseded: int = 0  # commits replaced by a newer one while the remote was down
+
+    def failed(self, error: str) -> None:
+        """A snapshot failed on the remote (the first of a row starts the outage)."""
+        if self.failing_since is None:
+            self.failing_since = time.time()
+        self.last_error = error
+
+    def recovered(self) -> float | None:
+        """A snapshot succeeded: how long the remote was failing, if it was."""
+        if self.failing_since is None:
+            return None
+        down_for = time.time() - self.failing_since
+        self.failing_since = None
+        return down_for
+
+    def durable(self, manifest: Manifest, new_bytes: int) -> None:
+        self.snapshots += 1
+        self.bytes_uploaded += new_bytes
+        self.last_durable = manifest
+        self.last_durable_at = time.time()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +177,27 @@ def wait_news(
     return Waiting(since, files, said), None
 
 
+def after_judging(
+    before: Waiting | None, result: SnapshotResult, now: float, settle: float, took_anyway: bool
+) -> tuple[Waiting | None, WaitNews | None]:
+    """wait_news after an automatic snapshot: taken anyway with files in
+    progress once the settle time ran out is "settled", naming them."""
+    ran_out = (
+        took_anyway
+        and bool(result.in_progress)
+        and before is not None
+        and now >= before.since + settle
+    )
+    waiting, news = wait_news(before, result.waiting, now, settled=ran_out)
+    if news is not None and news.kind == "settled":
+        news = dataclasses.replace(news, files=dict(result.in_progress))
+    return waiting, news
+
+
+def _failed_commit(error: str | None) -> str | None:
+    return f"the last commit failed: {error}" if error else None
+
+
 def unreadable_error(files: Mapping[str, str], snapshot: str = "the snapshot") -> str:
     """Why `snapshot` is not the directory's state although it was written:
     files ckpt could not read (path -> why) are in it at their version of an
@@ -160,6 +211,79 @@ def unreadable_error(files: Mapping[str, str], snapshot: str = "the snapshot") -
         f"cannot read {shown}{more}, so {snapshot} holds {its} of an earlier snapshot, "
         f"if any; make {it} readable, or leave {it} out with --exclude"
     )
+
+
+class Appenders:
+    """Files whose growth is no activity: the appenders a snapshot judged ->
+    the size it took; a file with a log's name is watched the same way."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.sizes: dict[str, int] = {}
+
+    def grew(self, rel: str) -> bool:
+        """An appender (or a file with a log's name) that did not shrink since
+        it was last seen; one stat."""
+        last = self.sizes.get(rel)
+        if last is None and not is_log_name(rel):
+            return False
+        try:
+            size = os.stat(self.root / rel, follow_symlinks=False).st_size
+        except OSError:
+            return False
+        if last is not None and size < last:
+            return False
+        self.sizes[rel] = size
+        return True
+
+
+def flush_answer(
+    result: SnapshotResult | None, error: str | None, transient: bool
+) -> tuple[Manifest | None, str | None, bool]:
+    """What a plain request (a flush) is told after its snapshot: (the newest
+    durable snapshot, the error, whether asking again may help). Files that
+    could not be read make the snapshot not the directory's state."""
+    newest = result.newest if result else None
+    if error is None and result is not None and result.unreadable:
+        what = f"snapshot {newest.id}" if newest else "the snapshot"
+        return newest, unreadable_error(result.unreadable, what), False
+    return newest, error, error is None or transient  # the remote's failure: ask again
+
+
+def auto_job(
+    now: float,
+    *,
+    retry_at: float,
+    try_at: float | None,
+    dirty: bool,
+    quiet_at: float,
+    probe_at: float | None,
+    next_rescan: float,
+) -> tuple[str | None, float]:
+    """The automatic snapshot due now: "change" (a waited-for try is due, or
+    the directory went quiet: debounce, or MAX_DELAY of changes), "probe" (a
+    busy directory, judged for its appenders) or "rescan"; else None and how
+    long until one may be (a backoff until retry_at holds them all). try_at:
+    the next try of a held-back snapshot (None: none held back); probe_at:
+    None if no probe is due in this busy spell."""
+    waits = [next_rescan - now]
+    if now < retry_at:
+        return None, min(*waits, retry_at - now)
+    if try_at is not None:
+        if now >= try_at:
+            return "change", 0.0
+        waits.append(try_at - now)
+    if dirty:
+        if now >= quiet_at:
+            return "change", 0.0
+        waits.append(quiet_at - now)
+        if probe_at is not None:
+            if now >= probe_at:
+                return "probe", 0.0
+            waits.append(probe_at - now)
+    if now >= next_rescan:
+        return "rescan", 0.0
+    return None, min(waits)
 
 
 class SnapshotWorker:
@@ -189,13 +313,10 @@ class SnapshotWorker:
         self.on_wait = on_wait
         self._waiting: Waiting | None = None
         self._try_at = 0.0  # the next try while waiting
-        #: Appenders judged by the last snapshot -> the size it took; a path
-        #: with a log's name is watched the same way. Their growth is no activity.
-        self._appending: dict[str, int] = {}
+        #: Appenders judged by the last snapshot: their growth is no activity.
+        self._appending = Appenders(snapshotter.root)
         self._probed = False  # this busy spell was probed for appenders
-        self.debounce = debounce
-        self.rescan = rescan
-        self.keep = keep
+        self.debounce, self.rescan, self.keep = debounce, rescan, keep
         self.attempt = attempt
         self.on_snapshot = on_snapshot
         self.on_error = on_error
@@ -208,13 +329,11 @@ class SnapshotWorker:
         self.clock = clock
         self.stats = Stats(last_durable=snapshotter.parent)
         self._cond = threading.Condition()
-        self._dirty = False
-        self._dirty_since = 0.0
-        self._last_change = 0.0
+        #: Changes not snapshotted yet: since when, and the last one.
+        self._dirty, self._dirty_since, self._last_change = False, 0.0, 0.0
         self._requests: list[Request] = []
         self._stopping = False
-        self._failures = 0
-        self._retry_at = 0.0
+        self._failures, self._retry_at = 0, 0.0  # failures in a row; backoff until
         self._lease_lost: str | None = None
         self._next_rescan = clock() + rescan
         #: --snapshots commit, or auto after the child's first commit: file
@@ -239,7 +358,7 @@ class SnapshotWorker:
         that grew is no activity; a waited-for file closed after writing is
         the cue to try again at once."""
         now = self.clock()
-        if paths and event in ("modified", "closed") and all(map(self._grew, paths)):
+        if paths and event in ("modified", "closed") and all(map(self._appending.grew, paths)):
             return
         with self._cond:
             waiting = self._waiting
@@ -251,21 +370,6 @@ class SnapshotWorker:
             self._dirty = True
             self._last_change = now
             self._cond.notify()
-
-    def _grew(self, rel: str) -> bool:
-        """An appender (or a file with a log's name) that did not shrink since
-        it was last seen; one stat."""
-        last = self._appending.get(rel)
-        if last is None and not is_log_name(rel):
-            return False
-        try:
-            size = os.stat(self.snapshotter.root / rel, follow_symlinks=False).st_size
-        except OSError:
-            return False
-        if last is not None and size < last:
-            return False
-        self._appending[rel] = size
-        return True
 
     @property
     def waiting(self) -> tuple[float, dict[str, str]] | None:
@@ -343,32 +447,25 @@ class SnapshotWorker:
                     self._waiting = None
                     self._cond.wait(None if self._held is None else max(0.01, self._retry_at - now))
                     continue
-                waits = [self._next_rescan - now]
-                if now >= self._retry_at and self._waiting is not None:
-                    if now >= self._try_at:
-                        self._dirty = False
-                        return "change", []
-                    waits.append(self._try_at - now)
-                if now >= self._retry_at:
-                    if self._dirty:
-                        quiet_at = min(
-                            self._last_change + self.debounce, self._dirty_since + MAX_DELAY
-                        )
-                        if now >= quiet_at:
-                            self._dirty = False
-                            return "change", []
-                        waits.append(quiet_at - now)
-                        probe_at = self._dirty_since + max(PROBE_AFTER, 2 * self.debounce)
-                        if not self._probed and self.open_scan is not None:
-                            if now >= probe_at:
-                                self._probed = True
-                                return "probe", []
-                            waits.append(probe_at - now)
-                    if now >= self._next_rescan:
-                        return "rescan", []
-                else:
-                    waits.append(self._retry_at - now)
-                self._cond.wait(max(0.01, min(waits)))
+                probe = not self._probed and self.open_scan is not None
+                job, wait = auto_job(
+                    now,
+                    retry_at=self._retry_at,
+                    try_at=self._try_at if self._waiting is not None else None,
+                    dirty=self._dirty,
+                    quiet_at=min(self._last_change + self.debounce, self._dirty_since + MAX_DELAY),
+                    probe_at=self._dirty_since + max(PROBE_AFTER, 2 * self.debounce)
+                    if probe
+                    else None,
+                    next_rescan=self._next_rescan,
+                )
+                if job == "change":
+                    self._dirty = False
+                elif job == "probe":
+                    self._probed = True
+                if job is not None:
+                    return job, []
+                self._cond.wait(max(0.01, wait))
 
     def _run(self) -> None:
         while True:
@@ -412,11 +509,7 @@ class SnapshotWorker:
                 if self.commit_only:
                     # Only commits make snapshots now: what is durable is the last
                     # commit, unless it failed (its pinned content is gone).
-                    error = self._lease_lost or (
-                        f"the last commit failed: {self._commit_error}"
-                        if self._commit_error
-                        else None
-                    )
+                    error = self._lease_lost or _failed_commit(self._commit_error)
                     for r in plain:
                         r.finish(self.stats.last_durable, error, retryable=False)
                     continue
@@ -424,18 +517,9 @@ class SnapshotWorker:
                 # in progress now stays so.
                 final = any(r.reason == "final" for r in plain)
                 result, error = self._take(plain[-1].reason, None, take_anyway=final)
-                missing = None
-                if result is not None and result.unreadable:
-                    newest = result.newest
-                    missing = unreadable_error(
-                        result.unreadable, f"snapshot {newest.id}" if newest else "the snapshot"
-                    )
+                newest, why, retry = flush_answer(result, error, self._transient)
                 for r in plain:
-                    if error is None and missing is not None:
-                        r.finish(result.newest if result else None, missing, retryable=False)
-                    else:  # asking again helps only where the remote failed
-                        retry = error is None or self._transient
-                        r.finish(result.newest if result else None, error, retryable=retry)
+                    r.finish(newest, why, retryable=retry)
             if self._lease_lost:
                 self._fail_pending(self._lease_lost)
                 self._wait_for_stop()
@@ -485,12 +569,7 @@ class SnapshotWorker:
         return held
 
     def _supersede(self, held: Request, new: Request) -> None:
-        """held was never uploaded; new is a later moment of the same directory.
-        The flushes waiting on held get new's outcome, and its pin is released."""
-        if held.pinned is not None:
-            held.pinned.close()
-        new.followers.extend(held.followers)
-        held.followers = []
+        held.superseded_by(new)
         self.stats.superseded += 1
 
     def _take(
@@ -514,12 +593,10 @@ class SnapshotWorker:
             result = self.snapshotter.snapshot(
                 reason=reason, attempt=self.attempt(), pinned=pinned, auto=auto
             )
-        except LeaseLostError as exc:
-            self._lease_lost = str(exc)
-            self.stats.last_error = str(exc)
-            self.on_error(str(exc), 0.0)
-            return None, str(exc)
-        except (TornCommitError, UnreadableError, NotWholeError) as exc:
+        except (LeaseLostError, TornCommitError, UnreadableError, NotWholeError) as exc:
+            # Not the remote's: trying the same again cannot help.
+            if isinstance(exc, LeaseLostError):
+                self._lease_lost = str(exc)
             self.stats.last_error = str(exc)
             self.on_error(str(exc), 0.0)
             return None, str(exc)
@@ -527,31 +604,25 @@ class SnapshotWorker:
             message = str(exc) or type(exc).__name__
             self._transient = True
             self._failures += 1
-            if self.stats.failing_since is None:
-                self.stats.failing_since = time.time()
+            self.stats.failed(message)
             delay = min(RETRY_CAP, RETRY_FIRST * 2 ** (self._failures - 1))
             with self._cond:
                 self._retry_at = self.clock() + delay
                 if not self.commit_only:
                     self._dirty = True
                     self._dirty_since = self._last_change = self.clock()
-            self.stats.last_error = message
             self.on_error(message, delay)
             return None, message
         self._failures = 0
         self.stats.last_error = None
         if auto is not None:
             self._judged(result, auto.take_anyway)
-        if self.stats.failing_since is not None:
-            down_for = time.time() - self.stats.failing_since
-            self.stats.failing_since = None
+        down_for = self.stats.recovered()
+        if down_for is not None:
             self.on_recovered(down_for)
         if result.manifest is not None:
             self._prune_due = True
-            self.stats.snapshots += 1
-            self.stats.bytes_uploaded += result.new_bytes
-            self.stats.last_durable = result.manifest
-            self.stats.last_durable_at = time.time()
+            self.stats.durable(result.manifest, result.new_bytes)
         if result.unstable:
             self.changed()  # something was mid-write: look again once it is quiet
         self.on_snapshot(result)
@@ -566,28 +637,19 @@ class SnapshotWorker:
             )
         except Exception:
             return
-        self._appending = {**self._appending, **result.appenders}
+        self._appending.sizes.update(result.appenders)
 
     def _judged(self, result: SnapshotResult, took_anyway: bool) -> None:
         """After an automatic snapshot: the appenders it found, and the wait."""
-        self._appending = dict(result.appenders)
+        self._appending.sizes = dict(result.appenders)
         now = self.clock()
         with self._cond:
             before = self._waiting
-        ran_out = (
-            took_anyway
-            and bool(result.in_progress)
-            and before is not None
-            and now >= before.since + self.settle
-        )
-        waiting, news = wait_news(before, result.waiting, now, settled=ran_out)
-        if news is not None and news.kind == "settled":
-            news = dataclasses.replace(news, files=dict(result.in_progress))
+        waiting, news = after_judging(before, result, now, self.settle, took_anyway)
         with self._cond:
             self._waiting = waiting
             if waiting is not None:
-                deadline = waiting.since + self.settle
-                self._try_at = min(now + WAIT_POLL, max(now, deadline))
+                self._try_at = min(now + WAIT_POLL, max(now, waiting.since + self.settle))
         if news is not None:
             self.on_wait(news)
 

@@ -3,8 +3,8 @@ format checks and the API the snapshotter, the worker and `ckpt verify` call.
 
 A check reads headers and trailers only: a few KiB at the start and the
 end, plus a zip's central directory, a safetensors or npy header, a legacy
-torch file's pickles, each under a cap, never the data (`format_checks`,
-`format_pickle` and `format_dirs` say exactly what each verifies). A file is
+torch file's pickles, each under a cap, never the data (`formats.checks`,
+`formats.pickles` and `formats.dirs` say exactly what each verifies). A file is
 recognised by its content first (a `model.bin` that is a zip is checked as a
 zip), then by its name (a 5-byte `.safetensors` is a truncated one; `.bin`
 is not such a name: raw data is called so too); a file of no known format
@@ -79,11 +79,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from ckpt_cli import format_checks as fc
-from ckpt_cli import format_pickle as fp
 from ckpt_cli.errors import ConfigError
-from ckpt_cli.format_checks import UNRECOGNISED, Source, Torn, Unchecked, Verdict
-from ckpt_cli.format_dirs import check_dir
+from ckpt_cli.formats import checks as fc
+from ckpt_cli.formats import pickles as fp
+from ckpt_cli.formats.checks import UNRECOGNISED, Source, Torn, Unchecked, Verdict
+from ckpt_cli.formats.dirs import check_dir
 
 #: Bytes read at the start and at the end of a file, once; most checks need
 #: nothing else.

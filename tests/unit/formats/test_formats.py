@@ -20,10 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_cli import format_checks, format_pickle, formats
+from ckpt_cli import formats
 from ckpt_cli.errors import ConfigError
-from ckpt_cli.format_dirs import check_dir
 from ckpt_cli.formats import BytesSource, CommandCheck, Registry, Verdict
+from ckpt_cli.formats import checks as format_checks
+from ckpt_cli.formats import pickles as format_pickle
+from ckpt_cli.formats.dirs import check_dir
 from ckpt_cli.snapshotter import scan
 
 

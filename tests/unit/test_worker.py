@@ -17,7 +17,7 @@ from ckpt_cli.errors import RemoteError
 from ckpt_cli.lease import LeaseLostError
 from ckpt_cli.repository import Repository
 from ckpt_cli.snapshotter import SnapshotResult, Snapshotter, UnreadableError
-from ckpt_cli.uploader import SnapshotWorker
+from ckpt_cli.worker import SnapshotWorker
 
 from .helpers import CHUNK, OLD_NS, DelegatingBackend, data, write
 

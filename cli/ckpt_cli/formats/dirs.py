@@ -31,7 +31,7 @@ from __future__ import annotations
 import re
 from collections.abc import Collection, Mapping
 
-from ckpt_cli.format_checks import UNRECOGNISED, Verdict
+from ckpt_cli.formats.checks import UNRECOGNISED, Verdict
 
 _HF_DIR = re.compile(r"checkpoint-\d+")
 _HF_OWN = re.compile(

@@ -32,7 +32,7 @@ import pickletools
 import struct
 from typing import Any
 
-from ckpt_cli.format_checks import STOP, Source, Torn, Unchecked, exact
+from ckpt_cli.formats.checks import STOP, Source, Torn, Unchecked, exact
 
 PICKLE_CAP = 64 << 20
 #: The legacy pickles are parsed from this many bytes first (x8 until they fit).

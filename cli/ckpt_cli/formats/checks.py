@@ -2,8 +2,8 @@
 byte string one whole file of its format? `formats` holds the registry and
 the API; this module holds the vocabulary (Source, Verdict, Torn, Unchecked)
 and one function per format, each reading only what it needs through a
-`Source` (headers, trailers, directories), never the data; `format_pickle`
-has the pickle-based ones, `format_dirs` the directory formats.
+`Source` (headers, trailers, directories), never the data; `formats.pickles`
+has the pickle-based ones, `formats.dirs` the directory formats.
 
 Each `check_*` returns None when the file is whole, or raises `Torn` (the
 file is not whole: truncated, being written, overwritten in place) or
@@ -263,7 +263,7 @@ def check_npy(src: Source) -> None:
         raise Torn("npy header does not parse") from None
     data = start + hlen
     if descr in ("O", "|O", "<O", ">O"):  # object array: a pickle follows
-        from ckpt_cli.format_pickle import check_pickle  # (it imports this module)
+        from ckpt_cli.formats.pickles import check_pickle  # (it imports this module)
 
         try:
             check_pickle(Slice(src, data))

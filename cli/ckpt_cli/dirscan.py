@@ -1,0 +1,105 @@
+"""The directory scan: every file, directory and symlink below --dir (stat
+only, not following links), less the names ckpt never snapshots (temp
+files, `--exclude` patterns) and the links that lead outside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import functools
+import os
+import re
+import stat
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from ckpt import _contract as contract
+from ckpt_cli.manifest import link_escapes
+
+#: Names that are never snapshotted: one definition, shared with the shim.
+TEMP_PATTERNS = contract.TEMP_PATTERNS
+
+
+def is_ignored(name: str, patterns: Iterable[str]) -> bool:
+    return _matcher(tuple(patterns))(name) is not None
+
+
+@functools.lru_cache(maxsize=16)
+def _matcher(patterns: tuple[str, ...]) -> Callable[[str], re.Match[str] | None]:
+    """All patterns as one compiled regex: a scan tests every name against
+    every pattern, and one match call per name is 20x faster than fnmatch per
+    pattern (bench/ case 4: 10,000 files, 13 temp patterns)."""
+    if not patterns:
+        return lambda _name: None
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns)).match
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalEntry:
+    path: str
+    type: str
+    mode: int
+    size: int
+    mtime_ns: int
+    ino: int
+    target: str = ""
+
+
+def scan(
+    root: Path, patterns: Iterable[str] = TEMP_PATTERNS, skipped: list[str] | None = None
+) -> list[LocalEntry]:
+    """Every file, directory and symlink below root (not following links), sorted.
+
+    An absolute symlink into root is recorded as the equivalent relative one;
+    links that lead outside root are left out (and their paths appended to
+    `skipped`): restore would refuse them."""
+    ignored = _matcher(tuple(patterns))
+    root_str = str(root)
+    out: list[LocalEntry] = []
+
+    # Directories still to read: a stack, not recursion (a tree any number
+    # of levels deep is scanned; Python's stack ends at 1000 frames).
+    todo = [(root_str, "")]
+    while todo:
+        directory, rel = todo.pop()
+        try:
+            it = os.scandir(directory)
+        except FileNotFoundError:
+            continue
+        with it:
+            for d in it:
+                if ignored(d.name):
+                    continue
+                path = f"{rel}{d.name}"
+                try:
+                    st = d.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                mode = stat.S_IMODE(st.st_mode)
+                if stat.S_ISDIR(st.st_mode):
+                    out.append(LocalEntry(path, "dir", mode, 0, st.st_mtime_ns, st.st_ino))
+                    todo.append((d.path, path + "/"))
+                elif stat.S_ISREG(st.st_mode):
+                    out.append(
+                        LocalEntry(path, "file", mode, st.st_size, st.st_mtime_ns, st.st_ino)
+                    )
+                elif stat.S_ISLNK(st.st_mode):
+                    try:
+                        target = os.readlink(d.path)
+                    except OSError:
+                        continue
+                    norm = os.path.normpath(target)
+                    if norm == root_str or norm.startswith(root_str + "/"):
+                        target = os.path.relpath(norm, os.path.dirname(d.path))
+                    out.append(LocalEntry(path, "symlink", mode, 0, 0, st.st_ino, target))
+                # sockets, fifos and devices are not checkpoint data
+
+    links = {e.path: e.target for e in out if e.type == "symlink"}
+    escaping = {p for p, t in links.items() if link_escapes(p, t, links)}
+    if escaping:  # restore refuses links that lead outside: never record one
+        out = [e for e in out if e.path not in escaping]
+        if skipped is not None:
+            skipped.extend(sorted(escaping))
+    out.sort(key=lambda e: e.path)
+    return out
