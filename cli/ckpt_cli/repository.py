@@ -21,6 +21,7 @@ manifest format is in `manifest`, the lease in `lease`.
 
 from __future__ import annotations
 
+import copy
 import json
 import secrets
 from collections.abc import Collection, Iterable, Iterator
@@ -132,6 +133,14 @@ class Repository:
         self.names = SnapshotList(backend)
         self.marks = SuspectMarks(backend)
         self.verdicts = Verdicts()
+
+    def for_stream(self, stream: str) -> Repository:
+        """The same repository (backend, rooms, caches shared), reading and
+        writing another snapshot stream: a rank's, for `ls --rank` and
+        `restore --rank`. The stream is given, never assigned from outside."""
+        view = copy.copy(self)
+        view.stream = stream
+        return view
 
     @property
     def borrows_buffers(self) -> bool:

@@ -27,6 +27,7 @@ from ckpt_cli.repository import (
     iter_manifests,
     parse_suspect,
     pick,
+    rank_stream,
     restore_tier,
     retained,
     snapshot_kind,
@@ -819,3 +820,14 @@ def test_a_mark_that_does_not_parse_still_marks() -> None:
     got = parse_suspect(key, json.dumps(doc).encode())
     assert (got.why, got.time, got.host) == ("x", None, "h")
     assert parse_suspect(key, b"[" * 100_000).why.startswith("marked suspect")
+
+
+def test_for_stream_is_a_view_of_another_stream(local_repo: Repository) -> None:
+    """`ls --rank` and `restore --rank` read a rank's stream through a view:
+    the repository they opened keeps its own stream, and the view shares
+    the backend and the rooms."""
+    rank1 = local_repo.for_stream(rank_stream(1, 2))
+    _commit(rank1, 1, "00000001", {"w.bin": b"rank one"})
+    assert local_repo.stream == "" and local_repo.snapshots() == []
+    assert [r.generation for r in rank1.snapshots()] == [1]
+    assert rank1.backend is local_repo.backend and rank1.chunks is local_repo.chunks

@@ -53,7 +53,7 @@ def ls(
             "ranks": counts,
         }
         if rank is not None:
-            repo.stream = rank_stream(rank, 2)
+            repo = repo.for_stream(rank_stream(rank, 2))
         elif not as_json and not runs:
             overview = _world_table(w, gens, present)
         if not as_json and not runs:

@@ -54,7 +54,7 @@ def restore(
             raise ConfigError(f"--rank {rank} is outside --world-size {world_size}")
     ref = None
     if repo is not None and rank is not None and world_size is not None:
-        repo.stream = rank_stream(rank, world_size)
+        repo = repo.for_stream(rank_stream(rank, world_size))
         if snapshot is None:
             choice = world.choose(repo, rank, world_size, allow_change=allow_world_change)
             if choice is not None and not choice.consistent:
