@@ -13,6 +13,7 @@ of each one for `ckpt run --print-config`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -45,6 +46,21 @@ def default_remote(directory: Path) -> str:
     --dir under $XDG_DATA_HOME/ckpt/store (default ~/.local/share/ckpt/store)."""
     digest = hashlib.sha256(str(directory).encode()).hexdigest()[:10]
     return str(data_home() / "store" / f"{directory.name or 'root'}-{digest}")
+
+
+def private_store_dirs(remote: str) -> None:
+    """Before a writer opens the embedded store `remote` (under data_home()),
+    make the directories ckpt owns there private (0700) if they are missing:
+    `ckpt/` and `ckpt/store/`, whose listing names every --dir that has a
+    store. The repository below them is made 0700 by its backend; a parent
+    a user made already keeps its mode, and any other remote is left alone."""
+    store = data_home() / "store"
+    if Path(remote).parent != store:
+        return
+    data_home().parent.mkdir(parents=True, exist_ok=True)  # as mkdir -p does
+    for d in (data_home(), store):
+        with contextlib.suppress(FileExistsError):
+            d.mkdir(mode=0o700)
 
 
 def resolve_dir(raw: str | Path) -> Path:

@@ -196,6 +196,26 @@ def test_the_embedded_store_and_a_new_local_remote_are_private(tmp_path: Path) -
     record(KIND, 2, case="private repositories")
 
 
+def test_the_embedded_stores_own_directories_are_private(tmp_path: Path) -> None:
+    """Injected: a first `ckpt run` with no --remote under umask 022, in an
+    XDG_DATA_HOME that does not exist yet. Asserted: the directories ckpt
+    makes for the embedded stores (ckpt/ and ckpt/store/, whose listing names
+    every --dir that has a store) are 0700, not 0755; the data home itself
+    is made as mkdir -p makes it."""
+    data = Path(os.environ["XDG_DATA_HOME"])
+    assert not (data / "ckpt").exists()
+    old = os.umask(0o022)
+    try:
+        _ok(ckpt(_run(tmp_path / "ck"), cwd=tmp_path))
+    finally:
+        os.umask(old)
+    assert _mode(data) == 0o755
+    assert (_mode(data / "ckpt"), _mode(data / "ckpt" / "store")) == (0o700, 0o700)
+    [repo] = list((data / "ckpt" / "store").iterdir())
+    assert _mode(repo) == 0o700
+    record(KIND, 1, case="the embedded stores' directory")
+
+
 def test_objects_are_no_wider_than_the_remote_root(tmp_path: Path) -> None:
     """Injected: a remote root its owner made 0750 (a group that may read).
     Asserted: dirs 0750 and objects 0640 below it, never 0755/0644."""

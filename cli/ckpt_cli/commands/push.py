@@ -25,6 +25,8 @@ from ckpt_cli.repository import (
 
 
 def _open(remote: str, options: dict[str, Any], *, create: bool) -> Repository | None:
+    if create:
+        config.private_store_dirs(remote)
     backend = open_backend(remote, options)
     return Repository.open(backend, create=create)
 

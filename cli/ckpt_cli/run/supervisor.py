@@ -25,7 +25,7 @@ from ckpt_cli import console, openfiles, processes
 from ckpt_cli import control as control_registry
 from ckpt_cli.backends import open_backend
 from ckpt_cli.backends.urls import redact_url
-from ckpt_cli.config import RunConfig, wait_limit
+from ckpt_cli.config import RunConfig, private_store_dirs, wait_limit
 from ckpt_cli.control import ControlServer
 from ckpt_cli.errors import CkptError, RemoteError, Stopped
 from ckpt_cli.events import EventLog
@@ -448,6 +448,7 @@ class Supervisor:
 
 def _open_repository(cfg: RunConfig) -> Repository:
     """The repository of --remote, this rank's stream of it."""
+    private_store_dirs(cfg.remote)
     backend = open_backend(cfg.remote, cfg.storage_options, io_timeout=cfg.io_timeout)
     repo = Repository.open(backend, create=True, stream=rank_stream(cfg.rank, cfg.world_size))
     assert repo is not None
