@@ -103,3 +103,35 @@ def scan(
             skipped.extend(sorted(escaping))
     out.sort(key=lambda e: e.path)
     return out
+
+
+def holds_a_file(root: Path, patterns: Iterable[str] = TEMP_PATTERNS) -> bool | None:
+    """Whether scan(root) would find a file, stopping at the first regular
+    file (a push over a history asks only that, and a full scan of a big
+    tree costs a third of a push with nothing to do): True then; False if
+    there is neither a file nor a symlink; None if only symlinks could tell
+    (scan() leaves out those that lead outside root). OSError as os.scandir
+    raises it."""
+    ignored = _matcher(tuple(patterns))
+    links = False
+    todo = [str(root)]
+    while todo:
+        try:
+            it = os.scandir(todo.pop())
+        except FileNotFoundError:
+            continue
+        with it:
+            for d in it:
+                if ignored(d.name):
+                    continue
+                try:
+                    st = d.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    return True
+                if stat.S_ISDIR(st.st_mode):
+                    todo.append(d.path)
+                elif stat.S_ISLNK(st.st_mode):
+                    links = True
+    return None if links else False

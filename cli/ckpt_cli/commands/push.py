@@ -9,7 +9,7 @@ import secrets
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckpt._contract import ExitCode
 from ckpt_cli import config, console
@@ -22,6 +22,9 @@ from ckpt_cli.repository import (
     Repository,
     newest_manifest,
 )
+
+if TYPE_CHECKING:
+    from ckpt_cli.snapshotter import Snapshotter
 
 
 def _open(remote: str, options: dict[str, Any], *, create: bool) -> Repository | None:
@@ -74,7 +77,7 @@ def push(
         with beats:
             newest = newest_manifest(repo)
             if not allow_empty:
-                refuse_empty_push(snapshotter.scan_root(), newest, source, repo)
+                refuse_empty_push(snapshotter, newest, source, repo)
             snapshotter.adopt(newest, trust_local=False)
             with console.Progress(f"pushing {source}") as bar, _watching(snapshotter, bar):
                 result = snapshotter.snapshot(reason="push", keep=keep, strict=True)
@@ -111,14 +114,22 @@ def push(
 
 
 def refuse_empty_push(
-    local: list[Any], newest: Manifest | None, source: Path, repo: Repository
+    snapshotter: Snapshotter, newest: Manifest | None, source: Path, repo: Repository
 ) -> None:
     """An empty DIR over a history with data would become the newest snapshot,
     what every restore picks (retention keeps the ones with data: an empty
     snapshot never counts toward --keep)."""
-    if any(e.type != "dir" for e in local) or newest is None:
+    from ckpt_cli.dirscan import holds_a_file
+
+    if newest is None or all(e.type == "dir" for e in newest.entries):
         return
-    if all(e.type == "dir" for e in newest.entries):
+    try:
+        found = holds_a_file(snapshotter.root, snapshotter.patterns)
+    except OSError:
+        found = None  # the scan names what cannot be read
+    if found is None:
+        found = any(e.type != "dir" for e in snapshotter.scan_root())
+    if found:
         return
     raise ConfigError(
         f"{source} is empty and the newest snapshot of {repo.display}, {newest.id}, holds "
