@@ -75,7 +75,7 @@ from ckpt_cli.repository import (
     restore_tier,
     unverified_note,
 )
-from ckpt_cli.snapshotter import MAX_OPEN_FILES, LocalEntry, Snapshotter, scan
+from ckpt_cli.snapshotter import MAX_OPEN_FILES, LocalEntry, Snapshotter, UnreadableError
 from ckpt_cli.start_plan import Start, StartPlan, has_data, plan_rank_start, plan_start
 
 if TYPE_CHECKING:
@@ -511,6 +511,19 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
+def _scan_at_start(snapshotter: Snapshotter) -> list[LocalEntry]:
+    """--dir's scan for the start's decision; a part of --dir ckpt cannot
+    read is one line naming it (78), not a crash: without it ckpt cannot
+    tell what it would replace, so nothing is restored or replaced."""
+    try:
+        return snapshotter.scan_root()
+    except UnreadableError as exc:
+        raise ConfigError(
+            f"cannot read {exc.path} in --dir {snapshotter.root} ({exc.reason}): nothing "
+            "restored or replaced; make it readable by ckpt, or move it out of --dir"
+        ) from None
+
+
 def prepare_dir(
     repo: Repository,
     snapshotter: Snapshotter,
@@ -532,7 +545,7 @@ def prepare_dir(
     suspect: set[str] = set()
     any_snapshot = None
     if restore_enabled and snapshot is None:
-        local = scan(directory, snapshotter.patterns) if directory.exists() else []
+        local = _scan_at_start(snapshotter) if directory.exists() else []
         if has_data(local):
             loaded = list(iter_manifests(repo))
             suspect = repo.suspect_keys()
@@ -678,7 +691,7 @@ def prepare_rank_dir(
     remind_kept(directory)
     choice = world.choose(repo, rank, world_size, allow_change=allow_change)
     wanted = choice is not None and choice.manifest is not None
-    local = scan(directory, snapshotter.patterns) if wanted and directory.is_dir() else []
+    local = _scan_at_start(snapshotter) if wanted and directory.is_dir() else []
     plan = plan_rank_start(directory, choice, local, rank=rank, stream=repo.stream)
     say(plan)
     if plan.start is Start.SINGLE:

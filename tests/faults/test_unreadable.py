@@ -241,3 +241,35 @@ def test_a_push_fails_naming_what_it_cannot_read(
     assert "changed while being read" not in res.stderr
     assert after == before
     record(KIND, 1)
+
+
+def test_a_start_over_a_dir_it_cannot_read_is_one_line(tmp_path: Path, remote: Path) -> None:
+    """Injected: --dir holding b.txt and a subdirectory of mode 000 (another
+    tool's, or a chmod gone wrong), the remote holding a snapshot. Asserted:
+    `ckpt run` exits 78 with one line naming the subdirectory (it used to
+    crash, 70, with a traceback in a crash log), runs no child, and nothing
+    in --dir is replaced or moved."""
+    prefix = _no_dac(tmp_path)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("the remote's")
+    assert _ckpt(prefix, ["push", str(src), str(remote)], tmp_path).returncode == 0
+    ck = tmp_path / "ck"
+    (ck / "locked").mkdir(parents=True)
+    (ck / "locked" / "f").write_text("private")
+    (ck / "b.txt").write_text("local")
+    (ck / "locked").chmod(0)
+    ran = tmp_path / "ran"
+    try:
+        args = ["run", "--dir", str(ck), "--remote", str(remote), "--", "touch", str(ran)]
+        res = _ckpt(prefix, args, tmp_path)
+    finally:
+        (ck / "locked").chmod(0o755)
+    assert res.returncode == 78, res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("ckpt: error:")]
+    assert len(errors) == 1 and "locked/" in errors[0] and "--dir" in errors[0], res.stderr
+    assert "Traceback" not in res.stderr and "crash" not in res.stderr
+    assert not ran.exists()
+    assert sorted(p.name for p in ck.iterdir()) == ["b.txt", "locked"]
+    assert (ck / "locked" / "f").read_text() == "private"
+    record(KIND, 1, case="a --dir that cannot be read at the start")
