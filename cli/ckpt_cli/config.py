@@ -57,10 +57,13 @@ def private_store_dirs(remote: str) -> None:
     store = data_home() / "store"
     if Path(remote).parent != store:
         return
-    data_home().parent.mkdir(parents=True, exist_ok=True)  # as mkdir -p does
-    for d in (data_home(), store):
-        with contextlib.suppress(FileExistsError):
-            d.mkdir(mode=0o700)
+    # Best effort: a data home that cannot be made is the backend's error to
+    # report (one line, 69), as when it makes the repository itself.
+    with contextlib.suppress(OSError):
+        data_home().parent.mkdir(parents=True, exist_ok=True)  # as mkdir -p does
+        for d in (data_home(), store):
+            with contextlib.suppress(FileExistsError):
+                d.mkdir(mode=0o700)
 
 
 def resolve_dir(raw: str | Path) -> Path:

@@ -216,6 +216,21 @@ def test_the_embedded_stores_own_directories_are_private(tmp_path: Path) -> None
     record(KIND, 1, case="the embedded stores' directory")
 
 
+def test_a_data_home_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
+    """Injected: XDG_DATA_HOME below a regular file (no embedded store can be
+    made there). Asserted: 69 with one line naming the store, as before the
+    store's directories were made private; no crash log."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    env = {**os.environ, "XDG_DATA_HOME": str(blocker / "data")}
+    res = ckpt(_run(tmp_path / "ck"), cwd=tmp_path, env=env)
+    assert res.returncode == 69, res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("ckpt: error:")]
+    assert len(errors) == 1 and str(blocker) in errors[0], res.stderr
+    assert "unexpected error" not in res.stderr
+    record(KIND, 1, case="a data home that cannot be made")
+
+
 def test_objects_are_no_wider_than_the_remote_root(tmp_path: Path) -> None:
     """Injected: a remote root its owner made 0750 (a group that may read).
     Asserted: dirs 0750 and objects 0640 below it, never 0755/0644."""
