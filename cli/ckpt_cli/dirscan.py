@@ -11,7 +11,7 @@ import functools
 import os
 import re
 import stat
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from ckpt import _contract as contract
@@ -46,21 +46,16 @@ class LocalEntry:
     target: str = ""
 
 
-def scan(
-    root: Path, patterns: Iterable[str] = TEMP_PATTERNS, skipped: list[str] | None = None
-) -> list[LocalEntry]:
-    """Every file, directory and symlink below root (not following links), sorted.
-
-    An absolute symlink into root is recorded as the equivalent relative one;
-    links that lead outside root are left out (and their paths appended to
-    `skipped`): restore would refuse them."""
+def _walk(
+    root: str, patterns: Iterable[str]
+) -> Iterator[tuple[os.DirEntry[str], os.stat_result, str]]:
+    """(entry, its lstat, its path relative to root) for everything below
+    root but temp names, a directory before what it holds; what vanishes
+    while it is read is passed over. Directories still to read are a stack,
+    not recursion: a tree any number of levels deep is walked (Python's
+    stack ends at 1000 frames)."""
     ignored = _matcher(tuple(patterns))
-    root_str = str(root)
-    out: list[LocalEntry] = []
-
-    # Directories still to read: a stack, not recursion (a tree any number
-    # of levels deep is scanned; Python's stack ends at 1000 frames).
-    todo = [(root_str, "")]
+    todo = [(root, "")]
     while todo:
         directory, rel = todo.pop()
         try:
@@ -71,29 +66,42 @@ def scan(
             for d in it:
                 if ignored(d.name):
                     continue
-                path = f"{rel}{d.name}"
                 try:
                     st = d.stat(follow_symlinks=False)
                 except FileNotFoundError:
                     continue
-                mode = stat.S_IMODE(st.st_mode)
+                path = f"{rel}{d.name}"
                 if stat.S_ISDIR(st.st_mode):
-                    out.append(LocalEntry(path, "dir", mode, 0, st.st_mtime_ns, st.st_ino))
                     todo.append((d.path, path + "/"))
-                elif stat.S_ISREG(st.st_mode):
-                    out.append(
-                        LocalEntry(path, "file", mode, st.st_size, st.st_mtime_ns, st.st_ino)
-                    )
-                elif stat.S_ISLNK(st.st_mode):
-                    try:
-                        target = os.readlink(d.path)
-                    except OSError:
-                        continue
-                    norm = os.path.normpath(target)
-                    if norm == root_str or norm.startswith(root_str + "/"):
-                        target = os.path.relpath(norm, os.path.dirname(d.path))
-                    out.append(LocalEntry(path, "symlink", mode, 0, 0, st.st_ino, target))
-                # sockets, fifos and devices are not checkpoint data
+                yield d, st, path
+
+
+def scan(
+    root: Path, patterns: Iterable[str] = TEMP_PATTERNS, skipped: list[str] | None = None
+) -> list[LocalEntry]:
+    """Every file, directory and symlink below root (not following links), sorted.
+
+    An absolute symlink into root is recorded as the equivalent relative one;
+    links that lead outside root are left out (and their paths appended to
+    `skipped`): restore would refuse them."""
+    root_str = str(root)
+    out: list[LocalEntry] = []
+    for d, st, path in _walk(root_str, patterns):
+        mode = stat.S_IMODE(st.st_mode)
+        if stat.S_ISDIR(st.st_mode):
+            out.append(LocalEntry(path, "dir", mode, 0, st.st_mtime_ns, st.st_ino))
+        elif stat.S_ISREG(st.st_mode):
+            out.append(LocalEntry(path, "file", mode, st.st_size, st.st_mtime_ns, st.st_ino))
+        elif stat.S_ISLNK(st.st_mode):
+            try:
+                target = os.readlink(d.path)
+            except OSError:
+                continue
+            norm = os.path.normpath(target)
+            if norm == root_str or norm.startswith(root_str + "/"):
+                target = os.path.relpath(norm, os.path.dirname(d.path))
+            out.append(LocalEntry(path, "symlink", mode, 0, 0, st.st_ino, target))
+        # sockets, fifos and devices are not checkpoint data
 
     links = {e.path: e.target for e in out if e.type == "symlink"}
     escaping = {p for p, t in links.items() if link_escapes(p, t, links)}
@@ -112,26 +120,9 @@ def holds_a_file(root: Path, patterns: Iterable[str] = TEMP_PATTERNS) -> bool | 
     there is neither a file nor a symlink; None if only symlinks could tell
     (scan() leaves out those that lead outside root). OSError as os.scandir
     raises it."""
-    ignored = _matcher(tuple(patterns))
     links = False
-    todo = [str(root)]
-    while todo:
-        try:
-            it = os.scandir(todo.pop())
-        except FileNotFoundError:
-            continue
-        with it:
-            for d in it:
-                if ignored(d.name):
-                    continue
-                try:
-                    st = d.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                if stat.S_ISREG(st.st_mode):
-                    return True
-                if stat.S_ISDIR(st.st_mode):
-                    todo.append(d.path)
-                elif stat.S_ISLNK(st.st_mode):
-                    links = True
+    for _d, st, _path in _walk(str(root), patterns):
+        if stat.S_ISREG(st.st_mode):
+            return True
+        links = links or stat.S_ISLNK(st.st_mode)
     return None if links else False
