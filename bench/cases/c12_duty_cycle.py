@@ -3,7 +3,6 @@ checkpoint per 60 s of compute): wall time under ckpt run against the bare
 child, and the child's own compute and save times step by step."""
 
 import json
-import subprocess
 from pathlib import Path
 
 from _common import (
@@ -23,7 +22,7 @@ from _common import (
     timing_table,
 )
 
-from cases.c6_overhead import CALIBRATE, CHILD
+from cases.c6_overhead import CHILD, calibrated_work
 
 NUMBER = 12
 TITLE = "Overhead at a realistic duty cycle"
@@ -39,12 +38,7 @@ def run(b: Bench) -> Case:
     src = b.pool.file(size, 1)
     child = out / "child.py"
     child.write_text(CHILD)
-    rate = float(
-        subprocess.run(
-            [b.python, "-c", CALIBRATE], capture_output=True, text=True, check=True
-        ).stdout
-    )
-    work = int(rate * a.duty_seconds)
+    work = calibrated_work(b, a.duty_seconds)
     d, remote, times = out / "dir", out / "remote", out / "times.json"
     bare = [b.python, child, src, str(a.duty_steps), str(work), d, "-", times]
     supervised = b.ckpt_run(d, remote, command=bare)

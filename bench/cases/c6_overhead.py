@@ -81,6 +81,16 @@ print(n / (time.perf_counter() - t0))
 LIMIT = 1.05
 
 
+def calibrated_work(b: Bench, seconds: float) -> int:
+    """The child's units of work that take about `seconds` on this machine."""
+    rate = float(
+        subprocess.run(
+            [b.python, "-c", CALIBRATE], capture_output=True, text=True, check=True
+        ).stdout
+    )
+    return int(rate * seconds)
+
+
 def run(b: Bench) -> Case:
     a = b.args
     case = Case(NUMBER, TITLE)
@@ -89,12 +99,7 @@ def run(b: Bench) -> Case:
     src = b.pool.file(size, 0)
     child = out / "child.py"
     child.write_text(CHILD)
-    rate = float(
-        subprocess.run(
-            [b.python, "-c", CALIBRATE], capture_output=True, text=True, check=True
-        ).stdout
-    )
-    work = int(rate * a.step_seconds)
+    work = calibrated_work(b, a.step_seconds)
     d, remote, events = out / "dir", out / "remote", out / "events.jsonl"
     bare = [b.python, child, src, str(a.overhead_steps), str(work), d, "-", "-"]
     floor = [b.python, child, src, str(a.overhead_steps), str(work), d, remote, "-"]
