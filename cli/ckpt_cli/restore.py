@@ -49,6 +49,7 @@ from ckpt._fs import (
     move_in,
     remove_tree,
     swap_in,
+    write_all,
     write_marker,
 )
 from ckpt_cli import console, world
@@ -377,7 +378,7 @@ def _materialise(
                 # restore's CPU, bench/ case 2); here they sleep, and the
                 # reading and hashing of other chunks goes on meanwhile.
                 with writing:
-                    _pwrite_all(fd, view, offset)
+                    write_all(fd, view, offset)
         finally:
             slots.release()
         if progress is not None:
@@ -490,25 +491,6 @@ def restored_mode(recorded: int) -> int:
     not a licence to make a program run as its owner or a file anyone may
     change)."""
     return recorded & 0o777 & ~stat.S_IWOTH
-
-
-#: The most one pwrite call writes. A write of a whole 8 MiB chunk into new
-#: pages of the page cache cost 0.3 to 3 s of system time per GiB on the
-#: benchmark VM, pieces of 256 KiB 0.26-0.31 s every time
-#: (bench/tools/pwrite_sizes.py 8192 8192 vs 8192 256).
-WRITE_PIECE = 256 * 1024
-
-
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    """pwrite every byte, WRITE_PIECE at a time: a nearly full disk takes
-    part of a piece and returns a short count; only the next call raises
-    ENOSPC."""
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view[:WRITE_PIECE], offset)
-        if n <= 0:
-            raise OSError(errno.EIO, "write made no progress")
-        view, offset = view[n:], offset + n
 
 
 def _scan_at_start(snapshotter: Snapshotter) -> list[LocalEntry]:

@@ -37,6 +37,7 @@ from ckpt._fs import (
     existing_mode,
     move_in,
     swap_in,
+    write_all,
 )
 
 #: The file that holds a bytes payload saved with write()/save(bytes).
@@ -290,8 +291,11 @@ def _atomic_write(target: Path, data: bytes) -> None:
     an existing target's mode is kept."""
     tmp = _temp_beside(target)
     try:
-        with os.fdopen(create_beside(tmp, target), "wb") as f:
-            f.write(data)
+        fd = create_beside(tmp, target)
+        try:
+            write_all(fd, data)
+        finally:
+            os.close(fd)
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):

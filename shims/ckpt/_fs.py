@@ -12,6 +12,7 @@ the old content: swap_in says where it is, and the caller decides.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -102,6 +103,31 @@ def create_beside(tmp: Path, target: Path) -> int:
         os.close(fd)
         raise
     return fd
+
+
+#: The most one write call hands the kernel. On the benchmark VM a buffered
+#: write of a whole 8 MiB chunk into new page-cache pages cost 2.3-3.0 s of
+#: system time per GiB right after other large writes, all of it in
+#: copy_folio_from_iter_atomic (perf); pieces of 256 KiB took 0.2-1.2 s
+#: (two modes), pieces of 64 KiB 0.25-0.4 s every time (bench/tools/
+#: pwrite_sizes.py, case 11). A piece bounds the page-cache folio the
+#: kernel allocates for it; 16,384 calls per GiB cost a few ms.
+WRITE_PIECE = 64 * 1024
+
+
+def write_all(fd: int, data: bytes | bytearray | memoryview, offset: int | None = None) -> None:
+    """Write every byte of data to fd, WRITE_PIECE at a time: at offset
+    (pwrite), or at the file position. A nearly full disk takes part of a
+    piece and returns a short count; only the next call raises ENOSPC."""
+    view = memoryview(data).cast("B")
+    while view:
+        piece = view[:WRITE_PIECE]
+        n = os.write(fd, piece) if offset is None else os.pwrite(fd, piece, offset)
+        if n <= 0:
+            raise OSError(errno.EIO, "write made no progress")
+        view = view[n:]
+        if offset is not None:
+            offset += n
 
 
 # ---------------------------------------------------------------- in place

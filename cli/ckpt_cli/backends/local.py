@@ -11,6 +11,7 @@ import secrets
 import stat
 from pathlib import Path
 
+from ckpt._fs import write_all
 from ckpt_cli.backends import TEMP_RE as _TEMP_RE
 from ckpt_cli.backends import NotFound
 from ckpt_cli.errors import ConfigError, RemoteError
@@ -148,12 +149,7 @@ class LocalBackend:
                 self._makedirs(parent)
                 fd = os.open(tmp, flags, mode)
             try:
-                view = memoryview(data)
-                while view:  # a nearly full disk takes part of it, then raises
-                    n = os.write(fd, view)
-                    if n <= 0:
-                        raise OSError(errno.EIO, "write made no progress")
-                    view = view[n:]
+                write_all(fd, data)
             finally:
                 os.close(fd)
             os.replace(tmp, path)
