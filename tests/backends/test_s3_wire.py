@@ -8,7 +8,12 @@ and s3rver, which checks every signature).
 - a push sends each chunk once, as it is: no CRC32 of it, no SHA-256 of the
   payload for the signature, no `Expect: 100-continue` round trip;
 - a chunk GET that stalls mid-body beyond --io-timeout is abandoned and
-  retried, and the restore is whole.
+  retried, and the restore is whole;
+- the repository's own small objects are read with one GET each (no HEAD
+  for their size, none for a missing one) and a prefix with nothing under
+  it yet is listed with one request (s3fs's find adds a HEAD and a second
+  listing to an empty answer): on a real store each round trip is tens of
+  milliseconds before the child can start.
 
 The backend's own contract for `read_into` and the S3 client it opens
 (pool size, checksum settings) is tested in-process in test_s3_client.py.
@@ -53,6 +58,8 @@ class _Recorder(http.server.ThreadingHTTPServer):
         self.stall = stall
         self.stalled: list[str] = []
         self.seen: list[tuple[str, str, dict[str, str]]] = []
+        #: (method, path with its query) of every request, in order.
+        self.raw: list[tuple[str, str]] = []
         self.lock = threading.Lock()
 
     @property
@@ -84,6 +91,7 @@ class _RecorderHandler(http.server.BaseHTTPRequestHandler):
         headers = {k.lower(): v for k, v in self.headers.items()}
         with self.server.lock:
             self.server.seen.append((self.command, path, headers))
+            self.server.raw.append((self.command, self.path))
         length = int(self.headers.get("Content-Length") or 0)
         if headers.get("expect", "").lower() == "100-continue":
             self.send_response_only(100)
@@ -215,3 +223,28 @@ def test_a_chunk_get_that_stalls_mid_body_is_retried(store_of: Any, tmp_path: Pa
     assert len(stalled) == 1
     assert [p for p, _ in gets].count(stalled[0]) == 2, "the stalled chunk was got again"
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("kind", S3_KINDS)
+def test_a_restore_asks_each_question_once(kind: str, store_of: Any, tmp_path: Path) -> None:
+    """ckpt.json and the manifest: one GET each, no HEAD before; suspect/,
+    empty: one listing, no HEAD of the prefix, no second listing."""
+    store: Store = store_of(kind)
+    with _proxy(store) as proxy:
+        env = _env(store, proxy)
+        made = _push(store, tmp_path, env)
+        with proxy.lock:
+            start = len(proxy.raw)
+        res = run_ckpt(
+            ["restore", store.url, str(tmp_path / "out")], cwd=tmp_path, env=env, timeout=300
+        )
+        assert res.returncode == 0, res.stderr
+        with proxy.lock:
+            asked = proxy.raw[start:]
+    _restored(tmp_path, made)
+    assert [p for m, p in asked if m == "HEAD"] == [], asked
+    metadata = [p for m, p in asked if m == "GET" and p.endswith(".json")]
+    assert len(metadata) == len(set(metadata)) == 2, metadata  # ckpt.json, the manifest
+    suspect = [p for m, p in asked if m == "GET" and "suspect" in p]
+    assert len(suspect) == 1, suspect
+    assert "delimiter=&" in suspect[0] or suspect[0].endswith("delimiter="), suspect

@@ -269,6 +269,11 @@ class FsspecStore:
 
         def go(fs: Any, kw: dict[str, Any]) -> bytes:
             try:
+                if getattr(fs, "_call_s3", None) is not None:
+                    from fsspec.asyn import sync
+
+                    got: bytes = sync(fs.loop, _get_async, fs, path, **kw)
+                    return got
                 data: bytes = fs.cat_file(path, **kw)
             except (FileNotFoundError, IsADirectoryError):
                 raise NotFound(key) from None
@@ -432,7 +437,15 @@ class FsspecStore:
 
         def go(fs: Any, kw: dict[str, Any]) -> list[str]:
             try:
-                found: list[str] = fs.find(base, **kw)
+                if getattr(fs, "_call_s3", None) is not None and "/" in base:
+                    # One listing of the keys under base/: s3fs's find(base)
+                    # follows an empty listing with a HEAD of base and a
+                    # second listing (is base a file? a directory marker?),
+                    # three requests where the answer is "none yet".
+                    parent, name = base.rsplit("/", 1)
+                    found: list[str] = fs.find(parent, prefix=name + "/", **kw)
+                else:
+                    found = fs.find(base, **kw)
             except FileNotFoundError:
                 return []
             finally:
@@ -449,6 +462,8 @@ class FsspecStore:
                     if not rel.startswith(strip + "/"):
                         continue
                     rel = rel[len(strip) + 1 :]
+                if rel.endswith("/"):  # a directory marker, never a key of ours
+                    continue
                 if bool(_TEMP_RE.match(rel.rsplit("/", 1)[-1])) == temp:
                     keys.append(rel)
             return keys
@@ -571,6 +586,24 @@ async def _read_async(fs: Any, path: str, sink: _Sink) -> int:
         return size
     finally:
         body.close()
+
+
+async def _get_async(fs: Any, path: str) -> bytes:
+    """The object at path, with one GET: s3fs's cat_file asks for its size
+    first (a HEAD, to decide whether to fetch it in ranges), and a missing
+    object then costs a HEAD and a listing before the answer."""
+    bucket, key, version = fs.split_path(path)
+    extra = {"VersionId": version} if version else {}
+    resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, **extra)
+    body = resp["Body"]
+    try:
+        data: bytes = await body.read()
+    finally:
+        body.close()
+    size = int(resp.get("ContentLength", len(data)))
+    if len(data) != size:  # a body cut short: worth another try
+        raise ConnectionError(f"the body of {key} ended after {len(data)} of {size} bytes")
+    return data
 
 
 def _pieces(body: Any) -> Callable[[], Any]:
