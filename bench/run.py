@@ -23,6 +23,7 @@ Cases (--cases 1,2,...; default all):
     per-thread system time, wait channels, /proc/vmstat
  12 overhead at a realistic duty cycle (500 MiB checkpoint per 60 s of compute)
  13 protection lag of atomic saves beside a busy appender vs without it (issue 16)
+ 14 the first snapshot of 2 GiB of torch zip files with format checks vs without (issue 16)
 
 Statistics: every timed figure is taken over --runs runs (fewer for the slow
 baselines and the long cases: --slow-runs, --overhead-runs, --duty-runs), the
@@ -63,6 +64,7 @@ CASES = {
     11: "c11_cache_pressure",
     12: "c12_duty_cycle",
     13: "c13_appender_lag",
+    14: "c14_format_checks",
 }
 
 #: Defaults of the full suite (about 40 minutes on 2 cores) and of --quick
@@ -100,6 +102,9 @@ FULL = {
     "appender_seconds": 20.0,
     "appender_debounce": 0.5,
     "appender_runs": 1,
+    "checks_mib": 2048,
+    "checks_files": 8,
+    "checks_runs": 7,
 }
 QUICK = {
     **FULL,
@@ -131,6 +136,9 @@ QUICK = {
     "duty_runs": 1,
     "appender_mib": 4,
     "appender_seconds": 2.0,
+    "checks_mib": 32,
+    "checks_files": 4,
+    "checks_runs": 1,
 }
 
 
@@ -179,6 +187,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     add("--appender-seconds", type=float, help="case 13: seconds of saves per run (20)")
     add("--appender-debounce", type=float, help="case 13's --debounce, seconds (0.5)")
     add("--appender-runs", type=int, help="case 13's rounds with and without (1)")
+    add("--checks-mib", type=int, help="case 14's torch zip files, in MiB in all (2048)")
+    add("--checks-files", type=int, help="files in case 14's set (8)")
+    add("--checks-runs", type=int, help="case 14's rounds with and without the checks (7)")
     add("--work", type=Path, default=BENCH / "work", help="parent of the temp work dir")
     add("--keep-work", action="store_true", help="do not delete the work dir at the end")
     add(

@@ -18,8 +18,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Small files, incremental, start-up, page-cache pressure, the duty cycle (judged
-#: on paired ratios) and the appender's lag.
-CASES = ("3", "4", "9", "11", "12", "13")
+#: on paired ratios), the appender's lag and the cost of the format checks.
+CASES = ("3", "4", "9", "11", "12", "13", "14")
 
 
 @pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync is not installed")
