@@ -97,7 +97,7 @@ FULL = {
     "duty_mib": 500,
     "duty_seconds": 60.0,
     "duty_steps": 2,
-    "duty_runs": 2,
+    "duty_runs": 3,
     "appender_mib": 64,
     "appender_seconds": 20.0,
     "appender_debounce": 0.5,
@@ -182,7 +182,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     add("--duty-mib", type=int, help="case 12's checkpoint size, in MiB (500)")
     add("--duty-seconds", type=float, help="case 12's compute per checkpoint, seconds (60)")
     add("--duty-steps", type=int, help="case 12's checkpoints per run (2)")
-    add("--duty-runs", type=int, help="case 12's rounds of bare and ckpt (2)")
+    add("--duty-runs", type=int, help="case 12's rounds of bare and ckpt (3)")
     add("--appender-mib", type=int, help="case 13's model.pt size, in MiB (64)")
     add("--appender-seconds", type=float, help="case 13: seconds of saves per run (20)")
     add("--appender-debounce", type=float, help="case 13's --debounce, seconds (0.5)")
