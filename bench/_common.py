@@ -291,6 +291,36 @@ def _same_bytes(x: Path, y: Path) -> bool:
                 return True
 
 
+# ---------------------------------------------------------------- ckpt's events
+
+#: The end of a child that waits for ckpt (its names `events`, `t` and `n`
+#: set before, json, sys and time imported): exits 0 once the --log-json file
+#: `events` holds a snapshot taken at or after time.time() `t` of at least `n`
+#: files, 1 after 600 s.
+WAIT_FOR_SNAPSHOT = r"""
+deadline = time.monotonic() + 600
+while time.monotonic() < deadline:
+    with open(events) as f:
+        for line in f:
+            e = json.loads(line)
+            if e["event"] == "snapshot" and e["ts"] >= t - 0.002 and e["files"] >= n:
+                sys.exit(0)
+    time.sleep(0.02)
+sys.exit(1)
+"""
+
+
+def first_snapshot_after(events: Path, t: float, files: int = 1) -> dict[str, Any]:
+    """The first snapshot event in the --log-json file taken at or after
+    time.time() t that holds at least `files` files (WAIT_FOR_SNAPSHOT's)."""
+    with open(events) as f:
+        log = [json.loads(line) for line in f if line.strip()]
+    for e in log:
+        if e["event"] == "snapshot" and e["ts"] >= t - 0.002 and e["files"] >= files:
+            return dict(e)
+    raise RuntimeError(f"no snapshot event of {files}+ files after {t:.3f} in {events}")
+
+
 def rmtree(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)

@@ -10,11 +10,13 @@ from typing import IO, BinaryIO
 
 from _common import (
     BLOCK,
+    WAIT_FOR_SNAPSHOT,
     Bench,
     Case,
     MiB,
     Proc,
     Table,
+    first_snapshot_after,
     median,
     rmtree,
     rotate,
@@ -30,25 +32,19 @@ LIMIT = 1.02
 #: Hard-links every file of the data set into --dir (each appears whole, at
 #: once: an atomic save that costs the child no writing), records the time,
 #: then waits for the first snapshot event after it that holds them all.
-CHILD = r"""
+CHILD = (
+    r"""
 import json, os, sys, time
 src, n, side, events = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 d = os.environ["CKPT_DIR"]
 for name in sorted(os.listdir(src)):
     os.link(os.path.join(src, name), os.path.join(d, name))
-landed = time.time()
+t = time.time()
 with open(side, "w") as f:
-    f.write(repr(landed))
-deadline = time.monotonic() + 600
-while time.monotonic() < deadline:
-    with open(events) as f:
-        for line in f:
-            e = json.loads(line)
-            if e["event"] == "snapshot" and e["ts"] >= landed - 0.002 and e["files"] >= n:
-                sys.exit(0)
-    time.sleep(0.02)
-sys.exit(1)
+    f.write(repr(t))
 """
+    + WAIT_FOR_SNAPSHOT
+)
 
 #: Members of one file, the layout torch.save (zip format) writes: the
 #: pickle, one member per storage (stored, not compressed), the version.
@@ -111,7 +107,7 @@ def run(b: Bench) -> Case:
             flags.append("--no-format-checks")
         proc = b.run(b.ckpt_run(d, remote, *flags, command=command))
         landed = float(side.read_text())
-        snap = _first_snapshot_after(events, landed, files)
+        snap = first_snapshot_after(events, landed, files)
         return proc, snap, _checks_recorded(remote, snap["snapshot"])
 
     one("checks on (default)")  # untimed: both sides start from the same state
@@ -204,15 +200,6 @@ def run(b: Bench) -> Case:
         )
     rmtree(data)
     return case
-
-
-def _first_snapshot_after(events: Path, t: float, files: int) -> dict:
-    with open(events) as f:
-        log = [json.loads(line) for line in f if line.strip()]
-    for e in log:
-        if e["event"] == "snapshot" and e["ts"] >= t - 0.002 and e["files"] >= files:
-            return e
-    raise RuntimeError(f"no snapshot of {files} files after they landed in {events}")
 
 
 def _checks_recorded(remote: Path, snapshot: str) -> list[str]:

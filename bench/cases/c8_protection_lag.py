@@ -7,11 +7,13 @@ import json
 from pathlib import Path
 
 from _common import (
+    WAIT_FOR_SNAPSHOT,
     Bench,
     Case,
     MiB,
     Proc,
     Table,
+    first_snapshot_after,
     median,
     min_of,
     rmtree,
@@ -28,7 +30,8 @@ LIMIT = 2.0
 #: Writes the checkpoint to a temp name (ignored by ckpt), flushes it to disk
 #: (as the bench's `sync` does before the cp baseline), renames it into place
 #: and records the time; then waits for ckpt's snapshot event and exits.
-LAG_CHILD = r"""
+LAG_CHILD = (
+    r"""
 import json, os, shutil, sys, time
 src, side, events, settle = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
 d = os.environ["CKPT_DIR"]
@@ -40,16 +43,10 @@ os.replace(tmp, os.path.join(d, "model.pt"))
 renamed = time.time()
 with open(side, "w") as f:
     f.write(repr(renamed))
-deadline = time.monotonic() + 600
-while time.monotonic() < deadline:
-    with open(events) as f:
-        for line in f:
-            e = json.loads(line)
-            if e["event"] == "snapshot" and e["ts"] >= renamed - 0.002 and e["files"] >= 1:
-                sys.exit(0)
-    time.sleep(0.02)
-sys.exit(1)
+t, n = renamed, 1
 """
+    + WAIT_FOR_SNAPSHOT
+)
 
 #: commit(wait=True) after each of n new checkpoints (the step number stamped
 #: every 4 KiB: new content each time), under --snapshots commit.
@@ -113,7 +110,7 @@ def run(b: Bench) -> Case:
             argv = b.ckpt_run(d, remote, *flags, command=command)
             series["ckpt run (whole process)"].append(b.run(argv))
             renamed = float(side.read_text())
-            snap = _first_snapshot_after(events, renamed)
+            snap = first_snapshot_after(events, renamed)
             lag = snap["ts"] - renamed - debounce
             lags.append(lag)
             rows.append(
@@ -202,15 +199,6 @@ def run(b: Bench) -> Case:
 
 def _each(values: list[float]) -> str:
     return ", ".join(f"{v:.3f}" for v in values)
-
-
-def _first_snapshot_after(events: Path, t: float) -> dict:
-    with open(events) as f:
-        log = [json.loads(line) for line in f if line.strip()]
-    for e in log:
-        if e["event"] == "snapshot" and e["ts"] >= t - 0.002 and e["files"] >= 1:
-            return e
-    raise RuntimeError(f"no snapshot event after the rename in {events}")
 
 
 def _commit_latency(b: Bench, out: Path, child: Path, src: Path, n: int) -> list[float]:
