@@ -556,17 +556,22 @@ class _Pieces:
             yield self.view[start : start + _PIECE]
 
 
+async def _get_object(fs: Any, path: str) -> tuple[str, Any]:
+    """(the key, s3fs's GetObject response) for path: one request, the
+    body not read yet."""
+    bucket, key, version = fs.split_path(path)
+    extra = {"VersionId": version} if version else {}
+    return key, await fs._call_s3("get_object", Bucket=bucket, Key=key, **extra)
+
+
 async def _read_async(fs: Any, path: str, sink: _Sink) -> int:
     """read_into's work on the filesystem's event loop: the object's size."""
-    call_s3 = getattr(fs, "_call_s3", None)
-    if call_s3 is None:  # gcsfs, adlfs, sshfs: the object, then a copy
+    if getattr(fs, "_call_s3", None) is None:  # gcsfs, adlfs, sshfs: the object, then a copy
         data: bytes = await fs._cat_file(path)
         if len(data) == len(sink.view):
             sink.put(0, data)
         return len(data)
-    bucket, key, version = fs.split_path(path)
-    extra = {"VersionId": version} if version else {}
-    resp = await call_s3("get_object", Bucket=bucket, Key=key, **extra)
+    key, resp = await _get_object(fs, path)
     body = resp["Body"]
     try:
         size = int(resp.get("ContentLength", -1))
@@ -592,9 +597,7 @@ async def _get_async(fs: Any, path: str) -> bytes:
     """The object at path, with one GET: s3fs's cat_file asks for its size
     first (a HEAD, to decide whether to fetch it in ranges), and a missing
     object then costs a HEAD and a listing before the answer."""
-    bucket, key, version = fs.split_path(path)
-    extra = {"VersionId": version} if version else {}
-    resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, **extra)
+    key, resp = await _get_object(fs, path)
     body = resp["Body"]
     try:
         data: bytes = await body.read()
