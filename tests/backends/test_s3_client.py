@@ -8,14 +8,18 @@ in test_s3_wire.py).
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from ckpt_cli.backends import NotFound, open_backend
 from ckpt_cli.backends.fsspec import FsspecBackend, piecewise_puts, s3_options
-from stores import Store
+from stores import HOST, Store, _launch
 
 S3_KINDS = ["s3-moto", "s3-s3rver"]
 
@@ -137,3 +141,156 @@ def test_an_abandoned_read_writes_nothing_more() -> None:
     sink.close()
     assert sink.put(4, b"efgh") is False
     assert bytes(buf) == b"abcd" + bytes(4)
+
+
+# ------------------------------------------- presigned GETs (backends.s3get)
+
+
+def _gets(backend: Any) -> Any:
+    """The presigned GETs the backend's store made for its filesystem."""
+    store = backend.store
+    return store._presigned(store.fs)
+
+
+def test_chunks_are_got_by_presigned_url_where_the_client_connects_directly(s3: Store) -> None:
+    backend = open_backend(s3.url, s3.storage_options)
+    assert _gets(backend) is not None
+    payload = os.urandom(2 * 1024 * 1024 + 3)
+    backend.write("chunks/ef/z", payload)
+    buf = bytearray(len(payload))
+    assert backend.read_into("chunks/ef/z", memoryview(buf)) == len(payload)  # type: ignore[attr-defined]
+    assert bytes(buf) == payload
+
+
+@pytest.mark.parametrize(
+    "case", ["proxy", "requester pays", "anonymous", "extra request parameters"]
+)
+def test_the_client_path_is_kept_where_a_presigned_url_would_differ(
+    case: str, store_of: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A proxy for the endpoint (HTTP_PROXY), requester pays, anonymous
+    access, extra request parameters (SSE-C keys): every GET stays the
+    client's own, which knows how to make it."""
+    store: Store = store_of("s3-moto")
+    options = dict(store.storage_options)
+    if case == "proxy":
+        for var in ("NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    elif case == "requester pays":
+        options["requester_pays"] = True
+    elif case == "anonymous":
+        options["anon"] = True
+    else:
+        options["s3_additional_kwargs"] = {"SSECustomerAlgorithm": "AES256"}
+    from ckpt_cli.backends.s3get import S3Gets
+
+    backend = open_backend(store.url, options)
+    assert S3Gets.for_fs(backend.fs) is None  # type: ignore[attr-defined]
+
+
+def _self_signed(directory: Path, name: str) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 signed by its own key: (cert, key) PEM files."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(HOST))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+@pytest.fixture
+def tls_moto(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """moto's S3 server over https on 127.0.0.1 with a certificate of its
+    own: (endpoint, the certificate that verifies it)."""
+    pytest.importorskip("moto.server")
+    pytest.importorskip("cryptography")
+    workdir = tmp_path / "tls-moto"
+    workdir.mkdir()
+    cert, key = _self_signed(workdir, "moto")
+    server = _launch(
+        "s3-moto-tls",
+        workdir,
+        lambda port: [
+            *(sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(port)),
+            *("-c", str(cert), "-k", str(key)),
+        ],
+        persistent=False,
+    )
+    try:
+        yield f"https://{HOST}:{server.port}", cert
+    finally:
+        server.stop()
+
+
+def _tls_backend(endpoint: str, verify: object) -> Any:
+    options = {
+        "key": "tls-key",
+        "secret": "tls-secret",
+        "endpoint_url": endpoint,
+        "client_kwargs": {"region_name": "us-east-1", "verify": verify},
+    }
+    backend = open_backend("s3://tls-bucket/run", options)
+    return backend
+
+
+def test_presigned_gets_over_https_verify_like_the_client(
+    tls_moto: tuple[str, Path], tmp_path: Path
+) -> None:
+    """Over https the presigned GET verifies the server against the bundle
+    the client verifies with (`verify`): a certificate it trusts serves the
+    chunk; one signed by another key is refused, never read unverified."""
+    import ssl
+
+    endpoint, cert = tls_moto
+    backend = _tls_backend(endpoint, str(cert))
+    backend.fs.call_s3("create_bucket", Bucket="tls-bucket")
+    payload = os.urandom(1024 * 1024 + 1)
+    backend.write("chunks/aa/tls", payload)
+    gets = _gets(backend)
+    assert gets is not None
+    buf = bytearray(len(payload))
+    assert backend.read_into("chunks/aa/tls", memoryview(buf)) == len(payload)
+    assert bytes(buf) == payload
+    log = (tmp_path / "tls-moto" / "server.log").read_text(errors="replace")
+    assert "/tls-bucket/run/chunks/aa/tls?" in log and "Signature=" in log, log[-2000:]
+
+    other, _key = _self_signed(tmp_path, "other")
+    untrusting = _tls_backend(endpoint, str(other))
+    refusing = _gets(untrusting)
+    assert refusing is not None
+    with pytest.raises(ssl.SSLCertVerificationError):
+        refusing.read_into("tls-bucket", "run/chunks/aa/tls", None, memoryview(buf), 10.0)
+    from ckpt_cli.backends.s3get import S3Gets
+
+    insecure = _tls_backend(endpoint, False)
+    assert S3Gets.for_fs(insecure.fs) is None, "verification off: the client's own path"
