@@ -44,18 +44,53 @@ class Buffers:
         unless the block raised: a transfer that timed out may still be
         reading from it or writing into it (a put still sending, a get
         abandoned), so that buffer is left to the garbage collector and never
-        handed out again."""
+        handed out again. Nor is it kept alive by the error: the frames the
+        error went through (and those of the errors it was raised from) lose
+        their locals, where views of the buffer are, so a restore whose
+        chunks fail one after another does not hold a chunk of memory per
+        failure while it stops (the tracebacks keep their lines)."""
         with self._lock:
             buf = self._free.pop() if self._free else bytearray(self.size)
         view = memoryview(buf)[:length]
         try:
             yield view
-        except BaseException:
+        except BaseException as exc:
             view.release()
+            del buf, view
+            _drop_locals(exc)
             raise
         view.release()
         with self._lock:
             self._free.append(buf)
+
+
+def _drop_locals(exc: BaseException) -> None:
+    """Clear the locals of every finished function frame in exc's traceback
+    and in those of the exceptions it was raised from or during. Generator
+    and coroutine frames are left alone: clearing one that is suspended
+    would close it, perhaps under the event loop of another thread."""
+    import inspect
+
+    suspendable = (
+        inspect.CO_GENERATOR
+        | inspect.CO_COROUTINE
+        | inspect.CO_ITERABLE_COROUTINE
+        | inspect.CO_ASYNC_GENERATOR
+    )
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        tb = e.__traceback__
+        while tb is not None:
+            if not tb.tb_frame.f_code.co_flags & suspendable:
+                with contextlib.suppress(RuntimeError):  # still running
+                    tb.tb_frame.clear()
+            tb = tb.tb_next
+        todo += [e.__cause__, e.__context__]
 
 
 def chunk_key(digest: str) -> str:

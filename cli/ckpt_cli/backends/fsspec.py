@@ -133,8 +133,11 @@ class _Sink:
             return True
 
     def close(self) -> None:
+        """No more puts; the view is let go (an abandoned attempt's
+        coroutine may hold the sink for a while yet)."""
         with self._lock:
             self._open = False
+            self.view = memoryview(b"")
 
 
 class FsspecStore:
