@@ -17,8 +17,8 @@ verifies with (`verify`, AWS_CA_BUNDLE, REQUESTS_CA_BUNDLE, the default
 bundle). Anything else keeps the client's own path for every GET: a proxy
 for the endpoint, a client certificate, verification turned off, extra
 request parameters (requester pays, SSE-C keys), anonymous access, a client
-whose HTTP session does not say how it verifies. And any answer but a whole
-200 of the right size is not handled here: the caller asks the client
+whose HTTP session does not say how it verifies. And any answer but a 200
+that states its length is not handled here: the caller asks the client
 (`FsspecStore.read_into`), whose errors and retries are the usual ones; an
 answer that is not about this one GET (the URL refused: 400, 403; a redirect
 to another region) turns the presigned path off for the filesystem's
