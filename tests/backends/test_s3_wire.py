@@ -184,6 +184,23 @@ def _push(store: Store, tmp_path: Path, env: dict[str, str]) -> dict[str, bytes]
     return made
 
 
+def _push_then_restore(
+    store: Store, tmp_path: Path, proxy: _Recorder
+) -> tuple[Any, dict[str, bytes], list[tuple[str, str]], list[tuple[str, str, dict[str, str]]]]:
+    """Push the source through the proxy, then restore it into out/: (the
+    restore's result, what was pushed, the restore's requests as
+    (method, path with query), and as (method, path, headers))."""
+    env = _env(store, proxy)
+    made = _push(store, tmp_path, env)
+    with proxy.lock:
+        start = len(proxy.raw)
+    res = run_ckpt(
+        ["restore", store.url, str(tmp_path / "out")], cwd=tmp_path, env=env, timeout=300
+    )
+    with proxy.lock:
+        return res, made, proxy.raw[start:], proxy.seen[start:]
+
+
 def _restored(tmp_path: Path, made: dict[str, bytes]) -> None:
     for name, data in made.items():
         assert (tmp_path / "out" / name).read_bytes() == data, name
@@ -233,17 +250,8 @@ def test_restore_gets_chunks_by_presigned_url(kind: str, store_of: Any, tmp_path
     and serves it. ckpt.json and the manifest still go through the client."""
     store: Store = store_of(kind)
     with _proxy(store) as proxy:
-        env = _env(store, proxy)
-        made = _push(store, tmp_path, env)
-        with proxy.lock:
-            start = len(proxy.raw)
-        res = run_ckpt(
-            ["restore", store.url, str(tmp_path / "out")], cwd=tmp_path, env=env, timeout=300
-        )
-        assert res.returncode == 0, res.stderr
-        with proxy.lock:
-            asked = proxy.raw[start:]
-            seen = proxy.seen[start:]
+        res, made, asked, seen = _push_then_restore(store, tmp_path, proxy)
+    assert res.returncode == 0, res.stderr
     _restored(tmp_path, made)
     chunks = [p for m, p in asked if m == "GET" and "/chunks/" in p]
     assert len(chunks) == 3 and all(_presigned(p) for p in chunks), chunks
@@ -264,15 +272,7 @@ def test_a_refused_presigned_url_falls_back_to_the_client(
     nothing is said about it."""
     store: Store = store_of(kind)
     with _proxy(store, refuse_presigned=True) as proxy:
-        env = _env(store, proxy)
-        made = _push(store, tmp_path, env)
-        with proxy.lock:
-            start = len(proxy.raw)
-        res = run_ckpt(
-            ["restore", store.url, str(tmp_path / "out")], cwd=tmp_path, env=env, timeout=300
-        )
-        with proxy.lock:
-            asked = proxy.raw[start:]
+        res, made, asked, _seen = _push_then_restore(store, tmp_path, proxy)
     assert res.returncode == 0, res.stderr
     _restored(tmp_path, made)
     chunks = [p for m, p in asked if m == "GET" and "/chunks/" in p]
@@ -310,16 +310,8 @@ def test_a_restore_asks_each_question_once(kind: str, store_of: Any, tmp_path: P
     empty: one listing, no HEAD of the prefix, no second listing."""
     store: Store = store_of(kind)
     with _proxy(store) as proxy:
-        env = _env(store, proxy)
-        made = _push(store, tmp_path, env)
-        with proxy.lock:
-            start = len(proxy.raw)
-        res = run_ckpt(
-            ["restore", store.url, str(tmp_path / "out")], cwd=tmp_path, env=env, timeout=300
-        )
-        assert res.returncode == 0, res.stderr
-        with proxy.lock:
-            asked = proxy.raw[start:]
+        res, made, asked, _seen = _push_then_restore(store, tmp_path, proxy)
+    assert res.returncode == 0, res.stderr
     _restored(tmp_path, made)
     assert [p for m, p in asked if m == "HEAD"] == [], asked
     metadata = [p for m, p in asked if m == "GET" and p.endswith(".json")]

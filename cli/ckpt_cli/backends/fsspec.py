@@ -332,9 +332,8 @@ class FsspecStore:
         return self._once(go)
 
     def _presigned(self, fs: Any) -> S3Gets | None:
-        """The presigned GETs of fs (S3 only), made on first use."""
-        if not fs.async_impl or getattr(fs, "_call_s3", None) is None:
-            return None
+        """The presigned GETs of fs (None but for S3: `S3Gets.for_fs`), made
+        on first use."""
         with self._lock:
             made = self._gets
             if made is not None and made[0] is fs:
