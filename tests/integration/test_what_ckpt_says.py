@@ -364,3 +364,52 @@ def test_writers_create_a_missing_local_remote_and_readers_create_nothing(
     ckpt_ok(["push", str(src), str(remote)], cwd=tmp_path)
     assert (remote.stat().st_mode & 0o777) == 0o700
     assert len(ls_json(remote, cwd=tmp_path)["snapshots"]) == 1
+
+
+# ---------------------------------------------------------------- kept at start
+
+#: Writes its pid to argv[1], then sleeps: it never touches --dir.
+SLEEPS = """
+    import os, sys, time
+    from pathlib import Path
+    Path(sys.argv[1]).write_text(str(os.getpid()))
+    time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("history", ["empty remote", "older snapshot"])
+def test_a_dir_kept_at_start_is_uploaded_before_the_first_rescan(
+    history: str, spawn: Callable[..., Running], tmp_path: Path
+) -> None:
+    """--dir holds data no snapshot has: the remote is empty ("is uploaded as
+    the first"), or --dir was modified after the newest snapshot ("becomes
+    the next snapshot"). The child never writes, so no file event comes, and
+    --rescan 3600 puts the safety net out of reach: the upload the console
+    promised must come on its own, one --debounce after the start. Then the
+    machine dies (kill -9) and a new machine restores exactly that state."""
+    ck, remote = tmp_path / "ck", tmp_path / "remote"
+    ck.mkdir()
+    (ck / "model.pt").write_bytes(os.urandom(300_000))
+    if history == "older snapshot":
+        ckpt_ok(["push", str(ck), str(remote)], cwd=tmp_path)
+        os.utime(ck / "model.pt", (time.time() + 5, time.time() + 5))  # edited after it
+        (ck / "model.pt").write_bytes(os.urandom(300_000))
+    before = ls_json(remote, cwd=tmp_path)["snapshots"] if remote.exists() else []
+    kept = {p.name: p.read_bytes() for p in ck.iterdir()}
+    child = write_script(tmp_path / "sleeps.py", SLEEPS)
+    pid_file = tmp_path / "child.pid"
+    run = spawn([*run_args(ck, remote, "--rescan", "3600"), PY, str(child), str(pid_file)])
+    started = wait_for(lambda: pid_file.exists() and pid_file.read_text(), what="child", proc=run)
+    run.extra_pids.append(int(started))
+    promise = "is uploaded as the first" if not before else "becomes the next snapshot"
+    wait_for(lambda: promise in run.stderr(), what="the plan's line", proc=run)
+
+    def uploaded() -> bool:
+        return len(ls_json(remote, cwd=tmp_path)["snapshots"]) > len(before)
+
+    wait_for(uploaded, what="the kept --dir's upload", proc=run, interval=0.3)
+    run.signal(signal.SIGKILL)
+    run.wait()
+    fresh = tmp_path / "new-machine"
+    ckpt_ok(["restore", str(remote), str(fresh)], cwd=tmp_path)
+    assert {p.name: p.read_bytes() for p in fresh.iterdir()} == kept

@@ -177,6 +177,12 @@ class Supervisor:
         ref = repo.find(restored_id) if restored_id else None
         self.reporter.starts_from(restored_id, ref.generation if ref else None)
         worker = self._worker_for(snapshotter)
+        if not restored_id and _holds_files(cfg.dir):
+            # --dir holds data no snapshot has (the remote has none yet, or
+            # --dir is newer than its newest): the start plan said it is
+            # uploaded, so it is, one --debounce from now, not at the first
+            # rescan (a machine lost before it would lose it all).
+            worker.changed()
         watcher = Watcher(cfg.dir, worker.changed, self.patterns)
         recovery = Recovery(
             cfg,
@@ -489,3 +495,11 @@ def _snapshotter_for(
         lease_ttl=cfg.lease_timeout,
         checks=Registry(cfg.checks, builtin=cfg.format_checks),
     )
+
+
+def _holds_files(directory: Path) -> bool:
+    """The directory has a file or link somewhere below it (stops at the first)."""
+    for root, dirs, files in os.walk(directory):
+        if files or any(os.path.islink(os.path.join(root, d)) for d in dirs):
+            return True
+    return False
