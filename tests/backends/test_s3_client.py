@@ -1,5 +1,5 @@
 """The S3 backend's transfer contract, in-process against the test-suite's
-servers (moto, and s3rver, which checks every signature): `read_into` fills
+servers (moto, and s3rver, which checks a signature's key id): `read_into` fills
 exactly the caller's view or reports the object's size, a write of a chunk
 buffer arrives whole, and the client ckpt opens has a connection pool for the
 transfers its caller runs and no body checksums (what goes over the wire is

@@ -13,7 +13,7 @@ import inspect
 import os
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -26,6 +26,7 @@ from ckpt_cli.backends.urls import redact_url
 from ckpt_cli.errors import ConfigError, RemoteError
 
 if TYPE_CHECKING:
+    from ckpt_cli.backends.s3direct import DirectS3
     from ckpt_cli.backends.s3get import S3Gets
 
 T = TypeVar("T")
@@ -150,6 +151,10 @@ class FsspecStore:
     credential files, tokens) are read again and broken connection pools
     are dropped (`RetryingBackend` asks for it).
 
+    On S3, reads go without the filesystem where `s3direct` applies (its
+    signed GETs from the calling thread), and the filesystem is made on
+    first need: a command that only reads never imports s3fs.
+
     What a call raises: NotFound; RemoteError (a missing bucket: final);
     anything else is the filesystem's own exception, a failed try.
     """
@@ -181,24 +186,70 @@ class FsspecStore:
         self.reconnects = 0
         #: (the filesystem, its presigned GETs or None), made on first use.
         self._gets: tuple[Any, S3Gets | None] | None = None
-        self.fs, self.root = self._connect()
-        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
-        self.atomic_put = protocol in _OBJECT_STORES
+        #: S3 reads without s3fs (`s3direct`), where they reach the same
+        #: endpoint the same way; the filesystem is then made on first need.
+        self._direct: DirectS3 | None = None
+        self._fs: Any = None
+        self._create: tuple[dict[str, Any] | None] | None = None
+        if urlsplit(url).scheme in ("s3", "s3a"):
+            from ckpt_cli.backends.s3direct import DirectS3
+
+            self._direct = DirectS3.from_config(url, self.options, os.environ)
+        if self._direct is not None:
+            self.root = url.split("://", 1)[1].rstrip("/")
+            self.atomic_put = True
+        else:
+            self._fs, self.root = self._connect()
+            fs = self._fs
+            protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+            self.atomic_put = protocol in _OBJECT_STORES
         #: Its put sends a bytearray as it is (adlfs refuses one); S3 with
         #: ckpt's client settings takes a chunk buffer piece by piece.
         self._bytearrays = urlsplit(url).scheme in _TAKE_BYTEARRAYS
-        self._piecewise = self._bytearrays and piecewise_puts(self._open_options())
-        # How this implementation's put refuses to replace an existing object:
-        # s3fs and gcsfs take mode="create" (If-None-Match / ifGenerationMatch=0),
-        # adlfs overwrite=False; others cannot, and create_exclusive checks first.
-        params = _parameters(getattr(self.fs, "_pipe_file", None))
-        self._create_kw: dict[str, Any] | None = (
-            {"mode": "create"}
-            if "mode" in params
-            else {"overwrite": False}
-            if "overwrite" in params
-            else None
-        )
+        self._pieces: bool | None = None
+
+    @property
+    def _piecewise(self) -> bool:
+        """Its put takes a chunk buffer piece by piece (`piecewise_puts`);
+        asked on the first write (botocore's Config says which options it has)."""
+        if self._pieces is None:
+            self._pieces = self._bytearrays and piecewise_puts(self._open_options())
+        return self._pieces
+
+    @property
+    def fs(self) -> Any:
+        """The fsspec filesystem, made on first use where reads go direct."""
+        fs = self._fs
+        if fs is not None:
+            return fs
+        with self._lock:
+            if self._fs is None:
+                self._fs, _root = self._connect()
+            return self._fs
+
+    @property
+    def _create_kw(self) -> dict[str, Any] | None:
+        """How this implementation's put refuses to replace an existing object:
+        s3fs and gcsfs take mode="create" (If-None-Match / ifGenerationMatch=0),
+        adlfs overwrite=False; others cannot, and create_exclusive checks first."""
+        if self._create is None:
+            params = _parameters(getattr(self.fs, "_pipe_file", None))
+            self._create = (
+                {"mode": "create"}
+                if "mode" in params
+                else {"overwrite": False}
+                if "overwrite" in params
+                else None,
+            )
+        return self._create[0]
+
+    def _direct_on(self) -> DirectS3 | None:
+        direct = self._direct
+        return direct if direct is not None and not direct.off else None
+
+    def _bucket_key(self, key: str) -> tuple[str, str]:
+        bucket, _, rest = self._path(key).partition("/")
+        return bucket, rest
 
     def _open_options(self) -> dict[str, Any]:
         """The storage options the filesystem is opened with (`s3_options`)."""
@@ -240,15 +291,16 @@ class FsspecStore:
 
     @property
     def connection(self) -> object:
-        return self.fs
+        return self._fs
 
     def reconnect(self, stale: object) -> None:
-        """Replace the filesystem unless another thread already did."""
+        """Replace the filesystem unless another thread already did (or
+        none was made yet: the direct reads keep no client to renew)."""
         with self._lock:
-            if self.fs is not stale:
+            if self._fs is not stale or stale is None:
                 return
             try:
-                self.fs, _root = self._connect()
+                self._fs, _root = self._connect()
             except (ConfigError, RemoteError):
                 return  # keep the old one; the call's own error is reported
             self.reconnects += 1
@@ -273,6 +325,15 @@ class FsspecStore:
         )
 
     def read(self, key: str) -> bytes:
+        direct = self._direct_on()
+        if direct is not None:
+            from ckpt_cli.backends.s3direct import Unanswered
+
+            with contextlib.suppress(Unanswered):
+                got = direct.read(*self._bucket_key(key), self.io_timeout)
+                if got is None:
+                    raise NotFound(key)
+                return got
         path = self._path(key)
 
         def go(fs: Any, kw: dict[str, Any]) -> bytes:
@@ -304,6 +365,11 @@ class FsspecStore:
         object of the whole chunk joined and copied again, no checksum of it
         (its caller verifies the chunk by its name). Other stores read the
         object, then copy it into view."""
+        direct = self._direct_on()
+        if direct is not None:
+            got = direct.read_into(*self._bucket_key(key), None, view, self.io_timeout)
+            if got is not None:
+                return got  # else a 404 or a busy server: the client answers
         path = self._path(key)
 
         def go(fs: Any, kw: dict[str, Any]) -> int:
@@ -455,7 +521,9 @@ class FsspecStore:
                 return names
             return [] if fs.exists(container, **kw) else None
 
-        names = self._once(go)
+        answered, names = self._direct_names(root)
+        if not answered:
+            names = self._once(go)
         if names is None:
             what = "bucket or container" if self.atomic_put else "parent directory"
             raise RemoteError(
@@ -463,6 +531,57 @@ class FsspecStore:
                 "(create it, or fix REMOTE)"
             )
         return names
+
+    def _direct_names(self, root: str) -> tuple[bool, list[str] | None]:
+        """names() by a direct listing: (False, None) where the direct path
+        cannot answer; (True, None) where the bucket is missing."""
+        direct = self._direct_on()
+        if direct is None:
+            return False, None
+        from ckpt_cli.backends.s3direct import Unanswered
+
+        bucket, _, prefix = root.partition("/")
+        try:
+            listed = direct.listing(
+                bucket, f"{prefix}/" if prefix else "", self.io_timeout, delimiter="/"
+            )
+        except Unanswered:
+            return False, None
+        if listed is None:
+            return True, None
+        found = {n.rstrip("/").rsplit("/", 1)[-1] for n in listed[0] + listed[1]}
+        return True, sorted(n for n in found if n and not _TEMP_RE.match(n))
+
+    def _direct_list(self, base: str) -> list[str] | None:
+        """Every key under base/ by direct listings (a missing bucket has
+        none); None where the direct path cannot answer."""
+        direct = self._direct_on()
+        if direct is None:
+            return None
+        from ckpt_cli.backends.s3direct import Unanswered
+
+        bucket, _, prefix = base.partition("/")
+        try:
+            listed = direct.listing(bucket, f"{prefix}/" if prefix else "", self.io_timeout)
+        except Unanswered:
+            return None
+        return [] if listed is None else [f"{bucket}/{k}" for k in listed[0]]
+
+    def _keys(self, found: Sequence[str], temp: bool) -> list[str]:
+        """The keys of a listing below the root: temp names only, or none."""
+        strip = self.root.lstrip("/")
+        keys = []
+        for name in found:
+            rel = name.lstrip("/")
+            if strip:
+                if not rel.startswith(strip + "/"):
+                    continue
+                rel = rel[len(strip) + 1 :]
+            if rel.endswith("/"):  # a directory marker, never a key of ours
+                continue
+            if bool(_TEMP_RE.match(rel.rsplit("/", 1)[-1])) == temp:
+                keys.append(rel)
+        return keys
 
     def list(self, prefix: str, *, temp: bool = False) -> list[str]:
         base = self._path(prefix).rstrip("/")
@@ -486,21 +605,10 @@ class FsspecStore:
                 # wrote since is then answered "not found" from that cache.
                 with contextlib.suppress(Exception):
                     fs.invalidate_cache()
-            strip = self.root.lstrip("/")
-            keys = []
-            for name in found:
-                rel = name.lstrip("/")
-                if strip:
-                    if not rel.startswith(strip + "/"):
-                        continue
-                    rel = rel[len(strip) + 1 :]
-                if rel.endswith("/"):  # a directory marker, never a key of ours
-                    continue
-                if bool(_TEMP_RE.match(rel.rsplit("/", 1)[-1])) == temp:
-                    keys.append(rel)
-            return keys
+            return self._keys(found, temp)
 
-        return self._once(go)
+        found = self._direct_list(base)
+        return self._once(go) if found is None else self._keys(found, temp)
 
 
 class FsspecBackend(RetryingBackend):

@@ -105,25 +105,7 @@ class S3Gets:
         url = self._presign(bucket, key, version, timeout)
         if url is None:
             return None
-        parts = urlsplit(url)
-        target = f"{parts.path}?{parts.query}" if parts.query else parts.path
-        for fresh in (False, True):
-            conn = self._connection(parts.scheme, parts.netloc, timeout, fresh=fresh)
-            reused = conn.sock is not None
-            try:
-                conn.request("GET", target, headers={"Accept-Encoding": "identity"})
-                sock = conn.sock  # the body's socket, kept past a "Connection: close"
-                resp = conn.getresponse()
-                break
-            except _STALE:
-                # A kept-alive connection the server had closed meanwhile:
-                # once more on a new one, as any HTTP client does.
-                self._drop(conn)
-                if not reused or fresh:
-                    raise
-            except BaseException:
-                self._drop(conn)
-                raise
+        conn, sock, resp = self._send(url, timeout)
         try:
             size = _length(resp)
             if resp.status != 200 or size is None:
@@ -151,6 +133,46 @@ class S3Gets:
         except BaseException:
             self._drop(conn)
             raise
+
+    def fetch(self, url: str, timeout: float) -> tuple[int, bytes]:
+        """GET a (small) presigned URL whole: its status and body. Raises
+        OSError for a try that failed on the way, as read_into does."""
+        deadline = time.monotonic() + timeout
+        conn, sock, resp = self._send(url, timeout)
+        try:
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            body = resp.read()
+            if resp.will_close:
+                self._drop(conn)
+            return resp.status, body
+        except BaseException:
+            self._drop(conn)
+            raise
+
+    def _send(
+        self, url: str, timeout: float
+    ) -> tuple[http.client.HTTPConnection, Any, http.client.HTTPResponse]:
+        """GET url on this thread's kept-alive connection: (the connection,
+        the body's socket, the response with its headers read)."""
+        parts = urlsplit(url)
+        target = f"{parts.path}?{parts.query}" if parts.query else parts.path
+        for fresh in (False, True):
+            conn = self._connection(parts.scheme, parts.netloc, timeout, fresh=fresh)
+            reused = conn.sock is not None
+            try:
+                conn.request("GET", target, headers={"Accept-Encoding": "identity"})
+                sock = conn.sock  # the body's socket, kept past a "Connection: close"
+                return conn, sock, conn.getresponse()
+            except _STALE:
+                # A kept-alive connection the server had closed meanwhile:
+                # once more on a new one, as any HTTP client does.
+                self._drop(conn)
+                if not reused or fresh:
+                    raise
+            except BaseException:
+                self._drop(conn)
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _presign(self, bucket: str, key: str, version: str | None, timeout: float) -> str | None:
         from fsspec.asyn import sync
