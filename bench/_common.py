@@ -400,14 +400,25 @@ class Target:
         return self.value == self.limit
 
     def fmt(self, value: float) -> str:
+        """value in the target's unit; with the digits it takes to tell it
+        from the limit where the usual ones round it onto the limit (0.998 %
+        against < 1.00 % reads "0.998 %", not a PASS of "1.00 %")."""
+        shown = self._fmt(value, 0)
+        extra = 0
+        while value != self.limit and shown == self._fmt(self.limit, extra) and extra < 4:
+            extra += 1
+            shown = self._fmt(value, extra)
+        return shown
+
+    def _fmt(self, value: float, extra: int) -> str:
         if self.unit == "x":
-            return f"{value:.2f}x"
+            return f"{value:.{2 + extra}f}x"
         if self.unit == "s":
-            return f"{value:.3f} s"
+            return f"{value:.{3 + extra}f} s"
         if self.unit == "%":
-            return f"{value:.2f} %"
+            return f"{value:.{2 + extra}f} %"
         if self.unit == "MiB":
-            return f"{value:.0f} MiB"
+            return f"{value:.{extra}f} MiB"
         return f"{value:g}"
 
     @property
