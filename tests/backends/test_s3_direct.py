@@ -172,6 +172,8 @@ def test_endpoints_regions_and_proxies(tmp_path: Path) -> None:
     ignored = {**ENV, **EP, "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS": "true"}
     assert _direct(tmp_path, {}, ignored) is None
     assert _direct(tmp_path, {}, {**ENV, **EP, "AWS_USE_FIPS_ENDPOINT": "true"}) is None
+    for url in ("s3://K:S@bkt/r", "s3://bkt:9000/r", "s3://bkt/r?versionId=1"):
+        assert _direct(tmp_path, {}, {**ENV, **EP}, url) is None, url
     with pytest.MonkeyPatch.context() as mp:  # urllib reads proxies from os.environ
         mp.setenv("http_proxy", "http://proxy.invalid:3128")
         mp.delenv("no_proxy", raising=False)

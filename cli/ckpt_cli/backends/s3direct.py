@@ -104,6 +104,8 @@ class DirectS3(S3Gets):
         parts = urlsplit(url)
         if parts.scheme not in ("s3", "s3a") or not parts.netloc:
             return None
+        if "@" in parts.netloc or ":" in parts.netloc or parts.query or parts.fragment:
+            return None  # keys or a port in the URL, a version: the SDK reads those
         if not set(options) <= _OPTIONS:
             return None
         client_kwargs = options.get("client_kwargs") or {}
@@ -158,7 +160,9 @@ class DirectS3(S3Gets):
     # -- requests
 
     def _url(self, bucket: str, key: str, query: dict[str, str]) -> str:
-        path = f"/{bucket}/{key}" if self.path_style else f"/{key}"
+        # By path, the bucket's listing is /BUCKET (as the SDK asks it).
+        where = "/".join(p for p in (bucket, key) if p) if self.path_style else key
+        path = f"/{where}"
         return sigv4.presign(
             "GET", self.scheme, self.host, path, query, self.creds, self.region, expires=EXPIRES
         )
