@@ -532,39 +532,41 @@ class FsspecStore:
             )
         return names
 
-    def _direct_names(self, root: str) -> tuple[bool, list[str] | None]:
-        """names() by a direct listing: (False, None) where the direct path
-        cannot answer; (True, None) where the bucket is missing."""
+    def _direct_listing(
+        self, base: str, delimiter: str = ""
+    ) -> tuple[bool, tuple[list[str], list[str]] | None]:
+        """A direct listing of everything under base/ (`DirectS3.listing`,
+        keys and common prefixes relative to the bucket): (False, None)
+        where the direct path cannot answer; (True, None) where the bucket
+        is missing."""
         direct = self._direct_on()
         if direct is None:
             return False, None
         from ckpt_cli.backends.s3direct import Unanswered
 
-        bucket, _, prefix = root.partition("/")
+        bucket, _, prefix = base.partition("/")
         try:
-            listed = direct.listing(
-                bucket, f"{prefix}/" if prefix else "", self.io_timeout, delimiter="/"
+            return True, direct.listing(
+                bucket, f"{prefix}/" if prefix else "", self.io_timeout, delimiter=delimiter
             )
         except Unanswered:
             return False, None
+
+    def _direct_names(self, root: str) -> tuple[bool, list[str] | None]:
+        """names() by a direct listing, as `_direct_listing` answers."""
+        answered, listed = self._direct_listing(root, "/")
         if listed is None:
-            return True, None
+            return answered, None
         found = {n.rstrip("/").rsplit("/", 1)[-1] for n in listed[0] + listed[1]}
         return True, sorted(n for n in found if n and not _TEMP_RE.match(n))
 
     def _direct_list(self, base: str) -> list[str] | None:
         """Every key under base/ by direct listings (a missing bucket has
         none); None where the direct path cannot answer."""
-        direct = self._direct_on()
-        if direct is None:
+        answered, listed = self._direct_listing(base)
+        if not answered:
             return None
-        from ckpt_cli.backends.s3direct import Unanswered
-
-        bucket, _, prefix = base.partition("/")
-        try:
-            listed = direct.listing(bucket, f"{prefix}/" if prefix else "", self.io_timeout)
-        except Unanswered:
-            return None
+        bucket = base.partition("/")[0]
         return [] if listed is None else [f"{bucket}/{k}" for k in listed[0]]
 
     def _keys(self, found: Sequence[str], temp: bool) -> list[str]:
