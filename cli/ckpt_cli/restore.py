@@ -53,7 +53,7 @@ from ckpt._fs import (
     write_marker,
 )
 from ckpt_cli import console, world
-from ckpt_cli.errors import ConfigError, RestoreError
+from ckpt_cli.errors import ConfigError, RemoteError, RestoreError
 from ckpt_cli.kept import (
     RESTORE_PREFIX,
     keep,
@@ -81,6 +81,39 @@ from ckpt_cli.start_plan import Start, StartPlan, has_data, plan_rank_start, pla
 
 if TYPE_CHECKING:
     from ckpt_cli.repair import Repaired
+
+
+class PartDamaged(RestoreError):
+    """A rank's part of a step (`ref`) cannot be restored: its manifest or
+    one of its chunks is damaged, which no retry mends (`pass_over`)."""
+
+    def __init__(self, reason: str, ref: SnapshotRef, target: Path) -> None:
+        super().__init__(f"{reason}; {target} is untouched")
+        self.reason = reason
+        self.ref = ref
+
+
+#: Damaged parts one start passes over before it gives up (each is marked,
+#: so every pass chooses an older step; the bound only stops a runaway).
+MAX_PASSED_OVER = 64
+
+
+def pass_over(repo: Repository, exc: PartDamaged, rank: int, warn: Callable[[str], None]) -> None:
+    """Mark a damaged part of a step suspect, so that this process and every
+    rank that starts later go back to the step before it (world.choose skips
+    a step with a suspect part), and say so. A mark that cannot be written
+    still counts in this process."""
+    ref = exc.ref
+    why = f"damaged: {exc.reason} (found by rank {rank}'s restore)"
+    try:
+        repo.mark_suspect(ref, why, rank=rank)
+        where = f"marked it suspect in {repo.display}"
+    except RemoteError as err:
+        where = f"could not mark it suspect in {repo.display} ({err}), this process passes it over"
+    warn(
+        f"{exc.reason}: {where}, so that every rank goes back to the step before it "
+        f"(`ckpt unsuspect {repo.display} {ref.id}` clears the mark)"
+    )
 
 
 @dataclasses.dataclass
@@ -224,7 +257,7 @@ def restore(
             reason = f"snapshot {_name(cand)} {exc}"
             skipped.append(reason)
             if ref is not None:  # a rank's part of a step: no other will do
-                raise RestoreError(f"{reason}; {target} is untouched") from None
+                raise PartDamaged(reason, cand, target) from None
             if snapshot is not None:  # asked for by name: damaged, no retry mends it
                 raise DamagedError(f"{reason}; {target} is untouched") from None
             warn(f"{reason}; trying the previous one")
@@ -574,7 +607,7 @@ def carry_out(
         assert done is not None
         m = done.manifest
         console.info(
-            f"restored snapshot {m.id} (step {m.step}, {len(m.files)} files, "
+            f"restored snapshot {m.id} (step {m.step}, {console.plural(len(m.files), 'file')}, "
             f"{console.fmt_bytes(m.total_size)}) into {directory} in {done.seconds:.1f}s"
         )
         snapshotter.adopt(m, trust_local=True)
@@ -671,16 +704,29 @@ def prepare_rank_dir(
         return _with_step(snapshotter, held)
     recover_interrupted(directory)
     remind_kept(directory)
-    choice = world.choose(repo, rank, world_size, allow_change=allow_change)
-    wanted = choice is not None and choice.manifest is not None
-    local = _scan_at_start(snapshotter) if wanted and directory.is_dir() else []
-    plan = plan_rank_start(directory, choice, local, rank=rank, stream=repo.stream)
-    say(plan)
-    if plan.start is Start.SINGLE:
-        held = prepare_dir(repo, snapshotter, concurrency=concurrency, on_repair=on_repair)
-        return _with_step(snapshotter, held)
-    return carry_out(
-        plan, repo, snapshotter, concurrency=concurrency, on_repair=on_repair, newest=_stream_newest
+    for _ in range(MAX_PASSED_OVER):
+        choice = world.choose(repo, rank, world_size, allow_change=allow_change)
+        wanted = choice is not None and choice.manifest is not None
+        local = _scan_at_start(snapshotter) if wanted and directory.is_dir() else []
+        plan = plan_rank_start(directory, choice, local, rank=rank, stream=repo.stream)
+        say(plan)
+        if plan.start is Start.SINGLE:
+            held = prepare_dir(repo, snapshotter, concurrency=concurrency, on_repair=on_repair)
+            return _with_step(snapshotter, held)
+        try:
+            return carry_out(
+                plan,
+                repo,
+                snapshotter,
+                concurrency=concurrency,
+                on_repair=on_repair,
+                newest=_stream_newest,
+            )
+        except PartDamaged as exc:
+            pass_over(repo, exc, rank, console.warn)
+    raise RestoreError(
+        f"rank {rank}: {MAX_PASSED_OVER} damaged snapshots passed over, none restored; "
+        f"{directory} is untouched (`ckpt verify {repo.display}` lists what is wrong)"
     )
 
 
@@ -713,7 +759,8 @@ def restore_into(
         return ""
     m = done.manifest
     console.info(
-        f"restored snapshot {m.id} (generation {m.generation}, {len(m.files)} files, "
+        f"restored snapshot {m.id} (generation {m.generation}, "
+        f"{console.plural(len(m.files), 'file')}, "
         f"{console.fmt_bytes(m.total_size)}) into {directory} in {done.seconds:.1f}s"
     )
     snapshotter.adopt(m, trust_local=True)

@@ -10,11 +10,9 @@ from typing import Any
 from ckpt._contract import ExitCode
 from ckpt_cli import config, console
 from ckpt_cli.commands.where import locate, place
-from ckpt_cli.errors import ConfigError
+from ckpt_cli.errors import ConfigError, RestoreError
 from ckpt_cli.repo_tools import open_existing
-from ckpt_cli.repository import (
-    rank_stream,
-)
+from ckpt_cli.repository import Repository, SnapshotRef, rank_stream
 
 
 def _has_entries(directory: Path) -> bool:
@@ -30,6 +28,26 @@ def _has_entries(directory: Path) -> bool:
         return False  # unreadable: the restore itself says what is wrong
 
 
+def _rank_part(
+    repo: Repository, rank: int, world_size: int, allow_world_change: bool
+) -> tuple[bool, SnapshotRef | None]:
+    """Whether this rank restores anything (world.choose, said on the
+    console), and the part it restores (None: the stream's own newest)."""
+    from ckpt_cli import world
+
+    choice = world.choose(repo, rank, world_size, allow_change=allow_world_change)
+    if choice is None:
+        return True, None
+    if not choice.consistent:
+        console.warn(choice.note)
+    if choice.manifest is None:
+        console.info(f"{choice.note}: nothing restored")
+        return False, None
+    if choice.ref is not None:
+        console.info(f"rank {rank}: {choice.note}")
+    return True, choice.ref
+
+
 def restore(
     remote: str,
     dir: Path,
@@ -41,7 +59,7 @@ def restore(
     world_size: int | None = None,
     allow_world_change: bool = False,
 ) -> int:
-    from ckpt_cli import world
+    from ckpt_cli.restore import MAX_PASSED_OVER, PartDamaged, pass_over
     from ckpt_cli.restore import restore as do_restore
 
     target = config.resolve_dir(dir)
@@ -56,15 +74,9 @@ def restore(
     if repo is not None and rank is not None and world_size is not None:
         repo = repo.for_stream(rank_stream(rank, world_size))
         if snapshot is None:
-            choice = world.choose(repo, rank, world_size, allow_change=allow_world_change)
-            if choice is not None and not choice.consistent:
-                console.warn(choice.note)
-            if choice is not None and choice.manifest is None:
-                console.info(f"{choice.note}: nothing restored")
+            wanted, ref = _rank_part(repo, rank, world_size, allow_world_change)
+            if not wanted:
                 return ExitCode.OK
-            ref = choice.ref if choice is not None else None
-            if ref is not None:
-                console.info(f"rank {rank}: {choice.note if choice else ''}")
     if repo is None:
         if snapshot is not None:
             raise ConfigError(f"no snapshot {snapshot!r} in {remote}: it is empty (--snapshot)")
@@ -77,9 +89,25 @@ def restore(
             "restorable snapshot are then moved aside, never deleted)"
         )
     with console.Progress(f"restoring into {target}") as bar:
-        done = do_restore(
-            repo, target, snapshot=snapshot, warn=console.warn, progress=bar.update, ref=ref
-        )
+        for _ in range(MAX_PASSED_OVER):
+            try:
+                done = do_restore(
+                    repo, target, snapshot=snapshot, warn=console.warn, progress=bar.update, ref=ref
+                )
+                break
+            except PartDamaged as exc:
+                if rank is None or world_size is None:
+                    raise  # only a rank's part of a step is restored by ref
+                # Every rank goes back to the step before it, this one first.
+                pass_over(repo, exc, rank, console.warn)
+                wanted, ref = _rank_part(repo, rank, world_size, allow_world_change)
+                if not wanted:
+                    return ExitCode.OK
+        else:
+            raise RestoreError(
+                f"rank {rank}: {MAX_PASSED_OVER} damaged snapshots passed over, none restored; "
+                f"{target} is untouched (`ckpt verify {remote}` lists what is wrong)"
+            )
     if done is None:
         console.info(f"{remote} has no snapshots yet: nothing restored")
         return ExitCode.OK
