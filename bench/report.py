@@ -88,6 +88,7 @@ def machine(b: Bench, started: datetime.datetime) -> list[tuple[str, str]]:
         ("kernel", f"{platform.system()} {platform.release()}"),
         ("work dir filesystem", f"{fs_type(b.work)} ({b.work})"),
         ("load average at start", load),
+        ("free page reporting", page_reporting()),
         ("Python", f"{py} ({b.python}); bench process {sys.version.split()[0]}"),
         ("ckpt", f"{_first_line(output([b.ckpt, '--version']))}, git {commit or 'unknown'}"),
         ("python packages", "; ".join(versions.splitlines())),
@@ -99,6 +100,28 @@ def machine(b: Bench, started: datetime.datetime) -> list[tuple[str, str]]:
         ("aws", _first_line(output([aws, "--version"])) if aws else "not found"),
         ("date", started.strftime("%Y-%m-%d %H:%M:%S %Z")),
     ]
+
+
+def page_reporting() -> str:
+    """Whether the kernel hands free memory back to a hypervisor (virtio
+    free page reporting): then memory freed more than about 2 s ago costs
+    several times more to write into again (bench/tools/freed_idle.py)."""
+    params = Path("/sys/module/page_reporting/parameters")
+    try:
+        order = (params / "page_reporting_order").read_text().strip()
+    except OSError:
+        return "not in this kernel (or not a module with parameters)"
+    try:
+        reported = int((params / "reported_kib").read_text()) >> 20
+    except (OSError, ValueError):
+        reported = -1
+    if reported == 0:
+        return f"present (order {order}), nothing reported since boot"
+    since = f", {reported} GiB reported since boot" if reported > 0 else ""
+    return (
+        f"on (blocks of order {order} and up{since}): memory freed a few seconds before a "
+        "run costs more to fill again (findings.md)"
+    )
 
 
 def fs_type(path: Path) -> str:
