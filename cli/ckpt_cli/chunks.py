@@ -22,9 +22,12 @@ TRASH = "trash/"
 class ChunkError(Exception):
     """A chunk that is missing or whose bytes do not match its name."""
 
-    def __init__(self, digest: str, problem: str) -> None:
+    def __init__(self, digest: str, problem: str, *, corrupt: bool = False) -> None:
         super().__init__(f"chunk {digest[:12]} {problem}")
         self.digest = digest
+        #: Its bytes were read whole and do not hash to its name (not missing,
+        #: not of another size): what a second read can tell from a bad transfer.
+        self.corrupt = corrupt
 
 
 class Buffers:
@@ -170,7 +173,7 @@ class Chunks:
         if expected_size is not None and len(data) != expected_size:
             raise ChunkError(digest, f"has {len(data)} bytes, expected {expected_size}")
         if self.hash(data) != digest:
-            raise ChunkError(digest, "is corrupt (hash mismatch)")
+            raise ChunkError(digest, "is corrupt (hash mismatch)", corrupt=True)
         return data
 
     def read_into(self, digest: str, view: memoryview) -> None:
@@ -192,7 +195,7 @@ class Chunks:
         if size != len(view):
             raise ChunkError(digest, f"has {size} bytes, expected {len(view)}")
         if self.hash(view) != digest:
-            raise ChunkError(digest, "is corrupt (hash mismatch)")
+            raise ChunkError(digest, "is corrupt (hash mismatch)", corrupt=True)
 
     def forget(self, digest: str) -> None:
         """A chunk found damaged (or deleted): upload it again next time it is

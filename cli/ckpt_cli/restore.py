@@ -257,6 +257,11 @@ def restore(
             reason = f"snapshot {_name(cand)} {exc}"
             skipped.append(reason)
             if ref is not None:  # a rank's part of a step: no other will do
+                if isinstance(exc, ChunkError) and not _still_corrupt(repo, manifest, exc):
+                    # Whole on a second read: the transfer, not the store.
+                    raise RestoreError(
+                        f"{reason} once, whole when read again; {target} is untouched"
+                    ) from None
                 raise PartDamaged(reason, cand, target) from None
             if snapshot is not None:  # asked for by name: damaged, no retry mends it
                 raise DamagedError(f"{reason}; {target} is untouched") from None
@@ -344,6 +349,34 @@ def _why_not(repo: Repository, ref: SnapshotRef, m: Manifest, suspect: set[str])
     return (
         f"unverified: taken while files were in progress, which may be torn: {unverified_note(m)}"
     )
+
+
+def _still_corrupt(repo: Repository, manifest: Manifest | None, exc: ChunkError) -> bool:
+    """Whether a chunk a restore found corrupt is so when read once more
+    (missing or of another size: it is, no second read needed). A second
+    read that cannot be made says nothing: False (the remote is failing)."""
+    if not exc.corrupt or manifest is None:
+        return True
+    length = _chunk_length(manifest, exc.digest)
+    if length is None:
+        return True
+    try:
+        repo.chunks.get(exc.digest, length)
+    except ChunkError:
+        return True
+    except RemoteError:
+        return False
+    return False
+
+
+def _chunk_length(manifest: Manifest, digest: str) -> int | None:
+    """The length a chunk has where a manifest names it (None: it does not)."""
+    chunk = manifest.chunk_size
+    for e in manifest.files:
+        for i, d in enumerate(e.chunks):
+            if d == digest:
+                return min(chunk, e.size - i * chunk)
+    return None
 
 
 def _name(ref: SnapshotRef) -> str:

@@ -9,6 +9,8 @@ and s3rver, which checks a signature's key id; neither checks its value).
   payload for the signature, no `Expect: 100-continue` round trip;
 - a chunk GET that stalls mid-body beyond --io-timeout is abandoned and
   retried, and the restore is whole;
+- a rank's chunk whose bytes arrive wrong once is read again before its part
+  of the step is marked damaged: whole the second time, nothing is marked;
 - the repository's own small objects are read with one GET each (no HEAD
   for their size, none for a missing one) and a prefix with nothing under
   it yet is listed with one request (s3fs's find adds a HEAD and a second
@@ -25,6 +27,7 @@ import contextlib
 import hashlib
 import http.client
 import http.server
+import json
 import re
 import threading
 import time
@@ -34,7 +37,7 @@ from typing import Any
 
 import pytest
 
-from conftest import run_ckpt
+from conftest import CKPT, run_ckpt
 from stores import _SAFETY_ENV as SAFETY_ENV
 from stores import Store
 
@@ -54,9 +57,18 @@ class _Recorder(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(
-        self, upstream_port: int, *, stall: float = 0.0, refuse_presigned: bool = False
+        self,
+        upstream_port: int,
+        *,
+        stall: float = 0.0,
+        refuse_presigned: bool = False,
+        flip: str = "",
     ) -> None:
         super().__init__(("127.0.0.1", 0), _RecorderHandler)
+        #: Flip one byte of the body of the first GET whose path holds this
+        #: (a transfer that delivers bad bytes once).
+        self.flip = flip
+        self.flipped: list[str] = []
         self.upstream_port = upstream_port
         self.stall = stall
         #: Answer 403 to every GET signed in its query (a server, or a proxy,
@@ -76,6 +88,13 @@ class _Recorder(http.server.ThreadingHTTPServer):
     def chunk_requests(self, method: str) -> list[tuple[str, dict[str, str]]]:
         with self.lock:
             return [(p, h) for m, p, h in self.seen if m == method and "/chunks/" in p]
+
+    def should_flip(self, method: str, path: str) -> bool:
+        with self.lock:
+            if self.flip and method == "GET" and self.flip in path and not self.flipped:
+                self.flipped.append(path)
+                return True
+            return False
 
     def should_stall(self, method: str, path: str) -> bool:
         with self.lock:
@@ -117,6 +136,8 @@ class _RecorderHandler(http.server.BaseHTTPRequestHandler):
         data = resp.read()
         conn.close()
         stall = self.server.should_stall(self.command, path)
+        if data and resp.status == 200 and self.server.should_flip(self.command, path):
+            data = bytes([data[0] ^ 0x01]) + data[1:]
         self.send_response(resp.status, resp.reason)
         for k, v in resp.getheaders():
             if k.lower() not in ("transfer-encoding", "connection", "content-length"):
@@ -145,10 +166,10 @@ def _presigned(path_and_query: str) -> bool:
 
 @contextlib.contextmanager
 def _proxy(
-    store: Store, *, stall: float = 0.0, refuse_presigned: bool = False
+    store: Store, *, stall: float = 0.0, refuse_presigned: bool = False, flip: str = ""
 ) -> Iterator[_Recorder]:
     assert store.server is not None
-    proxy = _Recorder(store.server.port, stall=stall, refuse_presigned=refuse_presigned)
+    proxy = _Recorder(store.server.port, stall=stall, refuse_presigned=refuse_presigned, flip=flip)
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
     try:
         yield proxy
@@ -306,6 +327,52 @@ def test_a_chunk_get_that_stalls_mid_body_is_retried(store_of: Any, tmp_path: Pa
     assert len(stalled) == 1
     assert [p for p, _ in gets].count(stalled[0]) == 2, "the stalled chunk was got again"
     assert "Traceback" not in res.stderr
+
+
+def test_a_rank_part_that_arrives_corrupt_once_is_not_marked_damaged(
+    store_of: Any, tmp_path: Path
+) -> None:
+    """A chunk of rank 1's part of the newest step whose bytes arrive wrong
+    once (the store holds them whole): the restore says so and exits 69, to
+    be retried; it marks nothing, so the retry, and every other rank, still
+    restore the newest step (a corrupt chunk the store really holds sends
+    every rank back a step: tests/multinode/test_damaged_step.py)."""
+    store: Store = store_of("s3-moto")
+    env = {**SAFETY_ENV, **store.env}
+    script = " && ".join(
+        f'printf "rank $CKPT_RANK step {s} %0100000d" 0 > "$CKPT_DIR/w.bin"'
+        f' && "$0" commit --step {s}'
+        for s in (10, 20)
+    )
+    for rank in (0, 1):
+        res = run_ckpt(
+            ["run", "--rank", str(rank), "--world-size", "2", "--dir",
+             str(tmp_path / f"made-{rank}"), "--remote", store.url, "--",
+             "sh", "-c", script, str(CKPT)],
+            cwd=tmp_path, env=env, timeout=120,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr
+
+    def restore(dest: str, proxy: _Recorder) -> Any:
+        return run_ckpt(
+            ["restore", store.url, str(tmp_path / dest), "--rank", "1", "--world-size", "2"],
+            cwd=tmp_path, env=_env(store, proxy), timeout=120,
+        )  # fmt: skip
+
+    # The restore's first chunk GET is that of rank 1's part of step 20 (one chunk).
+    with _proxy(store, flip="/chunks/") as proxy:
+        first = restore("first", proxy)
+        flipped = list(proxy.flipped)
+        again = restore("again", proxy)
+    assert flipped, "the proxy never saw the chunk"
+    assert first.returncode == 69, first.stderr
+    assert "whole when read again" in first.stderr, first.stderr
+    assert not (tmp_path / "first").exists()
+    assert "suspect" not in first.stderr, first.stderr
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "again" / "w.bin").read_bytes().startswith(b"rank 1 step 20 ")
+    doc = json.loads(run_ckpt(["ls", store.url, "--json"], cwd=tmp_path, env=env).stdout)
+    assert doc["complete_steps"][0] == 20, doc["complete_steps"]
 
 
 @pytest.mark.parametrize("kind", S3_KINDS)
