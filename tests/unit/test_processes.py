@@ -47,7 +47,7 @@ def test_a_command_name_with_parentheses_and_spaces_is_parsed(
     got = processes.read_proc(p.pid)
     assert got is not None
     assert (got.pid, got.ppid, got.pgid) == (p.pid, os.getpid(), os.getpgid(p.pid))
-    assert got.state in "RS"
+    assert got.state in "RSD", got.state  # D: still paging in what it exec'd, on a busy disk
 
 
 def test_live_finds_grandchildren_and_leaves_out_an_excluded_branch(
