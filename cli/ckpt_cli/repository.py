@@ -367,9 +367,11 @@ class Repository:
         """Whether each snapshot can be restored (key -> bool): Verdicts.judge."""
         return self.verdicts.judge(loaded, present)
 
-    def gc(self, keep: int, *, sweep: bool = True) -> GcReport:
+    def gc(
+        self, keep: int, *, sweep: bool = True, audit: retention.Audit | None = None
+    ) -> GcReport:
         """Retention of the single-node stream (`retention.gc`)."""
-        return retention.gc(self, keep, sweep=sweep)
+        return retention.gc(self, keep, sweep=sweep, audit=audit)
 
     def rank_chunks(self) -> set[str]:
         """Every chunk a rank stream's manifest names (`retention.rank_chunks`)."""

@@ -13,12 +13,14 @@ each).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import re
 from collections.abc import Collection, Iterable, Sequence
 from typing import TYPE_CHECKING
 
+from ckpt_cli.backends import NotFound
 from ckpt_cli.chunks import CHUNKS, chunk_key
+from ckpt_cli.errors import RemoteError
 from ckpt_cli.manifest import Manifest, ManifestError
 from ckpt_cli.snapshots import SnapshotRef
 
@@ -44,6 +46,10 @@ class GcPlan:
     chunks: dict[str, int | None]
     #: Half-written objects of killed writers.
     temps: list[str]
+    #: Bytes read back (`Audit`) of the snapshots kept in place of others.
+    audited: int = 0
+    #: Ids of snapshots that did not read back whole: counted as damaged.
+    damaged: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def known_bytes(self) -> int:
@@ -187,7 +193,66 @@ def load_all(
     return out
 
 
-def gc(repo: Repository, keep: int, *, sweep: bool = True) -> GcReport:
+#: A chunk's name as it appears in a manifest's bytes (BLAKE3, hex).
+_NAME_IN_BYTES = re.compile(rb"(?<![0-9a-f])[0-9a-f]{64}(?![0-9a-f])")
+
+
+def named_by_damaged(repo: Repository, ref: SnapshotRef) -> set[str] | None:
+    """The chunks a manifest this ckpt cannot load may name: every chunk name
+    in its bytes (one of a newer format, or with one bad field, still lists
+    its chunks; retention keeps it for inspection, and its chunks with it).
+    None where its bytes cannot be read: then no chunk is known unnamed."""
+    try:
+        raw = repo.backend.read(ref.key)
+    except NotFound:
+        return set()
+    except RemoteError:
+        return None
+    return {m.decode() for m in _NAME_IN_BYTES.findall(raw)}
+
+
+class Audit:
+    """Chunks read back and hashed, each once: what `ckpt gc` does to the
+    snapshots it keeps in place of the ones it drops, before it counts them
+    whole (a chunk in the store is not a chunk that restores: a local
+    remote is not fsynced, and a crash can leave it empty)."""
+
+    def __init__(self, repo: Repository, *, concurrency: int = 4) -> None:
+        self.repo = repo
+        self.concurrency = max(1, concurrency)
+        self.verdicts: dict[str, bool] = {}
+        self.bytes_read = 0
+        #: Ids of the snapshots found not to read back whole, in order.
+        self.damaged: list[str] = []
+
+    def whole(self, m: Manifest) -> bool:
+        """Every chunk m names reads back whole (size and hash)."""
+        import concurrent.futures as cf
+
+        from ckpt_cli.chunks import ChunkError
+        from ckpt_cli.repository import chunk_sizes
+
+        todo = [(d, n) for d, n in chunk_sizes(m).items() if d not in self.verdicts]
+
+        def check(item: tuple[str, int]) -> tuple[str, bool]:
+            digest, size = item
+            try:
+                self.repo.chunks.get(digest, size)
+            except ChunkError:
+                return digest, False
+            return digest, True
+
+        with cf.ThreadPoolExecutor(self.concurrency, thread_name_prefix="ckpt-audit") as pool:
+            for digest, ok in pool.map(check, todo):
+                self.verdicts[digest] = ok
+        self.bytes_read += sum(n for _d, n in todo)
+        ok = all(self.verdicts[d] for d in m.chunk_digests())
+        if not ok and m.id not in self.damaged:
+            self.damaged.append(m.id)
+        return ok
+
+
+def gc(repo: Repository, keep: int, *, sweep: bool = True, audit: Audit | None = None) -> GcReport:
     """Retention of the single-node stream: keep the newest `keep`
     restorable (verified, not suspect) snapshots and every damaged,
     suspect or unverified one newer than them (`retained`); delete older
@@ -211,14 +276,30 @@ def gc(repo: Repository, keep: int, *, sweep: bool = True) -> GcReport:
     suspect = repo.marks.keys(cached=not sweep)
     kinds = [(r, snapshot_kind(m, whole[r.key], r.key in suspect)) for r, m in loaded]
     kept, dropped = retained(kinds, keep)
+    while audit is not None and dropped:
+        # What makes the others go must restore: read it back, or count it damaged.
+        counted = {r.key for r, kind in kinds if kind == WHOLE} & {r.key for r in kept}
+        bad = [
+            r.key for r, m in loaded if r.key in counted and isinstance(m, Manifest)
+            and not audit.whole(m)
+        ]  # fmt: skip
+        if not bad:
+            break
+        whole.update(dict.fromkeys(bad, False))
+        kinds = [(r, snapshot_kind(m, whole[r.key], r.key in suspect)) for r, m in loaded]
+        kept, dropped = retained(kinds, keep)
     if not dropped and not sweep:
         return GcReport([], 0, [r.key for r in kept])
-    referenced = rank_chunks(repo)
+    referenced, unknown = _rank_names(repo)
     candidates: set[str] = set()
     dropped_keys = {r.key for r in dropped}
     for ref, m in loaded:
         if isinstance(m, ManifestError):
-            continue  # a damaged manifest names nothing we could read
+            if ref.key not in dropped_keys:
+                names = named_by_damaged(repo, ref)
+                unknown |= names is None
+                referenced |= names or set()
+            continue
         if ref.key in dropped_keys:
             if listed is None:
                 candidates |= m.chunk_digests()
@@ -235,6 +316,10 @@ def gc(repo: Repository, keep: int, *, sweep: bool = True) -> GcReport:
         # its snapshot thread between snapshots: none of them is its own.
         for key in repo.backend.list(CHUNKS, temp=True):
             repo.backend.delete(key)
+    if unknown:
+        # A kept manifest that cannot be read: which chunks it names is not
+        # known, so none is taken for unnamed (the next collection takes them).
+        candidates = set()
     deleted = 0
     for digest in sorted(candidates - referenced):
         repo.backend.delete(chunk_key(digest))
@@ -246,9 +331,20 @@ def gc(repo: Repository, keep: int, *, sweep: bool = True) -> GcReport:
 def rank_chunks(repo: Repository) -> set[str]:
     """Every chunk a rank stream's manifest names: the single-node stream's
     retention never deletes them (a repository a multi-node run wrote too)."""
+    return _rank_names(repo)[0]
+
+
+def _rank_names(repo: Repository) -> tuple[set[str], bool]:
+    """rank_chunks, with damaged manifests' names (`named_by_damaged`), and
+    whether some manifest could not be read at all (its names unknown)."""
     out: set[str] = set()
+    unknown = False
     for refs in repo.rank_snapshots().values():
         for ref in refs:
-            with contextlib.suppress(ManifestError):
+            try:
                 out |= repo.load_cached(ref).chunk_digests()
-    return out
+            except ManifestError:
+                names = named_by_damaged(repo, ref)
+                unknown |= names is None
+                out |= names or set()
+    return out, unknown

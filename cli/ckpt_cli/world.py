@@ -55,6 +55,7 @@ from ckpt_cli.repository import (
     stream_rank,
     trash_key,
 )
+from ckpt_cli.retention import WHOLE, Audit, named_by_damaged
 
 GC = "gc/"
 _ROUND_RE = re.compile(r"^gc/(\d{10})-([0-9a-f]{8})\.json$")
@@ -354,8 +355,28 @@ def describe(report: PruneReport) -> str:
 
 
 def retention(
-    world: World, keep: int, whole: Mapping[str, bool]
+    world: World, keep: int, whole: Mapping[str, bool], audit: Audit | None = None
 ) -> tuple[list[SnapshotRef], list[SnapshotRef]]:
+    """`_retention`; with an audit (`ckpt gc`), every snapshot it counts in
+    place of one it drops is read back first, and one that does not read
+    whole counts as damaged."""
+    judged = dict(whole)
+    while True:
+        kept, dropped, counted = _retention(world, keep, judged)
+        if audit is None or not dropped:
+            return kept, dropped
+        manifests = dict(world.manifests())
+        bad = [
+            ref.key for ref in counted if ref in manifests and not audit.whole(manifests[ref])
+        ]  # fmt: skip
+        if not bad:
+            return kept, dropped
+        judged.update(dict.fromkeys(bad, False))
+
+
+def _retention(
+    world: World, keep: int, whole: Mapping[str, bool]
+) -> tuple[list[SnapshotRef], list[SnapshotRef], list[SnapshotRef]]:
     """(kept, dropped) refs of the rank streams, given which snapshots are
     restorable (`whole`, Repository.judge): the `keep` newest complete steps
     (every rank's part of each restorable, none suspect); of each rank
@@ -367,6 +388,9 @@ def retention(
     gens = world.generations(whole=whole)[:keep]
     kept: list[SnapshotRef] = []
     dropped: list[SnapshotRef] = []
+    # The snapshots kept because they count (the parts of the kept steps,
+    # the whole ones a rank's own rule keeps): what an audit reads back.
+    counted = [mem.ref for g in gens for mem in g.members.values()]
     for stream, loaded in world.streams.items():
         if not stream:
             continue
@@ -380,13 +404,15 @@ def retention(
             k, d = retained(kinds, keep)
             kept += k
             dropped += d
+            keys = {r.key for r in k}
+            counted += [r for r, kind in kinds if kind == WHOLE and r.key in keys]
             continue
         for i, (ref, _m) in enumerate(loaded):  # newest first
             if i == 0 or ref.generation >= min(cutoffs):
                 kept.append(ref)
             else:
                 dropped.append(ref)
-    return kept, dropped
+    return kept, dropped, counted
 
 
 def live_ranks(
@@ -425,6 +451,7 @@ def prune(
     ttl: float,
     sweep: bool = False,
     live: set[int] | None = None,
+    audit: Audit | None = None,
 ) -> PruneReport:
     """Rank 0's retention and GC (module docstring). Runs on rank 0's snapshot
     thread between its snapshots, holding its lease. sweep: also take every
@@ -440,12 +467,19 @@ def prune(
         [(ref, m) for stream, loaded in world.streams.items() if stream for ref, m in loaded],
         present,
     )
-    kept, dropped = retention(world, keep, whole)
+    kept, dropped = retention(world, keep, whole, audit)
     dropped_keys = {r.key for r in dropped}
     referenced: set[str] = set()
-    for ref, m in world.manifests():
-        if ref.key not in dropped_keys:
+    unknown = False  # a kept manifest not read at all: which chunks it names is not known
+    for ref, m in world.loaded():
+        if ref.key in dropped_keys:
+            continue
+        if isinstance(m, Manifest):
             referenced |= m.chunk_digests()
+        else:  # kept for inspection, and its chunks with it
+            names = named_by_damaged(repo, ref)
+            unknown |= names is None
+            referenced |= names or set()
 
     # 1. Finish the rounds every live rank has caught up with.
     records = rounds(repo)
@@ -459,7 +493,7 @@ def prune(
             seen_by[stream_rank(stream)] = newest.gc_seen
     for r in open_rounds:
         behind = sorted(rank for rank in live if seen_by.get(rank, 0) < r.seq)
-        if behind:
+        if behind or unknown:
             report.waiting.append(r.seq)
             continue
         _empty_trash(repo, r, referenced, report)
@@ -485,7 +519,7 @@ def prune(
     # Chunks waiting in an open round are not taken again.
     waiting = {d for r in open_rounds if r.seq in report.waiting for d in r.chunks}
     candidates -= referenced | waiting
-    if candidates:
+    if candidates and not unknown:
         # Never a number used before (see Round.done): every record counts,
         # also one that does not parse.
         seq = max([s for s, _k in _round_keys(repo)] + [0]) + 1
@@ -517,6 +551,7 @@ def collect(repo: Repository, keep: int, *, dry_run: bool) -> GcPlan:
     what the run will do once they have stopped)."""
     recorder = Recorder(repo.backend, dry_run=dry_run)
     r = Repository(recorder, repo.chunk_size, repo.hash_name)
+    audit = Audit(r)
     sizes: dict[str, int] = {}
     for _ref, m in World(r).manifests():
         sizes.update(chunk_sizes(m))
@@ -528,8 +563,8 @@ def collect(repo: Repository, keep: int, *, dry_run: bool) -> GcPlan:
         # and the round waits for it.
         stopped: set[int] | None = set() if dry_run else None
         for _ in range(2):
-            prune(r, keep, me=-1, ttl=60.0, sweep=True, live=stopped)
-    r.gc(keep, sweep=True)
+            prune(r, keep, me=-1, ttl=60.0, sweep=True, live=stopped, audit=audit)
+    r.gc(keep, sweep=True, audit=audit)
     for key in recorder.list(SNAPSHOTS, temp=True):  # gc swept chunks/; snapshots/ too
         recorder.delete(key)
 
@@ -541,4 +576,6 @@ def collect(repo: Repository, keep: int, *, dry_run: bool) -> GcPlan:
         if key.startswith((CHUNKS, "trash/")) and HASH_RE.match(name):
             chunks[name] = sizes.get(name)
     temps = [key for key in recorder.deleted if key in recorder.temps]
-    return GcPlan(kept, dropped, dict(sorted(chunks.items())), temps)
+    return GcPlan(
+        kept, dropped, dict(sorted(chunks.items())), temps, audit.bytes_read, audit.damaged
+    )

@@ -82,6 +82,12 @@ def gc(remote: str, keep: int, dry_run: bool, as_json: bool, options: dict[str, 
         with _writer_lease(repo, f"gc-{secrets.token_hex(4)}"):
             plan = world.collect(repo, keep, dry_run=False)
     deleted = len(plan.chunks)
+    for sid in plan.damaged:
+        console.warn(
+            f"snapshot {sid} does not read back whole (a chunk it names is empty, short or "
+            f"corrupt): counted as damaged, so it displaces nothing; `ckpt verify --full "
+            f"{remote}` names what is wrong"
+        )
     if as_json:
         _emit_json(
             {
@@ -94,6 +100,8 @@ def gc(remote: str, keep: int, dry_run: bool, as_json: bool, options: dict[str, 
                 "bytes": plan.known_bytes,
                 "unsized_chunks": plan.unsized,
                 "temp_objects": len(plan.temps),
+                "read_back_bytes": plan.audited,
+                "damaged": plan.damaged,
             }
         )
         return ExitCode.OK
@@ -112,6 +120,11 @@ def gc(remote: str, keep: int, dry_run: bool, as_json: bool, options: dict[str, 
         f"{console.plural(deleted, 'chunk')} and {console.plural(len(plan.temps), 'temp object')}, "
         f"{free} {console.fmt_bytes(plan.known_bytes)}{unsized}; "
         f"{console.plural(len(plan.kept), 'snapshot')} kept in {remote}"
+        + (
+            f" (read back {console.fmt_bytes(plan.audited)} of those kept in place of others)"
+            if plan.audited
+            else ""
+        )
     )
     return ExitCode.OK
 
