@@ -3,9 +3,10 @@
 ckpt never deletes a byte it has not made durable somewhere: the entries a
 restore replaces go to a kept dir (beside --dir, or inside it for a restore
 in place), less the files and links a restorable snapshot holds at the same
-path, size and mtime. Recovery after a kill puts back or keeps what was
-moved aside and finishes a move in place, touching only this user's real
-directories.
+path, size and mtime, a file only where its bytes hash to the chunks that
+snapshot stores it as and those chunks read back whole. Recovery after a
+kill puts back or keeps what was moved aside and finishes a move in place,
+touching only this user's real directories.
 """
 
 from __future__ import annotations
@@ -138,29 +139,79 @@ def _finish_marked(target: Path, marker: dict[str, str]) -> None:
         os.unlink(target / MARKER)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class Durable:
-    """What a restorable snapshot holds: files by (path, size, mtime), links
-    by (path, target). A local entry that matches one is not the only copy."""
+    """What a restorable snapshot holds: files by (path, size, mtime) with
+    the chunks each snapshot stores them as, links by (path, target). A local
+    file that matches one is not the only copy only when its bytes are those
+    chunks and they read back whole (`holds`): metadata alone proves nothing
+    (a copy with its mtime kept, a chunk a crash emptied)."""
 
-    files: frozenset[tuple[str, int, int]]
+    files: dict[tuple[str, int, int], set[tuple[str, ...]]]
     links: frozenset[tuple[str, str]]
+    #: Reads a chunk back whole (its size and hash); None: no remote to ask.
+    repo: Repository | None = None
+    chunk_size: int = 0
+    #: Chunks known whole (the restore just read and hashed them), or not.
+    verdicts: dict[str, bool] = dataclasses.field(default_factory=dict)
+
+    def holds(self, path: Path, key: tuple[str, int, int]) -> bool:
+        """Whether a snapshot stores exactly the bytes of the local file at
+        path (whose path, size and mtime are key), in chunks that read back."""
+        stored = self.files.get(key)
+        if not stored or self.repo is None or self.chunk_size <= 0:
+            return False
+        try:
+            local = _chunk_names(path, self.chunk_size, self.repo.hash)
+        except OSError:
+            return False
+        if local not in stored:
+            return False
+        lengths = _lengths(local, key[1], self.chunk_size)
+        return all(self._whole(self.repo, d, n) for d, n in lengths)
+
+    def _whole(self, repo: Repository, digest: str, size: int) -> bool:
+        from ckpt_cli.chunks import ChunkError
+
+        if digest not in self.verdicts:
+            try:
+                repo.chunks.get(digest, size)
+                self.verdicts[digest] = True
+            except (ChunkError, RemoteError, OSError):
+                self.verdicts[digest] = False
+        return self.verdicts[digest]
+
+
+def _chunk_names(path: Path, chunk_size: int, hash: Callable[[bytes], str]) -> tuple[str, ...]:
+    """The chunk names of a local file's bytes, as a snapshot would store them."""
+    names = []
+    with open(path, "rb", buffering=0) as f:
+        while piece := f.read(chunk_size):
+            names.append(hash(piece))
+    return tuple(names)
+
+
+def _lengths(names: tuple[str, ...], size: int, chunk_size: int) -> list[tuple[str, int]]:
+    return [(d, min(chunk_size, size - i * chunk_size)) for i, d in enumerate(names)]
 
 
 def durable_in(manifests: Iterable[Manifest]) -> Durable:
-    files, links = set(), set()
+    files: dict[tuple[str, int, int], set[tuple[str, ...]]] = {}
+    links = set()
     for m in manifests:
         for e in m.entries:
             if e.type == "file":
-                files.add((e.path, e.size, e.mtime_ns))
+                files.setdefault((e.path, e.size, e.mtime_ns), set()).add(tuple(e.chunks))
             elif e.type == "symlink":
                 links.add((e.path, e.target))
-    return Durable(frozenset(files), frozenset(links))
+    return Durable(files, frozenset(links))
 
 
 def restorable(repo: Repository, restoring: Manifest) -> Durable:
-    """The snapshot being restored and every other one whose chunks are all
-    in the store. A remote that fails here counts only the first (keeps more)."""
+    """The snapshot being restored (its chunks read and hashed by the
+    restore) and every other one whose chunks are all in the store (read
+    back before a file is taken for held by one). A remote that fails here
+    counts only the first (keeps more)."""
     manifests = [restoring]
     try:
         present = repo.present_chunks()
@@ -170,7 +221,11 @@ def restorable(repo: Repository, restoring: Manifest) -> Durable:
                 manifests.append(m)
     except (RemoteError, OSError):
         pass
-    return durable_in(manifests)
+    durable = durable_in(manifests)
+    durable.repo = repo
+    durable.chunk_size = restoring.chunk_size
+    durable.verdicts = dict.fromkeys(restoring.chunk_digests(), True)
+    return durable
 
 
 def prune_durable(root: Path, durable: Durable) -> tuple[int, int]:
@@ -194,7 +249,7 @@ def prune_durable(root: Path, durable: Durable) -> tuple[int, int]:
                 if stat.S_ISDIR(st.st_mode):
                     dirs.append((Path(d.path), path + "/"))
                 elif stat.S_ISREG(st.st_mode):
-                    if (path, st.st_size, st.st_mtime_ns) in durable.files:
+                    if durable.holds(Path(d.path), (path, st.st_size, st.st_mtime_ns)):
                         os.unlink(d.path)
                     else:
                         kept, size = kept + 1, size + st.st_size

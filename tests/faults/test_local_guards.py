@@ -138,6 +138,46 @@ def test_restore_force_moves_aside_only_what_no_snapshot_holds(tmp_path: Path) -
     record(KIND, 2, case="restore --force")
 
 
+@pytest.mark.parametrize("how", ["restore --force", "run"])
+@pytest.mark.parametrize("case", ["stored chunk emptied", "same size and mtime, other bytes"])
+def test_a_replaced_file_is_deleted_only_where_a_snapshot_holds_its_bytes(
+    tmp_path: Path, how: str, case: str
+) -> None:
+    """Injected: --dir holds a file with the path, size and mtime generation
+    1 stores, while (a) generation 1's chunk of it was emptied in the remote
+    (what a crash leaves of a chunk on a local remote that was not fsynced)
+    or (b) the file's bytes are not the stored ones (a copy that kept the
+    mtime). Then the remote's generation 2 is restored over it, by `ckpt
+    restore --force` or `ckpt run`. Asserted: the local file is moved aside
+    byte for byte (it was deleted as "held by a restorable snapshot")."""
+    remote = _remote_with(tmp_path, {"x": b"precious-A"})
+    _write(tmp_path / "src" / "x", b"newer-B")
+    _ok(ckpt(["push", str(tmp_path / "src"), str(remote)], cwd=tmp_path))
+    ck = tmp_path / "ck"
+    _ok(ckpt(["restore", str(remote), str(ck), "--snapshot", "1"], cwd=tmp_path))
+    if case == "stored chunk emptied":
+        first = json.loads(sorted((remote / "snapshots").iterdir())[0].read_bytes())
+        (digest,) = first["entries"][0]["chunks"]
+        chunk = remote / "chunks" / digest[:2] / digest
+        chunk.chmod(0o600)
+        chunk.write_bytes(b"")
+        mine = b"precious-A"
+    else:
+        st = (ck / "x").stat()
+        mine = b"precious-Z"  # same size
+        (ck / "x").write_bytes(mine)
+        os.utime(ck / "x", ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    if how == "run":
+        _ok(ckpt(_run_args(ck, remote), cwd=tmp_path))
+    else:
+        _ok(ckpt(["restore", str(remote), str(ck), "--force"], cwd=tmp_path))
+    assert _files(ck) == {"x": b"newer-B"}
+    [kept] = _kept(tmp_path, "ck")
+    assert _files(kept) == {"x": mine}
+    record(KIND, 1, case=how)
+
+
 COMMIT_STEP = """
 import os, pathlib, sys, ckpt
 d = pathlib.Path(os.environ["CKPT_DIR"])
