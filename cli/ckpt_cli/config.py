@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import signal
 import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
@@ -192,13 +193,40 @@ def parse_checks(value: Any) -> dict[str, str | list[str]]:
     return dict(value)
 
 
+#: What --checkpoint-signal may name: the two signals POSIX leaves to the
+#: application. ckpt catches it (a scheduler's `--signal=B:USR1@90` reaches
+#: ckpt, which passes it on) and the child installs a handler for it; every
+#: other signal means something already.
+CHECKPOINT_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+_NOT_A_CHECKPOINT_SIGNAL: dict[int, str] = {
+    signal.SIGKILL: "cannot be caught",
+    signal.SIGSTOP: "cannot be caught",
+    signal.SIGTERM: "already means stop to ckpt",
+    signal.SIGINT: "already means stop to ckpt",
+    signal.SIGHUP: "already means stop to ckpt",
+    signal.SIGCHLD: "is ckpt's own",
+}
+
+
 def parse_checkpoint_signal(value: str) -> int:
+    """--checkpoint-signal: SIGUSR1 or SIGUSR2 (SIG optional, any case);
+    ConfigError (78) naming the option for any other signal, before
+    anything is restored."""
     try:
-        return policy.parse_signal(value)
+        sig = policy.parse_signal(value)
     except ConfigError:
         raise ConfigError(
             f"--checkpoint-signal {value!r} is not a signal name (e.g. SIGUSR1)"
         ) from None
+    if sig in _NOT_A_CHECKPOINT_SIGNAL:
+        name, why = policy.signal_name(sig), _NOT_A_CHECKPOINT_SIGNAL[sig]
+        raise ConfigError(f"--checkpoint-signal {value!r}: {name} {why}; choose SIGUSR1 or SIGUSR2")
+    if sig not in CHECKPOINT_SIGNALS:
+        raise ConfigError(
+            f"--checkpoint-signal {value!r}: choose SIGUSR1 or SIGUSR2, the two signals "
+            "left to the application"
+        )
+    return sig
 
 
 # ---------------------------------------------------------------- the options of `ckpt run`

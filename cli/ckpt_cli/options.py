@@ -243,8 +243,8 @@ DECLARED: tuple[Option, ...] = (
         "checkpoint_signal",
         "str",
         "SIGUSR1",
-        help="Signal that tells the child to checkpoint soon (`ckpt signal`, preemption notices); "
-        "sent only to a child that installed a handler.",
+        help="Signal that tells the child to checkpoint soon (`ckpt signal`, preemption notices): "
+        "SIGUSR1 or SIGUSR2; sent only to a child that installed a handler.",
     ),
     Option(
         "concurrency",

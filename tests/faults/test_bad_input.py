@@ -597,3 +597,57 @@ def test_an_unknown_snapshot_is_bad_input_everywhere(remote: Path, tmp_path: Pat
             n += 1
     assert not marker.exists()
     record("bad --snapshot: no such snapshot", n)
+
+
+# ------------------------------------------------ a --checkpoint-signal ckpt cannot use
+
+#: (how it is given, source, what the error line names besides the value)
+BAD_SIGNALS: list[tuple[str, str, str]] = [
+    ("SIGKILL", "flag", "--checkpoint-signal"),  # can never be caught
+    ("KILL", "flag", "--checkpoint-signal"),
+    ("SIGSTOP", "flag", "--checkpoint-signal"),
+    ("stop", "flag", "--checkpoint-signal"),
+    ("SIGTERM", "flag", "--checkpoint-signal"),  # already means "stop" to ckpt
+    ("SIGINT", "flag", "--checkpoint-signal"),
+    ("SIGHUP", "flag", "--checkpoint-signal"),
+    ("SIGCHLD", "flag", "--checkpoint-signal"),  # ckpt's own
+    ("SIGSEGV", "flag", "--checkpoint-signal"),  # a fault, not a request
+    ("SIGKILL", "env", "CKPT_CHECKPOINT_SIGNAL"),
+    ("SIGSTOP", "toml", "checkpoint-signal"),
+]
+
+
+@pytest.mark.parametrize(
+    ("sig", "source", "named"), BAD_SIGNALS, ids=[f"{s[1]} {s[0]}" for s in BAD_SIGNALS]
+)
+def test_a_checkpoint_signal_ckpt_cannot_use_is_refused_before_the_restore(
+    sig: str,
+    source: str,
+    named: str,
+    remote: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Injected: --checkpoint-signal (its env var, its ckpt.toml key) naming a
+    signal that cannot be caught (SIGKILL, SIGSTOP), that already means
+    "stop" to ckpt (SIGTERM, SIGINT, SIGHUP), that is ckpt's own (SIGCHLD)
+    or a fault (SIGSEGV), over a remote with two snapshots and an empty
+    --dir. Asserted: 78 with one error naming the option and the value,
+    the child never starts, and nothing changes: --dir is not restored. (A
+    SIGKILL or SIGSTOP used to restore --dir and then crash with exit 70,
+    "OSError: [Errno 22] Invalid argument", when ckpt installed its handler.)"""
+    ck = tmp_path / "ck"
+    ck.mkdir()  # empty: a run restores the newest snapshot into it
+    marker = tmp_path / "child-ran"
+    flags: list[str] = []
+    if source == "flag":
+        flags = ["--checkpoint-signal", sig]
+    elif source == "env":
+        monkeypatch.setenv("CKPT_CHECKPOINT_SIGNAL", sig)
+    else:
+        (tmp_path / "ckpt.toml").write_text(f'checkpoint-signal = "{sig}"\n')
+    args = _run_args(ck, str(remote), marker)
+    args[1:1] = flags
+    _unchanged(tmp_path, args, CONFIG, named, sig)
+    assert not marker.exists()
+    record("bad --checkpoint-signal", 1, what=f"{source} {sig}")

@@ -494,6 +494,8 @@ def test_quiet_and_verbose_the_higher_source_wins(tmp_path: Path) -> None:
         ('backoff = "x"', r"^ckpt.toml: --backoff 'x' is not INITIAL\[:MAX\]"),
         ('preemption = "aws-spot"', r"^ckpt.toml: --preemption 'aws-spot': choose one of"),
         ('checkpoint-signal = "SIGNOPE"', r"^ckpt.toml: --checkpoint-signal 'SIGNOPE' is not"),
+        ('checkpoint-signal = "KILL"', r"^ckpt.toml: --checkpoint-signal 'KILL': SIGKILL cannot"),
+        ('checkpoint-signal = "SIGRTMIN"', r"^ckpt.toml: --checkpoint-signal 'SIGRTMIN': choose "),
         ('dir = "/"', r"^ckpt.toml: refusing to use the filesystem root"),
         ("retries = [", r"^ckpt.toml is not valid TOML: "),
     ],
