@@ -44,8 +44,10 @@ def data_home() -> Path:
 
 def default_remote(directory: Path) -> str:
     """The embedded local store for a directory: one repository per absolute
-    --dir under $XDG_DATA_HOME/ckpt/store (default ~/.local/share/ckpt/store)."""
-    digest = hashlib.sha256(str(directory).encode()).hexdigest()[:10]
+    --dir under $XDG_DATA_HOME/ckpt/store (default ~/.local/share/ckpt/store).
+    A name that is not UTF-8 (b"ck\\xffpt") is hashed as its bytes; every
+    other one as before, so an existing store is found again."""
+    digest = hashlib.sha256(str(directory).encode("utf-8", "surrogateescape")).hexdigest()[:10]
     return str(data_home() / "store" / f"{directory.name or 'root'}-{digest}")
 
 

@@ -30,9 +30,14 @@ PY = sys.executable
 
 def _store_of(tmp_path: Path) -> Path:
     """Where the embedded store of tmp_path/checkpoints is (conftest's HOME)."""
+    return _store_of_dir(tmp_path / "checkpoints")
+
+
+def _store_of_dir(directory: Path) -> Path:
+    """Where the embedded store of --dir `directory` is (conftest's HOME)."""
     from ckpt_cli.config import default_remote
 
-    return Path(default_remote(Path(os.path.realpath(tmp_path / "checkpoints"))))
+    return Path(default_remote(Path(os.path.realpath(directory))))
 
 
 def _json(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -269,3 +274,32 @@ def test_on_a_terminal_the_remote_used_is_said(tmp_path: Path) -> None:
     assert f"remote: {remote} (from env CKPT_REMOTE)" in said.decode(errors="replace")
     off = run_ckpt(["ls", "--json"], cwd=tmp_path, env={"CKPT_REMOTE": str(remote)})
     assert off.returncode == 0 and "remote:" not in off.stderr, off.stderr
+
+
+def test_a_dir_whose_name_is_not_utf8_gets_an_embedded_store_too(tmp_path: Path) -> None:
+    """A --dir named with a byte that is not UTF-8 (b'ck\\xffpt': Linux takes
+    any bytes but / and NUL) and no remote: push, ls (table and --json), run
+    and restore all use its embedded store, as for any other name. (They
+    crashed with exit 70, "UnicodeEncodeError: ... surrogates not allowed",
+    hashing the path for the store's name; with a remote named it worked.)"""
+    name = os.fsdecode(b"ck\xffpt")
+    ck = tmp_path / name
+    ck.mkdir()
+    (ck / "f").write_text("x\n")
+    for args in (["push", "--dir", name], ["ls", "--dir", name]):
+        res = run_ckpt(args, cwd=tmp_path)
+        assert res.returncode == 0, f"{args}: exit {res.returncode}\n{res.stderr}"
+        assert "unexpected error" not in res.stderr, res.stderr
+    doc = _json(["ls", "--dir", name], tmp_path)
+    assert [s["generation"] for s in doc["snapshots"]] == [1]
+    assert Path(doc["remote"]) == _store_of_dir(ck)
+
+    save = "import os, pathlib; pathlib.Path(os.environ['CKPT_DIR'], 'g').write_text('y')"
+    run = run_ckpt(["run", "--dir", name, "--backoff", "0", "--", PY, "-c", save], cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "final state is durable" in run.stderr, run.stderr
+
+    shutil.rmtree(ck)
+    restored = run_ckpt(["restore", "--dir", name], cwd=tmp_path)
+    assert restored.returncode == 0, restored.stderr
+    assert read_tree(ck) == {"f": b"x\n", "g": b"y"}

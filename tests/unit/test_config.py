@@ -158,6 +158,23 @@ def test_default_remote_under_xdg_data_home(tmp_path: Path) -> None:
     assert default_remote(tmp_path / "other" / "ckpts") != str(remote)  # distinct per dir
 
 
+def test_default_remote_of_a_name_that_is_not_utf8_keeps_every_other_store() -> None:
+    """A byte that is not UTF-8 is hashed as that byte; a UTF-8 name keeps the
+    store it always had (its digest pinned: sha256 of the path's UTF-8)."""
+    raw = b"/data/ck\xffpt"
+    odd = Path(os.fsdecode(raw))
+    assert Path(default_remote(odd)).name == odd.name + "-" + _digest(raw)
+    cafe = "/data/caf\u00e9"
+    assert Path(default_remote(Path(cafe))).name == "caf\u00e9-" + _digest(cafe.encode())
+    assert default_remote(odd) != default_remote(Path("/data/ck\u00ffpt"))
+
+
+def _digest(raw: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(raw).hexdigest()[:10]
+
+
 def test_default_remote_without_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("XDG_DATA_HOME")
     remote = Path(default_remote(tmp_path / "d"))
