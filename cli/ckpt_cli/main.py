@@ -627,6 +627,7 @@ def commit(
         int | None,
         typer.Option(
             min=0,
+            max=options.MAX_STEP,
             show_default=False,
             help="The training step of this checkpoint: on several nodes, each rank restores "
             "the newest step every rank committed.",

@@ -20,6 +20,9 @@ Kind = Literal["int", "float", "bool", "str", "list", "table"]
 #: OverflowError past ~292 years, so `--grace 1e12` or `inf` crashed a stop).
 #: --flush-timeout alone may be `inf`: wait as long as it takes.
 MAX_SECONDS = 30 * 86400.0
+#: The largest training step (`ckpt commit --step`, ckpt.commit(step=)): what
+#: a manifest and the control socket take.
+MAX_STEP = (1 << 62) - 1
 
 
 @dataclasses.dataclass(frozen=True)

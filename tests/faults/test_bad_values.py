@@ -210,29 +210,32 @@ def test_every_control_socket_request_gets_one_reply_whatever_its_values(tmp_pat
     record("bad values", len(expect), what="control socket requests")
 
 
-def test_commit_timeout_or_step_out_of_range_is_bad_input(tmp_path: Path) -> None:
-    """Injected: `ckpt commit --timeout inf` (and nan), `--step 2**70` inside a
-    run. Asserted: 78 with one line naming the flag (the socket's refusal of
-    the step used to come back as 69, "retry later"), the run goes on and
-    ends 0."""
+def test_commit_timeout_or_step_out_of_range_is_a_bad_flag(tmp_path: Path) -> None:
+    """Injected: `ckpt commit --timeout inf` (and nan), `--step 2**70` and
+    `--step -1` inside a run. Asserted: one line naming the flag, with the
+    status docs/exit-statuses.md gives it: 2 for a value out of the flag's
+    range, whichever end (--step 2**70 was 78, --step -1 was 2), 78 for a
+    value that is no number; the run goes on and ends 0. (The socket's
+    refusal of the step used to come back as 69, "retry later".)"""
+    cases = [("--timeout", "inf", CONFIG), ("--timeout", "nan", CONFIG)]
+    cases += [("--step", str(2**70), USAGE), ("--step", "-1", USAGE)]
     body = f"""
-        import subprocess, sys
+        import json, subprocess, sys
         codes = []
-        for flag, value in (("--timeout", "inf"), ("--timeout", "nan"), ("--step", str(2**70))):
+        for flag, value in {[(flag, value) for flag, value, _ in cases]!r}:
             res = subprocess.run([{str(CKPT)!r}, "commit", flag, value],
                                  capture_output=True, text=True)
-            codes.append([flag, res.returncode, res.stderr])
-        import json
+            codes.append([res.returncode, res.stderr])
         open(sys.argv[1], "w").write(json.dumps(codes))
     """
     child = write_script(tmp_path / "child.py", body)
     out = tmp_path / "codes.json"
     res = ckpt(_args(tmp_path, PY, str(child), str(out)), cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    for flag, code, err in json.loads(out.read_text()):
-        assert code == CONFIG, err
+    for (flag, value, status), (code, err) in zip(cases, json.loads(out.read_text()), strict=True):
+        assert code == status, f"{flag} {value}: {err}"
         assert len(error_lines(err)) == 1 and flag in err, err
-    record("bad values", 3, what="ckpt commit --timeout, --step")
+    record("bad values", len(cases), what="ckpt commit --timeout, --step")
 
 
 # ---------------------------------------------------------------- stdout closed, memory://

@@ -7,12 +7,9 @@ from __future__ import annotations
 from typing import Any
 
 from ckpt._contract import ExitCode
-from ckpt_cli import config, console
+from ckpt_cli import config, console, options
 from ckpt_cli.commands._request import request
 from ckpt_cli.errors import CkptError, ConfigError
-
-#: The largest step the control socket takes (a manifest's bound too).
-MAX_STEP = (1 << 62) - 1
 
 
 def commit(
@@ -25,8 +22,8 @@ def commit(
         )
     if timeout is not None:  # the control socket's own checks, as bad flags here (78)
         config.check_number(timeout, f"--timeout {timeout:g}", min=0, max=config.MAX_SECONDS)
-    if step is not None:
-        config.check_number(step, f"--step {step}", integer=True, min=0, max=MAX_STEP)
+    if step is not None:  # the flag's range (2) already; a caller in Python is held to it too
+        config.check_number(step, f"--step {step}", integer=True, min=0, max=options.MAX_STEP)
     message: dict[str, Any] = {"op": "commit", "wait": wait, "timeout": timeout}
     if step is not None:
         message["step"] = step
