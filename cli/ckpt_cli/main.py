@@ -622,7 +622,10 @@ def commit(
         typer.Option(envvar="CKPT_SOCKET", help="Control socket of the running supervisor."),
     ] = None,
     no_wait: Annotated[bool, typer.Option("--no-wait", help="Return once queued.")] = False,
-    timeout: Annotated[float | None, typer.Option(help="Seconds to wait for durability.")] = None,
+    timeout: Annotated[
+        float | None,
+        typer.Option(min=0, max=options.MAX_SECONDS, help="Seconds to wait for durability."),
+    ] = None,
     step: Annotated[
         int | None,
         typer.Option(

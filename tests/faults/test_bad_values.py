@@ -211,13 +211,15 @@ def test_every_control_socket_request_gets_one_reply_whatever_its_values(tmp_pat
 
 
 def test_commit_timeout_or_step_out_of_range_is_a_bad_flag(tmp_path: Path) -> None:
-    """Injected: `ckpt commit --timeout inf` (and nan), `--step 2**70` and
-    `--step -1` inside a run. Asserted: one line naming the flag, with the
-    status docs/exit-statuses.md gives it: 2 for a value out of the flag's
-    range, whichever end (--step 2**70 was 78, --step -1 was 2), 78 for a
-    value that is no number; the run goes on and ends 0. (The socket's
+    """Injected: `ckpt commit --timeout inf` (-1, 1e12, nan), `--step 2**70`
+    and `--step -1` inside a run. Asserted: one line naming the flag, with
+    the status docs/exit-statuses.md gives it, as for the flags of `ckpt
+    run`: 2 for a value out of the flag's range, whichever end (--step 2**70
+    and --timeout inf, -1 or 1e12 were 78, --step -1 was 2), 78 for a value
+    that is no number (nan); the run goes on and ends 0. (The socket's
     refusal of the step used to come back as 69, "retry later".)"""
-    cases = [("--timeout", "inf", CONFIG), ("--timeout", "nan", CONFIG)]
+    cases = [("--timeout", v, USAGE) for v in ("inf", "-1", "1e12")]
+    cases += [("--timeout", "nan", CONFIG)]
     cases += [("--step", str(2**70), USAGE), ("--step", "-1", USAGE)]
     body = f"""
         import json, subprocess, sys

@@ -20,9 +20,11 @@ def commit(
             "no supervisor to commit to: CKPT_SOCKET is not set "
             "(run under `ckpt run`, or pass --socket)"
         )
-    if timeout is not None:  # the control socket's own checks, as bad flags here (78)
+    # The flags' ranges (2) already; the control socket's own checks, for
+    # callers in Python and for nan (78, as for `ckpt run --debounce nan`).
+    if timeout is not None:
         config.check_number(timeout, f"--timeout {timeout:g}", min=0, max=config.MAX_SECONDS)
-    if step is not None:  # the flag's range (2) already; a caller in Python is held to it too
+    if step is not None:
         config.check_number(step, f"--step {step}", integer=True, min=0, max=options.MAX_STEP)
     message: dict[str, Any] = {"op": "commit", "wait": wait, "timeout": timeout}
     if step is not None:
