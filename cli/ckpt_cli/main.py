@@ -211,7 +211,10 @@ def restore_cmd(
         ),
     ] = None,
     world_size: Annotated[
-        int | None, typer.Option(min=1, show_default=False, help="The job's number of nodes.")
+        int | None,
+        typer.Option(
+            min=1, max=options.MAX_WORLD, show_default=False, help="The job's number of nodes."
+        ),
     ] = None,
     allow_world_change: Annotated[
         bool,

@@ -23,6 +23,9 @@ MAX_SECONDS = 30 * 86400.0
 #: The largest training step (`ckpt commit --step`, ckpt.commit(step=)): what
 #: a manifest and the control socket take.
 MAX_STEP = (1 << 62) - 1
+#: Most ranks a world may have (--world-size; a sanity bound on what an
+#: environment says too).
+MAX_WORLD = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,6 +220,7 @@ DECLARED: tuple[Option, ...] = (
         "--rank).",
         show_default=False,
         min=1,
+        max=MAX_WORLD,
         optional=True,
         unset="detected",
     ),

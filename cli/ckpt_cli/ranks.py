@@ -18,10 +18,11 @@ import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 
+from ckpt_cli import options
 from ckpt_cli.errors import ConfigError
 
 #: Most ranks a world may have (a sanity bound on what an environment says).
-MAX_WORLD = 1 << 20
+MAX_WORLD = options.MAX_WORLD
 
 
 @dataclasses.dataclass(frozen=True)

@@ -71,6 +71,9 @@ BAD_OPTIONS: list[tuple[str, str, int, str]] = [
     ("CKPT_FLUSH_TIMEOUT=nan", "env", CONFIG, "CKPT_FLUSH_TIMEOUT"),
     ("--flush-timeout -inf", "flag", USAGE, "--flush-timeout"),
     ("--backoff 1:1e300", "flag", CONFIG, "--backoff"),
+    ("--world-size 0", "flag", USAGE, "--world-size"),
+    ("--world-size 99999999999999999999999", "flag", USAGE, "--world-size"),
+    ("CKPT_WORLD_SIZE=2000000", "env", CONFIG, "CKPT_WORLD_SIZE"),
 ]
 
 
