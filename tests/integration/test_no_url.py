@@ -71,14 +71,18 @@ def test_the_quickstart_then_ls_verify_and_restore_need_no_url(tmp_path: Path) -
     ls = run_ckpt(["ls"], cwd=tmp_path)
     assert ls.returncode == 0, ls.stderr
     rows = [line.split() for line in ls.stdout.splitlines()[1:]]
-    assert len(rows) == 2 and rows[0][-1] == "newest", ls.stdout
+    # The snapshot of what attempt 1 left is taken while the retry runs
+    # (CKPT_BACKOFF=0): on a busy machine it may hold attempt 2's end too.
+    assert len(rows) in (1, 2) and rows[0][-1] == "newest", ls.stdout
     doc = _json(["ls"], tmp_path)
     assert doc["remote"] == str(store)
-    assert [s["generation"] for s in doc["snapshots"]] == [2, 1]
+    gens = [s["generation"] for s in doc["snapshots"]]
+    assert gens == list(range(len(rows), 0, -1)), gens
 
     verify = run_ckpt(["verify", "--full"], cwd=tmp_path)
     assert verify.returncode == 0, verify.stderr
-    assert "verified 2 snapshots" in verify.stderr and "all complete" in verify.stderr
+    n = "1 snapshot" if len(rows) == 1 else "2 snapshots"
+    assert f"verified {n}" in verify.stderr and "all complete" in verify.stderr
 
     before = read_tree(tmp_path / "checkpoints")
     refused = run_ckpt(["restore"], cwd=tmp_path)  # the usual refusal: not empty, no --force
