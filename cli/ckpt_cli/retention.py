@@ -13,6 +13,7 @@ each).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from collections.abc import Collection, Iterable, Sequence
@@ -48,8 +49,8 @@ class GcPlan:
     temps: list[str]
     #: Bytes read back (`Audit`) of the snapshots kept in place of others.
     audited: int = 0
-    #: Ids of snapshots that did not read back whole: counted as damaged.
-    damaged: list[str] = dataclasses.field(default_factory=list)
+    #: Snapshots that did not read back whole: counted as damaged, marked suspect.
+    damaged: list[SnapshotRef] = dataclasses.field(default_factory=list)
 
     @property
     def known_bytes(self) -> int:
@@ -222,11 +223,11 @@ class Audit:
         self.concurrency = max(1, concurrency)
         self.verdicts: dict[str, bool] = {}
         self.bytes_read = 0
-        #: Ids of the snapshots found not to read back whole, in order.
-        self.damaged: list[str] = []
+        #: The snapshots found not to read back whole, in order.
+        self.damaged: list[SnapshotRef] = []
 
-    def whole(self, m: Manifest) -> bool:
-        """Every chunk m names reads back whole (size and hash)."""
+    def whole(self, ref: SnapshotRef, m: Manifest) -> bool:
+        """Every chunk m (ref's manifest) names reads back whole (size and hash)."""
         import concurrent.futures as cf
 
         from ckpt_cli.chunks import ChunkError
@@ -247,9 +248,19 @@ class Audit:
                 self.verdicts[digest] = ok
         self.bytes_read += sum(n for _d, n in todo)
         ok = all(self.verdicts[d] for d in m.chunk_digests())
-        if not ok and m.id not in self.damaged:
-            self.damaged.append(m.id)
+        if not ok and ref not in self.damaged:
+            self.damaged.append(ref)
         return ok
+
+    def mark(self) -> None:
+        """Mark what did not read back whole suspect, so that a restore tries
+        it last and the ranks of a step agree without reading it (a mark
+        that cannot be written is left to the next collection)."""
+        for ref in self.damaged:
+            with contextlib.suppress(RemoteError):
+                self.repo.mark_suspect(
+                    ref, "damaged: a chunk it names does not read back whole (found by ckpt gc)"
+                )
 
 
 def gc(repo: Repository, keep: int, *, sweep: bool = True, audit: Audit | None = None) -> GcReport:
@@ -281,7 +292,7 @@ def gc(repo: Repository, keep: int, *, sweep: bool = True, audit: Audit | None =
         counted = {r.key for r, kind in kinds if kind == WHOLE} & {r.key for r in kept}
         bad = [
             r.key for r, m in loaded if r.key in counted and isinstance(m, Manifest)
-            and not audit.whole(m)
+            and not audit.whole(r, m)
         ]  # fmt: skip
         if not bad:
             break

@@ -367,7 +367,8 @@ def retention(
             return kept, dropped
         manifests = dict(world.manifests())
         bad = [
-            ref.key for ref in counted if ref in manifests and not audit.whole(manifests[ref])
+            ref.key for ref in counted
+            if ref in manifests and not audit.whole(ref, manifests[ref])
         ]  # fmt: skip
         if not bad:
             return kept, dropped
@@ -565,6 +566,7 @@ def collect(repo: Repository, keep: int, *, dry_run: bool) -> GcPlan:
         for _ in range(2):
             prune(r, keep, me=-1, ttl=60.0, sweep=True, live=stopped, audit=audit)
     r.gc(keep, sweep=True, audit=audit)
+    audit.mark()
     for key in recorder.list(SNAPSHOTS, temp=True):  # gc swept chunks/; snapshots/ too
         recorder.delete(key)
 

@@ -289,6 +289,27 @@ def test_gc_of_ranks_keeps_the_newest_complete_step_and_its_dry_run_says_so(
     record(KIND, 1, path="ckpt gc, several ranks")
 
 
+def test_gc_of_ranks_reads_back_the_step_it_keeps_in_place_of_others(
+    ranks_remote: Path, tmp_path: Path
+) -> None:
+    """Injected: rank 1's chunk of step 20 is there but empty (steps 5 and
+    10 whole). Asserted: `ckpt gc --keep 1` and its dry run keep step 10 on
+    both ranks (step 20 does not read back whole, so it does not count) and
+    drop step 5 only; both ranks restore step 10. It kept step 20 alone."""
+    remote = ranks_remote
+    m20 = json.loads(_rank_manifests(remote, 1)[20].read_bytes())
+    (remote / _chunk_key(_chunk_of(m20, "shard.bin"))).write_bytes(b"")
+    url = str(remote)
+    dry = _gc(url, 1, tmp_path, {}, dry=True)
+    real = _gc(url, 1, tmp_path, {}, dry=False)
+    _same(dry, real)
+    assert len(real["damaged"]) == 1, real  # rank 1's part of step 20, marked suspect
+    for rank in (0, 1):
+        assert sorted(_rank_manifests(remote, rank)) == [10, 20]
+    _restores_step(remote, tmp_path, 10)
+    record(KIND, 1, path="ckpt gc, several ranks")
+
+
 def test_rank_0s_retention_keeps_the_newest_complete_step(
     ranks_remote: Path, tmp_path: Path
 ) -> None:
@@ -337,12 +358,16 @@ def test_gc_reads_back_what_it_keeps_in_place_of_a_whole_snapshot(
     dry = _gc(url, 1, tmp_path, env, dry=True)
     assert objects.state() == before, "the dry run changed the remote"
     real = _gc(url, 1, tmp_path, env, dry=False)
-    assert {k: v for k, v in objects.state().items() if k != "lease.json"} == before
+    after = {k: v for k, v in objects.state().items() if k != "lease.json"}
+    assert set(after) - set(before) == {f"suspect/{second}"}, "the mark of generation 2"
+    assert {k: v for k, v in after.items() if k in before} == before
     assert (dry["dropped"], dry["chunks"], _gens(dry["kept"])) == ([], 0, [1, 2]), dry
+    assert _gens(real["damaged"]) == [2], real
     _same(dry, real)
     res = ckpt(["restore", url, str(tmp_path / "out")], cwd=tmp_path, env=env)
     assert res.returncode == 0, res.stderr
     assert _files(tmp_path / "out") == {"a.txt": b"state one\n"}
+    assert "marked suspect (damaged" in res.stderr, res.stderr  # passed over without a read
     record(KIND, 1, where=kind, path="ckpt gc")
 
 

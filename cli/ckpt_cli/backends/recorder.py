@@ -16,10 +16,10 @@ class Recorder:
     if it had (an overlay): a dry run goes through the very code of the real
     one and records what that would delete."""
 
-    #: Nothing asked of it but reads, deletes and listings: the plain paths.
+    #: Nothing asked of it but reads, deletes and listings: the plain paths
+    #: (read_into passes through to a backend that reads into a view).
     exclusive_create = False
     borrows_buffers = False
-    reads_into = False
 
     def __init__(self, backend: Backend, *, dry_run: bool) -> None:
         self.inner = backend
@@ -54,8 +54,16 @@ class Recorder:
             raise NotFound(key)
         return self.inner.read(key)
 
+    @property
+    def reads_into(self) -> bool:
+        """Chunks read back by `ckpt gc` go straight into their buffer, never
+        more than it in memory (a planted object may be of any size)."""
+        return bool(self.inner.reads_into)
+
     def read_into(self, key: str, view: memoryview) -> int:
-        return read_whole_into(self, key, view)
+        if key in self._new or key in self._gone or not self.inner.reads_into:
+            return read_whole_into(self, key, view)
+        return self.inner.read_into(key, view)
 
     def write(self, key: str, data: bytes) -> None:
         if not self.dry_run:

@@ -82,10 +82,11 @@ def gc(remote: str, keep: int, dry_run: bool, as_json: bool, options: dict[str, 
         with _writer_lease(repo, f"gc-{secrets.token_hex(4)}"):
             plan = world.collect(repo, keep, dry_run=False)
     deleted = len(plan.chunks)
-    for sid in plan.damaged:
+    for ref in plan.damaged:
         console.warn(
-            f"snapshot {sid} does not read back whole (a chunk it names is empty, short or "
-            f"corrupt): counted as damaged, so it displaces nothing; `ckpt verify --full "
+            f"snapshot {ref.id} (generation {ref.generation}) does not read back whole (a chunk "
+            f"it names is empty, short or corrupt): counted as damaged, so it displaces "
+            f"nothing, and {'would be ' if dry_run else ''}marked suspect; `ckpt verify --full "
             f"{remote}` names what is wrong"
         )
     if as_json:
@@ -101,7 +102,7 @@ def gc(remote: str, keep: int, dry_run: bool, as_json: bool, options: dict[str, 
                 "unsized_chunks": plan.unsized,
                 "temp_objects": len(plan.temps),
                 "read_back_bytes": plan.audited,
-                "damaged": plan.damaged,
+                "damaged": [{"id": r.id, "generation": r.generation} for r in plan.damaged],
             }
         )
         return ExitCode.OK
