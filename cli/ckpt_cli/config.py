@@ -436,10 +436,15 @@ def run_config(settings: Settings, *, need_command: bool = True) -> RunConfig:
         restore=not settings["no_restore"],
         excludes=tuple(settings["exclude"]),
         format_checks=not settings["no_format_checks"],
-        checks=tuple(
-            CommandCheck.of(glob, command, timeout=settings["check_timeout"], flag="checks")
-            for glob, command in settings["check"].items()
-        ),
+        checks=command_checks(settings),
+    )
+
+
+def command_checks(settings: Settings) -> tuple[CommandCheck, ...]:
+    """The user's checks (--check, CKPT_CHECKS, [checks]), first match wins."""
+    return tuple(
+        CommandCheck.of(glob, command, timeout=settings["check_timeout"], flag="checks")
+        for glob, command in settings["check"].items()
     )
 
 

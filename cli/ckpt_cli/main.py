@@ -283,6 +283,27 @@ def push(
             help="Push an empty DIR even though the newest snapshot holds files.",
         ),
     ] = False,
+    check: Annotated[
+        list[str] | None,
+        typer.Option("--check", metavar="GLOB=COMMAND", help=options.BY_NAME["check"].help),
+    ] = None,
+    check_timeout: Annotated[
+        float | None,
+        typer.Option(
+            min=options.BY_NAME["check_timeout"].min,
+            max=options.BY_NAME["check_timeout"].max,
+            show_default=False,
+            help="Seconds a --check command may take (else: not whole; default 60).",
+        ),
+    ] = None,
+    no_format_checks: Annotated[
+        bool,
+        typer.Option(
+            "--no-format-checks",
+            help=options.BY_NAME["no_format_checks"].help
+            + " A file that fails them is then pushed as it is.",
+        ),
+    ] = False,
 ) -> None:
     """Take one snapshot of DIR now (same code path as `ckpt run`), then keep
     the newest --keep restorable snapshots (3) and delete older ones.
@@ -290,7 +311,9 @@ def push(
     With no arguments, --dir (./checkpoints) goes to the remote `ckpt run`
     would use (its embedded store when none is named). An empty DIR over a
     remote whose newest snapshot holds files is refused without
-    --allow-empty.
+    --allow-empty. The whole directory, whole, or nothing: a file that fails
+    its format check, or keeps changing while it is read, refuses the push
+    (65) and nothing is written.
 
     Example: ckpt push ./checkpoints s3://b/run (or plain `ckpt push`)
     """
@@ -305,6 +328,9 @@ def push(
             keep=keep,
             storage_option=storage_option,
             allow_empty=allow_empty,
+            check=check,
+            check_timeout=check_timeout,
+            no_format_checks=no_format_checks,
         )
     raise typer.Exit(status[0])
 

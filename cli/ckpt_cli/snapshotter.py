@@ -15,8 +15,11 @@ With format checks in force (`checks`, the run's registry), what changed is
 judged before it is read (`progress`): an automatic snapshot (`auto`) with a
 file in progress is held back (`SnapshotResult.waiting`, nothing read or
 written) unless it is taken anyway, then recorded `verified=False` with the
-files and why; a commit fails (NotWholeError) at its pin on a file failing
-its check. Each entry records the check it passed (`Entry.check`).
+files and why; a strict snapshot is judged the same way (without the job's
+open files: it has none) and is held back by any file that is not whole,
+one the last snapshot listed included; a commit fails (NotWholeError) at its
+pin on a file failing its check. Each entry records the check it passed
+(`Entry.check`).
 Reading the changed files is `reader`'s; the scan is `dirscan`'s. What
 the stream keeps and what a manifest records of its world are injected
 policies (`retention_policy`): one node, or a rank of several.
@@ -164,11 +167,10 @@ class Snapshotter:
         Without them, those of rank `rank` of a world of `world_size`
         (`retention.for_world`; 0 of 1: a single node)."""
         self.repo = repo
-        #: The format checks in force (the run's built-in and --check ones);
-        #: None: no checks at all, as `ckpt push` snapshots.
+        #: The format checks in force (the run's or the push's built-in and
+        #: --check ones); None: no checks at all.
         self.checks = checks
-        #: Judges changed files before they are read (None: no checks at all,
-        #: as `ckpt push` snapshots).
+        #: Judges changed files before they are read (None: no checks at all).
         self.judge = (
             Judge(checks, root, hash=repo.hash, chunk_size=repo.chunk_size)
             if checks is not None
@@ -318,6 +320,10 @@ class Snapshotter:
         that cannot be read keeps its previous version (result.unreadable),
         but raises UnreadableError (nothing is written) when pinned or strict.
 
+        strict (`ckpt push`): with checks in force, a file (or directory)
+        that is not whole holds it back (result.waiting, nothing read or
+        written).
+
         The pin is closed once the snapshot is written or can never be
         (TornCommitError, UnreadableError); after any other failure (the
         remote) it stays open, so the same moment can be snapshotted again,
@@ -366,14 +372,18 @@ class Snapshotter:
         checks: dict[str, str] = {}
         if pinned is not None and pinned.checks is not None:
             checks = pinned.checks
-        elif auto is not None and self.judge is not None:
+        elif (auto is not None or strict) and self.judge is not None:
+            auto = auto or Auto()  # a strict snapshot: no open-file scan
             judged = self.judge.judge(local, to_read, parent, auto)
             result.appenders = dict(judged.appenders)
             result.in_progress = dict(judged.in_progress)
             if auto.probe:
                 return result
-            if judged.in_progress and not auto.take_anyway:
-                result.waiting = dict(judged.in_progress)
+            # Strict: a file listed unverified by the last snapshot and still
+            # not whole holds it back too (as a commit refuses it).
+            held = judged.unverified if strict else judged.in_progress
+            if held and not auto.take_anyway:
+                result.waiting = dict(held)
                 result.seconds = time.monotonic() - t0
                 return result  # held back: nothing read, nothing written
             checks = judged.checks

@@ -51,7 +51,10 @@ from ._util import (
 
 
 def _push(src: Path, remote: Path, cwd: Path, files: dict[str, bytes]) -> dict[str, Any]:
-    """Write files into src (whole, by rename) and push it: the new manifest."""
+    """Write files into src (by rename) and push it: the new manifest. The
+    push checks nothing (--no-format-checks), so a torn file goes in as it
+    is and the manifest says `verified: null`, as one written before ckpt
+    checked files: the tests rewrite it into the state they need."""
     for rel, data in files.items():
         p = src / rel
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -59,7 +62,7 @@ def _push(src: Path, remote: Path, cwd: Path, files: dict[str, bytes]) -> dict[s
         tmp.write_bytes(data)
         os.replace(tmp, p)
     before = {m["id"] for m in manifests(remote)}
-    ckpt_ok(["push", str(src), str(remote), "--keep", "100"], cwd=cwd)
+    ckpt_ok(["push", str(src), str(remote), "--keep", "100", "--no-format-checks"], cwd=cwd)
     new = [m for m in manifests(remote) if m["id"] not in before]
     assert len(new) == 1
     time.sleep(0.01)  # the next version's mtime differs
@@ -200,6 +203,45 @@ def test_ls_and_restore_agree_with_verified_manifests(tmp_path: Path, remote: Pa
     dest = tmp_path / "dest"
     ckpt_ok(["restore", str(remote), str(dest)], cwd=tmp_path)
     assert (dest / "model.pt").read_bytes() == WHOLE_2
+
+
+# ---------------------------------------------------------------- push checks what it pushes
+
+
+@pytest.mark.parametrize("fmt", ["zip", "safetensors"])
+def test_a_push_of_a_torn_file_is_refused_and_the_whole_one_stays(
+    tmp_path: Path, remote: Path, fmt: str
+) -> None:
+    """A file torn in place (cut short) in DIR: `ckpt push --keep 1` wrote it
+    unchecked (`verified: null`, what a restore prefers), retention deleted
+    the whole snapshot and a restore gave the torn file, exit 0 (the old
+    binary). Asserted: the push is refused as a commit is (65), one line
+    naming the file, its check and --no-format-checks; no snapshot is
+    written and the whole one still restores byte for byte; a whole file is
+    pushed `verified` with the check it passed; --no-format-checks pushes
+    the torn file as it is."""
+    name, whole = ("model.pt", WHOLE_1) if fmt == "zip" else ("w.safetensors", _safetensors(64))
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / name).write_bytes(whole)
+    ckpt_ok(["push", str(src), str(remote)], cwd=tmp_path)
+    (m1,) = manifests(remote)
+    assert m1.get("verified") is True, m1
+    assert [e.get("check") for e in m1["entries"]] == [fmt]
+
+    os.truncate(src / name, len(whole) // 2)  # in place, as a writer killed half-way leaves it
+    res = run_ckpt(["push", str(src), str(remote), "--keep", "1"], cwd=tmp_path)
+    assert res.returncode == 65, res.stderr
+    (line,) = error_lines(res.stderr)
+    assert name in line and f"{fmt} check" in line and "--no-format-checks" in line, line
+    assert [m["id"] for m in manifests(remote)] == [m1["id"]]
+    dest = tmp_path / "dest"
+    ckpt_ok(["restore", str(remote), str(dest)], cwd=tmp_path)
+    assert (dest / name).read_bytes() == whole
+
+    ckpt_ok(["push", str(src), str(remote), "--keep", "1", "--no-format-checks"], cwd=tmp_path)
+    (m2,) = manifests(remote)
+    assert m2["id"] != m1["id"] and m2.get("verified") is None, m2
 
 
 # ---------------------------------------------------------------- verify

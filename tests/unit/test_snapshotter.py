@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import errno
+import io
 import os
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import pytest
 
 from ckpt_cli import snapshotter
 from ckpt_cli.backends import open_backend
+from ckpt_cli.formats import Registry
 from ckpt_cli.manifest import Manifest, hash_bytes
 from ckpt_cli.repository import Repository
 from ckpt_cli.restore import restore
@@ -398,6 +401,29 @@ def test_file_growing_while_read_is_unstable(
     assert result.unstable == ["log.bin"]
     assert result.manifest is not None
     assert [e.path for e in result.manifest.entries] == ["stable"]
+
+
+def test_a_strict_snapshot_with_checks_is_held_back_by_a_torn_file(
+    local_repo: Repository, root: Path, make_snapshotter: MakeSnap
+) -> None:
+    """With checks in force a strict snapshot is judged first: a file that
+    fails its check holds it back (nothing read or written); whole, it is
+    recorded verified with the check each file passed."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("a/data.pkl", b"x" * 1000)
+    whole = buf.getvalue()
+    write(root / "model.pt", whole[: len(whole) // 2])
+    snap = make_snapshotter(local_repo, root, checks=Registry())
+    held = snap.snapshot(reason="push", strict=True)
+    assert held.manifest is None and list(held.waiting) == ["model.pt"]
+    assert "zip check" in held.waiting["model.pt"]
+    assert local_repo.snapshots() == [] and held.files_read == 0
+
+    write(root / "model.pt", whole, mtime_ns=OLD_NS + 10**9)
+    taken = snap.snapshot(reason="push", strict=True)
+    assert taken.manifest is not None and taken.manifest.verified is True
+    assert _by_path(taken.manifest)["model.pt"].check == "zip"  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------- adopt

@@ -1,5 +1,11 @@
 """`ckpt push`: one snapshot of DIR now (the code path of `ckpt run`), then
 retention by --keep, under the writer lease.
+
+A push is the whole directory, whole, or nothing (docs/consistency.md): the
+files that changed are checked as `ckpt run` checks them (the built-in
+format checks and --check), and one that is not whole refuses the push as a
+commit is refused (65). Nothing is written then, so nothing whole is
+displaced or pruned.
 """
 
 from __future__ import annotations
@@ -15,7 +21,8 @@ from ckpt._contract import ExitCode
 from ckpt_cli import config, console
 from ckpt_cli.backends import open_backend
 from ckpt_cli.commands.where import locate, place
-from ckpt_cli.errors import ConfigError
+from ckpt_cli.errors import CkptError, ConfigError
+from ckpt_cli.formats import Registry
 from ckpt_cli.lease import DEFAULT_TTL, Heartbeat
 from ckpt_cli.manifest import Manifest
 from ckpt_cli.repository import (
@@ -24,7 +31,7 @@ from ckpt_cli.repository import (
 )
 
 if TYPE_CHECKING:
-    from ckpt_cli.snapshotter import Snapshotter
+    from ckpt_cli.snapshotter import SnapshotResult, Snapshotter
 
 
 def _open(remote: str, options: dict[str, Any], *, create: bool) -> Repository | None:
@@ -56,8 +63,15 @@ def _watching(snapshotter: Any, bar: console.Progress) -> Iterator[None]:
 
 
 def push(
-    dir: Path, remote: str, keep: int, options: dict[str, Any], *, allow_empty: bool = False
+    dir: Path,
+    remote: str,
+    keep: int,
+    options: dict[str, Any],
+    *,
+    allow_empty: bool = False,
+    checks: Registry | None = None,
 ) -> int:
+    """checks: the format checks in force (default: the built-in ones)."""
     from ckpt_cli.kept import recover_interrupted
     from ckpt_cli.snapshotter import Snapshotter, UnreadableError
 
@@ -72,7 +86,13 @@ def push(
     lease = repo.lease(f"push-{secrets.token_hex(4)}", ttl=DEFAULT_TTL)
     lease.acquire(on_wait=console.info)
     beats = Heartbeat(lease, on_error=console.warn)  # a long push is not a dead one
-    snapshotter = Snapshotter(repo, source, run="push", may_write=beats.check)
+    snapshotter = Snapshotter(
+        repo,
+        source,
+        run="push",
+        may_write=beats.check,
+        checks=checks if checks is not None else Registry(),
+    )
     try:
         with beats:
             newest = newest_manifest(repo)
@@ -80,7 +100,7 @@ def push(
                 refuse_empty_push(snapshotter, newest, source, repo)
             snapshotter.adopt(newest, trust_local=False)
             with console.Progress(f"pushing {source}") as bar, _watching(snapshotter, bar):
-                result = snapshotter.snapshot(reason="push", keep=keep, strict=True)
+                result = _take(snapshotter, keep, source)
     except UnreadableError as exc:  # a push is the whole directory or nothing
         raise ConfigError(
             f"cannot read {exc.path} in {source} ({exc.reason}): nothing pushed; make it "
@@ -111,6 +131,26 @@ def push(
         f"{result.seconds:.1f}s"
     )
     return ExitCode.OK
+
+
+def _take(snapshotter: Snapshotter, keep: int, source: Path) -> SnapshotResult:
+    """The push's snapshot. CkptError (65) when a file is not whole;
+    nothing is written then."""
+    result = snapshotter.snapshot(reason="push", keep=keep, strict=True)
+    if result.waiting:
+        raise not_whole(result.waiting, source)
+    return result
+
+
+def not_whole(waiting: dict[str, str], source: Path) -> CkptError:
+    """A push refused for files that fail their check, as a commit is (65)."""
+    path = min(waiting)
+    more = f" (and {console.plural(len(waiting) - 1, 'other')})" if len(waiting) > 1 else ""
+    return CkptError(
+        f"{path} in {source} {waiting[path]}{more}: nothing pushed; push once the save "
+        "is finished, or pass --no-format-checks to push it as it is",
+        exit_code=ExitCode.DAMAGED,
+    )
 
 
 def refuse_empty_push(
@@ -147,8 +187,12 @@ def main(
     keep: int | None,
     storage_option: list[str] | None,
     allow_empty: bool,
+    check: list[str] | None = None,
+    check_timeout: float | None = None,
+    no_format_checks: bool = False,
 ) -> int:
-    """`ckpt push [DIR] [REMOTE]`."""
+    """`ckpt push [DIR] [REMOTE]`. The checks are `ckpt run`'s: --check,
+    --check-timeout and --no-format-checks, from the same sources."""
     placed = place("push", ("dir", "remote"), args, taken={"dir": dir, "remote": remote})
     where = locate(
         {
@@ -156,14 +200,20 @@ def main(
             "remote": placed.get("remote", remote),
             "storage_option": storage_option,
             "keep": keep,
+            "check": check,
+            "check_timeout": check_timeout,
+            "no_format_checks": no_format_checks or None,
         },
         writer=True,
-        names=("keep",),
+        names=("keep", "check", "check_timeout", "no_format_checks"),
     )
+    settings = where.settings
+    checks = Registry(config.command_checks(settings), builtin=not settings["no_format_checks"])
     return push(
         where.dir,
         where.remote,
-        where.settings["keep"],
+        settings["keep"],
         where.storage_options,
         allow_empty=allow_empty,
+        checks=checks,
     )
