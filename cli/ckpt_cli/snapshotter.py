@@ -5,11 +5,13 @@ small thread pool (the hash releases the GIL, so hashing uses every core) ->
 put chunks the repository does not have -> write the manifest last -> prune.
 Memory is bounded by the number of chunks in flight, whatever the file sizes.
 A file that changes while it is read keeps its previous version (or is left
-out if it has none) and the caller is told to snapshot again. A file ckpt
+out if it has none) and the caller is told to snapshot again; a strict
+snapshot (`ckpt push`: the whole directory, whole, or nothing) writes
+nothing then (ChangedWhileReadError) and may be tried again. A file ckpt
 cannot open or read (its mode, an I/O error) is never taken for one that
 changed or vanished: it is named with the reason (`SnapshotResult.unreadable`),
-and a commit or a strict snapshot (`ckpt push`) that needs it fails
-(UnreadableError) instead of leaving it out.
+and a commit or a strict snapshot that needs it fails (UnreadableError)
+instead of leaving it out.
 
 With format checks in force (`checks`, the run's registry), what changed is
 judged before it is read (`progress`): an automatic snapshot (`auto`) with a
@@ -104,6 +106,16 @@ class SnapshotResult:
 
 class TornCommitError(RuntimeError):
     """A pinned file was changed in place before it could be read."""
+
+
+class ChangedWhileReadError(RuntimeError):
+    """Files of a strict snapshot changed while they were read (or vanished
+    since the scan): nothing is written. What was read whole is in the stat
+    cache, so a snapshot tried again reads only what changed."""
+
+    def __init__(self, paths: list[str]) -> None:
+        super().__init__(f"changed while being read: {', '.join(paths[:5])}")
+        self.paths = paths
 
 
 class UnreadableError(OSError):
@@ -320,9 +332,10 @@ class Snapshotter:
         that cannot be read keeps its previous version (result.unreadable),
         but raises UnreadableError (nothing is written) when pinned or strict.
 
-        strict (`ckpt push`): with checks in force, a file (or directory)
-        that is not whole holds it back (result.waiting, nothing read or
-        written).
+        strict (`ckpt push`): the whole directory, whole, or nothing. With
+        checks in force, a file (or directory) that is not whole holds it
+        back (result.waiting, nothing read or written); a file that changed
+        while read raises ChangedWhileReadError (nothing written).
 
         The pin is closed once the snapshot is written or can never be
         (TornCommitError, UnreadableError); after any other failure (the
@@ -334,7 +347,7 @@ class Snapshotter:
         auto.take_anyway, which writes it unverified."""
         try:
             result = self._snapshot(reason, attempt, keep, pinned, strict, auto)
-        except (TornCommitError, UnreadableError):
+        except (TornCommitError, UnreadableError, ChangedWhileReadError):
             if pinned is not None:
                 pinned.close()
             raise
@@ -394,6 +407,9 @@ class Snapshotter:
 
         expect = judged.expect if judged is not None else None
         new_cache = self._read(to_read, entries, result, pinned, strict, checks, expect, scan_ns)
+        if strict and result.unstable:
+            self.cache.update(new_cache)  # read whole: not read again
+            raise ChangedWhileReadError(sorted(result.unstable))
         _drop_orphans(entries)
 
         ordered = tuple(entries[p] for p in sorted(entries))

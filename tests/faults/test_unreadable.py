@@ -273,3 +273,72 @@ def test_a_start_over_a_dir_it_cannot_read_is_one_line(tmp_path: Path, remote: P
     assert sorted(p.name for p in ck.iterdir()) == ["b.txt", "locked"]
     assert (ck / "locked" / "f").read_text() == "private"
     record(KIND, 1, case="a --dir that cannot be read at the start")
+
+
+#: argv: the file, the started marker, the stop file. Rewrites the file in
+#: place, 4 KiB at a time round it, with no pause, until the stop file
+#: exists; the marker once the first write is done.
+REWRITER = """
+import os, sys
+from pathlib import Path
+path, started, stop = sys.argv[1:4]
+fd = os.open(path, os.O_WRONLY)
+size = os.fstat(fd).st_size
+offset = 0
+os.pwrite(fd, os.urandom(4096), offset)
+Path(started).touch()
+while not os.path.exists(stop):
+    offset = (offset + 4096) % size
+    os.pwrite(fd, os.urandom(4096), offset)
+"""
+
+
+@pytest.mark.parametrize("history", ["first push", "after a push"])
+def test_a_push_never_leaves_out_a_file_that_changes_while_it_is_read(
+    tmp_path: Path, remote: Path, history: str
+) -> None:
+    """Injected: data.bin (32 MiB) rewritten in place, without pause, by
+    another process for the whole `ckpt push` (to a new remote, and to one
+    holding a snapshot of it). The old binary exited 0, "pushed snapshot",
+    with data.bin left out, or at its previous version, and a warning
+    calling that "kept at their previous version". Asserted: the push exits
+    65 with one line naming data.bin and no snapshot is written; or, if the
+    writer let one read through whole, the snapshot holds data.bin at a
+    version the writer wrote (never left out, never the previous one)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "small").write_text("small v1")
+    data = src / "data.bin"
+    data.write_bytes(os.urandom(32 * 1024 * 1024))
+    before: list[dict[str, Any]] = []
+    if history == "after a push":
+        res = _ckpt([], ["push", str(src), str(remote)], tmp_path)
+        assert res.returncode == 0, res.stderr
+        before = manifests(remote)
+    (src / "small").write_text("small v2")
+    script = tmp_path / "rewriter.py"
+    script.write_text(REWRITER)
+    started, stop = tmp_path / "started", tmp_path / "stop"
+    writer = subprocess.Popen([PY, str(script), str(data), str(started), str(stop)])
+    try:
+        wait_for(started.exists, what="the rewriter's first write")
+        res = _ckpt([], ["push", str(src), str(remote)], tmp_path)
+    finally:
+        stop.touch()
+        writer.wait(30)
+
+    after = manifests(remote) if remote.exists() else []
+    assert "previous version" not in res.stderr, res.stderr
+    if res.returncode == 0:  # one read found no write under way: taken whole
+        (new,) = [m for m in after if m not in before]
+        entries = {e["path"]: e for e in new["entries"]}
+        assert "data.bin" in entries, (res.stderr, sorted(entries))
+        assert entries["data.bin"]["size"] == 32 * 1024 * 1024
+        old = {e["path"]: e for m in before for e in m["entries"]}
+        assert "data.bin" not in old or old["data.bin"]["chunks"] != entries["data.bin"]["chunks"]
+        return
+    assert res.returncode == 65, (res.returncode, res.stderr)
+    (line,) = error_lines(res.stderr)
+    assert "data.bin" in line and "changed while" in line, line
+    assert after == before
+    record("data-loss guard: a file changing while a push reads it", 1)

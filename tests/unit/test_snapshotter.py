@@ -403,6 +403,30 @@ def test_file_growing_while_read_is_unstable(
     assert [e.path for e in result.manifest.entries] == ["stable"]
 
 
+def test_a_strict_snapshot_writes_nothing_when_a_file_changes_while_read(
+    local_repo: Repository, root: Path, make_snapshotter: MakeSnap, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`ckpt push` (strict): the whole directory or nothing. A file that
+    changed while read raises naming it, and nothing is written; what was
+    read whole is not read again by the next try, which takes the file."""
+    f = write(root / "model.pt", data(1, 2 * CHUNK))
+    write(root / "stable", b"stable")
+    fired = _rewrite_during_read(monkeypatch, f, data(2, 2 * CHUNK), OLD_NS + 10**9)
+    snap = make_snapshotter(local_repo, root, concurrency=1)
+    with pytest.raises(snapshotter.ChangedWhileReadError) as err:
+        snap.snapshot(reason="push", strict=True)
+    assert fired and err.value.paths == ["model.pt"]
+    assert local_repo.snapshots() == []
+
+    monkeypatch.undo()
+    again = snap.snapshot(reason="push", strict=True)
+    assert again.files_read == 1  # model.pt alone: `stable` is in the stat cache
+    assert again.manifest is not None
+    entries = _by_path(again.manifest)
+    assert sorted(entries) == ["model.pt", "stable"]
+    assert list(entries["model.pt"].chunks) == _chunks_of(data(2, 2 * CHUNK))  # type: ignore[attr-defined]
+
+
 def test_a_strict_snapshot_with_checks_is_held_back_by_a_torn_file(
     local_repo: Repository, root: Path, make_snapshotter: MakeSnap
 ) -> None:

@@ -4,8 +4,9 @@ retention by --keep, under the writer lease.
 A push is the whole directory, whole, or nothing (docs/consistency.md): the
 files that changed are checked as `ckpt run` checks them (the built-in
 format checks and --check), and one that is not whole refuses the push as a
-commit is refused (65). Nothing is written then, so nothing whole is
-displaced or pruned.
+commit is refused (65); a file that changes while it is read is read again,
+PUSH_TRIES times in all, then refuses it too. Nothing is written then, so
+nothing whole is displaced or pruned.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ from ckpt_cli.repository import (
 
 if TYPE_CHECKING:
     from ckpt_cli.snapshotter import SnapshotResult, Snapshotter
+
+#: Reads of the directory a push makes at most while files change under it.
+PUSH_TRIES = 3
 
 
 def _open(remote: str, options: dict[str, Any], *, create: bool) -> Repository | None:
@@ -114,11 +118,6 @@ def push(
             "symlinks that lead out of the directory are not snapshotted: "
             + ", ".join(result.skipped_links[:5])
         )
-    if result.unstable:
-        console.warn(
-            "changed while being read, kept at their previous version: "
-            + ", ".join(result.unstable[:5])
-        )
     m = result.manifest
     if m is None:
         held = result.parent.id if result.parent else "none"
@@ -134,12 +133,28 @@ def push(
 
 
 def _take(snapshotter: Snapshotter, keep: int, source: Path) -> SnapshotResult:
-    """The push's snapshot. CkptError (65) when a file is not whole;
-    nothing is written then."""
-    result = snapshotter.snapshot(reason="push", keep=keep, strict=True)
-    if result.waiting:
-        raise not_whole(result.waiting, source)
-    return result
+    """The push's snapshot: files that changed while read are read again
+    (only they: the rest is in the stat cache), PUSH_TRIES times in all.
+    CkptError (65) when a file is not whole or keeps changing; nothing is
+    written then."""
+    from ckpt_cli.snapshotter import ChangedWhileReadError
+
+    changed: list[str] = []
+    for _ in range(PUSH_TRIES):
+        try:
+            result = snapshotter.snapshot(reason="push", keep=keep, strict=True)
+        except ChangedWhileReadError as exc:
+            changed = exc.paths
+            continue
+        if result.waiting:
+            raise not_whole(result.waiting, source)
+        return result
+    raise CkptError(
+        f"{_some(changed)} in {source} changed while being read, {PUSH_TRIES} times: "
+        "nothing pushed; push again once it is written (a writer that writes a temp "
+        "name and renames it is never read half-way)",
+        exit_code=ExitCode.DAMAGED,
+    )
 
 
 def not_whole(waiting: dict[str, str], source: Path) -> CkptError:
@@ -151,6 +166,10 @@ def not_whole(waiting: dict[str, str], source: Path) -> CkptError:
         "is finished, or pass --no-format-checks to push it as it is",
         exit_code=ExitCode.DAMAGED,
     )
+
+
+def _some(paths: list[str]) -> str:
+    return ", ".join(paths[:3]) + (f" (and {len(paths) - 3} more)" if len(paths) > 3 else "")
 
 
 def refuse_empty_push(
