@@ -537,22 +537,21 @@ def test_malformed_remote_is_refused(
 
 def test_a_remote_that_is_a_file_is_refused(scene: dict[str, Path], tmp_path: Path) -> None:
     """Injected: a local --remote (REMOTE of push, ls and restore) that is a
-    regular file, or a path below one. Asserted: run, push, ls and restore
-    exit 78 with one error naming it and saying it is not a directory, and
-    change nothing (push and run said 69, "retry later", from `creating
-    ckpt.json ... Not a directory`, where ls said 78)."""
+    regular file. Asserted: run, push, ls and restore exit 78 with one error
+    naming it and saying it is not a directory, and change nothing (push and
+    run said 69, "retry later", from `creating ckpt.json ... Not a
+    directory`, where ls said 78)."""
     src, afile, marker = scene["src"], scene["file"], scene["marker"]
     out = tmp_path / "out"
     n = 0
-    for url in (afile, afile / "sub"):
-        for args in (
-            ["push", str(src), str(url)],
-            _run_args(tmp_path / "ck", str(url), marker),
-            ["ls", str(url)],
-            ["restore", str(url), str(out)],
-        ):
-            _unchanged(tmp_path, args, CONFIG, str(afile), "not a directory")
-            n += 1
+    for args in (
+        ["push", str(src), str(afile)],
+        _run_args(tmp_path / "ck", str(afile), marker),
+        ["ls", str(afile)],
+        ["restore", str(afile), str(out)],
+    ):
+        _unchanged(tmp_path, args, CONFIG, str(afile), "not a directory")
+        n += 1
     assert not marker.exists()
     record("bad --remote: a file", n)
 

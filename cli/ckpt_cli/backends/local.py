@@ -51,29 +51,15 @@ class LocalBackend:
             try:
                 st = os.stat(self._root)
             except FileNotFoundError:
-                try:
-                    os.makedirs(os.path.dirname(self._root) or ".", exist_ok=True)
-                except (FileExistsError, NotADirectoryError):
-                    raise self._not_a_directory() from None
+                os.makedirs(os.path.dirname(self._root) or ".", exist_ok=True)
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(self._root, 0o700)
                 st = os.stat(self._root)
-            except NotADirectoryError:
-                raise self._not_a_directory() from None
-            if not stat.S_ISDIR(st.st_mode):
-                raise self._not_a_directory()
+            if not stat.S_ISDIR(st.st_mode):  # bad input (78), as `ckpt ls` says it
+                raise ConfigError(f"remote {self._root} is a file, not a directory (fix REMOTE)")
             root = st.st_mode & 0o777
             self._modes = (root | 0o700, root & 0o666 | 0o600)
         return self._modes
-
-    def _not_a_directory(self) -> ConfigError:
-        """The root, or a directory above it, is a file: bad input (78), as
-        `ckpt ls` says it, never "retry later" (69)."""
-        here = self._root
-        while not os.path.exists(here) and os.path.dirname(here) != here:
-            here = os.path.dirname(here)
-        what = f"remote {here}" if here == self._root else f"remote {self._root}: {here}"
-        return ConfigError(f"{what} is a file, not a directory (fix REMOTE)")
 
     def _makedirs(self, path: str) -> None:
         """Every missing directory from the root down to path, no wider than the root."""
@@ -249,7 +235,7 @@ class LocalBackend:
                 "(create it, or fix REMOTE)"
             ) from None
         except NotADirectoryError:
-            raise self._not_a_directory() from None
+            raise ConfigError(f"remote {root} is a file, not a directory (fix REMOTE)") from None
         except OSError as exc:
             raise RemoteError(f"listing {root} failed: {exc.strerror or exc}") from None
 
