@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
 import stat
 import time
@@ -153,6 +154,36 @@ class Pinned:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.fds.clear()
+
+
+def room_for(files: int) -> None:
+    """Let this process hold `files` more descriptors at once (a commit pins
+    every file of --dir): raise its soft open-file limit toward the hard one
+    where it is short. Most systems start processes at a soft limit of 1024
+    with a far higher hard one, so without this a --dir of a thousand files
+    could not be committed. The child keeps the limit it was started with;
+    one relaunched later inherits the raised one, which only lets it open
+    more. OSError (EMFILE) naming the limit where even the hard one is short."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        in_use = 256
+    need = in_use + files + 64
+    if soft == resource.RLIM_INFINITY or need <= soft:
+        return
+    new = need if hard == resource.RLIM_INFINITY else min(hard, need)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    if new < need:
+        raise OSError(
+            errno.EMFILE,
+            f"a commit holds every file of --dir open at once ({files} files), more than the "
+            f"open-file limit allows ({hard}, the hard limit of `ulimit -n`): raise it "
+            "(ulimit -Hn, systemd LimitNOFILE=, docker --ulimit nofile=)",
+        )
 
 
 class Snapshotter:
@@ -281,6 +312,7 @@ class Snapshotter:
         names the first that fails, and nothing is pinned."""
         skipped: list[str] = []
         entries = self.scan_root(skipped) if self.root.is_dir() else []
+        room_for(sum(1 for le in entries if le.type == "file"))
         fds: dict[str, tuple[int, os.stat_result]] = {}
         kept: list[LocalEntry] = []
         try:

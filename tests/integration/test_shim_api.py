@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from ._util import (
+    CKPT,
     Running,
     entry,
     error_lines,
@@ -631,3 +632,35 @@ def test_commit_with_a_step_is_recorded_and_restored_with_it(
     _ok(run_ckpt([*run_args(ckpt_dir, remote), *cmd], cwd=tmp_path))
     [again] = _reports(log)
     assert again["restored_step"] == 200 and again["env_step"] == "200"
+
+
+def test_a_commit_of_more_files_than_the_soft_open_file_limit(tmp_path: Path) -> None:
+    """A commit holds every file of --dir open at the moment it pins. Under
+    the soft open-file limit most systems start processes with (1024; here
+    256) and a --dir of 600 files, `ckpt commit` failed with "Too many open
+    files" (exit 69, which no retry mends): the supervisor raises its own
+    soft limit toward the hard one for the pin."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"the hard open-file limit is {hard}: no room to raise the soft one")
+    script = (
+        'for i in $(seq 1 600); do echo "$i" > "$CKPT_DIR/f$i"; done; '
+        '"$0" commit --step 1 && echo COMMITTED'
+    )
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    res = subprocess.run(
+        [str(CKPT), "run", "--dir", str(tmp_path / "ck"), "--remote", str(tmp_path / "remote"),
+         "--snapshots", "commit", "--", "sh", "-c", script, str(CKPT)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120, preexec_fn=low_limit,
+        stdin=subprocess.DEVNULL, check=False,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "COMMITTED" in res.stdout, res.stderr
+    assert "Too many open files" not in res.stderr
+    [m] = manifests(tmp_path / "remote")
+    assert sum(1 for e in m["entries"] if e["type"] == "file") == 600
