@@ -255,8 +255,23 @@ def finish_move_in(target: Path, doc: dict[str, str]) -> None:
         for name in sorted(os.listdir(staging)):
             if not os.path.lexists(target / name):  # only lost+found can be there
                 os.rename(staging / name, target / name)
+            elif name == LOST_FOUND:
+                _merge_lost_found(staging / name, target / name)
     os.unlink(target / MARKER)
-    remove_tree(staging)  # empty, or lost+found's twin
+    remove_tree(staging)  # empty, or what the volume's own lost+found already had
+
+
+def _merge_lost_found(staged: Path, own: Path) -> None:
+    """The snapshot's lost+found into the volume's own, which is never moved
+    (the filesystem's): each entry whose name is free there. A name the
+    volume's own already has stays the volume's (the snapshot's is in the
+    remote still)."""
+    if os.path.islink(own) or not os.path.isdir(own):
+        return
+    with contextlib.suppress(FileNotFoundError):
+        for name in sorted(os.listdir(staged)):
+            if not os.path.lexists(own / name):
+                os.rename(staged / name, own / name)
 
 
 def remove_tree(top: Path) -> None:

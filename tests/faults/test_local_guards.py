@@ -288,6 +288,28 @@ def volume(tmp_path: Path) -> Iterator[Path]:
         _unmount(vol)
 
 
+def test_a_snapshots_lost_and_found_is_restored_into_the_volumes_own(
+    tmp_path: Path, volume: Path
+) -> None:
+    """Injected: a snapshot taken of a volume's root holds lost+found/lf (a
+    file fsck once put there); the new volume at --dir has a lost+found of
+    its own (with a file of its own). Asserted: the restore in place puts
+    lost+found/lf into the volume's lost+found beside what was there; it was
+    dropped with the staging dir while the restore said it restored it."""
+    remote = _remote_with(tmp_path, {**SNAP, "lost+found/lf": b"found by fsck\n"})
+    own = volume / "lost+found"
+    own.mkdir()
+    (own / "#1234").write_bytes(b"the new volume's own")
+    _ok(ckpt(["restore", str(remote), str(volume), "--force"], cwd=tmp_path))
+    assert _files(volume) == {
+        **SNAP,
+        "lost+found/lf": b"found by fsck\n",
+        "lost+found/#1234": b"the new volume's own",
+    }
+    assert not [p for p in volume.iterdir() if p.name.startswith(".ckpt-restore-")]
+    record(KIND, 1, case="lost+found on a volume")
+
+
 def test_a_fresh_volume_at_dir_is_restored(tmp_path: Path, volume: Path) -> None:
     """Injected: --dir is a freshly mounted, empty tmpfs (a new volume after a
     preemption). Asserted: exit 0, the snapshot restored into it, the mount
