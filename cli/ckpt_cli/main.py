@@ -304,6 +304,14 @@ def push(
             + " A file that fails them is then pushed as it is.",
         ),
     ] = False,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--exclude",
+            metavar="GLOB",
+            help=options.BY_NAME["exclude"].help + " (env CKPT_EXCLUDE, ckpt.toml, as for run)",
+        ),
+    ] = None,
 ) -> None:
     """Take one snapshot of DIR now (same code path as `ckpt run`), then keep
     the newest --keep restorable snapshots (3) and delete older ones.
@@ -331,6 +339,7 @@ def push(
             check=check,
             check_timeout=check_timeout,
             no_format_checks=no_format_checks,
+            exclude=exclude,
         )
     raise typer.Exit(status[0])
 

@@ -307,3 +307,23 @@ def test_a_dir_whose_name_is_not_utf8_gets_an_embedded_store_too(tmp_path: Path)
     restored = run_ckpt(["restore", "--dir", name], cwd=tmp_path)
     assert restored.returncode == 0, restored.stderr
     assert read_tree(ck) == {"f": b"x\n", "g": b"y"}
+
+
+def test_push_leaves_out_what_run_excludes(tmp_path: Path) -> None:
+    """`exclude` in ckpt.toml (and --exclude, which takes its place, as for
+    run): `ckpt push` leaves those names out as `ckpt run` does. Push took
+    every file, the logs a run leaves out included."""
+    src = tmp_path / "checkpoints"
+    (src / "logs").mkdir(parents=True)
+    (src / "model.bin").write_bytes(b"weights")
+    (src / "logs" / "events.log").write_bytes(b"a log")
+    (src / "scratch.dat").write_bytes(b"partial")
+    (tmp_path / "ckpt.toml").write_text('exclude = ["logs"]\n')
+
+    def pushed(remote: str, *extra: str) -> list[str]:
+        ckpt_ok(["push", str(src), str(tmp_path / remote), *extra], cwd=tmp_path)
+        doc = _json(["show", str(tmp_path / remote)], tmp_path)
+        return sorted(e["path"] for e in doc["entries"])
+
+    assert pushed("from-file") == ["model.bin", "scratch.dat"]
+    assert pushed("from-flag", "--exclude", "*.dat") == ["logs", "logs/events.log", "model.bin"]

@@ -74,10 +74,12 @@ def push(
     *,
     allow_empty: bool = False,
     checks: Registry | None = None,
+    excludes: tuple[str, ...] = (),
 ) -> int:
-    """checks: the format checks in force (default: the built-in ones)."""
+    """checks: the format checks in force (default: the built-in ones);
+    excludes: names never snapshotted, on top of temp names (run's --exclude)."""
     from ckpt_cli.kept import recover_interrupted
-    from ckpt_cli.snapshotter import Snapshotter, UnreadableError
+    from ckpt_cli.snapshotter import TEMP_PATTERNS, Snapshotter, UnreadableError
 
     source = config.resolve_dir(dir)
     if not source.is_dir():
@@ -94,6 +96,7 @@ def push(
         repo,
         source,
         run="push",
+        patterns=(*TEMP_PATTERNS, *excludes),
         may_write=beats.check,
         checks=checks if checks is not None else Registry(),
     )
@@ -209,9 +212,11 @@ def main(
     check: list[str] | None = None,
     check_timeout: float | None = None,
     no_format_checks: bool = False,
+    exclude: list[str] | None = None,
 ) -> int:
-    """`ckpt push [DIR] [REMOTE]`. The checks are `ckpt run`'s: --check,
-    --check-timeout and --no-format-checks, from the same sources."""
+    """`ckpt push [DIR] [REMOTE]`. The checks and the excludes are `ckpt
+    run`'s: --check, --check-timeout, --no-format-checks and --exclude, from
+    the same sources."""
     placed = place("push", ("dir", "remote"), args, taken={"dir": dir, "remote": remote})
     where = locate(
         {
@@ -222,9 +227,10 @@ def main(
             "check": check,
             "check_timeout": check_timeout,
             "no_format_checks": no_format_checks or None,
+            "exclude": exclude,
         },
         writer=True,
-        names=("keep", "check", "check_timeout", "no_format_checks"),
+        names=("keep", "check", "check_timeout", "no_format_checks", "exclude"),
     )
     settings = where.settings
     checks = Registry(config.command_checks(settings), builtin=not settings["no_format_checks"])
@@ -235,4 +241,5 @@ def main(
         where.storage_options,
         allow_empty=allow_empty,
         checks=checks,
+        excludes=tuple(settings["exclude"]),
     )
