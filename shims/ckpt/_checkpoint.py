@@ -323,6 +323,16 @@ def _atomic_copy(source: Path, target: Path) -> None:
         raise
 
 
+def _keep_kept(old: Path, target: Path) -> None:
+    """ckpt's kept dirs (what a restore or a repair moved aside, which may
+    hold the only copy of a file) are never part of what a save replaces:
+    from the old directory into the new one before the old one goes."""
+    for name in sorted(os.listdir(old)):
+        if name.startswith(KEPT_PREFIX) and not os.path.lexists(target / name):
+            with contextlib.suppress(OSError):
+                os.rename(old / name, target / name)
+
+
 def _replace_tree(source: Path, target: Path) -> None:
     """Make target's contents a copy of source: in one rename, or, where
     target cannot be swapped (a mount point, a read-only parent), copied in
@@ -344,6 +354,7 @@ def _replace_tree(source: Path, target: Path) -> None:
         else:
             old = swap_in(tmp, target)
             if old is not None:
+                _keep_kept(old, target)
                 shutil.rmtree(old, ignore_errors=True)  # replaced on the caller's request
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

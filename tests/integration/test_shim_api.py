@@ -18,6 +18,7 @@ import pytest
 
 from ._util import (
     CKPT,
+    PY,
     Running,
     entry,
     error_lines,
@@ -664,3 +665,31 @@ def test_a_commit_of_more_files_than_the_soft_open_file_limit(tmp_path: Path) ->
     assert "Too many open files" not in res.stderr
     [m] = manifests(tmp_path / "remote")
     assert sum(1 for e in m["entries"] if e["type"] == "file") == 600
+
+
+def test_a_save_of_a_directory_keeps_the_kept_dirs_inside_dir(tmp_path: Path) -> None:
+    """--dir holds a kept dir of ckpt's (`.ckpt-kept-*`: what a repair or a
+    restore in place moved aside, maybe the only copy of a file); the child
+    replaces the checkpoint with `cp.save_sync(other_dir)`. The kept dir is
+    still there, byte for byte: the save replaced the whole --dir, kept dir
+    and all."""
+    ck = tmp_path / "ck"
+    kept = ck / ".ckpt-kept-20261208T000000-abcd"
+    kept.mkdir(parents=True)
+    (kept / "model.pt").write_bytes(b"the only copy")
+    (ck / "old.txt").write_bytes(b"old")
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "x.txt").write_bytes(b"new")
+    child = (
+        "import ckpt, os, sys; cp = ckpt.checkpoint(); cp.save_sync(sys.argv[1]); "
+        "print(sorted(os.listdir(cp.path)))"
+    )
+    res = run_ckpt(
+        ["run", "--no-restore", "--dir", str(ck), "--remote", str(tmp_path / "remote"),
+         "--", PY, "-c", child, str(new)],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert (kept / "model.pt").read_bytes() == b"the only copy"
+    assert (ck / "x.txt").read_bytes() == b"new" and not (ck / "old.txt").exists()
