@@ -265,6 +265,21 @@ def restore(
                 raise PartDamaged(reason, cand, target) from None
             if snapshot is not None:  # asked for by name: damaged, no retry mends it
                 raise DamagedError(f"{reason}; {target} is untouched") from None
+            if (
+                isinstance(exc, ChunkError)
+                and cand.key not in suspect
+                and _still_corrupt(repo, manifest, exc)
+            ):
+                # Marked, so that retention never counts it (it would drop the
+                # snapshot restored in its place) and the next restore does not
+                # read it first; a mark that cannot be written counts here.
+                with contextlib.suppress(RemoteError):
+                    repo.mark_suspect(cand, f"damaged: {exc} (found by a restore)")
+                warn(
+                    f"{reason}: marked it suspect in {repo.display} (`ckpt unsuspect "
+                    f"{repo.display} {cand.id}` clears the mark); trying the previous one"
+                )
+                continue
             warn(f"{reason}; trying the previous one")
             continue
         except OSError as exc:

@@ -111,6 +111,7 @@ def test_gc_never_drops_the_only_restorable_snapshot(
     assert res.returncode == 0, res.stderr
     assert _files(tmp_path / "out1") == {"a.txt": b"state one\n"}
     assert len(warnings(res.stderr)) == 1 and second.split("-")[1][:8] in res.stderr
+    assert f"suspect/{second}" in objects.state(), "the restore marks what it found damaged"
 
     (src / "a.txt").write_bytes(b"state three\n")
     _ok(["push", str(src), url], tmp_path, env)  # --keep 3: nothing dropped yet
@@ -121,7 +122,7 @@ def test_gc_never_drops_the_only_restorable_snapshot(
     assert (_gens(dry["dropped"]), _gens(dry["kept"]), dry["chunks"]) == ([1, 2], [3], 1), dry
     real = _gc(url, 1, tmp_path, env, dry=False)
     gone = set(before) - set(objects.state())
-    assert gone == {first, second, old_a}, gone
+    assert gone == {first, second, old_a, f"suspect/{second}"}, gone
     _same(dry, real)
     res = ckpt(["restore", url, str(tmp_path / "out3")], cwd=tmp_path, env=env)
     assert res.returncode == 0 and not warnings(res.stderr), res.stderr
@@ -411,3 +412,44 @@ def test_retention_keeps_the_chunks_of_a_damaged_snapshot_it_keeps(
     assert key in objects.state(), "ckpt gc deleted generation 2's chunk"
     assert {k: v for k, v in objects.state().items() if k != "lease.json"} == before
     record(KIND, 2, where=kind, path="push and gc")
+
+
+def test_a_snapshot_a_restore_found_damaged_is_marked_and_never_counted(
+    tmp_path: Path,
+) -> None:
+    """Injected: one byte of generation 2's own chunk flipped (generation 1
+    whole). `ckpt run --keep 2` on an empty --dir restores generation 1 (2
+    is corrupt), and its child adds a file: generation 3. Asserted: the
+    restore marked generation 2 suspect, and the run's retention kept
+    generation 1 (3 and 1 are the two restorable ones); a later restore of
+    --snapshot 1 works. Retention counted the corrupt generation 2 and
+    dropped generation 1, which the run had just restored from."""
+    remote = tmp_path / "remote"
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.bin").write_bytes(b"generation one\n" * 100)
+    _ok(["push", str(src), str(remote)], tmp_path)
+    (src / "a.bin").write_bytes(b"generation two\n" * 100)
+    _ok(["push", str(src), str(remote)], tmp_path)
+    objects = Objects(str(remote), {})
+    first, second = objects.manifests()
+    key = _chunk_key(_chunk_of(json.loads(objects.read(second)), "a.bin"))
+    data = objects.read(key)
+    objects.write(key, bytes([data[0] ^ 1]) + data[1:])
+
+    child = "import os, pathlib; pathlib.Path(os.environ['CKPT_DIR'], 'c.txt').write_text('new')"
+    res = ckpt(
+        ["run", "--dir", str(tmp_path / "ck"), "--remote", str(remote), "--keep", "2",
+         "--", PY, "-c", child],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "marked it suspect" in res.stderr, res.stderr
+    assert (tmp_path / "ck" / "a.bin").read_bytes() == b"generation one\n" * 100
+    names = objects.manifests()
+    assert first in names, f"the run's retention dropped generation 1: {names}"
+    assert f"suspect/{second}" in objects.state()
+    out = tmp_path / "out"
+    res = ckpt(["restore", str(remote), str(out), "--snapshot", "1"], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    record(KIND, 1, path="ckpt run --keep 2 after a restore that fell back")
