@@ -145,7 +145,10 @@ class ControlServer:
             if step is not None and (
                 not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 1 << 62
             ):
-                return {"ok": False, "error": f"step must be a whole number >= 0, not {step!r}"}
+                return {
+                    "ok": False,
+                    "error": f"step must be a whole number from 0 to {(1 << 62) - 1}, not {step!r}",
+                }
             wait = msg.get("wait", True)
             if not isinstance(wait, bool):
                 return {"ok": False, "error": f"wait must be true or false, not {wait!r}"}

@@ -167,8 +167,10 @@ class Checkpoint:
         snapshot passed their format checks. Raises CommitError with the
         reason, e.g. "model.pt fails the zip check: ...", either way.
         Outside `ckpt run` it is a no-op returning None (one warning)."""
-        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
-            raise ValueError(f"step must be a whole number >= 0, not {step!r}")
+        if step is not None and (
+            isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 1 << 62
+        ):
+            raise ValueError(f"step must be a whole number from 0 to {(1 << 62) - 1}, not {step!r}")
         if _control.socket_path() is None:
             _warn_once("commit", "ckpt: not running under `ckpt run`: commit() only saves locally")
             return None

@@ -608,7 +608,11 @@ STEP_COMMITS = """
             ckpt.commit(step=-1)
         except ValueError as exc:
             bad = str(exc)
-        report(ids=[a, b, c], bad=bad)
+        try:
+            ckpt.commit(step=2**63 - 1)
+        except ValueError as exc:
+            big = str(exc)
+        report(ids=[a, b, c], bad=bad, big=big)
 """
 
 
@@ -622,6 +626,7 @@ def test_commit_with_a_step_is_recorded_and_restored_with_it(
     a, b, c = ids["ids"]
     assert a != b and b == c, "a new step makes a snapshot; the same step again does not"
     assert "whole number" in ids["bad"]
+    assert "from 0 to 4611686018427387903" in ids["big"], ids["big"]
     steps = {s["id"]: s["step"] for s in ls_json(remote, cwd=tmp_path)["snapshots"]}
     assert (steps[a], steps[b]) == (100, 200)
     assert not (remote / "ranks").exists(), "a single node keeps the single-node layout"
