@@ -273,12 +273,15 @@ def restore(
                 # Marked, so that retention never counts it (it would drop the
                 # snapshot restored in its place) and the next restore does not
                 # read it first; a mark that cannot be written counts here.
-                with contextlib.suppress(RemoteError):
+                try:
                     repo.mark_suspect(cand, f"damaged: {exc} (found by a restore)")
-                warn(
-                    f"{reason}: marked it suspect in {repo.display} (`ckpt unsuspect "
-                    f"{repo.display} {cand.id}` clears the mark); trying the previous one"
-                )
+                    marked = (
+                        f"marked it suspect in {repo.display} (`ckpt unsuspect "
+                        f"{repo.display} {cand.id}` clears the mark)"
+                    )
+                except RemoteError as err:
+                    marked = f"could not mark it suspect in {repo.display} ({err})"
+                warn(f"{reason}: {marked}; trying the previous one")
                 continue
             warn(f"{reason}; trying the previous one")
             continue
