@@ -42,7 +42,7 @@ MAX_PATH = 4095
 MAX_TIME = 253402300799.0
 
 SNAPSHOT_RE = re.compile(r"^snapshots/(\d{10})-([0-9a-f]{8})\.json$")
-HASH_RE = re.compile(r"^[0-9a-f]{64}$")
+HASH_RE = re.compile(r"\A[0-9a-f]{64}\Z")  # \Z: no newline after
 
 
 class ManifestError(Exception):
@@ -293,7 +293,7 @@ def _check_name(raw: dict[str, Any], path: str) -> str:
 
 def _int(doc: dict[str, Any], name: str, low: int, high: int) -> int:
     value = doc[name]
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+    if type(value) is not int or not low <= value <= high:  # bool is not int here
         raise ManifestError(f"has an impossible {name}: {value!r}")
     return value
 
@@ -318,16 +318,21 @@ def _mtime_ns(raw: dict[str, Any]) -> int:
 
 def safe_relpath(path: object) -> str:
     """A normalised relative path that stays inside its root and that this
-    system can name (see _os_name), or ManifestError."""
-    if not isinstance(path, str) or not path:
+    system can name (see _os_name), or ManifestError. (No empty, "." or ".."
+    component and no leading "/" is exactly what posixpath.normpath leaves
+    unchanged.)"""
+    if type(path) is not str or not path:
         raise ManifestError(f"has an empty or non-text path {path!r}")
-    if "\0" in path or path.startswith("/"):
+    if "\0" in path or path[0] == "/":
         raise ManifestError(f"has an unsafe path {path!r}")
     parts = path.split("/")
-    if any(p in ("", ".", "..") for p in parts) or posixpath.normpath(path) != path:
+    if "" in parts or "." in parts or ".." in parts:
         raise ManifestError(f"has a path that escapes or is not normalised: {path!r}")
-    raw = _os_name(path, "path")
-    if len(raw) > MAX_PATH or any(len(p) > MAX_NAME for p in raw.split(b"/")):
+    # An ASCII path is its own bytes: only other paths are encoded to measure.
+    names: list[str] | list[bytes] = parts
+    if not path.isascii():
+        names = _os_name(path, "path").split(b"/")
+    if sum(map(len, names)) + len(names) - 1 > MAX_PATH or max(map(len, names)) > MAX_NAME:
         raise ManifestError(
             f"has a path longer than this system allows ({MAX_NAME} bytes a name, "
             f"{MAX_PATH} in all): {path[:80]!r}..."
@@ -354,10 +359,11 @@ def _parse_entry(raw: Any, chunk_size: int) -> Entry:
     if kind == "file":
         size = _int(raw, "size", 0, MAX_FILE_SIZE)
         chunks = raw["chunks"]
-        if not isinstance(chunks, list) or not all(
-            isinstance(c, str) and HASH_RE.match(c) for c in chunks
-        ):
+        if type(chunks) is not list:
             raise ManifestError(f"has bad chunk names for {path!r}")
+        for c in chunks:
+            if type(c) is not str or not HASH_RE.match(c):
+                raise ManifestError(f"has bad chunk names for {path!r}")
         if len(chunks) != -(-size // chunk_size):
             raise ManifestError(f"lists {len(chunks)} chunks for {path!r} of {size} bytes")
         return Entry(

@@ -153,6 +153,35 @@ def test_safe_relpath_accepts(path: str) -> None:
     assert safe_relpath(path) == path
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        "n" * 255,  # NAME_MAX bytes
+        "ü" * 127,  # 254 bytes
+        "/".join(["d" * 255] * 16),  # 4095 bytes in all: PATH_MAX - 1
+        "a/b\udcff.pt",  # a name that is not UTF-8 on disk (surrogateescape)
+    ],
+)
+def test_safe_relpath_accepts_up_to_the_system_limits(path: str) -> None:
+    assert safe_relpath(path) == path
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "n" * 256,
+        "a/" + "n" * 256 + "/b",
+        "ü" * 128,  # 128 characters, 256 bytes: measured in bytes
+        "/".join(["d" * 240] * 17),  # 4096 bytes: PATH_MAX
+        "/".join(["é" * 120] * 17),  # 2056 characters, 4096 bytes
+        "a/\ud800.pt",  # a lone surrogate no file name can be
+    ],
+)
+def test_safe_relpath_rejects_what_no_file_can_be_named(path: str) -> None:
+    with pytest.raises(ManifestError):
+        safe_relpath(path)
+
+
 def test_rejects_duplicate_paths() -> None:
     with pytest.raises(ManifestError, match="twice"):
         Manifest.from_bytes(with_entries(file_entry("a"), file_entry("a")), KEY)
@@ -226,6 +255,7 @@ def test_accepts_matching_chunk_count(size: int, n: int) -> None:
         "../" + H1[3:],
         "g" * 64,
         H1[:63] + "\n",
+        H1 + "\n",  # "$" of a regex matches before a final newline
         7,
         None,
     ],
