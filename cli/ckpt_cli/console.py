@@ -28,12 +28,17 @@ import os
 import sys
 import threading
 from collections.abc import Collection, Iterable, Sequence
-from typing import Any
-
-from rich.console import Console
-from rich.text import Text
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
 from ckpt_cli.redact import printable, scrub, scrub_doc
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.text import Text
+
+# rich is imported when something is first printed, not with this module: a
+# command that prints nothing (`ckpt push -q`) never pays its 25-30 ms.
 
 _lock = threading.Lock()
 _quiet = False
@@ -43,19 +48,32 @@ _title_pushed = False
 _stderr_gone = False  # a write to stderr failed (closed pipe): ckpt's lines are dropped
 
 
-class _Console(Console):
-    """rich's Console, but a closed stream raises BrokenPipeError (rich's own
-    answer is SystemExit(1), which ends whatever thread printed: a snapshot
-    worker, or the supervisor itself, because someone stopped reading)."""
+@cache
+def _console_class() -> type[Console]:
+    from rich.console import Console
 
-    def on_broken_pipe(self) -> None:
-        raise BrokenPipeError(errno.EPIPE, "the reader of ckpt's output went away")
+    class _Console(Console):
+        """rich's Console, but a closed stream raises BrokenPipeError (rich's
+        own answer is SystemExit(1), which ends whatever thread printed: a
+        snapshot worker, or the supervisor itself, because someone stopped
+        reading)."""
+
+        def on_broken_pipe(self) -> None:
+            raise BrokenPipeError(errno.EPIPE, "the reader of ckpt's output went away")
+
+    return _Console
+
+
+def _text(text: str = "", **kwargs: Any) -> Text:
+    from rich.text import Text
+
+    return Text(text, **kwargs)
 
 
 def _get() -> Console:
     global _console
     if _console is None:
-        _console = _Console(
+        _console = _console_class()(
             file=sys.stderr,
             soft_wrap=True,
             highlight=False,
@@ -84,7 +102,7 @@ def clean(text: object) -> str:
 
 def _emit(message: str, style: str | None) -> None:
     global _stderr_gone
-    line = Text("ckpt: ", style="bold" if style else "")
+    line = _text("ckpt: ", style="bold" if style else "")
     line.append(clean(message), style=style or "")
     with _lock:
         if _stderr_gone:
@@ -202,7 +220,7 @@ def summary(title_text: str, columns: list[str], rows: list[list[str]]) -> None:
         for row in rows:
             info("  " + ", ".join(f"{c} {v}" for c, v in zip(columns, row, strict=True) if v))
         return
-    t = _table(columns, rows, title=Text(clean(title_text)))
+    t = _table(columns, rows, title=_text(clean(title_text)))
     with _lock:
         if _stderr_gone:
             return
@@ -231,9 +249,9 @@ def _table(
         show_header=header,
     )
     for c in columns:
-        t.add_column(Text(c), justify="right" if c in right else "left")
+        t.add_column(_text(c), justify="right" if c in right else "left")
     for row in rows:
-        t.add_row(*(Text(clean(v)) for v in row))
+        t.add_row(*(_text(clean(v)) for v in row))
     return t
 
 
@@ -251,7 +269,7 @@ def table(
     width = None if sys.stdout.isatty() else 100_000
     rendered = _table(columns, rows, right=right, header=header)
     with _lock:
-        _Console(
+        _console_class()(
             soft_wrap=True, highlight=False, no_color="NO_COLOR" in os.environ, width=width
         ).print(rendered)
 
@@ -311,12 +329,12 @@ def chart(lines: Iterable[Sequence[tuple[str, str]]], *, width: int | None = Non
     NO_COLOR). One line stays one line (no wrapping)."""
     rendered = []
     for segments in lines:
-        line = Text(no_wrap=True, overflow="crop")
+        line = _text(no_wrap=True, overflow="crop")
         for text, style in segments:
             line.append(clean(text), style=style or "")
         rendered.append(line)
     with _lock:
-        c = _Console(
+        c = _console_class()(
             soft_wrap=True, highlight=False, no_color="NO_COLOR" in os.environ, width=width
         )
         for line in rendered:

@@ -298,6 +298,10 @@ class Repository:
     def has_chunk(self, digest: str) -> bool:
         return self.chunks.has(digest)
 
+    def has_chunks(self, digests: Iterable[str]) -> bool:
+        """Every one of digests is listed (one set test for a whole file)."""
+        return self.chunks.known().issuperset(digests)
+
     def put_chunk(self, digest: str, data: bytes | memoryview) -> bool:
         """Store a chunk unless it is known to exist; True if bytes were sent.
         Concurrent puts of the same digest send it once: the others wait."""

@@ -105,6 +105,19 @@ class SnapshotResult:
         return self.manifest or self.parent
 
 
+@dataclasses.dataclass(frozen=True)
+class Listing:
+    """One scan of the directory (`Snapshotter.list_root`), for a caller that
+    adopts a parent and snapshots at once (`ckpt push`): the directory is
+    walked once, not once for each."""
+
+    entries: list[LocalEntry]
+    skipped_links: list[str]
+    #: time.time_ns() before the walk: a file modified less than RACY_NS
+    #: before it is read again next time.
+    began_ns: int
+
+
 class TornCommitError(RuntimeError):
     """A pinned file was changed in place before it could be read."""
 
@@ -245,10 +258,13 @@ class Snapshotter:
         """The newest multi-rank GC round this writer has read (world.see_rounds)."""
         return self.stamp.gc_seen
 
-    def adopt(self, manifest: Manifest | None, *, trust_local: bool) -> None:
+    def adopt(
+        self, manifest: Manifest | None, *, trust_local: bool, listing: Listing | None = None
+    ) -> None:
         """Make `manifest` the parent. With trust_local (the directory was just
         restored from it, or holds it), seed the stat cache from the files on
-        disk so unchanged files are not read again."""
+        disk so unchanged files are not read again. listing: a scan just
+        made (else the directory is scanned here)."""
         self.parent = manifest
         self.cache.clear()
         if manifest is None:
@@ -257,7 +273,7 @@ class Snapshotter:
         same_place = manifest.host == host_name() and manifest.source == str(self.root)
         now = time.time_ns()
         try:
-            found = self.scan_root()
+            found = listing.entries if listing is not None else self.scan_root()
         except UnreadableError:
             return  # nothing trusted: the next snapshot reads (and names) it
         for local in found:
@@ -270,10 +286,16 @@ class Snapshotter:
                 continue
             # A chunk gone from the remote (deleted or pruned behind our back)
             # must be read and uploaded again, not named by the next snapshot.
-            if all(self.repo.has_chunk(c) for c in e.chunks):
+            if self.repo.has_chunks(e.chunks):
                 self.cache[local.path] = Cached(
                     local.size, local.mtime_ns, local.ino, e.chunks, e.check
                 )
+
+    def list_root(self) -> Listing:
+        """A Listing of the directory now (UnreadableError as scan_root)."""
+        began = time.time_ns()
+        skipped: list[str] = []
+        return Listing(self.scan_root(skipped), skipped, began)
 
     def scan_root(self, skipped: list[str] | None = None) -> list[LocalEntry]:
         """scan(), with a directory that cannot be listed (its mode, an I/O
@@ -357,8 +379,10 @@ class Snapshotter:
         pinned: Pinned | None = None,
         strict: bool = False,
         auto: Auto | None = None,
+        listing: Listing | None = None,
     ) -> SnapshotResult:
-        """Snapshot the directory as it is now, or as it was when `pinned` was
+        """Snapshot the directory as it is now (as `listing` found it, when
+        given: a scan made just before), or as it was when `pinned` was
         taken: then a file changed in place since raises TornCommitError
         (nothing is written) instead of keeping its previous version. A file
         that cannot be read keeps its previous version (result.unreadable),
@@ -378,7 +402,7 @@ class Snapshotter:
         hold it back (result.waiting; nothing is read or written) unless
         auto.take_anyway, which writes it unverified."""
         try:
-            result = self._snapshot(reason, attempt, keep, pinned, strict, auto)
+            result = self._snapshot(reason, attempt, keep, pinned, strict, auto, listing)
         except (TornCommitError, UnreadableError, ChangedWhileReadError):
             if pinned is not None:
                 pinned.close()
@@ -397,6 +421,7 @@ class Snapshotter:
         pinned: Pinned | None,
         strict: bool,
         auto: Auto | None,
+        listing: Listing | None,
     ) -> SnapshotResult:
         t0 = time.monotonic()
         scan_ns = time.time_ns()
@@ -407,6 +432,10 @@ class Snapshotter:
         if pinned is not None:
             local = pinned.entries
             result.skipped_links.extend(pinned.skipped_links)
+        elif listing is not None:
+            local = listing.entries
+            result.skipped_links.extend(listing.skipped_links)
+            scan_ns = listing.began_ns
         elif not self.root.is_dir():
             return result  # a missing directory is not an empty state: nothing to record
         else:

@@ -287,3 +287,28 @@ def test_log_json_ends_with_an_end_event_when_ckpt_fails_before_the_launch(
     events = _events(log)
     assert [e["event"] for e in events] == ["start", "end"]
     assert events[-1]["status"] == 78 and events[-1]["outcome"].startswith("error: ")
+
+
+def test_a_quiet_push_never_imports_rich(tmp_path: Path) -> None:
+    """rich is imported when ckpt first prints (25-30 ms of a no-change push
+    of bench/ case 4); `ckpt push -q` prints nothing, so it never pays."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.bin").write_bytes(b"a" * 100)
+    repo = tmp_path / "repo"
+
+    def push(*flags: str) -> str:
+        res = subprocess.run(
+            [PY, "-X", "importtime", "-m", "ckpt_cli", "push", *flags, str(src), str(repo)],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert res.returncode == 0, res.stderr
+        return res.stderr
+
+    assert " rich" not in push("-q")  # the first push
+    assert " rich" not in push("-q")  # nothing changed
+    loud = push()
+    assert " rich.console" in loud and "nothing changed since snapshot" in loud

@@ -32,7 +32,7 @@ from ckpt_cli.repository import (
 )
 
 if TYPE_CHECKING:
-    from ckpt_cli.snapshotter import SnapshotResult, Snapshotter
+    from ckpt_cli.snapshotter import Listing, SnapshotResult, Snapshotter
 
 #: Reads of the directory a push makes at most while files change under it.
 PUSH_TRIES = 3
@@ -105,9 +105,10 @@ def push(
             newest = newest_manifest(repo)
             if not allow_empty:
                 refuse_empty_push(snapshotter, newest, source, repo)
-            snapshotter.adopt(newest, trust_local=False)
+            listing = snapshotter.list_root()  # one walk for the adoption and the first try
+            snapshotter.adopt(newest, trust_local=False, listing=listing)
             with console.Progress(f"pushing {source}") as bar, _watching(snapshotter, bar):
-                result = _take(snapshotter, keep, source)
+                result = _take(snapshotter, keep, source, listing)
     except UnreadableError as exc:  # a push is the whole directory or nothing
         raise ConfigError(
             f"cannot read {exc.path} in {source} ({exc.reason}): nothing pushed; make it "
@@ -135,9 +136,12 @@ def push(
     return ExitCode.OK
 
 
-def _take(snapshotter: Snapshotter, keep: int, source: Path) -> SnapshotResult:
+def _take(
+    snapshotter: Snapshotter, keep: int, source: Path, listing: Listing | None = None
+) -> SnapshotResult:
     """The push's snapshot: files that changed while read are read again
-    (only they: the rest is in the stat cache), PUSH_TRIES times in all.
+    (only they: the rest is in the stat cache), PUSH_TRIES times in all; the
+    first try takes `listing`, the others scan again.
     CkptError (65) when a file is not whole or keeps changing; nothing is
     written then."""
     from ckpt_cli.snapshotter import ChangedWhileReadError
@@ -145,9 +149,10 @@ def _take(snapshotter: Snapshotter, keep: int, source: Path) -> SnapshotResult:
     changed: list[str] = []
     for _ in range(PUSH_TRIES):
         try:
-            result = snapshotter.snapshot(reason="push", keep=keep, strict=True)
+            result = snapshotter.snapshot(reason="push", keep=keep, strict=True, listing=listing)
         except ChangedWhileReadError as exc:
             changed = exc.paths
+            listing = None
             continue
         if result.waiting:
             raise not_whole(result.waiting, source)
