@@ -152,6 +152,12 @@ class Repository:
         return self.backend.borrows_buffers
 
     @property
+    def local_writes(self) -> bool:
+        """Chunks are written to this machine's disk (the backend's
+        `local_writes`): the reader writes small files from one thread."""
+        return self.backend.local_writes
+
+    @property
     def display(self) -> str:
         return self.backend.display
 

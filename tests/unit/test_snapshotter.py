@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import threading
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -12,14 +13,14 @@ from pathlib import Path
 import pytest
 
 from ckpt_cli import snapshotter
-from ckpt_cli.backends import open_backend
+from ckpt_cli.backends import Backend, open_backend
 from ckpt_cli.formats import Registry
 from ckpt_cli.manifest import Manifest, hash_bytes
 from ckpt_cli.repository import Repository
 from ckpt_cli.restore import restore
 from ckpt_cli.snapshotter import Snapshotter, UnreadableError, scan
 
-from .helpers import CHUNK, OLD_NS, data, write
+from .helpers import CHUNK, OLD_NS, DelegatingBackend, data, write
 
 MakeSnap = Callable[..., Snapshotter]
 
@@ -751,3 +752,49 @@ def test_a_directory_that_cannot_be_listed_fails_the_snapshot_naming_it(
     snap.adopt(first, trust_local=True)  # no error: nothing is trusted
     assert snap.cache == {}
     assert [r.id for r in local_repo.snapshots()] == [first.id]
+
+
+class _Threads(DelegatingBackend):
+    """Records the thread that writes each chunk."""
+
+    def __init__(self, inner: Backend, local: bool) -> None:
+        super().__init__(inner)
+        self.local_writes = local
+        self.writers: dict[str, str] = {}
+
+    def write(self, key: str, data: bytes) -> None:
+        if key.startswith("chunks/"):
+            self.writers[key.rsplit("/", 1)[-1]] = threading.current_thread().name
+        super().write(key, data)
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_tiny_files_are_written_by_one_thread_only_to_a_local_repository(
+    tmp_path: Path, root: Path, make_snapshotter: MakeSnap, local: bool
+) -> None:
+    """To a local repository files up to reader.TINY go to one thread of their
+    own (thread hand-offs cost more than they overlap); to a remote they go
+    to the pool like every other file, so their round trips overlap. A
+    file of several chunks is read by the pool either way."""
+    tiny = {f"t{i}.bin": data(100 + i, 100 + i) for i in range(200)}
+    for name, content in tiny.items():
+        write(root / name, content)
+    big = data(7, 3 * CHUNK)
+    write(root / "big.bin", big)
+    backend = _Threads(open_backend(str(tmp_path / "remote")), local)
+    repo = Repository(backend, chunk_size=CHUNK)
+
+    result = make_snapshotter(repo, root).snapshot(reason="test")
+
+    assert result.manifest is not None and result.files_read == 201
+    tiny_writers = {backend.writers[hash_bytes(c)] for c in tiny.values()}
+    big_writers = {backend.writers[d] for d in _chunks_of(big)}
+    assert all(w.startswith("ckpt-chunk") for w in big_writers), big_writers
+    if local:
+        assert len(tiny_writers) == 1 and tiny_writers.pop().startswith("ckpt-tiny")
+    else:
+        assert all(w.startswith("ckpt-chunk") for w in tiny_writers), tiny_writers
+    entries = _by_path(result.manifest)
+    for name, content in tiny.items():
+        assert list(entries[name].chunks) == [hash_bytes(content)]  # type: ignore[attr-defined]
+    assert list(entries["big.bin"].chunks) == _chunks_of(big)  # type: ignore[attr-defined]

@@ -125,6 +125,10 @@ class RetryingBackend:
     def reads_into(self) -> bool:
         return self.inner.reads_into
 
+    @property
+    def local_writes(self) -> bool:
+        return self.inner.local_writes
+
     def read(self, key: str) -> bytes:
         return self._retry(f"reading {key}", lambda: self.inner.read(key))
 

@@ -18,6 +18,7 @@ class Scripted:
     exclusive_create = False
     borrows_buffers = True
     reads_into = True
+    local_writes = True
 
     def __init__(self, *failures: BaseException) -> None:
         self.display = "s3://bucket/run"
@@ -95,11 +96,12 @@ def test_an_answer_passes_through_at_once(answer: Exception) -> None:
 
 def test_capabilities_are_the_inner_backends() -> None:
     backend = _backend(Scripted(), [])
-    assert (backend.exclusive_create, backend.borrows_buffers, backend.reads_into) == (
-        False,
-        True,
-        True,
-    )
+    assert (
+        backend.exclusive_create,
+        backend.borrows_buffers,
+        backend.reads_into,
+        backend.local_writes,
+    ) == (False, True, True, True)
     assert backend.display == "s3://bucket/run"
 
 
