@@ -38,7 +38,6 @@ def run(b: Bench) -> Case:
     src = out / "src"
     total = small_files(src, a.small_files)
     generated = time.time()
-    repo, dst = out / "repo", out / "dst"
     warm(src)
 
     labels = {
@@ -51,12 +50,18 @@ def run(b: Bench) -> Case:
     # The start-up floor of any ckpt command (interpreter, imports, argument
     # parsing): what a no-change push cannot go below without a faster start.
     floor: list[Proc] = []
-    ckpt = [b.ckpt, "push", "-q", src, repo]
-    rsync = ["rsync", "-a", f"{src}/", f"{dst}/"]
     for r in range(a.runs):
         floor.append(b.run([b.ckpt, "--version"]))
-        rmtree(repo)
-        rmtree(dst)
+        # New paths each round; the old ones are deleted at the end. On ext4
+        # without a journal (these VMs) an inode freed minutes ago is skipped
+        # when a new one is allocated (fs/ext4/ialloc.c, recently_deleted):
+        # writing 10,000 files right after deleting 10,000 from the same
+        # block group scanned past them all, 5 s of system time in one
+        # first push (findings, "small files"), a cost of the bench's own
+        # rmtree and no user's first push.
+        repo, dst = out / f"repo-{r}", out / f"dst-{r}"
+        ckpt = [b.ckpt, "push", "-q", src, repo]
+        rsync = ["rsync", "-a", f"{src}/", f"{dst}/"]
         order = [("ckpt push", ckpt), ("rsync -a", rsync)]
         if r % 2:
             order.reverse()
@@ -68,6 +73,9 @@ def run(b: Bench) -> Case:
         if snapshots != 1:
             raise RuntimeError(f"the no-change push wrote a snapshot: {snapshots} in {repo}")
         print(f"    run {r + 1}/{a.runs} done", flush=True)
+    for r in range(a.runs):
+        rmtree(out / f"repo-{r}")
+        rmtree(out / f"dst-{r}")
 
     in_process, first = _in_process(b, src, out / "repo-inproc", generated, max(a.runs, 5))
 
@@ -78,7 +86,8 @@ def run(b: Bench) -> Case:
     case.method = [
         f"{a.small_files} files of 1-64 KiB (uniformly random sizes, os.urandom bytes, "
         f"{total / MiB:.0f} MiB in all) in 8 subdirectories, read once before timing. Each run "
-        "starts from a fresh, empty repository and an empty rsync destination: first `ckpt "
+        "starts from a fresh, empty repository and an empty rsync destination (new paths "
+        "each round; the old ones are deleted after the last): first `ckpt "
         "push SRC REPO` and `rsync -a SRC/ DST/`, then both again with nothing changed (ckpt "
         "writes no snapshot; rsync copies nothing). `sync` before each timed run, no fsync "
         "on either side; the two take turns going first.",
