@@ -37,6 +37,7 @@ import stat
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 from ckpt_cli.dirscan import TEMP_PATTERNS, LocalEntry, is_ignored, scan
 from ckpt_cli.formats import Registry
@@ -68,13 +69,19 @@ __all__ = [  # re-exported: the worker and control catch the first two; restore 
 RACY_NS = 1_000_000_000
 
 
-@dataclasses.dataclass(frozen=True)
-class Cached:
+class Cached(NamedTuple):
+    """What the stat cache vouches for: a file with this size, mtime and
+    inode holds these chunks. (A NamedTuple: one per unchanged file per
+    snapshot, 10,000 of them in bench/ case 4.)"""
+
     size: int
     mtime_ns: int
     ino: int
     chunks: tuple[str, ...]
     check: str = ""  # the format check its content passed
+    #: The entry last recorded for it, reused while its mode is the same
+    #: (a chmod changes no mtime): no new Entry per unchanged file.
+    entry: Entry | None = None
 
 
 @dataclasses.dataclass
@@ -271,24 +278,31 @@ class Snapshotter:
             return
         by_path = {e.path: e for e in manifest.files}
         same_place = manifest.host == host_name() and manifest.source == str(self.root)
-        now = time.time_ns()
+        racy_after = time.time_ns() - RACY_NS  # modified since: not trusted
         try:
             found = listing.entries if listing is not None else self.scan_root()
         except UnreadableError:
             return  # nothing trusted: the next snapshot reads (and names) it
+        has_chunks = self.repo.has_chunks
         for local in found:
             e = by_path.get(local.path)
             if e is None or local.type != "file" or local.size != e.size:
                 continue
-            if local.mtime_ns != e.mtime_ns or now - local.mtime_ns < RACY_NS:
+            if local.mtime_ns != e.mtime_ns or local.mtime_ns > racy_after:
                 continue
-            if not (trust_local or (same_place and local.ino == e.ino)):
+            same_inode = local.ino == e.ino
+            if not (trust_local or (same_place and same_inode)):
                 continue
             # A chunk gone from the remote (deleted or pruned behind our back)
             # must be read and uploaded again, not named by the next snapshot.
-            if self.repo.has_chunks(e.chunks):
+            if has_chunks(e.chunks):
                 self.cache[local.path] = Cached(
-                    local.size, local.mtime_ns, local.ino, e.chunks, e.check
+                    local.size,
+                    local.mtime_ns,
+                    local.ino,
+                    e.chunks,
+                    e.check,
+                    e if same_inode else None,
                 )
 
     def list_root(self) -> Listing:
@@ -566,7 +580,9 @@ class Snapshotter:
                         check=check,
                     )
                     if scan_ns - le.mtime_ns >= RACY_NS:
-                        new_cache[le.path] = Cached(le.size, le.mtime_ns, le.ino, outcome, check)
+                        new_cache[le.path] = Cached(
+                            le.size, le.mtime_ns, le.ino, outcome, check, entries[le.path]
+                        )
                     continue
                 if isinstance(outcome, str):
                     if pinned is not None or strict:
@@ -605,16 +621,20 @@ def _from_cache(
         if le.type == "file":
             c = cache.get(le.path)
             if c and (c.size, c.mtime_ns, c.ino) == (le.size, le.mtime_ns, le.ino):
-                entries[le.path] = Entry(
-                    le.path,
-                    "file",
-                    le.mode,
-                    le.size,
-                    le.mtime_ns,
-                    c.chunks,
-                    ino=le.ino,
-                    check=c.check,
-                )
+                e = c.entry
+                if e is None or e.mode != le.mode:
+                    e = Entry(
+                        le.path,
+                        "file",
+                        le.mode,
+                        le.size,
+                        le.mtime_ns,
+                        c.chunks,
+                        ino=le.ino,
+                        check=c.check,
+                    )
+                    cache[le.path] = c._replace(entry=e)
+                entries[le.path] = e
             else:
                 to_read.append(le)
         elif le.type == "dir":
@@ -647,7 +667,7 @@ def _unchanged(
     restore prefers (verified or not) and the commit's step."""
     if parent is None or len(ordered) != len(parent.entries):
         return False
-    if not all(a.same_content(b) for a, b in zip(ordered, parent.entries, strict=True)):
+    if not all(a is b or a.same_content(b) for a, b in zip(ordered, parent.entries, strict=True)):
         return False
     # The same files as an unverified snapshot are written again once they
     # are whole (what a restore prefers changed), or once other files are in

@@ -798,3 +798,29 @@ def test_tiny_files_are_written_by_one_thread_only_to_a_local_repository(
     for name, content in tiny.items():
         assert list(entries[name].chunks) == [hash_bytes(content)]  # type: ignore[attr-defined]
     assert list(entries["big.bin"].chunks) == _chunks_of(big)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("adopted", [False, True])
+def test_a_chmod_alone_is_a_new_snapshot(
+    local_repo: Repository, root: Path, make_snapshotter: MakeSnap, adopted: bool
+) -> None:
+    """chmod changes no size and no mtime: the stat cache vouches for the
+    content, and the mode is still recorded anew (the entry the cache keeps
+    is reused only while the mode is the same)."""
+    content = data(3, 100)
+    write(root / "a.bin", content, mode=0o640)
+    snap = make_snapshotter(local_repo, root)
+    first = snap.snapshot(reason="test").manifest
+    assert first is not None
+    if adopted:  # a new process: the cache comes from the manifest
+        snap = make_snapshotter(local_repo, root)
+        snap.adopt(first, trust_local=True)
+    assert snap.snapshot(reason="test").manifest is None  # nothing changed
+    os.chmod(root / "a.bin", 0o600)
+
+    result = snap.snapshot(reason="test")
+
+    assert result.manifest is not None and result.files_read == 0
+    (entry,) = result.manifest.files
+    assert entry.mode == 0o600 and list(entry.chunks) == [hash_bytes(content)]
+    assert snap.snapshot(reason="test").manifest is None
