@@ -107,7 +107,7 @@ class ChunkReader:
         #: Batches of TINY files when chunks are written locally (see TINY);
         #: to a remote they go to the pool, so their round trips overlap.
         self._tiny_pool = (
-            cf.ThreadPoolExecutor(1, thread_name_prefix="ckpt-tiny") if repo.local_writes else None
+            cf.ThreadPoolExecutor(1, thread_name_prefix="ckpt-tiny") if repo.local_io else None
         )
         self._slots = threading.BoundedSemaphore(concurrency + 2)
         self._buffers = Buffers(repo.chunk_size)

@@ -152,10 +152,10 @@ class Repository:
         return self.backend.borrows_buffers
 
     @property
-    def local_writes(self) -> bool:
-        """Chunks are written to this machine's disk (the backend's
-        `local_writes`): the reader writes small files from one thread."""
-        return self.backend.local_writes
+    def local_io(self) -> bool:
+        """Chunks are files on this machine (the backend's `local_io`):
+        small files are snapshotted and restored by one thread."""
+        return self.backend.local_io
 
     @property
     def display(self) -> str:

@@ -54,7 +54,7 @@ class DelegatingBackend:
     exclusive_create = False
     borrows_buffers = False
     reads_into = False
-    local_writes = False
+    local_io = False
 
     def __init__(self, inner: Backend) -> None:
         self.inner = inner

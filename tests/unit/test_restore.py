@@ -6,6 +6,7 @@ import dataclasses
 import errno
 import hashlib
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 
 import ckpt._fs as ckpt_fs
 from ckpt_cli import restore as restore_mod
-from ckpt_cli.backends import open_backend
+from ckpt_cli.backends import Backend, open_backend
 from ckpt_cli.errors import ConfigError, RestoreError
 from ckpt_cli.kept import recover_interrupted
 from ckpt_cli.manifest import Entry, Manifest, hash_bytes
@@ -22,7 +23,7 @@ from ckpt_cli.repository import Repository, chunk_key
 from ckpt_cli.restore import restore
 from ckpt_cli.snapshotter import Snapshotter
 
-from .helpers import CHUNK, OLD_NS, data, tree, write
+from .helpers import CHUNK, OLD_NS, DelegatingBackend, data, tree, write
 
 MakeSnap = Callable[..., Snapshotter]
 
@@ -589,3 +590,53 @@ def test_restored_mode_drops_special_and_world_write() -> None:
     assert restore_mod.restored_mode(0o1777) == 0o775
     assert restore_mod.restored_mode(0o2640) == 0o640
     assert restore_mod.restored_mode(0o666) == 0o664
+
+
+class _Readers(DelegatingBackend):
+    """Records the thread that reads each chunk."""
+
+    def __init__(self, inner: Backend, local: bool) -> None:
+        super().__init__(inner)
+        self.local_io = local
+        self.readers: dict[str, str] = {}
+
+    def read(self, key: str) -> bytes:
+        if key.startswith("chunks/"):
+            self.readers[key.rsplit("/", 1)[-1]] = threading.current_thread().name
+        return super().read(key)
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_tiny_files_are_restored_on_one_thread_only_from_a_local_repository(
+    tmp_path: Path, local: bool
+) -> None:
+    """From a local repository a file of reader.TINY bytes or less is
+    written by the restoring thread itself (hand-offs of the GIL cost more
+    than threads overlap); from a remote it goes to the pool like every
+    other file, so round trips overlap. Either way the tree comes back
+    whole, modes and mtimes included."""
+    src = tmp_path / "src"
+    for i in range(50):
+        write(src / f"d{i % 3}" / f"t{i}.bin", data(200 + i, 10 + i), mode=0o600 + (i % 2) * 0o40)
+    write(src / "empty.bin", b"")
+    write(src / "big.bin", data(9, 3 * CHUNK))
+    repo = Repository(open_backend(str(tmp_path / "remote")), chunk_size=CHUNK)
+    snap = Snapshotter(repo, src, run="t")
+    try:
+        assert snap.snapshot(reason="test").manifest is not None
+    finally:
+        snap.close()
+    backend = _Readers(repo.backend, local)
+    out = tmp_path / "out"
+
+    restore(Repository(backend, chunk_size=CHUNK), out, warn=lambda _m: None)
+
+    assert tree(out) == tree(src)
+    tiny = {hash_bytes(data(200 + i, 10 + i)) for i in range(50)}
+    big = {hash_bytes(data(9, 3 * CHUNK)[i : i + CHUNK]) for i in range(0, 3 * CHUNK, CHUNK)}
+    tiny_readers = {backend.readers[d] for d in tiny}
+    assert all(backend.readers[d].startswith("ckpt-restore") for d in big)
+    if local:
+        assert tiny_readers == {threading.current_thread().name}
+    else:
+        assert all(r.startswith("ckpt-restore") for r in tiny_readers), tiny_readers

@@ -759,7 +759,7 @@ class _Threads(DelegatingBackend):
 
     def __init__(self, inner: Backend, local: bool) -> None:
         super().__init__(inner)
-        self.local_writes = local
+        self.local_io = local
         self.writers: dict[str, str] = {}
 
     def write(self, key: str, data: bytes) -> None:

@@ -24,9 +24,10 @@ and of every capability, which callers ask instead of a backend's class:
                      the caller may reuse the buffer
 - reads_into         read_into reads straight into the caller's view, never
                      the whole object first where the store can help it
-- local_writes       a write costs this machine's CPU and page cache, no
-                     round trip: small objects are written by one thread
-                     (hand-offs between threads cost more than they overlap)
+- local_io           reads and writes are this machine's own system calls
+                     (a directory), no round trip: small objects are moved
+                     by one thread, as hand-offs of the GIL between threads
+                     cost more than they overlap
 
 Local paths and file:// URLs use the operating system directly (atomic rename,
 O_EXCL: `backends.local`); everything else goes through fsspec (s3, gs, az,
@@ -74,8 +75,8 @@ class Backend(Protocol):
         ...
 
     @property
-    def local_writes(self) -> bool:
-        """A write waits on no network (see the module's docstring)."""
+    def local_io(self) -> bool:
+        """Reads and writes wait on no network (see the module's docstring)."""
         ...
 
     def read(self, key: str) -> bytes: ...

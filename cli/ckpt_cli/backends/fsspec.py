@@ -167,8 +167,8 @@ class FsspecStore:
     exclusive_create = False
     #: read_into streams an S3 body into the view; other stores copy it in.
     reads_into = True
-    #: Writes are requests: many in flight hide their round trips.
-    local_writes = False
+    #: Reads and writes are requests: many in flight hide their round trips.
+    local_io = False
 
     def __init__(
         self,

@@ -30,8 +30,8 @@ class LocalBackend:
     borrows_buffers = True
     #: read_into reads the file straight into the view (no allocation per chunk).
     reads_into = True
-    #: A write is a local file (a network mount's latency is the kernel's).
-    local_writes = True
+    #: Objects are local files (a network mount's latency is the kernel's).
+    local_io = True
 
     def __init__(self, root: Path) -> None:
         self.root = root

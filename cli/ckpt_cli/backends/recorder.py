@@ -20,7 +20,7 @@ class Recorder:
     #: (read_into passes through to a backend that reads into a view).
     exclusive_create = False
     borrows_buffers = False
-    local_writes = False
+    local_io = False
 
     def __init__(self, backend: Backend, *, dry_run: bool) -> None:
         self.inner = backend

@@ -126,8 +126,8 @@ class RetryingBackend:
         return self.inner.reads_into
 
     @property
-    def local_writes(self) -> bool:
-        return self.inner.local_writes
+    def local_io(self) -> bool:
+        return self.inner.local_io
 
     def read(self, key: str) -> bytes:
         return self._retry(f"reading {key}", lambda: self.inner.read(key))

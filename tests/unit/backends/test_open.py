@@ -17,7 +17,7 @@ def test_a_local_path_opens_the_local_backend(tmp_path: Path) -> None:
     backend = open_backend(str(tmp_path / "r"))
     assert isinstance(backend, LocalBackend)
     assert backend.exclusive_create and backend.borrows_buffers and backend.reads_into
-    assert backend.local_writes
+    assert backend.local_io
 
 
 def test_the_io_timeout_comes_from_the_environment_checked_as_run_checks_it(
@@ -26,7 +26,7 @@ def test_the_io_timeout_comes_from_the_environment_checked_as_run_checks_it(
     monkeypatch.delenv("CKPT_IO_TIMEOUT", raising=False)
     backend = open_backend("memory://io-timeout-default")
     assert isinstance(backend, FsspecBackend) and backend.io_timeout == 120
-    assert not backend.local_writes  # every store behind fsspec: writes are requests
+    assert not backend.local_io  # every store behind fsspec: writes are requests
     monkeypatch.setenv("CKPT_IO_TIMEOUT", "7")
     backend = open_backend("memory://io-timeout-env")
     assert isinstance(backend, FsspecBackend) and backend.io_timeout == 7

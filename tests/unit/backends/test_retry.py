@@ -18,7 +18,7 @@ class Scripted:
     exclusive_create = False
     borrows_buffers = True
     reads_into = True
-    local_writes = True
+    local_io = True
 
     def __init__(self, *failures: BaseException) -> None:
         self.display = "s3://bucket/run"
@@ -100,7 +100,7 @@ def test_capabilities_are_the_inner_backends() -> None:
         backend.exclusive_create,
         backend.borrows_buffers,
         backend.reads_into,
-        backend.local_writes,
+        backend.local_io,
     ) == (False, True, True, True)
     assert backend.display == "s3://bucket/run"
 
