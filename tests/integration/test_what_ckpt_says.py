@@ -231,8 +231,8 @@ def test_ls_says_newest_is_not_re_hashed_where_restore_skips_a_corrupt_chunk(
 ) -> None:
     """A chunk of the newest snapshot corrupt in place (same size): the one
     listing `ckpt ls` makes sees it present and calls the snapshot "newest";
-    a restore re-hashes and falls back. ls says what its "newest" rests on,
-    and `verify --full` finds it."""
+    a restore re-hashes, falls back and marks it suspect, which the next ls
+    shows. ls says what its "newest" rests on, and `verify --full` finds it."""
     remote, _first, second = _two_pushes(tmp_path)
     chunk = chunk_path(remote, _chunk_of(second))
     chunk.write_bytes(b"x" * chunk.stat().st_size)
@@ -248,6 +248,9 @@ def test_ls_says_newest_is_not_re_hashed_where_restore_skips_a_corrupt_chunk(
     restored = run_ckpt(["restore", str(remote), str(out)], cwd=tmp_path)
     assert restored.returncode == 0, restored.stderr
     assert (out / "a.txt").read_text() == "first", "restore skips the corrupt one"
+    assert "marks it suspect" in listed.stderr
+    after = ls_json(remote, cwd=tmp_path)["snapshots"]
+    assert [s["state"] for s in after] == ["suspect", "newest"], after
     full = run_ckpt(["verify", str(remote), "--full"], cwd=tmp_path)
     assert full.returncode == ExitCode.DAMAGED and second["id"] in full.stderr, full.stderr
 

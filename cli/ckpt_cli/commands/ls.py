@@ -114,7 +114,7 @@ def ls(
 #: back past a corrupt one, which a listing cannot see (issue 20).
 NOT_REHASHED = (
     "newest: every chunk it names is in the store; none was re-hashed (`ckpt verify "
-    "--full` does; a restore skips a snapshot whose chunk is corrupt)"
+    "--full` does; a restore skips a snapshot whose chunk is corrupt and marks it suspect)"
 )
 
 
