@@ -329,6 +329,20 @@ def test_rank_0s_retention_keeps_the_newest_complete_step(
 # ------------------------------------------------- what gc takes for whole
 
 
+def _two_generations(store: Store, tmp_path: Path) -> tuple[Objects, Path, str, dict[str, Any]]:
+    """Two pushes of src/a.txt to the store, generation 2's content its own:
+    (the store's objects, src, generation 2's manifest key, its document)."""
+    objects = Objects(store.url, store.storage_options)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_bytes(b"state one\n")
+    _ok(["push", str(src), store.url], tmp_path, store.env)
+    (src / "a.txt").write_bytes(b"state two, only in generation 2\n")
+    _ok(["push", str(src), store.url], tmp_path, store.env)
+    _first, second = objects.manifests()
+    return objects, src, second, json.loads(objects.read(second))
+
+
 @pytest.mark.parametrize("kind", ["file", "s3-moto"])
 @pytest.mark.parametrize("damage", ["empty", "flipped"])
 def test_gc_reads_back_what_it_keeps_in_place_of_a_whole_snapshot(
@@ -343,15 +357,8 @@ def test_gc_reads_back_what_it_keeps_in_place_of_a_whole_snapshot(
     to restore."""
     store = store_of(kind)
     url, env = store.url, store.env
-    objects = Objects(url, store.storage_options)
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "a.txt").write_bytes(b"state one\n")
-    _ok(["push", str(src), url], tmp_path, env)
-    (src / "a.txt").write_bytes(b"state two, only in generation 2\n")
-    _ok(["push", str(src), url], tmp_path, env)
-    _first, second = objects.manifests()
-    key = _chunk_key(_chunk_of(json.loads(objects.read(second)), "a.txt"))
+    objects, _src, second, doc = _two_generations(store, tmp_path)
+    key = _chunk_key(_chunk_of(doc, "a.txt"))
     data = objects.read(key)
     objects.write(key, b"" if damage == "empty" else bytes([data[0] ^ 1]) + data[1:])
     before = objects.state()
@@ -385,15 +392,7 @@ def test_retention_keeps_the_chunks_of_a_damaged_snapshot_it_keeps(
     deleted as "named by no snapshot"."""
     store = store_of(kind)
     url, env = store.url, store.env
-    objects = Objects(url, store.storage_options)
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "a.txt").write_bytes(b"state one\n")
-    _ok(["push", str(src), url], tmp_path, env)
-    (src / "a.txt").write_bytes(b"state two, only in generation 2\n")
-    _ok(["push", str(src), url], tmp_path, env)
-    _first, second = objects.manifests()
-    doc = json.loads(objects.read(second))
+    objects, src, second, doc = _two_generations(store, tmp_path)
     key = _chunk_key(_chunk_of(doc, "a.txt"))
     if damage == "newer version":
         doc["version"] = 99

@@ -64,28 +64,31 @@ def _child(stdout: str) -> dict[str, object]:
     return doc
 
 
+def _replace(remote: Remote, tmp_path: Path, rank: int) -> tuple[str, dict[str, object]]:
+    """A replacement of rank `rank` on an empty --dir whose child reports
+    what it was given: (ckpt's stderr, the child's report)."""
+    res = remote.ckpt(
+        "run", "--rank", str(rank), "--world-size", "2", "--dir", str(tmp_path / f"new-{rank}"),
+        "--remote", remote.url, "--", PY, "-c", REPORT,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    return res.stderr, _child(res.stdout)
+
+
 def test_a_corrupt_chunk_in_a_ranks_part_sends_every_rank_back_one_step(
     remote: Remote, tmp_path: Path
 ) -> None:
     damaged = _make_steps(remote, tmp_path)
 
     # Rank 1 meets the damage: it restores step 10, and says why.
-    r1 = remote.ckpt(
-        "run", "--rank", "1", "--world-size", "2", "--dir", str(tmp_path / "new-1"),
-        "--remote", remote.url, "--", PY, "-c", REPORT,
-    )  # fmt: skip
-    assert r1.returncode == 0, r1.stderr
-    assert _child(r1.stdout) == {"step": "10", "w": "rank 1 step 10 "}, r1.stderr
-    assert f"snapshot {damaged}" in r1.stderr and "corrupt" in r1.stderr, r1.stderr
-    assert "marked it suspect" in r1.stderr, r1.stderr
+    said, child = _replace(remote, tmp_path, 1)
+    assert child == {"step": "10", "w": "rank 1 step 10 "}, said
+    assert f"snapshot {damaged}" in said and "corrupt" in said, said
+    assert "marked it suspect" in said, said
 
     # Rank 0, whose own part of step 20 is whole, starts from step 10 too.
-    r0 = remote.ckpt(
-        "run", "--rank", "0", "--world-size", "2", "--dir", str(tmp_path / "new-0"),
-        "--remote", remote.url, "--", PY, "-c", REPORT,
-    )  # fmt: skip
-    assert r0.returncode == 0, r0.stderr
-    assert _child(r0.stdout) == {"step": "10", "w": "rank 0 step 10 "}, r0.stderr
+    said, child = _replace(remote, tmp_path, 0)
+    assert child == {"step": "10", "w": "rank 0 step 10 "}, said
 
     # ls, restore and run agree: step 20 is no longer the newest complete one.
     assert remote.ls()["complete_steps"][0] == 10
