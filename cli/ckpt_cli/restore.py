@@ -454,6 +454,13 @@ def _materialise(
     # Buffers no larger than the largest file: small files, small buffers.
     buffers = Buffers(min(chunk, max((e.size for e in manifest.files), default=0)))
 
+    def advance(length: int) -> None:
+        if progress is not None:
+            with lock:
+                written[0] += length
+                done = written[0]
+            progress(done, total)
+
     def fetch(fd: int, writing: threading.Lock, digest: str, offset: int, length: int) -> None:
         try:
             with buffers.view(length) as view:
@@ -466,11 +473,7 @@ def _materialise(
                     write_all(fd, view, offset)
         finally:
             slots.release()
-        if progress is not None:
-            with lock:
-                written[0] += length
-                done = written[0]
-            progress(done, total)
+        advance(length)
 
     # Chunks of consecutive files are in flight together (no drain at each
     # file's end); a file is finished (mode, close, mtime) once all its chunks
@@ -494,20 +497,16 @@ def _materialise(
     tiny_buf = memoryview(bytearray(TINY)) if repo.local_io else None
 
     def write_tiny(e: Entry, fd: int, buf: memoryview) -> None:
-        try:
-            if e.chunks:
+        if e.chunks:
+            try:
                 view = buf[: e.size]
                 repo.read_chunk_into(e.chunks[0], view)
                 write_all(fd, view, 0)
-            os.fchmod(fd, restored_mode(e.mode))
-        finally:
-            os.close(fd)
-        os.utime(dest / e.path, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
-        if progress is not None and e.size:
-            with lock:
-                written[0] += e.size
-                done = written[0]
-            progress(done, total)
+            except BaseException:
+                os.close(fd)
+                raise
+            advance(e.size)
+        finish(e, fd, [])
 
     with cf.ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="ckpt-restore") as pool:
         try:
