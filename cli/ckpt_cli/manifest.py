@@ -329,10 +329,12 @@ def safe_relpath(path: object) -> str:
     if "" in parts or "." in parts or ".." in parts:
         raise ManifestError(f"has a path that escapes or is not normalised: {path!r}")
     # An ASCII path is its own bytes: only other paths are encoded to measure.
+    length = len(path)
     names: list[str] | list[bytes] = parts
     if not path.isascii():
-        names = _os_name(path, "path").split(b"/")
-    if sum(map(len, names)) + len(names) - 1 > MAX_PATH or max(map(len, names)) > MAX_NAME:
+        raw = _os_name(path, "path")
+        length, names = len(raw), raw.split(b"/")
+    if length > MAX_PATH or max(map(len, names)) > MAX_NAME:
         raise ManifestError(
             f"has a path longer than this system allows ({MAX_NAME} bytes a name, "
             f"{MAX_PATH} in all): {path[:80]!r}..."
